@@ -1,0 +1,3 @@
+from nucleus.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,376 @@
+"""The ``nucleus`` command. Apart from ``run`` it is a thin client of the daemon over IPC.
+
+Errors the user can act on are one line on stderr and a non-zero exit; the daemon's own
+error codes come back verbatim, so ``nucleus deploy`` names the file, field or component
+exactly as the daemon's log does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nucleus.errors import DaemonNotRunningError, NucleusError
+from nucleus.paths import Paths, default_root
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.root).expanduser().resolve() if args.root else default_root()
+
+
+def _client(root: Path) -> Any:
+    from ipc import Client
+
+    paths = Paths.at(root)
+    sock = paths.ipc_socket
+    hint = f"start one with: nucleus run --root {root}"
+    if not sock.exists():
+        raise DaemonNotRunningError(f"no nucleus daemon: no socket at {sock}; {hint}")
+    try:
+        token = paths.cli_token.read_text().strip()
+    except PermissionError as exc:
+        raise DaemonNotRunningError(
+            f"cannot read the CLI token {paths.cli_token} (run as the daemon's user)"
+        ) from exc
+    except OSError as exc:
+        raise DaemonNotRunningError(f"no nucleus daemon: no CLI token at {paths.cli_token}; {hint}") from exc
+    return Client(sock, token, name="nucleus-cli")
+
+
+async def _connect(root: Path) -> Any:
+    from ipc.errors import IpcError
+
+    client = _client(root)
+    try:
+        await client.connect()
+    except (OSError, IpcError) as exc:
+        raise DaemonNotRunningError(
+            f"no nucleus daemon answering at {Paths.at(root).ipc_socket} ({exc}); "
+            f"start one with: nucleus run --root {root}"
+        ) from exc
+    return client
+
+
+def _fmt_since(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from nucleus.daemon import run_daemon
+    from nucleus.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    if args.thing_name:
+        overrides["thing_name"] = args.thing_name
+    settings = load_settings(_root(args), **overrides)
+    return run_daemon(settings)
+
+
+def _parse_config_update(text: str | None) -> dict[str, dict[str, Any]]:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise NucleusError(f"--update-config is not valid JSON: {exc}", field="--update-config") from exc
+    if not isinstance(data, dict):
+        raise NucleusError("--update-config must map component names to {MERGE, RESET}", field="--update-config")
+    out: dict[str, dict[str, Any]] = {}
+    for name, update in data.items():
+        if not isinstance(update, dict):
+            raise NucleusError(f"--update-config: {name} must be an object with MERGE/RESET",
+                               field="--update-config", component=name)
+        keys = {k.lower(): v for k, v in update.items()}
+        unknown = set(keys) - {"merge", "reset"}
+        if unknown:
+            raise NucleusError(f"--update-config: {name}: unknown keys {sorted(unknown)} (use MERGE, RESET)",
+                               field="--update-config", component=name)
+        merge = keys.get("merge") or {}
+        if isinstance(merge, str):
+            merge = json.loads(merge)
+        out[name] = {"merge": merge, "reset": list(keys.get("reset") or [])}
+    return out
+
+
+def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
+    from nucleus.recipe import find_recipes, load_recipe
+    from nucleus.versions import Version
+
+    recipes: list[dict[str, Any]] = []
+    roots: dict[str, Version] = {}
+    artifact_dirs: list[str] = [str(Path(a).resolve()) for a in args.artifacts or []]
+    for raw in args.paths:
+        path = Path(raw)
+        if not path.exists():
+            raise NucleusError("no such file or directory", path=path)
+        files = find_recipes(path)
+        if path.is_dir() and not files:
+            raise NucleusError("no recipe files (*.yaml, *.yml, *.json) in this directory", path=path)
+        for file in files:
+            recipe = load_recipe(file)  # errors name the file and field, before anything is sent
+            fmt = "json" if file.suffix.lower() == ".json" else "yaml"
+            recipes.append({"source": str(file.resolve()), "text": file.read_text(), "format": fmt})
+            if recipe.name not in roots or recipe.version > roots[recipe.name]:
+                roots[recipe.name] = recipe.version
+        # Greengrass CLI layout: <dir>/recipes + <dir>/artifacts; a recipe file beside ../artifacts.
+        base = path if path.is_dir() else path.parent
+        for candidate in (base / "artifacts", base.parent / "artifacts"):
+            if not args.artifacts and candidate.is_dir() and str(candidate.resolve()) not in artifact_dirs:
+                artifact_dirs.append(str(candidate.resolve()))
+    request: dict[str, Any] = {
+        "group": args.group,
+        "recipes": recipes,
+        "root_components": {n: f"={v}" for n, v in roots.items()},
+        "remove": list(args.remove or []),
+        "artifact_dirs": artifact_dirs,
+        "config_updates": _parse_config_update(args.update_config),
+        "failure_policy": "DO_NOTHING" if args.failure_policy == "do-nothing" else "ROLLBACK",
+    }
+    if args.timeout:
+        request["timeout_s"] = args.timeout
+    if args.settle is not None:
+        request["settle_time_s"] = args.settle
+    return request
+
+
+async def _deploy(args: argparse.Namespace) -> int:
+    request = build_deploy_request(args)
+    if not request["recipes"] and not request["remove"] and not request["config_updates"]:
+        print("nucleus deploy: nothing to deploy (give recipe files, --remove or --update-config)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    client = await _connect(_root(args))
+    async with client:
+        created = await client.call("deployments.create", request)
+        did = created["id"]
+        names = ", ".join(f"{n} {v.lstrip('=')}" for n, v in request["root_components"].items())
+        print(f"deployment {did}: {names or 'update'}")
+        if created.get("queue_position", 0) > 0:
+            print(f"  queued behind {created['queue_position']} deployment(s) already running or queued")
+        if args.no_wait:
+            return EXIT_OK
+        async with client.stream("deployments.watch", {"id": did}) as events:
+            async for event in events:
+                if event.get("event") == "progress":
+                    who = f"[{event['component']}] " if event.get("component") else ""
+                    print(f"  {time.strftime('%H:%M:%S', time.localtime(event['ts']))} {who}{event['message']}")
+                elif event.get("event") == "finished":
+                    status = event["status"]
+                    if status == "SUCCEEDED":
+                        print(f"deployment {did}: SUCCEEDED")
+                        return EXIT_OK
+                    print(f"deployment {did}: {status}: {event.get('reason') or ''}", file=sys.stderr)
+                    return EXIT_FAILED
+    return EXIT_FAILED
+
+
+async def _list(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        components = await client.list_components()
+    if args.json:
+        print(json.dumps(components, indent=2))
+        return EXIT_OK
+    rows = [[c["name"], c["version"], c["state"], _fmt_since(c.get("since"))] for c in components]
+    print(_table(rows, ["NAME", "VERSION", "STATE", "SINCE"]) if rows else "no components")
+    return EXIT_OK
+
+
+async def _status(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        if not args.name:
+            info = await client.call("nucleus.status")
+            print(json.dumps(info, indent=2))
+            return EXIT_OK
+        details = await client.get_component(args.name)
+    print(json.dumps(details, indent=2, default=str))
+    return EXIT_OK
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client, client.stream(
+        "logs.tail", {"name": args.name, "lines": args.lines, "follow": args.follow}
+    ) as lines:
+        async for line in lines:
+            print(line, flush=True)
+    return EXIT_OK
+
+
+async def _restart(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        result = await client.restart_component(args.name, force=args.force)
+    print(f"{args.name}: {result['state']}")
+    return EXIT_OK
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        result = await client.stop_component(args.name)
+    print(f"{args.name}: {result['state']}")
+    return EXIT_OK
+
+
+async def _deployments(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        if args.id:
+            d = await client.get_deployment(args.id)
+            print(f"{d['id']}  {d['status']}  group={d['group']}  {d.get('reason') or ''}".rstrip())
+            for e in d.get("events", []):
+                who = f"[{e['component']}] " if e.get("component") else ""
+                print(f"  {_fmt_since(e['ts'])} {who}{e['message']}")
+            return EXIT_OK
+        items = await client.list_deployments()
+    rows = [[d["id"], d["group"], d["status"], _fmt_since(d["created_at"]), (d.get("reason") or "")[:60]]
+            for d in items]
+    print(_table(rows, ["ID", "GROUP", "STATUS", "CREATED", "REASON"]) if rows else "no deployments")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from nucleus.recipe import load_recipe
+
+    failed = 0
+    for raw in args.files:
+        try:
+            recipe = load_recipe(raw)
+        except NucleusError as exc:
+            failed += 1
+            print(f"INVALID {exc}")
+            continue
+        except OSError as exc:
+            failed += 1
+            print(f"INVALID {raw}: {exc.strerror}")
+            continue
+        print(f"ok      {raw}: {recipe.name} {recipe.version}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _client_add(args: argparse.Namespace) -> int:
+    policy: Any = None
+    if args.policy:
+        text = Path(args.policy).read_text()
+        try:
+            policy = json.loads(text)
+        except ValueError:
+            import yaml
+
+            policy = yaml.safe_load(text)
+    client = await _connect(_root(args))
+    async with client:
+        result = await client.call("clients.add", {"name": args.name, "policy": policy})
+    print(f"client {result['name']} added; token (shown once, stored in {result['token_file']}):")
+    print(result["token"])
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucleus", description="An edge runtime for Greengrass V2 recipes.")
+    parser.add_argument("--root", help=f"nucleus root directory (default: $NUCLEUS_ROOT or {default_root()})")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("--thing-name", help="the device's thing name (default: host name)")
+    p.set_defaults(func=cmd_run, is_async=False)
+
+    p = sub.add_parser("deploy", help="install or update components")
+    p.add_argument("paths", nargs="*", metavar="RECIPE_OR_DIR")
+    p.add_argument("--artifacts", action="append", metavar="DIR",
+                   help="artifact directory laid out as DIR/<name>/<version>/<file>")
+    p.add_argument("--update-config", metavar="JSON",
+                   help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json')
+    p.add_argument("--remove", action="append", metavar="NAME", help="remove a root component")
+    p.add_argument("--group", default="LOCAL_DEPLOYMENT", help="deployment group (default LOCAL_DEPLOYMENT)")
+    p.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
+    p.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
+    p.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success (default 5)")
+    p.add_argument("--no-wait", action="store_true", help="queue and return")
+    p.set_defaults(func=_deploy, is_async=True)
+
+    p = sub.add_parser("list", help="components with version, state and since")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list, is_async=True)
+
+    p = sub.add_parser("status", help="one component's details (or the daemon's)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_status, is_async=True)
+
+    p = sub.add_parser("logs", help="a component's log ('nucleus' for the daemon's)")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=_logs, is_async=True)
+
+    p = sub.add_parser("restart", help="restart a component")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="also leave BROKEN")
+    p.set_defaults(func=_restart, is_async=True)
+
+    p = sub.add_parser("stop", help="stop a component")
+    p.add_argument("name")
+    p.set_defaults(func=_stop, is_async=True)
+
+    p = sub.add_parser("deployments", help="list deployments, or show one")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=_deployments, is_async=True)
+
+    p = sub.add_parser("recipe", help="recipe tools")
+    rsub = p.add_subparsers(dest="recipe_command", required=True)
+    v = rsub.add_parser("validate", help="check recipe files")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate, is_async=False)
+
+    p = sub.add_parser("client", help="declared local clients")
+    csub = p.add_subparsers(dest="client_command", required=True)
+    a = csub.add_parser("add", help="declare a client and print its token once")
+    a.add_argument("name")
+    a.add_argument("--policy", metavar="FILE", help="accessControl policy (JSON or YAML)")
+    a.set_defaults(func=_client_add, is_async=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.is_async:
+            return int(asyncio.run(args.func(args)))
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except NucleusError as exc:
+        print(f"nucleus: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        from ipc.errors import IpcError
+
+        if isinstance(exc, IpcError):
+            print(f"nucleus: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise

@@ -1,0 +1,258 @@
+"""The composition root: builds every part from settings and runs them under one owner.
+
+Shutdown is ordered and bounded: stop accepting IPC connections, stop components in
+reverse dependency order (each bounded by its shutdown timeout and the kill grace), then
+close the journal. A second signal during shutdown kills what is left and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ipc.core import IpcCore
+from ipc.server import IpcServer
+from nucleus import __version__, authz, logconfig
+from nucleus.config_store import ConfigStore
+from nucleus.control import Control
+from nucleus.deployment import DeploymentEngine
+from nucleus.errors import ConfigurationError, NucleusError
+from nucleus.identity import Identities
+from nucleus.journal import Journal
+from nucleus.orchestrator import Orchestrator
+from nucleus.platforms import current_platform
+from nucleus.settings import Settings
+from nucleus.states import State
+from nucleus.store import ComponentStore
+from nucleus.supervisor import kill_orphans
+from nucleus.update_policy import UpdateNotifier
+
+log = structlog.get_logger("nucleus.daemon")
+
+EXIT_RESTART = 75  # what `nucleus run` exits with when a bootstrap step asked for a restart
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class AlreadyRunning(NucleusError):
+    code = "ALREADY_RUNNING"
+
+
+class ProcessRecords:
+    """The pid file of live component process groups, rewritten on every spawn and exit.
+
+    After ``kill -9`` of the daemon its components keep running in their own sessions; the
+    next start reads this file and kills exactly those groups (checked by start time so a
+    reused PID is never hit), so the restarted daemon never runs next to stale processes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._records: dict[int, dict[str, Any]] = {}
+
+    def previous(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return []
+        return data if isinstance(data, list) else []
+
+    def spawned(self, component: str, pid: int, pgid: int) -> None:
+        self._records[pid] = {"component": component, "pid": pid, "pgid": pgid, "start_time": _start_time(pid)}
+        self._write()
+
+    def prune(self) -> None:
+        dead = [pid for pid in self._records if not Path(f"/proc/{pid}").exists()]
+        for pid in dead:
+            del self._records[pid]
+        if dead:
+            self._write()
+
+    def _write(self) -> None:
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(self._records.values())))
+        tmp.replace(self._path)
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self._stop = asyncio.Event()
+        self._restart = False
+        self._started = time.time()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_restart(self) -> None:
+        self._restart = True
+        self._stop.set()
+
+    @property
+    def restart_requested(self) -> bool:
+        return self._restart
+
+    def _claim_root(self) -> None:
+        pid_file = self.paths.daemon_pid_file
+        try:
+            other = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            other = 0
+        if other and other != os.getpid() and Path(f"/proc/{other}").exists():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.paths.ipc_socket))
+                raise AlreadyRunning(
+                    f"a nucleus (pid {other}) is already running with this root", path=self.paths.root
+                )
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        pid_file.write_text(f"{os.getpid()}\n")
+
+    async def run(self) -> None:
+        paths = self.paths
+        paths.ensure()
+        logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log)
+        self._claim_root()
+        records = ProcessRecords(paths.pid_file)
+        orphans = records.previous()
+        if orphans:
+            killed = kill_orphans(orphans)
+            log.warning("nucleus.orphans_killed", count=killed)
+        platform = current_platform(self.settings.platform)
+        journal = Journal(paths.database)
+        store = ComponentStore(paths)
+        config = ConfigStore(paths)
+        authorizer = authz.Authorizer()
+        identities = Identities(paths, check_peer_pid=self.settings.ipc.check_peer_pid)
+        variables = {"iot:thingName": self.settings.thing_name}
+
+        def apply_policies(component: str, doc: Any) -> None:
+            if doc is None:
+                authorizer.remove(component)
+                return
+            try:
+                policies = authz.parse_access_control(
+                    component, doc.get("accessControl") if isinstance(doc, dict) else None, variables=variables
+                )
+            except ConfigurationError as exc:
+                log.error("authz.policy_invalid", component=component, error=str(exc))
+                policies = []
+            authorizer.set_policies(component, policies)
+
+        def set_client_policies(name: str, access_control: Any) -> None:
+            policies = authz.parse_access_control(name, access_control, variables=variables)
+            policy_file = paths.clients_dir / f"{name}.policy.json"
+            policy_file.write_text(json.dumps(access_control or {}))
+            authorizer.set_policies(name, policies)
+
+        for policy_file in sorted(paths.clients_dir.glob("*.policy.json")):
+            name = policy_file.name.removesuffix(".policy.json")
+            try:
+                set_client_policies(name, json.loads(policy_file.read_text()))
+            except (ValueError, ConfigurationError) as exc:
+                log.error("authz.client_policy_invalid", client=name, error=str(exc))
+
+        def on_state(component: str, old: State, new: State, reason: str) -> None:
+            if new not in (State.RUNNING, State.STARTING):
+                records.prune()
+
+        orchestrator = Orchestrator(
+            self.settings, store, config, identities, platform=platform, on_state=on_state,
+            on_spawn=records.spawned,
+        )
+        notifier = UpdateNotifier()
+        engine = DeploymentEngine(
+            self.settings, journal, store, config, orchestrator, notifier,
+            platform=platform, apply_policies=apply_policies, request_restart=self.request_restart,
+        )
+        core = IpcCore(identities, authorizer)
+
+        def status() -> dict[str, Any]:
+            return {
+                "version": __version__,
+                "pid": os.getpid(),
+                "root": str(paths.root),
+                "thing_name": self.settings.thing_name,
+                "uptime_s": time.time() - self._started,
+                "components": len(orchestrator.names()),
+                "current_deployment": engine.current,
+                "platform": platform,
+            }
+
+        Control(
+            core, paths=paths, journal=journal, config=config, orchestrator=orchestrator, engine=engine,
+            notifier=notifier, identities=identities, authorizer=authorizer,
+            set_client_policies=set_client_policies, status=status,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        server = IpcServer(
+            core,
+            paths.ipc_socket,
+            group=self.settings.ipc.socket_group,
+            max_frame=self.settings.ipc.max_frame_bytes,
+            handshake_timeout=self.settings.ipc.handshake_timeout_s,
+        )
+        await server.start()
+        log.info("nucleus.started", root=str(paths.root), socket=str(paths.ipc_socket), pid=os.getpid(),
+                 version=__version__)
+        engine_task = asyncio.create_task(engine.run(), name="deployments")
+        stop_task = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if engine_task in done and engine_task.exception() is not None:
+                log.error("nucleus.engine_crashed", error=repr(engine_task.exception()))
+        finally:
+            log.info("nucleus.stopping", restart=self._restart)
+            # Second signal: give up on an orderly stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda: os._exit(1))
+            await server.close()
+            engine_task.cancel()
+            stop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await engine_task
+            await orchestrator.close()
+            records.prune()
+            journal.close()
+            with contextlib.suppress(OSError):
+                paths.daemon_pid_file.unlink()
+            log.info("nucleus.stopped")
+
+
+def run_daemon(settings: Settings) -> int:
+    daemon = Daemon(settings)
+    try:
+        asyncio.run(daemon.run())
+    except NucleusError as exc:
+        print(f"nucleus: {exc}", file=sys.stderr)
+        return 1
+    if daemon.restart_requested:
+        # Bootstrap asked for a restart: replace this process with a fresh daemon.
+        os.execv(sys.executable, [sys.executable, "-m", "nucleus", "run", "--root", str(settings.root)])
+    return 0

@@ -1,0 +1,563 @@
+"""Deployments: one at a time, every stage written ahead, rolled back when they fail.
+
+A deployment moves through the stages of :class:`nucleus.journal.Stage`. Until APPLYING
+nothing running is touched, so a failure there is FAILED_NO_STATE_CHANGE. From APPLYING on,
+the journal holds a snapshot of the previous active set and every component's
+configuration; the committed active set changes only in the transaction that finishes the
+deployment. That gives crash safety for free: after ``kill -9`` the daemon restores the
+snapshot and starts the committed (old) set, unless the deployment was waiting for a
+bootstrap-requested restart, in which case it resumes with the new set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nucleus.config_store import ConfigStore, apply_update
+from nucleus.errors import DeploymentError, NucleusError, UnknownComponentError
+from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
+from nucleus.orchestrator import Orchestrator
+from nucleus.recipe import Recipe, parse_recipe
+from nucleus.resolver import resolve
+from nucleus.settings import Settings
+from nucleus.states import State
+from nucleus.store import ComponentStore
+from nucleus.update_policy import UpdateNotifier
+
+log = structlog.get_logger("nucleus.deployment")
+
+LOCAL_GROUP = "LOCAL_DEPLOYMENT"
+RESTART_NUCLEUS = 100
+REQUEST_REBOOT = 101
+
+
+class RecipeSource(BaseModel):
+    """A recipe as the client read it: text plus the file it came from, for error messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    text: str
+    format: Literal["yaml", "json"] | None = None
+
+
+class ConfigUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reset: list[str] = Field(default_factory=list)
+    merge: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeploymentRequest(BaseModel):
+    """What ``nucleus deploy`` (or a fleet document) asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str = LOCAL_GROUP
+    recipes: list[RecipeSource] = Field(default_factory=list)
+    root_components: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+    artifact_dirs: list[str] = Field(default_factory=list)
+    config_updates: dict[str, ConfigUpdate] = Field(default_factory=dict)
+    failure_policy: Literal["ROLLBACK", "DO_NOTHING"] = "ROLLBACK"
+    timeout_s: float | None = Field(None, gt=0)
+    settle_time_s: float | None = Field(None, ge=0)
+    update_policy: Literal["NOTIFY_COMPONENTS", "SKIP_NOTIFY_COMPONENTS"] = "NOTIFY_COMPONENTS"
+    update_policy_timeout_s: float = Field(60.0, ge=0)
+    deployment_id: str | None = None
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _RestartRequested(Exception):
+    pass
+
+
+ProgressListener = Callable[[str, dict[str, Any]], None]
+
+
+class DeploymentEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        store: ComponentStore,
+        config: ConfigStore,
+        orchestrator: Orchestrator,
+        notifier: UpdateNotifier,
+        *,
+        platform: Mapping[str, str],
+        apply_policies: Callable[[str, Mapping[str, Any] | None], None],
+        request_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._journal = journal
+        self._store = store
+        self._config = config
+        self._orch = orchestrator
+        self._notifier = notifier
+        self._platform = dict(platform)
+        self._apply_policies = apply_policies
+        self._request_restart = request_restart
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._current: str | None = None
+        self._listeners: list[ProgressListener] = []
+
+    # --- public API -----------------------------------------------------------------------
+    def add_listener(self, listener: ProgressListener) -> None:
+        """Called with (deployment_id, summary) on every status change (cloud status reports)."""
+        self._listeners.append(listener)
+
+    @property
+    def current(self) -> str | None:
+        return self._current
+
+    def submit(self, request: Mapping[str, Any]) -> DeploymentRecord:
+        """Validate the request's shape and queue it; the recipes are parsed when it runs."""
+        try:
+            req = DeploymentRequest.model_validate(request)
+        except ValidationError as exc:
+            raise DeploymentError(f"invalid deployment request: {_pydantic_reason(exc)}") from exc
+        # Parse recipes now too, so that the CLI gets file/field errors before queueing.
+        for src in req.recipes:
+            parse_recipe(src.text, source=src.source, fmt=src.format)
+        deployment_id = req.deployment_id or str(uuid.uuid4())
+        if self._journal.get(deployment_id) is not None:
+            raise DeploymentError(f"deployment {deployment_id} already exists")
+        record = self._journal.enqueue(deployment_id, req.group, req.model_dump(mode="json"))
+        self._journal.add_event(deployment_id, "queued")
+        log.info("deployment.queued", deployment_id=deployment_id, group=req.group)
+        self._wake.set()
+        return record
+
+    def position(self, deployment_id: str) -> int:
+        """0 = running now; n = n deployments ahead of it."""
+        if self._current == deployment_id:
+            return 0
+        ids = [r.id for r in self._journal.queued()]
+        ahead = ids.index(deployment_id) if deployment_id in ids else 0
+        return ahead + (1 if self._current else 0)
+
+    async def watch(self, deployment_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress events of one deployment, then its final summary."""
+        if self._journal.get(deployment_id) is None:
+            raise UnknownComponentError(f"no deployment {deployment_id}")
+        seq = 0
+        while True:
+            for event in await asyncio.to_thread(self._journal.events, deployment_id, seq):
+                seq = event["seq"]
+                yield {"event": "progress", **event}
+            record = self._journal.get(deployment_id)
+            assert record is not None
+            if record.status.finished:
+                yield {"event": "finished", **record.summary()}
+                return
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+
+    # --- the worker -----------------------------------------------------------------------
+    async def recover(self) -> list[str]:
+        """After a (possibly unclean) start: settle interrupted deployments, start the set.
+
+        Returns the ids of deployments to resume (bootstrap-requested restarts).
+        """
+        resume: list[str] = []
+        for record in self._journal.in_progress():
+            if record.stage is Stage.AWAITING_RESTART:
+                resume.append(record.id)
+                continue
+            if record.previous is None:
+                # Interrupted before anything was touched: run it again from the queue.
+                self._journal.update(record.id, stage=Stage.QUEUED, status=DeploymentStatus.QUEUED)
+                self._journal.add_event(record.id, "nucleus restarted before changes; re-queued")
+                continue
+            self._config.restore(record.previous.get("configs", {}))
+            reason = f"nucleus restarted during stage {record.stage}; previous components restored"
+            self._journal.finish(record.id, DeploymentStatus.FAILED_ROLLBACK_COMPLETE, reason=reason)
+            self._journal.add_event(record.id, reason)
+            log.warning("deployment.recovered", deployment_id=record.id, stage=str(record.stage))
+        active = self._journal.active()
+        if resume:
+            record = self._journal.get(resume[0])
+            assert record is not None and record.target is not None
+            active = ActiveSet.from_json(record.target["active"])
+        recipes = self._recipes_for(active)
+        for name, recipe in recipes.items():
+            self._apply_policies(name, self._config_or_none(name) or recipe.default_configuration)
+        self._orch.load(recipes)
+        await self._orch.install_and_start(list(recipes))
+        return resume
+
+    async def run(self) -> None:
+        """Process the queue forever, one deployment at a time."""
+        resume = await self.recover()
+        for deployment_id in resume:
+            await self._execute(deployment_id, resumed=True)
+        while True:
+            queued = self._journal.queued()
+            if not queued:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._execute(queued[0].id)
+
+    # --- one deployment -------------------------------------------------------------------
+    def _progress(self, deployment_id: str, message: str, component: str | None = None) -> None:
+        self._journal.add_event(deployment_id, message, component)
+        log.info("deployment.progress", deployment_id=deployment_id, component=component, message=message)
+        asyncio.get_running_loop().create_task(self._notify_watchers())
+
+    async def _notify_watchers(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _emit(self, deployment_id: str) -> None:
+        record = self._journal.get(deployment_id)
+        if record is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener(deployment_id, record.summary())
+            except Exception:
+                log.exception("deployment.listener_failed", deployment_id=deployment_id)
+
+    def _config_or_none(self, name: str) -> dict[str, Any] | None:
+        return self._config.document(name) if name in self._config.components() else None
+
+    def _recipes_for(self, active: ActiveSet) -> dict[str, Recipe]:
+        recipes: dict[str, Recipe] = {}
+        for name, version in active.components.items():
+            versions = {str(v): v for v in self._store.versions(name)}
+            if version not in versions:
+                log.error("deployment.recipe_missing", component=name, version=version)
+                continue
+            recipes[name] = self._store.recipe(name, versions[version])
+        return recipes
+
+    async def _execute(self, deployment_id: str, *, resumed: bool = False) -> None:
+        record = self._journal.get(deployment_id)
+        if record is None:
+            return
+        self._current = deployment_id
+        req = DeploymentRequest.model_validate(record.request)
+        timeout = req.timeout_s or self._settings.deployments.default_timeout_s
+        deadline = time.monotonic() + timeout
+        self._journal.update(deployment_id, status=DeploymentStatus.IN_PROGRESS)
+        self._emit(deployment_id)
+        log.info("deployment.started", deployment_id=deployment_id, group=req.group, resumed=resumed)
+        try:
+            async with asyncio.timeout(timeout + 5.0):
+                await self._apply(record, req, deadline, resumed=resumed)
+        except _RestartRequested:
+            return
+        except TimeoutError:
+            await self._fail(deployment_id, req, f"deployment timed out after {timeout:g}s")
+        except Exception as exc:
+            log.exception("deployment.crashed", deployment_id=deployment_id)
+            await self._fail(deployment_id, req, f"internal error: {exc}")
+        finally:
+            self._current = None
+            self._emit(deployment_id)
+            await self._notify_watchers()
+
+    async def _apply(
+        self, record: DeploymentRecord, req: DeploymentRequest, deadline: float, *, resumed: bool
+    ) -> None:
+        did = record.id
+        previous = self._journal.active()
+        if resumed:
+            assert record.target is not None
+            target = ActiveSet.from_json(record.target["active"])
+            changed = list(record.target["changed"])
+            self._progress(did, "nucleus restarted as bootstrap requested; continuing")
+            await self._start_and_settle(did, req, target, changed, deadline)
+            return
+
+        # RESOLVING ------------------------------------------------------------------------
+        self._journal.update(did, stage=Stage.RESOLVING)
+        try:
+            target, changed, removed, recipes = self._resolve(req, previous)
+        except NucleusError as exc:
+            self._finish_no_change(did, str(exc))
+            return
+
+        # PREPARING: fetch + verify artifacts; nothing running is touched -----------------
+        self._journal.update(did, stage=Stage.PREPARING)
+        for name in changed:
+            recipe = recipes[name]
+            manifest = recipe.select(self._platform)
+            if manifest is None:
+                self._finish_no_change(did, f"{name}: no manifest matches this platform")
+                return
+            if manifest.artifacts:
+                self._progress(did, f"fetching {len(manifest.artifacts)} artifact(s)", name)
+            try:
+                await self._store.prepare(
+                    recipe, manifest.artifacts, artifact_dirs=[_p(d) for d in req.artifact_dirs]
+                )
+            except NucleusError as exc:
+                self._finish_no_change(did, str(exc))
+                return
+        if not changed and not removed and not req.config_updates:
+            self._journal.finish(
+                did, DeploymentStatus.SUCCEEDED, reason="nothing to change", active=target,
+                components=self._component_report(target, []),
+            )
+            self._progress(did, "nothing to change")
+            return
+
+        # NOTIFYING ------------------------------------------------------------------------
+        affected = [n for n in [*changed, *removed] if self._orch.state(n) in (State.RUNNING, State.STARTING)]
+        if req.update_policy == "NOTIFY_COMPONENTS" and affected:
+            self._journal.update(did, stage=Stage.NOTIFYING)
+            await self._notifier.ask(
+                did, affected, timeout_s=req.update_policy_timeout_s, deadline=deadline,
+                progress=lambda m: self._progress(did, m),
+            )
+
+        # APPLYING: write ahead the snapshot, then touch things --------------------------
+        snapshot = {"active": previous.to_json(), "configs": self._config.snapshot()}
+        self._journal.update(
+            did,
+            stage=Stage.APPLYING,
+            previous=snapshot,
+            target={"active": target.to_json(), "changed": changed, "removed": removed},
+        )
+        try:
+            stop = [n for n in [*removed, *changed] if self._orch.get(n) is not None]
+            if stop:
+                self._progress(did, f"stopping {', '.join(stop)}")
+                await self._orch.remove(stop, reason=f"deployment {did}")
+            for name in removed:
+                self._config.remove(name)
+                self._apply_policies(name, None)
+            self._apply_configs(req, recipes, changed)
+            await self._bootstrap(did, recipes, changed)
+        except _Failed as exc:
+            await self._fail(did, req, exc.reason)
+            return
+        await self._start_and_settle(did, req, target, changed, deadline)
+
+    def _resolve(
+        self, req: DeploymentRequest, previous: ActiveSet
+    ) -> tuple[ActiveSet, list[str], list[str], dict[str, Recipe]]:
+        for src in req.recipes:
+            self._store.add_recipe(parse_recipe(src.text, source=src.source, fmt=src.format))
+        groups = {g: dict(roots) for g, roots in previous.groups.items()}
+        roots = groups.setdefault(req.group, {})
+        roots.update(req.root_components)
+        for name in req.remove:
+            if name not in roots:
+                where = [g for g, r in groups.items() if name in r]
+                hint = f" (it belongs to group {where[0]})" if where else ""
+                raise UnknownComponentError(
+                    f"cannot remove {name}: not a root component of group {req.group}{hint}", component=name
+                )
+            del roots[name]
+        groups = {g: r for g, r in groups.items() if r}
+        resolution = resolve(groups, self._store)
+        target = ActiveSet(
+            groups=groups,
+            components={n: str(r.version) for n, r in resolution.components.items()},
+        )
+        for name in req.config_updates:
+            if name not in target.components:
+                raise UnknownComponentError(
+                    f"configuration update for {name}, which is not part of the deployment", component=name
+                )
+        changed = [
+            n for n in resolution.order
+            if previous.components.get(n) != target.components[n] or self._orch.get(n) is None
+            or self._orch.recipes()[n].to_document() != resolution.components[n].to_document()
+        ]
+        removed = [n for n in previous.components if n not in target.components]
+        return target, changed, removed, dict(resolution.components)
+
+    def _apply_configs(self, req: DeploymentRequest, recipes: Mapping[str, Recipe], changed: list[str]) -> None:
+        for name in {*changed, *req.config_updates}:
+            recipe = recipes[name]
+            defaults = recipe.default_configuration
+            current = self._config_or_none(name)
+            # A new version keeps what was customised and gains the new defaults' keys.
+            base = apply_update(defaults, defaults, merge=current) if current is not None else dict(defaults)
+            update = req.config_updates.get(name)
+            if update is not None:
+                base = apply_update(base, defaults, reset=update.reset, merge=update.merge)
+            self._config.set_document(name, base)
+            self._apply_policies(name, base)
+
+    async def _bootstrap(self, did: str, recipes: Mapping[str, Recipe], changed: list[str]) -> None:
+        restart = False
+        for name in changed:
+            recipe = recipes[name]
+            lifecycle = self._orch.lifecycle_of(recipe)
+            step = lifecycle.steps.get("bootstrap")
+            if step is None or not step.script.strip():
+                continue
+            self._orch.load({name: recipe})
+            built = self._orch.step_env(name)
+            assert built is not None
+            spec, _ = built
+            self._progress(did, "running bootstrap", name)
+            result = await self._orch.supervisor.run_step(
+                name, "bootstrap", step.script,
+                env={**spec.env, **{k: str(v) for k, v in step.setenv.items()}},
+                cwd=spec.work_dir,
+                timeout_s=float(step.timeout) if step.timeout not in (None, "") else 120.0,
+                log=self._orch.get(name).runner.log,  # type: ignore[union-attr]
+            )
+            code = result.exit_code
+            if result.timed_out:
+                raise _Failed(f"{name}: bootstrap timed out")
+            if code == RESTART_NUCLEUS:
+                restart = True
+            elif code == REQUEST_REBOOT:
+                if self._settings.deployments.allow_reboot:
+                    restart = True
+                    self._progress(did, "bootstrap requested a reboot (allowed by settings)", name)
+                else:
+                    self._progress(did, "bootstrap requested a reboot; not executed (deployments.allow_reboot is false)", name)
+            elif code != 0:
+                raise _Failed(f"{name}: bootstrap exited with {code}")
+        if restart:
+            self._journal.update(did, stage=Stage.AWAITING_RESTART)
+            self._progress(did, "bootstrap requested a nucleus restart")
+            if self._request_restart is not None:
+                self._request_restart()
+                raise _RestartRequested()
+
+    async def _start_and_settle(
+        self, did: str, req: DeploymentRequest, target: ActiveSet, changed: list[str], deadline: float
+    ) -> None:
+        self._journal.update(did, stage=Stage.STARTING)
+        recipes = self._recipes_for(target)
+        try:
+            self._orch.load({n: recipes[n] for n in changed})
+        except NucleusError as exc:
+            await self._fail(did, req, str(exc))
+            return
+        if changed:
+            self._progress(did, f"starting {', '.join(changed)}")
+        start = asyncio.create_task(self._orch.install_and_start(changed))
+        self._journal.update(did, stage=Stage.SETTLING)
+        settle = req.settle_time_s if req.settle_time_s is not None else self._settings.deployments.settle_time_s
+        ok, reason = await self._orch.wait_settled(changed, settle_s=settle, deadline=deadline)
+        if not start.done():
+            start.cancel()
+        try:
+            await start
+        except (asyncio.CancelledError, Exception) as exc:  # start failures show up as states
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("deployment.start_error", deployment_id=did, error=str(exc))
+        if not ok:
+            await self._fail(did, req, reason)
+            return
+        self._journal.finish(
+            did, DeploymentStatus.SUCCEEDED, active=target, components=self._component_report(target, changed)
+        )
+        self._progress(did, "succeeded")
+        self._notifier.post_update(did, changed)
+        await self._cleanup(target)
+
+    async def _cleanup(self, target: ActiveSet) -> None:
+        keep = {(n, v) for n, v in target.components.items()}
+        # Keep the versions a rollback of recent deployments needs.
+        recent = [r for r in self._journal.list(limit=20) if r.previous]
+        for record in recent[: self._settings.deployments.keep_versions]:
+            prev = ActiveSet.from_json(record.previous["active"]) if record.previous else ActiveSet()
+            keep.update(prev.components.items())
+        try:
+            removed = await asyncio.to_thread(self._store.remove_unused, keep)
+        except OSError as exc:
+            log.warning("store.cleanup_failed", error=str(exc))
+            return
+        if removed:
+            log.info("store.removed_unused", components=[f"{n}@{v}" for n, v in removed])
+
+    def _component_report(self, target: ActiveSet, changed: list[str]) -> dict[str, dict[str, Any]]:
+        return {
+            n: {"version": v, "state": str(self._orch.state(n) or "NEW"), "changed": n in changed}
+            for n, v in target.components.items()
+        }
+
+    def _finish_no_change(self, did: str, reason: str) -> None:
+        self._journal.finish(did, DeploymentStatus.FAILED_NO_STATE_CHANGE, reason=reason)
+        self._progress(did, f"failed, nothing changed: {reason}")
+        log.warning("deployment.failed", deployment_id=did, status="FAILED_NO_STATE_CHANGE", reason=reason)
+
+    async def _fail(self, did: str, req: DeploymentRequest, reason: str) -> None:
+        record = self._journal.get(did)
+        assert record is not None
+        if record.previous is None:
+            self._finish_no_change(did, reason)
+            return
+        target = ActiveSet.from_json(record.target["active"]) if record.target else ActiveSet()
+        if req.failure_policy == "DO_NOTHING":
+            self._journal.finish(
+                did, DeploymentStatus.FAILED_ROLLBACK_NOT_REQUESTED, reason=reason, active=target,
+                components=self._component_report(target, list(record.target["changed"]) if record.target else []),
+            )
+            self._progress(did, f"failed (rollback not requested): {reason}")
+            return
+        self._journal.update(did, stage=Stage.ROLLING_BACK, reason=reason)
+        self._progress(did, f"failed: {reason}; rolling back")
+        log.warning("deployment.rolling_back", deployment_id=did, reason=reason)
+        previous = ActiveSet.from_json(record.previous["active"])
+        changed = list(record.target["changed"]) if record.target else []
+        removed = list(record.target["removed"]) if record.target else []
+        try:
+            undo = [n for n in changed if self._orch.get(n) is not None]
+            await self._orch.remove(undo, reason=f"rollback of {did}")
+            self._config.restore(record.previous.get("configs", {}))
+            for name in changed:
+                if name not in previous.components:
+                    self._apply_policies(name, None)
+            recipes = self._recipes_for(previous)
+            back = [n for n in recipes if n in changed or n in removed]
+            for name in back:
+                self._apply_policies(name, self._config_or_none(name))
+            self._orch.load({n: recipes[n] for n in back})
+            start = asyncio.create_task(self._orch.install_and_start(back))
+            ok, why = await self._orch.wait_settled(
+                back, settle_s=0.0, deadline=time.monotonic() + self._settings.deployments.default_timeout_s
+            )
+            await asyncio.gather(start, return_exceptions=True)
+        except Exception as exc:
+            ok, why = False, str(exc)
+        if ok:
+            status = DeploymentStatus.FAILED_ROLLBACK_COMPLETE
+            self._progress(did, f"rolled back: {reason}")
+        else:
+            status = DeploymentStatus.FAILED_ROLLBACK_FAILED
+            reason = f"{reason}; rollback failed: {why}"
+            self._progress(did, f"rollback failed: {why}")
+        self._journal.finish(did, status, reason=reason, active=previous,
+                             components=self._component_report(previous, []))
+        log.warning("deployment.failed", deployment_id=did, status=str(status), reason=reason)
+
+
+def _p(text: str) -> Any:
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _pydantic_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

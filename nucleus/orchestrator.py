@@ -1,0 +1,491 @@
+"""Runs the set of components: builds each one's runner, orders starts and stops by
+dependencies, and restarts HARD dependents when a dependency restarts.
+
+The lifecycle of one component belongs to :class:`nucleus.runner.ComponentRunner`; this
+module owns only what spans components. Starts are concurrent: each component waits only
+for its own HARD dependencies to be RUNNING or FINISHED, so ten independent components come
+up in parallel. Stops go in reverse dependency order, one level at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nucleus.clock import Clock, SystemClock
+from nucleus.component_logs import ComponentLog
+from nucleus.config_store import ConfigStore
+from nucleus.errors import LifecycleError, RecipeError
+from nucleus.identity import Identities
+from nucleus.interpolation import ComponentContext, InterpolationContext, interpolate_lifecycle
+from nucleus.paths import Paths
+from nucleus.recipe import Lifecycle, Recipe
+from nucleus.resolver import dependency_order
+from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
+from nucleus.settings import Settings
+from nucleus.states import State
+from nucleus.store import ComponentStore
+from nucleus.supervisor import Supervisor
+
+log = structlog.get_logger("nucleus.orchestrator")
+
+DEFAULT_TIMEOUTS: dict[str, float | None] = {
+    "bootstrap": 120.0,
+    "install": 120.0,
+    "startup": 120.0,
+    "run": None,
+    "shutdown": 15.0,
+    "recover": 60.0,
+    "uninstall": 120.0,
+}
+RUNNER_STEPS = ("install", "startup", "run", "shutdown", "recover")
+SETTLED = frozenset({State.RUNNING, State.FINISHED})
+STARTABLE_DEP_STATES = frozenset({State.RUNNING, State.FINISHED, State.BROKEN})
+
+# Environment a component must not inherit from the nucleus process.
+_PRIVATE_ENV = ("NUCLEUS_IPC_TOKEN", "SVCUID")
+
+
+@dataclass(slots=True)
+class Entry:
+    recipe: Recipe
+    runner: ComponentRunner
+    lifecycle: Lifecycle
+    sessions: deque[int] = field(default_factory=lambda: deque(maxlen=128))
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in {"true", "yes", "1"}
+
+
+def _timeout(value: float | str | None, step: str, component: str) -> float | None:
+    if value is None or value == "":
+        return DEFAULT_TIMEOUTS.get(step)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(
+            f"Timeout {value!r} is not a number", component=component, field=f"Lifecycle.{step}.Timeout"
+        ) from exc
+    return seconds if seconds > 0 else DEFAULT_TIMEOUTS.get(step)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ComponentStore,
+        config: ConfigStore,
+        identities: Identities,
+        *,
+        platform: Mapping[str, str],
+        clock: Clock | None = None,
+        on_state: Callable[[str, State, State, str], None] | None = None,
+        on_spawn: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._paths: Paths = settings.paths
+        self._store = store
+        self._config = config
+        self._identities = identities
+        self._platform = dict(platform)
+        self._clock = clock or SystemClock()
+        self._on_state_listener = on_state
+        self._on_spawn_listener = on_spawn
+        self._entries: dict[str, Entry] = {}
+        self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned)
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping_on_purpose: set[str] = set()
+        identities.set_pid_lookup(self.sessions_of)
+
+    # --- queries ---------------------------------------------------------------------------
+    @property
+    def supervisor(self) -> Supervisor:
+        return self._supervisor
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> Entry | None:
+        return self._entries.get(name)
+
+    def recipes(self) -> dict[str, Recipe]:
+        return {n: e.recipe for n, e in self._entries.items()}
+
+    def state(self, name: str) -> State | None:
+        entry = self._entries.get(name)
+        return entry.runner.state if entry else None
+
+    def sessions_of(self, name: str) -> list[int]:
+        entry = self._entries.get(name)
+        if entry is None:
+            return []
+        return [*entry.sessions, *entry.runner.pids]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        entry = self._entries[name]
+        r = entry.runner
+        return {
+            "name": name,
+            "version": str(entry.recipe.version),
+            "state": str(r.state),
+            "since": r.since,
+            "pids": r.pids,
+            "last_error": r.last_error,
+            "error_count": r.error_count,
+            "dependencies": {
+                d: {"requirement": str(dep.requirement), "type": dep.type}
+                for d, dep in entry.recipe.dependencies.items()
+            },
+            "type": entry.recipe.type,
+        }
+
+    def live_process_records(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name, entry in self._entries.items():
+            out.extend({"component": name, "pid": pid} for pid in entry.runner.pids)
+        return out
+
+    # --- building runners -------------------------------------------------------------------
+    def _spawned(self, component: str, pid: int, pgid: int) -> None:
+        entry = self._entries.get(component)
+        if entry is not None:
+            entry.sessions.append(pgid)
+            entry.sessions.append(pid)
+        if self._on_spawn_listener is not None:
+            self._on_spawn_listener(component, pid, pgid)
+
+    def interpolation_context(self, recipe: Recipe) -> InterpolationContext:
+        def ctx_of(name: str, version: str) -> ComponentContext:
+            try:
+                configuration = self._config.document(name)
+            except Exception:  # a dependency with no configuration yet
+                configuration = {}
+            return ComponentContext(
+                name=name,
+                configuration=configuration,
+                artifacts_path=str(self._store.artifacts_path(name, version)),
+                decompressed_path=str(self._store.decompressed_path(name, version)),
+                work_path=str(self._paths.work(name)),
+            )
+
+        deps: dict[str, ComponentContext] = {}
+        for dep in recipe.dependencies:
+            entry = self._entries.get(dep)
+            if entry is not None:
+                deps[dep] = ctx_of(dep, str(entry.recipe.version))
+        return InterpolationContext(
+            component=ctx_of(recipe.name, str(recipe.version)),
+            kernel_root=str(self._paths.root),
+            thing_name=self._settings.thing_name,
+            dependencies=deps,
+        )
+
+    def lifecycle_of(self, recipe: Recipe) -> Lifecycle:
+        manifest = recipe.select(self._platform)
+        if manifest is None:
+            raise RecipeError(
+                f"no manifest matches this platform {self._platform}",
+                component=recipe.name,
+                path=recipe.source,
+                field="Manifests",
+            )
+        component = recipe.name
+
+        def warn(variable: str) -> None:
+            log.warning("recipe.variable_unresolved", component=component, variable=variable)
+
+        return interpolate_lifecycle(manifest.lifecycle, self.interpolation_context(recipe), warn=warn)
+
+    def base_env(self, recipe: Recipe, lifecycle: Lifecycle) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        # Components written in Python find the nucleus SDK (`import ipc`) through the
+        # interpreter the daemon runs on: its bin directory goes first on PATH.
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env.update(
+            {
+                "SVCUID": self._identities.component_token(recipe.name),
+                "NUCLEUS_IPC_SOCKET": str(self._paths.ipc_socket),
+                "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT": str(self._paths.gg_socket),
+                "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH": str(self._paths.gg_socket),
+                "AWS_IOT_THING_NAME": self._settings.thing_name,
+                "NUCLEUS_COMPONENT_NAME": recipe.name,
+                "NUCLEUS_COMPONENT_VERSION": str(recipe.version),
+                "NUCLEUS_ROOT": str(self._paths.root),
+                "GG_ROOT_CA_PATH": "",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update({k: str(v) for k, v in lifecycle.setenv.items()})
+        return env
+
+    def build_spec(self, recipe: Recipe, lifecycle: Lifecycle) -> ComponentSpec:
+        steps: dict[str, StepSpec] = {}
+        for step_name in RUNNER_STEPS:
+            step = lifecycle.steps.get(step_name)  # type: ignore[call-overload]
+            if step is None or not step.script.strip():
+                continue
+            steps[step_name] = StepSpec(
+                script=step.script,
+                timeout_s=_timeout(step.timeout, step_name, recipe.name),
+                setenv={k: str(v) for k, v in step.setenv.items()},
+                skipif=step.skipif,
+                requires_privilege=_truthy(step.requires_privilege),
+            )
+        work = self._paths.work(recipe.name)
+        work.mkdir(parents=True, exist_ok=True)
+        return ComponentSpec(
+            name=recipe.name,
+            version=str(recipe.version),
+            steps=steps,
+            env=self.base_env(recipe, lifecycle),
+            work_dir=work,
+        )
+
+    def _make_runner(self, recipe: Recipe) -> Entry:
+        lifecycle = self.lifecycle_of(recipe)
+        spec = self.build_spec(recipe, lifecycle)
+        clog = ComponentLog(
+            self._paths.component_log(recipe.name),
+            max_bytes=self._settings.logs.max_bytes_per_file,
+            backup_count=self._settings.logs.backup_count,
+        )
+        runner = ComponentRunner(
+            spec,
+            self._supervisor,
+            clog,
+            self._settings.restart,
+            clock=self._clock,
+            on_state=self._state_changed,
+        )
+        return Entry(recipe=recipe, runner=runner, lifecycle=lifecycle)
+
+    def step_env(self, name: str) -> tuple[ComponentSpec, Lifecycle] | None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        return entry.runner.spec, entry.lifecycle
+
+    # --- state changes ----------------------------------------------------------------------
+    def _state_changed(self, component: str, old: State, new: State, reason: str) -> None:
+        if self._on_state_listener is not None:
+            self._on_state_listener(component, old, new, reason)
+        if new is State.ERRORED and old in SETTLED and component not in self._stopping_on_purpose:
+            self._spawn(self._restart_dependents(component))
+        self._spawn(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def hard_dependents(self, name: str) -> list[str]:
+        return [
+            n
+            for n, e in self._entries.items()
+            if name in e.recipe.dependencies and e.recipe.dependencies[name].type == "HARD"
+        ]
+
+    async def _restart_dependents(self, name: str) -> None:
+        """A HARD dependency went down: take its dependents down and bring them back after it."""
+        dependents = [d for d in self.hard_dependents(name) if self.state(d) in SETTLED | {State.STARTING}]
+        if not dependents:
+            return
+        log.info("component.dependents_restarting", component=name, dependents=dependents)
+        await self.stop(dependents, reason=f"HARD dependency {name} restarting")
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        with_timeout = self._settings.deployments.default_timeout_s
+        try:
+            reached = await entry.runner.wait_for(STARTABLE_DEP_STATES, timeout=with_timeout)
+        except TimeoutError:
+            return
+        if reached is State.BROKEN:
+            return
+        await self.start(dependents)
+
+    # --- operations -----------------------------------------------------------------------
+    def load(self, recipes: Mapping[str, Recipe]) -> None:
+        """Create runners (NEW) for components that have none or whose version changed."""
+        for name in dependency_order(recipes):
+            recipe = recipes[name]
+            current = self._entries.get(name)
+            if current is not None and current.recipe.version == recipe.version and (
+                current.recipe.to_document() == recipe.to_document()
+            ):
+                continue
+            if current is not None and current.runner.state not in (State.NEW, State.FINISHED, State.BROKEN,
+                                                                     State.INSTALLED, State.ERRORED):
+                raise LifecycleError("replace a running component: stop it first", component=name)
+            self._entries[name] = self._make_runner(recipe)
+
+    async def install_and_start(self, names: Iterable[str]) -> None:
+        """Install every component concurrently, then start each once its HARD deps are up."""
+        names = [n for n in names if n in self._entries]
+
+        async def one(name: str) -> None:
+            entry = self._entries[name]
+            self._stopping_on_purpose.discard(name)
+            if entry.runner.state in (State.NEW, State.ERRORED, State.FINISHED, State.BROKEN):
+                await entry.runner.install()
+            if entry.runner.state is not State.INSTALLED:
+                return
+            for dep, spec in entry.recipe.dependencies.items():
+                dep_entry = self._entries.get(dep)
+                if spec.type != "HARD" or dep_entry is None:
+                    continue
+                reached = await dep_entry.runner.wait_for(
+                    STARTABLE_DEP_STATES, timeout=self._settings.deployments.default_timeout_s
+                )
+                if reached is State.BROKEN:
+                    log.warning("component.dependency_broken", component=name, dependency=dep)
+                    return
+            await entry.runner.start()
+
+        async with asyncio.TaskGroup() as tg:
+            for name in names:
+                tg.create_task(one(name))
+
+    async def start(self, names: Iterable[str]) -> None:
+        await self.install_and_start(names)
+
+    async def stop(self, names: Iterable[str], *, reason: str = "") -> None:
+        """Stop components, dependents before their dependencies."""
+        wanted = {n for n in names if n in self._entries}
+        # Anything that HARD-depends on a stopped component goes down first.
+        pending = list(wanted)
+        while pending:
+            for dep in self.hard_dependents(pending.pop()):
+                if dep not in wanted:
+                    wanted.add(dep)
+                    pending.append(dep)
+        order = dependency_order({n: self._entries[n].recipe for n in wanted})
+        levels = _levels({n: self._entries[n].recipe for n in wanted}, order)
+        self._stopping_on_purpose.update(wanted)
+        for level in reversed(levels):
+            async with asyncio.TaskGroup() as tg:
+                for name in level:
+                    tg.create_task(self._entries[name].runner.stop(reason=reason))
+
+    async def remove(self, names: Iterable[str], *, reason: str = "removed") -> None:
+        names = [n for n in names if n in self._entries]
+        await self.stop(names, reason=reason)
+        for name in names:
+            entry = self._entries.pop(name)
+            await entry.runner.close()
+            self._identities.revoke_component(name)
+
+    async def restart(self, name: str, *, force: bool = False) -> None:
+        entry = self._entries[name]
+        dependents = [d for d in self.hard_dependents(name) if self.state(d) in SETTLED | {State.STARTING}]
+        if dependents:
+            await self.stop(dependents, reason=f"HARD dependency {name} restarting")
+        self._stopping_on_purpose.add(name)
+        await entry.runner.restart(force=force)
+        self._stopping_on_purpose.discard(name)
+        if dependents:
+            self._spawn(self._start_after(name, dependents))
+
+    async def _start_after(self, name: str, dependents: list[str]) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        try:
+            reached = await entry.runner.wait_for(
+                STARTABLE_DEP_STATES, timeout=self._settings.deployments.default_timeout_s
+            )
+        except TimeoutError:
+            return
+        if reached is not State.BROKEN:
+            await self.start(dependents)
+
+    def report_state(self, name: str, state: State) -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise LifecycleError("unknown component", component=name)
+        entry.runner.report_state(state)
+
+    async def wait_settled(
+        self, names: Iterable[str], *, settle_s: float, deadline: float
+    ) -> tuple[bool, str]:
+        """Every component RUNNING for ``settle_s`` (or FINISHED) before ``deadline``.
+
+        Returns (ok, reason). BROKEN fails at once; a component that leaves RUNNING
+        restarts its settle clock.
+        """
+        names = list(names)
+        running_since: dict[str, float] = {}
+        while True:
+            now = time.monotonic()
+            pending: list[str] = []
+            for name in names:
+                entry = self._entries.get(name)
+                if entry is None:
+                    return False, f"{name}: not loaded"
+                state = entry.runner.state
+                if state is State.BROKEN:
+                    why = entry.runner.last_error or "too many errors"
+                    return False, f"{name} is BROKEN: {why}"
+                if state is State.FINISHED:
+                    continue
+                if state is State.RUNNING:
+                    since = running_since.setdefault(name, now)
+                    if now - since >= settle_s:
+                        continue
+                else:
+                    running_since.pop(name, None)
+                pending.append(name)
+            if not pending:
+                return True, ""
+            if now >= deadline:
+                states = ", ".join(f"{n}={self.state(n)}" for n in pending)
+                return False, f"timed out waiting for {states}"
+            wake = deadline - now
+            for name in pending:
+                if name in running_since:
+                    wake = min(wake, settle_s - (now - running_since[name]))
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=max(0.01, min(wake, 1.0)))
+                except TimeoutError:
+                    pass
+
+    async def close(self) -> None:
+        """Stop everything in reverse dependency order, then cancel housekeeping tasks."""
+        await self.stop(list(self._entries), reason="nucleus shutting down")
+        for entry in self._entries.values():
+            await entry.runner.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _levels(recipes: Mapping[str, Recipe], order: list[str]) -> list[list[str]]:
+    """Group a dependency order into levels whose members do not depend on each other."""
+    level_of: dict[str, int] = {}
+    for name in order:
+        deps = [d for d in recipes[name].dependencies if d in recipes and d != name]
+        level_of[name] = 1 + max((level_of[d] for d in deps), default=-1)
+    levels: list[list[str]] = [[] for _ in range(max(level_of.values(), default=-1) + 1)]
+    for name, level in level_of.items():
+        levels[level].append(name)
+    return levels
