@@ -1,0 +1,721 @@
+"""The component SDK: one connection to the nucleus, pub/sub, request/reply and nucleus operations.
+
+Design choices a component author can rely on:
+
+* ``publish`` is pipelined: it returns once the frame is buffered (awaiting only when the socket
+  is full), and frames are written in batches once per event-loop turn. By default the first
+  publish on each topic waits for the server's verdict so a denied or invalid topic raises at
+  once; errors of later pipelined publishes are raised by the next ``publish``.
+* A subscription is an async iterator inside an ``async with`` block: leaving the block
+  unsubscribes. Each has a bounded local queue with the same policy as the server side
+  (``drop_oldest``: the oldest is dropped and counted into the next message's ``dropped``;
+  ``block``: the connection stops reading, so back-pressure reaches the publisher).
+* Failures raise the :mod:`ipc.errors` subclass matching the server's stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from ipc import codec
+from ipc import protocol as P
+from ipc.errors import ConnectionClosed, InvalidArguments, IpcError, ProtocolError, Timeout, from_wire
+
+log = structlog.get_logger("ipc.client")
+
+DEFAULT_MAX_FRAME = P.DEFAULT_MAX_FRAME
+_FLUSH_AT = 64 * 1024
+_CONFIRMED_MAX = 10_000
+_NO_PAYLOAD: Any = object()
+T = TypeVar("T")
+
+
+class Message:
+    """A delivered pub/sub message; ``payload`` is decoded on first access."""
+
+    __slots__ = ("_client", "_payload", "data", "dropped", "reply_to", "sender", "topic")
+
+    def __init__(self, topic: str, data: bytes, dropped: int = 0, reply_to: str | None = None,
+                 sender: str | None = None, client: Client | None = None, payload: Any = _NO_PAYLOAD) -> None:
+        self.topic = topic
+        self.data = data
+        self.dropped = dropped
+        self.reply_to = reply_to
+        self.sender = sender
+        self._client = client
+        self._payload = payload
+
+    @property
+    def payload(self) -> Any:
+        if self._payload is _NO_PAYLOAD:
+            self._payload = codec.decode(self.data)
+        return self._payload
+
+    @property
+    def raw(self) -> bytes | None:
+        """The payload if it was sent as bytes, else None."""
+        if self._payload is _NO_PAYLOAD:
+            raw = codec.encoded_bytes(self.data)
+            if raw is not None:
+                return raw
+        p = self.payload
+        return p if isinstance(p, bytes) else None
+
+    async def reply(self, payload: Any) -> None:
+        """Answer a request (only messages sent with ``Client.request`` carry a reply handle)."""
+        if self.reply_to is None or self._client is None:
+            raise InvalidArguments("this message was not sent as a request; there is nothing to reply to",
+                                   {"topic": self.topic})
+        await self._client.call("pubsub.reply", {"reply_to": self.reply_to, "payload": codec.encode(payload)})
+
+    def __repr__(self) -> str:
+        return f"Message(topic={self.topic!r}, bytes={len(self.data)}, dropped={self.dropped}, sender={self.sender!r})"
+
+
+class _Feed:
+    """A bounded local queue behind an async iterator (subscriptions and generic streams)."""
+
+    __slots__ = ("_client", "_waiter", "ended", "error", "policy", "q", "queue_size", "throttled")
+
+    def __init__(self, client: Client, queue_size: int, policy: str) -> None:
+        self._client = client
+        self.q: deque[Any] = deque()
+        self.queue_size = queue_size
+        self.policy = policy
+        self._waiter: asyncio.Future[None] | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+        self.throttled = False
+
+    def push(self, item: Any) -> None:
+        q = self.q
+        if len(q) >= self.queue_size:
+            if self.policy == "drop_oldest":
+                old = q.popleft()
+                if isinstance(old, Message):
+                    carried = old.dropped + 1
+                    if q:
+                        q[0].dropped += carried
+                    else:
+                        item.dropped += carried
+            elif not self.throttled:
+                self.throttled = True
+                self._client._throttle(+1)
+        q.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.ended = True
+        if error is not None and self.error is None:
+            self.error = error
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def __aiter__(self) -> _Feed:
+        return self
+
+    async def __anext__(self) -> Any:
+        q = self.q
+        while not q:
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = q.popleft()
+        if self.throttled and len(q) <= self.queue_size // 2:
+            self.throttled = False
+            self._client._throttle(-1)
+        return item
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.client._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.client._can_write.set()
+
+
+class Client:
+    """An async IPC client; use as ``async with Client.from_env() as c:``."""
+
+    def __init__(self, socket_path: str | Path, token: str, *, name: str | None = None,
+                 max_frame: int = DEFAULT_MAX_FRAME, connect_timeout: float = 10.0) -> None:
+        self.socket_path = str(socket_path)
+        self._token = token
+        self.name = name
+        self.max_frame = max_frame
+        self.connect_timeout = connect_timeout
+        self.principal: str | None = None
+        self.server_limits: dict[str, Any] = {}
+        self._transport: asyncio.Transport | None = None
+        self._decoder = P.FrameDecoder(max_frame)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._feeds: dict[int, _Feed] = {}
+        self._welcome: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
+        self._closed_error: IpcError | None = None
+        self._pipeline_error: IpcError | None = None
+        self._confirmed: set[str] = set()
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._throttles = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"Client(socket_path={self.socket_path!r}, name={self.name!r})"  # never the token
+
+    @classmethod
+    def from_env(cls, *, max_frame: int = DEFAULT_MAX_FRAME) -> Client:
+        """Build from what the nucleus hands a component: NUCLEUS_IPC_SOCKET and SVCUID."""
+        path = os.environ.get("NUCLEUS_IPC_SOCKET")
+        token = os.environ.get("SVCUID") or os.environ.get("NUCLEUS_IPC_TOKEN")
+        if not path or not token:
+            missing = [n for n, v in (("NUCLEUS_IPC_SOCKET", path), ("SVCUID or NUCLEUS_IPC_TOKEN", token)) if not v]
+            raise InvalidArguments(f"not running under nucleus: environment variable(s) {', '.join(missing)} unset",
+                                   {"missing": missing})
+        return cls(path, token, name=os.environ.get("NUCLEUS_COMPONENT_NAME"), max_frame=max_frame)
+
+    # --- connection -----------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self._welcome = loop.create_future()
+        self._lost = loop.create_future()
+        try:
+            await loop.create_unix_connection(lambda: _Protocol(self), self.socket_path)
+        except OSError as exc:
+            raise ConnectionClosed(f"cannot connect to {self.socket_path}: {exc.strerror or exc}",
+                                   {"socket": self.socket_path}) from exc
+        self._write(P.hello(self._token, self.name))
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._welcome
+        except TimeoutError:
+            await self.close()
+            raise Timeout(f"no WELCOME from {self.socket_path} within {self.connect_timeout} s") from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        t = self._transport
+        if t is None:
+            return
+        self._flush()
+        if not t.is_closing():
+            t.close()
+        if self._lost is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and self._closed_error is None and not self._transport.is_closing()
+
+    # --- protocol callbacks --------------------------------------------------------------------------
+    def _on_data(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._closed_error = exc
+            if self._transport is not None:
+                self._transport.close()
+            return
+        feeds = self._feeds
+        for f in frames:
+            t = f[0]
+            if t == P.MESSAGE:
+                _, sid, dropped, reply_to, sender, topic, data_ = f
+                feed = feeds.get(sid)
+                if feed is not None:
+                    feed.push(Message(topic, data_, dropped, reply_to, sender, self))
+            elif t == P.RESPONSE:
+                fut = self._pending.pop(f[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(f[2])
+            elif t == P.STREAM_ITEM:
+                feed = feeds.get(f[1])
+                if feed is not None:
+                    feed.push(f[2])
+            elif t == P.STREAM_END:
+                feed = feeds.pop(f[1], None)
+                if feed is not None:
+                    err = f[2]
+                    feed.end(from_wire(*err) if isinstance(err, list) and len(err) == 3 else None)
+            elif t == P.ERROR:
+                self._on_error(f)
+            elif t == P.WELCOME:
+                self.principal = f[2]
+                self.server_limits = f[3] if isinstance(f[3], dict) else {}
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(None)
+
+    def _on_error(self, f: P.Frame) -> None:
+        _, rid, code, message, details = f
+        err = from_wire(str(code), str(message), details if isinstance(details, dict) else None)
+        if rid is None:  # connection-level: the server closes after this
+            self._closed_error = err
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(err)
+            log.warning("ipc.client_rejected", code=err.code, reason=err.message)
+            return
+        if rid == 0:
+            if self._pipeline_error is None:
+                self._pipeline_error = err
+            return
+        fut = self._pending.pop(rid, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(err)
+            return
+        feed = self._feeds.pop(rid, None)
+        if feed is not None:
+            feed.end(err)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        err = self._closed_error or ConnectionClosed(
+            f"connection to {self.socket_path} closed" + (f": {exc}" if exc else ""))
+        self._closed_error = err
+        self._can_write.set()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        for feed in self._feeds.values():
+            feed.end(err)
+        self._feeds.clear()
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(err)
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    def _throttle(self, delta: int) -> None:
+        """Lossless feeds stop the socket reader when full (so the server holds, then the publisher)."""
+        self._throttles += delta
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if delta > 0 and self._throttles == 1:
+            t.pause_reading()
+        elif delta < 0 and self._throttles == 0:
+            t.resume_reading()
+
+    # --- output ------------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed_error is not None:
+            raise self._closed_error
+        if self._transport is None:
+            raise ConnectionClosed("not connected; use 'async with Client(...)' or await connect()")
+
+    def _write(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= _FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if not out:
+            return
+        t = self._transport
+        if t is None or t.is_closing():
+            out.clear()
+            self._out_bytes = 0
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        t.write(data)
+
+    # --- pub/sub -----------------------------------------------------------------------------------------
+    async def publish(self, topic: str, payload: Any, *, confirm: bool | None = None) -> None:
+        """Publish; see the module docstring for the pipelining and confirmation rules."""
+        if self._pipeline_error is not None:
+            err, self._pipeline_error = self._pipeline_error, None
+            raise err
+        if self._closed_error is not None:
+            raise self._closed_error
+        data = codec.encode(payload)
+        if confirm is None:
+            confirm = topic not in self._confirmed
+        if confirm:
+            rid = next(self._ids)
+            fut = self._loop.create_future() if self._loop else asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            self._check()
+            head, body = P.publish_parts(rid, topic, data)
+            self._write(head)
+            self._write(body)
+            await fut
+            if len(self._confirmed) >= _CONFIRMED_MAX:
+                self._confirmed.clear()
+            self._confirmed.add(topic)
+            return
+        if self._transport is None:
+            self._check()
+        head, body = P.publish_parts(0, topic, data)
+        out = self._out
+        out.append(head)
+        out.append(body)
+        self._out_bytes += len(head) + len(body)
+        if self._out_bytes >= _FLUSH_AT:
+            self._flush()
+            if not self._can_write.is_set():
+                await self._can_write.wait()
+                if self._closed_error is not None:
+                    raise self._closed_error
+        elif self._flush_handle is None:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topic_filter: str, *, queue_size: int = 1024,
+                        policy: Literal["drop_oldest", "block"] = "drop_oldest") -> AsyncIterator[AsyncIterator[Message]]:
+        """``async with c.subscribe("sensors/#") as messages: async for m in messages: ...``"""
+        self._check()
+        rid = next(self._ids)
+        feed = _Feed(self, queue_size, policy)
+        self._feeds[rid] = feed
+        try:
+            await self._roundtrip(rid, P.request(rid, "pubsub.subscribe",
+                                                 {"filter": topic_filter, "queue_size": queue_size,
+                                                  "policy": policy}), None)
+        except BaseException:
+            self._feeds.pop(rid, None)
+            raise
+        try:
+            yield feed
+        finally:
+            self._end_feed(rid, feed)
+
+    def _end_feed(self, rid: int, feed: _Feed) -> None:
+        if self._feeds.pop(rid, None) is not None and self.connected:
+            self._write(P.cancel(rid))
+        if feed.throttled:
+            feed.throttled = False
+            self._throttle(-1)
+        feed.end()
+
+    async def request(self, topic: str, payload: Any, *, timeout: float = 5.0) -> Any:
+        """Publish with a reply handle and return the first reply's payload (Timeout after ``timeout``)."""
+        data = await self.call("pubsub.request", {"topic": topic, "payload": codec.encode(payload),
+                                                  "timeout": timeout}, timeout=timeout + 5.0)
+        return codec.decode(data)
+
+    # --- generic RPC ---------------------------------------------------------------------------------------
+    async def _roundtrip(self, rid: int, frame: bytes, timeout: float | None) -> Any:
+        self._check()
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending[rid] = fut
+        self._write(frame)
+        try:
+            if timeout is None:
+                return await fut
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            if self.connected:
+                self._write(P.cancel(rid))
+            raise Timeout(f"no answer within {timeout} s", {"timeout": timeout}) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = 30.0) -> Any:
+        """Call any operation by wire name; raises the IpcError subclass for the server's code."""
+        rid = next(self._ids)
+        try:
+            return await self._roundtrip(rid, P.request(rid, op, args or {}), timeout)
+        except Timeout as exc:
+            raise Timeout(f"{op}: no answer within {timeout} s", {"op": op, "timeout": timeout}) from exc
+
+    @contextlib.asynccontextmanager
+    async def stream(self, op: str, args: dict[str, Any] | None = None, *,
+                     queue_size: int = 1024) -> AsyncIterator[AsyncIterator[Any]]:
+        """Open a stream op; items arrive in order; leaving the block cancels it on the server."""
+        self._check()
+        rid = next(self._ids)
+        feed = _Feed(self, queue_size, "block")
+        self._feeds[rid] = feed
+        self._write(P.request(rid, op, args or {}))
+        try:
+            yield feed
+        finally:
+            self._end_feed(rid, feed)
+
+    # --- typed wrappers over nucleus operations -----------------------------------------------------------
+    async def get_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None) -> Any:
+        return await self.call("config.get", {"component": component, "key_path": list(key_path)})
+
+    async def update_configuration(self, key_path: Sequence[str], value: Any, *,
+                                   timestamp: float | None = None) -> None:
+        await self.call("config.update", {"key_path": list(key_path), "value": value, "timestamp": timestamp})
+
+    def watch_configuration(self, key_path: Sequence[str] = (), *,
+                            component: str | None = None) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
+        return self.stream("config.subscribe", {"component": component, "key_path": list(key_path)})
+
+    async def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
+        await self.call("state.update", {"state": state})
+
+    def component_updates(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+        return self.stream("lifecycle.subscribe_updates", {})
+
+    async def defer_update(self, deployment_id: str, *, recheck_after_s: float = 0, message: str = "") -> None:
+        await self.call("lifecycle.defer_update", {"deployment_id": deployment_id,
+                                                   "recheck_after_s": recheck_after_s, "message": message})
+
+    async def list_components(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("components.list", {})
+        return result
+
+    async def get_component(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("components.get", {"name": name})
+        return result
+
+    async def restart_component(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("components.restart", {"name": name, "force": force})
+        return result
+
+    async def stop_component(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("components.stop", {"name": name})
+        return result
+
+    async def create_deployment(self, **spec: Any) -> str:
+        return str(await self.call("deployments.create", spec))
+
+    async def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("deployments.get", {"id": deployment_id})
+        return result
+
+    async def list_deployments(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.call("deployments.list", {})
+        return result
+
+    async def put_metric(self, metrics: Sequence[Mapping[str, Any]]) -> None:
+        await self.call("metrics.put", {"metrics": [dict(m) for m in metrics]})
+
+    async def publish_to_cloud(self, topic: str, payload: Any, *, qos: int = 1, priority: int = 0,
+                               ttl_s: float | None = None) -> None:
+        await self.call("cloud.publish", {"topic": topic, "payload": payload, "qos": qos,
+                                          "priority": priority, "ttl_s": ttl_s})
+
+    @contextlib.asynccontextmanager
+    async def subscribe_to_cloud(self, topic_filter: str) -> AsyncIterator[AsyncIterator[Message]]:
+        """Cloud messages as :class:`Message`; stream items are ``{"topic", "payload"}`` maps."""
+        async with self.stream("cloud.subscribe", {"filter": topic_filter}) as items:
+            async def messages() -> AsyncIterator[Message]:
+                async for item in items:
+                    if isinstance(item, dict):
+                        yield Message(str(item.get("topic", "")), b"", int(item.get("dropped", 0) or 0),
+                                      None, "cloud", self, payload=item.get("payload"))
+
+            yield messages()
+
+
+class SyncClient:
+    """A blocking wrapper for scripts: a private event loop runs the async client in a thread."""
+
+    def __init__(self, socket_path: str | Path, token: str, *, name: str | None = None,
+                 max_frame: int = DEFAULT_MAX_FRAME, timeout: float = 60.0) -> None:
+        import threading
+
+        self._timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ipc-sync-client", daemon=True)
+        self._thread.start()
+        self._client = Client(socket_path, token, name=name, max_frame=max_frame)
+        try:
+            self._run(self._client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @classmethod
+    def from_env(cls) -> SyncClient:
+        c = Client.from_env()
+        return cls(c.socket_path, c._token, name=c.name)
+
+    def _run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        fut = asyncio.run_coroutine_threadsafe(_as_coro(coro), self._loop)
+        return fut.result(timeout if timeout is not None else self._timeout)
+
+    def publish(self, topic: str, payload: Any, *, confirm: bool | None = None) -> None:
+        self._run(self._client.publish(topic, payload, confirm=confirm))
+
+    def request(self, topic: str, payload: Any, *, timeout: float = 5.0) -> Any:
+        return self._run(self._client.request(topic, payload, timeout=timeout), timeout + 10.0)
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = 30.0) -> Any:
+        return self._run(self._client.call(op, args, timeout=timeout))
+
+    def get_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None) -> Any:
+        return self._run(self._client.get_configuration(key_path, component=component))
+
+    def update_configuration(self, key_path: Sequence[str], value: Any, *, timestamp: float | None = None) -> None:
+        self._run(self._client.update_configuration(key_path, value, timestamp=timestamp))
+
+    def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
+        self._run(self._client.update_state(state))
+
+    def subscribe(self, topic_filter: str, *, queue_size: int = 1024,
+                  policy: Literal["drop_oldest", "block"] = "drop_oldest") -> SyncSubscription:
+        return SyncSubscription(self, topic_filter, queue_size, policy)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close(), 10.0)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+class SyncSubscription:
+    """Blocking iterator over a subscription; ``with sc.subscribe("a/#") as msgs: for m in msgs``."""
+
+    def __init__(self, owner: SyncClient, topic_filter: str, queue_size: int, policy: Literal["drop_oldest", "block"]) -> None:
+        self._owner = owner
+        self._cm = owner._client.subscribe(topic_filter, queue_size=queue_size, policy=policy)
+        self._it: AsyncIterator[Message] = owner._run(self._cm.__aenter__())
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Message]:
+        return self
+
+    def __next__(self) -> Message:
+        return self.get()
+
+    def get(self, timeout: float | None = None) -> Message:
+        """Next message; ``TimeoutError`` after ``timeout`` seconds (None waits forever)."""
+        if self._closed:
+            raise StopIteration
+        try:
+            return self._owner._run(self._it.__anext__(), timeout if timeout is not None else 10 ** 9)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._run(self._cm.__aexit__(None, None, None))
+
+    def __enter__(self) -> SyncSubscription:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def run_component(main: Callable[[Client], Awaitable[None]]) -> None:
+    """Run a component's ``main(client)``: connect from env, report RUNNING, exit cleanly on SIGTERM.
+
+    An exception in ``main`` is reported as ERRORED and the process exits with status 1 so the
+    nucleus applies its restart policy; SIGTERM/SIGINT cancel ``main`` and exit 0.
+    """
+    sys.exit(asyncio.run(_run_component(main)))
+
+
+async def _run_component(main: Callable[[Client], Awaitable[None]]) -> int:
+    loop = asyncio.get_running_loop()
+    async with Client.from_env() as client:
+        try:
+            await client.update_state("RUNNING")
+        except IpcError as exc:
+            if exc.code != "UNKNOWN_OPERATION":  # a bare bus (ipc.devserver) has no lifecycle service
+                raise
+        task = asyncio.ensure_future(main(client))
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            stopping = True
+            task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+            log.info("component.stopping", reason="signal")
+            return 0
+        except Exception as exc:
+            log.exception("component.failed", error=str(exc))
+            with contextlib.suppress(IpcError):
+                await client.update_state("ERRORED")
+            return 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0

@@ -1,0 +1,98 @@
+"""A standalone bus without the nucleus, for component development, tests and benchmarks.
+
+``python -m ipc.devserver --socket /tmp/x/bus.sock --token alice=SECRET --allow 'alice:*'``
+serves the native protocol with a token table and an allow-list (``principal:topic-filter``
+grants publish and subscribe on matching topics/filters). It prints ``READY <pid>`` on stdout once
+listening, so a parent process can wait for it, and exits cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from ipc.core import IpcCore, Principal
+from ipc.errors import Unauthenticated
+from ipc.server import IpcServer
+from ipc.topics import matches
+
+
+@dataclass(slots=True)
+class TokenTable:
+    """Authenticator over a fixed token → principal table (optionally pinned to PIDs)."""
+
+    tokens: dict[str, Principal]
+    pids: dict[str, set[int]] = field(default_factory=dict)
+
+    def authenticate(self, token: str, peer_pid: int | None) -> Principal:
+        principal = self.tokens.get(token)
+        if principal is None:
+            raise Unauthenticated("unknown token")
+        allowed = self.pids.get(principal.name)
+        if allowed is not None and peer_pid not in allowed:
+            raise Unauthenticated(f"peer pid {peer_pid} may not use the token of {principal.name}",
+                                  {"pid": peer_pid})
+        return principal
+
+
+@dataclass(slots=True)
+class AllowList:
+    """Authorizer: principal name → topic filters it may publish/subscribe on; ``*`` allows all."""
+
+    grants: dict[str, list[str]]
+
+    def is_authorized(self, principal: Principal, service: str, operation: str, resource: str) -> bool:
+        for pattern in self.grants.get(principal.name, ()):
+            if pattern == "*" or pattern == resource:
+                return True
+            if "+" not in resource and "#" not in resource and matches(pattern, resource):
+                return True
+        return False
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ipc.devserver", description=__doc__.splitlines()[0])
+    p.add_argument("--socket", required=True)
+    p.add_argument("--token", action="append", default=[], metavar="NAME=TOKEN")
+    p.add_argument("--allow", action="append", default=[], metavar="NAME:FILTER")
+    p.add_argument("--max-frame", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--handshake-timeout", type=float, default=5.0)
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tokens: dict[str, Principal] = {}
+    for spec in args.token:
+        name, _, token = spec.partition("=")
+        tokens[token] = Principal(name, "client")
+    grants: dict[str, list[str]] = {}
+    for spec in args.allow:
+        name, _, pattern = spec.partition(":")
+        grants.setdefault(name, []).append(pattern)
+    core = IpcCore(TokenTable(tokens), AllowList(grants))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with IpcServer(core, args.socket, max_frame=args.max_frame, handshake_timeout=args.handshake_timeout):
+        sys.stdout.write(f"READY {os.getpid()}\n")
+        sys.stdout.flush()
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    try:
+        import uvloop  # type: ignore[import-not-found]  # optional speed-up, never required
+    except ImportError:
+        asyncio.run(serve(args))
+    else:
+        uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The native wire protocol, version 1: pure frame encoding and a streaming decoder.
+
+A frame is a 4-byte big-endian body length followed by a msgpack array ``[type, *fields]``
+(docs/ipc-protocol.md lists the fields of every type). Nothing here does I/O, so the same code
+serves the server, the SDK and the fuzz tests.
+
+Speed notes. Frames are lists, not objects, because the hot paths (PUBLISH in, MESSAGE out) run a
+few hundred thousand times a second. A MESSAGE is built from a per-message *tail* (reply_to,
+sender, topic, data) packed once per publish and a per-subscriber *head* spliced in front — msgpack
+arrays are just a count followed by the elements, so concatenation is a valid encoding.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from ipc.errors import FrameTooLarge, ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+class FrameType(IntEnum):
+    HELLO = 1        # [1, version, token, client_name|nil]
+    WELCOME = 2      # [2, version, principal_name, limits{}]
+    REQUEST = 3      # [3, id, op, args{}]
+    RESPONSE = 4     # [4, id, result]
+    ERROR = 5        # [5, id|nil, code, message, details{}]
+    STREAM_ITEM = 6  # [6, id, item]
+    STREAM_END = 7   # [7, id, nil | [code, message, details{}]]
+    CANCEL = 8       # [8, id]
+    PUBLISH = 9      # [9, id (0 = unconfirmed), topic, data(bin)]
+    MESSAGE = 10     # [10, sub_id, dropped, reply_to|nil, sender|nil, topic, data(bin)]
+
+
+HELLO, WELCOME, REQUEST, RESPONSE, ERROR = 1, 2, 3, 4, 5
+STREAM_ITEM, STREAM_END, CANCEL, PUBLISH, MESSAGE = 6, 7, 8, 9, 10
+
+ARITY: dict[int, int] = {1: 4, 2: 4, 3: 4, 4: 3, 5: 5, 6: 3, 7: 3, 8: 2, 9: 4, 10: 7}
+
+Frame = list[Any]
+"""A decoded frame: ``[type, *fields]`` with the type's arity already checked."""
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_pack_hdr = HEADER.pack
+
+
+def encode_frame(body: list[Any]) -> bytes:
+    b = _pack(body)
+    return _pack_hdr(len(b)) + b
+
+
+def hello(token: str, name: str | None, version: int = PROTOCOL_VERSION) -> bytes:
+    return encode_frame([HELLO, version, token, name])
+
+
+def welcome(principal: str, limits: dict[str, Any], version: int = PROTOCOL_VERSION) -> bytes:
+    return encode_frame([WELCOME, version, principal, limits])
+
+
+def request(req_id: int, op: str, args: dict[str, Any]) -> bytes:
+    return encode_frame([REQUEST, req_id, op, args])
+
+
+def response(req_id: int, result: Any) -> bytes:
+    return encode_frame([RESPONSE, req_id, result])
+
+
+def error(req_id: int | None, code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    return encode_frame([ERROR, req_id, code, message, details or {}])
+
+
+def stream_item(stream_id: int, item: Any) -> bytes:
+    return encode_frame([STREAM_ITEM, stream_id, item])
+
+
+def stream_end(stream_id: int, err: tuple[str, str, dict[str, Any]] | None = None) -> bytes:
+    return encode_frame([STREAM_END, stream_id, list(err) if err else None])
+
+
+def cancel(stream_id: int) -> bytes:
+    return encode_frame([CANCEL, stream_id])
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return b"\xc4" + bytes((n,))
+    if n < 65536:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def publish_parts(req_id: int, topic: str, data: bytes) -> tuple[bytes, bytes]:
+    """PUBLISH as (length prefix + head, data) so a large payload is not copied to build the frame."""
+    head = b"\x94\x09" + _pack(req_id) + _pack(topic) + _bin_header(len(data))
+    return _pack_hdr(len(head) + len(data)) + head, data
+
+
+def publish(req_id: int, topic: str, data: bytes) -> bytes:
+    a, b = publish_parts(req_id, topic, data)
+    return a + b
+
+
+def message_tail(reply_to: str | None, sender: str | None, topic: str, data: bytes) -> bytes:
+    """The subscriber-independent part of a MESSAGE, packed once per publish."""
+    return _pack(reply_to) + _pack(sender) + _pack(topic) + _bin_header(len(data)) + data
+
+
+def message_head(sub_id: int) -> bytes:
+    """``[10, sub_id`` — cached per subscription; the dropped count follows."""
+    return b"\x97\x0a" + _pack(sub_id)
+
+
+def message(sub_id: int, dropped: int, tail: bytes, head: bytes | None = None) -> bytes:
+    h = (head or message_head(sub_id)) + (_pack(dropped) if dropped else b"\x00")
+    return _pack_hdr(len(h) + len(tail)) + h + tail
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; tolerant of any split, strict about content.
+
+    Raises only :class:`ProtocolError` (or its subclass :class:`FrameTooLarge`); after an error the
+    stream is unusable and the connection must be closed — there is no resynchronisation.
+    """
+
+    __slots__ = ("_buf", "_failed", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._failed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self._failed:
+            raise ProtocolError("decoder already failed; the connection must be closed")
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        n = len(buf)
+        off = 0
+        unpackb = msgpack.unpackb
+        arity = ARITY
+        try:
+            with memoryview(buf) as mv:
+                while n - off >= 4:
+                    size = int.from_bytes(mv[off:off + 4], "big")
+                    if size > self.max_frame:
+                        raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame}",
+                                            {"size": size, "limit": self.max_frame})
+                    if size == 0:
+                        raise ProtocolError("empty frame")
+                    end = off + 4 + size
+                    if end > n:
+                        break
+                    try:
+                        body = unpackb(mv[off + 4:end], raw=False, strict_map_key=False,
+                                       use_list=True)
+                    except Exception as exc:  # msgpack raises several unrelated types on bad input
+                        raise ProtocolError(f"malformed frame body: {type(exc).__name__}: {exc}") from exc
+                    if type(body) is not list or not body or type(body[0]) is not int \
+                            or arity.get(body[0]) != len(body):
+                        raise ProtocolError("frame is not [type, *fields] with a known type and arity",
+                                            {"frame_type": repr(body[0])[:32] if type(body) is list and body
+                                             else type(body).__name__})
+                    frames.append(body)
+                    off = end
+        except ProtocolError:
+            self._failed = True
+            buf.clear()
+            raise
+        if off:
+            del buf[:off]
+        return frames

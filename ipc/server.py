@@ -1,0 +1,541 @@
+"""The native front end: a Unix domain socket speaking :mod:`ipc.protocol` on top of :class:`IpcCore`.
+
+Built on asyncio Protocols (not streams) so a read turns into routed deliveries without a task
+switch, and output is gathered per connection and written once per loop turn (or every 64 KiB),
+so a burst of publishes costs a handful of ``send`` calls, not one per message.
+
+Every failure is confined to its connection: a bad frame, a bad token, a flood or a silent client
+gets an ERROR frame and/or a closed socket, one log line, and nobody else notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgpack
+import structlog
+
+from ipc import protocol as P
+from ipc.bus import BusMessage, Subscription
+from ipc.core import IpcCore, Session
+from ipc.errors import (
+    ConnectionClosed,
+    InvalidArguments,
+    IpcError,
+    LimitExceeded,
+    ProtocolError,
+    ServiceError,
+    Unauthenticated,
+)
+
+log = structlog.get_logger("ipc.server")
+
+FLUSH_AT = 64 * 1024
+_UCRED = struct.Struct("3i")
+_HDR = P.HEADER.pack
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_PUB_CACHE_MAX = 4096
+
+
+def _peer_pid(sock: socket.socket | None) -> int | None:
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid = _UCRED.unpack(raw)[0]
+    return pid or None
+
+
+def _encode_or_error(build: Callable[[], bytes], req_id: int) -> bytes:
+    """Handlers may return things msgpack cannot carry; that is the handler's bug, reported as such."""
+    try:
+        return build()
+    except (TypeError, ValueError, OverflowError) as exc:
+        return P.error(req_id, "SERVICE_ERROR", f"result cannot be encoded: {exc}")
+
+
+class _Connection(asyncio.Protocol):
+    """One client: handshake, dispatch, and the bus sink for its subscriptions."""
+
+    def __init__(self, server: IpcServer) -> None:
+        self.server = server
+        self.core = server.core
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.decoder = P.FrameDecoder(server.max_frame)
+        self.session: Session | None = None
+        self.pid: int | None = None
+        self.closing = False
+        self.paused = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._pending: dict[Subscription, None] = {}
+        self._heads: dict[int, bytes] = {}
+        self._pub_ok: set[str] = set()
+        self._pub_gen = -1
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._reading_blocked = 0
+        self.close_reason: str | None = None
+
+    # --- transport callbacks ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        server._conns.add(self)
+        transport.set_write_buffer_limits(high=server.write_buffer_high)
+        self.pid = _peer_pid(transport.get_extra_info("socket"))
+        if len(server._conns) > server.max_connections:
+            self._fail(LimitExceeded(f"the server accepts at most {server.max_connections} connections",
+                                     {"limit": server.max_connections}))
+            return
+        self._hs_timer = self.loop.call_later(server.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server._conns.discard(self)
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for task in self._tasks.values():
+            task.cancel()
+        self._writable.set()  # release stream tasks waiting for room so they see the cancellation
+        self._out.clear()
+        self._pending.clear()
+        if self.session is not None:
+            self.core.end_session(self.session)
+        if exc is not None and self.close_reason is None:
+            log.info("ipc.connection_lost", pid=self.pid, error=str(exc))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._writable.set()
+        self._drain()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        for f in frames:
+            if self.closing:
+                return
+            t = f[0]
+            if t == P.PUBLISH and self.session is not None:
+                self._on_publish(f)
+            elif self.session is None:
+                self._on_hello(f)
+            elif t == P.REQUEST:
+                self._on_request(f)
+            elif t == P.CANCEL:
+                self._on_cancel(f)
+            else:
+                self._fail(ProtocolError(f"unexpected frame type {t} from a client", {"frame_type": t}))
+                return
+        if self._out:
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        if self.decoder.buffered:
+            self.close_reason = "truncated_frame"
+            log.warning("ipc.connection_truncated", pid=self.pid, buffered=self.decoder.buffered)
+        return None
+
+    # --- output -----------------------------------------------------------------------------------
+    def _send(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if not out or self.transport is None or self.closing:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        self.transport.write(data)
+
+    def _fail(self, err: IpcError, req_id: int | None = None) -> None:
+        """Tell the client why (one ERROR frame), log once, close only this connection."""
+        if self.closing or self.transport is None:
+            return
+        self.close_reason = err.code
+        log.warning("ipc.connection_rejected", pid=self.pid, code=err.code, reason=err.message,
+                    principal=self.session.principal.name if self.session else None)
+        self._out.append(P.error(req_id, *err.to_wire()))
+        self._flush()
+        self.closing = True
+        self.transport.close()
+
+    # --- bus sink -----------------------------------------------------------------------------------
+    def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
+        if self.paused or self.closing:
+            return False
+        tail = msg.wire
+        if tail is None:
+            tail = msg.wire = P.message_tail(msg.reply_to, msg.sender, msg.topic, msg.data)
+        head = self._heads.get(sub.id)
+        if head is None:
+            head = self._heads[sub.id] = P.message_head(sub.id)
+        h = head + (_packb(dropped) if dropped else b"\x00")
+        out = self._out
+        out.append(_HDR(len(h) + len(tail)) + h)
+        out.append(tail)
+        self._out_bytes += len(tail) + 16
+        if self._out_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        return True
+
+    def pending(self, sub: Subscription) -> None:
+        if sub.closed:
+            self._pending.pop(sub, None)
+            self._heads.pop(sub.id, None)
+            return
+        self._pending[sub] = None
+        if not self.paused and not self.closing:
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Move queued messages to the socket, round-robin between subscriptions, until full again."""
+        while self._pending and not self.paused and not self.closing:
+            for sub in list(self._pending):
+                if sub.closed:
+                    self._pending.pop(sub, None)
+                    continue
+                for _ in range(64):
+                    item = sub.take()
+                    if item is None:
+                        self._pending.pop(sub, None)
+                        break
+                    msg, dropped = item
+                    self.offer(sub, msg, dropped)
+                    if self.paused:
+                        break
+                if self.paused or self.closing:
+                    break
+        if self._out:
+            self._flush()
+
+    # --- handshake ---------------------------------------------------------------------------------
+    def _handshake_timeout(self) -> None:
+        self._hs_timer = None
+        if self.session is None and not self.closing:
+            self._fail(ProtocolError(f"no HELLO within {self.server.handshake_timeout} s"))
+
+    def _on_hello(self, f: P.Frame) -> None:
+        if f[0] != P.HELLO:
+            self._fail(ProtocolError("the first frame must be HELLO"))
+            return
+        _, version, token, name = f
+        if version != P.PROTOCOL_VERSION:
+            self._fail(ProtocolError(f"unsupported protocol version {version!r}; this server speaks "
+                                     f"{P.PROTOCOL_VERSION}", {"supported": [P.PROTOCOL_VERSION]}))
+            return
+        if name is not None and not isinstance(name, str):
+            self._fail(ProtocolError("client name must be a string or nil"))
+            return
+        try:
+            if not isinstance(token, str):
+                raise Unauthenticated("missing token")
+            self.session = self.core.open_session(token, self.pid, name=name, front_end="native",
+                                                  closer=self._revoke)
+        except Unauthenticated as exc:
+            self._fail(exc)
+            return
+        except IpcError as exc:
+            self._fail(exc)
+            return
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        srv = self.server
+        self._send(P.welcome(self.session.principal.name, {
+            "max_frame": srv.max_frame,
+            "max_subscriptions": self.core.max_subscriptions_per_session,
+            "max_inflight": srv.max_inflight,
+        }))
+
+    async def _revoke(self) -> None:
+        self._fail(ConnectionClosed("the session was closed by the nucleus (component removed or token revoked)"))
+
+    # --- publish fast path ----------------------------------------------------------------------------
+    def _on_publish(self, f: P.Frame) -> None:
+        _, req_id, topic, data = f
+        session = self.session
+        assert session is not None
+        try:
+            if type(req_id) is not int:
+                raise ProtocolError("PUBLISH id must be an integer")
+            if topic not in self._pub_ok or self._pub_gen != self.core.authz_generation:
+                if type(data) is not bytes:
+                    raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
+                if self._pub_gen != self.core.authz_generation:
+                    self._pub_ok.clear()
+                    self._pub_gen = self.core.authz_generation
+                self.core.check_publish(session, topic)
+                if len(self._pub_ok) >= _PUB_CACHE_MAX:
+                    self._pub_ok.clear()
+                self._pub_ok.add(topic)
+            elif type(data) is not bytes:
+                raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
+            n, full = self.core.bus.route(BusMessage(topic, data, session.principal.name))
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        except IpcError as exc:
+            details = dict(exc.details)
+            if isinstance(topic, str):
+                details.setdefault("topic", topic[:256])
+            self._send(P.error(req_id, exc.code, exc.message, details))
+            return
+        if req_id:
+            self._send(P.response(req_id, n))
+        if full:
+            self._block_reading(full)
+
+    def _block_reading(self, full: list[Subscription]) -> None:
+        """A lossless subscriber is full: stop reading this publisher until it has room."""
+        assert self.transport is not None
+        self._reading_blocked += 1
+        if self._reading_blocked == 1:
+            self.transport.pause_reading()
+
+        async def wait() -> None:
+            try:
+                for sub in full:
+                    await sub.wait_room()
+            finally:
+                self._reading_blocked -= 1
+                if self._reading_blocked == 0 and not self.closing and self.transport is not None:
+                    self.transport.resume_reading()
+
+        self._spawn(0, wait())
+
+    def _spawn(self, key: int, coro: Coroutine[Any, Any, None]) -> None:
+        if key == 0:
+            key = -(len(self._tasks) + 1)
+            while key in self._tasks:
+                key -= 1
+        task: asyncio.Task[None] = self.loop.create_task(coro)
+        self._tasks[key] = task
+        self.server._tasks.add(task)
+
+        def done(t: asyncio.Task[None], key: int = key) -> None:
+            if self._tasks.get(key) is t:
+                del self._tasks[key]
+            self.server._tasks.discard(t)
+
+        task.add_done_callback(done)
+
+    # --- requests -------------------------------------------------------------------------------------
+    def _on_request(self, f: P.Frame) -> None:
+        _, req_id, op, args = f
+        session = self.session
+        assert session is not None
+        if type(req_id) is not int or req_id <= 0:
+            self._fail(ProtocolError("REQUEST id must be a positive integer"))
+            return
+        if not isinstance(op, str) or not isinstance(args, dict):
+            self._send(P.error(req_id, "INVALID_ARGUMENTS", "REQUEST needs an op string and an args map"))
+            return
+        if req_id in self._tasks or req_id in session.subscriptions:
+            self._send(P.error(req_id, "INVALID_ARGUMENTS", f"request id {req_id} is already in use",
+                               {"id": req_id}))
+            return
+        try:
+            if op == "pubsub.subscribe":
+                self._subscribe(req_id, args)
+                return
+            is_stream = self.core.is_stream(op)
+            if len(self._tasks) >= self.server.max_inflight:
+                raise LimitExceeded(f"at most {self.server.max_inflight} calls in flight per connection",
+                                    {"limit": self.server.max_inflight})
+        except IpcError as exc:
+            self._send(P.error(req_id, *exc.to_wire()))
+            return
+        if is_stream:
+            self._spawn(req_id, self._run_stream(req_id, op, args))
+        else:
+            self._spawn(req_id, self._run_call(req_id, op, args))
+
+    def _subscribe(self, req_id: int, args: dict[str, Any]) -> None:
+        session = self.session
+        assert session is not None
+        topic_filter = args.get("filter")
+        sub = self.core.subscribe(session, topic_filter, self, queue_size=args.get("queue_size", 1024),
+                                  policy=args.get("policy", "drop_oldest"), sub_id=req_id)
+        self._send(P.response(req_id, {"filter": sub.filter}))
+
+    def _on_cancel(self, f: P.Frame) -> None:
+        sid = f[1]
+        session = self.session
+        assert session is not None
+        sub = session.subscriptions.get(sid) if type(sid) is int else None
+        if sub is not None:
+            self.core.unsubscribe(session, sub)
+            self._send(P.stream_end(sid))
+            return
+        task = self._tasks.get(sid) if type(sid) is int else None
+        if task is not None:
+            task.cancel()
+
+    async def _run_call(self, req_id: int, op: str, args: dict[str, Any]) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            result = await self.core.call(session, op, args)
+        except IpcError as exc:
+            self._send(P.error(req_id, *exc.to_wire()))
+            return
+        self._send(_encode_or_error(lambda: P.response(req_id, result), req_id))
+
+    async def _run_stream(self, req_id: int, op: str, args: dict[str, Any]) -> None:
+        session = self.session
+        assert session is not None
+        agen = self.core.stream(session, op, args)
+        try:
+            async for item in agen:
+                if self.paused:
+                    await self._writable.wait()
+                if self.closing:
+                    return
+                try:
+                    frame = P.stream_item(req_id, item)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise ServiceError(f"stream item cannot be encoded: {exc}", {"op": op}) from exc
+                self._send(frame)
+            self._send(P.stream_end(req_id))
+        except asyncio.CancelledError:
+            if not self.closing:  # cancelled by the client's CANCEL: confirm the end
+                self._send(P.stream_end(req_id))
+        except IpcError as exc:
+            self._send(P.stream_end(req_id, exc.to_wire()))
+        finally:
+            await agen.aclose()
+
+
+class IpcServer:
+    """Listens on a Unix socket; ``async with IpcServer(core, path):`` serves until the block ends."""
+
+    def __init__(self, core: IpcCore, socket_path: str | Path, *, mode: int = 0o600, group: str | None = None,
+                 max_frame: int = P.DEFAULT_MAX_FRAME, handshake_timeout: float = 5.0,
+                 max_connections: int = 10000, max_inflight: int = 256,
+                 write_buffer_high: int = 256 * 1024) -> None:
+        self.core = core
+        self.socket_path = Path(socket_path)
+        self.mode = 0o660 if group is not None and mode == 0o600 else mode
+        self.group = group
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_inflight = max_inflight
+        self.write_buffer_high = write_buffer_high
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def start(self) -> None:
+        path = self.socket_path
+        if len(os.fsencode(path)) > 107:
+            raise ValueError(f"socket path {path} is longer than the 107 bytes a Unix socket allows")
+        self._remove_stale(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # no window in which the socket is world-connectable
+        try:
+            sock.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        try:
+            os.chmod(path, self.mode)
+            if self.group is not None:
+                os.chown(path, -1, grp.getgrnam(self.group).gr_gid)
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _Connection(self), sock=sock, backlog=4096)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise
+        log.info("ipc.server_started", path=str(path), mode=oct(self.mode), group=self.group)
+
+    @staticmethod
+    def _remove_stale(path: Path) -> None:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fspath(path))
+        except OSError:
+            path.unlink()  # nobody listening: left over from a crash
+            return
+        finally:
+            probe.close()
+        raise FileExistsError(f"another server is already listening on {path}")
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._conns):
+            conn._fail(ConnectionClosed("the server is shutting down"))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        log.info("ipc.server_stopped", path=str(self.socket_path))
+
+    async def __aenter__(self) -> IpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
