@@ -139,6 +139,20 @@ def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
         for candidate in (base / "artifacts", base.parent / "artifacts"):
             if not args.artifacts and candidate.is_dir() and str(candidate.resolve()) not in artifact_dirs:
                 artifact_dirs.append(str(candidate.resolve()))
+    # --recipe-dir: recipes for the local store (dependencies), not roots (greengrass-cli --recipeDir).
+    for raw in args.recipe_dir or []:
+        directory = Path(raw)
+        if not directory.is_dir():
+            raise NucleusError("--recipe-dir is not a directory", path=directory)
+        for file in find_recipes(directory):
+            load_recipe(file)
+            fmt = "json" if file.suffix.lower() == ".json" else "yaml"
+            recipes.append({"source": str(file.resolve()), "text": file.read_text(), "format": fmt})
+    for item in args.merge or []:
+        name, sep, version = item.partition("=")
+        if not sep or not name or not version:
+            raise NucleusError(f"--merge {item!r}: expected NAME=VERSION", field="--merge")
+        roots[name] = Version.parse(version)
     request: dict[str, Any] = {
         "group": args.group,
         "recipes": recipes,
@@ -157,7 +171,7 @@ def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _deploy(args: argparse.Namespace) -> int:
     request = build_deploy_request(args)
-    if not request["recipes"] and not request["remove"] and not request["config_updates"]:
+    if not request["root_components"] and not request["remove"] and not request["config_updates"]:
         print("nucleus deploy: nothing to deploy (give recipe files, --remove or --update-config)",
               file=sys.stderr)
         return EXIT_USAGE
@@ -305,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="artifact directory laid out as DIR/<name>/<version>/<file>")
     p.add_argument("--update-config", metavar="JSON",
                    help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json')
+    p.add_argument("--recipe-dir", action="append", metavar="DIR",
+                   help="add these recipes to the local store without making them roots")
+    p.add_argument("--merge", action="append", metavar="NAME=VERSION", help="add or update a root component")
     p.add_argument("--remove", action="append", metavar="NAME", help="remove a root component")
     p.add_argument("--group", default="LOCAL_DEPLOYMENT", help="deployment group (default LOCAL_DEPLOYMENT)")
     p.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
