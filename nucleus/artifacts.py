@@ -1,0 +1,383 @@
+"""Getting one artifact onto disk: locate, fetch, hash, verify, unarchive, set permissions.
+
+Every function here is blocking and meant to run in a worker thread (``ComponentStore.prepare``
+calls them through ``asyncio.to_thread``). None of them touches the store's final layout: they
+write where they are told (a staging directory), so that a failure leaves the store unchanged.
+
+Sources, in order: a local artifact directory laid out as ``<dir>/<Component>/<Version>/<file>``
+(what ``greengrass-cli --artifactDir`` reads — this is how a local deployment supplies an
+``s3://`` artifact), then the URI itself for ``file://``, ``http://`` and ``https://``.
+
+Digests are checked on the bytes as they are written (hashing while streaming) and compared
+before anything is used. Greengrass writes SHA-256 digests in base64; real recipes also carry hex,
+so both are accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import re
+import stat
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Final
+
+import structlog
+
+from nucleus.errors import ArtifactError, DigestMismatchError
+from nucleus.recipe import Artifact, Permission
+
+log = structlog.get_logger(__name__)
+
+CHUNK: Final = 1024 * 1024
+DIR_MODE: Final = 0o755
+_ALGORITHMS: Final = {
+    "SHA-1": "sha1",
+    "SHA-224": "sha224",
+    "SHA-256": "sha256",
+    "SHA-384": "sha384",
+    "SHA-512": "sha512",
+}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+FETCHED_SCHEMES: Final = frozenset({"file", "http", "https"})
+
+
+# --- names and digests --------------------------------------------------------------------------
+
+def safe_file_name(artifact: Artifact, *, component: str) -> str:
+    """The artifact's file name, refused if it could leave the artifact directory."""
+    name = artifact.file_name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ArtifactError(f"artifact URI {artifact.uri!r} does not end in a usable file name",
+                            component=component, field="Uri")
+    return name
+
+
+def archive_folder(file_name: str) -> str:
+    """Greengrass unpacks ``my_archive.zip`` into a folder named ``my_archive``."""
+    stem = PurePosixPath(file_name).stem
+    return stem or file_name
+
+
+def _hash_name(algorithm: str, *, component: str, uri: str) -> str:
+    key = algorithm.strip().upper()
+    if not key.startswith("SHA-") and key.startswith("SHA"):
+        key = "SHA-" + key[3:]
+    try:
+        return _ALGORITHMS[key]
+    except KeyError:
+        raise ArtifactError(
+            f"artifact {uri}: unsupported digest algorithm {algorithm!r} "
+            f"(supported: {', '.join(_ALGORITHMS)})", component=component, field="Algorithm",
+        ) from None
+
+
+def new_hasher(artifact: Artifact, *, component: str) -> hashlib._Hash:
+    return hashlib.new(_hash_name(artifact.algorithm, component=component, uri=artifact.uri))
+
+
+def expected_digest(artifact: Artifact, *, component: str) -> bytes | None:
+    """The raw digest the recipe promises (hex or base64), ``None`` if it gives none."""
+    if artifact.digest is None or not artifact.digest.strip():
+        return None
+    text = artifact.digest.strip()
+    size = new_hasher(artifact, component=component).digest_size
+    if len(text) == 2 * size and _HEX.fullmatch(text):
+        return bytes.fromhex(text)
+    for decode in (base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            raw = decode(text.encode("ascii"), validate=True) if decode is base64.b64decode else decode(text)
+        except (binascii.Error, ValueError):
+            continue
+        if len(raw) == size:
+            return raw
+    raise ArtifactError(
+        f"artifact {artifact.uri}: Digest {text!r} is neither {2 * size} hex digits nor base64 of a "
+        f"{size}-byte {artifact.algorithm} digest", component=component, field="Digest",
+    )
+
+
+def render_digest(raw: bytes, like: str | None) -> str:
+    """Show a digest in the same notation as the recipe wrote the expected one."""
+    if like is not None and _HEX.fullmatch(like.strip()) and len(like.strip()) == 2 * len(raw):
+        return raw.hex()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def verify(artifact: Artifact, actual: bytes, *, component: str) -> None:
+    """Raise DigestMismatchError unless ``actual`` is the digest the recipe promises."""
+    expected = expected_digest(artifact, component=component)
+    if expected is None or expected == actual:
+        return
+    raise DigestMismatchError(
+        f"artifact {artifact.uri}: {artifact.algorithm} digest mismatch: expected "
+        f"{render_digest(expected, artifact.digest)}, got {render_digest(actual, artifact.digest)}",
+        component=component, field="Digest",
+    )
+
+
+def hash_file(path: Path, artifact: Artifact, *, component: str) -> bytes:
+    """Digest of a file; readable even when its permission is Read NONE (we own it)."""
+    hasher = new_hasher(artifact, component=component)
+    with readable(path), path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.digest()
+
+
+@contextlib.contextmanager
+def readable(path: Path) -> Iterator[None]:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & stat.S_IRUSR:
+        yield
+        return
+    path.chmod(mode | stat.S_IRUSR)
+    try:
+        yield
+    finally:
+        path.chmod(mode)
+
+
+def matches(path: Path, artifact: Artifact, *, component: str) -> bool:
+    """Whether an already-present file is the promised artifact (only provable with a digest)."""
+    expected = expected_digest(artifact, component=component)
+    if expected is None or not path.is_file() or path.is_symlink():
+        return False
+    return hash_file(path, artifact, component=component) == expected
+
+
+# --- fetching -----------------------------------------------------------------------------------
+
+def locate_local(artifact: Artifact, *, component: str, version: str,
+                 artifact_dirs: Sequence[Path]) -> Path | None:
+    """The file for this artifact in a local artifact directory, if one has it."""
+    name = safe_file_name(artifact, component=component)
+    for directory in artifact_dirs:
+        candidate = Path(directory) / component / version / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fetch(
+    artifact: Artifact,
+    dest: Path,
+    *,
+    component: str,
+    version: str,
+    artifact_dirs: Sequence[Path] = (),
+    timeout_s: float = 60.0,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Write the artifact to ``dest`` and return the digest of exactly the bytes written."""
+    uri = artifact.uri
+    hasher = new_hasher(artifact, component=component)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    local = locate_local(artifact, component=component, version=version, artifact_dirs=artifact_dirs)
+    if local is not None:
+        _copy_file(local, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+        log.debug("artifact.copied", component=component, uri=uri, source=str(local))
+        return hasher.digest()
+    parsed = urllib.parse.urlsplit(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ArtifactError(f"artifact {uri}: file:// URIs must name a local absolute path",
+                                component=component, field="Uri")
+        source = Path(urllib.parse.unquote(parsed.path))
+        if not source.is_absolute() or not source.is_file():
+            raise ArtifactError(f"artifact {uri}: no such file {str(source)!r}", component=component,
+                                path=source, field="Uri")
+        _copy_file(source, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+        return hasher.digest()
+    if scheme in ("http", "https"):
+        _download(uri, dest, hasher, component=component, timeout_s=timeout_s, max_bytes=max_bytes)
+        return hasher.digest()
+    where = ", ".join(str(Path(d) / component / version) for d in artifact_dirs)
+    where = where or "no --artifacts directory given"
+    raise ArtifactError(
+        f"artifact {uri}: {scheme or 'this'}: URIs are not fetched by the nucleus; supply the file "
+        f"from a local artifact directory as <dir>/{component}/{version}/{artifact.file_name} "
+        f"(looked in: {where})",
+        component=component, field="Uri",
+    )
+
+
+def _copy_stream(src: BinaryIO, dest: Path, hasher: hashlib._Hash, *, component: str, uri: str,
+                 max_bytes: int | None) -> int:
+    written = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := src.read(CHUNK):
+            written += len(chunk)
+            if max_bytes is not None and written > max_bytes:
+                raise ArtifactError(f"artifact {uri}: larger than the limit of {max_bytes} bytes",
+                                    component=component, field="Uri")
+            hasher.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return written
+
+
+def _copy_file(source: Path, dest: Path, hasher: hashlib._Hash, *, component: str, uri: str,
+               max_bytes: int | None) -> None:
+    try:
+        with source.open("rb") as src:
+            _copy_stream(src, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+    except OSError as exc:
+        raise ArtifactError(f"artifact {uri}: cannot copy {source}: {exc.strerror or exc}",
+                            component=component, path=source, field="Uri") from exc
+
+
+def _download(uri: str, dest: Path, hasher: hashlib._Hash, *, component: str, timeout_s: float,
+              max_bytes: int | None) -> None:
+    request = urllib.request.Request(uri, headers={"User-Agent": "nucleus-edge"})
+    try:
+        # urlopen follows redirects (up to 10) and applies the timeout to every socket operation.
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and max_bytes is not None and int(length) > max_bytes:
+                raise ArtifactError(f"artifact {uri}: {length} bytes exceeds the limit of {max_bytes}",
+                                    component=component, field="Uri")
+            written = _copy_stream(response, dest, hasher, component=component, uri=uri,
+                                   max_bytes=max_bytes)
+            if length is not None and written != int(length):
+                raise ArtifactError(f"artifact {uri}: connection closed after {written} of {length} bytes",
+                                    component=component, field="Uri")
+    except urllib.error.HTTPError as exc:
+        raise ArtifactError(f"artifact {uri}: HTTP {exc.code} {exc.reason}", component=component,
+                            field="Uri") from exc
+    except urllib.error.URLError as exc:
+        raise ArtifactError(f"artifact {uri}: cannot download: {exc.reason}", component=component,
+                            field="Uri") from exc
+    except (OSError, ValueError) as exc:  # timeouts, resets, malformed headers
+        raise ArtifactError(f"artifact {uri}: download failed: {exc}", component=component,
+                            field="Uri") from exc
+    log.debug("artifact.downloaded", component=component, uri=uri, bytes=dest.stat().st_size)
+
+
+# --- permissions --------------------------------------------------------------------------------
+
+def file_mode(permission: Permission) -> int:
+    """Recipe ``Permission`` as chmod bits. Never writable: components must not edit artifacts."""
+    mode = {"NONE": 0, "OWNER": 0o400, "ALL": 0o444}[permission.read]
+    mode |= {"NONE": 0, "OWNER": 0o100, "ALL": 0o111}[permission.execute]
+    return mode
+
+
+def apply_permission(path: Path, permission: Permission) -> None:
+    path.chmod(file_mode(permission))
+
+
+def apply_tree_permission(root: Path, permission: Permission) -> None:
+    """Unpacked files get the artifact's permission; folders are readable and searchable by all."""
+    mode = file_mode(permission)
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for name in filenames:
+            p = base / name
+            if not p.is_symlink():
+                p.chmod(mode)
+        for name in dirnames:
+            p = base / name
+            if not p.is_symlink():
+                p.chmod(DIR_MODE)
+    root.chmod(DIR_MODE)
+
+
+# --- unarchiving --------------------------------------------------------------------------------
+
+def _entry_parts(entry: str, *, component: str, uri: str) -> list[str]:
+    def reject(reason: str) -> ArtifactError:
+        return ArtifactError(f"artifact {uri}: archive entry {entry!r} {reason}; refusing to unpack",
+                             component=component, field="Unarchive")
+
+    if "\0" in entry:
+        raise reject("contains a NUL byte")
+    if entry.startswith(("/", "\\")) or _DRIVE.match(entry):
+        raise reject("is an absolute path")
+    parts = [p for p in re.split(r"[/\\]", entry) if p not in ("", ".")]
+    if ".." in parts:
+        raise reject("climbs out of the target folder with '..'")
+    return parts
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def unarchive_zip(archive: Path, target: Path, *, component: str, uri: str) -> None:
+    """Unpack a ZIP into ``target`` (created), refusing entries that could escape it.
+
+    Refused: absolute names, ``..`` components, symlinks pointing outside ``target``, entries that
+    would be written through a symlink, and duplicate entries.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    links: list[tuple[str, Path]] = []
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _extract_entry(zf, info, root, links, component=component, uri=uri)
+        # Symlinks through other symlinks can escape where the lexical check saw none
+        # ("a/.." with a -> "."): once everything exists, resolve each for real.
+        for entry, link_path in links:
+            try:
+                real = link_path.resolve()
+            except RuntimeError:  # a symlink loop
+                real = root.parent
+            if not _inside(root, real):
+                raise ArtifactError(
+                    f"artifact {uri}: archive entry {entry!r} is a symlink that resolves outside the "
+                    "target folder; refusing to unpack", component=component, field="Unarchive")
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"artifact {uri}: not a valid ZIP archive: {exc}", component=component,
+                            field="Unarchive") from exc
+    except OSError as exc:
+        raise ArtifactError(f"artifact {uri}: cannot unpack: {exc}", component=component,
+                            field="Unarchive") from exc
+
+
+def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path,
+                   links: list[tuple[str, Path]], *, component: str, uri: str) -> None:
+    parts = _entry_parts(info.filename, component=component, uri=uri)
+    if not parts:
+        return
+    dest = root.joinpath(*parts)
+
+    def reject(reason: str) -> ArtifactError:
+        return ArtifactError(f"artifact {uri}: archive entry {info.filename!r} {reason}; refusing to unpack",
+                             component=component, field="Unarchive")
+
+    parent = dest.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not _inside(root, parent.resolve()):
+        raise reject("would be written through a symlink that leaves the target folder")
+    if dest.is_symlink() or (dest.exists() and not info.is_dir()):
+        raise reject("appears twice in the archive")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        link = zf.read(info).decode("utf-8", errors="strict")
+        resolved = Path(os.path.normpath(parent / link))
+        if Path(link).is_absolute() or not _inside(root, resolved):
+            raise reject(f"is a symlink to {link!r}, outside the target folder")
+        dest.symlink_to(link)
+        links.append((info.filename, dest))
+        return
+    if info.is_dir():
+        dest.mkdir(exist_ok=True)
+        return
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
