@@ -123,7 +123,8 @@ class _Search:
             return UnknownComponentError(f"no component {name} in the catalog (needed by {askers})",
                                          component=name)
         reasons = ", ".join(n.describe(name) for n in needs)
-        chains = [f"{n.who} via {' -> '.join(n.via)}" for n in needs if n.via]
+        # Say how a non-root requirer got into the set; a root's own group is already named.
+        chains = [f"{n.who} via {' -> '.join(n.via)}" for n in needs if len(n.via) > 1]
         text = f"{reasons}; have {name} {', '.join(str(v) for v in have)}"
         if chains:
             text += f" ({'; '.join(chains)})"
@@ -171,6 +172,7 @@ class _Search:
 def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog) -> Resolution:
     """Versions for every root of every group and all their dependencies, dependencies first."""
     needs: dict[str, list[_Need]] = {}
+    via: dict[str, tuple[str, ...]] = {}
     for group in sorted(roots):
         for name, text in sorted(roots[group].items()):
             try:
@@ -179,8 +181,9 @@ def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog) -> Resolut
                 raise VersionError(f"{_root_label(group)} asks for {name} {text!r}: {exc.message}",
                                    component=name) from exc
             needs.setdefault(name, []).append(_Need(_root_label(group), req))
+            via.setdefault(name, (_root_label(group),))
     search = _Search(catalog)
-    chosen = search.solve({}, needs, {})
+    chosen = search.solve({}, needs, via)
     if chosen is None:
         assert search.failure is not None
         raise search.failure
