@@ -235,3 +235,43 @@ def _mqtt_filter_matches(filt: str, topic: str) -> bool:
 def test_mqtt_resources_match_like_mqtt_filters(filt: list[str], topic: list[str]) -> None:
     f, t = "/".join(filt), "/".join(topic)
     assert bool(re.fullmatch(resource_regex(f, mqtt=True), t, re.DOTALL)) == _mqtt_filter_matches(f, t)
+
+
+def test_the_example_in_docs_configuration_md() -> None:
+    """The decision table printed in docs/configuration.md, kept true by this test."""
+    access = {
+        PUBSUB: {
+            "com.example.Detector:pubsub:1": {
+                "policyDescription": "Read raw sensor data, publish anomalies.",
+                "operations": ["aws.greengrass#SubscribeToTopic"],
+                "resources": ["sensors/+/raw"],
+            },
+            "com.example.Detector:pubsub:2": {
+                "operations": ["aws.greengrass#PublishToTopic"],
+                "resources": ["anomaly/{iot:thingName}/#"],
+            },
+        }
+    }
+    detector = Principal("com.example.Detector")
+    a = Authorizer()
+    a.set_policies(detector.name, parse_access_control(detector.name, access,
+                                                       variables={"iot:thingName": "turbine-7"}))
+    table = [
+        ("SubscribeToTopic", "sensors/gearbox/raw", True),
+        ("SubscribeToTopic", "sensors/+/raw", True),
+        ("SubscribeToTopic", "sensors/#", False),
+        ("PublishToTopic", "anomaly/turbine-7", True),
+        ("PublishToTopic", "anomaly/turbine-7/gearbox/rms", True),
+        ("PublishToTopic", "sensors/gearbox/raw", False),
+    ]
+    for op, resource, expected in table:
+        assert a.is_authorized(detector, PUBSUB, f"aws.greengrass#{op}", resource) is expected, (op, resource)
+
+
+@pytest.mark.parametrize(("resource", "topic", "expected"), [
+    ("a/${+}/b", "a/+/b", True), ("a/${+}/b", "a/x/b", False),
+    ("a/${#}", "a/#", True), ("a/${#}", "a/x", False),
+    ("a${*}", "a*", True), ("a${*}", "ab", False),
+])
+def test_escapes(resource: str, topic: str, expected: bool) -> None:
+    assert bool(re.fullmatch(resource_regex(resource, mqtt=True), topic)) is expected
