@@ -26,11 +26,13 @@ def _default(obj: Any) -> Any:
     if np is not None:
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject:
-                raise InvalidArguments("numpy arrays of dtype object cannot be sent", {"dtype": str(obj.dtype)})
-            arr = np.ascontiguousarray(obj)
+                raise InvalidArguments("numpy arrays of dtype object cannot be sent",
+                                       {"dtype": str(obj.dtype)})
+            # tobytes() is C-ordered whatever the layout; shape from the original (ascontiguousarray
+            # would turn a 0-d array into 1-d)
             return msgpack.ExtType(
                 NUMPY_EXT,
-                msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()], use_bin_type=True),
+                msgpack.packb([obj.dtype.str, list(obj.shape), obj.tobytes()], use_bin_type=True),
             )
         if isinstance(obj, np.generic):
             return obj.item()
@@ -44,7 +46,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == NUMPY_EXT:
         np = importlib.import_module("numpy")
         dtype, shape, raw = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(tuple(shape))
     return msgpack.ExtType(code, data)
 
 

@@ -1,0 +1,130 @@
+"""The routing core without any socket: fast path, bounded queues, drop and block policies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ipc.bus import Bus, BusMessage, Subscription
+from ipc.errors import InvalidArguments
+
+
+class Sink:
+    """A sink that can be switched between writable and full, like a socket."""
+
+    def __init__(self) -> None:
+        self.writable = True
+        self.got: list[tuple[str, bytes, int]] = []
+        self.pending_calls = 0
+
+    def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
+        if not self.writable:
+            return False
+        self.got.append((msg.topic, msg.data, dropped))
+        return True
+
+    def pending(self, sub: Subscription) -> None:
+        self.pending_calls += 1
+
+    def drain(self, sub: Subscription) -> None:
+        while (item := sub.take()) is not None:
+            msg, dropped = item
+            self.got.append((msg.topic, msg.data, dropped))
+
+
+def test_fast_path_delivers_in_order_and_counts() -> None:
+    bus, sink = Bus(), Sink()
+    bus.subscribe("a/+", sink)
+    assert [bus.publish("a/x", bytes([i])) for i in range(5)] == [1] * 5
+    assert bus.publish("b/x", b"") == 0
+    assert sink.got == [("a/x", bytes([i]), 0) for i in range(5)]
+
+
+def test_drop_oldest_counts_and_reports_with_next_message() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=3)
+    sink.writable = False
+    for i in range(10):
+        bus.publish("t", bytes([i]))
+    assert len(sub.queue) == 3 and sub.dropped == 7
+    sink.writable = True
+    sink.drain(sub)
+    assert sink.got == [("t", b"\x07", 7), ("t", b"\x08", 0), ("t", b"\x09", 0)]
+    bus.publish("t", b"\x0a")
+    assert sink.got[-1] == ("t", b"\x0a", 0)
+    assert sub.dropped_total == 7
+
+
+def test_queued_messages_keep_order_ahead_of_new_ones() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=100)
+    sink.writable = False
+    bus.publish("t", b"1")
+    bus.publish("t", b"2")
+    sink.writable = True
+    bus.publish("t", b"3")  # the queue is not empty, so this must not overtake 1 and 2
+    assert sink.got == []
+    sink.drain(sub)
+    assert [d for _, d, _ in sink.got] == [b"1", b"2", b"3"]
+    assert sink.pending_calls == 1
+
+
+def test_one_full_subscriber_does_not_affect_another() -> None:
+    bus, slow, fast = Bus(), Sink(), Sink()
+    bus.subscribe("t", slow, queue_size=2)
+    bus.subscribe("t", fast, queue_size=2)
+    slow.writable = False
+    for i in range(1000):
+        bus.publish("t", str(i).encode())
+    assert len(fast.got) == 1000
+    assert [int(d) for _, d, _ in fast.got] == list(range(1000))
+
+
+async def test_block_policy_reports_full_and_publisher_waits_for_room() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=2, policy="block")
+    sink.writable = False
+    assert bus.route(BusMessage("t", b"1"))[1] is None
+    assert bus.route(BusMessage("t", b"2"))[1] is None
+    n, full = bus.route(BusMessage("t", b"3"))
+    assert n == 1 and full == [sub]
+    assert sub.dropped == 0 and len(sub.queue) == 3  # lossless: accepted, never dropped
+
+    waiter = asyncio.create_task(bus.publish_async("t", b"4"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    sink.writable = True
+    sink.drain(sub)
+    assert await asyncio.wait_for(waiter, 5) == 1
+    sink.drain(sub)
+    assert [d for _, d, _ in sink.got] == [b"1", b"2", b"3", b"4"]
+
+
+async def test_unsubscribe_releases_blocked_publishers_and_stops_delivery() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=1, policy="block")
+    sink.writable = False
+    bus.publish("t", b"1")
+    waiter = asyncio.create_task(bus.publish_async("t", b"2"))
+    await asyncio.sleep(0)
+    bus.unsubscribe(sub)
+    await asyncio.wait_for(waiter, 5)
+    assert bus.publish("t", b"3") == 0 and len(bus) == 0
+
+
+@pytest.mark.parametrize(("queue_size", "policy"), [(0, "drop_oldest"), (True, "block"), (10, "newest"),
+                                                      (10**7, "block"), ("5", "block")])
+def test_bad_subscription_parameters(queue_size: object, policy: object) -> None:
+    with pytest.raises(InvalidArguments):
+        Bus().subscribe("t", Sink(), queue_size, policy)  # type: ignore[arg-type]
+
+
+def test_match_cache_follows_subscription_changes() -> None:
+    bus, a, b = Bus(), Sink(), Sink()
+    bus.subscribe("x/#", a)
+    assert bus.publish("x/1", b"") == 1
+    sb = bus.subscribe("x/1", b)
+    assert bus.publish("x/1", b"") == 2
+    bus.unsubscribe(sb)
+    assert bus.publish("x/1", b"") == 1

@@ -1,0 +1,295 @@
+"""The native server and the SDK end to end, on a real Unix socket with real auth seams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ipc_testkit import RawConn, TokenAuth
+
+from ipc import Client, SyncClient
+from ipc import protocol as P
+from ipc.core import NUCLEUS, CallContext, IpcCore
+from ipc.errors import (
+    ConnectionClosed,
+    InvalidArguments,
+    ProtocolError,
+    Timeout,
+    Unauthenticated,
+    Unauthorized,
+    UnknownOperation,
+)
+from ipc.server import IpcServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def path_of(server: IpcServer) -> Path:
+    return server.socket_path
+
+
+async def take(it: AsyncIterator[Any], n: int, timeout: float = 10.0) -> list[Any]:
+    out = []
+    async with asyncio.timeout(timeout):
+        for _ in range(n):
+            out.append(await anext(it))
+    return out
+
+
+async def test_socket_is_owner_only(server: IpcServer) -> None:
+    assert stat.S_IMODE(path_of(server).stat().st_mode) == 0o600
+
+
+async def test_handshake_names_principal_and_pid_reaches_authenticator(server: IpcServer,
+                                                                       auth: TokenAuth) -> None:
+    async with Client(path_of(server), "tok-alice", name="t1") as c:
+        assert c.principal == "alice"
+        assert c.server_limits["max_frame"] == P.DEFAULT_MAX_FRAME
+        assert auth.seen_pids[-1] == os.getpid()  # SO_PEERCRED
+        info = server.core.sessions()
+        assert [(i.principal.name, i.pid, i.name) for i in info] == [("alice", os.getpid(), "t1")]
+
+
+@pytest.mark.parametrize("token", ["wrong", ""])
+async def test_unknown_or_missing_token_is_refused(server: IpcServer, token: str) -> None:
+    with pytest.raises(Unauthenticated):
+        async with Client(path_of(server), token):
+            pass
+    assert server.core.sessions() == []
+
+
+async def test_hello_without_token_field_is_refused(server: IpcServer) -> None:
+    raw = await RawConn.open(path_of(server))
+    raw.send(P.encode_frame([P.HELLO, P.PROTOCOL_VERSION, None, None]))
+    frames = await raw.frames_until_closed()
+    assert [(f[0], f[2]) for f in frames] == [(P.ERROR, "UNAUTHENTICATED")]
+
+
+async def test_silent_client_gets_handshake_timeout(server: IpcServer) -> None:
+    raw = await RawConn.open(path_of(server))
+    frames = await raw.frames_until_closed(timeout=10)
+    assert frames[0][0] == P.ERROR and frames[0][2] == "PROTOCOL_ERROR" and "HELLO" in frames[0][3]
+
+
+async def test_first_frame_must_be_hello_and_version_must_match(server: IpcServer) -> None:
+    raw = await RawConn.open(path_of(server))
+    raw.send(P.request(1, "pubsub.publish", {}))
+    assert [f[2] for f in await raw.frames_until_closed()] == ["PROTOCOL_ERROR"]
+    raw = await RawConn.open(path_of(server))
+    raw.send(P.hello("tok-alice", None, version=99))
+    (err,) = await raw.frames_until_closed()
+    assert err[2] == "PROTOCOL_ERROR" and err[4] == {"supported": [1]}
+
+
+async def test_pubsub_wildcards_and_unsubscribe(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as pub, Client(path_of(server), "tok-bob") as sub:
+        async with sub.subscribe("s/+/raw") as plus, sub.subscribe("s/#") as hash_:
+            for t in ("s/1/raw", "s/2/avg", "s", "other/1/raw", "s/3/raw"):
+                await pub.publish(t, t)
+            got_plus = [m.payload for m in await take(plus, 2)]
+            got_hash = [m.payload for m in await take(hash_, 4)]
+        assert got_plus == ["s/1/raw", "s/3/raw"]
+        assert got_hash == ["s/1/raw", "s/2/avg", "s", "s/3/raw"]
+        await sub.call("pubsub.publish", {"topic": "sync", "payload": b"\xc0"})  # round trip: CANCELs seen
+        assert len(server.core.bus) == 0
+        async with sub.subscribe("s/#") as again:
+            await pub.publish("s/9", 9)
+            (m,) = await take(again, 1)
+            assert (m.topic, m.payload, m.sender, m.dropped) == ("s/9", 9, "alice", 0)
+
+
+async def test_payload_kinds_including_numpy(server: IpcServer) -> None:
+    arr = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    async with Client(path_of(server), "tok-alice") as c, c.subscribe("p") as ms:
+        for payload in (b"\x00raw", {"a": [1, 2]}, arr, "text"):
+            await c.publish("p", payload)
+        m1, m2, m3, m4 = await take(ms, 4)
+    assert m1.raw == b"\x00raw" and m2.payload == {"a": [1, 2]} and m2.raw is None
+    assert m3.payload.dtype == np.float32 and np.array_equal(m3.payload, arr)
+    assert m4.payload == "text"
+
+
+async def test_per_subscriber_order_with_two_subscribers(server: IpcServer) -> None:
+    n = 20_000
+    async with Client(path_of(server), "tok-alice") as pub, Client(path_of(server), "tok-bob") as sub:
+        async with sub.subscribe("seq", queue_size=n) as a, sub.subscribe("seq", queue_size=n) as b:
+            for i in range(n):
+                await pub.publish("seq", i)
+            got_a = [m.payload for m in await take(a, n, timeout=60)]
+            got_b = [m.payload for m in await take(b, n, timeout=60)]
+    assert got_a == list(range(n)) and got_b == list(range(n))
+
+
+async def test_request_reply_and_timeout(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as req, Client(path_of(server), "tok-bob") as svc:
+        async with svc.subscribe("svc/double") as calls:
+            async def serve_one() -> None:
+                async for m in calls:
+                    await m.reply(m.payload * 2)
+                    return
+
+            task = asyncio.create_task(serve_one())
+            assert await req.request("svc/double", 21) == 42
+            await task
+            with pytest.raises(Timeout):  # subscribed but nobody answers
+                await req.request("svc/double", 1, timeout=0.1)
+        with pytest.raises(InvalidArguments):
+            await req.request("svc/+", 1)
+
+
+async def test_denied_publish_and_subscribe_raise_naming_operation_and_resource(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-eve") as eve:
+        await eve.publish("public/a", 1)
+        with pytest.raises(Unauthorized) as info:
+            await eve.publish("private/a", 1)
+        assert "aws.greengrass#PublishToTopic" in str(info.value) and "private/a" in str(info.value)
+        assert info.value.details["resource"] == "private/a"
+        with pytest.raises(Unauthorized, match="SubscribeToTopic"):
+            async with eve.subscribe("private/#"):
+                pass
+        # pipelined (unconfirmed) publish: the error arrives with the next publish
+        await eve.publish("private/b", 1, confirm=False)
+        await eve.call("pubsub.publish", {"topic": "public/a", "payload": b"\xc0"})
+        with pytest.raises(Unauthorized, match="private/b"):
+            await eve.publish("public/a", 2)
+        await eve.publish("public/a", 3)  # the connection is still fine
+
+
+async def test_invalid_topics_and_unknown_operations(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as c:
+        with pytest.raises(InvalidArguments, match="wildcard"):
+            await c.publish("a/#", 1)
+        with pytest.raises(InvalidArguments):
+            async with c.subscribe("a/#/b"):
+                pass
+        with pytest.raises(UnknownOperation, match="'components.frobnicate'"):
+            await c.call("components.frobnicate")
+        with pytest.raises(UnknownOperation):
+            async with c.stream("logs.nope") as items:
+                await anext(aiter(items))
+        await c.publish("a/b", 1)
+
+
+async def test_registered_calls_and_streams_with_cancel(core: IpcCore, server: IpcServer) -> None:
+    closed = asyncio.Event()
+
+    async def get(ctx: CallContext, args: dict[str, Any]) -> Any:
+        return {"component": ctx.principal.name, "key_path": args["key_path"]}
+
+    async def watch(ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[list[str]]:
+        try:
+            i = 0
+            while True:
+                yield ["k", str(i)]
+                i += 1
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    core.register("config.get", get)
+    core.register_stream("config.subscribe", watch)
+    async with Client(path_of(server), "tok-alice") as c:
+        assert await c.get_configuration(["a", "b"]) == {"component": "alice", "key_path": ["a", "b"]}
+        async with c.watch_configuration(["a"]) as changes:
+            assert await take(changes, 3) == [["k", "0"], ["k", "1"], ["k", "2"]]
+        await asyncio.wait_for(closed.wait(), 10)  # leaving the block cancelled the server generator
+        assert await c.call("config.get", {"key_path": []}, timeout=5) == {"component": "alice", "key_path": []}
+
+
+async def test_call_timeout(core: IpcCore, server: IpcServer) -> None:
+    async def slow(ctx: CallContext, args: dict[str, Any]) -> None:
+        await asyncio.sleep(30)
+
+    core.register("slow.op", slow)
+    async with Client(path_of(server), "tok-alice") as c:
+        with pytest.raises(Timeout, match=r"slow\.op"):
+            await c.call("slow.op", timeout=0.05)
+        assert await c.call("pubsub.publish", {"topic": "x", "payload": b"\xc0"}) == 0
+
+
+async def test_nucleus_publishes_to_clients(core: IpcCore, server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-bob") as c, c.subscribe("nucleus/#") as ms:
+        assert await core.publish(NUCLEUS, "nucleus/state", {"x": 1}) == 1
+        (m,) = await take(ms, 1)
+        assert (m.topic, m.payload, m.sender) == ("nucleus/state", {"x": 1}, "nucleus")
+
+
+async def test_close_sessions_of_disconnects_that_principal_only(core: IpcCore, server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as a, Client(path_of(server), "tok-bob") as b:
+        await core.close_sessions_of("alice")
+        with pytest.raises(ConnectionClosed):
+            for _ in range(100):  # bounded: the close arrives within a few loop turns
+                await a.call("pubsub.publish", {"topic": "x", "payload": b"\xc0"}, timeout=5)
+        assert await b.call("pubsub.publish", {"topic": "x", "payload": b"\xc0"}) == 0
+
+
+async def test_server_close_ends_clients(core: IpcCore, sock_dir: Path) -> None:
+    srv = IpcServer(core, sock_dir / "b.sock")
+    await srv.start()
+    c = Client(sock_dir / "b.sock", "tok-alice")
+    await c.connect()
+    async with c.subscribe("x") as ms:
+        await srv.close()
+        with pytest.raises(ConnectionClosed):
+            await take(ms, 1)
+    assert not (sock_dir / "b.sock").exists()
+    await c.close()
+
+
+async def test_stale_socket_is_replaced_and_live_one_refused(core: IpcCore, sock_dir: Path,
+                                                            server: IpcServer) -> None:
+    with pytest.raises(FileExistsError, match="already listening"):
+        await IpcServer(core, path_of(server)).start()
+    (sock_dir / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await IpcServer(core, sock_dir / "file").start()
+
+
+async def test_sync_client_in_a_script_thread(server: IpcServer) -> None:
+    path = path_of(server)
+
+    def script() -> list[Any]:
+        with SyncClient(path, "tok-bob") as sc, sc.subscribe("sync/#") as msgs:
+            sc.publish("sync/a", {"n": 1})
+            sc.publish("sync/b", b"two")
+            got = [msgs.get(timeout=10).payload, next(msgs).payload]
+            with pytest.raises(UnknownOperation):
+                sc.call("nope.op")
+            return got
+
+    assert await asyncio.to_thread(script) == [{"n": 1}, b"two"]
+
+
+async def test_connect_to_missing_socket_says_where(sock_dir: Path) -> None:
+    with pytest.raises(ConnectionClosed, match="nope.sock"):
+        await Client(sock_dir / "nope.sock", "t").connect()
+
+
+def test_from_env_requires_nucleus_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NUCLEUS_IPC_SOCKET", raising=False)
+    monkeypatch.delenv("SVCUID", raising=False)
+    monkeypatch.delenv("NUCLEUS_IPC_TOKEN", raising=False)
+    monkeypatch.setenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "/tmp/gg.sock")
+    with pytest.raises(InvalidArguments, match="NUCLEUS_IPC_SOCKET"):
+        Client.from_env()
+    monkeypatch.setenv("NUCLEUS_IPC_SOCKET", "/tmp/x.sock")
+    monkeypatch.setenv("SVCUID", "secret")
+    monkeypatch.setenv("NUCLEUS_COMPONENT_NAME", "com.example.X")
+    c = Client.from_env()
+    assert (c.socket_path, c.name) == ("/tmp/x.sock", "com.example.X")
+    assert "secret" not in repr(c)
+
+
+def test_protocol_error_class_for_codes() -> None:
+    from ipc.errors import FrameTooLarge, IpcError, from_wire
+
+    assert isinstance(from_wire("FRAME_TOO_LARGE", "x"), FrameTooLarge)
+    assert isinstance(from_wire("FRAME_TOO_LARGE", "x"), ProtocolError)
+    e = from_wire("SOMETHING_NEW", "m", {"a": 1})
+    assert type(e) is IpcError and e.code == "SOMETHING_NEW" and e.details == {"a": 1}
