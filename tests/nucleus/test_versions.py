@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nucleus.errors import VersionError
 from nucleus.versions import Requirement, Version
+
+# Deterministic and untimed: same examples on every run, no deadline flakiness on slow CI.
+DETERMINISTIC = settings(derandomize=True, max_examples=200, deadline=None)
 
 # --- Version ---------------------------------------------------------------------------------
 
@@ -74,11 +77,13 @@ _versions = st.builds(
 )
 
 
+@DETERMINISTIC
 @given(_versions)
 def test_version_str_parse_round_trip(v: Version) -> None:
     assert Version.parse(str(v)) == v
 
 
+@DETERMINISTIC
 @given(_versions, _versions, _versions)
 def test_version_ordering_is_total_and_transitive(a: Version, b: Version, c: Version) -> None:
     assert (a < b) + (a == b) + (a > b) == 1
@@ -87,6 +92,7 @@ def test_version_ordering_is_total_and_transitive(a: Version, b: Version, c: Ver
     assert (a.compare(b) < 0) == (a.precedence_key() < b.precedence_key())
 
 
+@DETERMINISTIC
 @given(_versions)
 def test_release_outranks_its_prereleases(v: Version) -> None:
     release = Version(v.major, v.minor, v.patch)
@@ -181,11 +187,13 @@ def test_requirement_any_flag() -> None:
     assert not Requirement.parse("^1.0.0").is_any
 
 
+@DETERMINISTIC
 @given(_versions)
 def test_any_allows_every_release(v: Version) -> None:
     assert Requirement.parse("*").allows(v) == (not v.prerelease)
 
 
+@DETERMINISTIC
 @given(_versions)
 def test_exact_requirement_matches_only_its_version(v: Version) -> None:
     req = Requirement.parse(f"={v}")
