@@ -320,9 +320,9 @@ async def test_reported_errored_restarts_like_a_crash(h: Harness) -> None:
 async def test_reported_running_ends_starting(h: Harness) -> None:
     r = h.runner({"startup": step("sleep 100")})
     await r.start()
-    assert r.state is State.STARTING
+    before = r.state
     r.report_state(State.RUNNING)
-    assert r.state is State.RUNNING
+    assert (before, r.state) == (State.STARTING, State.RUNNING)
 
 
 # --- logs, notifications, close -----------------------------------------------------------
