@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -860,16 +860,3 @@ def find_recipes(path: Path) -> list[Path]:
             found.extend(sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in _FORMATS))
     return found
 
-
-def iter_recipes(paths: Iterable[Path], *, on_error: Callable[[RecipeError], None] | None = None,
-                 ) -> list[Recipe]:
-    """Load many recipe files; with ``on_error`` a bad file is reported and skipped."""
-    out: list[Recipe] = []
-    for p in paths:
-        try:
-            out.append(load_recipe(p))
-        except RecipeError as exc:
-            if on_error is None:
-                raise
-            on_error(exc)
-    return out
