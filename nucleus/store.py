@@ -194,6 +194,9 @@ class ComponentStore:
                 for a in artifacts
             ]
             self._commit(staged, staging, name, version)
+        except OSError as exc:  # disk full, permissions: still an artifact problem of this component
+            raise ArtifactError(f"cannot prepare artifacts: {exc}", component=name,
+                                path=getattr(exc, "filename", None)) from exc
         finally:
             _remove_tree(staging)
         log.info("store.artifacts_ready", component=name, version=version, artifacts=len(artifacts))
