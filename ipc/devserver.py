@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
+
+import structlog
 
 from ipc.core import IpcCore, Principal
 from ipc.errors import Unauthenticated
@@ -61,6 +64,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", action="append", default=[], metavar="NAME:FILTER")
     p.add_argument("--max-frame", type=int, default=16 * 1024 * 1024)
     p.add_argument("--handshake-timeout", type=float, default=5.0)
+    p.add_argument("--log-level", default="info", help="structlog level on stderr (stdout carries READY)")
     return p.parse_args(argv)
 
 
@@ -86,6 +90,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(args.log_level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
     try:
         import uvloop  # type: ignore[import-not-found]  # optional speed-up, never required
     except ImportError:
