@@ -165,8 +165,13 @@ def tail(path: Path, lines: int = 100) -> list[str]:
     return [_decode(b) for b in out]
 
 
-async def follow(path: Path, *, lines: int = 0, poll_s: float = 0.25) -> AsyncIterator[str]:
+async def follow(
+    path: Path, *, lines: int = 0, from_end: bool = True, poll_s: float = 0.25
+) -> AsyncIterator[str]:
     """Yield the last ``lines`` lines, then every new line, forever (``tail -F``).
+
+    ``from_end=False`` reads the current file from its beginning instead (``lines`` is
+    then ignored).
 
     Survives rotation: when the name points at a new file, the old one is drained first
     (we still hold it open) and the new one is read from its start. Polls at most every
@@ -188,11 +193,12 @@ async def follow(path: Path, *, lines: int = 0, poll_s: float = 0.25) -> AsyncIt
                     await asyncio.sleep(poll)
                     continue
                 if first:
-                    end = os.fstat(fh.fileno()).st_size
-                    for raw in _last_lines(fh, end, lines):
-                        yield _decode(raw)
-                    fh.seek(end)
                     first = False
+                    if from_end:
+                        end = os.fstat(fh.fileno()).st_size
+                        for raw in _last_lines(fh, end, lines):
+                            yield _decode(raw)
+                        fh.seek(end)
             chunk = fh.read(_BLOCK)
             if chunk:
                 pending += chunk

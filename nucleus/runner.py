@@ -110,6 +110,7 @@ class StateSubscription:
         self._owner = owner
         self._queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize=maxsize)
         self.dropped = 0
+        self._ended = False
         owner._subscriptions.add(self)
 
     def _put(self, item: Change | None) -> None:
@@ -123,8 +124,11 @@ class StateSubscription:
         return self
 
     async def __anext__(self) -> Change:
+        if self._ended:
+            raise StopAsyncIteration
         item = await self._queue.get()
         if item is None:
+            self._ended = True
             raise StopAsyncIteration
         return item
 

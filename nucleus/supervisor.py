@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 import structlog
 
@@ -141,8 +141,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> bool:
     return True
 
 
-def kill_orphans(records: Iterable[OrphanRecord | tuple[int, int, int]]) -> list[int]:
+def _record_fields(record: OrphanRecord | tuple[int, int, int] | Mapping[str, Any]) -> tuple[int, int, int]:
+    if isinstance(record, Mapping):
+        return int(record["pgid"]), int(record["pid"]), int(record["start_time"])
+    pgid, pid, start_time = record
+    return int(pgid), int(pid), int(start_time)
+
+
+def kill_orphans(records: Iterable[OrphanRecord | tuple[int, int, int] | Mapping[str, Any]]) -> list[int]:
     """SIGKILL the groups a previous daemon run left behind; returns the pgids killed.
+
+    Records are ``(pgid, pid, start_time)`` tuples or mappings with those keys (as read
+    back from a JSON pid file); a malformed record is logged and skipped, never raised,
+    because this runs during daemon start.
 
     A PID may have been reused since the record was written, so a group is killed only if
     its leader is still the same process (same start time), or, when the leader is gone,
@@ -151,7 +162,13 @@ def kill_orphans(records: Iterable[OrphanRecord | tuple[int, int, int]]) -> list
     """
     killed: list[int] = []
     for record in records:
-        pgid, pid, start_time = (int(x) for x in record)
+        try:
+            pgid, pid, start_time = _record_fields(record)
+        except (KeyError, TypeError, ValueError):
+            log.warning("supervisor.orphan_record_invalid", record=repr(record)[:200])
+            continue
+        if pgid <= 1 or pid <= 1:
+            continue
         leader_start = process_start_time(pid)
         if leader_start is not None:
             if leader_start != start_time:

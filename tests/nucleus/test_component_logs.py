@@ -113,3 +113,16 @@ async def test_follow_waits_for_a_file_that_does_not_exist_yet(tmp_path: Path) -
     await asyncio.sleep(0.05)
     ComponentLog(path, max_bytes=1000, backup_count=1).write("born")
     assert (await asyncio.wait_for(task, 10)).endswith("born")
+
+
+async def test_follow_from_start_reads_existing_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.log"
+    log = ComponentLog(path, max_bytes=4000, backup_count=1)
+    for i in range(3):
+        log.write(f"l{i}")
+    got: list[str] = []
+    async for line in follow(path, from_end=False, poll_s=0.01):
+        got.append(line.rsplit(" ", 1)[1])
+        if len(got) == 3:
+            break
+    assert got == ["l0", "l1", "l2"]

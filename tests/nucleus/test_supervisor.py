@@ -257,3 +257,20 @@ async def test_step_dies_with_the_daemon(tmp_path: Path, mechanism: str) -> None
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_kill_orphans_accepts_json_records_and_skips_bad_ones(tmp_path: Path) -> None:
+    proc = start_group("exec sleep 100", tmp_path)
+    try:
+        start = process_start_time(proc.pid)
+        records: list[object] = [
+            {"component": "c", "pid": proc.pid, "pgid": proc.pid, "start_time": start},
+            {"component": "c", "pid": 12345678},  # no pgid/start_time
+            {"pid": 1, "pgid": 1, "start_time": 0},  # never init
+            "garbage",
+        ]
+        assert kill_orphans(records) == [proc.pid]  # type: ignore[arg-type]
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
