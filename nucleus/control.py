@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -254,7 +253,7 @@ class Control:
     async def deployments_list(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         ctx.authorize(authz.CLI, "aws.greengrass#ListLocalDeployments", "*")
         limit = int(args.get("limit") or 50)
-        return [r.summary() for r in self._journal.list(limit=limit)]
+        return [r.summary() for r in self._journal.recent(limit=limit)]
 
     async def deployments_watch(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:
         ctx.authorize(authz.CLI, "aws.greengrass#GetLocalDeploymentStatus", "*")
@@ -273,12 +272,12 @@ class Control:
         if not path.exists() and self._orch.get(name) is None:
             raise ResourceNotFound(f"no component named {name} and no log at {path}")
         lines = int(args.get("lines") or 50)
-        recent: deque[str] = deque(tail(path, lines) if path.exists() else [], maxlen=lines)
-        for line in recent:
-            yield line
         if args.get("follow"):
-            async for line in follow(path, from_end=True):
+            async for line in follow(path, lines=lines):
                 yield line
+            return
+        for line in tail(path, lines) if path.exists() else []:
+            yield line
 
     async def metrics_put(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         ctx.authorize(authz.METRICS, "aws.greengrass#PutComponentMetric", ctx.principal.name)

@@ -34,7 +34,7 @@ from nucleus.platforms import current_platform
 from nucleus.settings import Settings
 from nucleus.states import State
 from nucleus.store import ComponentStore
-from nucleus.supervisor import kill_orphans
+from nucleus.supervisor import OrphanRecord, kill_orphans
 from nucleus.update_policy import UpdateNotifier
 
 log = structlog.get_logger("nucleus.daemon")
@@ -140,8 +140,12 @@ class Daemon:
         records = ProcessRecords(paths.pid_file)
         orphans = records.previous()
         if orphans:
-            killed = kill_orphans(orphans)
-            log.warning("nucleus.orphans_killed", count=killed)
+            killed = kill_orphans(
+                OrphanRecord(int(r["pgid"]), int(r["pid"]), int(r["start_time"]))
+                for r in orphans
+                if r.get("start_time") is not None
+            )
+            log.warning("nucleus.orphans_killed", groups=killed)
         platform = current_platform(self.settings.platform)
         journal = Journal(paths.database)
         store = ComponentStore(paths)

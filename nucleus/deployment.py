@@ -191,9 +191,9 @@ class DeploymentEngine:
             log.warning("deployment.recovered", deployment_id=record.id, stage=str(record.stage))
         active = self._journal.active()
         if resume:
-            record = self._journal.get(resume[0])
-            assert record is not None and record.target is not None
-            active = ActiveSet.from_json(record.target["active"])
+            resumed = self._journal.get(resume[0])
+            assert resumed is not None and resumed.target is not None
+            active = ActiveSet.from_json(resumed.target["active"])
         recipes = self._recipes_for(active)
         for name, recipe in recipes.items():
             self._apply_policies(name, self._config_or_none(name) or recipe.default_configuration)
@@ -414,10 +414,10 @@ class DeploymentEngine:
             self._progress(did, "running bootstrap", name)
             result = await self._orch.supervisor.run_step(
                 name, "bootstrap", step.script,
-                env={**spec.env, **{k: str(v) for k, v in step.setenv.items()}},
-                cwd=spec.work_dir,
-                timeout_s=float(step.timeout) if step.timeout not in (None, "") else 120.0,
-                log=self._orch.get(name).runner.log,  # type: ignore[union-attr]
+                {**spec.env, **{k: str(v) for k, v in step.setenv.items()}},
+                spec.work_dir,
+                float(step.timeout) if isinstance(step.timeout, int | float) else 120.0,
+                log_sink=self._orch.get(name).log,  # type: ignore[union-attr]
             )
             code = result.exit_code
             if result.timed_out:
@@ -475,7 +475,7 @@ class DeploymentEngine:
     async def _cleanup(self, target: ActiveSet) -> None:
         keep = {(n, v) for n, v in target.components.items()}
         # Keep the versions a rollback of recent deployments needs.
-        recent = [r for r in self._journal.list(limit=20) if r.previous]
+        recent = [r for r in self._journal.recent(limit=20) if r.previous]
         for record in recent[: self._settings.deployments.keep_versions]:
             prev = ActiveSet.from_json(record.previous["active"]) if record.previous else ActiveSet()
             keep.update(prev.components.items())

@@ -117,7 +117,7 @@ class Journal:
     def _create(self) -> None:
         with self._lock, self._db.atomic():
             if "deployments" not in self._db.table_names():
-                self._db["deployments"].create(
+                self._db.table("deployments").create(
                     {
                         "seq": int,
                         "id": str,
@@ -134,17 +134,17 @@ class Journal:
                     },
                     pk="seq",
                 )
-                self._db["deployments"].create_index(["id"], unique=True)
-                self._db["deployments"].create_index(["status"])
+                self._db.table("deployments").create_index(["id"], unique=True)
+                self._db.table("deployments").create_index(["status"])
             if "events" not in self._db.table_names():
-                self._db["events"].create(
+                self._db.table("events").create(
                     {"seq": int, "deployment_id": str, "ts": float, "component": str, "message": str},
                     pk="seq",
                 )
-                self._db["events"].create_index(["deployment_id"])
+                self._db.table("events").create_index(["deployment_id"])
             if "state" not in self._db.table_names():
-                self._db["state"].create({"key": str, "value": str}, pk="key")
-                self._db["state"].insert({"key": "schema_version", "value": str(_SCHEMA_VERSION)})
+                self._db.table("state").create({"key": str, "value": str}, pk="key")
+                self._db.table("state").insert({"key": "schema_version", "value": str(_SCHEMA_VERSION)})
 
     def close(self) -> None:
         with self._lock:
@@ -162,7 +162,7 @@ class Journal:
         return ActiveSet.from_json(rows[0]["value"] if rows else None)
 
     def _set_active(self, db: sqlite_utils.Database, active: ActiveSet) -> None:
-        db["state"].upsert({"key": "active", "value": active.to_json()}, pk="key")
+        db.table("state").upsert({"key": "active", "value": active.to_json()}, pk="key")
 
     def set_active(self, active: ActiveSet) -> None:
         with self._tx() as db:
@@ -175,13 +175,13 @@ class Journal:
 
     def set_value(self, key: str, value: str) -> None:
         with self._tx() as db:
-            db["state"].upsert({"key": key, "value": value}, pk="key")
+            db.table("state").upsert({"key": key, "value": value}, pk="key")
 
     # --- deployments -----------------------------------------------------------------
     def enqueue(self, deployment_id: str, group: str, request: Mapping[str, Any]) -> DeploymentRecord:
         now = time.time()
         with self._tx() as db:
-            db["deployments"].insert(
+            db.table("deployments").insert(
                 {
                     "id": deployment_id,
                     "grp": group,
@@ -205,7 +205,7 @@ class Journal:
             rows = list(self._db.query("select * from deployments where id = ?", [deployment_id]))
         return _record(rows[0]) if rows else None
 
-    def list(self, limit: int = 50) -> list[DeploymentRecord]:
+    def recent(self, limit: int = 50) -> list[DeploymentRecord]:
         with self._lock:
             rows = list(self._db.query("select * from deployments order by seq desc limit ?", [limit]))
         return [_record(r) for r in rows]
@@ -280,7 +280,7 @@ class Journal:
     # --- progress events -----------------------------------------------------------------
     def add_event(self, deployment_id: str, message: str, component: str | None = None) -> None:
         with self._tx() as db:
-            db["events"].insert(
+            db.table("events").insert(
                 {"deployment_id": deployment_id, "ts": time.time(), "component": component, "message": message}
             )
 

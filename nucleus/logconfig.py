@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -18,7 +18,7 @@ def configure(level: str = "info", fmt: str = "console", file: Path | None = Non
               stream: TextIO | None = None) -> None:
     """Configure structlog for the daemon (file + stderr) or a CLI (stderr only)."""
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    out: TextIO = stream or sys.stderr
+    out: Any = stream or sys.stderr
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         out = _Tee(out, file.open("a", buffering=1, encoding="utf-8"))

@@ -60,6 +60,7 @@ class Entry:
     recipe: Recipe
     runner: ComponentRunner
     lifecycle: Lifecycle
+    log: ComponentLog
     sessions: deque[int] = field(default_factory=lambda: deque(maxlen=128))
 
 
@@ -271,7 +272,7 @@ class Orchestrator:
             clock=self._clock,
             on_state=self._state_changed,
         )
-        return Entry(recipe=recipe, runner=runner, lifecycle=lifecycle)
+        return Entry(recipe=recipe, runner=runner, lifecycle=lifecycle, log=clog)
 
     def step_env(self, name: str) -> tuple[ComponentSpec, Lifecycle] | None:
         entry = self._entries.get(name)

@@ -83,11 +83,11 @@ class Settings(BaseModel):
     thing_name: str = Field(default_factory=lambda: socket.gethostname() or "nucleus")
     thing_groups: list[str] = Field(default_factory=list)
     platform: dict[str, str] = Field(default_factory=dict, description="extra platform attributes")
-    restart: RestartPolicy = Field(default_factory=RestartPolicy)
-    logs: LogSettings = Field(default_factory=LogSettings)
-    deployments: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    ipc: IpcSettings = Field(default_factory=IpcSettings)
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    restart: RestartPolicy = RestartPolicy()
+    logs: LogSettings = LogSettings()
+    deployments: DeploymentSettings = DeploymentSettings()
+    ipc: IpcSettings = IpcSettings()
+    mqtt: MqttSettings = MqttSettings()
     stop_grace_s: float = Field(5.0, description="SIGTERM → SIGKILL grace after a shutdown step")
 
     @property

@@ -96,10 +96,14 @@ def test_queued_deployment_survives_kill(daemon: Any, short_tmp: Path) -> None:
     daemon.kill9()
     daemon.start()
     daemon.wait_state("test.Other", {"RUNNING"})
+    deadline = time.monotonic() + 30
+    statuses = ""
+    while "SUCCEEDED" not in statuses and time.monotonic() < deadline:
+        statuses = daemon.cli("deployments").stdout
+        time.sleep(0.1)
+    assert "SUCCEEDED" in statuses and "FAILED_ROLLBACK_COMPLETE" in statuses
     comps = daemon.components()
     assert "test.App" not in comps  # the interrupted first deployment was rolled back (to nothing)
-    statuses = daemon.cli("deployments").stdout
-    assert "SUCCEEDED" in statuses and "FAILED_ROLLBACK_COMPLETE" in statuses
 
 
 def test_kill_while_idle_restarts_same_set_without_duplicates(daemon: Any, short_tmp: Path) -> None:
@@ -108,8 +112,26 @@ def test_kill_while_idle_restarts_same_set_without_duplicates(daemon: Any, short
     daemon.cli("deploy", str(app(d, "1.0.0", marks)))
     first = daemon.components()["test.App"]["pids"]
     daemon.kill9()
-    assert all(pid_alive(p) for p in first)  # components outlive a SIGKILLed daemon...
     daemon.start()
     comp = daemon.wait_state("test.App", {"RUNNING"})
-    assert not any(pid_alive(p) for p in first)  # ...until the next start cleans them up
+    # Direct children die with the daemon (PDEATHSIG); anything else is killed at the next start.
+    assert not any(pid_alive(p) for p in first)
     assert live_pids_of_marker(marks) == comp["pids"]
+
+
+def test_grandchildren_left_by_a_killed_daemon_are_cleaned_up_at_next_start(daemon: Any, short_tmp: Path) -> None:
+    d, marks = short_tmp / "r", short_tmp / "marks"
+    marks.mkdir()
+    run = f"sleep 600 & echo $! > {marks}/grandchild; exec sleep 600"
+    daemon.cli("deploy", str(write_recipe(d, "test.Forker", "1.0.0", run=run)))
+    wait_for(marks / "grandchild")
+    grandchild = int((marks / "grandchild").read_text())
+    daemon.kill9()
+    assert pid_alive(grandchild)  # nothing killed it: its parent's death does not reach it
+    (marks / "grandchild").unlink()
+    daemon.start()
+    daemon.wait_state("test.Forker", {"RUNNING"})
+    deadline = time.monotonic() + 10
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
