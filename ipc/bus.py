@@ -80,8 +80,8 @@ class Subscription:
         msg = self.queue.popleft()
         dropped, self.dropped = self.dropped, 0
         self.delivered += 1
-        if self._room and len(self.queue) < self.queue_size:
-            self._wake_room()
+        if self._room and len(self.queue) <= self.queue_size // 2:
+            self._wake_room()  # hysteresis: a blocked publisher resumes for half a queue, not one message
         return msg, dropped
 
     def has_room(self) -> bool:

@@ -49,12 +49,23 @@ class AllowList:
     grants: dict[str, list[str]]
 
     def is_authorized(self, principal: Principal, service: str, operation: str, resource: str) -> bool:
-        for pattern in self.grants.get(principal.name, ()):
-            if pattern == "*" or pattern == resource:
-                return True
-            if "+" not in resource and "#" not in resource and matches(pattern, resource):
-                return True
-        return False
+        return any(pattern == "*" or covers(pattern, resource)
+                   for pattern in self.grants.get(principal.name, ()))
+
+
+def covers(pattern: str, resource: str) -> bool:
+    """Whether every topic the resource (a topic or a filter) can name also matches ``pattern``."""
+    if "+" not in resource and "#" not in resource:
+        return matches(pattern, resource)
+    g, f = pattern.split("/"), resource.split("/")
+    for i, level in enumerate(g):
+        if level == "#":
+            return True
+        if i >= len(f) or f[i] == "#":
+            return False
+        if level != "+" and level != f[i]:
+            return False
+    return len(g) == len(f)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

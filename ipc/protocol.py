@@ -48,6 +48,7 @@ Frame = list[Any]
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _pack_hdr = HEADER.pack
+_unpack_hdr_from = HEADER.unpack_from
 
 
 def encode_frame(body: list[Any]) -> bytes:
@@ -126,14 +127,20 @@ class FrameDecoder:
 
     Raises only :class:`ProtocolError` (or its subclass :class:`FrameTooLarge`); after an error the
     stream is unusable and the connection must be closed — there is no resynchronisation.
+
+    Speed: a first pass over the length prefixes finds the complete frames (and refuses oversized
+    ones from the header alone); those bytes then go through one streaming msgpack Unpacker that
+    skips each prefix and unpacks each body, checking that it ends exactly where its prefix said.
+    That avoids per-frame slicing and keyword parsing, roughly halving the cost per small frame.
     """
 
-    __slots__ = ("_buf", "_failed", "max_frame")
+    __slots__ = ("_buf", "_failed", "_unpacker", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._failed = False
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True, max_buffer_size=0)
 
     @property
     def buffered(self) -> int:
@@ -143,40 +150,75 @@ class FrameDecoder:
         if self._failed:
             raise ProtocolError("decoder already failed; the connection must be closed")
         buf = self._buf
-        buf += data
-        frames: list[Frame] = []
-        n = len(buf)
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+        n = len(view)
+        # pass 1: frame boundaries
+        ends: list[int] = []
         off = 0
-        unpackb = msgpack.unpackb
+        unpack_from = _unpack_hdr_from
+        max_frame = self.max_frame
+        while n - off >= 4:
+            size = unpack_from(view, off)[0]
+            if size > max_frame:
+                self._fail()
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {max_frame}",
+                                    {"size": size, "limit": max_frame})
+            if size == 0:
+                self._fail()
+                raise ProtocolError("empty frame")
+            end = off + 4 + size
+            if end > n:
+                break
+            ends.append(end)
+            off = end
+        if not ends:
+            if not buf:
+                buf += view
+            return []
+        # pass 2: bodies
+        up = self._unpacker
+        if off == n:
+            up.feed(view)
+            rest: bytes | bytearray = b""
+        else:
+            with memoryview(view) as mv:
+                up.feed(mv[:off])
+            rest = view[off:]
+        frames: list[Frame] = []
         arity = ARITY
+        read_bytes = up.read_bytes
+        unpack = up.unpack
+        tell = up.tell
+        base = tell()
         try:
-            with memoryview(buf) as mv:
-                while n - off >= 4:
-                    size = int.from_bytes(mv[off:off + 4], "big")
-                    if size > self.max_frame:
-                        raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame}",
-                                            {"size": size, "limit": self.max_frame})
-                    if size == 0:
-                        raise ProtocolError("empty frame")
-                    end = off + 4 + size
-                    if end > n:
-                        break
-                    try:
-                        body = unpackb(mv[off + 4:end], raw=False, strict_map_key=False,
-                                       use_list=True)
-                    except Exception as exc:  # msgpack raises several unrelated types on bad input
-                        raise ProtocolError(f"malformed frame body: {type(exc).__name__}: {exc}") from exc
-                    if type(body) is not list or not body or type(body[0]) is not int \
-                            or arity.get(body[0]) != len(body):
-                        raise ProtocolError("frame is not [type, *fields] with a known type and arity",
-                                            {"frame_type": repr(body[0])[:32] if type(body) is list and body
-                                             else type(body).__name__})
-                    frames.append(body)
-                    off = end
+            for end in ends:
+                read_bytes(4)
+                body = unpack()
+                if tell() - base != end:
+                    raise ProtocolError("frame body does not match its length prefix")
+                if type(body) is not list or not body or type(body[0]) is not int \
+                        or arity.get(body[0]) != len(body):
+                    raise ProtocolError("frame is not [type, *fields] with a known type and arity",
+                                        {"frame_type": repr(body[0])[:32] if type(body) is list and body
+                                         else type(body).__name__})
+                frames.append(body)
         except ProtocolError:
-            self._failed = True
-            buf.clear()
+            self._fail()
             raise
-        if off:
+        except Exception as exc:  # msgpack raises several unrelated types on bad input
+            self._fail()
+            raise ProtocolError(f"malformed frame body: {type(exc).__name__}: {exc}") from exc
+        if buf:
             del buf[:off]
+        elif rest:
+            buf += rest
         return frames
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._buf.clear()
+        self._unpacker = msgpack.Unpacker(raw=False)

@@ -90,7 +90,8 @@ class _Connection(asyncio.Protocol):
         self._pub_gen = -1
         self._writable = asyncio.Event()
         self._writable.set()
-        self._reading_blocked = 0
+        self._blocked_on: dict[Subscription, None] = {}
+        self._block_waiter: asyncio.Task[None] | None = None
         self.close_reason: str | None = None
 
     # --- transport callbacks ----------------------------------------------------------------------
@@ -328,24 +329,33 @@ class _Connection(asyncio.Protocol):
             self._block_reading(full)
 
     def _block_reading(self, full: list[Subscription]) -> None:
-        """A lossless subscriber is full: stop reading this publisher until it has room."""
+        """A lossless subscriber is full: stop reading this publisher until every such queue has room.
+
+        Frames already read in this chunk are still routed (so a lossless queue may overshoot its
+        bound by at most one read's worth of messages); one waiter per connection, not per publish.
+        """
         assert self.transport is not None
-        self._reading_blocked += 1
-        if self._reading_blocked == 1:
-            self.transport.pause_reading()
+        for sub in full:
+            self._blocked_on[sub] = None
+        if self._block_waiter is not None:
+            return
+        self.transport.pause_reading()
 
         async def wait() -> None:
             try:
-                for sub in full:
+                while self._blocked_on:
+                    sub = next(iter(self._blocked_on))
                     await sub.wait_room()
+                    self._blocked_on.pop(sub, None)
             finally:
-                self._reading_blocked -= 1
-                if self._reading_blocked == 0 and not self.closing and self.transport is not None:
+                self._block_waiter = None
+                self._blocked_on.clear()
+                if not self.closing and self.transport is not None:
                     self.transport.resume_reading()
 
-        self._spawn(0, wait())
+        self._block_waiter = self._spawn(0, wait())
 
-    def _spawn(self, key: int, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, key: int, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         if key == 0:
             key = -(len(self._tasks) + 1)
             while key in self._tasks:
@@ -360,6 +370,7 @@ class _Connection(asyncio.Protocol):
             self.server._tasks.discard(t)
 
         task.add_done_callback(done)
+        return task
 
     # --- requests -------------------------------------------------------------------------------------
     def _on_request(self, f: P.Frame) -> None:
