@@ -374,7 +374,7 @@ class ComponentRunner:
         spec = self.spec.steps[step]
         cwd = self.spec.work_dir
         env = {**self.spec.env, **spec.setenv}
-        timeout = spec.timeout_s if spec.timeout_s is not None else DEFAULT_TIMEOUTS.get(step)
+        timeout = spec.timeout_s if spec.timeout_s and spec.timeout_s > 0 else DEFAULT_TIMEOUTS.get(step)
         self._clog.write(f"step {step} starting", stream="nucleus", step=step)
         if step == "run":
             await self._run_long(spec, env, cwd, timeout, gen)
@@ -418,6 +418,7 @@ class ComponentRunner:
         except asyncio.CancelledError:
             handle.kill_now()
             raise
+        await handle.drain()
         self._clog.write(f"step run exited with code {code}", stream="nucleus", step="run")
         self._feed(RunExited(code, gen, self._clock.now()))
 

@@ -301,6 +301,11 @@ class ProcessHandle:
             async with asyncio.timeout(within_s):
                 await asyncio.gather(*(asyncio.shield(p.closed) for p in self._pumps))
 
+    async def drain(self) -> None:
+        """After the leader exited: let its last output reach the log (bounded). A member it
+        left behind may hold the pipe open, so then only glance."""
+        await self.wait_output(0.02 if group_members(self.pgid) else 0.5)
+
     def signal(self, sig: signal.Signals) -> bool:
         return _signal_group(self.pgid, sig)
 
@@ -491,9 +496,7 @@ class Supervisor:
         except asyncio.CancelledError:
             handle.kill_now()
             raise
-        # Make the step's last lines land in the log before its result is acted on; a
-        # member it left behind may hold the pipe open, so then only glance.
-        await handle.wait_output(0.02 if group_members(handle.pgid) else 0.5)
+        await handle.drain()  # its last lines land in the log before its result is acted on
         return StepResult(code, False, time.monotonic() - started)
 
     # --- killing -----------------------------------------------------------------------
