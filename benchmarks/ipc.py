@@ -295,6 +295,9 @@ def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int) 
     delivered = sum(r["count"] for r in results)
     last = max(r["last"] for r in results)
     elapsed = last - pub["start"]
+    if os.environ.get("IPC_BENCH_DEBUG"):
+        print(kind, subs, size, "pub loop", pub["end"] - pub["start"], "first", min(r["first"] for r in results)
+              - pub["start"], "elapsed", elapsed, file=sys.stderr)
     return {"deliveries_per_s": delivered / elapsed, "delivered": delivered,
             "lost": sum(r["dropped"] for r in results), "mb_per_s": sum(r["bytes"] for r in results) / elapsed / 1e6,
             "elapsed": elapsed}
@@ -312,6 +315,7 @@ def rtt(kind: str, target: dict[str, Any], n: int, rate: int) -> dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", help="comma-separated scenario letters, e.g. a,b")
     ap.add_argument("--role")
     ap.add_argument("cfg", nargs="?")
     args = ap.parse_args()
@@ -332,23 +336,31 @@ def main() -> None:
             for k, p in procs.items():
                 peak[k] = max(peak[k], p.memory_info().rss)
 
-        res = {k: throughput(k, t, n_a, 1, 256) for k, t in targets.items()}
-        sample()
-        rows.append(("(a) 1->1 256 B, msg/s", "higher", res["native"]["deliveries_per_s"],
-                     res["mqtt"]["deliveries_per_s"]))
-        lost_a = {k: v["lost"] for k, v in res.items()}
-        res = {k: throughput(k, t, n_b, 8, 256) for k, t in targets.items()}
-        sample()
-        rows.append(("(b) 1->8 fan-out 256 B, deliveries/s", "higher", res["native"]["deliveries_per_s"],
-                     res["mqtt"]["deliveries_per_s"]))
-        lost_b = {k: v["lost"] for k, v in res.items()}
-        lat = {k: rtt(k, t, n_c, 1000) for k, t in targets.items()}
-        sample()
-        for p in ("p50", "p99", "p999"):
-            rows.append((f"(c) round trip {p} at 1000 msg/s, ms", "lower", lat["native"][p], lat["mqtt"][p]))
-        res = {k: throughput(k, t, n_d, 1, 64 * 1024) for k, t in targets.items()}
-        sample()
-        rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"], res["mqtt"]["mb_per_s"]))
+        only = set((args.only or "abcd").split(","))
+        lost: dict[str, dict[str, float]] = {}
+        if "a" in only:
+            res = {k: throughput(k, t, n_a, 1, 256) for k, t in targets.items()}
+            sample()
+            rows.append(("(a) 1->1 256 B, msg/s", "higher", res["native"]["deliveries_per_s"],
+                         res["mqtt"]["deliveries_per_s"]))
+            lost["a"] = {k: v["lost"] for k, v in res.items()}
+        if "b" in only:
+            res = {k: throughput(k, t, n_b, 8, 256) for k, t in targets.items()}
+            sample()
+            rows.append(("(b) 1->8 fan-out 256 B, deliveries/s", "higher", res["native"]["deliveries_per_s"],
+                         res["mqtt"]["deliveries_per_s"]))
+            lost["b"] = {k: v["lost"] for k, v in res.items()}
+        if "c" in only:
+            lat = {k: rtt(k, t, n_c, 1000) for k, t in targets.items()}
+            sample()
+            for p in ("p50", "p99", "p999"):
+                rows.append((f"(c) round trip {p} at 1000 msg/s, ms", "lower", lat["native"][p],
+                             lat["mqtt"][p]))
+        if "d" in only:
+            res = {k: throughput(k, t, n_d, 1, 64 * 1024) for k, t in targets.items()}
+            sample()
+            rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"], res["mqtt"]["mb_per_s"]))
+            lost["d"] = {k: v["lost"] for k, v in res.items()}
         rss1 = {k: p.memory_info().rss for k, p in procs.items()}
 
     print(f"\nIPC benchmark ({'quick' if args.quick else 'full'}): nucleus bus (SDK, auth on, Unix socket) "
@@ -362,7 +374,7 @@ def main() -> None:
         print(f"(e) {'nucleus' if k == 'native' else 'mosquitto':9} RSS before {rss0[k] / 2**20:6.1f} MiB, "
               f"peak {peak[k] / 2**20:6.1f} MiB, after {rss1[k] / 2**20:6.1f} MiB "
               f"(growth {(rss1[k] - rss0[k]) / 2**20:+.1f} MiB)")
-    print(f"lost messages (a): {lost_a}  (b): {lost_b}")
+    print(f"lost messages per scenario: {lost}")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class Session:
     ctx: CallContext
     subscriptions: dict[int, Subscription] = field(default_factory=dict)
     authz_gen: int = 0
+    authz_since: float = 0.0
     closed: bool = False
 
     def info(self) -> SessionInfo:
@@ -183,13 +184,15 @@ class IpcCore:
     def __init__(self, authenticator: Authenticator, authorizer: Authorizer, *,
                  clock: Callable[[], float] = time.monotonic,
                  max_subscriptions_per_session: int = 1000,
-                 request_timeout_max: float = 300.0) -> None:
+                 request_timeout_max: float = 300.0,
+                 authz_cache_ttl: float = 2.0) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.clock = clock
         self.bus = Bus()
         self.max_subscriptions_per_session = max_subscriptions_per_session
         self.request_timeout_max = request_timeout_max
+        self.authz_cache_ttl = authz_cache_ttl
         self._handlers: dict[str, Handler] = {}
         self._streams: dict[str, StreamHandler] = {}
         self._sessions: dict[int, Session] = {}
@@ -232,7 +235,7 @@ class IpcCore:
         sid = next(self._ids)
         ctx = CallContext(principal, sid, self, {})
         session = Session(sid, principal, peer_pid, name, front_end, time.time(), closer, ctx,
-                          authz_gen=self._authz_gen)
+                          authz_gen=self._authz_gen, authz_since=self.clock())
         self._sessions[sid] = session
         log.info("ipc.session_opened", session_id=sid, principal=principal.name, kind=principal.kind,
                  pid=peer_pid, client_name=name, front_end=front_end)
@@ -264,7 +267,7 @@ class IpcCore:
         return self._authz_gen
 
     def policies_changed(self) -> None:
-        """Drop cached decisions; the nucleus calls this after a deployment changes accessControl."""
+        """Drop cached decisions now (they also expire after ``authz_cache_ttl`` seconds on their own)."""
         self._authz_gen += 1
 
     def check(self, ctx: CallContext, service: str, operation: str, resource: str) -> None:
@@ -275,9 +278,12 @@ class IpcCore:
         key = (service, operation, resource)
         if cache is not None:
             session = self._sessions.get(ctx.session_id)
-            if session is not None and session.authz_gen != self._authz_gen:
-                cache.clear()
-                session.authz_gen = self._authz_gen
+            if session is not None:
+                now = self.clock()
+                if session.authz_gen != self._authz_gen or now - session.authz_since > self.authz_cache_ttl:
+                    cache.clear()
+                    session.authz_gen = self._authz_gen
+                    session.authz_since = now
             allowed = cache.get(key)
             if allowed is None:
                 allowed = bool(self.authorizer.is_authorized(principal, service, operation, resource))

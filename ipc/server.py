@@ -88,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self._heads: dict[int, bytes] = {}
         self._pub_ok: set[str] = set()
         self._pub_gen = -1
+        self._pub_expiry = 0.0
         self._writable = asyncio.Event()
         self._writable.set()
         self._blocked_on: dict[Subscription, None] = {}
@@ -143,6 +144,12 @@ class _Connection(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail(exc)
             return
+        now = self.loop.time()
+        if now > self._pub_expiry or self._pub_gen != self.core.authz_generation:
+            # publish decisions follow the core's: dropped on policies_changed() or after the TTL
+            self._pub_ok.clear()
+            self._pub_gen = self.core.authz_generation
+            self._pub_expiry = now + self.core.authz_cache_ttl
         for f in frames:
             if self.closing:
                 return
@@ -301,12 +308,9 @@ class _Connection(asyncio.Protocol):
         try:
             if type(req_id) is not int:
                 raise ProtocolError("PUBLISH id must be an integer")
-            if topic not in self._pub_ok or self._pub_gen != self.core.authz_generation:
+            if topic not in self._pub_ok:
                 if type(data) is not bytes:
                     raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
-                if self._pub_gen != self.core.authz_generation:
-                    self._pub_ok.clear()
-                    self._pub_gen = self.core.authz_generation
                 self.core.check_publish(session, topic)
                 if len(self._pub_ok) >= _PUB_CACHE_MAX:
                     self._pub_ok.clear()

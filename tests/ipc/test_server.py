@@ -293,3 +293,22 @@ def test_protocol_error_class_for_codes() -> None:
     assert isinstance(from_wire("FRAME_TOO_LARGE", "x"), ProtocolError)
     e = from_wire("SOMETHING_NEW", "m", {"a": 1})
     assert type(e) is IpcError and e.code == "SOMETHING_NEW" and e.details == {"a": 1}
+
+
+async def test_policy_changes_reach_connected_clients(core: IpcCore, server: IpcServer, policy: Any) -> None:
+    async with Client(path_of(server), "tok-eve") as eve:
+        await eve.publish("public/a", 1, confirm=True)
+        await eve.publish("public/a", 2, confirm=True)  # now served from the connection's cache
+        policy.grants["eve"] = []
+        core.policies_changed()
+        with pytest.raises(Unauthorized):
+            await eve.publish("public/a", 3, confirm=True)
+
+
+async def test_cached_decisions_expire_without_being_told(auth: TokenAuth, policy: Any, sock_dir: Path) -> None:
+    core = IpcCore(auth, policy, authz_cache_ttl=0.0)
+    async with IpcServer(core, sock_dir / "t.sock") as srv, Client(srv.socket_path, "tok-eve") as eve:
+        await eve.publish("public/a", 1, confirm=True)
+        policy.grants["eve"] = []
+        with pytest.raises(Unauthorized):
+            await eve.publish("public/a", 2, confirm=True)
