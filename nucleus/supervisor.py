@@ -312,10 +312,13 @@ class ProcessHandle:
     async def terminate(self, grace_s: float) -> int | None:
         """SIGTERM the whole group, SIGKILL it after ``grace_s``; the leader's exit code."""
         await self._supervisor._end_groups([self.pgid], grace_s)
+        code: int | None = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(1.0, grace_s)):
-                return await self.wait()
-        return None
+                code = await self.wait()
+        # The leader may have been reaped while members still lived; they are gone now.
+        self._supervisor._prune(self.component)
+        return code
 
     def kill_now(self) -> None:
         """SIGKILL the group without waiting (cancellation paths)."""
