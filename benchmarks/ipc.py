@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import shutil
 import socket
 import statistics
@@ -31,10 +32,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import psutil
 
+from ipc import Client
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TOKEN = "bench-token"  # the devserver's table; generated per run would change nothing measured
 TIMEOUT_S = 120.0
@@ -47,8 +50,6 @@ def emit(**kv: Any) -> None:
 
 
 async def native_sub(cfg: dict[str, Any]) -> None:
-    from ipc import Client
-
     n = cfg["n"]
     async with Client(cfg["socket"], TOKEN, name="bench-sub") as c, \
             c.subscribe(cfg["topic"], queue_size=8192, policy="block") as ms:
@@ -79,8 +80,6 @@ async def native_sub(cfg: dict[str, Any]) -> None:
 
 
 async def native_pub(cfg: dict[str, Any]) -> None:
-    from ipc import Client
-
     payload = b"x" * cfg["size"]
     topic = cfg["topic"].replace("#", "x")
     async with Client(cfg["socket"], TOKEN, name="bench-pub") as c:
@@ -93,8 +92,6 @@ async def native_pub(cfg: dict[str, Any]) -> None:
 
 
 async def native_rtt(cfg: dict[str, Any]) -> None:
-    from ipc import Client
-
     n, rate = cfg["n"], cfg["rate"]
     lat: list[float] = []
     async with Client(cfg["socket"], TOKEN, name="bench-rtt") as c, \
@@ -114,8 +111,6 @@ async def native_rtt(cfg: dict[str, Any]) -> None:
 
 
 def mqtt_client(cfg: dict[str, Any], name: str) -> Any:
-    import paho.mqtt.client as mqtt
-
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}",
                     protocol=mqtt.MQTTv311)
     c.max_queued_messages_set(0)
@@ -178,8 +173,6 @@ def mqtt_pub(cfg: dict[str, Any]) -> None:
 
 
 def mqtt_rtt(cfg: dict[str, Any]) -> None:
-    import queue
-
     n, rate = cfg["n"], cfg["rate"]
     got: queue.SimpleQueue[int] = queue.SimpleQueue()
     subscribed = threading.Event()
@@ -296,10 +289,12 @@ def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int) 
     last = max(r["last"] for r in results)
     elapsed = last - pub["start"]
     if os.environ.get("IPC_BENCH_DEBUG"):
-        print(kind, subs, size, "pub loop", pub["end"] - pub["start"], "first", min(r["first"] for r in results)
-              - pub["start"], "elapsed", elapsed, file=sys.stderr)
+        first = min(r["first"] for r in results) - pub["start"]
+        print(kind, subs, size, "pub loop", pub["end"] - pub["start"], "first", first, "elapsed", elapsed,
+              file=sys.stderr)
     return {"deliveries_per_s": delivered / elapsed, "delivered": delivered,
-            "lost": sum(r["dropped"] for r in results), "mb_per_s": sum(r["bytes"] for r in results) / elapsed / 1e6,
+            "lost": sum(r["dropped"] for r in results),
+            "mb_per_s": sum(r["bytes"] for r in results) / elapsed / 1e6,
             "elapsed": elapsed}
 
 
@@ -359,7 +354,8 @@ def main() -> None:
         if "d" in only:
             res = {k: throughput(k, t, n_d, 1, 64 * 1024) for k, t in targets.items()}
             sample()
-            rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"], res["mqtt"]["mb_per_s"]))
+            rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"],
+                         res["mqtt"]["mb_per_s"]))
             lost["d"] = {k: v["lost"] for k, v in res.items()}
         rss1 = {k: p.memory_info().rss for k, p in procs.items()}
 

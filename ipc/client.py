@@ -21,6 +21,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -47,8 +48,9 @@ class Message:
 
     __slots__ = ("_client", "_payload", "data", "dropped", "reply_to", "sender", "topic")
 
-    def __init__(self, topic: str, data: bytes, dropped: int = 0, reply_to: str | None = None,
-                 sender: str | None = None, client: Client | None = None, payload: Any = _NO_PAYLOAD) -> None:
+    def __init__(self, topic: str, data: bytes, dropped: int = 0,  # noqa: PLR0917 - hot path, positional
+                 reply_to: str | None = None, sender: str | None = None, client: Client | None = None,
+                 payload: Any = _NO_PAYLOAD) -> None:
         self.topic = topic
         self.data = data
         self.dropped = dropped
@@ -81,7 +83,8 @@ class Message:
         await self._client.call("pubsub.reply", {"reply_to": self.reply_to, "payload": codec.encode(payload)})
 
     def __repr__(self) -> str:
-        return f"Message(topic={self.topic!r}, bytes={len(self.data)}, dropped={self.dropped}, sender={self.sender!r})"
+        return (f"Message(topic={self.topic!r}, bytes={len(self.data)}, dropped={self.dropped}, "
+                f"sender={self.sender!r})")
 
 
 class _Feed:
@@ -208,9 +211,11 @@ class Client:
         path = os.environ.get("NUCLEUS_IPC_SOCKET")
         token = os.environ.get("SVCUID") or os.environ.get("NUCLEUS_IPC_TOKEN")
         if not path or not token:
-            missing = [n for n, v in (("NUCLEUS_IPC_SOCKET", path), ("SVCUID or NUCLEUS_IPC_TOKEN", token)) if not v]
-            raise InvalidArguments(f"not running under nucleus: environment variable(s) {', '.join(missing)} unset",
-                                   {"missing": missing})
+            missing = [n for n, v in (("NUCLEUS_IPC_SOCKET", path), ("SVCUID or NUCLEUS_IPC_TOKEN", token))
+                       if not v]
+            raise InvalidArguments(
+                f"not running under nucleus: environment variable(s) {', '.join(missing)} unset",
+                {"missing": missing})
         return cls(path, token, name=os.environ.get("NUCLEUS_COMPONENT_NAME"), max_frame=max_frame)
 
     # --- connection -----------------------------------------------------------------------------------
@@ -423,7 +428,8 @@ class Client:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic_filter: str, *, queue_size: int = 1024,
-                        policy: Literal["drop_oldest", "block"] = "drop_oldest") -> AsyncIterator[AsyncIterator[Message]]:
+                        policy: Literal["drop_oldest", "block"] = "drop_oldest",
+                        ) -> AsyncIterator[AsyncIterator[Message]]:
         """``async with c.subscribe("sensors/#") as messages: async for m in messages: ...``"""
         self._check()
         rid = next(self._ids)
@@ -449,14 +455,14 @@ class Client:
             self._throttle(-1)
         feed.end()
 
-    async def request(self, topic: str, payload: Any, *, timeout: float = 5.0) -> Any:
+    async def request(self, topic: str, payload: Any, *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
         """Publish with a reply handle and return the first reply's payload (Timeout after ``timeout``)."""
         data = await self.call("pubsub.request", {"topic": topic, "payload": codec.encode(payload),
                                                   "timeout": timeout}, timeout=timeout + 5.0)
         return codec.decode(data)
 
     # --- generic RPC ---------------------------------------------------------------------------------------
-    async def _roundtrip(self, rid: int, frame: bytes, timeout: float | None) -> Any:
+    async def _roundtrip(self, rid: int, frame: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
         self._check()
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
@@ -474,7 +480,8 @@ class Client:
         finally:
             self._pending.pop(rid, None)
 
-    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = 30.0) -> Any:
+    async def call(self, op: str, args: dict[str, Any] | None = None, *,
+                   timeout: float | None = 30.0) -> Any:  # noqa: ASYNC109 - part of the documented SDK API
         """Call any operation by wire name; raises the IpcError subclass for the server's code."""
         rid = next(self._ids)
         try:
@@ -504,8 +511,8 @@ class Client:
                                    timestamp: float | None = None) -> None:
         await self.call("config.update", {"key_path": list(key_path), "value": value, "timestamp": timestamp})
 
-    def watch_configuration(self, key_path: Sequence[str] = (), *,
-                            component: str | None = None) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
+    def watch_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None,
+                            ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         return self.stream("config.subscribe", {"component": component, "key_path": list(key_path)})
 
     async def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
@@ -514,7 +521,8 @@ class Client:
     def component_updates(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
         return self.stream("lifecycle.subscribe_updates", {})
 
-    async def defer_update(self, deployment_id: str, *, recheck_after_s: float = 0, message: str = "") -> None:
+    async def defer_update(self, deployment_id: str, *, recheck_after_s: float = 0,
+                           message: str = "") -> None:
         await self.call("lifecycle.defer_update", {"deployment_id": deployment_id,
                                                    "recheck_after_s": recheck_after_s, "message": message})
 
@@ -571,8 +579,6 @@ class SyncClient:
 
     def __init__(self, socket_path: str | Path, token: str, *, name: str | None = None,
                  max_frame: int = DEFAULT_MAX_FRAME, timeout: float = 60.0) -> None:
-        import threading
-
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ipc-sync-client", daemon=True)
@@ -605,7 +611,8 @@ class SyncClient:
     def get_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None) -> Any:
         return self._run(self._client.get_configuration(key_path, component=component))
 
-    def update_configuration(self, key_path: Sequence[str], value: Any, *, timestamp: float | None = None) -> None:
+    def update_configuration(self, key_path: Sequence[str], value: Any, *,
+                             timestamp: float | None = None) -> None:
         self._run(self._client.update_configuration(key_path, value, timestamp=timestamp))
 
     def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
@@ -632,7 +639,8 @@ class SyncClient:
     def __enter__(self) -> SyncClient:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
 
@@ -643,7 +651,8 @@ async def _as_coro(aw: Awaitable[T]) -> T:
 class SyncSubscription:
     """Blocking iterator over a subscription; ``with sc.subscribe("a/#") as msgs: for m in msgs``."""
 
-    def __init__(self, owner: SyncClient, topic_filter: str, queue_size: int, policy: Literal["drop_oldest", "block"]) -> None:
+    def __init__(self, owner: SyncClient, topic_filter: str, queue_size: int,
+                 policy: Literal["drop_oldest", "block"]) -> None:
         self._owner = owner
         self._cm = owner._client.subscribe(topic_filter, queue_size=queue_size, policy=policy)
         self._it: AsyncIterator[Message] = owner._run(self._cm.__aenter__())
@@ -672,7 +681,8 @@ class SyncSubscription:
     def __enter__(self) -> SyncSubscription:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
 

@@ -117,7 +117,7 @@ class Session:
 
 def _arg(args: Mapping[str, Any], name: str, kind: type | tuple[type, ...], op: str) -> Any:
     value = args.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
         raise InvalidArguments(f"{op}: argument {name!r} is missing or not {getattr(kind, '__name__', kind)}",
                                {"op": op, "argument": name})
     return value
@@ -383,9 +383,12 @@ class IpcCore:
         self.bus.unsubscribe(sub)
 
     @contextlib.asynccontextmanager
-    async def messages(self, topic_filter: str, *, queue_size: int = 1024,
-                       policy: Policy = "drop_oldest") -> AsyncIterator[AsyncIterator[tuple[BusMessage, int]]]:
-        """The nucleus's own subscription: ``async with core.messages("x/#") as it: async for msg, dropped in it``."""
+    async def messages(self, topic_filter: str, *, queue_size: int = 1024, policy: Policy = "drop_oldest",
+                       ) -> AsyncIterator[AsyncIterator[tuple[BusMessage, int]]]:
+        """The nucleus's own subscription (no authorization, no session).
+
+        ``async with core.messages("x/#") as it: async for msg, dropped in it: ...``
+        """
         sink = _BoundedQueueSink()
         sub = self.bus.subscribe(topic_filter, sink, queue_size, policy, owner=None)
         sink.sub = sub
@@ -416,7 +419,8 @@ class IpcCore:
             raise ResourceNotFound("session is closed")
         sink = _BoundedQueueSink()
         sub = self.subscribe(session, _arg(args, "filter", str, "pubsub.subscribe"), sink,
-                             queue_size=args.get("queue_size", 1024), policy=args.get("policy", "drop_oldest"))
+                             queue_size=args.get("queue_size", 1024),
+                             policy=args.get("policy", "drop_oldest"))
         sink.sub = sub
         try:
             while True:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -93,10 +95,21 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with IpcServer(core, args.socket, max_frame=args.max_frame, handshake_timeout=args.handshake_timeout):
+    async with IpcServer(core, args.socket, max_frame=args.max_frame,
+                         handshake_timeout=args.handshake_timeout):
         sys.stdout.write(f"READY {os.getpid()}\n")
         sys.stdout.flush()
         await stop.wait()
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop if installed (an optional speed-up, never required)."""
+    try:
+        module = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = module.new_event_loop
+    return factory
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,12 +119,8 @@ def main(argv: list[str] | None = None) -> None:
             logging.getLevelNamesMapping().get(args.log_level.upper(), logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    try:
-        import uvloop  # type: ignore[import-not-found]  # optional speed-up, never required
-    except ImportError:
-        asyncio.run(serve(args))
-    else:
-        uvloop.run(serve(args))
+    with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
+        runner.run(serve(args))
 
 
 if __name__ == "__main__":

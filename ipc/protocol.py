@@ -122,6 +122,13 @@ def message(sub_id: int, dropped: int, tail: bytes, head: bytes | None = None) -
     return _pack_hdr(len(h) + len(tail)) + h + tail
 
 
+def _bad_frame(body: Any, misaligned: bool) -> ProtocolError:
+    if misaligned:
+        return ProtocolError("frame body does not match its length prefix")
+    kind = repr(body[0])[:32] if type(body) is list and body else type(body).__name__
+    return ProtocolError("frame is not [type, *fields] with a known type and arity", {"frame_type": kind})
+
+
 class FrameDecoder:
     """Turns a byte stream into frames; tolerant of any split, strict about content.
 
@@ -198,13 +205,9 @@ class FrameDecoder:
             for end in ends:
                 read_bytes(4)
                 body = unpack()
-                if tell() - base != end:
-                    raise ProtocolError("frame body does not match its length prefix")
-                if type(body) is not list or not body or type(body[0]) is not int \
-                        or arity.get(body[0]) != len(body):
-                    raise ProtocolError("frame is not [type, *fields] with a known type and arity",
-                                        {"frame_type": repr(body[0])[:32] if type(body) is list and body
-                                         else type(body).__name__})
+                if tell() - base != end or type(body) is not list or not body \
+                        or type(body[0]) is not int or arity.get(body[0]) != len(body):
+                    raise _bad_frame(body, tell() - base != end)  # noqa: TRY301 - one except maps all
                 frames.append(body)
         except ProtocolError:
             self._fail()

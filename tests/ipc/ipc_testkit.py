@@ -17,7 +17,6 @@ from ipc.core import Principal
 from ipc.errors import Unauthenticated
 from ipc.topics import matches
 
-
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-eve": "eve"}
 
 
@@ -41,7 +40,8 @@ class Policy:
     grants: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {
         "alice": [("*", "#")],
         "bob": [("*", "#")],
-        "eve": [("aws.greengrass#SubscribeToTopic", "public/#"), ("aws.greengrass#PublishToTopic", "public/+")],
+        "eve": [("aws.greengrass#SubscribeToTopic", "public/#"),
+                ("aws.greengrass#PublishToTopic", "public/+")],
     })
     calls: int = 0
 

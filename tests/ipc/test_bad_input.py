@@ -67,15 +67,15 @@ async def test_truncated_frame_then_close(server: IpcServer, bystander: Client) 
 
 
 async def test_oversized_frame(core: IpcCore, sock_dir: Path) -> None:
-    async with IpcServer(core, sock_dir / "s.sock", max_frame=64 * 1024) as srv:
-        async with Client(srv.socket_path, "tok-alice") as ok:
-            raw = await RawConn.open(srv.socket_path, "tok-bob")
-            raw.send(struct.pack(">I", 64 * 1024 + 1) + b"\x00" * 1000)
-            frames = await raw.frames_until_closed()
-            assert [f[2] for f in frames] == ["FRAME_TOO_LARGE"]
-            assert frames[0][4] == {"size": 64 * 1024 + 1, "limit": 64 * 1024}
-            await ok.publish("a", b"x" * 60_000)  # below the limit: fine
-            await bystander_works(srv.socket_path)
+    async with IpcServer(core, sock_dir / "s.sock", max_frame=64 * 1024) as srv, \
+            Client(srv.socket_path, "tok-alice") as ok:
+        raw = await RawConn.open(srv.socket_path, "tok-bob")
+        raw.send(struct.pack(">I", 64 * 1024 + 1) + b"\x00" * 1000)
+        frames = await raw.frames_until_closed()
+        assert [f[2] for f in frames] == ["FRAME_TOO_LARGE"]
+        assert frames[0][4] == {"size": 64 * 1024 + 1, "limit": 64 * 1024}
+        await ok.publish("a", b"x" * 60_000)  # below the limit: fine
+        await bystander_works(srv.socket_path)
 
 
 async def test_unexpected_frame_type_from_client(server: IpcServer, bystander: Client) -> None:
@@ -165,7 +165,8 @@ def raise_fd_limit(need: int) -> None:
 async def test_thousand_connections_at_once(server: IpcServer) -> None:
     n = 1000
     raise_fd_limit(2 * n + 256)  # both ends live in this process
-    clients = [Client(server.socket_path, "tok-alice" if i % 2 else "tok-bob", name=f"c{i}") for i in range(n)]
+    clients = [Client(server.socket_path, "tok-alice" if i % 2 else "tok-bob", name=f"c{i}")
+               for i in range(n)]
     try:
         await asyncio.gather(*(c.connect() for c in clients))
         assert len(server.core.sessions()) == n

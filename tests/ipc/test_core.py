@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from ipc_testkit import Policy, TokenAuth
 from structlog.testing import capture_logs
 
 from ipc import codec
@@ -20,8 +21,6 @@ from ipc.errors import (
     Unauthorized,
     UnknownOperation,
 )
-
-from ipc_testkit import Policy, TokenAuth
 
 
 class Clock:
@@ -98,7 +97,7 @@ async def test_nucleus_principal_is_always_allowed() -> None:
 async def test_unknown_operation_is_named() -> None:
     core = make_core()
     s = core.open_session("tok-alice", None)
-    with pytest.raises(UnknownOperation, match="'deployments.create'"):
+    with pytest.raises(UnknownOperation, match=r"'deployments\.create'"):
         await core.call(s, "deployments.create", {})
     with pytest.raises(UnknownOperation):
         core.is_stream("nope")
@@ -126,7 +125,7 @@ async def test_registered_handlers_get_context_and_failures_become_service_error
     s = core.open_session("tok-alice", None)
     assert await core.call(s, "t.ok", {"x": 21}) == 42
     assert seen[0].principal.name == "alice" and seen[0].session_id == s.id
-    with pytest.raises(ServiceError, match="t.broken"):
+    with pytest.raises(ServiceError, match=r"t\.broken"):
         await core.call(s, "t.broken", {})
     assert [i async for i in core.stream(s, "t.count", {"n": 3})] == [0, 1, 2]
     with pytest.raises(InvalidArguments):
