@@ -181,6 +181,11 @@ class ComponentRunner:
         return self._since
 
     @property
+    def log(self) -> ComponentLog:
+        """The component's log, for steps run outside the runner (bootstrap)."""
+        return self._clog
+
+    @property
     def last_error(self) -> str | None:
         return self._last_error
 
