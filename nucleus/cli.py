@@ -375,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is not cmd_run:
+        # The CLI's own warnings (e.g. a recipe's unknown keys) go to stderr, never stdout.
+        from nucleus import logconfig
+
+        logconfig.configure("warning", stream=sys.stderr)
     try:
         if args.is_async:
             return int(asyncio.run(args.func(args)))

@@ -258,5 +258,5 @@ def run_daemon(settings: Settings) -> int:
         return 1
     if daemon.restart_requested:
         # Bootstrap asked for a restart: replace this process with a fresh daemon.
-        os.execv(sys.executable, [sys.executable, "-m", "nucleus", "run", "--root", str(settings.root)])
+        os.execv(sys.executable, [sys.executable, "-m", "nucleus", "--root", str(settings.root), "run"])
     return 0
