@@ -543,7 +543,9 @@ class Client:
         return result
 
     async def create_deployment(self, **spec: Any) -> str:
-        return str(await self.call("deployments.create", spec))
+        """Queue a local deployment (``root_components={"name": "1.0.0"}``, ...); returns its id."""
+        result = await self.call("deployments.create", spec)
+        return str(result["id"] if isinstance(result, dict) and "id" in result else result)
 
     async def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("deployments.get", {"id": deployment_id})
