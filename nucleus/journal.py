@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+from nucleus.sqlite import sqlite_utils
 
 
 class DeploymentStatus(StrEnum):
