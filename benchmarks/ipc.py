@@ -35,9 +35,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 
-from ipc import Client
-
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder is sys.path[0] and this module (benchmarks/ipc.py) would
+# shadow the ipc package: put the repository first instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from ipc import Client  # noqa: E402
 
 TOKEN = "bench-token"  # the devserver's table; generated per run would change nothing measured
 TIMEOUT_S = 120.0
@@ -76,7 +79,7 @@ async def native_sub(cfg: dict[str, Any]) -> None:
             seen = count
             await asyncio.wait([task], timeout=cfg.get("idle_s", 20.0))
         task.cancel()
-        emit(count=count, dropped=dropped, first=first, last=last, bytes=nbytes)
+        emit(count=count, dropped=dropped, first=first, last=last, bytes=nbytes, cpu=time.process_time())
 
 
 async def native_pub(cfg: dict[str, Any]) -> None:
@@ -88,7 +91,7 @@ async def native_pub(cfg: dict[str, Any]) -> None:
         for _ in range(cfg["n"]):
             await c.publish(topic, payload)
         await c.publish("bench/ctl", b"", confirm=True)  # everything before it has been routed
-        emit(start=t0, end=time.monotonic())
+        emit(start=t0, end=time.monotonic(), cpu=time.process_time())
 
 
 async def native_rtt(cfg: dict[str, Any]) -> None:
@@ -154,7 +157,7 @@ def mqtt_sub(cfg: dict[str, Any]) -> None:
     c.loop_stop()
     c.disconnect()
     emit(count=state["count"], dropped=n - state["count"], first=state["first"], last=state["last"],
-         bytes=state["bytes"])
+         bytes=state["bytes"], cpu=time.process_time())
 
 
 def mqtt_pub(cfg: dict[str, Any]) -> None:
@@ -169,7 +172,7 @@ def mqtt_pub(cfg: dict[str, Any]) -> None:
     t1 = time.monotonic()
     c.loop_stop()
     c.disconnect()
-    emit(start=t0, end=t1)
+    emit(start=t0, end=t1, cpu=time.process_time())
 
 
 def mqtt_rtt(cfg: dict[str, Any]) -> None:
@@ -278,13 +281,16 @@ class Role:
         return out
 
 
-def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int) -> dict[str, float]:
+def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int,
+               server: psutil.Process) -> dict[str, float]:
     cfg = {**target, "n": n, "size": size, "topic": "bench/t/#"}
+    server_cpu0 = sum(server.cpu_times()[:2])
     sub_roles = [Role(f"{kind}-sub", cfg) for _ in range(subs)]
     for r in sub_roles:
         assert r.line().get("ready")
     pub = Role(f"{kind}-pub", cfg).finish()
     results = [r.finish() for r in sub_roles]
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu0
     delivered = sum(r["count"] for r in results)
     last = max(r["last"] for r in results)
     elapsed = last - pub["start"]
@@ -292,6 +298,9 @@ def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int) 
         first = min(r["first"] for r in results) - pub["start"]
         print(kind, subs, size, "pub loop", pub["end"] - pub["start"], "first", first, "elapsed", elapsed,
               file=sys.stderr)
+        print(f"  cpu us/delivery: server {server_cpu / delivered * 1e6:.2f}, publisher "
+              f"{pub['cpu'] / delivered * 1e6:.2f}, subscribers "
+              f"{sum(r['cpu'] for r in results) / delivered * 1e6:.2f}", file=sys.stderr)
     return {"deliveries_per_s": delivered / elapsed, "delivered": delivered,
             "lost": sum(r["dropped"] for r in results),
             "mb_per_s": sum(r["bytes"] for r in results) / elapsed / 1e6,
@@ -334,13 +343,13 @@ def main() -> None:
         only = set((args.only or "abcd").split(","))
         lost: dict[str, dict[str, float]] = {}
         if "a" in only:
-            res = {k: throughput(k, t, n_a, 1, 256) for k, t in targets.items()}
+            res = {k: throughput(k, t, n_a, 1, 256, procs[k]) for k, t in targets.items()}
             sample()
             rows.append(("(a) 1->1 256 B, msg/s", "higher", res["native"]["deliveries_per_s"],
                          res["mqtt"]["deliveries_per_s"]))
             lost["a"] = {k: v["lost"] for k, v in res.items()}
         if "b" in only:
-            res = {k: throughput(k, t, n_b, 8, 256) for k, t in targets.items()}
+            res = {k: throughput(k, t, n_b, 8, 256, procs[k]) for k, t in targets.items()}
             sample()
             rows.append(("(b) 1->8 fan-out 256 B, deliveries/s", "higher", res["native"]["deliveries_per_s"],
                          res["mqtt"]["deliveries_per_s"]))
@@ -352,7 +361,7 @@ def main() -> None:
                 rows.append((f"(c) round trip {p} at 1000 msg/s, ms", "lower", lat["native"][p],
                              lat["mqtt"][p]))
         if "d" in only:
-            res = {k: throughput(k, t, n_d, 1, 64 * 1024) for k, t in targets.items()}
+            res = {k: throughput(k, t, n_d, 1, 64 * 1024, procs[k]) for k, t in targets.items()}
             sample()
             rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"],
                          res["mqtt"]["mb_per_s"]))

@@ -286,16 +286,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-async def _client_add(args: argparse.Namespace) -> int:
-    policy: Any = None
-    if args.policy:
-        text = Path(args.policy).read_text()
-        try:
-            policy = json.loads(text)
-        except ValueError:
-            import yaml
+def _read_policy(path: str | None) -> Any:
+    if not path:
+        return None
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        import yaml
 
-            policy = yaml.safe_load(text)
+        return yaml.safe_load(text)
+
+
+async def _client_add(args: argparse.Namespace) -> int:
+    policy = _read_policy(args.policy)
     client = await _connect(_root(args))
     async with client:
         result = await client.call("clients.add", {"name": args.name, "policy": policy})

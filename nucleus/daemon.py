@@ -32,7 +32,6 @@ from nucleus.journal import Journal
 from nucleus.orchestrator import Orchestrator
 from nucleus.platforms import current_platform
 from nucleus.settings import Settings
-from nucleus.states import State
 from nucleus.store import ComponentStore
 from nucleus.supervisor import OrphanRecord, kill_orphans
 from nucleus.update_policy import UpdateNotifier
@@ -81,11 +80,9 @@ class ProcessRecords:
         self._records[pid] = {"component": component, "pid": pid, "pgid": pgid, "start_time": _start_time(pid)}
         self._write()
 
-    def prune(self) -> None:
-        dead = [pid for pid in self._records if not Path(f"/proc/{pid}").exists()]
-        for pid in dead:
-            del self._records[pid]
-        if dead:
+    def exited(self, component: str, pid: int, pgid: int) -> None:
+        """The supervisor saw the whole group empty: nothing of it can be orphaned any more."""
+        if self._records.pop(pid, None) is not None:
             self._write()
 
     def _write(self) -> None:
@@ -163,7 +160,7 @@ class Daemon:
                     component, doc.get("accessControl") if isinstance(doc, dict) else None, variables=variables
                 )
             except ConfigurationError as exc:
-                log.error("authz.policy_invalid", component=component, error=str(exc))
+                log.error("authz.policy_invalid", component=component, error=str(exc))  # noqa: TRY400 - the message says it all
                 policies = []
             authorizer.set_policies(component, policies)
 
@@ -178,15 +175,11 @@ class Daemon:
             try:
                 set_client_policies(name, json.loads(policy_file.read_text()))
             except (ValueError, ConfigurationError) as exc:
-                log.error("authz.client_policy_invalid", client=name, error=str(exc))
-
-        def on_state(component: str, old: State, new: State, reason: str) -> None:
-            if new not in (State.RUNNING, State.STARTING):
-                records.prune()
+                log.error("authz.client_policy_invalid", client=name, error=str(exc))  # noqa: TRY400
 
         orchestrator = Orchestrator(
-            self.settings, store, config, identities, platform=platform, on_state=on_state,
-            on_spawn=records.spawned,
+            self.settings, store, config, identities, platform=platform,
+            on_spawn=records.spawned, on_exit=records.exited,
         )
         notifier = UpdateNotifier()
         engine = DeploymentEngine(
@@ -242,7 +235,6 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await engine_task
             await orchestrator.close()
-            records.prune()
             journal.close()
             with contextlib.suppress(OSError):
                 paths.daemon_pid_file.unlink()

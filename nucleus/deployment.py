@@ -12,6 +12,7 @@ bootstrap-requested restart, in which case it resumes with the new set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -86,7 +87,7 @@ ProgressListener = Callable[[str, dict[str, Any]], None]
 
 
 class DeploymentEngine:
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the composition root passes its parts in order
         self,
         settings: Settings,
         journal: Journal,
@@ -163,10 +164,8 @@ class DeploymentEngine:
                 yield {"event": "finished", **record.summary()}
                 return
             async with self._changed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
 
     # --- the worker -----------------------------------------------------------------------
     async def recover(self) -> list[str]:
@@ -429,7 +428,9 @@ class DeploymentEngine:
                     restart = True
                     self._progress(did, "bootstrap requested a reboot (allowed by settings)", name)
                 else:
-                    self._progress(did, "bootstrap requested a reboot; not executed (deployments.allow_reboot is false)", name)
+                    self._progress(
+                        did, "bootstrap requested a reboot; not executed (deployments.allow_reboot is false)", name
+                    )
             elif code != 0:
                 raise _Failed(f"{name}: bootstrap exited with {code}")
         if restart:

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from nucleus.sqlite import sqlite_utils
+from nucleus.sqlite import Database, sqlite_utils
 
 
 class DeploymentStatus(StrEnum):
@@ -151,7 +151,7 @@ class Journal:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite_utils.Database]:
+    def _tx(self) -> Iterator[Database]:
         with self._lock, self._db.atomic() as db:
             yield db
 
@@ -161,7 +161,7 @@ class Journal:
             rows = list(self._db.query("select value from state where key = 'active'"))
         return ActiveSet.from_json(rows[0]["value"] if rows else None)
 
-    def _set_active(self, db: sqlite_utils.Database, active: ActiveSet) -> None:
+    def _set_active(self, db: Database, active: ActiveSet) -> None:
         db.table("state").upsert({"key": "active", "value": active.to_json()}, pk="key")
 
     def set_active(self, active: ActiveSet) -> None:

@@ -10,6 +10,7 @@ up in parallel. Stops go in reverse dependency order, one level at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -94,6 +95,7 @@ class Orchestrator:
         clock: Clock | None = None,
         on_state: Callable[[str, State, State, str], None] | None = None,
         on_spawn: Callable[[str, int, int], None] | None = None,
+        on_exit: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self._settings = settings
         self._paths: Paths = settings.paths
@@ -105,7 +107,7 @@ class Orchestrator:
         self._on_state_listener = on_state
         self._on_spawn_listener = on_spawn
         self._entries: dict[str, Entry] = {}
-        self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned)
+        self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned, on_exit=on_exit)
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping_on_purpose: set[str] = set()
@@ -464,10 +466,8 @@ class Orchestrator:
                 if name in running_since:
                     wake = min(wake, settle_s - (now - running_since[name]))
             async with self._changed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=max(0.01, min(wake, 1.0)))
-                except TimeoutError:
-                    pass
 
     async def close(self) -> None:
         """Stop everything in reverse dependency order, then cancel housekeeping tasks."""

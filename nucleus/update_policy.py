@@ -10,6 +10,7 @@ asking again — bounded by the deployment's own deadline so that nothing stays 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -91,10 +92,8 @@ class UpdateNotifier:
                 self._round = None
                 return
             remaining = max(0.0, deadline - time.monotonic())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(current.answered.wait(), timeout=min(timeout_s, remaining))
-            except TimeoutError:
-                pass
             self._round = None
             if current.recheck_s <= 0:
                 return

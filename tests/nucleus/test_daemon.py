@@ -161,7 +161,10 @@ def test_unknown_dependency_fails_without_state_change(daemon: Any, short_tmp: P
 def test_dependencies_start_first_and_hard_dependency_restart_restarts_dependents(
         daemon: Any, short_tmp: Path) -> None:
     d = short_tmp / "r"
-    write_recipe(d, "test.Base", "1.0.0", run="date +%s.%N >> {work:path}/t; exec sleep 600")
+    # Base is RUNNING only once its startup step has exited; a run step would count as RUNNING
+    # as soon as it is launched (the Greengrass rule), before its script did anything.
+    write_recipe(d, "test.Base", "1.0.0", startup="date +%s.%N >> {work:path}/t",
+                 run="exec sleep 600")
     top = write_recipe(d, "test.Top", "1.0.0", run="date +%s.%N >> {work:path}/t; exec sleep 600",
                        deps={"test.Base": {"VersionRequirement": ">=1.0.0 <2.0.0", "DependencyType": "HARD"}})
     # Deploy only the dependent; the dependency is resolved from the same directory's recipes.

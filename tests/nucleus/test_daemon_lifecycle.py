@@ -62,7 +62,7 @@ def test_bootstrap_failure_fails_the_deployment(daemon: Any, short_tmp: Path) ->
 def test_soft_dependency_never_blocks(daemon: Any, short_tmp: Path) -> None:
     d = short_tmp / "r"
     write_recipe(d, "test.Slowdep", "1.0.0", startup="sleep 3")
-    top = write_recipe(d, "test.Soft", "1.0.0", run=SLEEP,
+    write_recipe(d, "test.Soft", "1.0.0", run=SLEEP,
                        deps={"test.Slowdep": {"VersionRequirement": "^1.0.0", "DependencyType": "SOFT"}})
     daemon.cli("deploy", "--no-wait", "--recipe-dir", str(d), "--merge", "test.Soft=1.0.0")
     comp = daemon.wait_state("test.Soft", {"RUNNING"}, timeout=10)

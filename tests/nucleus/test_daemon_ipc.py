@@ -1,0 +1,283 @@
+"""Components and local applications on the real daemon's IPC bus, through the real SDK:
+publish/subscribe under accessControl, configuration get/update/watch, state reports,
+deferred updates, the PID check on tokens, declared clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_daemon import write_recipe
+
+from ipc import Client
+from ipc.errors import Unauthenticated, Unauthorized
+
+pytestmark = pytest.mark.slow
+
+
+def component(base: Path, name: str, version: str, code: str, *, config: dict[str, Any] | None = None,
+              deps: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """A Python component: its script as an artifact, its recipe; returns (recipe, artifacts dir)."""
+    art = base / "artifacts"
+    script_dir = art / name / version
+    script_dir.mkdir(parents=True, exist_ok=True)
+    (script_dir / "main.py").write_text(textwrap.dedent(code))
+    recipe = write_recipe(base / "recipes", name, version, run="python3 -u {artifacts:path}/main.py",
+                          config=config, deps=deps, artifacts=[{"URI": "s3://test-bucket/main.py"}])
+    return recipe, art
+
+
+def wait_file(path: Path, timeout: float = 20.0, contains: str | None = None) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text()
+            if contains is None or contains in text:
+                return text
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never had {contains!r}")
+
+
+def client_for(daemon: Any, name: str, policy: dict[str, Any], tmp: Path) -> Client:
+    policy_file = tmp / f"{name}.json"
+    policy_file.write_text(json.dumps(policy))
+    out = daemon.cli("client", "add", name, "--policy", str(policy_file)).stdout
+    token = out.strip().splitlines()[-1]
+    assert (daemon.root / "clients" / f"{name}.token").stat().st_mode & 0o077 == 0
+    return Client(daemon.root / "ipc.sock", token, name=name)
+
+
+PUBLISHER = """
+    import asyncio, os
+    from ipc import Client, Unauthorized
+    async def main():
+        async with Client.from_env() as c:
+            try:
+                await c.publish("secret/x", b"nope")
+            except Unauthorized as exc:
+                open(os.environ["OUT"], "w").write("denied: " + str(exc))
+            for i in range(100000):
+                await c.publish("sensors/a/raw", {"i": i})
+                await asyncio.sleep(0.02)
+    asyncio.run(main())
+"""
+
+
+def test_component_publishes_under_policy_and_client_receives(daemon: Any, short_tmp: Path) -> None:
+    out_file = short_tmp / "pub.out"
+    code = PUBLISHER.replace('os.environ["OUT"]', repr(str(out_file)))
+    policy = {"aws.greengrass.ipc.pubsub": {"p1": {"operations": ["aws.greengrass#PublishToTopic"],
+                                                     "resources": ["sensors/+/raw"]}}}
+    recipe, art = component(short_tmp, "test.Pub", "1.0.0", code, config={"accessControl": policy})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    denied = wait_file(out_file)
+    assert "denied" in denied and "PublishToTopic" in denied and "secret/x" in denied
+    viewer = client_for(daemon, "test.viewer", {"aws.greengrass.ipc.pubsub": {"v": {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["sensors/#"]}}}, short_tmp)
+
+    async def receive() -> list[Any]:
+        async with viewer, viewer.subscribe("sensors/#") as messages:
+            got = []
+            async with asyncio.timeout(20):
+                async for m in messages:
+                    got.append((m.topic, m.payload))
+                    if len(got) == 3:
+                        return got
+        return got
+
+    got = asyncio.run(receive())
+    assert [t for t, _ in got] == ["sensors/a/raw"] * 3
+    seq = [p["i"] for _, p in got]
+    assert seq == sorted(seq) and len(set(seq)) == 3
+
+
+def test_client_without_policy_is_denied(daemon: Any, short_tmp: Path) -> None:
+    nobody = client_for(daemon, "test.nobody", {}, short_tmp)
+
+    async def attempt() -> None:
+        async with nobody:
+            with pytest.raises(Unauthorized, match="SubscribeToTopic"):
+                async with nobody.subscribe("sensors/#") as messages:
+                    async for _ in messages:
+                        break
+            with pytest.raises(Unauthorized):
+                await nobody.list_components()
+
+    asyncio.run(attempt())
+
+
+CONFIG_COMPONENT = """
+    import asyncio, json
+    from ipc import Client
+    OUT = {out!r}
+    def log(x):
+        with open(OUT, "a") as f:
+            f.write(json.dumps(x) + "\\n")
+    async def main():
+        async with Client.from_env() as c:
+            log({{"initial": await c.get_configuration(["threshold"])}})
+            await c.update_configuration(["seen"], True)
+            async with c.watch_configuration(["threshold"]) as changes:
+                log({{"watching": True}})
+                async for changed in changes:
+                    log({{"changed": changed, "value": await c.get_configuration(["threshold"])}})
+    asyncio.run(main())
+"""
+
+
+def test_component_configuration_get_update_watch(daemon: Any, short_tmp: Path) -> None:
+    out = short_tmp / "cfg.out"
+    recipe, art = component(short_tmp, "test.Cfg", "1.0.0", CONFIG_COMPONENT.format(out=str(out)),
+                            config={"threshold": 0.5})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    wait_file(out, contains="watching")
+    assert json.loads(out.read_text().splitlines()[0]) == {"initial": 0.5}
+    status = json.loads(daemon.cli("status", "test.Cfg").stdout)
+    assert status["configuration"]["seen"] is True
+    pid = status["pids"]
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Cfg": {"MERGE": {"threshold": 0.9}}}))
+    text = wait_file(out, contains="changed")
+    last = json.loads(text.splitlines()[-1])
+    assert last["value"] == 0.9
+    # A configuration-only deployment does not restart the component.
+    assert json.loads(daemon.cli("status", "test.Cfg").stdout)["pids"] == pid
+
+
+STATE_COMPONENT = """
+    import asyncio
+    from ipc import Client
+    async def main():
+        async with Client.from_env() as c:
+            await asyncio.sleep(0.3)
+            await c.update_state("ERRORED")
+            await asyncio.sleep(60)
+    asyncio.run(main())
+"""
+
+
+def test_reported_errored_state_triggers_restart(daemon: Any, short_tmp: Path) -> None:
+    recipe, art = component(short_tmp, "test.Reporter", "1.0.0", STATE_COMPONENT)
+    out = daemon.cli("deploy", "--settle", "10", "--failure-policy", "do-nothing", "--artifacts", str(art),
+                     str(recipe), check=False)
+    assert out.returncode == 1  # it keeps reporting ERRORED until BROKEN
+    comp = daemon.wait_state("test.Reporter", {"BROKEN"})
+    assert comp["error_count"] >= 3
+
+
+DEFER_COMPONENT = """
+    import asyncio, os
+    from ipc import Client
+    OUT = {out!r}
+    async def main():
+        deferred = False
+        async with Client.from_env() as c, c.component_updates() as updates:
+            open(OUT, "a").write("subscribed\\n")
+            async for event in updates:
+                if event["kind"] == "pre_update" and not deferred:
+                    deferred = True
+                    open(OUT, "a").write("deferring\\n")
+                    await c.defer_update(event["deployment_id"], recheck_after_s=1.0, message="busy")
+                elif event["kind"] == "pre_update":
+                    open(OUT, "a").write("ready\\n")
+                    await c.defer_update(event["deployment_id"], recheck_after_s=0)
+    asyncio.run(main())
+"""
+
+
+def test_component_defers_an_update(daemon: Any, short_tmp: Path) -> None:
+    out = short_tmp / "defer.out"
+    recipe, art = component(short_tmp, "test.Busy", "1.0.0", DEFER_COMPONENT.format(out=str(out)))
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    wait_file(out, contains="subscribed")
+    recipe2, art2 = component(short_tmp, "test.Busy", "2.0.0", DEFER_COMPONENT.format(out=str(out)))
+    result = daemon.cli("deploy", "--artifacts", str(art2), str(recipe2))
+    assert "deferred by test.Busy: busy" in result.stdout
+    assert out.read_text().split() == ["subscribed", "deferring", "ready", "subscribed"]
+    assert daemon.components()["test.Busy"]["version"] == "2.0.0"
+
+
+TOKEN_LEAK = """
+    import os, time
+    open({out!r}, "w").write(os.environ["SVCUID"])
+    time.sleep(600)
+"""
+
+
+def test_a_components_token_is_refused_from_another_process(daemon: Any, short_tmp: Path) -> None:
+    out = short_tmp / "token"
+    recipe, art = component(short_tmp, "test.Leaky", "1.0.0", TOKEN_LEAK.format(out=str(out)))
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    token = wait_file(out)
+
+    async def borrow() -> None:
+        with pytest.raises(Unauthenticated, match="not one of its processes"):
+            async with Client(daemon.root / "ipc.sock", token) as c:
+                await c.list_components()
+
+    asyncio.run(borrow())
+
+
+CONTROL_COMPONENT = """
+    import asyncio, json
+    from ipc import Client, Unauthorized
+    async def main():
+        async with Client.from_env() as c:
+            comps = await c.list_components()
+            result = await c.restart_component("test.Target")
+            try:
+                await c.stop_component("test.Other")
+                denied = None
+            except Unauthorized as exc:
+                denied = str(exc)
+            open({out!r}, "w").write(json.dumps({{"names": [x["name"] for x in comps], "denied": denied}}))
+            await asyncio.sleep(600)
+    asyncio.run(main())
+"""
+
+
+def test_component_restarts_another_with_policy(daemon: Any, short_tmp: Path) -> None:
+    d = short_tmp / "recipes"
+    sleeper = "exec sleep 600"
+    daemon.cli("deploy", str(write_recipe(d, "test.Target", "1.0.0", run=sleeper)),
+               str(write_recipe(d, "test.Other", "1.0.0", run=sleeper)))
+    target_pid = daemon.components()["test.Target"]["pids"]
+    out = short_tmp / "control.out"
+    policy = {"aws.greengrass.Cli": {"c1": {
+        "operations": ["aws.greengrass#ListComponents", "aws.greengrass#RestartComponent"],
+        "resources": ["*"]}}}
+    recipe, art = component(short_tmp, "test.Operator", "1.0.0", CONTROL_COMPONENT.format(out=str(out)),
+                            config={"accessControl": policy})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    result = json.loads(wait_file(out))
+    assert {"test.Target", "test.Other", "test.Operator"} <= set(result["names"])
+    assert result["denied"] and "StopComponent" in result["denied"]
+    comp = daemon.wait_state("test.Target", {"RUNNING"})
+    assert comp["pids"] != target_pid
+    assert daemon.components()["test.Other"]["state"] == "RUNNING"
+
+
+def test_deployment_through_the_sdk(daemon: Any, short_tmp: Path) -> None:
+    token = (daemon.root / "run" / "cli.token").read_text().strip()
+    recipe = write_recipe(short_tmp / "r", "test.Sdk", "1.0.0", run="exec sleep 600")
+
+    async def deploy() -> dict[str, Any]:
+        async with Client(daemon.root / "ipc.sock", token) as c:
+            did = await c.create_deployment(
+                recipes=[{"source": str(recipe), "text": recipe.read_text(), "format": "json"}],
+                root_components={"test.Sdk": "1.0.0"},
+            )
+            async with asyncio.timeout(30):
+                while True:
+                    status = await c.get_deployment(did)
+                    if status["status"] not in ("QUEUED", "IN_PROGRESS"):
+                        return status
+                    await asyncio.sleep(0.1)
+
+    status = asyncio.run(deploy())
+    assert status["status"] == "SUCCEEDED"
+    assert daemon.components()["test.Sdk"]["state"] == "RUNNING"
