@@ -153,6 +153,9 @@ class Orchestrator:
                 for d, dep in entry.recipe.dependencies.items()
             },
             "type": entry.recipe.type,
+            "artifacts_path": str(self._store.artifacts_path(name, str(entry.recipe.version))),
+            "decompressed_path": str(self._store.decompressed_path(name, str(entry.recipe.version))),
+            "work_path": str(self._paths.work(name)),
         }
 
     def live_process_records(self) -> list[dict[str, Any]]:
