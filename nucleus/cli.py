@@ -308,6 +308,14 @@ async def _client_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    """`nucleus model ...` is the model builder's own CLI (scikit-learn is imported only there)."""
+    import importlib
+
+    builder = importlib.import_module("components.model_builder.cli")
+    return int(builder.main(list(args.model_args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleus", description="An edge runtime for Greengrass V2 recipes.")
     parser.add_argument("--root", help=f"nucleus root directory (default: $NUCLEUS_ROOT or {default_root()})")
@@ -366,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = rsub.add_parser("validate", help="check recipe files")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate, is_async=False)
+
+    p = sub.add_parser("model", help="anomaly models (train, sign, package as a component)", add_help=False)
+    p.add_argument("model_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_model, is_async=False)
 
     p = sub.add_parser("client", help="declared local clients")
     csub = p.add_subparsers(dest="client_command", required=True)
