@@ -324,6 +324,12 @@ def main() -> None:
     ap.add_argument("cfg", nargs="?")
     args = ap.parse_args()
     if args.role:
+        if os.environ.get("IPC_BENCH_PROFILE"):  # developer aid: one cProfile dump per role process
+            import cProfile
+
+            cProfile.runctx("ROLES[args.role](json.loads(args.cfg))", globals(), locals(),
+                            f"{os.environ['IPC_BENCH_PROFILE']}/{args.role}-{os.getpid()}.prof")
+            return
         ROLES[args.role](json.loads(args.cfg))
         return
     scale = 0.1 if args.quick else 1.0

@@ -34,8 +34,9 @@ _MATCH_CACHE_MAX = 4096
 class BusMessage:
     """One published message; ``data`` is codec-encoded and never decoded by the daemon.
 
-    ``wire`` is a cache slot for the front end that delivers it: the native server packs the
-    subscriber-independent part of its MESSAGE frame once here and reuses it for every subscriber.
+    ``wire`` is a cache slot for the front end that delivers it: the native server keeps the
+    packed subscriber-independent fields of its MESSAGE frame (everything before ``data``) here and
+    reuses them for every subscriber; ``wire_extra`` is free for other front ends.
     """
 
     topic: str

@@ -40,6 +40,7 @@ DEFAULT_MAX_FRAME = P.DEFAULT_MAX_FRAME
 _FLUSH_AT = 64 * 1024
 _CONFIRMED_MAX = 10_000
 _NO_PAYLOAD: Any = object()
+_HDR = P.HEADER.pack
 T = TypeVar("T")
 
 
@@ -194,6 +195,7 @@ class Client:
         self._closed_error: IpcError | None = None
         self._pipeline_error: IpcError | None = None
         self._confirmed: set[str] = set()
+        self._topics: dict[str, bytes] = {}
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -393,10 +395,10 @@ class Client:
             raise err
         if self._closed_error is not None:
             raise self._closed_error
-        data = codec.encode(payload)
         if confirm is None:
             confirm = topic not in self._confirmed
         if confirm:
+            data = codec.encode(payload)
             rid = next(self._ids)
             fut = self._loop.create_future() if self._loop else asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
@@ -411,11 +413,13 @@ class Client:
             return
         if self._transport is None:
             self._check()
-        head, body = P.publish_parts(0, topic, data)
-        out = self._out
-        out.append(head)
-        out.append(body)
-        self._out_bytes += len(head) + len(body)
+        if type(payload) is bytes:
+            # the payload goes to the output list as is: copied once, when the batch is joined
+            inner = P.bin_header(len(payload))
+            self._append_publish(topic, inner, len(inner) + len(payload), payload)
+        else:
+            data = codec.encode(payload)
+            self._append_publish(topic, data, len(data), None)
         if self._out_bytes >= _FLUSH_AT:
             self._flush()
             if not self._can_write.is_set():
@@ -425,6 +429,20 @@ class Client:
         elif self._flush_handle is None:
             assert self._loop is not None
             self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _append_publish(self, topic: str, data: bytes, size: int, more: bytes | None) -> None:
+        """An unconfirmed PUBLISH whose data is ``data`` (+ ``more``), ``size`` bytes in all."""
+        tp = self._topics.get(topic)
+        if tp is None:
+            if len(self._topics) >= _CONFIRMED_MAX:
+                self._topics.clear()
+            tp = self._topics[topic] = b"\x94\x09\x00" + P.encode_value(topic)
+        head = tp + P.bin_header(size)
+        out = self._out
+        out.append(_HDR(len(head) + size) + head + data)
+        if more is not None:
+            out.append(more)
+        self._out_bytes += size + 16
 
     @contextlib.asynccontextmanager
     async def subscribe(self, topic_filter: str, *, queue_size: int = 1024,

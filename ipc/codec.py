@@ -65,6 +65,10 @@ def encode(value: Any) -> bytes:
 
 def decode(data: bytes | memoryview) -> Any:
     """Decode bus data back to a value; arrays decoded from a frame are read-only views."""
+    if data and 0xC4 <= data[0] <= 0xC6:  # bytes payload: skip the msgpack call
+        raw = encoded_bytes(bytes(data) if type(data) is memoryview else data)
+        if raw is not None and len(raw) == int.from_bytes(data[1:1 + (1 << (data[0] - 0xC4))], "big"):
+            return raw
     try:
         return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -51,6 +51,11 @@ _pack_hdr = HEADER.pack
 _unpack_hdr_from = HEADER.unpack_from
 
 
+def encode_value(value: Any) -> bytes:
+    """One msgpack value (for callers that splice frames from cached pieces)."""
+    return _pack(value)
+
+
 def encode_frame(body: list[Any]) -> bytes:
     b = _pack(body)
     return _pack_hdr(len(b)) + b
@@ -88,7 +93,8 @@ def cancel(stream_id: int) -> bytes:
     return encode_frame([CANCEL, stream_id])
 
 
-def _bin_header(n: int) -> bytes:
+def bin_header(n: int) -> bytes:
+    """The msgpack bin 8/16/32 header for ``n`` bytes (the bytes themselves follow)."""
     if n < 256:
         return b"\xc4" + bytes((n,))
     if n < 65536:
@@ -98,7 +104,7 @@ def _bin_header(n: int) -> bytes:
 
 def publish_parts(req_id: int, topic: str, data: bytes) -> tuple[bytes, bytes]:
     """PUBLISH as (length prefix + head, data) so a large payload is not copied to build the frame."""
-    head = b"\x94\x09" + _pack(req_id) + _pack(topic) + _bin_header(len(data))
+    head = b"\x94\x09" + _pack(req_id) + _pack(topic) + bin_header(len(data))
     return _pack_hdr(len(head) + len(data)) + head, data
 
 
@@ -107,9 +113,14 @@ def publish(req_id: int, topic: str, data: bytes) -> bytes:
     return a + b
 
 
+def message_tail_prefix(reply_to: str | None, sender: str | None, topic: str) -> bytes:
+    """The subscriber-independent fields before the data; the server caches it per (sender, topic)."""
+    return _pack(reply_to) + _pack(sender) + _pack(topic)
+
+
 def message_tail(reply_to: str | None, sender: str | None, topic: str, data: bytes) -> bytes:
     """The subscriber-independent part of a MESSAGE, packed once per publish."""
-    return _pack(reply_to) + _pack(sender) + _pack(topic) + _bin_header(len(data)) + data
+    return message_tail_prefix(reply_to, sender, topic) + bin_header(len(data)) + data
 
 
 def message_head(sub_id: int) -> bytes:

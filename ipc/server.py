@@ -85,6 +85,7 @@ class _Connection(asyncio.Protocol):
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._pending: dict[Subscription, None] = {}
         self._heads: dict[int, bytes] = {}
+        self._prefixes: dict[str, bytes] = {}
         self._pub_ok: set[str] = set()
         self._pub_gen = -1
         self._pub_expiry = 0.0
@@ -210,17 +211,24 @@ class _Connection(asyncio.Protocol):
     def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
         if self.paused or self.closing:
             return False
-        tail = msg.wire
-        if tail is None:
-            tail = msg.wire = P.message_tail(msg.reply_to, msg.sender, msg.topic, msg.data)
-        head = self._heads.get(sub.id)
-        if head is None:
-            head = self._heads[sub.id] = P.message_head(sub.id)
-        h = head + (_packb(dropped) if dropped else b"\x00")
+        wire = msg.wire
+        data = msg.data
+        if wire is None:
+            wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
+                + P.bin_header(len(data))
+        if dropped:
+            h = P.message_head(sub.id) + _packb(dropped)
+        else:
+            cached = self._heads.get(sub.id)
+            if cached is None:
+                cached = self._heads[sub.id] = P.message_head(sub.id) + b"\x00"
+            h = cached
+        n = len(wire) + len(data)
         out = self._out
-        out.append(_HDR(len(h) + len(tail)) + h)
-        out.append(tail)
-        self._out_bytes += len(tail) + 16
+        # three pieces, joined once at flush: the payload is never copied per subscriber before that
+        out.append(_HDR(len(h) + n) + h + wire)
+        out.append(data)
+        self._out_bytes += n + 16
         if self._out_bytes >= FLUSH_AT:
             self._flush()
         elif self._flush_handle is None:
@@ -312,7 +320,13 @@ class _Connection(asyncio.Protocol):
                 self._pub_ok.add(topic)
             elif type(data) is not bytes:
                 raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
-            n, full = self.core.bus.route(BusMessage(topic, data, session.principal.name))
+            prefix = self._prefixes.get(topic)
+            if prefix is None:
+                if len(self._prefixes) >= _PUB_CACHE_MAX:
+                    self._prefixes.clear()
+                prefix = self._prefixes[topic] = P.message_tail_prefix(None, session.principal.name, topic)
+            n, full = self.core.bus.route(BusMessage(topic, data, session.principal.name, None,
+                                                     prefix + P.bin_header(len(data))))
         except ProtocolError as exc:
             self._fail(exc)
             return
