@@ -16,6 +16,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -71,6 +72,22 @@ class DeploymentRequest(BaseModel):
     update_policy: Literal["NOTIFY_COMPONENTS", "SKIP_NOTIFY_COMPONENTS"] = "NOTIFY_COMPONENTS"
     update_policy_timeout_s: float = Field(60.0, ge=0)
     deployment_id: str | None = None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a deployment will do, computed before anything running is touched."""
+
+    target: ActiveSet
+    changed: list[str]  # new, new version, or a configuration change that alters the lifecycle
+    removed: list[str]
+    restart: list[str]  # untouched themselves, but HARD-depend on something changed or removed
+    recipes: dict[str, Recipe]
+    configs: dict[str, dict[str, Any]]  # the new configuration documents to write
+
+    def journal_form(self) -> dict[str, Any]:
+        return {"active": self.target.to_json(), "changed": self.changed, "removed": self.removed,
+                "restart": self.restart}
 
 
 class _Failed(Exception):
@@ -281,19 +298,21 @@ class DeploymentEngine:
             assert record.target is not None
             target = ActiveSet.from_json(record.target["active"])
             changed = list(record.target["changed"])
+            restart = list(record.target.get("restart", []))
             self._progress(did, "nucleus restarted as bootstrap requested; continuing")
-            await self._start_and_settle(did, req, target, changed, deadline)
+            await self._start_and_settle(did, req, target, changed, restart=restart, deadline=deadline)
             return
 
         # RESOLVING ------------------------------------------------------------------------
         self._journal.update(did, stage=Stage.RESOLVING)
         try:
-            target, changed, removed, recipes = self._resolve(req, previous)
+            plan = self._resolve(req, previous)
         except NucleusError as exc:
             self._finish_no_change(did, str(exc))
             return
 
         # PREPARING: fetch + verify artifacts; nothing running is touched -----------------
+        target, changed, removed, recipes = plan.target, plan.changed, plan.removed, plan.recipes
         self._journal.update(did, stage=Stage.PREPARING)
         for name in changed:
             recipe = recipes[name]
@@ -333,26 +352,27 @@ class DeploymentEngine:
             did,
             stage=Stage.APPLYING,
             previous=snapshot,
-            target={"active": target.to_json(), "changed": changed, "removed": removed},
+            target=plan.journal_form(),
         )
         try:
             stop = [n for n in [*removed, *changed] if self._orch.get(n) is not None]
             if stop:
-                self._progress(did, f"stopping {', '.join(stop)}")
+                also = f" (and HARD dependents {', '.join(plan.restart)})" if plan.restart else ""
+                self._progress(did, f"stopping {', '.join(stop)}{also}")
                 await self._orch.remove(stop, reason=f"deployment {did}")
             for name in removed:
                 self._config.remove(name)
                 self._apply_policies(name, None)
-            self._apply_configs(req, recipes, changed)
+            for name, doc in plan.configs.items():
+                self._config.set_document(name, doc)
+                self._apply_policies(name, doc)
             await self._bootstrap(did, recipes, changed)
         except _Failed as exc:
             await self._fail(did, req, exc.reason)
             return
-        await self._start_and_settle(did, req, target, changed, deadline)
+        await self._start_and_settle(did, req, target, changed, restart=plan.restart, deadline=deadline)
 
-    def _resolve(
-        self, req: DeploymentRequest, previous: ActiveSet
-    ) -> tuple[ActiveSet, list[str], list[str], dict[str, Recipe]]:
+    def _resolve(self, req: DeploymentRequest, previous: ActiveSet) -> _Plan:
         for src in req.recipes:
             self._store.add_recipe(parse_recipe(src.text, source=src.source, fmt=src.format))
         groups = {g: dict(roots) for g, roots in previous.groups.items()}
@@ -377,26 +397,37 @@ class DeploymentEngine:
                 raise UnknownComponentError(
                     f"configuration update for {name}, which is not part of the deployment", component=name
                 )
+        recipes = dict(resolution.components)
         changed = [
             n for n in resolution.order
             if previous.components.get(n) != target.components[n] or self._orch.get(n) is None
-            or self._orch.recipes()[n].to_document() != resolution.components[n].to_document()
+            or self._orch.recipes()[n].to_document() != recipes[n].to_document()
         ]
         removed = [n for n in previous.components if n not in target.components]
-        return target, changed, removed, dict(resolution.components)
+        configs = {name: self._new_config(req, recipes[name]) for name in {*changed, *req.config_updates}}
+        # A configuration change that alters the resolved lifecycle (a script using
+        # {configuration:/x}) needs a restart to take effect, as in Greengrass.
+        for name in resolution.order:
+            entry = self._orch.get(name)
+            if name in changed or name not in configs or entry is None:
+                continue
+            if self._orch.lifecycle_of(recipes[name], configs[name]) != entry.lifecycle:
+                changed.append(name)
+        restart = sorted(
+            n for n in self._orch.hard_dependents_closure([*changed, *removed])
+            if n in target.components and n not in changed
+        )
+        return _Plan(target, changed, removed, restart, recipes, configs)
 
-    def _apply_configs(self, req: DeploymentRequest, recipes: Mapping[str, Recipe], changed: list[str]) -> None:
-        for name in {*changed, *req.config_updates}:
-            recipe = recipes[name]
-            defaults = recipe.default_configuration
-            current = self._config_or_none(name)
-            # A new version keeps what was customised and gains the new defaults' keys.
-            base = apply_update(defaults, defaults, merge=current) if current is not None else dict(defaults)
-            update = req.config_updates.get(name)
-            if update is not None:
-                base = apply_update(base, defaults, reset=update.reset, merge=update.merge)
-            self._config.set_document(name, base)
-            self._apply_policies(name, base)
+    def _new_config(self, req: DeploymentRequest, recipe: Recipe) -> dict[str, Any]:
+        defaults = recipe.default_configuration
+        current = self._config_or_none(recipe.name)
+        # A new version keeps what was customised and gains the new defaults' keys.
+        base = apply_update(defaults, defaults, merge=current) if current is not None else dict(defaults)
+        update = req.config_updates.get(recipe.name)
+        if update is not None:
+            base = apply_update(base, defaults, reset=update.reset, merge=update.merge)
+        return base
 
     async def _bootstrap(self, did: str, recipes: Mapping[str, Recipe], changed: list[str]) -> None:
         restart = False
@@ -441,7 +472,8 @@ class DeploymentEngine:
                 raise _RestartRequested()
 
     async def _start_and_settle(
-        self, did: str, req: DeploymentRequest, target: ActiveSet, changed: list[str], deadline: float
+        self, did: str, req: DeploymentRequest, target: ActiveSet, changed: list[str], *, restart: list[str],
+        deadline: float,
     ) -> None:
         self._journal.update(did, stage=Stage.STARTING)
         recipes = self._recipes_for(target)
@@ -452,10 +484,12 @@ class DeploymentEngine:
             return
         if changed:
             self._progress(did, f"starting {', '.join(changed)}")
-        start = asyncio.create_task(self._orch.install_and_start(changed))
+        if restart:
+            self._progress(did, f"restarting HARD dependents {', '.join(restart)}")
+        start = asyncio.create_task(self._orch.install_and_start([*changed, *restart]))
         self._journal.update(did, stage=Stage.SETTLING)
         settle = req.settle_time_s if req.settle_time_s is not None else self._settings.deployments.settle_time_s
-        ok, reason = await self._orch.wait_settled(changed, settle_s=settle, deadline=deadline)
+        ok, reason = await self._orch.wait_settled([*changed, *restart], settle_s=settle, deadline=deadline)
         if not start.done():
             start.cancel()
         try:
@@ -519,6 +553,7 @@ class DeploymentEngine:
         previous = ActiveSet.from_json(record.previous["active"])
         changed = list(record.target["changed"]) if record.target else []
         removed = list(record.target["removed"]) if record.target else []
+        collateral = list(record.target.get("restart", [])) if record.target else []
         try:
             undo = [n for n in changed if self._orch.get(n) is not None]
             await self._orch.remove(undo, reason=f"rollback of {did}")
@@ -527,7 +562,7 @@ class DeploymentEngine:
                 if name not in previous.components:
                     self._apply_policies(name, None)
             recipes = self._recipes_for(previous)
-            back = [n for n in recipes if n in changed or n in removed]
+            back = [n for n in recipes if n in changed or n in removed or n in collateral]
             for name in back:
                 self._apply_policies(name, self._config_or_none(name))
             self._orch.load({n: recipes[n] for n in back})

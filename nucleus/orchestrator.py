@@ -173,15 +173,17 @@ class Orchestrator:
         if self._on_spawn_listener is not None:
             self._on_spawn_listener(component, pid, pgid)
 
-    def interpolation_context(self, recipe: Recipe) -> InterpolationContext:
+    def interpolation_context(
+        self, recipe: Recipe, configuration: Mapping[str, Any] | None = None
+    ) -> InterpolationContext:
         def ctx_of(name: str, version: str) -> ComponentContext:
-            try:
-                configuration = self._config.document(name)
-            except Exception:  # a dependency with no configuration yet
-                configuration = {}
+            if name == recipe.name and configuration is not None:
+                own: Mapping[str, Any] = configuration
+            else:
+                own = self._config.document(name) if self._config.has(name) else {}
             return ComponentContext(
                 name=name,
-                configuration=configuration,
+                configuration=own,
                 artifacts_path=str(self._store.artifacts_path(name, version)),
                 decompressed_path=str(self._store.decompressed_path(name, version)),
                 work_path=str(self._paths.work(name)),
@@ -199,7 +201,9 @@ class Orchestrator:
             dependencies=deps,
         )
 
-    def lifecycle_of(self, recipe: Recipe) -> Lifecycle:
+    def lifecycle_of(self, recipe: Recipe, configuration: Mapping[str, Any] | None = None) -> Lifecycle:
+        """The manifest's lifecycle for this platform, variables resolved (with ``configuration``
+        standing in for the component's own, to preview a configuration change)."""
         manifest = recipe.select(self._platform)
         if manifest is None:
             raise RecipeError(
@@ -213,7 +217,8 @@ class Orchestrator:
         def warn(variable: str) -> None:
             log.warning("recipe.variable_unresolved", component=component, variable=variable)
 
-        return interpolate_lifecycle(manifest.lifecycle, self.interpolation_context(recipe), warn=warn)
+        ctx = self.interpolation_context(recipe, configuration)
+        return interpolate_lifecycle(manifest.lifecycle, ctx, warn=warn)
 
     def base_env(self, recipe: Recipe, lifecycle: Lifecycle) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
@@ -302,6 +307,18 @@ class Orchestrator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def hard_dependents_closure(self, names: Iterable[str]) -> set[str]:
+        """Everything that (transitively) HARD-depends on any of ``names``, excluding them."""
+        wanted = set(names)
+        found: set[str] = set()
+        pending = list(wanted)
+        while pending:
+            for dep in self.hard_dependents(pending.pop()):
+                if dep not in wanted and dep not in found:
+                    found.add(dep)
+                    pending.append(dep)
+        return found
+
     def hard_dependents(self, name: str) -> list[str]:
         return [
             n
@@ -377,12 +394,7 @@ class Orchestrator:
         """Stop components, dependents before their dependencies."""
         wanted = {n for n in names if n in self._entries}
         # Anything that HARD-depends on a stopped component goes down first.
-        pending = list(wanted)
-        while pending:
-            for dep in self.hard_dependents(pending.pop()):
-                if dep not in wanted:
-                    wanted.add(dep)
-                    pending.append(dep)
+        wanted |= self.hard_dependents_closure(wanted)
         order = dependency_order({n: self._entries[n].recipe for n in wanted})
         levels = _levels({n: self._entries[n].recipe for n in wanted}, order)
         self._stopping_on_purpose.update(wanted)

@@ -300,3 +300,28 @@ def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, shor
     assert daemon.stop() == 0
     assert marker.read_text().split() == ["high", "low"]
     assert not any(pid_alive(p) for p in pids)
+
+
+def test_updating_a_dependency_restarts_its_hard_dependents(daemon: Any, short_tmp: Path) -> None:
+    d = short_tmp / "r"
+    write_recipe(d, "test.Lib", "1.0.0", run=SLEEPER)
+    top = write_recipe(d, "test.User", "1.0.0", run=SLEEPER,
+                       deps={"test.Lib": {"VersionRequirement": "^1.0.0", "DependencyType": "HARD"}})
+    daemon.cli("deploy", str(d / "test.Lib-1.0.0.json"), str(top))
+    user_pids = daemon.components()["test.User"]["pids"]
+    out = daemon.cli("deploy", str(write_recipe(d, "test.Lib", "1.1.0", run=SLEEPER)))
+    assert "restarting HARD dependents test.User" in out.stdout
+    comps = daemon.components()
+    assert comps["test.Lib"]["version"] == "1.1.0" and comps["test.User"]["state"] == "RUNNING"
+    assert comps["test.User"]["pids"] != user_pids
+
+
+def test_configuration_used_by_a_script_restarts_the_component(daemon: Any, short_tmp: Path) -> None:
+    recipe = write_recipe(short_tmp / "r", "test.Tagged", "1.0.0", run=SLEEPER, config={"tag": "a"})
+    daemon.cli("deploy", str(recipe))
+    pids = daemon.components()["test.Tagged"]["pids"]
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Tagged": {"MERGE": {"tag": "b"}}}))
+    comp = daemon.components()["test.Tagged"]
+    assert comp["pids"] != pids and comp["state"] == "RUNNING"
+    starts = (daemon.root / "work" / "test.Tagged" / "starts").read_text().split("\n")
+    assert [s for s in starts if s] == ["started a", "started b"]
