@@ -1,0 +1,205 @@
+"""Feature extraction from channel-major windows, driven by the model card's feature spec.
+
+The builder and the detector call the same :class:`FeatureExtractor`, so a model is always scored on
+exactly the features it was trained on. Everything is plain numpy over the last axis: a window is
+``(n_channels, n_samples)`` and a batch of windows ``(n_windows, n_channels, n_samples)``, which is
+how the builder extracts a whole training set in one call and the detector a backlog in one call.
+Moments are computed from one centred copy (``scipy.stats.kurtosis`` costs ~10x more per window and
+scipy is not imported by the detector at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from components.anomaly.errors import FeatureSpecError
+
+StatName = Literal["mean", "std", "rms", "peak", "crest", "kurtosis", "skewness", "min", "max", "last", "trend",
+                   "zlast"]
+STAT_NAMES: tuple[str, ...] = ("mean", "std", "rms", "peak", "crest", "kurtosis", "skewness", "min", "max", "last",
+                               "trend", "zlast")
+_TINY = 1e-12
+
+
+class ChannelGroup(BaseModel):
+    """Features computed identically for each channel listed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: list[str] = Field(min_length=1)
+    stats: list[StatName] = Field(default_factory=list)
+    bands: int = Field(default=0, ge=0, le=256)
+    band_scale: Literal["relative", "log"] = "relative"
+
+    @model_validator(mode="after")
+    def _something(self) -> ChannelGroup:
+        if not self.stats and self.bands == 0:
+            raise ValueError("a channel group needs stats or bands")
+        return self
+
+
+class FeatureSpec(BaseModel):
+    """Which features, in which order. ``feature_names`` is the model's input layout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["nucleus.features/1"] = "nucleus.features/1"
+    groups: list[ChannelGroup] = Field(min_length=1)
+
+    def channels(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for g in self.groups:
+            for c in g.channels:
+                seen.setdefault(c, None)
+        return list(seen)
+
+    def feature_names(self) -> list[str]:
+        names: list[str] = []
+        for g in self.groups:
+            for c in g.channels:
+                names.extend(f"{c}.{s}" for s in g.stats)
+                names.extend(f"{c}.band{i:02d}" for i in range(g.bands))
+        return names
+
+
+def default_spec(channels: list[str], *, bands: int = 8, slow: tuple[str, ...] = ("temp",)) -> FeatureSpec:
+    """The vibration preset: shape statistics and relative band energies per fast channel; level and
+    trend for slow channels (temperature). Relative bands and shape statistics do not scale with
+    load, which a plain RMS does as much as a fault does."""
+    fast = [c for c in channels if c not in slow]
+    slow_present = [c for c in channels if c in slow]
+    groups: list[ChannelGroup] = []
+    if fast:
+        groups.append(ChannelGroup(channels=fast, stats=["rms", "peak", "crest", "kurtosis", "skewness"],
+                                   bands=bands, band_scale="relative"))
+    if slow_present:
+        groups.append(ChannelGroup(channels=slow_present, stats=["mean", "trend"]))
+    return FeatureSpec(groups=groups)
+
+
+def univariate_spec(channel: str = "value") -> FeatureSpec:
+    """A preset for slow univariate series (NAB): level, spread, trend and the newest value."""
+    return FeatureSpec(groups=[ChannelGroup(channels=[channel],
+                                            stats=["mean", "std", "min", "max", "last", "trend", "zlast"])])
+
+
+@dataclass(slots=True)
+class _Group:
+    rows: npt.NDArray[np.intp]  # channel rows in the window
+    stats: tuple[str, ...]
+    bands: int
+    band_scale: str
+    band_edges: npt.NDArray[np.intp]
+
+
+class FeatureExtractor:
+    """Compiled spec for one channel layout and window length (index arrays, taper, band edges)."""
+
+    def __init__(self, spec: FeatureSpec, channels: list[str], window: int) -> None:
+        if window < 4:
+            raise FeatureSpecError(f"window of {window} samples is too short (at least 4)", field="window")
+        index = {c: i for i, c in enumerate(channels)}
+        self.spec = spec
+        self.channels = list(channels)
+        self.window = window
+        self.names = spec.feature_names()
+        self._groups: list[_Group] = []
+        n_bins = window // 2  # one-sided spectrum without DC
+        for gi, g in enumerate(spec.groups):
+            missing = [c for c in g.channels if c not in index]
+            if missing:
+                raise FeatureSpecError(f"feature group {gi} uses channels {missing} not in {channels}",
+                                       field=f"groups[{gi}].channels")
+            if g.bands > n_bins:
+                raise FeatureSpecError(f"{g.bands} bands need at least {2 * g.bands} samples per window",
+                                       field=f"groups[{gi}].bands")
+            edges = np.linspace(1, n_bins + 1, g.bands + 1).astype(np.intp) if g.bands else np.zeros(0, np.intp)
+            self._groups.append(_Group(np.array([index[c] for c in g.channels], dtype=np.intp), tuple(g.stats),
+                                       g.bands, g.band_scale, edges))
+        self._taper = np.hanning(window)
+        t = np.arange(window, dtype=np.float64) - (window - 1) / 2.0
+        self._t = t
+        self._tt = float(t @ t)
+        self.n_features = len(self.names)
+
+    def extract(self, windows: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+        """Features of one window ``(C, N)`` -> ``(F,)`` or of a batch ``(B, C, N)`` -> ``(B, F)``."""
+        x = np.asarray(windows, dtype=np.float64)
+        if x.shape[-1] != self.window or x.shape[-2] != len(self.channels):
+            raise FeatureSpecError(f"window shape {x.shape[-2:]} does not match ({len(self.channels)}, {self.window})",
+                                   field="window")
+        mean = x.mean(axis=-1)
+        d = x - mean[..., None]
+        d2 = d * d
+        m2 = d2.mean(axis=-1)
+        cols: list[npt.NDArray[np.float64]] = []
+        need = {s for g in self._groups for s in g.stats}
+        m3 = (d2 * d).mean(axis=-1) if "skewness" in need else None
+        m4 = (d2 * d2).mean(axis=-1) if "kurtosis" in need else None
+        std = np.sqrt(m2)
+        rms = np.sqrt(m2 + mean * mean)
+        peak = np.abs(x).max(axis=-1) if need & {"peak", "crest"} else None
+        safe_m2 = np.where(m2 > _TINY, m2, 1.0)
+        power = None
+        if any(g.bands for g in self._groups):
+            spec = np.fft.rfft(d * self._taper, axis=-1)
+            power = spec.real ** 2 + spec.imag ** 2
+        for g in self._groups:
+            r = g.rows
+            per: list[npt.NDArray[np.float64]] = []
+            for s in g.stats:
+                if s == "mean":
+                    v = mean[..., r]
+                elif s == "std":
+                    v = std[..., r]
+                elif s == "rms":
+                    v = rms[..., r]
+                elif s == "peak":
+                    assert peak is not None
+                    v = peak[..., r]
+                elif s == "crest":
+                    assert peak is not None
+                    v = np.where(rms[..., r] > _TINY, peak[..., r] / np.where(rms[..., r] > _TINY, rms[..., r], 1.0),
+                                 0.0)
+                elif s == "kurtosis":
+                    assert m4 is not None
+                    v = np.where(m2[..., r] > _TINY, m4[..., r] / safe_m2[..., r] ** 2 - 3.0, 0.0)
+                elif s == "skewness":
+                    assert m3 is not None
+                    v = np.where(m2[..., r] > _TINY, m3[..., r] / safe_m2[..., r] ** 1.5, 0.0)
+                elif s == "min":
+                    v = x[..., r, :].min(axis=-1)
+                elif s == "max":
+                    v = x[..., r, :].max(axis=-1)
+                elif s == "last":
+                    v = x[..., r, -1]
+                elif s == "trend":  # least-squares change across the window, in signal units
+                    v = (d[..., r, :] @ self._t) / self._tt * (self.window - 1)
+                else:  # zlast: how unusual the newest sample is within its own window
+                    v = np.where(std[..., r] > _TINY, d[..., r, -1] / np.where(std[..., r] > _TINY, std[..., r], 1.0),
+                                 0.0)
+                per.append(v)
+            if g.bands:
+                assert power is not None
+                bands = np.add.reduceat(power[..., r, :], g.band_edges[:-1], axis=-1)[..., : g.bands]
+                if g.band_scale == "relative":
+                    total = bands.sum(axis=-1, keepdims=True)
+                    bands = np.where(total > _TINY, bands / np.where(total > _TINY, total, 1.0), 0.0)
+                else:
+                    bands = np.log10(bands + _TINY)
+            # Interleave per channel: stats of channel 0, bands of channel 0, stats of channel 1, ...
+            stacked = np.stack(per, axis=-1) if per else None
+            parts = [p for p in (stacked, bands if g.bands else None) if p is not None]
+            block = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+            cols.append(block.reshape(*block.shape[:-2], -1))
+        return np.concatenate(cols, axis=-1).astype(np.float32)
+
+
+def channel_of(feature_name: str) -> str:
+    """``"vib_x.kurtosis"`` -> ``"vib_x"`` (channel names may contain dots: split at the last)."""
+    return feature_name.rsplit(".", 1)[0]

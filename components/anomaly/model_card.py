@@ -1,0 +1,143 @@
+"""The model card: everything the detector needs to use a model, and what a reviewer needs to trust it.
+
+Written by the builder as ``model_card.json`` next to ``model.onnx``; covered by the signature. The
+detector derives its windowing (window/hop, channels), its features (spec), its input check
+(``input.n_features`` must equal the spec's feature count and the ONNX input), and its decision
+(threshold, confidence scale) from the card alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.anomaly.errors import ModelCardError
+from components.anomaly.features import FeatureSpec
+
+CARD_FILE = "model_card.json"
+MODEL_FILE = "model.onnx"
+SIGNATURE_FILE = "model.sig"
+
+ModelKind = Literal["isolation_forest", "pca", "autoencoder"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxIO(_Strict):
+    """The graph's interface: ``features`` float32 [N, F] in; ``score`` float32 [N] out (higher = more
+    anomalous); optionally ``contributions`` float32 [N, F] (per-feature share of the score)."""
+
+    input_name: str = "features"
+    n_features: int = Field(gt=0)
+    score_output: str = "score"
+    contributions_output: str | None = None
+    opset: int
+    nodes: int = 0
+
+
+class Threshold(_Strict):
+    """How the alarm threshold was chosen, from training data only."""
+
+    value: float
+    method: Literal["quantile", "false_alarm_budget"]
+    quantile: float = Field(gt=0, lt=1)
+    margin: float = Field(default=1.0, gt=0)
+    calibration_windows: int = Field(ge=1)
+    false_alarms_per_hour: float | None = None
+
+
+class ScoreScale(_Strict):
+    """Where training scores sit, so the detector can say how sure it is: confidence is the distance
+    from the threshold in units of (threshold - median training score), clipped to [0, 1]."""
+
+    median: float
+    p99: float
+    max: float
+
+
+class FeatureStats(_Strict):
+    """Training mean and spread per feature (for contributions when the model gives none)."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class TrainingSummary(_Strict):
+    sources: list[str]
+    rows: int = Field(ge=0)
+    windows: int = Field(ge=0)
+    fit_windows: int = Field(ge=0)
+    calibration_windows: int = Field(ge=0)
+    seed: int
+    created_at: str
+    label_filter: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelCard(_Strict):
+    format: Literal["nucleus.model_card/1"] = "nucleus.model_card/1"
+    component: str
+    version: str
+    kind: ModelKind
+    description: str = ""
+    channels: list[str] = Field(min_length=1)
+    sample_rate_hz: float | None = Field(default=None, gt=0)
+    window: int = Field(ge=4)
+    hop: int = Field(ge=1)
+    features: FeatureSpec
+    feature_names: list[str]
+    feature_stats: FeatureStats
+    onnx: OnnxIO
+    threshold: Threshold
+    score_scale: ScoreScale
+    training: TrainingSummary
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        names = self.features.feature_names()
+        if names != self.feature_names:
+            raise ValueError("feature_names do not match the feature spec")
+        if self.onnx.n_features != len(names):
+            raise ValueError(f"onnx.n_features={self.onnx.n_features} but the feature spec gives {len(names)}")
+        missing = [c for c in self.features.channels() if c not in self.channels]
+        if missing:
+            raise ValueError(f"feature spec uses channels {missing} that are not in channels")
+        if not (len(self.feature_stats.mean) == len(self.feature_stats.std) == len(names)):
+            raise ValueError("feature_stats length differs from the feature count")
+        if self.hop > self.window:
+            raise ValueError("hop larger than window would skip samples")
+        return self
+
+    def confidence(self, score: float) -> float:
+        """0 at the threshold, 1 at (or beyond) one training spread away from it."""
+        spread = self.threshold.value - self.score_scale.median
+        if spread <= 0:
+            return 1.0
+        return float(min(1.0, abs(score - self.threshold.value) / spread))
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def parse_card(data: bytes | str, *, path: Path | str | None = None, component: str | None = None) -> ModelCard:
+    try:
+        return ModelCard.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(document)"
+        raise ModelCardError(f"model card: {field}: {first['msg']}", component=component, path=path,
+                             field=field) from exc
+
+
+def load_card(path: Path, *, component: str | None = None) -> ModelCard:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelCardError(f"model card unreadable: {exc}", component=component, path=path) from exc
+    return parse_card(data, path=path, component=component)
