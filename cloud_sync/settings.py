@@ -1,0 +1,83 @@
+"""Settings of the cloud link and the spool: one pydantic model, documented in docs/cloud-sync.md.
+
+The daemon's ``mqtt`` settings section is read into this model by :meth:`SyncSettings.from_section`,
+which takes every key this model knows from any pydantic model or mapping, so the nucleus can
+grow its section (or embed this model) without cloud_sync importing nucleus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MiB = 1024 * 1024
+KiB = 1024
+
+Overflow = Literal["drop_lowest_priority", "drop_oldest", "reject_new"]
+
+
+class ForwardRule(BaseModel):
+    """Forward local bus messages matching ``filter`` to the cloud (bus → spool → broker)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: str
+    cloud_topic: str = Field("{topic}", description="template: {topic} (the local topic), {thing}")
+    priority: int = Field(0, ge=0, le=255)
+    ttl_s: float | None = Field(None, gt=0)
+    queue_size: int = Field(10_000, ge=1, description="local subscription queue (drop-oldest, counted)")
+
+
+class SyncSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # --- the broker link (absent url: everything stays spooled) ---------------------------------
+    url: str | None = Field(None, description="mqtt://host[:1883] or mqtts://host[:8883]")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = Field(None, description="MQTT client id; default: the thing name")
+    keepalive_s: int = Field(30, ge=5)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    reconnect_initial_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(120.0, gt=0)
+    reconnect_jitter: float = Field(0.5, ge=0.0, le=1.0, description="delay * uniform(1 - j, 1)")
+
+    # --- the spool --------------------------------------------------------------------------------
+    spool_max_bytes: int = Field(512 * MiB, ge=4 * KiB)
+    spool_max_messages: int = Field(2_000_000, ge=1)
+    overflow: Overflow = "drop_lowest_priority"
+    durability: Literal["full", "normal"] = Field(
+        "full", description="full: survives power loss (fsync per commit); normal: survives kill -9 only")
+    max_payload_bytes: int = Field(128 * KiB, ge=1, description="larger cloud.publish payloads are refused")
+
+    # --- what goes on the wire ----------------------------------------------------------------------
+    envelope: Literal["batch", "raw"] = "batch"
+    batch_max_messages: int = Field(200, ge=1)
+    batch_max_bytes: int = Field(96 * KiB, ge=1024)
+    max_inflight: int = Field(16, ge=1, le=1000, description="MQTT messages awaiting PUBACK")
+    max_inbound_bytes: int = Field(128 * KiB, ge=1, description="larger cloud messages are dropped")
+
+    # --- device status ------------------------------------------------------------------------------
+    status_topic: str = "nucleus/things/{thing}/status"
+    heartbeat_s: float = Field(300.0, gt=0)
+    status_check_s: float = Field(1.0, gt=0, description="how often the device status is compared")
+
+    forward: list[ForwardRule] = Field(default_factory=list)
+
+    @classmethod
+    def from_section(cls, section: Any = None, **overrides: Any) -> SyncSettings:
+        """Build from the daemon's ``mqtt`` section: a pydantic model, a mapping, or None."""
+        if section is None:
+            data: dict[str, Any] = {}
+        elif isinstance(section, BaseModel):
+            data = section.model_dump()
+        else:
+            data = dict(section)
+        known = {k: v for k, v in data.items() if k in cls.model_fields}
+        known.update(overrides)
+        return cls.model_validate(known)
