@@ -55,7 +55,7 @@ def emit(**kv: Any) -> None:
 async def native_sub(cfg: dict[str, Any]) -> None:
     n = cfg["n"]
     async with Client(cfg["socket"], TOKEN, name="bench-sub") as c, \
-            c.subscribe(cfg["topic"], queue_size=8192, policy="block") as ms:
+            c.subscribe(cfg["topic"], queue_size=1024, policy="block") as ms:
         emit(ready=True)
         count = dropped = nbytes = 0
         first = last = 0.0
@@ -346,7 +346,7 @@ def main() -> None:
             for k, p in procs.items():
                 peak[k] = max(peak[k], p.memory_info().rss)
 
-        only = set((args.only or "abcd").split(","))
+        only = set((args.only or "a,b,c,d").split(","))
         lost: dict[str, dict[str, float]] = {}
         if "a" in only:
             res = {k: throughput(k, t, n_a, 1, 256, procs[k]) for k, t in targets.items()}

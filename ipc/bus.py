@@ -5,7 +5,8 @@ bus offers it messages. The contract keeps a slow reader from hurting anyone els
 
 * A message goes straight to the sink while the sink is writable and the subscription has nothing
   queued (the fast path; order is preserved because a non-empty queue always goes first).
-* Otherwise it waits in the subscription's queue, bounded by ``queue_size``. ``drop_oldest``
+* Otherwise it waits in the subscription's queue, bounded by ``queue_size`` messages and by
+  ``max_queue_bytes`` of payload (so big payloads cannot multiply the bound). ``drop_oldest``
   (default) discards the oldest and counts it; the count rides on the next delivered message.
   ``block`` (lossless) accepts the message and reports the subscription as *full* so the caller
   can stop reading from its publisher until there is room (:meth:`Bus.route` / :meth:`publish_async`)
@@ -67,6 +68,8 @@ class Subscription:
     queue_size: int
     policy: Policy
     owner: Any = None
+    max_bytes: int = 8 * 1024 * 1024
+    queued_bytes: int = 0
     queue: deque[BusMessage] = field(default_factory=deque)
     dropped: int = 0
     dropped_total: int = 0
@@ -79,14 +82,15 @@ class Subscription:
         if not self.queue:
             return None
         msg = self.queue.popleft()
+        self.queued_bytes -= len(msg.data)
         dropped, self.dropped = self.dropped, 0
         self.delivered += 1
-        if self._room and len(self.queue) <= self.queue_size // 2:
+        if self._room and len(self.queue) <= self.queue_size // 2 and self.queued_bytes <= self.max_bytes // 2:
             self._wake_room()  # hysteresis: a blocked publisher resumes for half a queue, not one message
         return msg, dropped
 
     def has_room(self) -> bool:
-        return self.closed or len(self.queue) < self.queue_size
+        return self.closed or (len(self.queue) < self.queue_size and self.queued_bytes < self.max_bytes)
 
     async def wait_room(self) -> None:
         """For lossless publishers: resolve once the queue is below its bound (or closed)."""
@@ -109,19 +113,20 @@ class Subscription:
 class Bus:
     """Topic routing for every front end and for the nucleus itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_queue_bytes: int = 8 * 1024 * 1024) -> None:
         self._trie: TopicTrie[Subscription] = TopicTrie()
         self._match_cache: dict[str, list[Subscription]] = {}
         self._ids = itertools.count(1)
         self.published = 0
         self.delivered = 0
+        self.max_queue_bytes = max_queue_bytes
 
     def __len__(self) -> int:
         return len(self._trie)
 
     def subscribe(self, topic_filter: str, sink: Sink, queue_size: int = 1024,
                   policy: Policy = "drop_oldest", *, owner: Any = None,
-                  sub_id: int | None = None) -> Subscription:
+                  sub_id: int | None = None, max_queue_bytes: int | None = None) -> Subscription:
         validate_filter(topic_filter)
         if type(queue_size) is not int or not 1 <= queue_size <= MAX_QUEUE_SIZE:
             raise InvalidArguments(f"queue_size must be an integer in 1..{MAX_QUEUE_SIZE}",
@@ -129,7 +134,7 @@ class Bus:
         if policy not in POLICIES:
             raise InvalidArguments(f"policy must be one of {', '.join(POLICIES)}", {"policy": repr(policy)})
         sub = Subscription(sub_id if sub_id is not None else next(self._ids), topic_filter, sink,
-                           queue_size, policy, owner)
+                           queue_size, policy, owner, max_queue_bytes or self.max_queue_bytes)
         self._trie.add(topic_filter, sub)
         self._match_cache.clear()
         return sub
@@ -141,6 +146,7 @@ class Bus:
         self._trie.remove(sub.filter, sub)
         self._match_cache.clear()
         sub.queue.clear()
+        sub.queued_bytes = 0
         sub._wake_room()
         sub.sink.pending(sub)  # lets an iterator-style sink notice the end
 
@@ -169,16 +175,19 @@ class Bus:
                     if dropped:
                         sub.dropped = 0
                     continue
-            if len(q) >= sub.queue_size:
+            size = len(msg.data)
+            if q and (len(q) >= sub.queue_size or sub.queued_bytes + size > sub.max_bytes):
                 if sub.policy == "drop_oldest":
-                    q.popleft()
-                    sub.dropped += 1
-                    sub.dropped_total += 1
+                    while q and (len(q) >= sub.queue_size or sub.queued_bytes + size > sub.max_bytes):
+                        sub.queued_bytes -= len(q.popleft().data)
+                        sub.dropped += 1
+                        sub.dropped_total += 1
                 else:
                     if full is None:
                         full = []
                     full.append(sub)
             q.append(msg)
+            sub.queued_bytes += size
             if len(q) == 1:
                 sub.sink.pending(sub)
         n = len(subs)

@@ -185,11 +185,12 @@ class IpcCore:
                  clock: Callable[[], float] = time.monotonic,
                  max_subscriptions_per_session: int = 1000,
                  request_timeout_max: float = 300.0,
-                 authz_cache_ttl: float = 2.0) -> None:
+                 authz_cache_ttl: float = 2.0,
+                 max_queue_bytes: int = 8 * 1024 * 1024) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.clock = clock
-        self.bus = Bus()
+        self.bus = Bus(max_queue_bytes=max_queue_bytes)
         self.max_subscriptions_per_session = max_subscriptions_per_session
         self.request_timeout_max = request_timeout_max
         self.authz_cache_ttl = authz_cache_ttl

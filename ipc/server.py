@@ -124,6 +124,11 @@ class _Connection(asyncio.Protocol):
         self._pending.clear()
         if self.session is not None:
             self.core.end_session(self.session)
+            self.session.closer = None  # break the session <-> connection cycle now, not at the next full GC
+        self._heads.clear()
+        self._prefixes.clear()
+        self._pub_ok.clear()
+        self._blocked_on.clear()
         if exc is not None and self.close_reason is None:
             log.info("ipc.connection_lost", pid=self.pid, error=str(exc))
 

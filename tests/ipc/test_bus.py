@@ -128,3 +128,25 @@ def test_match_cache_follows_subscription_changes() -> None:
     assert bus.publish("x/1", b"") == 2
     bus.unsubscribe(sb)
     assert bus.publish("x/1", b"") == 1
+
+
+def test_queue_is_bounded_in_bytes_too() -> None:
+    bus, sink = Bus(max_queue_bytes=10_000), Sink()
+    sub = bus.subscribe("t", sink, queue_size=1000)
+    sink.writable = False
+    for i in range(100):
+        bus.publish("t", bytes([i]) * 1000)
+    assert len(sub.queue) == 10 and sub.queued_bytes == 10_000 and sub.dropped == 90
+    sink.writable = True
+    sink.drain(sub)
+    assert sink.got[0][1][0] == 90 and sink.got[0][2] == 90
+    assert sub.queued_bytes == 0
+
+
+def test_one_message_larger_than_the_byte_bound_still_flows() -> None:
+    bus, sink = Bus(max_queue_bytes=100), Sink()
+    sub = bus.subscribe("t", sink, policy="block")
+    sink.writable = False
+    n, full = bus.route(BusMessage("t", b"x" * 1000))
+    assert (n, full) == (1, None) and len(sub.queue) == 1  # accepted: the queue was empty
+    assert bus.route(BusMessage("t", b"y"))[1] == [sub]  # now it is over its bound
