@@ -1,0 +1,61 @@
+"""The batch published on ``sensors/<asset>/raw`` and the per-asset sequence numbering.
+
+One owner for the wire shape, so the simulator, the replay and the MQTT source cannot disagree
+on it: channel-major float32, ``t0`` in epoch seconds of the first sample, and a sequence number
+that grows by exactly one per published batch so a consumer can tell loss from silence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Source = Literal["sim", "csv", "mqtt"]
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """Samples of every channel over the same instants (before a sequence number is given)."""
+
+    t0: float
+    rate_hz: float
+    channels: tuple[str, ...]
+    data: npt.NDArray[np.float32]  # (n_channels, n_samples)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_samples / self.rate_hz
+
+
+@dataclass(slots=True)
+class Sequencer:
+    """Numbers batches per asset; the only place ``seq`` is incremented."""
+
+    asset: str
+    source: Source
+    next_seq: int = 0
+
+    def payload(self, batch: Batch) -> dict[str, Any]:
+        data = batch.data
+        if data.dtype != np.float32 or not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data, dtype=np.float32)
+        if data.ndim != 2 or data.shape[0] != len(batch.channels):
+            raise ValueError(f"batch data has shape {data.shape}, expected ({len(batch.channels)}, n)")
+        seq = self.next_seq
+        self.next_seq += 1
+        return {
+            "asset": self.asset,
+            "seq": seq,
+            "t0": float(batch.t0),
+            "rate_hz": float(batch.rate_hz),
+            "channels": list(batch.channels),
+            "data": data,
+            "source": self.source,
+        }

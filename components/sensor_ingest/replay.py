@@ -1,0 +1,184 @@
+"""CSV replay: recorded data (plain or gzipped CSV) turned into regular batches, streamed.
+
+Two shapes of file are common and both are handled: a timestamp column plus values (NAB:
+``timestamp,value``, 5-minute steps) and values only, one row per sample at a known rate (the
+gearbox recordings: ``a1,a2,a3,a4``, rate given in the configuration). The file is read lazily,
+so a recording larger than memory replays as well as a small one.
+
+A batch is a run of rows with one regular step: a timestamp gap (a step more than 1.5x the
+batch's first step, or a step backwards) ends the batch, so a consumer that trusts
+``t0 + i / rate_hz`` is never told a wrong time. Unparseable or missing cells become NaN and are
+counted — the detector decides what a NaN window means, the replay does not invent values.
+Pacing (real time or accelerated) is the service's job; this module has no clock.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from components.sensor_ingest.batch import Batch
+
+_TIMESTAMP_NAMES = ("timestamp", "time", "ts", "datetime", "date")
+
+
+class ReplayError(Exception):
+    """The file cannot be replayed; names the file and what is wrong with it."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+@dataclass(slots=True)
+class ReplayStats:
+    rows: int = 0
+    bad_values: int = 0  # cells that were empty or not numbers (became NaN)
+    short_rows: int = 0  # rows with fewer cells than the header
+    bad_timestamps: int = 0  # rows skipped because their timestamp did not parse
+    gaps: int = 0  # irregular steps that ended a batch early
+    passes: int = 0  # completed passes over the file (loop)
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds from a number or an ISO-8601 date-time (naive means UTC, as NAB's are)."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _open(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+class CsvReplay:
+    """Reads a CSV file once (or forever, with ``loop``) as regular batches of ``batch_size`` rows."""
+
+    def __init__(self, path: Path, *, batch_size: int, rate_hz: float | None = None,
+                 columns: tuple[str, ...] | None = None, channel_names: tuple[str, ...] | None = None,
+                 timestamp_column: str | None = "auto", loop: bool = False) -> None:
+        if not path.is_file():
+            raise ReplayError(path, "no such file")
+        self.path = path
+        self.batch_size = batch_size
+        self.loop = loop
+        self.stats = ReplayStats()
+        with _open(path) as f:
+            header = next(csv.reader(f), None)
+        if not header:
+            raise ReplayError(path, "empty file (a header row is required)")
+        header = [h.strip() for h in header]
+        if timestamp_column == "auto":
+            timestamp_column = next((h for h in header if h.lower() in _TIMESTAMP_NAMES), None)
+        if timestamp_column is not None and timestamp_column not in header:
+            raise ReplayError(path, f"timestamp column {timestamp_column!r} not in header {header}")
+        self._ts_index = header.index(timestamp_column) if timestamp_column is not None else None
+        value_cols = [h for h in header if h != timestamp_column] if columns is None else list(columns)
+        missing = [c for c in value_cols if c not in header]
+        if missing or not value_cols:
+            raise ReplayError(path, f"columns {missing or value_cols} not in header {header}")
+        self._indexes = [header.index(c) for c in value_cols]
+        names = tuple(channel_names) if channel_names is not None else tuple(value_cols)
+        if len(names) != len(value_cols):
+            raise ReplayError(path, f"{len(names)} channel names for {len(value_cols)} columns")
+        self.channels = names
+        if self._ts_index is None and (rate_hz is None or rate_hz <= 0):
+            raise ReplayError(path, "no timestamp column, so rateHz must say the sampling rate")
+        self.rate_hz = rate_hz
+        self._width = len(header)
+
+    @property
+    def has_timestamps(self) -> bool:
+        return self._ts_index is not None
+
+    def batches(self) -> Iterator[Batch]:
+        """Batches in file order; with ``loop`` the file restarts and time continues past its end."""
+        offset = 0.0
+        while True:
+            last_t: float | None = None
+            first_t: float | None = None
+            for batch in self._one_pass():
+                if first_t is None:
+                    first_t = batch.t0
+                last_t = batch.t0 + batch.duration_s
+                yield Batch(batch.t0 + offset, batch.rate_hz, batch.channels, batch.data)
+            self.stats.passes += 1
+            if not self.loop or first_t is None or last_t is None:
+                return
+            offset += last_t - first_t
+
+    def _one_pass(self) -> Iterator[Batch]:
+        n_ch = len(self._indexes)
+        fallback_step = 1.0 / self.rate_hz if self.rate_hz else None
+        with _open(self.path) as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            values: list[list[float]] = []
+            times: list[float] = []
+            step: float | None = None
+            sample = 0
+            for row in reader:
+                if not row:
+                    continue
+                self.stats.rows += 1
+                if len(row) < self._width:
+                    self.stats.short_rows += 1
+                t: float
+                if self._ts_index is not None:
+                    try:
+                        t = parse_timestamp(row[self._ts_index])
+                    except (ValueError, IndexError):
+                        self.stats.bad_timestamps += 1
+                        continue
+                else:
+                    assert self.rate_hz is not None
+                    t = sample / self.rate_hz
+                sample += 1
+                if times:
+                    dt = t - times[-1]
+                    if step is None:
+                        step = dt
+                    if dt <= 0 or step <= 0 or not math.isclose(dt, step, rel_tol=0.5):
+                        self.stats.gaps += 1
+                        yield self._batch(times, values, step if step and step > 0 else fallback_step)
+                        values, times, step = [], [], None
+                values.append(self._cells(row, n_ch))
+                times.append(t)
+                if len(times) >= self.batch_size:
+                    yield self._batch(times, values, step if step is not None else fallback_step)
+                    values, times = [], []
+                    # keep `step`: the next batch continues the same regular series
+            if times:
+                yield self._batch(times, values, step if step is not None else fallback_step)
+
+    def _cells(self, row: list[str], n_ch: int) -> list[float]:
+        out = [math.nan] * n_ch
+        for j, i in enumerate(self._indexes):
+            try:
+                out[j] = float(row[i])
+            except (ValueError, IndexError):
+                self.stats.bad_values += 1
+        return out
+
+    def _batch(self, times: list[float], values: list[list[float]], step: float | None) -> Batch:
+        if step is None or step <= 0:
+            step = 1.0  # a single row with no neighbour: any rate is as true as another
+        data = np.asarray(values, dtype=np.float32).T.copy()
+        return Batch(times[0], 1.0 / step, self.channels, data)

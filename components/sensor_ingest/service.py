@@ -1,0 +1,216 @@
+"""The ingest component's I/O: a source, a pacer and the bus.
+
+Everything that decides *what* to publish is pure and lives elsewhere; this module owns the event
+loop work: sleeping until a batch is due, publishing it with the next sequence number, answering
+fault-injection requests on ``control/<asset>/fault`` and restarting the source when the
+configuration changes (the sequence number carries on, so a consumer sees no false gap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from components.sensor_ingest.batch import Batch, Sequencer
+from components.sensor_ingest.config import ConfigError, IngestConfig, load_config
+from components.sensor_ingest.mqtt_source import MqttSource
+from components.sensor_ingest.pacing import Pacer
+from components.sensor_ingest.replay import CsvReplay
+from components.sensor_ingest.simulator import Fault, FaultKind, TurbineSimulator
+from ipc import Client, IpcError
+
+log = structlog.get_logger(__name__)
+
+COMPONENT = "com.nucleus.SensorIngest"
+
+
+@dataclass(slots=True)
+class Clocks:
+    """Monotonic for pacing, wall for timestamps: injected so tests can drive both."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+
+
+def handle_fault_request(sim: TurbineSimulator | None, request: Any) -> dict[str, Any]:
+    """The reply to a ``control/<asset>/fault`` request; never raises on bad input."""
+    if sim is None:
+        return {"ok": False, "error": "fault injection needs the simulator source (source: sim)", "active": []}
+    if not isinstance(request, dict):
+        return {"ok": False, "error": "request must be a map with 'fault' and 'action'", "active": sim.active()}
+    action = request.get("action", "inject")
+    if action == "clear_all":
+        sim.clear_all()
+        return {"ok": True, "active": sim.active()}
+    try:
+        kind = FaultKind(str(request.get("fault")))
+    except ValueError:
+        return {"ok": False, "error": f"unknown fault {request.get('fault')!r}; known: {[k.value for k in FaultKind]}",
+                "active": sim.active()}
+    channel = request.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        return {"ok": False, "error": "channel must be a string", "active": sim.active()}
+    if action == "clear":
+        cleared = sim.clear(kind, channel)
+        return {"ok": True, "cleared": cleared, "active": sim.active()}
+    if action != "inject":
+        return {"ok": False, "error": f"action must be inject, clear or clear_all, got {action!r}",
+                "active": sim.active()}
+    severity = request.get("severity", 1.0)
+    mode = request.get("mode", "nan")
+    if not isinstance(severity, int | float) or isinstance(severity, bool) or mode not in ("nan", "zero"):
+        return {"ok": False, "error": "severity must be a number in 0..1 and mode 'nan' or 'zero'",
+                "active": sim.active()}
+    try:
+        sim.inject(Fault(kind, float(severity), channel, mode))
+    except ValueError as exc:
+        return {"ok": False, "error": str(exc), "active": sim.active()}
+    log.info("ingest.fault_injected", fault=kind.value, severity=severity, channel=channel)
+    return {"ok": True, "active": sim.active()}
+
+
+class IngestService:
+    def __init__(self, client: Client, cfg: IngestConfig, clocks: Clocks | None = None) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.clocks = clocks or Clocks()
+        self.sequencer = Sequencer(cfg.asset, cfg.source)
+        self.sim: TurbineSimulator | None = None
+        self.published = 0
+        self.skipped_batches = 0
+
+    # --- sources --------------------------------------------------------------------------------
+    async def _sim_batches(self, pacer: Pacer) -> AsyncIterator[Batch]:
+        cfg = self.cfg
+        sim = self.sim = TurbineSimulator(cfg.simulator.params(cfg.rate_hz), cfg.simulator.channels,
+                                          seed=cfg.simulator.seed)
+        n, period = cfg.batch_size, cfg.batch_size / cfg.rate_hz
+        epoch = self.clocks.wall()  # t0 of sample 0; every t0 after is epoch + index / rate: no drift
+        while True:
+            step = pacer.step(self.clocks.monotonic(), period)
+            if step.skipped:
+                self.skipped_batches += step.skipped
+                sim.skip(step.skipped * n)
+                log.warning("ingest.behind_skipped", asset=cfg.asset, batches=step.skipped, max_burst=pacer.max_burst)
+            if step.delay_s > 0:
+                await asyncio.sleep(step.delay_s)
+            t0 = epoch + sim.sample_index / cfg.rate_hz
+            yield Batch(t0, cfg.rate_hz, sim.channels, sim.generate(n))
+
+    async def _csv_batches(self, pacer: Pacer) -> AsyncIterator[Batch]:
+        cfg = self.cfg
+        assert cfg.csv is not None
+        c = cfg.csv
+        replay = CsvReplay(c.path, batch_size=cfg.batch_size, rate_hz=cfg.rate_hz, columns=c.columns,
+                           channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop)
+        log.info("ingest.replay_started", asset=cfg.asset, path=str(c.path), channels=list(replay.channels),
+                 speed=c.speed, timestamps=replay.has_timestamps)
+        shift: float | None = None
+        for batch in replay.batches():
+            if shift is None:
+                shift = self.clocks.wall() - batch.t0 if (c.shift_to_now or not replay.has_timestamps) else 0.0
+            period = batch.duration_s / c.speed if c.speed > 0 else 0.0
+            step = pacer.step(self.clocks.monotonic(), period)
+            if step.skipped:  # replay never drops data: the schedule moves, the data does not
+                log.warning("ingest.behind_rescheduled", asset=cfg.asset, periods=step.skipped)
+            if step.delay_s > 0:
+                await asyncio.sleep(step.delay_s)
+            elif period == 0:
+                await asyncio.sleep(0)
+            yield Batch(batch.t0 + shift, batch.rate_hz, batch.channels, batch.data)
+        s = replay.stats
+        log.info("ingest.replay_finished", asset=cfg.asset, path=str(c.path), rows=s.rows, bad_values=s.bad_values,
+                 bad_timestamps=s.bad_timestamps, gaps=s.gaps)
+
+    async def _mqtt_batches(self) -> AsyncIterator[Batch]:
+        source = MqttSource(self.cfg.mqtt, self.cfg.rate_hz, self.cfg.batch_size, self.clocks.wall)
+        async for batch in source.batches():
+            yield batch
+
+    def _batches(self) -> AsyncIterator[Batch]:
+        pacer = Pacer(self.cfg.max_burst)
+        if self.cfg.source == "sim":
+            return self._sim_batches(pacer)
+        if self.cfg.source == "csv":
+            return self._csv_batches(pacer)
+        return self._mqtt_batches()
+
+    # --- bus ------------------------------------------------------------------------------------
+    async def publish_forever(self) -> None:
+        """Publish the configured source's batches until cancelled (or a finite replay ends)."""
+        topic = self.cfg.topic
+        self.sequencer.source = self.cfg.source
+        gen = self._batches()
+        try:
+            async for batch in gen:
+                await self.client.publish(topic, self.sequencer.payload(batch))
+                self.published += 1
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    async def serve_faults(self) -> None:
+        async with self.client.subscribe(f"control/{self.cfg.asset}/fault", queue_size=64) as requests:
+            async for m in requests:
+                try:
+                    payload = m.payload
+                except IpcError:
+                    payload = None
+                reply = handle_fault_request(self.sim, payload)
+                if not reply["ok"]:
+                    log.warning("ingest.fault_request_rejected", asset=self.cfg.asset, error=reply["error"])
+                if m.reply_to is not None:
+                    await m.reply(reply)
+
+
+async def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
+    """Valid new configurations; an invalid one is logged and the running one kept."""
+    try:
+        async with client.watch_configuration() as changes:
+            async for _ in changes:
+                try:
+                    yield load_config(await client.get_configuration(), COMPONENT)
+                except ConfigError as exc:
+                    log.warning("ingest.config_rejected", component=COMPONENT, error=str(exc), errors=exc.errors)
+    except IpcError as exc:
+        if exc.code != "UNKNOWN_OPERATION":
+            raise
+        log.info("ingest.config_watch_unavailable", reason=exc.code)  # a bare bus (ipc.devserver)
+        await asyncio.Event().wait()
+
+
+async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | None = None) -> None:
+    """The component: publish, serve fault requests, restart the source on a valid configuration change.
+
+    ``cfg`` given means a fixed configuration (development against ``ipc.devserver``): no watch.
+    """
+    watching = cfg is None
+    if cfg is None:
+        cfg = load_config(await client.get_configuration(), COMPONENT)
+    changes = _config_changes(client) if watching else None
+    seq = 0
+    while True:
+        service = IngestService(client, cfg, clocks)
+        service.sequencer.next_seq = seq
+        log.info("ingest.started", asset=cfg.asset, source=cfg.source, rate_hz=cfg.rate_hz,
+                 batch_size=cfg.batch_size, topic=cfg.topic, first_seq=seq)
+        async with asyncio.TaskGroup() as tg:
+            pub = tg.create_task(service.publish_forever())
+            faults = tg.create_task(service.serve_faults())
+            watch = tg.create_task(anext(changes, None) if changes is not None else asyncio.Event().wait())
+            await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not watch.done():  # a finite replay ended: keep answering, wait for a new configuration
+                log.info("ingest.source_finished", asset=cfg.asset, published=service.published)
+                await asyncio.wait({watch})
+            new = watch.result()
+            pub.cancel()
+            faults.cancel()
+        if not isinstance(new, IngestConfig):
+            return  # the nucleus closed the watch stream: we are being stopped
+        log.info("ingest.config_changed", asset=new.asset, source=new.source)
+        seq = service.sequencer.next_seq if new.asset == cfg.asset else 0
+        cfg = new
