@@ -1,0 +1,5 @@
+import sys
+
+from components.model_builder.cli import main
+
+sys.exit(main(sys.argv[1:]))

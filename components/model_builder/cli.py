@@ -1,0 +1,153 @@
+"""``nucleus model build ...`` (also ``python -m components.model_builder build ...``).
+
+``main(argv)`` receives everything after ``nucleus model``; it returns the exit status: 0 success,
+2 bad arguments or data (one ``error:`` line naming the file/field), 1 verification failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from components.anomaly import signing
+from components.anomaly.errors import AnomalyError, TrainingError
+from components.anomaly.features import FeatureExtractor, FeatureSpec, default_spec, univariate_spec
+from components.anomaly.model_card import load_card
+from components.model_builder import data as datamod
+from components.model_builder.package import make_card, write_package
+from components.model_builder.training import TrainParams, train
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nucleus model", description="Train, export, sign and package anomaly models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train on healthy data and write a signed, deployable model component")
+    b.add_argument("--data", action="append", required=True, type=Path,
+                   help="training file: .csv/.csv.gz (numeric columns) or .npz recording; repeatable")
+    b.add_argument("--out", required=True, type=Path, help="output dir: recipes/, artifacts/, detector-config.json")
+    b.add_argument("--name", default="com.nucleus.TurbineModel", help="model component name")
+    b.add_argument("--version", default="1.0.0", help="model component version")
+    b.add_argument("--kind", choices=["isolation_forest", "pca", "autoencoder"], default="isolation_forest")
+    b.add_argument("--channels", help="comma-separated channel (column) names; default: every numeric column")
+    b.add_argument("--label-column", help="train only on rows whose label is a --normal-value")
+    b.add_argument("--normal-value", action="append", default=None, help="label value meaning normal (default 0)")
+    b.add_argument("--rows", help="START:END row range of each CSV to train on (e.g. 0:50000)")
+    b.add_argument("--rate-hz", type=float, help="sample rate (recordings carry their own)")
+    b.add_argument("--window", type=int, default=1024, help="window length in samples")
+    b.add_argument("--hop", type=int, default=256, help="samples between window starts")
+    b.add_argument("--features", default="vibration",
+                   help="feature preset (vibration, univariate) or a JSON feature-spec file")
+    b.add_argument("--bands", type=int, default=8, help="spectral bands per fast channel (vibration preset)")
+    b.add_argument("--slow-channels", default="temp", help="channels given level+trend only (vibration preset)")
+    b.add_argument("--quantile", type=float, default=0.999, help="threshold quantile of held-out healthy scores")
+    b.add_argument("--false-alarms-per-hour", type=float, help="threshold from a false-alarm budget (needs rate)")
+    b.add_argument("--margin", type=float, default=1.0, help="threshold multiplier")
+    b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--n-estimators", type=int, default=100)
+    b.add_argument("--max-samples", type=int, default=256)
+    b.add_argument("--pca-variance", type=float, default=0.95)
+    b.add_argument("--hidden", help="autoencoder hidden layer sizes, e.g. 16,4,16")
+    b.add_argument("--key", type=Path, help="Ed25519 private key (PEM); created if absent "
+                   "(default <out>/keys/model-signing.key); public key written to <key>.pub")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    v = sub.add_parser("verify", help="verify a model directory's signature and digests")
+    v.add_argument("model_dir", type=Path)
+    v.add_argument("--component", required=True)
+    v.add_argument("--version", required=True)
+    v.add_argument("--trusted-key", action="append", required=True, help="base64 public key or a file holding one")
+    return p
+
+
+def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
+    if args.features == "vibration":
+        return default_spec(channels, bands=args.bands, slow=tuple(s for s in args.slow_channels.split(",") if s))
+    if args.features == "univariate":
+        if len(channels) != 1:
+            raise TrainingError(f"the univariate preset needs one channel, have {channels}", field="features")
+        return univariate_spec(channels[0])
+    path = Path(args.features)
+    try:
+        return FeatureSpec.model_validate_json(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"feature spec unreadable: {exc}", path=path, field="features") from exc
+
+
+def build(args: argparse.Namespace) -> dict[str, object]:
+    channels = args.channels.split(",") if args.channels else None
+    rows = None
+    if args.rows:
+        start, _, end = args.rows.partition(":")
+        rows = (int(start or 0), int(end) if end else 1 << 62)
+    loaded: list[datamod.Dataset] = []
+    for path in args.data:
+        if path.suffix == ".npz":
+            loaded.append(datamod.load_recording(path))
+        else:
+            loaded.append(datamod.load_csv(path, channels, label_column=args.label_column,
+                                           normal_values=tuple(args.normal_value or ["0"]), row_range=rows))
+    dataset = datamod.merge(loaded, channels)
+    rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
+    spec = _spec(args, dataset.channels)
+    extractor = FeatureExtractor(spec, dataset.channels, args.window)
+    features = extractor.extract(datamod.windows(dataset, args.window, args.hop))
+    params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
+                         margin=args.margin, calibration_fraction=args.calibration_fraction, seed=args.seed,
+                         n_estimators=args.n_estimators, max_samples=args.max_samples, pca_variance=args.pca_variance,
+                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None)
+    model = train(features, params, rate_hz=rate, hop=args.hop)
+    label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
+    card = make_card(model, component=args.name, version=args.version, channels=dataset.channels, spec=spec,
+                     window=args.window, hop=args.hop, rate_hz=rate, sources=dataset.sources, rows=dataset.rows,
+                     label_filter=label_filter)
+    key_path = args.key or args.out / "keys" / "model-signing.key"
+    key, created = signing.load_or_create_key(key_path)
+    pkg = write_package(model, card, args.out, key)
+    return {
+        "component": card.component, "version": card.version, "kind": card.kind, "recipe": str(pkg.recipe),
+        "artifacts": str(pkg.artifacts), "threshold": card.threshold.value, "windows": card.training.windows,
+        "features": len(card.feature_names), "key": str(key_path), "key_created": created, "key_id": pkg.key_id,
+        "public_key": pkg.public_key, "detector_config": str(pkg.detector_config), "metrics": card.metrics,
+    }
+
+
+def _print_build(result: dict[str, object]) -> None:
+    m = result["metrics"]
+    assert isinstance(m, dict)
+    print(f"built {result['component']} {result['version']} ({result['kind']}): {result['windows']} windows x "
+          f"{result['features']} features, threshold {result['threshold']:.6g}")
+    print(f"  ONNX vs scikit-learn: max |diff| {m['onnx_max_abs_diff']:.2e}, "
+          f"same decision on {100 * m['onnx_label_agreement']:.2f}% of check windows")
+    print(f"  recipe:    {result['recipe']}")
+    print(f"  artifacts: {result['artifacts']}")
+    print(f"  signed by  {result['key_id']} ({'new key ' if result['key_created'] else ''}{result['key']})")
+    print(f"  deploy:    nucleus deploy {result['recipe']} --artifacts {result['artifacts']}")
+    print(f"  trust:     nucleus deploy --update-config \"$(cat {result['detector_config']})\"")
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            result = build(args)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                _print_build(result)
+            return 0
+        keys = [Path(k).read_text().strip() if Path(k).is_file() else k for k in args.trusted_key]
+        verified = signing.verify_model(args.model_dir, component=args.component, version=args.version,
+                                        trusted=signing.trusted_key_map(keys))
+        load_card(args.model_dir / "model_card.json", component=args.component)
+        print(f"ok: {args.component} {args.version} signed by {verified.key_id}")
+        return 0
+    except TrainingError as exc:
+        where = ": ".join(str(x) for x in (exc.path, exc.field) if x)
+        print(f"error: {where + ': ' if where else ''}{exc.message}", file=sys.stderr)
+        return 2
+    except AnomalyError as exc:
+        where = ": ".join(str(x) for x in (exc.path, exc.field, exc.key_id) if x)
+        print(f"error: {where + ': ' if where else ''}{exc.message}", file=sys.stderr)
+        return 1 if args.command == "verify" else 2

@@ -1,0 +1,148 @@
+"""Training data: CSV files (optionally gzip) and recorded bus data (.npz), as channel-major segments.
+
+A segment is a stretch of contiguous samples ``(C, n)``; windows never span two segments, so a gap in
+a recording or rows removed by a label filter never produce a window that did not exist.
+
+Recording format (``.npz``, written by :func:`save_recording`): ``channels`` (str array),
+``data`` float32 ``(C, n)``, ``rate_hz`` (scalar, NaN if unknown) and ``segment_starts`` (int array of
+sample indices where a new contiguous run begins; ``[0]`` if none). A recorder that stores
+``sensors/<asset>/raw`` batches starts a new segment at every sequence gap.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
+
+from components.anomaly.errors import TrainingError
+
+
+@dataclass(slots=True)
+class Dataset:
+    channels: list[str]
+    segments: list[npt.NDArray[np.float64]]  # each (C, n)
+    rate_hz: float | None
+    sources: list[str]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.shape[1] for s in self.segments)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _runs(mask: npt.NDArray[np.bool_] | np.bool_) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    padded = np.concatenate([[False], mask, [False]])
+    change = np.flatnonzero(padded[1:] != padded[:-1])
+    return [(int(a), int(b)) for a, b in zip(change[::2], change[1::2], strict=True)]
+
+
+def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str | None = None,
+             normal_values: tuple[str, ...] = ("0",), row_range: tuple[int, int] | None = None) -> Dataset:
+    """Numeric columns as channels (``timestamp``-like text columns are skipped). With
+    ``label_column``, only rows whose label is one of ``normal_values`` are kept, as segments."""
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            rows = list(reader)
+    except (OSError, StopIteration, UnicodeDecodeError, csv.Error) as exc:
+        raise TrainingError(f"cannot read CSV: {exc}", path=path) from exc
+    if row_range is not None:
+        rows = rows[row_range[0]:row_range[1]]
+    if not rows:
+        raise TrainingError("CSV has no data rows", path=path)
+    cols = {name.strip(): i for i, name in enumerate(header)}
+    if channels is None:
+        channels = []
+        for name, i in cols.items():
+            if name == label_column:
+                continue
+            try:
+                float(rows[0][i])
+            except ValueError:
+                continue
+            channels.append(name)
+    missing = [c for c in channels if c not in cols]
+    if missing or not channels:
+        raise TrainingError(f"CSV has no columns {missing or channels} (has {list(cols)})", path=path,
+                            field="channels")
+    try:
+        data = np.array([[float(r[cols[c]]) for c in channels] for r in rows], dtype=np.float64).T
+    except (ValueError, IndexError) as exc:
+        raise TrainingError(f"non-numeric value in a channel column: {exc}", path=path) from exc
+    keep = np.isfinite(data).all(axis=0)
+    if label_column is not None:
+        if label_column not in cols:
+            raise TrainingError(f"no label column {label_column!r}", path=path, field="label_column")
+        labels = np.array([r[cols[label_column]].strip() for r in rows])
+        keep &= np.isin(labels, list(normal_values))
+    segments = [data[:, a:b] for a, b in _runs(keep)]
+    return Dataset(list(channels), segments, None, [str(path)])
+
+
+def save_recording(path: Path, channels: list[str], data: npt.NDArray[np.floating], rate_hz: float | None,
+                   segment_starts: list[int] | None = None) -> None:
+    np.savez_compressed(path, channels=np.array(channels), data=np.asarray(data, dtype=np.float32),
+                        rate_hz=np.float64(rate_hz if rate_hz is not None else np.nan),
+                        segment_starts=np.array(segment_starts or [0], dtype=np.int64))
+
+
+def load_recording(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            channels = [str(c) for c in z["channels"]]
+            data = np.asarray(z["data"], dtype=np.float64)
+            rate = float(z["rate_hz"])
+            starts = [int(s) for s in z["segment_starts"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise TrainingError(f"not a nucleus recording (.npz with channels, data, rate_hz, segment_starts): {exc}",
+                            path=path) from exc
+    if data.ndim != 2 or data.shape[0] != len(channels):
+        raise TrainingError(f"recording data shape {data.shape} does not match {len(channels)} channels", path=path)
+    bounds = [*sorted(set(starts) | {0}), data.shape[1]]
+    segments: list[npt.NDArray[np.float64]] = []
+    for a, b in itertools.pairwise(bounds):
+        seg = data[:, a:b]
+        keep = np.isfinite(seg).all(axis=0)
+        segments.extend(seg[:, x:y] for x, y in _runs(keep))
+    return Dataset(channels, segments, None if np.isnan(rate) else rate, [str(path)])
+
+
+def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:
+    if not datasets:
+        raise TrainingError("no training data given")
+    want = channels or datasets[0].channels
+    segments: list[npt.NDArray[np.float64]] = []
+    rates = {d.rate_hz for d in datasets if d.rate_hz is not None}
+    if len(rates) > 1:
+        raise TrainingError(f"training files have different sample rates {sorted(rates)}")
+    for d in datasets:
+        missing = [c for c in want if c not in d.channels]
+        if missing:
+            raise TrainingError(f"{d.sources[0]} lacks channels {missing}", path=d.sources[0], field="channels")
+        rows = [d.channels.index(c) for c in want]
+        segments.extend(s[rows] for s in d.segments)
+    return Dataset(list(want), segments, rates.pop() if rates else None, [s for d in datasets for s in d.sources])
+
+
+def windows(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64]:
+    """All windows ``(W, C, window)`` in time order (views where possible), none spanning two segments."""
+    parts = [sliding_window_view(s, window, axis=1)[:, ::hop].transpose(1, 0, 2)
+             for s in dataset.segments if s.shape[1] >= window]
+    if not parts:
+        raise TrainingError(f"no segment is as long as one window ({window} samples)", field="window")
+    return np.concatenate(parts, axis=0)

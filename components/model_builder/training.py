@@ -1,0 +1,185 @@
+"""Fit an anomaly model on healthy features, export it, prove the export, pick the threshold.
+
+Data discipline: windows are split in time order into a fit part (the first ``1 - calibration_fraction``)
+and a calibration part (the rest). The model only sees the fit part; the threshold is a quantile of
+the calibration part's scores (held-out healthy data, so the quantile is not biased low the way
+in-sample scores are). No label other than "this data is normal" is ever used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort  # type: ignore[import-untyped]
+from sklearn.decomposition import PCA  # type: ignore[import-untyped]
+from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
+from sklearn.neural_network import MLPRegressor  # type: ignore[import-untyped]
+
+from components.anomaly.errors import TrainingError
+from components.anomaly.model_card import FeatureStats, ModelKind, OnnxIO, ScoreScale, Threshold
+from components.model_builder import onnx_export
+
+Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
+MIN_WINDOWS = 20
+
+
+@dataclass(slots=True)
+class TrainParams:
+    kind: ModelKind = "isolation_forest"
+    quantile: float = 0.999
+    false_alarms_per_hour: float | None = None
+    margin: float = 1.0
+    calibration_fraction: float = 0.25
+    seed: int = 0
+    n_estimators: int = 100
+    max_samples: int = 256
+    pca_variance: float = 0.95
+    t2_weight: float = 0.5
+    hidden: tuple[int, ...] | None = None
+    max_iter: int = 400
+    tolerance: float = 1e-3
+
+    def summary(self) -> dict[str, Any]:
+        base: dict[str, Any] = {"kind": self.kind, "calibration_fraction": self.calibration_fraction}
+        if self.kind == "isolation_forest":
+            base |= {"n_estimators": self.n_estimators, "max_samples": self.max_samples}
+        elif self.kind == "pca":
+            base |= {"pca_variance": self.pca_variance, "t2_weight": self.t2_weight}
+        else:
+            base |= {"hidden": list(self.hidden or ()), "max_iter": self.max_iter}
+        return base
+
+
+@dataclass(slots=True)
+class TrainedModel:
+    kind: ModelKind
+    proto: onnx.ModelProto
+    onnx_io: OnnxIO
+    threshold: Threshold
+    score_scale: ScoreScale
+    feature_stats: FeatureStats
+    metrics: dict[str, float]
+    fit_windows: int
+    calibration_windows: int
+    reference: Scorer  # scikit-learn's score, for the export check and the benchmark
+    estimator: Any
+    params: TrainParams
+    calibration_scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+
+def _scale(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    return mean, np.where(std > 1e-9, std, 1.0)
+
+
+def _fit(features: npt.NDArray[np.float32], p: TrainParams) -> tuple[Any, Scorer, onnx.ModelProto]:
+    n, f = features.shape
+    x64 = features.astype(np.float64)
+    mean, scale = _scale(x64)
+    if p.kind == "isolation_forest":
+        iso = IsolationForest(n_estimators=p.n_estimators, max_samples=min(p.max_samples, n), random_state=p.seed)
+        iso.fit(features)
+
+        def iso_score(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            return np.asarray(-iso.score_samples(x), dtype=np.float64)
+
+        return iso, iso_score, onnx_export.isolation_forest(iso, f)
+    z = (x64 - mean) / scale
+    if p.kind == "pca":
+        pca = PCA(n_components=p.pca_variance if p.pca_variance < 1 else min(int(p.pca_variance), f),
+                  svd_solver="full", random_state=p.seed).fit(z)
+        k = pca.n_components_
+
+        def pca_score(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            zz = (x.astype(np.float64) - mean) / scale
+            t = pca.transform(zz)
+            q = ((zz - pca.inverse_transform(t)) ** 2).mean(axis=1)
+            return np.asarray(q + p.t2_weight * ((t ** 2) / pca.explained_variance_).sum(axis=1) / k, dtype=np.float64)
+
+        return pca, pca_score, onnx_export.pca(mean, scale, pca, p.t2_weight, f)
+    hidden = p.hidden or (max(4, f // 2), max(2, f // 4), max(4, f // 2))
+    p.hidden = tuple(hidden)
+    mlp = MLPRegressor(hidden_layer_sizes=hidden, activation="tanh", max_iter=p.max_iter, random_state=p.seed,
+                       early_stopping=True, validation_fraction=0.1, n_iter_no_change=20, tol=1e-5)
+    mlp.fit(z, z)
+
+    def ae_score(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        zz = (x.astype(np.float64) - mean) / scale
+        return np.asarray(((zz - mlp.predict(zz)) ** 2).mean(axis=1), dtype=np.float64)
+
+    return mlp, ae_score, onnx_export.autoencoder(mean, scale, mlp, f)
+
+
+def session(proto: onnx.ModelProto | bytes, *, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    data = proto if isinstance(proto, bytes) else proto.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_scores(sess: ort.InferenceSession, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    out = sess.run([onnx_export.SCORE], {onnx_export.INPUT: np.ascontiguousarray(features, dtype=np.float32)})
+    return np.asarray(out[0], dtype=np.float64)
+
+
+def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: float | None = None,
+          hop: int | None = None) -> TrainedModel:
+    """Fit on the first part of ``features`` (time-ordered windows x features), calibrate on the rest."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[0] < MIN_WINDOWS:
+        raise TrainingError(f"need at least {MIN_WINDOWS} training windows, have {features.shape[0]}")
+    if not np.isfinite(features).all():
+        raise TrainingError("training features contain NaN or inf")
+    n = features.shape[0]
+    n_cal = max(1, round(n * params.calibration_fraction))
+    fit, cal = features[: n - n_cal], features[n - n_cal:]
+    started = time.perf_counter()
+    estimator, reference, proto = _fit(fit, params)
+    fit_seconds = time.perf_counter() - started
+    sess = session(proto)
+    check = np.concatenate([cal, fit[:: max(1, len(fit) // 500)]])
+    ours, theirs = onnx_scores(sess, check), reference(check)
+    cal_scores = ours[: len(cal)]
+    quantile = params.quantile
+    method: Any = "quantile"
+    if params.false_alarms_per_hour is not None:
+        if rate_hz is None or hop is None:
+            raise TrainingError("a false-alarm budget per hour needs the sample rate (--rate-hz)", field="rate_hz")
+        windows_per_hour = 3600.0 * rate_hz / hop
+        quantile = min(1 - 1e-9, max(0.5, 1.0 - params.false_alarms_per_hour / windows_per_hour))
+        method = "false_alarm_budget"
+    threshold = float(np.quantile(cal_scores, quantile, method="higher")) * params.margin
+    median = float(np.median(cal_scores))
+    spread = max(threshold - median, 1e-12)
+    diff = np.abs(ours - theirs)
+    if not np.all(diff <= params.tolerance * (np.abs(theirs) + spread)):
+        worst = int(diff.argmax())
+        raise TrainingError(f"ONNX scores differ from scikit-learn's: {ours[worst]!r} vs {theirs[worst]!r} "
+                            f"(tolerance {params.tolerance} relative)")
+    agree = float(np.mean((ours >= threshold) == (theirs >= threshold)))
+    mean, std = features[: n - n_cal].astype(np.float64).mean(axis=0), fit.astype(np.float64).std(axis=0)
+    outputs = [o.name for o in proto.graph.output]
+    return TrainedModel(
+        kind=params.kind, proto=proto,
+        onnx_io=OnnxIO(n_features=features.shape[1], opset=onnx_export.OPSET, nodes=len(proto.graph.node),
+                       contributions_output=onnx_export.CONTRIB if onnx_export.CONTRIB in outputs else None),
+        threshold=Threshold(value=threshold, method=method, quantile=quantile, margin=params.margin,
+                            calibration_windows=len(cal), false_alarms_per_hour=params.false_alarms_per_hour),
+        score_scale=ScoreScale(median=median, p99=float(np.quantile(cal_scores, 0.99)), max=float(cal_scores.max())),
+        feature_stats=FeatureStats(mean=[float(v) for v in mean], std=[float(v) for v in std]),
+        metrics={"onnx_max_abs_diff": float(diff.max()), "onnx_label_agreement": agree,
+                 "calibration_alarm_fraction": float(np.mean(cal_scores >= threshold)),
+                 "fit_seconds": fit_seconds, "onnx_nodes": float(len(proto.graph.node)),
+                 "onnx_bytes": float(proto.ByteSize())},
+        fit_windows=len(fit), calibration_windows=len(cal), reference=reference, estimator=estimator,
+        params=params, calibration_scores=cal_scores,
+    )
