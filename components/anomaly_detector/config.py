@@ -1,0 +1,30 @@
+"""The detector's configuration (recipe ``DefaultConfiguration``, merged by deployments)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DetectorConfig(BaseModel):
+    """Keys are the recipe's (camelCase, Greengrass style); unknown keys such as ``accessControl`` are
+    ignored because the nucleus keeps them in the same configuration document."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    model_component: str = Field("com.nucleus.TurbineModel", alias="modelComponent")
+    trusted_keys: list[str] = Field(default_factory=list, alias="trustedKeys")
+    sensor_topic: str = Field("sensors/+/raw", alias="sensorTopic")
+    anomaly_topic_prefix: str = Field("anomaly", alias="anomalyTopicPrefix")
+    retraining_topic_prefix: str = Field("retraining", alias="retrainingTopicPrefix")
+    heartbeat_topic: str = Field("heartbeat/anomaly_detector", alias="heartbeatTopic")
+    heartbeat_interval_s: float = Field(0.5, gt=0, alias="heartbeatIntervalS")
+    model_poll_interval_s: float = Field(5.0, gt=0, alias="modelPollIntervalS")
+    max_batch: int = Field(64, ge=1, le=4096, alias="maxBatch")
+    max_pending_windows: int = Field(4096, ge=1, alias="maxPendingWindows")
+    subscription_queue: int = Field(4096, ge=16, alias="subscriptionQueue")
+    intra_op_threads: int = Field(1, ge=1, le=64, alias="intraOpThreads")
+    top_contributors: int = Field(3, ge=1, le=32, alias="topContributors")
+    capture_low_confidence_below: float = Field(0.2, ge=0, le=1, alias="captureLowConfidenceBelow")
+    capture_normal_every: int = Field(600, ge=0, alias="captureNormalEvery")
+    capture_max_per_minute: int = Field(60, ge=0, alias="captureMaxPerMinute")
+    capture_include_window: bool = Field(False, alias="captureIncludeWindow")

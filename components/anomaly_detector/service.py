@@ -1,0 +1,290 @@
+"""The detector's I/O: bus subscriptions, model discovery and hot swap, scoring loop, events, heartbeat.
+
+Tasks (one TaskGroup, all owned by :meth:`Detector.run`):
+
+* ``ingest``  -- ``sensors/+/raw`` -> per-asset :class:`Windower` -> bounded queue of windows. Each
+  queued window carries the model it was cut for, so windows cut before a swap are scored by the
+  old model and windows cut after by the new one: a swap never drops or mis-scores a window.
+* ``score``   -- takes one window, then whatever else is already queued (up to ``maxBatch``): when the
+  detector is behind it scores a backlog in one ONNX call instead of one call per window.
+* ``models``  -- ``models/<component>/available`` announcements plus a ``components.get`` poll; a new
+  version is verified, loaded and warmed up in a worker thread, then swapped in between two messages.
+  A model that fails any check is logged ``model.rejected`` and the current one stays.
+* ``heartbeat`` -- every ``heartbeatIntervalS``: model version, windows scored, skip counters, lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from components.anomaly import signing
+from components.anomaly.announce import topic_for
+from components.anomaly.errors import AnomalyError
+from components.anomaly_detector.capture import CapturePolicy
+from components.anomaly_detector.config import DetectorConfig
+from components.anomaly_detector.scoring import LoadedModel, load_model
+from components.anomaly_detector.windowing import Window, Windower
+from ipc import Client, IpcError, ResourceNotFound
+
+log = structlog.get_logger("anomaly_detector")
+
+
+@dataclass(slots=True)
+class _Pending:
+    asset: str
+    window: Window
+    model: LoadedModel
+
+
+def asset_of(topic: str) -> str:
+    parts = topic.split("/")
+    return parts[1] if len(parts) >= 3 else topic
+
+
+class Detector:
+    def __init__(self, client: Client, config: DetectorConfig) -> None:
+        self.client = client
+        self.config = config
+        self.model: LoadedModel | None = None
+        self.windowers: dict[str, Windower] = {}
+        self.skipped: Counter[str] = Counter()  # counts not tied to an asset's windower
+        self.windows_scored = 0
+        self.anomalies = 0
+        self.captured = 0
+        self.lag_s: float | None = None
+        self.rejected: dict[tuple[str, str], dict[str, Any]] = {}
+        self.last_rejection: dict[str, Any] | None = None
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=config.max_pending_windows)
+        self.capture = CapturePolicy(config.capture_low_confidence_below, config.capture_normal_every,
+                                     config.capture_max_per_minute)
+        self._check_models = asyncio.Event()
+        self._trusted = self._trusted_keys(config)
+        self._log_times: dict[tuple[str, str], float] = {}
+
+    @staticmethod
+    def _trusted_keys(config: DetectorConfig) -> dict[str, Any]:
+        trusted: dict[str, Any] = {}
+        for text in config.trusted_keys:
+            try:
+                trusted |= signing.trusted_key_map([text])
+            except AnomalyError as exc:
+                log.error("detector.trusted_key_invalid", **exc.fields())  # noqa: TRY400 - fields say it all
+        return trusted
+
+    async def run(self) -> None:
+        log.info("detector.started", model_component=self.config.model_component,
+                 trusted_keys=sorted(self._trusted), sensor_topic=self.config.sensor_topic)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._models())
+            tg.create_task(self._announcements())
+            tg.create_task(self._config_watch())
+            tg.create_task(self._heartbeat())
+            tg.create_task(self._score_loop())
+            tg.create_task(self._ingest())
+
+    # --- input -------------------------------------------------------------------------------
+    async def _ingest(self) -> None:
+        async with self.client.subscribe(self.config.sensor_topic, queue_size=self.config.subscription_queue) as msgs:
+            async for m in msgs:
+                if m.dropped:
+                    self.skipped["bus_dropped"] += m.dropped
+                self._on_batch(m.topic, m.payload)
+
+    def _on_batch(self, topic: str, payload: Any) -> None:
+        model = self.model
+        asset = payload.get("asset") if isinstance(payload, dict) else None
+        asset = asset if isinstance(asset, str) and asset else asset_of(topic)
+        if model is None:
+            self.skipped["no_model"] += 1
+            return
+        if not isinstance(payload, dict):
+            self.skipped["malformed"] += 1
+            return
+        w = self.windowers.get(asset)
+        if w is None:
+            card = model.card
+            w = self.windowers[asset] = Windower(list(card.channels), card.window, card.hop, card.sample_rate_hz)
+        before = sum(w.skipped.values())
+        windows = w.push(payload)
+        if sum(w.skipped.values()) != before:
+            self._log_skips(asset, w)
+        for win in windows:
+            try:
+                self.queue.put_nowait(_Pending(asset, win, model))
+            except asyncio.QueueFull:
+                self.skipped["overload"] += 1
+
+    def _log_skips(self, asset: str, w: Windower) -> None:
+        now = time.monotonic()
+        for kind, count in w.skipped.items():
+            last = self._log_times.get((asset, kind), -1e9)
+            if now - last >= 5.0:
+                self._log_times[(asset, kind)] = now
+                log.warning("input.skipped", asset=asset, kind=kind, total=count)
+
+    # --- scoring -----------------------------------------------------------------------------
+    async def _score_loop(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.config.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            # Windows queued across a swap belong to two models: score each run with its own model.
+            start = 0
+            while start < len(batch):
+                model = batch[start].model
+                end = start
+                while end < len(batch) and batch[end].model is model:
+                    end += 1
+                await self._score(model, batch[start:end])
+                start = end
+
+    async def _score(self, model: LoadedModel, items: list[_Pending]) -> None:
+        try:
+            scored = model.score(np.stack([p.window.data for p in items]))
+        except Exception as exc:  # never let one bad window kill the detector; count and say why
+            self.skipped["score_error"] += len(items)
+            log.exception("window.score_failed", error=str(exc)[:300], model_version=model.version, windows=len(items))
+            return
+        now = time.time()
+        finite = np.isfinite(scored.scores) & np.isfinite(scored.features).all(axis=1)
+        for i, p in enumerate(items):
+            if not finite[i]:
+                self.skipped["nonfinite_features"] += 1
+                continue
+            score = float(scored.scores[i])
+            is_anomaly = score >= model.threshold
+            confidence = model.card.confidence(score)
+            event = {
+                "event_id": str(uuid.uuid4()), "asset": p.asset, "ts": now,
+                "window": {"seq_first": p.window.seq_first, "seq_last": p.window.seq_last, "t_end": p.window.t_end},
+                "score": score, "threshold": model.threshold, "is_anomaly": is_anomaly, "confidence": confidence,
+                "contributions": model.top(scored.shares[i], self.config.top_contributors),
+                "model": model.describe(), "published_at": time.time(),
+            }
+            await self.client.publish(f"{self.config.anomaly_topic_prefix}/{p.asset}", event)
+            self.windows_scored += 1
+            self.anomalies += int(is_anomaly)
+            self.lag_s = now - p.window.t_end
+            kind = self.capture.decide(is_anomaly=is_anomaly, confidence=confidence, now=now)
+            if kind is not None:
+                sample: dict[str, Any] = {"kind": kind, "asset": p.asset, "score": score, "threshold": model.threshold,
+                                          "features": scored.features[i], "feature_names": model.card.feature_names,
+                                          "model_version": model.version, "model_component": model.component,
+                                          "ts": now, "event_id": event["event_id"]}
+                if self.config.capture_include_window:
+                    sample["window"] = p.window.data
+                await self.client.publish(f"{self.config.retraining_topic_prefix}/{p.asset}", sample)
+                self.captured += 1
+
+    # --- models ------------------------------------------------------------------------------
+    async def _announcements(self) -> None:
+        async with self.client.subscribe(topic_for(self.config.model_component), queue_size=16) as msgs:
+            async for m in msgs:
+                log.info("model.announced", payload_version=(m.payload or {}).get("version")
+                         if isinstance(m.payload, dict) else None)
+                self._check_models.set()
+
+    async def _config_watch(self) -> None:
+        with contextlib.suppress(IpcError):
+            async with self.client.watch_configuration() as changes:
+                async for _ in changes:
+                    try:
+                        new = DetectorConfig.model_validate(await self.client.get_configuration())
+                    except (IpcError, ValueError) as exc:
+                        log.error("detector.config_invalid", error=str(exc)[:300])  # noqa: TRY400
+                        continue
+                    self._trusted = self._trusted_keys(new)
+                    self.config = self.config.model_copy(update={"trusted_keys": new.trusted_keys})
+                    self.rejected.clear()  # a newly trusted key may make a rejected model good
+                    self._check_models.set()
+
+    async def _models(self) -> None:
+        while True:
+            await self._check_model_once()
+            self._check_models.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_models.wait(), self.config.model_poll_interval_s)
+
+    async def _check_model_once(self) -> None:
+        name = self.config.model_component
+        try:
+            info = await self.client.get_component(name)
+        except ResourceNotFound:
+            self._once("model.not_deployed", component=name)
+            return
+        except IpcError as exc:
+            self._once("model.lookup_failed", component=name, code=exc.code, error=str(exc))
+            return
+        version = str(info.get("version"))
+        if self.model is not None and self.model.version == version:
+            return
+        path = info.get("artifacts_path")
+        if not path:
+            root = os.environ.get("NUCLEUS_ROOT", "")
+            path = str(Path(root) / "packages" / "artifacts" / name / version)
+        key = (version, str(path))
+        if key in self.rejected:
+            return
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(load_model, Path(path), component=name, version=version,
+                                            trusted=self._trusted, threads=self.config.intra_op_threads)
+        except AnomalyError as exc:
+            fields = exc.fields()
+            self.rejected[key] = fields
+            self.last_rejection = fields
+            log.error("model.rejected", kept_version=self.model.version if self.model else None,  # noqa: TRY400
+                      **fields)
+            return
+        self._swap(model, (time.perf_counter() - started) * 1000)
+
+    def _swap(self, model: LoadedModel, load_ms: float) -> None:
+        """No await in here: between two bus messages the windowers and the model change together."""
+        old = self.model
+        card = model.card
+        for w in self.windowers.values():
+            w.reconfigure(list(card.channels), card.window, card.hop, card.sample_rate_hz)
+        self.model = model
+        log.info("model.swapped", component=model.component, version=model.version, key_id=model.key_id,
+                 previous=old.version if old else None, load_ms=round(load_ms, 1), kind=card.kind,
+                 threshold=model.threshold)
+
+    def _once(self, event: str, **fields: Any) -> None:
+        key = (event, str(fields.get("code", "")))
+        if key not in self._log_times:
+            self._log_times[key] = time.monotonic()
+            log.warning(event, **fields)
+
+    # --- heartbeat -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        skipped = Counter(self.skipped)
+        for w in self.windowers.values():
+            skipped.update(w.skipped)
+        m = self.model
+        return {"ts": time.time(), "ready": m is not None, "model_component": self.config.model_component,
+                "model_version": m.version if m else None, "model_key_id": m.key_id if m else None,
+                "windows": self.windows_scored, "anomalies": self.anomalies, "captured": self.captured,
+                "skipped": dict(skipped), "lag_s": self.lag_s, "pending": self.queue.qsize(),
+                "assets": sorted(self.windowers), "model_rejected": self.last_rejection}
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.client.publish(self.config.heartbeat_topic, self.status())
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+
+async def main(client: Client) -> None:
+    raw = await client.get_configuration()
+    config = DetectorConfig.model_validate(raw if isinstance(raw, dict) else {})
+    await Detector(client, config).run()
