@@ -1,0 +1,135 @@
+"""The audit log: every protective decision and its outcome, in a local SQLite file.
+
+Durability is the point, so the file runs in WAL mode with ``synchronous=FULL``: a commit returns
+only after the WAL is fsync'ed, and a committed decision survives ``kill -9`` and power loss. The
+service commits a decision *before* it acknowledges it on the bus, so anything a listener has
+seen acknowledged is in this file. One connection, used by one thread at a time (the service's
+single audit worker), which is also why ``check_same_thread`` is off.
+
+sqlite-utils creates the schema and serves the reads; the two hot inserts are plain SQL because
+sqlite-utils' ``insert`` introspects the table on every call, which costs more than the insert.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from components.protective_action.policy import Decision, State
+
+
+def _sqlite_utils() -> ModuleType:
+    """sqlite-utils without its optional numpy import (~20 MB this component has no use for)."""
+    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import numpy` raise ImportError
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            if sys.modules.get(name) is None:
+                del sys.modules[name]
+    return sqlite_utils
+
+
+class AuditError(Exception):
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"audit log {path}: {message}")
+        self.path = path
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    action: str
+    ok: bool
+    detail: str
+    started_at: float  # wall clock
+    duration_s: float
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            db = _sqlite_utils().Database(self._conn)
+            db["decisions"].create({
+                "decision_id": str, "asset": str, "ts": float, "state": str, "previous": str, "action": str,
+                "actions": str, "suppressed": str, "reason": str, "event_ids": str, "scores": str,
+            }, pk="decision_id", if_not_exists=True)
+            db["outcomes"].create({
+                "decision_id": str, "action": str, "ok": int, "detail": str, "started_at": float,
+                "duration_s": float,
+            }, pk=("decision_id", "action"), foreign_keys=[("decision_id", "decisions")], if_not_exists=True)
+            db["decisions"].create_index(["asset", "ts"], if_not_exists=True)
+        except sqlite3.Error as exc:
+            raise AuditError(path, str(exc)) from exc
+        self._db = db
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def record(self, d: Decision, outcomes: Sequence[Outcome] = ()) -> None:
+        """Commit a decision (and outcomes already known) durably; returns after the fsync."""
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute(
+                "INSERT INTO decisions (decision_id, asset, ts, state, previous, action, actions, suppressed, "
+                "reason, event_ids, scores) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (d.decision_id, d.asset, d.ts, d.state.value, d.previous.value, d.actions[0] if d.actions else None,
+                 json.dumps(d.actions), json.dumps(d.suppressed), d.reason, json.dumps(d.event_ids),
+                 json.dumps(d.scores)))
+            self._insert_outcomes(d.decision_id, outcomes)
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def record_outcomes(self, decision_id: str, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_outcomes(decision_id, outcomes)
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def _insert_outcomes(self, decision_id: str, outcomes: Sequence[Outcome]) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO outcomes (decision_id, action, ok, detail, started_at, duration_s) "
+            "VALUES (?,?,?,?,?,?)",
+            [(decision_id, o.action, int(o.ok), o.detail, o.started_at, o.duration_s) for o in outcomes])
+
+    # --- reads ----------------------------------------------------------------------------------
+    def decisions(self, asset: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        where, args = ("asset = ?", [asset]) if asset is not None else (None, [])
+        rows = self._db["decisions"].rows_where(where, args, order_by="rowid desc", limit=limit)
+        out = []
+        for r in rows:
+            for key in ("actions", "suppressed", "event_ids", "scores"):
+                r[key] = json.loads(r[key])
+            out.append(r)
+        out.reverse()
+        return out
+
+    def outcomes(self, decision_id: str) -> list[dict[str, Any]]:
+        return list(self._db["outcomes"].rows_where("decision_id = ?", [decision_id]))
+
+    def last_states(self) -> dict[str, State]:
+        """The state each asset was left in: a latch or a safe state survives a restart."""
+        rows = self._conn.execute(
+            "SELECT asset, state FROM decisions WHERE rowid IN (SELECT max(rowid) FROM decisions GROUP BY asset)")
+        return {asset: State(state) for asset, state in rows}

@@ -1,0 +1,137 @@
+"""The protective action's configuration (the recipe's ``ComponentConfiguration``), validated once.
+
+camelCase keys as Greengrass configurations usually are; snake_case accepted; unknown keys are
+errors (a misspelt ``heartbeatTimeoutS`` must not silently leave the default in a safety
+function). ``accessControl`` belongs to the nucleus and is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+ACTIONS = ("engage_brake", "pitch_to_feather", "disconnect_generator")
+ActionName = Literal["engage_brake", "pitch_to_feather", "disconnect_generator"]
+_ASSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _known_actions(keys: Any) -> None:
+    unknown = sorted(set(keys) - set(ACTIONS))
+    if unknown:
+        raise ValueError(f"unknown actions {unknown}; known: {list(ACTIONS)}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class PolicyConfig(_Model):
+    k: int = Field(3, ge=1)  # trip when k of the last n valid windows are at or above the trip level
+    n: int = Field(5, ge=1)
+    trip_ratio: float = Field(1.0, gt=0)  # trip level = tripRatio x the event's threshold
+    release_ratio: float = Field(0.8, gt=0)  # hysteresis: release level = releaseRatio x threshold
+    release_count: int = Field(5, ge=1)  # consecutive windows below the release level to release
+    latch: bool = True  # a trip stays until an operator reset on control/<asset>/reset
+    trip_actions: tuple[ActionName, ...] = ("engage_brake", "pitch_to_feather")
+    cooldown_s: float = Field(5.0, ge=0)  # an action is not repeated within this time
+    action_cooldown_s: dict[str, float] = Field(default_factory=dict)  # per action, overrides cooldownS
+    heartbeat_timeout_s: float = Field(3.0, gt=0)  # no detector heartbeat this long: safe state
+    sensor_timeout_s: float = Field(2.0, gt=0)  # no sensors/<asset>/raw batch this long: safe state
+    startup_grace_s: float = Field(15.0, ge=0)  # before the first heartbeat/batch is ever seen
+    safe_state_actions: tuple[ActionName, ...] = ("pitch_to_feather", "engage_brake")
+    max_consecutive_invalid: int = Field(50, ge=0)  # that many bad events in a row: safe state (0: never)
+
+    @field_validator("action_cooldown_s")
+    @classmethod
+    def _cooldown_actions(cls, v: dict[str, float]) -> dict[str, float]:
+        _known_actions(v)
+        if any(x < 0 for x in v.values()):
+            raise ValueError("cooldowns cannot be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyConfig:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) cannot exceed n ({self.n})")
+        if self.release_ratio > self.trip_ratio:
+            raise ValueError(f"releaseRatio ({self.release_ratio}) must not exceed tripRatio ({self.trip_ratio}): "
+                             "hysteresis releases below a lower level than it trips at")
+        return self
+
+    def cooldown(self, action: str) -> float:
+        return self.action_cooldown_s.get(action, self.cooldown_s)
+
+
+class ActuatorConfig(_Model):
+    kind: Literal["simulated", "command"] = "simulated"
+    # command: action -> argv (list) or a shell-free command line split on whitespace
+    commands: dict[str, tuple[str, ...] | str] = Field(default_factory=dict)
+    timeout_s: float = Field(5.0, gt=0)
+    record_path: Path | None = None  # simulated: also append each call as a JSON line here
+
+    @field_validator("commands")
+    @classmethod
+    def _command_actions(cls, v: dict[str, tuple[str, ...] | str]) -> dict[str, tuple[str, ...] | str]:
+        _known_actions(v)
+        empty = [a for a, c in v.items() if not (c.split() if isinstance(c, str) else c)]
+        if empty:
+            raise ValueError(f"empty command for {empty}")
+        return v
+
+    def argv(self, action: str) -> tuple[str, ...] | None:
+        cmd = self.commands.get(action)
+        if cmd is None:
+            return None
+        return tuple(cmd.split()) if isinstance(cmd, str) else tuple(cmd)
+
+
+class ActionConfig(_Model):
+    assets: tuple[str, ...] = ("turbine-1",)
+    policy: PolicyConfig = PolicyConfig()
+    actuator: ActuatorConfig = ActuatorConfig()
+    audit_path: Path = Path("audit.db")  # relative to the working directory ({work:path})
+    # write_ahead: audit commit -> actuator -> outcome commit -> publish (the log never misses an action);
+    # act_first: actuator -> one audit commit -> publish (lower latency; an action may precede its record)
+    audit_order: Literal["write_ahead", "act_first"] = "write_ahead"
+    check_interval_s: float = Field(0.05, gt=0, le=5)  # how often the fail-safe timers are checked
+
+    @field_validator("assets")
+    @classmethod
+    def _assets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if not _ASSET.match(a)]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"assets must be distinct topic-level names (letters, digits, '_.-'); bad: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _commands_cover_actions(self) -> ActionConfig:
+        if self.actuator.kind == "command":
+            needed = set(self.policy.trip_actions) | set(self.policy.safe_state_actions)
+            missing = sorted(a for a in needed if self.actuator.argv(a) is None)
+            if missing:
+                raise ValueError(f"actuator.commands has no command for {missing}")
+        return self
+
+
+class ConfigError(Exception):
+    """The configuration does not validate; names the component and each field at fault."""
+
+    def __init__(self, component: str, errors: list[str]) -> None:
+        super().__init__(f"{component}: invalid configuration: " + "; ".join(errors))
+        self.component = component
+        self.errors = errors
+
+
+def load_config(raw: Any, component: str = "com.nucleus.ProtectiveAction") -> ActionConfig:
+    doc = dict(raw) if isinstance(raw, dict) else raw
+    if isinstance(doc, dict):
+        doc.pop("accessControl", None)
+    try:
+        return ActionConfig.model_validate(doc if doc is not None else {})
+    except ValidationError as exc:
+        raise ConfigError(component, [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                                      for e in exc.errors()]) from exc

@@ -1,0 +1,59 @@
+"""Validation of ``anomaly/<asset>`` events: anything malformed is rejected with a reason, never guessed.
+
+Hand-written rather than pydantic because it is on the latency path (a few microseconds) and
+because each rejection needs a short stable reason to count by (``nan_score``, ``no_event_id``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class BadEvent(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class Observation:
+    """One scored window, as much of the event as the policy needs."""
+
+    event_id: str
+    asset: str
+    score: float
+    threshold: float
+    ts: float
+    published_at: float | None
+
+
+def _finite(doc: dict[str, Any], key: str, reason: str) -> float:
+    v = doc.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadEvent(f"bad_{key}", f"{key} must be a number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise BadEvent(reason, f"{key} is {f}")
+    return f
+
+
+def parse_event(payload: Any, topic_asset: str) -> Observation:
+    """The observation in an event on ``anomaly/<topic_asset>``, or :class:`BadEvent`."""
+    if not isinstance(payload, dict):
+        raise BadEvent("not_a_map", type(payload).__name__)
+    event_id = payload.get("event_id")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 128:
+        raise BadEvent("no_event_id")
+    asset = payload.get("asset", topic_asset)
+    if asset != topic_asset:
+        raise BadEvent("asset_mismatch", f"payload asset {asset!r} on the topic of {topic_asset!r}")
+    score = _finite(payload, "score", "nan_score")
+    threshold = _finite(payload, "threshold", "nan_threshold")
+    ts = payload.get("ts", 0.0)
+    ts = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) and math.isfinite(ts) else 0.0
+    pub = payload.get("published_at")
+    published_at = float(pub) if isinstance(pub, int | float) and not isinstance(pub, bool) else None
+    return Observation(event_id, topic_asset, score, threshold, ts, published_at)

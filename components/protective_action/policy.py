@@ -1,0 +1,215 @@
+"""The protective policy of one asset: a pure state machine driven by an injected clock.
+
+States::
+
+    normal ──k of last n windows ≥ trip level──► tripped (latch: false) ──releaseCount windows
+       ▲                                  └────► latched (latch: true)     below release level──► normal
+       │                                                │
+       └──────────── operator reset (condition clear, streams alive) ◄───────┘
+    any ──detector heartbeat or sensor stream silent too long, or too many bad events──► safe_state
+    safe_state ──operator reset (streams alive again)──► normal
+
+Levels are relative to the threshold each event carries (models are retrained and their
+thresholds change): ``level(r) = threshold + (r - 1)·|threshold|``, which is ``r·threshold``
+for the usual positive threshold and still orders correctly for a negative one. Trip at or above
+``tripRatio``, release strictly below ``releaseRatio`` (≤ tripRatio): hysteresis, so a score
+hovering at the threshold cannot toggle the brake.
+
+A *decision* is produced only when something changes (a trip, a release, a reset, the safe
+state): those are what the audit log records and what ``actions/<asset>`` carries. Cooldown is per
+action: an action taken less than its cooldown ago is listed as suppressed, not executed again.
+Nothing here does I/O or reads a clock; ``now`` (monotonic seconds) and ``wall`` (epoch seconds)
+are arguments, so every rule is tested as a table of events and times.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from components.protective_action.config import PolicyConfig
+from components.protective_action.events import Observation
+
+
+class State(StrEnum):
+    NORMAL = "normal"
+    TRIPPED = "tripped"
+    LATCHED = "latched"
+    SAFE_STATE = "safe_state"
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    decision_id: str
+    asset: str
+    ts: float  # wall clock, epoch seconds
+    state: State  # the state after the decision
+    previous: State
+    actions: tuple[str, ...]  # to execute now
+    suppressed: tuple[str, ...]  # wanted but within their cooldown
+    reason: str
+    event_ids: tuple[str, ...] = ()
+    scores: tuple[float, ...] = ()
+
+    def payload(self) -> dict[str, Any]:
+        """The ``actions/<asset>`` message (the pipeline contract, plus the full action list)."""
+        return {
+            "decision_id": self.decision_id,
+            "asset": self.asset,
+            "ts": self.ts,
+            "action": self.actions[0] if self.actions else None,
+            "actions": list(self.actions),
+            "suppressed": list(self.suppressed),
+            "state": self.state.value,
+            "previous": self.previous.value,
+            "reason": self.reason,
+            "event_ids": list(self.event_ids),
+            "scores": list(self.scores),
+        }
+
+
+def level(ratio: float, threshold: float) -> float:
+    return threshold + (ratio - 1.0) * abs(threshold)
+
+
+@dataclass(slots=True)
+class _Window:
+    event_id: str
+    score: float
+    above: bool  # at or above the trip level
+    below: bool  # below the release level
+
+
+@dataclass(slots=True)
+class ResetResult:
+    ok: bool
+    state: State
+    reason: str
+    decision: Decision | None = None
+
+
+@dataclass(slots=True)
+class AssetPolicy:
+    asset: str
+    cfg: PolicyConfig
+    started: float  # monotonic time the policy started (the startup grace counts from here)
+    state: State = State.NORMAL
+    new_id: Callable[[], str] = field(default=lambda: uuid.uuid4().hex)
+    _recent: deque[_Window] = field(init=False)
+    _below_run: int = 0
+    _last_heartbeat: float | None = None
+    _last_sensor: float | None = None
+    _last_action: dict[str, float] = field(default_factory=dict)
+    _invalid_run: int = 0
+    _seen_ids: deque[str] = field(default_factory=lambda: deque(maxlen=256))
+    _seen_set: set[str] = field(default_factory=set)
+    duplicates: int = 0
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=self.cfg.n)
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def on_heartbeat(self, now: float) -> None:
+        self._last_heartbeat = now
+
+    def on_sensor(self, now: float) -> None:
+        self._last_sensor = now
+
+    def on_event(self, obs: Observation, now: float, wall: float) -> Decision | None:
+        """A valid scored window; a decision if it trips or releases."""
+        if obs.event_id in self._seen_set:
+            self.duplicates += 1
+            return None
+        self._remember(obs.event_id)
+        self._invalid_run = 0
+        c = self.cfg
+        w = _Window(obs.event_id, obs.score, obs.score >= level(c.trip_ratio, obs.threshold),
+                    obs.score < level(c.release_ratio, obs.threshold))
+        self._recent.append(w)
+        self._below_run = self._below_run + 1 if w.below else 0
+        if self.state is State.NORMAL:
+            hits = [x for x in self._recent if x.above]
+            if len(hits) >= c.k:
+                target = State.LATCHED if c.latch else State.TRIPPED
+                reason = (f"{len(hits)} of the last {len(self._recent)} windows at or above "
+                          f"{c.trip_ratio:g}x threshold (k={c.k}, n={c.n})")
+                return self._decide(target, c.trip_actions, now, wall, reason=reason, windows=hits)
+        elif self.state is State.TRIPPED and self._below_run >= c.release_count:
+            self._recent.clear()
+            reason = f"released: {self._below_run} consecutive windows below {c.release_ratio:g}x threshold"
+            return self._decide(State.NORMAL, (), now, wall, reason=reason, windows=[w])
+        return None
+
+    def on_invalid(self, now: float, wall: float, reason: str) -> Decision | None:
+        """A malformed event (NaN score, ...): counted; too many in a row is a dead detector."""
+        self._invalid_run += 1
+        limit = self.cfg.max_consecutive_invalid
+        if limit and self._invalid_run >= limit and self.state is not State.SAFE_STATE:
+            why = f"{self._invalid_run} invalid anomaly events in a row (last: {reason})"
+            return self._decide(State.SAFE_STATE, self.cfg.safe_state_actions, now, wall, reason=why, windows=[])
+        return None
+
+    def stale(self, now: float) -> str | None:
+        """Why the inputs count as stopped, or None while both are alive."""
+        c = self.cfg
+        for name, last, timeout in (("detector heartbeat", self._last_heartbeat, c.heartbeat_timeout_s),
+                                    ("sensor stream", self._last_sensor, c.sensor_timeout_s)):
+            if last is None:
+                if now - self.started > max(c.startup_grace_s, timeout):
+                    return f"no {name} since start ({now - self.started:.1f} s)"
+            elif now - last > timeout:
+                return f"{name} silent for {now - last:.2f} s (timeout {timeout:g} s)"
+        return None
+
+    def on_tick(self, now: float, wall: float) -> Decision | None:
+        """Fail-safe check: the safe state when the detector or the sensor stream has stopped."""
+        if self.state is State.SAFE_STATE:
+            return None
+        why = self.stale(now)
+        if why is None:
+            return None
+        return self._decide(State.SAFE_STATE, self.cfg.safe_state_actions, now, wall, reason=f"fail-safe: {why}",
+                            windows=[])
+
+    def reset(self, now: float, wall: float, operator: str) -> ResetResult:
+        """Operator reset: only when the trip condition is gone and the inputs are alive."""
+        if self.state is State.NORMAL:
+            return ResetResult(True, self.state, "already normal")
+        why = self.stale(now)
+        if why is not None:
+            return ResetResult(False, self.state, f"refused: {why}")
+        hits = sum(1 for x in self._recent if x.above)
+        if hits >= self.cfg.k:
+            return ResetResult(False, self.state, f"refused: condition still active ({hits} of the last "
+                                                  f"{len(self._recent)} windows at or above the trip level)")
+        self._recent.clear()
+        self._below_run = 0
+        self._invalid_run = 0
+        d = self._decide(State.NORMAL, (), now, wall, reason=f"operator reset by {operator}", windows=[])
+        return ResetResult(True, State.NORMAL, d.reason, d)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _remember(self, event_id: str) -> None:
+        if len(self._seen_ids) == self._seen_ids.maxlen:
+            self._seen_set.discard(self._seen_ids[0])
+        self._seen_ids.append(event_id)
+        self._seen_set.add(event_id)
+
+    def _decide(self, target: State, wanted: tuple[str, ...], now: float, wall: float, *, reason: str,
+                windows: list[_Window]) -> Decision:
+        run: list[str] = []
+        held: list[str] = []
+        for action in wanted:
+            last = self._last_action.get(action)
+            if last is not None and now - last < self.cfg.cooldown(action):
+                held.append(action)
+            else:
+                run.append(action)
+                self._last_action[action] = now
+        previous, self.state = self.state, target
+        return Decision(self.new_id(), self.asset, wall, target, previous, tuple(run), tuple(held), reason,
+                        tuple(x.event_id for x in windows), tuple(x.score for x in windows))

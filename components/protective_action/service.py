@@ -1,0 +1,299 @@
+"""The protective action's I/O: bus subscriptions, the audit worker, the actuator, the fail-safe tick.
+
+The order of one decision is the guarantee the issue asks for, so it lives in one method
+(:meth:`ActionService.apply`), serialised by one lock:
+
+* ``write_ahead`` (default): commit the decision (fsync) → call the actuator → commit the outcome →
+  publish on ``actions/<asset>``. The log never misses an action that was taken; the actuator
+  waits for one fsync (≈ 0.3 ms median here, a few ms at p99).
+* ``act_first``: call the actuator → commit decision and outcome together → publish. The fastest
+  path to the machine; a crash between the two can leave an action without its record.
+
+Either way nothing is acknowledged (published, or answered to a reset) before it is durable. If
+the audit write fails, the actuator still runs — protecting the machine comes first — but the
+decision is not acknowledged, and the failure is logged.
+
+SQLite runs on one dedicated worker thread, so an fsync never stalls the event loop that watches
+the heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from components.protective_action.actuators import ActionRequest, Actuator, CommandActuator, SimulatedActuator
+from components.protective_action.audit import AuditLog, Outcome
+from components.protective_action.config import ActionConfig, ActuatorConfig, ConfigError, load_config
+from components.protective_action.events import BadEvent, parse_event
+from components.protective_action.policy import AssetPolicy, Decision, State
+from ipc import Client, IpcError
+
+log = structlog.get_logger(__name__)
+
+COMPONENT = "com.nucleus.ProtectiveAction"
+HEARTBEAT_TOPIC = "heartbeat/anomaly_detector"
+
+
+@dataclass(slots=True)
+class Clocks:
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    perf: Callable[[], float] = time.perf_counter
+
+
+@dataclass(slots=True)
+class Stats:
+    events: int = 0
+    decisions: int = 0
+    bad_events: Counter[str] = field(default_factory=Counter)
+    unknown_assets: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0  # anomaly events the bus dropped because we were behind
+    audit_failures: int = 0
+    # receive of the anomaly event -> actuator call, seconds (bounded)
+    receive_to_actuator: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+def make_actuator(cfg: ActuatorConfig) -> Actuator:
+    if cfg.kind == "command":
+        commands = {a: argv for a in cfg.commands if (argv := cfg.argv(a)) is not None}
+        return CommandActuator(commands, cfg.timeout_s)
+    return SimulatedActuator(cfg.record_path)
+
+
+class ActionService:
+    def __init__(self, client: Client, cfg: ActionConfig, audit: AuditLog, *, actuator: Actuator | None = None,
+                 clocks: Clocks | None = None) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.audit = audit
+        self.actuator = actuator or make_actuator(cfg.actuator)
+        self.clocks = clocks or Clocks()
+        self.stats = Stats()
+        self._lock = asyncio.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        now = self.clocks.monotonic()
+        restored = audit.last_states()
+        self.policies: dict[str, AssetPolicy] = {}
+        for asset in cfg.assets:
+            state = restored.get(asset, State.NORMAL)
+            self.policies[asset] = AssetPolicy(asset, cfg.policy, now, state)
+            if state is not State.NORMAL:
+                log.warning("action.state_restored", asset=asset, state=state.value, audit=str(audit.path))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def reconfigure(self, cfg: ActionConfig) -> None:
+        """A new configuration: policies keep their state and timers; assets come and go."""
+        if cfg.audit_path != self.cfg.audit_path:
+            log.warning("action.audit_path_change_needs_restart", current=str(self.cfg.audit_path),
+                        configured=str(cfg.audit_path))
+        now = self.clocks.monotonic()
+        policies: dict[str, AssetPolicy] = {}
+        for asset in cfg.assets:
+            old = self.policies.get(asset)
+            new = AssetPolicy(asset, cfg.policy, old.started if old else now, old.state if old else State.NORMAL)
+            if old is not None:
+                new._last_heartbeat, new._last_sensor = old._last_heartbeat, old._last_sensor
+                new._last_action = dict(old._last_action)
+            policies[asset] = new
+        self.policies = policies
+        if cfg.actuator != self.cfg.actuator:
+            self.actuator = make_actuator(cfg.actuator)
+        self.cfg = cfg
+        log.info("action.reconfigured", assets=list(cfg.assets), k=cfg.policy.k, n=cfg.policy.n,
+                 latch=cfg.policy.latch)
+
+    # --- the decision path ---------------------------------------------------------------------
+    async def _audit(self, fn: Callable[..., None], *args: Any) -> bool:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return True
+        except Exception as exc:
+            self.stats.audit_failures += 1
+            log.error("action.audit_failed", path=str(self.audit.path), error=str(exc))  # noqa: TRY400
+            return False
+
+    async def _actuate(self, d: Decision) -> list[Outcome]:
+        requests = [ActionRequest(a, d.asset, d.decision_id, d.reason) for a in d.actions]
+        if not requests:
+            return []
+        if len(requests) == 1:
+            return [await self.actuator.execute(requests[0])]
+        return list(await asyncio.gather(*(self.actuator.execute(r) for r in requests)))
+
+    async def apply(self, d: Decision, received: float | None = None, published_at: float | None = None) -> bool:
+        """Audit, act, acknowledge — in the configured order. True if acknowledged."""
+        async with self._lock:
+            self.stats.decisions += 1
+            if self.cfg.audit_order == "write_ahead":
+                durable = await self._audit(self.audit.record, d, ())
+                acted_at, acted_wall = self.clocks.perf(), self.clocks.wall()
+                outcomes = await self._actuate(d)
+                if durable and outcomes:
+                    durable = await self._audit(self.audit.record_outcomes, d.decision_id, outcomes)
+            else:
+                acted_at, acted_wall = self.clocks.perf(), self.clocks.wall()
+                outcomes = await self._actuate(d)
+                durable = await self._audit(self.audit.record, d, outcomes)
+            timing: dict[str, float] = {"actuated_at": acted_wall}
+            if received is not None and d.actions:
+                latency = acted_at - received
+                self.stats.receive_to_actuator.append(latency)
+                timing["receive_to_actuator_ms"] = latency * 1e3
+            if published_at is not None and d.actions:
+                timing["event_to_actuator_ms"] = (acted_wall - published_at) * 1e3
+            failed = [o for o in outcomes if not o.ok]
+            log_fn = log.error if failed else log.info
+            log_fn("action.decision", asset=d.asset, decision_id=d.decision_id, state=d.state.value,
+                   previous=d.previous.value, actions=list(d.actions), suppressed=list(d.suppressed),
+                   reason=d.reason, failed=[f"{o.action}: {o.detail}" for o in failed], durable=durable, **timing)
+            if not durable:
+                return False
+            payload = d.payload()
+            payload["outcomes"] = [{"action": o.action, "ok": o.ok, "detail": o.detail} for o in outcomes]
+            payload["timing"] = timing
+            await self.client.publish(f"actions/{d.asset}", payload)
+            return True
+
+    async def on_anomaly(self, topic: str, payload: Any, received: float) -> Decision | None:
+        self.stats.events += 1
+        asset = topic.split("/", 1)[1] if "/" in topic else ""
+        policy = self.policies.get(asset)
+        if policy is None:
+            self.stats.unknown_assets[asset] += 1
+            if self.stats.unknown_assets[asset] in (1, 10, 100, 1000) or self.stats.unknown_assets[asset] % 10000 == 0:
+                log.warning("action.unknown_asset", asset=asset, count=self.stats.unknown_assets[asset],
+                            configured=list(self.policies))
+            return None
+        now, wall = self.clocks.monotonic(), self.clocks.wall()
+        try:
+            obs = parse_event(payload, asset)
+        except BadEvent as exc:
+            self.stats.bad_events[exc.reason] += 1
+            n = self.stats.bad_events[exc.reason]
+            if n in (1, 10, 100, 1000) or n % 10000 == 0:
+                log.warning("action.bad_event", asset=asset, reason=exc.reason, detail=exc.detail, count=n)
+            decision = policy.on_invalid(now, wall, exc.reason)
+            if decision is not None:
+                await self.apply(decision)
+            return decision
+        decision = policy.on_event(obs, now, wall)
+        if decision is not None:
+            await self.apply(decision, received, obs.published_at)
+        return decision
+
+    async def tick(self) -> None:
+        now, wall = self.clocks.monotonic(), self.clocks.wall()
+        for policy in list(self.policies.values()):
+            decision = policy.on_tick(now, wall)
+            if decision is not None:
+                await self.apply(decision)
+
+    async def on_reset(self, asset: str, request: Any, sender: str | None) -> dict[str, Any]:
+        policy = self.policies.get(asset)
+        if policy is None:
+            return {"ok": False, "state": None, "reason": f"unknown asset {asset!r}"}
+        operator = request.get("operator") if isinstance(request, dict) else None
+        if not isinstance(operator, str) or not operator:
+            operator = sender or "unknown"
+        result = policy.reset(self.clocks.monotonic(), self.clocks.wall(), operator[:64])
+        if result.decision is not None and not await self.apply(result.decision):
+            return {"ok": False, "state": policy.state.value, "reason": "reset not recorded: audit log failed"}
+        log.info("action.reset", asset=asset, operator=operator, ok=result.ok, state=result.state.value,
+                 reason=result.reason)
+        return {"ok": result.ok, "state": result.state.value, "reason": result.reason}
+
+    # --- bus loops ------------------------------------------------------------------------------
+    async def _anomalies(self) -> None:
+        async with self.client.subscribe("anomaly/+", queue_size=4096) as messages:
+            async for m in messages:
+                received = self.clocks.perf()
+                if m.dropped:
+                    self.stats.dropped += m.dropped
+                    log.warning("action.events_dropped", count=m.dropped, total=self.stats.dropped)
+                try:
+                    payload = m.payload
+                except IpcError:
+                    payload = None  # undecodable: counted by parse_event as not_a_map
+                await self.on_anomaly(m.topic, payload, received)
+
+    async def _heartbeats(self) -> None:
+        async with self.client.subscribe(HEARTBEAT_TOPIC, queue_size=64) as messages:
+            async for _ in messages:
+                now = self.clocks.monotonic()
+                for policy in self.policies.values():
+                    policy.on_heartbeat(now)
+
+    async def _sensors(self) -> None:
+        # Liveness only: the payload is never decoded (10+ batches/s per asset would cost CPU for nothing).
+        async with self.client.subscribe("sensors/+/raw", queue_size=256) as messages:
+            async for m in messages:
+                parts = m.topic.split("/")
+                policy = self.policies.get(parts[1]) if len(parts) == 3 else None
+                if policy is not None:
+                    policy.on_sensor(self.clocks.monotonic())
+
+    async def _resets(self) -> None:
+        async with self.client.subscribe("control/+/reset", queue_size=64) as messages:
+            async for m in messages:
+                try:
+                    request = m.payload
+                except IpcError:
+                    request = None
+                reply = await self.on_reset(m.topic.split("/")[1], request, m.sender)
+                if m.reply_to is not None:
+                    await m.reply(reply)
+
+    async def _ticks(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.check_interval_s)
+            await self.tick()
+
+    async def serve(self, changes: AsyncIterator[ActionConfig] | None = None) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for loop in (self._anomalies, self._heartbeats, self._sensors, self._resets, self._ticks):
+                tg.create_task(loop())
+            if changes is not None:
+                async for cfg in changes:
+                    self.reconfigure(cfg)
+
+
+async def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
+    try:
+        async with client.watch_configuration() as changes:
+            async for _ in changes:
+                try:
+                    yield load_config(await client.get_configuration(), COMPONENT)
+                except ConfigError as exc:
+                    log.warning("action.config_rejected", component=COMPONENT, error=str(exc), errors=exc.errors)
+    except IpcError as exc:
+        if exc.code != "UNKNOWN_OPERATION":
+            raise
+        log.info("action.config_watch_unavailable", reason=exc.code)
+
+
+async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:
+    """The component. ``cfg`` given: fixed configuration (development against ``ipc.devserver``)."""
+    watching = cfg is None
+    if cfg is None:
+        cfg = load_config(await client.get_configuration(), COMPONENT)
+    path = cfg.audit_path if cfg.audit_path.is_absolute() else (audit_dir or Path.cwd()) / cfg.audit_path
+    audit = AuditLog(path)
+    service = ActionService(client, cfg, audit)
+    log.info("action.started", assets=list(cfg.assets), audit=str(path), audit_order=cfg.audit_order,
+             actuator=cfg.actuator.kind, k=cfg.policy.k, n=cfg.policy.n, latch=cfg.policy.latch)
+    try:
+        await service.serve(_config_changes(client) if watching else None)
+    finally:
+        service.close()
+        audit.close()
