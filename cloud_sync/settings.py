@@ -41,6 +41,8 @@ class SyncSettings(BaseModel):
     username: str | None = None
     password: str | None = None
     client_id: str | None = Field(None, description="MQTT client id; default: the thing name")
+    mqtt_version: Literal["5", "3.1.1"] = Field("5", description="5 carries message ids in raw mode")
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="broker keeps cloud subscriptions offline")
     keepalive_s: int = Field(30, ge=5)
     connect_timeout_s: float = Field(10.0, gt=0)
     reconnect_initial_s: float = Field(1.0, gt=0)
@@ -60,6 +62,8 @@ class SyncSettings(BaseModel):
     batch_max_messages: int = Field(200, ge=1)
     batch_max_bytes: int = Field(96 * KiB, ge=1024)
     max_inflight: int = Field(16, ge=1, le=1000, description="MQTT messages awaiting PUBACK")
+    publish_timeout_s: float = Field(15.0, gt=0, description="no PUBACK this long: the link is considered lost")
+    flush_timeout_s: float = Field(5.0, ge=0, description="on shutdown, wait this long for PUBACKs in flight")
     max_inbound_bytes: int = Field(128 * KiB, ge=1, description="larger cloud messages are dropped")
 
     # --- device status ------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Local bus → spool: configured topic filters are forwarded to the cloud without component code.
+
+Like the Greengrass MQTT bridge, but durable: each matching bus message is appended to the spool
+(with the rule's priority and TTL) and leaves when the link allows. Appends are issued without
+waiting for each commit (bounded by ``MAX_PENDING``), so a busy topic costs one fsync per group of
+messages, and bus order is spool order. A rule's local subscription is drop-oldest: if the spool
+cannot keep up (disk stalls) the loss is counted in ``local_dropped``, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import structlog
+
+from cloud_sync.envelope import KIND_BYTES, encode_payload
+from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
+from cloud_sync.settings import ForwardRule
+from cloud_sync.spool import NewMessage, Spool
+from ipc.core import IpcCore
+
+log = structlog.get_logger("cloud_sync.forwarder")
+
+MAX_PENDING = 1024
+
+
+def to_cloud_payload(data: bytes) -> tuple[bytes, Any]:
+    """Bus data (msgpack) → (bytes, kind); values JSON cannot carry (numpy arrays) go as the raw data."""
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return encode_payload(value)
+    except (ValueError, TypeError, msgpack.UnpackException, MessageRejected):
+        return bytes(data), KIND_BYTES
+
+
+class Forwarder:
+    def __init__(self, core: IpcCore, spool: Spool, rules: Sequence[ForwardRule], *, thing_name: str) -> None:
+        self._core = core
+        self._spool = spool
+        self._rules = list(rules)
+        self._thing = thing_name
+        self._slots = asyncio.Semaphore(MAX_PENDING)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counters = {"forwarded": 0, "local_dropped": 0, "refused": 0}
+
+    async def run(self) -> None:
+        if not self._rules:
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for rule in self._rules:
+                    tg.create_task(self._forward(rule), name=f"forward {rule.filter}")
+        finally:
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _forward(self, rule: ForwardRule) -> None:
+        log.info("forwarder.rule_started", filter=rule.filter, cloud_topic=rule.cloud_topic)
+        async with self._core.messages(rule.filter, queue_size=rule.queue_size) as messages:
+            async for msg, dropped in messages:
+                if dropped:
+                    self.counters["local_dropped"] += dropped
+                    log.warning("forwarder.dropped", filter=rule.filter, count=dropped)
+                payload, kind = to_cloud_payload(msg.data)
+                topic = rule.cloud_topic.format(topic=msg.topic, thing=self._thing)
+                await self._slots.acquire()
+                task = asyncio.create_task(self._append(NewMessage(topic, payload, kind, priority=rule.priority,
+                                                                   ttl_s=rule.ttl_s)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _append(self, message: NewMessage) -> None:
+        try:
+            await self._spool.append(message)
+            self.counters["forwarded"] += 1
+        except SpoolFullError:
+            self.counters["refused"] += 1  # counted (and logged) by the spool as well
+        except SpoolError as exc:
+            self.counters["refused"] += 1
+            log.error("forwarder.spool_failed", topic=message.topic, error=str(exc))  # noqa: TRY400
+        finally:
+            self._slots.release()
