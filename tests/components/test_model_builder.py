@@ -1,0 +1,141 @@
+"""The builder: three model kinds export to ONNX with scikit-learn's scores, the threshold comes from
+held-out healthy data, and the CLI writes a deployable, signed component."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from anomaly_models import CHANNELS, faulty, healthy
+
+from components.anomaly.errors import TrainingError
+from components.anomaly.model_card import load_card
+from components.model_builder.cli import main
+from components.model_builder.data import Dataset, load_csv, load_recording, save_recording, windows
+from components.model_builder.training import TrainParams, onnx_scores, session, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def feats(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 6))
+    base[:, 3] = base[:, 0] * 2 + 0.1 * rng.normal(size=n)  # correlated, so PCA/AE have structure to learn
+    return base.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["isolation_forest", "pca", "autoencoder"])
+def test_onnx_matches_sklearn_and_flags_outliers(kind: str) -> None:
+    x = feats(1200)
+    m = train(x, TrainParams(kind=kind, n_estimators=40, max_iter=200))  # type: ignore[arg-type]
+    probe = np.concatenate([feats(300, seed=5), feats(50, seed=6) + 8]).astype(np.float32)
+    ours = onnx_scores(session(m.proto), probe)
+    np.testing.assert_allclose(ours, m.reference(probe), rtol=1e-4, atol=1e-5)
+    assert m.metrics["onnx_max_abs_diff"] < 1e-4
+    assert (ours[300:] >= m.threshold.value).mean() > 0.9  # far outliers alarm
+    assert (ours[:300] >= m.threshold.value).mean() < 0.05  # fresh healthy data mostly does not
+    assert m.calibration_windows == 300 and m.fit_windows == 900
+    if kind == "isolation_forest":
+        assert m.onnx_io.nodes == 4 and m.onnx_io.contributions_output is None  # one fused tree-ensemble node
+    else:
+        assert m.onnx_io.contributions_output == "contributions"
+
+
+def test_threshold_is_a_quantile_of_held_out_scores_only() -> None:
+    x = feats(1000)
+    x[-250:] += 0.0
+    m = train(x, TrainParams(quantile=0.9, calibration_fraction=0.25, n_estimators=20))
+    assert m.threshold.value == pytest.approx(float(np.quantile(m.calibration_scores, 0.9, method="higher")))
+    budget = train(x, TrainParams(false_alarms_per_hour=36.0, n_estimators=20), rate_hz=1000, hop=1000)
+    assert budget.threshold.method == "false_alarm_budget"
+    assert budget.threshold.quantile == pytest.approx(1 - 36 / 3600)
+    with pytest.raises(TrainingError, match="sample rate"):
+        train(x, TrainParams(false_alarms_per_hour=1.0))
+    with pytest.raises(TrainingError, match="at least"):
+        train(x[:5], TrainParams())
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(TrainingError, match="NaN"):
+        train(bad, TrainParams())
+
+
+def test_windows_never_span_segments_and_labels_filter(tmp_path: Path) -> None:
+    csv = tmp_path / "d.csv"
+    rows = ["timestamp,a,b,label"] + [f"2020-01-01 00:00:{i:02d},{i},{-i},{1 if 10 <= i < 12 else 0}"
+                                      for i in range(30)]
+    csv.write_text("\n".join(rows) + "\n")
+    ds = load_csv(csv, label_column="label")
+    assert ds.channels == ["a", "b"] and [s.shape[1] for s in ds.segments] == [10, 18]
+    w = windows(ds, 5, 5)
+    assert w.shape == (2 + 3, 2, 5)
+    assert all(np.all(np.diff(win[0]) == 1) for win in w)  # contiguous samples only
+    rec = tmp_path / "r.npz"
+    save_recording(rec, ["a"], np.arange(20, dtype=np.float32)[None], 100.0, segment_starts=[0, 7])
+    r = load_recording(rec)
+    assert r.rate_hz == 100.0 and [s.shape[1] for s in r.segments] == [7, 13]
+    with pytest.raises(TrainingError, match="no columns"):
+        load_csv(csv, ["zz"])
+    assert isinstance(ds, Dataset)
+
+
+def test_cli_build_writes_a_deployable_signed_component(tmp_path: Path) -> None:
+    data = tmp_path / "healthy.csv"
+    x = healthy(20_000)
+    data.write_text("vib_x,temp\n" + "\n".join(f"{a},{b}" for a, b in x.T) + "\n")
+    out = tmp_path / "out"
+    argv = ["build", "--data", str(data), "--out", str(out), "--version", "2.1.0", "--window", "128", "--hop", "64",
+            "--rate-hz", "1000", "--bands", "4", "--n-estimators", "30", "--json"]
+    assert main(argv) == 0
+    model_dir = out / "artifacts" / "com.nucleus.TurbineModel" / "2.1.0"
+    recipe = yaml.safe_load((out / "recipes" / "com.nucleus.TurbineModel-2.1.0.yaml").read_text())
+    arts = recipe["Manifests"][0]["Artifacts"]
+    assert {a["URI"].rsplit("/", 1)[1] for a in arts} == {"model.onnx", "model_card.json", "model.sig"}
+    for a in arts:
+        f = model_dir / a["URI"].rsplit("/", 1)[1]
+        assert a["Digest"] == base64.b64encode(hashlib.sha256(f.read_bytes()).digest()).decode()
+    assert "components.anomaly.announce" in recipe["Manifests"][0]["Lifecycle"]["Run"]
+    card = load_card(model_dir / "model_card.json")
+    assert card.channels == CHANNELS and card.window == 128 and card.sample_rate_hz == 1000
+    assert card.training.fit_windows + card.training.calibration_windows == card.training.windows
+    pub = (out / "keys" / "model-signing.key.pub").read_text().strip()
+    cfg = json.loads((out / "detector-config.json").read_text())
+    assert cfg["com.nucleus.AnomalyDetector"]["MERGE"]["trustedKeys"] == [pub]
+    verify = ["verify", str(model_dir), "--component", "com.nucleus.TurbineModel", "--version", "2.1.0",
+              "--trusted-key", pub]
+    assert main(verify) == 0
+    (model_dir / "model_card.json").write_text(card.to_json().replace('"window": 128', '"window": 256'))
+    assert main(verify) == 1
+    # The same key signs the next version; the recipe validates with the nucleus's own loader.
+    assert main([*argv[:5], "--version", "2.2.0", *argv[7:]]) == 0
+    proc = subprocess.run([sys.executable, "-m", "nucleus", "recipe", "validate",
+                           str(out / "recipes" / "com.nucleus.TurbineModel-2.2.0.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_errors_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+    short = tmp_path / "short.csv"
+    short.write_text("a\n1\n2\n")
+    assert main(["build", "--data", str(short), "--out", str(tmp_path / "o")]) == 2
+    assert "window" in capsys.readouterr().err
+
+
+def test_faulty_data_scores_above_healthy(tmp_path: Path) -> None:
+    from anomaly_models import build
+
+    pkg = build(tmp_path, "1.0.0")
+    from components.anomaly.features import FeatureExtractor
+
+    fx = FeatureExtractor(pkg.card.features, pkg.card.channels, pkg.card.window)
+    sess = session((pkg.model_dir / "model.onnx").read_bytes())
+    good = onnx_scores(sess, fx.extract(windows(Dataset(CHANNELS, [healthy(8000, seed=9)], None, []), 128, 64)))
+    bad = onnx_scores(sess, fx.extract(windows(Dataset(CHANNELS, [faulty(8000)], None, []), 128, 64)))
+    assert (bad >= pkg.card.threshold.value).all() and (good >= pkg.card.threshold.value).mean() < 0.02
