@@ -99,7 +99,7 @@ class TurbineParams:
     amp_mesh_2: float = 0.1
     noise_rms: float = 0.1
     resonance_hz: float | None = None  # structural resonance rung by impacts; default 0.3 · rate
-    impact_decay_s: float | None = None  # default 4 resonance periods
+    impact_decay_s: float | None = None  # default 1 resonance period: impacts stay impulsive
     bearing_impact_g: float = 2.0  # impact amplitude at severity 1
     crack_impact_g: float = 1.5
     crack_mesh_modulation: float = 0.5
@@ -134,7 +134,7 @@ class TurbineParams:
 
     @property
     def resolved_decay_s(self) -> float:
-        return self.impact_decay_s if self.impact_decay_s is not None else 4.0 / self.resolved_resonance_hz
+        return self.impact_decay_s if self.impact_decay_s is not None else 1.0 / self.resolved_resonance_hz
 
     def frequencies(self) -> dict[str, float]:
         """Characteristic frequencies at nominal speed, in Hz (for documentation and tests)."""
@@ -231,8 +231,10 @@ class TurbineSimulator:
         amp_1x = p.amp_1x * (1 + p.imbalance_gain * imbalance.fault.severity if imbalance else 1.0)
         crack = self._fault(FaultKind.GEAR_TOOTH_CRACK)
         mesh_mod = 1.0 + (p.crack_mesh_modulation * crack.fault.severity * np.cos(phase) if crack else 0.0)
-        mesh = mesh_mod * (p.amp_mesh * np.sin(p.gear_teeth * phase)
-                           + p.amp_mesh_2 * np.sin(2 * p.gear_teeth * phase + 0.3))
+        mesh = p.amp_mesh * np.sin(p.gear_teeth * phase)
+        if 2 * p.gear_teeth * p.shaft_hz * (1 + p.speed_wobble) < p.rate_hz / 2:  # a real sensor's filter
+            mesh += p.amp_mesh_2 * np.sin(2 * p.gear_teeth * phase + 0.3)  # removes what would alias
+        mesh = mesh_mod * mesh
         impacts = self._impacts(phase, speed)
 
         out = np.empty((len(self.channels), n), dtype=np.float64)
