@@ -131,7 +131,7 @@ class ConfigError(Exception):
 
 
 def load_config(raw: Any, component: str = "com.nucleus.SensorIngest") -> IngestConfig:
-    doc = dict(raw or {}) if isinstance(raw, dict) else raw
+    doc = dict(raw) if isinstance(raw, dict) else ({} if raw is None else raw)
     if isinstance(doc, dict):
         doc.pop("accessControl", None)
     try:

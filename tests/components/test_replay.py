@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_nab_file_replays_as_regular_five_minute_batches() -> None:
     # The file steps back 55 minutes once (2014-01-06): that row starts a new batch instead of being
     # hidden inside one with a wrong time.
     assert replay.stats.gaps == 1
-    back = next(i for i, (b, nxt) in enumerate(zip(batches, batches[1:], strict=False))
+    back = next(i for i, (b, nxt) in enumerate(itertools.pairwise(batches))
                 if nxt.t0 < b.t0 + b.n_samples / b.rate_hz)
     assert batches[back + 1].t0 == parse_timestamp("2014-01-07 02:00:00")
     assert replay.stats.bad_values == 0 and replay.stats.bad_timestamps == 0

@@ -170,7 +170,7 @@ def test_bad_fault_arguments_are_refused() -> None:
 
 
 def test_aliasing_configuration_is_rejected_naming_the_parameter() -> None:
-    with pytest.raises(ValueError, match="gear_teeth.*Nyquist"):
+    with pytest.raises(ValueError, match=r"gear_teeth.*Nyquist"):
         TurbineSimulator(TurbineParams(gear_teeth=40))
     with pytest.raises(ValueError, match="channels"):
         TurbineSimulator(TurbineParams(), channels=("vib_x", "rpm"))

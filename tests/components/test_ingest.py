@@ -1,0 +1,270 @@
+"""Sensor ingest: pacing, sequencing, MQTT re-batching, fault requests, configuration; then the
+service on a real bus (simulator, CSV replay, a real Mosquitto) and the component under a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ingest_action_kit import REPO, bus, client, mosquitto
+
+from components.sensor_ingest.batch import Batch, Sequencer
+from components.sensor_ingest.config import ConfigError, load_config
+from components.sensor_ingest.mqtt_source import SampleAssembler
+from components.sensor_ingest.pacing import Pacer
+from components.sensor_ingest.service import IngestService, handle_fault_request
+from components.sensor_ingest.simulator import TurbineParams, TurbineSimulator
+
+SHARED = REPO / ".." / "shared"
+
+# --- pacing ---------------------------------------------------------------------------------------
+
+
+def test_pacer_sleeps_until_each_batch_is_due_without_drift() -> None:
+    pacer = Pacer(max_burst=5)
+    now = 100.0
+    dues = []
+    for i in range(1000):
+        step = pacer.step(now, 0.1)
+        assert step.skipped == 0
+        due = now + step.delay_s
+        dues.append(due)
+        now = due + (0.003 if i % 3 else 0.0004)  # oversleep and work time, never accumulated
+    assert dues[0] == pytest.approx(100.1)
+    assert dues[-1] == pytest.approx(100.0 + 1000 * 0.1, abs=1e-9)
+
+
+def test_pacer_catches_up_back_to_back_within_the_bound() -> None:
+    pacer = Pacer(max_burst=3)
+    assert pacer.step(0.0, 0.1).delay_s == pytest.approx(0.1)
+    # a 0.45 s stall: due were 0.2, 0.3, 0.4 (and 0.5 in the future)
+    steps = [pacer.step(0.55, 0.1) for _ in range(3)]
+    assert [(s.delay_s, s.skipped) for s in steps] == [(0.0, 0)] * 3
+    nxt = pacer.step(0.55, 0.1)  # 0.5 is within its own slot: sent now, not a catch-up
+    assert (nxt.delay_s, nxt.skipped) == (0.0, 0)
+    assert pacer.step(0.55, 0.1).delay_s == pytest.approx(0.05)
+
+
+def test_pacer_skips_the_backlog_beyond_the_burst_bound() -> None:
+    pacer = Pacer(max_burst=2)
+    pacer.step(0.0, 0.1)  # due 0.1
+    now = 10.0  # a 10 s stall: ~99 batches behind
+    steps = [pacer.step(now, 0.1) for _ in range(3)]
+    assert [s.skipped for s in steps[:2]] == [0, 0]
+    assert steps[2].skipped > 90
+    assert sum(1 for _ in range(10) if pacer.step(now, 0.1).delay_s == 0) <= 1  # back on schedule
+    assert pacer.step(now, 0.1).delay_s > 0
+
+
+def test_sequencer_numbers_batches_and_fixes_dtype() -> None:
+    seq = Sequencer("t1", "sim")
+    data = np.arange(6, dtype=np.float64).reshape(2, 3)
+    p0 = seq.payload(Batch(1.5, 1000.0, ("a", "b"), data))  # type: ignore[arg-type]
+    p1 = seq.payload(Batch(1.503, 1000.0, ("a", "b"), data))  # type: ignore[arg-type]
+    assert (p0["seq"], p1["seq"]) == (0, 1)
+    assert p0["data"].dtype == np.float32 and p0["data"].shape == (2, 3)
+    assert set(p0) == {"asset", "seq", "t0", "rate_hz", "channels", "data", "source"}
+    with pytest.raises(ValueError, match="shape"):
+        seq.payload(Batch(0, 1, ("a",), data.astype(np.float32)))
+    assert seq.next_seq == 2  # a refused batch does not consume a number
+
+
+# --- MQTT re-batching ----------------------------------------------------------------------------
+
+
+def test_assembler_batches_single_samples_and_blocks() -> None:
+    a = SampleAssembler(("x", "y"), rate_hz=100.0, batch_size=4)
+    out = []
+    for i in range(3):
+        out += a.feed(json.dumps({"ts": 10 + i / 100, "x": i, "y": -i}).encode(), 99.0)
+    assert out == []
+    out += a.feed(json.dumps({"t0": 10.03, "rate_hz": 100, "channels": ["y", "x", "z"],
+                              "data": [[-3, -4, -5], [3, 4, 5], [0, 0, 0]]}).encode(), 99.0)
+    assert len(out) == 1
+    b = out[0]
+    assert b.t0 == 10.0 and b.channels == ("x", "y")
+    np.testing.assert_array_equal(b.data, [[0, 1, 2, 3], [0, -1, -2, -3]])
+    rest = a.flush()
+    assert rest is not None and rest.t0 == pytest.approx(10.04) and rest.data.tolist() == [[4, 5], [-4, -5]]
+    assert a.flush() is None
+    assert a.stats.unknown_channels == 1
+
+
+def test_assembler_counts_bad_input_and_never_guesses() -> None:
+    a = SampleAssembler(("x", "y"), rate_hz=10.0, batch_size=100)
+    for raw in (b"not json", b"[1,2]", b'{"ts": "soon", "x": 1}', b'{"ts": NaN, "x": 1}',
+                b'{"data": [[1, 2]], "channels": ["x", "y"]}', b'{"data": "x", "channels": ["x"]}', b"\xff"):
+        assert a.feed(raw, 5.0) == []
+    assert a.stats.malformed == 7
+    a.feed(b'{"x": "high", "y": true}', 5.0)  # arrival time used; non-numbers are NaN
+    a.feed(b'{"x": 1}', 5.1)  # y missing
+    b = a.flush()
+    assert b is not None and b.t0 == 5.0
+    assert np.isnan(b.data).tolist() == [[True, False], [True, True]]
+    assert (a.stats.bad_values, a.stats.missing_values) == (2, 1)
+
+
+# --- fault requests and configuration -------------------------------------------------------------
+
+
+def test_fault_requests_inject_clear_and_refuse_bad_input() -> None:
+    sim = TurbineSimulator(TurbineParams())
+    ok = handle_fault_request(sim, {"fault": "bearing_outer_race", "severity": 0.7, "action": "inject"})
+    assert ok == {"ok": True, "active": [{"fault": "bearing_outer_race", "severity": 0.7}]}
+    ok = handle_fault_request(sim, {"fault": "dropout", "severity": 1, "channel": "temp", "mode": "zero"})
+    assert len(ok["active"]) == 2
+    for bad, why in [({"fault": "meteor"}, "unknown fault"), ({"fault": "imbalance", "severity": 2}, "severity"),
+                     ({"fault": "imbalance", "severity": "high"}, "severity"), ("inject", "map"),
+                     ({"fault": "stuck", "channel": "rpm"}, "channel"), ({"fault": "stuck", "channel": 3}, "channel"),
+                     ({"fault": "imbalance", "action": "explode"}, "action"),
+                     ({"fault": "dropout", "mode": "garbage"}, "mode")]:
+        reply = handle_fault_request(sim, bad)
+        assert reply["ok"] is False and why in reply["error"], (bad, reply)
+        assert len(reply["active"]) == 2
+    assert handle_fault_request(sim, {"fault": "dropout", "channel": "temp", "action": "clear"})["cleared"] is True
+    assert handle_fault_request(sim, {"action": "clear_all"}) == {"ok": True, "active": []}
+    assert handle_fault_request(None, {"fault": "imbalance"})["ok"] is False
+
+
+def test_config_camel_case_defaults_and_errors_naming_fields() -> None:
+    cfg = load_config({"asset": "wt-7", "rateHz": 2000, "batchSize": 200, "simulator": {"gearTeeth": 20},
+                       "accessControl": {"x": {}}})
+    assert (cfg.asset, cfg.rate_hz, cfg.batch_size, cfg.simulator.gear_teeth) == ("wt-7", 2000, 200, 20)
+    assert cfg.topic == "sensors/wt-7/raw"
+    assert load_config(None).source == "sim"
+    for raw, field in [({"batchsize": 5}, "batchsize"), ({"asset": "a/b"}, "asset"), ({"source": "csv"}, "csv"),
+                       ({"simulator": {"gearTeeth": 30}}, "gear_teeth"), ({"rateHz": -1}, "rateHz")]:
+        with pytest.raises(ConfigError, match=field) as info:
+            load_config(raw)
+        assert info.value.component == "com.nucleus.SensorIngest"
+
+
+# --- the service on a real bus --------------------------------------------------------------------
+
+
+async def collect(c: Any, topic: str, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout), c.subscribe(topic, queue_size=10_000) as messages:
+        async for m in messages:
+            out.append(m.payload)
+            if len(out) == n:
+                return out
+    return out
+
+
+async def test_simulated_stream_is_sequenced_paced_and_takes_faults(short_tmp: Path) -> None:
+    cfg = load_config({"asset": "t1", "rateHz": 2000, "batchSize": 100})
+    async with bus(short_tmp) as path, client(path, "ingest") as ic, client(path) as tc:
+        service = IngestService(ic, cfg)
+        got_task = asyncio.create_task(collect(tc, "sensors/t1/raw", 30))
+        await asyncio.sleep(0.05)  # subscribed before the first batch
+        async with asyncio.TaskGroup() as tg:
+            pub = tg.create_task(service.publish_forever())
+            faults = tg.create_task(service.serve_faults())
+            await asyncio.sleep(0.1)
+            reply = await tc.request("control/t1/fault", {"fault": "dropout", "severity": 1.0, "channel": "vib_x"})
+            got = await got_task
+            pub.cancel()
+            faults.cancel()
+    assert reply["ok"] and reply["active"] == [{"fault": "dropout", "severity": 1.0, "channel": "vib_x",
+                                                "mode": "nan"}]
+    seqs = [p["seq"] for p in got]
+    assert seqs == list(range(seqs[0], seqs[0] + 30))
+    t0 = np.array([p["t0"] for p in got])
+    np.testing.assert_allclose(np.diff(t0), 0.05, atol=1e-6)  # 100 samples at 2 kHz, exactly
+    p = got[-1]
+    assert p["channels"] == ["vib_x", "vib_y", "vib_z", "temp"] and p["data"].shape == (4, 100)
+    assert p["data"].dtype == np.float32 and p["rate_hz"] == 2000 and p["source"] == "sim"
+    assert np.isnan(p["data"][0]).all() and not np.isnan(p["data"][1:]).any()
+
+
+async def test_csv_replay_of_gearbox_file_over_the_bus(short_tmp: Path) -> None:
+    path_csv = SHARED / "data" / "gearbox_fault_diagnosis" / "b30hz0.csv.gz"
+    if not path_csv.exists():
+        pytest.skip(f"shared data not found at {path_csv.resolve()}")
+    cfg = load_config({"asset": "gb", "source": "csv", "rateHz": 5000, "batchSize": 512, "maxBurst": 4,
+                       "csv": {"path": str(path_csv), "speed": 20, "loop": False,
+                               "channelNames": ["vib_x", "vib_y", "vib_z", "vib_w"]}})
+    async with bus(short_tmp) as path, client(path, "ingest") as ic, client(path) as tc:
+        service = IngestService(ic, cfg)
+        got_task = asyncio.create_task(collect(tc, "sensors/gb/raw", 40))
+        await asyncio.sleep(0.05)
+        pub = asyncio.create_task(service.publish_forever())
+        got = await got_task
+        pub.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pub
+    assert [p["seq"] for p in got] == list(range(40))
+    assert all(p["source"] == "csv" and p["rate_hz"] == 5000 and p["data"].shape == (4, 512) for p in got)
+    assert got[0]["data"][:, 0] == pytest.approx([2.35039, 1.45487, -1.66708, -2.05561], rel=1e-5)  # row 1 of the file
+    np.testing.assert_allclose(np.diff([p["t0"] for p in got]), 512 / 5000, atol=1e-6)  # data time
+
+
+async def test_mqtt_source_against_a_real_mosquitto(short_tmp: Path) -> None:
+    import aiomqtt
+
+    with mosquitto(short_tmp) as port:
+        cfg = load_config({"asset": "m1", "source": "mqtt", "rateHz": 100, "batchSize": 50,
+                           "mqtt": {"host": "127.0.0.1", "port": port, "topic": "plant/m1/vib",
+                                    "channels": ["vib_x", "temp"], "flushAfterS": 0.3}})
+        async with bus(short_tmp) as path, client(path, "ingest") as ic, client(path) as tc:
+            service = IngestService(ic, cfg)
+            got_task = asyncio.create_task(collect(tc, "sensors/m1/raw", 3))
+            pub = asyncio.create_task(service.publish_forever())
+            async with aiomqtt.Client("127.0.0.1", port) as device:
+                # the source subscribes asynchronously: repeat a probe until its batch shows up
+                async with asyncio.timeout(10):
+                    while not service.published:
+                        await device.publish("plant/m1/vib", json.dumps({"t0": 0.0, "channels": ["vib_x", "temp"],
+                                                                         "data": [[0.0] * 50, [1.0] * 50]}))
+                        await asyncio.sleep(0.1)
+                for i in range(70):
+                    await device.publish("plant/m1/vib", json.dumps({"ts": 1000 + i / 100, "vib_x": i, "temp": 40}))
+                await device.publish("plant/m1/vib", b"garbage")
+            got = await got_task
+            pub.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pub
+    probe_batches = got[0]["seq"] + 1
+    full, partial = got[1], got[2]
+    assert full["seq"] == probe_batches and full["t0"] == 1000.0 and full["data"].shape == (2, 50)
+    assert full["data"][0].tolist() == list(range(50)) and full["source"] == "mqtt"
+    assert partial["data"].shape == (2, 20) and partial["t0"] == pytest.approx(1000.5)  # flushed after 0.3 s
+
+
+# --- the component under a real daemon ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_component_under_daemon_publishes_and_takes_faults(daemon: Any, short_tmp: Path) -> None:
+    update = {"com.nucleus.SensorIngest": {"MERGE": {"asset": "wt-9", "batchSize": 50}}}
+    daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", "com.nucleus.SensorIngest=1.0.0",
+               "--update-config", json.dumps(update))
+    policy = short_tmp / "viewer.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"v": {
+        "operations": ["aws.greengrass#SubscribeToTopic", "aws.greengrass#PublishToTopic"],
+        "resources": ["sensors/#", "control/wt-9/fault"]}}}))
+    token = daemon.cli("client", "add", "test.viewer", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+
+    async def scenario() -> tuple[list[dict[str, Any]], Any, Any]:
+        from ipc import Client
+
+        async with Client(daemon.root / "ipc.sock", token, name="test.viewer") as c:
+            first = await collect(c, "sensors/wt-9/raw", 20, timeout=30)
+            reply = await c.request("control/wt-9/fault", {"fault": "stuck", "channel": "temp"})
+            after = await collect(c, "sensors/wt-9/raw", 3, timeout=30)
+            bad = await c.request("control/wt-9/fault", {"fault": "stuck", "severity": math.inf})
+            return first + after, reply, bad
+
+    got, reply, bad = asyncio.run(scenario())
+    assert reply["ok"] is True and bad["ok"] is False
+    seqs = [p["seq"] for p in got[:20]]
+    assert seqs == list(range(seqs[0], seqs[0] + 20))
+    assert all(p["asset"] == "wt-9" and p["data"].shape == (4, 50) for p in got)
+    temp = got[-1]["data"][3]
+    assert np.unique(temp).size == 1  # stuck
