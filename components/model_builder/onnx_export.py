@@ -130,7 +130,7 @@ def _standardize(mean: npt.NDArray[np.float64], scale: npt.NDArray[np.float64]) 
                                                                                          list[onnx.TensorProto]]:
     nodes = [helper.make_node("Sub", [INPUT, "x_mean"], ["x_centred"]),
              helper.make_node("Mul", ["x_centred", "x_inv_scale"], ["z"])]
-    return nodes, [_const("x_mean", mean), _const("x_inv_scale", 1.0 / scale)]
+    return nodes, [_const("x_mean", mean), _const("x_inv_scale", np.float32(1.0) / scale.astype(np.float32))]
 
 
 def _residual_score(recon: str, nodes: list[onnx.NodeProto]) -> None:

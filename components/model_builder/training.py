@@ -74,9 +74,13 @@ class TrainedModel:
 
 
 def _scale(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    mean = x.mean(axis=0)
+    """Mean and 1/scale rounded to float32 up front: the ONNX graph subtracts in float32, and a float64
+    mean of a large, nearly constant feature (temperature ~40 with spread 1e-4) would otherwise leave
+    a float32 rounding offset that is large in standardized units. x - float32(mean) is exact there."""
+    mean = x.mean(axis=0).astype(np.float32).astype(np.float64)
     std = x.std(axis=0)
-    return mean, np.where(std > 1e-9, std, 1.0)
+    inv = (1.0 / np.where(std > 1e-9, std, 1.0)).astype(np.float32).astype(np.float64)
+    return mean, 1.0 / inv
 
 
 def _fit(features: npt.NDArray[np.float32], p: TrainParams) -> tuple[Any, Scorer, onnx.ModelProto]:

@@ -115,7 +115,8 @@ def test_cli_build_writes_a_deployable_signed_component(tmp_path: Path) -> None:
     # The same key signs the next version; the recipe validates with the nucleus's own loader.
     assert main([*argv[:5], "--version", "2.2.0", *argv[7:]]) == 0
     proc = subprocess.run([sys.executable, "-m", "nucleus", "recipe", "validate",
-                           str(out / "recipes" / "com.nucleus.TurbineModel-2.2.0.yaml")], capture_output=True, text=True)
+                           str(out / "recipes" / "com.nucleus.TurbineModel-2.2.0.yaml")],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

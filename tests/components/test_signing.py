@@ -66,7 +66,7 @@ def test_unsigned_untrusted_altered_and_replayed(package: object, tmp_path: Path
     other = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(UntrustedKeyError) as e:
         signing.verify_model(d, component=NAME, version="1.0.0", trusted={signing.key_id(other): other})
-    assert e.value.key_id == package.key_id and NAME == e.value.component  # type: ignore[attr-defined]
+    assert e.value.key_id == package.key_id and e.value.component == NAME  # type: ignore[attr-defined]
     with pytest.raises(SignatureError, match="is for"):  # a valid signature of another version
         signing.verify_model(d, component=NAME, version="9.9.9", trusted=trusted(package))
     doc = json.loads((d / "model.sig").read_text())
