@@ -58,8 +58,9 @@ class CloudSync:
         self._thing = thing_name
         self._status_provider = status_provider
         self._clock = clock
-        self.spool = Spool(spool_path, SpoolLimits(s.spool_max_bytes, s.spool_max_messages, s.overflow,
-                                                   s.durability), clock=clock)
+        limits = SpoolLimits(s.spool_max_bytes, s.spool_max_messages, s.overflow, s.durability,
+                             s.spool_reserve_bytes, s.spool_min_free_bytes)
+        self.spool = Spool(spool_path, limits, clock=clock)
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
         self.uplink = Uplink(s, self.spool, thing_name=thing_name, on_error=self._record_error)
         self.forwarder = Forwarder(core, self.spool, s.forward, thing_name=thing_name)

@@ -55,6 +55,8 @@ class SyncSettings(BaseModel):
     overflow: Overflow = "drop_lowest_priority"
     durability: Literal["full", "normal"] = Field(
         "full", description="full: survives power loss (fsync per commit); normal: survives kill -9 only")
+    spool_reserve_bytes: int = Field(1 * MiB, ge=0, description="disk kept free so deliveries can be recorded")
+    spool_min_free_bytes: int = Field(16 * MiB, ge=0, description="below this free disk, new messages are refused")
     max_payload_bytes: int = Field(128 * KiB, ge=1, description="larger cloud.publish payloads are refused")
 
     # --- what goes on the wire ----------------------------------------------------------------------

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ log = structlog.get_logger("cloud_sync.spool")
 COUNTERS = ("accepted", "delivered", "dropped_overflow", "dropped_expired", "rejected_full",
             "rejected_disk_full")
 EVICTION_LOG_INTERVAL_S = 10.0
+RESERVE_CHECK_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,8 @@ class SpoolLimits:
     max_messages: int = 2_000_000
     overflow: Overflow = "drop_lowest_priority"
     durability: str = "full"
+    reserve_bytes: int = 1024 * 1024
+    min_free_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,50 @@ class SpoolStore:
             raise SpoolError(f"cannot open the spool: {exc}", path=self.path) from exc
         self.count = int(row[0])
         self.bytes = int(row[1])
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_checked = -RESERVE_CHECK_INTERVAL_S
+        self._ensure_reserve()
+
+    # --- the disk reserve ---------------------------------------------------------------------------------
+    # On a full disk SQLite cannot even record a deletion (the WAL must grow), so a spool that filled
+    # the disk could never drain. A reserve file next to the database is given up the moment a
+    # delivery cannot be recorded, and made again once the disk has room.
+    def _ensure_reserve(self) -> None:
+        size = self.limits.reserve_bytes
+        if size <= 0 or self._reserve.exists():
+            return
+        now = time.monotonic()
+        if now - self._reserve_checked < RESERVE_CHECK_INTERVAL_S:
+            return
+        self._reserve_checked = now
+        try:
+            if shutil.disk_usage(self._reserve.parent).free < 4 * size:
+                return
+            with self._reserve.open("wb") as f:
+                f.write(b"\0" * size)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+
+    def _disk_low(self) -> bool:
+        """Refuse new messages before the disk is full, so that deliveries can still be recorded."""
+        floor = self.limits.min_free_bytes
+        if floor <= 0:
+            return False
+        try:
+            return shutil.disk_usage(self.path.parent).free < floor
+        except OSError:
+            return False
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        log.warning("spool.reserve_released", path=str(self._reserve), bytes=self.limits.reserve_bytes)
+        return True
 
     def _create(self) -> None:
         db = self._db
@@ -152,22 +201,35 @@ class SpoolStore:
         On a full disk the appends are refused (``reason="disk_full"``), the deletions retried alone,
         and nothing already spooled is touched.
         """
-        try:
-            return self._apply(appends, acks)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
-                raise SpoolError(f"spool write failed: {exc}", path=self.path) from exc
-            if not appends:
-                raise SpoolFullError("disk full: cannot record deliveries", path=self.path,
-                                     reason="disk_full") from exc
+        if not (appends and self._disk_low()):
+            try:
+                results = self._apply(appends, acks)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                    raise SpoolError(f"spool write failed: {exc}", path=self.path) from exc
+                if not appends:
+                    if self._release_reserve() or len(acks) > 16:
+                        try:
+                            for i in range(0, len(acks), 16):  # small transactions need less WAL
+                                self._apply((), acks[i:i + 16])
+                        except sqlite3.OperationalError as again:
+                            raise SpoolFullError("disk full: cannot record deliveries", path=self.path,
+                                                 reason="disk_full") from again
+                        return []
+                    raise SpoolFullError("disk full: cannot record deliveries", path=self.path,
+                                         reason="disk_full") from exc
+            else:
+                if appends:
+                    self._ensure_reserve()
+                return results
         log.error("spool.disk_full", path=str(self.path), refused=len(appends))
         refused = SpoolFullError(f"disk full: spool {self.path} cannot take more messages", path=self.path,
                                  reason="disk_full")
         self._bump({"rejected_disk_full": len(appends)})
         if acks:
             try:
-                self._apply((), acks)
-            except sqlite3.OperationalError as exc:
+                self.apply((), acks)
+            except SpoolError as exc:
                 log.error("spool.ack_failed", path=str(self.path), error=str(exc))  # noqa: TRY400
         return [refused] * len(appends)
 

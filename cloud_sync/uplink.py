@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from cloud_sync import envelope
 from cloud_sync.envelope import Record
-from cloud_sync.errors import LinkError
+from cloud_sync.errors import LinkError, SpoolError
 from cloud_sync.settings import SyncSettings
 from cloud_sync.spool import Spool
 from ipc.topics import matches, validate_filter
@@ -280,7 +280,8 @@ class Uplink:
             except aiomqtt.MqttError as exc:
                 self._lost(exc)
             except _LinkLost as exc:
-                self._lost(exc.__cause__ or exc)
+                if not isinstance(exc.__cause__, SpoolError):
+                    self._lost(exc.__cause__ or exc)
             except LinkError as exc:
                 self._error(exc.code, exc.message, reason=exc.reason)
                 self._log.error("uplink.link_error", error=exc.message, reason=exc.reason)
@@ -466,6 +467,11 @@ class Uplink:
             self.counters["published_records"] += len(batch)
             await self._spool.ack([r.seq for r in batch])
         except aiomqtt.MqttError as exc:
+            if not failed.done():
+                failed.set_result(exc)
+        except SpoolError as exc:  # published but not recorded: resent (same ids) after a reconnect
+            self._error(exc.code, f"cannot record deliveries: {exc.message}", reason=exc.reason)
+            self._log.error("uplink.ack_failed", error=exc.message)
             if not failed.done():
                 failed.set_result(exc)
         finally:
