@@ -68,7 +68,7 @@ class Subscription:
     queue_size: int
     policy: Policy
     owner: Any = None
-    max_bytes: int = 8 * 1024 * 1024
+    max_bytes: int = 4 * 1024 * 1024
     queued_bytes: int = 0
     queue: deque[BusMessage] = field(default_factory=deque)
     dropped: int = 0
@@ -113,7 +113,7 @@ class Subscription:
 class Bus:
     """Topic routing for every front end and for the nucleus itself."""
 
-    def __init__(self, *, max_queue_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, *, max_queue_bytes: int = 4 * 1024 * 1024) -> None:
         self._trie: TopicTrie[Subscription] = TopicTrie()
         self._match_cache: dict[str, list[Subscription]] = {}
         self._ids = itertools.count(1)

@@ -186,7 +186,7 @@ class IpcCore:
                  max_subscriptions_per_session: int = 1000,
                  request_timeout_max: float = 300.0,
                  authz_cache_ttl: float = 2.0,
-                 max_queue_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_queue_bytes: int = 4 * 1024 * 1024) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.clock = clock

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import importlib
 import logging
 import os
@@ -77,8 +79,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow", action="append", default=[], metavar="NAME:FILTER")
     p.add_argument("--max-frame", type=int, default=16 * 1024 * 1024)
     p.add_argument("--handshake-timeout", type=float, default=5.0)
+    p.add_argument("--trim-interval", type=float, default=5.0,
+                   help="seconds between malloc_trim calls (0 = never); see release_free_memory")
     p.add_argument("--log-level", default="info", help="structlog level on stderr (stdout carries READY)")
     return p.parse_args(argv)
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    Large payloads (tens of KiB) are malloc'ed outside Python's small-object allocator; once freed,
+    glibc keeps the holes they leave in the heap, so RSS stays at the high-water mark of whatever
+    was queued at the worst moment. ``malloc_trim`` returns those pages; calling it every few
+    seconds keeps RSS near the live set without slowing the hot path. A daemon can do the same.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+async def _trim_forever(interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        release_free_memory()
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -99,7 +124,13 @@ async def serve(args: argparse.Namespace) -> None:
                          handshake_timeout=args.handshake_timeout):
         sys.stdout.write(f"READY {os.getpid()}\n")
         sys.stdout.flush()
-        await stop.wait()
+        if args.trim_interval > 0:
+            async with asyncio.TaskGroup() as tg:
+                trim = tg.create_task(_trim_forever(args.trim_interval))
+                await stop.wait()
+                trim.cancel()
+        else:
+            await stop.wait()
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
