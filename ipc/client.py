@@ -526,8 +526,12 @@ class Client:
         return await self.call("config.get", {"component": component, "key_path": list(key_path)})
 
     async def update_configuration(self, key_path: Sequence[str], value: Any, *,
-                                   timestamp: float | None = None) -> None:
-        await self.call("config.update", {"key_path": list(key_path), "value": value, "timestamp": timestamp})
+                                   timestamp: float | None = None, component: str | None = None) -> None:
+        """Merge ``value`` at ``key_path`` in this component's configuration (another's with a policy)."""
+        args: dict[str, Any] = {"key_path": list(key_path), "value": value, "timestamp": timestamp}
+        if component is not None:
+            args["component"] = component
+        await self.call("config.update", args)
 
     def watch_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None,
                             ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
@@ -632,8 +636,8 @@ class SyncClient:
         return self._run(self._client.get_configuration(key_path, component=component))
 
     def update_configuration(self, key_path: Sequence[str], value: Any, *,
-                             timestamp: float | None = None) -> None:
-        self._run(self._client.update_configuration(key_path, value, timestamp=timestamp))
+                             timestamp: float | None = None, component: str | None = None) -> None:
+        self._run(self._client.update_configuration(key_path, value, timestamp=timestamp, component=component))
 
     def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
         self._run(self._client.update_state(state))
