@@ -80,6 +80,10 @@ class CloudSync:
         self._core.register_stream("cloud.subscribe", self._op_subscribe)
         self._core.register("sync.status", self._op_status)
 
+    async def wait_ready(self) -> None:
+        """Until run() opened the spool (or failed to: then status() carries the error)."""
+        await self._ready.wait()
+
     async def _spool_ready(self) -> None:
         if not self._ready.is_set():
             try:

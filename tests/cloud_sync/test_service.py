@@ -1,0 +1,165 @@
+"""CloudSync over real IPC: cloud.publish / cloud.subscribe under policy, bad input, sync.status, device status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from sync_testkit import Collector, Mosquitto, Policy, TokenAuth
+from test_uplink import FAST, wait_for
+
+from cloud_sync.service import MQTTPROXY, OP_PUBLISH_IOT, OP_SUBSCRIBE_IOT, CloudSync
+from cloud_sync.settings import SyncSettings
+from ipc import Client, InvalidArguments, LimitExceeded, Unauthorized
+from ipc.core import IpcCore
+from ipc.server import IpcServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp_path: Path, url: str | None, device: dict[str, Any] | None = None,
+                **kw: Any) -> AsyncIterator[tuple[CloudSync, Client]]:
+    auth, policy = TokenAuth(), Policy()
+    auth.add("tok", "com.example.App")
+    policy.allow("com.example.App", MQTTPROXY, OP_PUBLISH_IOT, "fleet/dev-1/alarm")
+    policy.allow("com.example.App", MQTTPROXY, OP_SUBSCRIBE_IOT, "fleet/dev-1/cmd/#")
+    core = IpcCore(auth, policy)
+    settings = SyncSettings.model_validate({"url": url, **FAST, "status_check_s": 0.05, **kw})
+    sync = CloudSync(settings, core, spool_path=tmp_path / "spool.db", thing_name="dev-1",
+                     status_provider=(lambda: dict(device)) if device is not None else None)
+    sync.register_operations()
+    sock_dir = Path(tempfile.mkdtemp(dir="/tmp", prefix="cs"))
+    task = asyncio.create_task(sync.run())
+    await sync.wait_ready()
+    try:
+        async with IpcServer(core, sock_dir / "ipc.sock") as _, Client(sock_dir / "ipc.sock", "tok") as client:
+            yield sync, client
+    finally:
+        await sync.close()
+        await task
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_publish_to_cloud_through_ipc_arrives_with_its_id(broker: Mosquitto, tmp_path: Path) -> None:
+    collector = Collector(broker.port)
+    await collector.start()
+    async with stack(tmp_path, broker.url) as (_sync, client):
+        result = await client.call("cloud.publish", {"topic": "fleet/dev-1/alarm", "payload": {"level": 3},
+                                                     "priority": 5, "ttl_s": 3600})
+        await client.publish_to_cloud("fleet/dev-1/alarm", b"\x00raw")
+        await client.publish_to_cloud("fleet/dev-1/alarm", "text")
+        await wait_for(lambda: len(collector.ids) == 3, what="3 deliveries")
+        assert collector.ids[0] == result["id"]
+        assert [collector.payloads[i] for i in collector.ids] == [{"level": 3}, b"\x00raw", "text"]
+        status = await client.call("sync.status")
+        assert status["link"]["state"] == "connected"
+        assert status["spool"]["accepted"] == 3
+        assert status["publish"]["published"] == 3
+    await collector.stop()
+
+
+async def test_publish_and_subscribe_are_governed_by_policy(tmp_path: Path) -> None:
+    async with stack(tmp_path, None) as (sync, client):
+        with pytest.raises(Unauthorized) as denied:
+            await client.publish_to_cloud("fleet/dev-2/alarm", {"x": 1})
+        assert denied.value.details["operation"] == OP_PUBLISH_IOT
+        assert denied.value.details["resource"] == "fleet/dev-2/alarm"
+        with pytest.raises(Unauthorized):
+            async with client.subscribe_to_cloud("fleet/#") as messages:
+                await anext(messages)
+        assert sync.spool.stats().messages == 0
+
+
+@pytest.mark.parametrize(("args", "argument"), [
+    ({"topic": "fleet/dev-1/alarm", "payload": 1, "qos": 2}, "qos"),
+    ({"topic": "fleet/dev-1/alarm", "payload": 1, "priority": -1}, "priority"),
+    ({"topic": "fleet/dev-1/alarm", "payload": 1, "priority": "high"}, "priority"),
+    ({"topic": "fleet/dev-1/alarm", "payload": 1, "ttl_s": 0}, "ttl_s"),
+    ({"topic": "fleet/dev-1/alarm", "payload": 1, "retain": "yes"}, "retain"),
+    ({"topic": "fleet/dev-1/alarm", "payload": "x" * 2000}, "payload"),
+    ({"topic": "fleet/dev-1/alarm", "payload": float("nan")}, "payload"),
+])
+async def test_bad_arguments_are_refused_naming_the_argument(tmp_path: Path, args: dict[str, Any],
+                                                              argument: str) -> None:
+    async with stack(tmp_path, None, max_payload_bytes=1000) as (sync, client):
+        with pytest.raises(InvalidArguments) as exc:
+            await client.call("cloud.publish", args)
+        assert exc.value.details["argument"] == argument
+        with pytest.raises(InvalidArguments):
+            await client.call("cloud.publish", {"topic": "fleet/+/alarm", "payload": 1})
+        assert sync.spool.stats().messages == 0
+
+
+async def test_spool_full_is_reported_to_the_publisher(tmp_path: Path) -> None:
+    async with stack(tmp_path, None, spool_max_messages=3, overflow="reject_new") as (_sync, client):
+        for i in range(3):
+            await client.publish_to_cloud("fleet/dev-1/alarm", i)
+        with pytest.raises(LimitExceeded) as exc:
+            await client.publish_to_cloud("fleet/dev-1/alarm", 3)
+        assert exc.value.details["reason"] == "spool_full"
+        status = await client.call("sync.status")
+        assert status["spool"]["rejected_full"] == 1 and status["spool"]["messages"] == 3
+        assert status["link"]["state"] == "disabled"
+
+
+async def test_cloud_messages_reach_an_ipc_subscriber(broker: Mosquitto, tmp_path: Path) -> None:
+    async with stack(tmp_path, broker.url) as (sync, client):
+        await wait_for(lambda: sync.uplink.state == "connected", what="connected")
+        async with client.subscribe_to_cloud("fleet/dev-1/cmd/#") as messages:
+            await wait_for(lambda: "fleet/dev-1/cmd/#" in sync.uplink.status()["subscriptions"])
+            await asyncio.sleep(0.2)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as cloud:
+                await cloud.publish("fleet/dev-1/cmd/stop", b'{"now":true}', qos=1)
+            async with asyncio.timeout(10):
+                m = await anext(messages)
+        assert (m.topic, m.payload, m.sender) == ("fleet/dev-1/cmd/stop", b'{"now":true}', "cloud")
+
+
+async def test_device_status_on_change_and_heartbeat_retained(broker: Mosquitto, tmp_path: Path) -> None:
+    device = {"components": {"a": {"version": "1.0.0", "state": "RUNNING"}}, "last_deployment": None}
+    got: list[dict[str, Any]] = []
+    async with aiomqtt.Client("127.0.0.1", broker.port) as cloud:
+        await cloud.subscribe("nucleus/things/dev-1/status", qos=1)
+
+        async def read() -> None:
+            async for m in cloud.messages:
+                got.append(json.loads(bytes(m.payload)))  # type: ignore[arg-type]
+
+        reader = asyncio.create_task(read())
+        async with stack(tmp_path, broker.url, device, heartbeat_s=0.5) as (_sync, _):
+            await wait_for(lambda: len(got) >= 1, what="startup status")
+            device["last_deployment"] = {"id": "d1", "status": "SUCCEEDED"}
+            await wait_for(lambda: any(d["reason"] == "change" for d in got), what="change status")
+            await wait_for(lambda: any(d["reason"] == "heartbeat" for d in got), what="heartbeat")
+        reader.cancel()
+    assert got[0]["reason"] == "startup" and got[0]["thing"] == "dev-1"
+    change = next(d for d in got if d["reason"] == "change")
+    assert change["device"]["last_deployment"] == {"id": "d1", "status": "SUCCEEDED"}
+    assert "backlog" in change["sync"]
+    seqs = [d["seq"] for d in got]
+    assert seqs == sorted(seqs)
+
+
+async def test_forwarder_sends_matching_local_topics(broker: Mosquitto, tmp_path: Path) -> None:
+    collector = Collector(broker.port)
+    await collector.start()
+    rules = [{"filter": "anomaly/#", "cloud_topic": "nucleus/things/{thing}/{topic}", "priority": 7}]
+    async with stack(tmp_path, broker.url, forward=rules) as (sync, _):
+        await asyncio.sleep(0.1)  # the rule's local subscription
+        from ipc.core import NUCLEUS
+        await sync._core.publish(NUCLEUS, "anomaly/turbine-1", {"score": 0.97})
+        await sync._core.publish(NUCLEUS, "sensors/turbine-1/raw", {"rpm": 1})  # raw streams stay local
+        await wait_for(lambda: len(collector.ids) == 1, what="forwarded")
+        assert list(collector.by_topic) == ["nucleus/things/dev-1/anomaly/turbine-1"]
+        assert collector.payloads[collector.ids[0]] == {"score": 0.97}
+        assert sync.forwarder.counters["forwarded"] == 1
+    await collector.stop()
