@@ -267,6 +267,30 @@ async def _deployments(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fmt_sync(info: dict[str, Any]) -> str:
+    spool, link = info.get("spool", {}), info.get("link", {})
+    lines = [
+        f"link      {link.get('state')}  broker={link.get('broker') or '-'}"
+        + (f"  next attempt in {link['next_attempt_in_s']:.1f}s" if link.get("next_attempt_in_s") is not None else ""),
+        f"backlog   {spool.get('messages')} messages, {spool.get('bytes')} bytes"
+        f"  (max {spool.get('max_messages')} / {spool.get('max_bytes')} B, overflow {spool.get('overflow')})",
+        f"sent      {spool.get('delivered')} delivered in {link.get('published_messages')} MQTT messages",
+        f"dropped   overflow={spool.get('dropped_overflow')} expired={spool.get('dropped_expired')}"
+        f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
+        f"status    {info.get('status_topic')}",
+    ]
+    lines += [f"error     {e.get('code')}: {e.get('message')}" for e in info.get("errors", [])[-5:]]
+    return "\n".join(lines)
+
+
+async def _sync_status(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        info = await client.call("sync.status")
+    print(json.dumps(info, indent=2, default=str) if args.json else _fmt_sync(info))
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from nucleus.recipe import load_recipe
 
@@ -378,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="anomaly models (train, sign, package as a component)", add_help=False)
     p.add_argument("model_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_model, is_async=False)
+
+    p = sub.add_parser("sync", help="cloud sync: spool backlog, broker link, drops")
+    ssub = p.add_subparsers(dest="sync_command", required=True)
+    st = ssub.add_parser("status", help="backlog, link state and counters of the cloud uplink")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_sync_status, is_async=True)
 
     p = sub.add_parser("client", help="declared local clients")
     csub = p.add_subparsers(dest="client_command", required=True)

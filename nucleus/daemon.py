@@ -1,8 +1,8 @@
 """The composition root: builds every part from settings and runs them under one owner.
 
 Shutdown is ordered and bounded: stop accepting IPC connections, stop components in
-reverse dependency order (each bounded by its shutdown timeout and the kill grace), then
-close the journal. A second signal during shutdown kills what is left and exits.
+reverse dependency order (each bounded by its shutdown timeout and the kill grace), flush and
+close cloud sync, then close the journal. A second signal during shutdown kills what is left and exits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from cloud_sync.service import CloudSync
 from ipc.core import IpcCore
 from ipc.server import IpcServer
 from nucleus import __version__, authz, logconfig
@@ -205,6 +206,20 @@ class Daemon:
             notifier=notifier, identities=identities, authorizer=authorizer,
             set_client_policies=set_client_policies, status=status,
         )
+        def device_status() -> dict[str, Any]:
+            comps = {n: orchestrator.describe(n) for n in sorted(orchestrator.names())}
+            last = journal.recent(1)
+            return {
+                "nucleus_version": __version__,
+                "components": {n: {"version": d["version"], "state": d["state"]} for n, d in comps.items()},
+                "current_deployment": engine.current,
+                "last_deployment": {k: last[0].summary().get(k) for k in ("id", "group", "status", "reason")}
+                if last else None,
+            }
+
+        cloud = CloudSync(self.settings.mqtt, core, spool_path=paths.db_dir / "spool.db",
+                          thing_name=self.settings.thing_name, status_provider=device_status)
+        cloud.register_operations()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -219,6 +234,7 @@ class Daemon:
         log.info("nucleus.started", root=str(paths.root), socket=str(paths.ipc_socket), pid=os.getpid(),
                  version=__version__)
         engine_task = asyncio.create_task(engine.run(), name="deployments")
+        sync_task = asyncio.create_task(cloud.run(), name="cloud-sync")
         stop_task = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -235,6 +251,9 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await engine_task
             await orchestrator.close()
+            await cloud.close()  # PUBACKs in flight get flush_timeout_s; the spool is committed and closed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sync_task
             journal.close()
             with contextlib.suppress(OSError):
                 paths.daemon_pid_file.unlink()
