@@ -154,7 +154,8 @@ GOOD = {"event_id": "abc", "asset": "t1", "score": 0.7, "threshold": 0.5, "ts": 
 
 @pytest.mark.parametrize(("patch", "reason"), [
     ({"score": float("nan")}, "nan_score"), ({"score": float("inf")}, "nan_score"), ({"score": "high"}, "bad_score"),
-    ({"score": True}, "bad_score"), ({"threshold": None}, "bad_threshold"), ({"threshold": float("nan")}, "nan_threshold"),
+    ({"score": True}, "bad_score"), ({"threshold": None}, "bad_threshold"),
+    ({"threshold": float("nan")}, "nan_threshold"),
     ({"event_id": ""}, "no_event_id"), ({"event_id": 5}, "no_event_id"), ({"asset": "t2"}, "asset_mismatch"),
 ])
 def test_bad_events_are_rejected_with_a_reason(patch: dict[str, Any], reason: str) -> None:
