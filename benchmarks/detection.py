@@ -1,0 +1,312 @@
+"""Detection quality and per-window cost of the model builder + detector cores.
+
+1. NAB realKnownCause subset (7 files, 19 windows), standard profile, NAB's scoring rules
+   (earliest detection per window, scaled sigmoid, FP weight 0.11, probationary rows unscored) and
+   the subset normalisation of ../shared/data/nab/README.md, printed next to the published anchors.
+   Per file: an IsolationForest on univariate window features, trained ONLY on the probationary
+   rows (which NAB leaves to the detector to learn from; no label is used). Threshold = quantile of
+   held-out probationary scores (builder default). The anchors used thresholds NAB swept over the
+   whole corpus WITH the labels; we also print what the same sweep gives us, marked as label-tuned.
+2. Gearbox (SpectraQuest): train on the first half of the healthy file at one load; test on the
+   second half of every healthy file (every alarm is false) and on every broken-tooth file.
+3. Cost per window: features (numpy, vs scipy.stats.kurtosis), scikit-learn vs onnxruntime scoring
+   (fused tree ensemble; skl2onnx's default graph too), and a detector-like process's RSS.
+
+    .venv/bin/python benchmarks/detection.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from components.anomaly.features import FeatureExtractor, default_spec, univariate_spec  # noqa: E402
+from components.model_builder import data as datamod  # noqa: E402
+from components.model_builder import onnx_export  # noqa: E402
+from components.model_builder.training import TrainParams, onnx_scores, session, train  # noqa: E402
+
+SHARED = (REPO / ".." / "shared" / "data").resolve()
+NAB_FILES = ["machine_temperature_system_failure", "ambient_temperature_system_failure",
+             "cpu_utilization_asg_misconfiguration", "ec2_request_latency_system_failure", "nyc_taxi",
+             "rogue_agent_key_hold", "rogue_agent_key_updown"]
+ANCHORS = {"ARTime": 63.9, "Numenta HTM": 55.5, "Random Cut Forest": 43.1, "windowed Gaussian": 13.4}
+STANDARD = {"tp": 1.0, "fp": 0.11, "fn": 1.0}
+NAB_WINDOW_ROWS = 12  # feature window over the series (rows), fixed a priori
+GEAR_RATE_HZ = 1000.0  # ASSUMED: the data do not state a sample rate (README); only used for "per hour"
+
+
+# --- NAB ---------------------------------------------------------------------------------------
+
+def scaled_sigmoid(x: float) -> float:
+    return -1.0 if x > 3.0 else 2.0 / (1.0 + math.exp(5.0 * x)) - 1.0
+
+
+def nab_score(detections: np.ndarray, windows: list[tuple[int, int]], probation: int,
+              cost: dict[str, float] = STANDARD) -> float:
+    """NAB's sweeper scoring for one file: rows are detections (bool), windows inclusive row ranges."""
+    score = 0.0
+    found = [False] * len(windows)
+    prev: tuple[int, int] | None = None
+    w = 0
+    for i in range(probation, len(detections)):
+        while w < len(windows) and i > windows[w][1]:
+            prev = windows[w]
+            w += 1
+        inside = w < len(windows) and windows[w][0] <= i <= windows[w][1]
+        if not detections[i]:
+            continue
+        if inside:
+            if not found[w]:
+                left, right = windows[w]
+                pos = -(right - i + 1) / (right - left + 1)
+                score += cost["tp"] * scaled_sigmoid(pos) / scaled_sigmoid(-1.0)
+                found[w] = True
+        elif prev is None:
+            score -= cost["fp"]
+        else:
+            width = prev[1] - prev[0] + 1
+            score += cost["fp"] * scaled_sigmoid(abs(prev[1] - i) / (width - 1))
+    return score - cost["fn"] * found.count(False)
+
+
+def load_nab(name: str) -> tuple[list[str], np.ndarray, list[tuple[int, int]]]:
+    path = SHARED / "nab" / "data" / "realKnownCause" / f"{name}.csv"
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    stamps = [r["timestamp"] for r in rows]
+    values = np.array([float(r["value"]) for r in rows])
+    index = {s: i for i, s in enumerate(stamps)}
+    spans = json.loads((SHARED / "nab" / "labels" / "combined_windows.json").read_text())[f"realKnownCause/{name}.csv"]
+    windows = [(index[a.split(".")[0]], index[b.split(".")[0]]) for a, b in spans]
+    return stamps, values, windows
+
+
+def run_nab() -> None:
+    print("\n== NAB realKnownCause subset (standard profile) ==")
+    print(f"per file: IsolationForest(100) on {NAB_WINDOW_ROWS}-row windows of univariate features, trained on the "
+          "probationary rows only; threshold = 0.999 quantile of held-out probationary scores")
+    total = 0.0
+    n_windows = 0
+    per_file: list[tuple[str, float, int, int]] = []
+    raw_scores: dict[str, tuple[np.ndarray, list[tuple[int, int]], int]] = {}
+    fx = FeatureExtractor(univariate_spec(), ["value"], NAB_WINDOW_ROWS)
+    for name in NAB_FILES:
+        _, values, windows = load_nab(name)
+        n = len(values)
+        probation = min(int(0.15 * n), 750)
+        all_windows = sliding_window_view(values, NAB_WINDOW_ROWS)[:, None, :]  # window k ends at row k + W - 1
+        feats = fx.extract(all_windows)
+        train_feats = feats[: probation - NAB_WINDOW_ROWS + 1]
+        model = train(train_feats, TrainParams(kind="isolation_forest", seed=0))
+        scores = np.zeros(n)
+        scores[NAB_WINDOW_ROWS - 1:] = onnx_scores(session(model.proto), feats)
+        detections = scores >= model.threshold.value
+        s = nab_score(detections, windows, probation)
+        fp_rows = int(sum(1 for i in range(probation, n) if detections[i]
+                          and not any(a <= i <= b for a, b in windows)))
+        per_file.append((name, s, int(detections[probation:].sum()), fp_rows))
+        raw_scores[name] = (scores / model.threshold.value, windows, probation)
+        total += s
+        n_windows += len(windows)
+    for name, s, det, fp in per_file:
+        print(f"  {name:40s} raw {s:6.2f}   detections {det:5d}   outside windows {fp:5d}")
+    null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
+    ours = 100 * (total - null) / (perfect - null)
+    # The anchors' thresholds were swept over the corpus with the labels; the same sweep for ours:
+    best, best_t = -1e9, 0.0
+    for t in np.linspace(0.5, 3.0, 51):
+        s = sum(nab_score(sc >= t, w, p) for sc, w, p in raw_scores.values())
+        if s > best:
+            best, best_t = s, float(t)
+    swept = 100 * (best - null) / (perfect - null)
+    print(f"\n  {'detector':34s} subset-normalised standard score")
+    for k, v in ANCHORS.items():
+        print(f"  {k:34s} {v:5.1f}   (published, label-swept threshold)")
+    print(f"  {'ours (threshold from training)':34s} {ours:5.1f}   <- the honest figure")
+    print(f"  {'ours (label-swept, like anchors)':34s} {swept:5.1f}   (threshold x{best_t:.2f}; uses test labels)")
+    goal = ANCHORS["Numenta HTM"]
+    print(f"  goal > {goal} (Numenta HTM): {'MET' if ours > goal else 'NOT MET'} with the training-only threshold")
+
+
+# --- gearbox -----------------------------------------------------------------------------------
+
+def gear(name: str) -> np.ndarray:
+    ds = datamod.load_csv(SHARED / "gearbox_fault_diagnosis" / f"{name}.csv.gz")
+    return ds.segments[0]
+
+
+def run_gearbox(window: int, hop: int, kinds: list[str]) -> None:
+    print(f"\n== Gearbox: healthy vs broken tooth (window {window}, hop {hop}, vibration features) ==")
+    print(f"false alarms per hour assume {GEAR_RATE_HZ:.0f} Hz (NOT stated by the data); "
+          f"at hop {hop} one hour = {3600 * GEAR_RATE_HZ / hop:.0f} windows")
+    channels = ["a1", "a2", "a3", "a4"]
+    loads = ["0", "50", "90"]
+    data = {f"{c}{load}": gear(f"{c}30hz{load}") for c in "hb" for load in loads}
+    fx = FeatureExtractor(default_spec(channels, bands=8, slow=()), channels, window)
+
+    def feats(x: np.ndarray) -> np.ndarray:
+        return fx.extract(datamod.windows(datamod.Dataset(channels, [x], None, []), window, hop))
+
+    for kind in kinds:
+        for train_load in loads:
+            h = data[f"h{train_load}"]
+            half = h.shape[1] // 2
+            model = train(feats(h[:, :half]), TrainParams(kind=kind, seed=0))  # type: ignore[arg-type]
+            sess = session(model.proto)
+            thr = model.threshold.value
+            print(f"\n  {kind}, trained on healthy {train_load}% load (first half), threshold {thr:.4g}")
+            print(f"  {'test load':>9s} {'healthy win':>11s} {'false al.':>9s} {'FA/h':>7s} {'broken win':>10s} "
+                  f"{'recall':>7s} {'precision':>9s} {'F1':>6s} {'AUC':>6s}")
+            all_ok = True
+            for load in loads:
+                hh = data[f"h{load}"]
+                healthy_test = hh[:, half:] if load == train_load else hh[:, hh.shape[1] // 2:]
+                sh = onnx_scores(sess, feats(healthy_test))
+                sb = onnx_scores(sess, feats(data[f"b{load}"]))
+                fa = int((sh >= thr).sum())
+                tp = int((sb >= thr).sum())
+                recall = tp / len(sb)
+                precision = tp / (tp + fa) if tp + fa else 0.0
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+                auc = float((sb[:, None] > sh[None, :]).mean() + 0.5 * (sb[:, None] == sh[None, :]).mean())
+                hours = len(sh) * hop / GEAR_RATE_HZ / 3600
+                fa_h = fa / hours
+                all_ok &= fa == 0 and recall > 0.5
+                print(f"  {load + '%':>9s} {len(sh):11d} {fa:9d} {fa_h:7.0f} {len(sb):10d} {recall:7.3f} "
+                      f"{precision:9.3f} {f1:6.3f} {auc:6.3f}")
+            print(f"  goal (separated at every load, < 1 FA/h): {'MET on this data' if all_ok else 'NOT MET'}"
+                  + ("; note: ~200 healthy windows per load cannot show < 1 FA/h statistically" if all_ok else ""))
+
+
+# --- cost per window ---------------------------------------------------------------------------
+
+def per_call(fn: object, n: int) -> float:
+    f = fn  # type: ignore[assignment]
+    f()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def run_costs(quick: bool) -> None:
+    from scipy import stats
+
+    print("\n== Cost per window (one core, batch of 1) ==")
+    rng = np.random.default_rng(0)
+    reps = 300 if quick else 2000
+    for chans, label in ((["a1", "a2", "a3"], "1024 x 3, stats only"), (["a1", "a2", "a3", "a4"],
+                                                                         "1024 x 4, stats + 8 bands")):
+        spec = default_spec(chans, bands=0 if len(chans) == 3 else 8, slow=())
+        if len(chans) == 3:
+            from components.anomaly.features import ChannelGroup, FeatureSpec
+            spec = FeatureSpec(groups=[ChannelGroup(channels=chans, stats=["rms", "peak", "crest", "kurtosis",
+                                                                           "skewness"])])
+        fx = FeatureExtractor(spec, chans, 1024)
+        w = rng.standard_normal((len(chans), 1024)).astype(np.float32)
+        print(f"  features {label:28s} {per_call(lambda fx=fx, w=w: fx.extract(w), reps):8.1f} us")
+    w3 = rng.standard_normal((3, 1024))
+    print(f"  scipy.stats.kurtosis alone, 1024 x 3        {per_call(lambda: stats.kurtosis(w3, axis=1), reps):8.1f} us")
+    x = rng.standard_normal((4000, 44)).astype(np.float32)
+    one = x[:1]
+    print(f"\n  {'model':28s} {'scikit-learn':>12s} {'onnxruntime':>12s} {'speed-up':>9s} {'ONNX nodes':>10s}")
+    for kind in ("isolation_forest", "pca", "autoencoder"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = train(x, TrainParams(kind=kind, max_iter=100))  # type: ignore[arg-type]
+        sess = session(m.proto)
+        sk = per_call(lambda m=m: m.reference(one), 50 if kind == "isolation_forest" else reps)
+        ox = per_call(lambda sess=sess: onnx_scores(sess, one), reps)
+        print(f"  {kind:28s} {sk:10.1f}us {ox:10.1f}us {sk / ox:8.0f}x {len(m.proto.graph.node):10d}")
+        if kind == "isolation_forest":
+            default = onnx_export.skl2onnx_isolation_forest(m.estimator, x.shape[1])
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            s2 = ort.InferenceSession(default.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            name = s2.get_inputs()[0].name
+            t_def = per_call(lambda: s2.run(None, {name: one}), 200 if quick else 1000)
+            print(f"  {'  (skl2onnx default graph)':28s} {sk:10.1f}us {t_def:10.1f}us {sk / t_def:8.0f}x "
+                  f"{len(default.graph.node):10d}")
+            goal = sk / ox >= 30
+            print(f"  goal: onnxruntime >= 30x faster than scikit-learn for IsolationForest: "
+                  f"{'MET' if goal else 'NOT MET'} ({sk / ox:.0f}x)")
+
+
+RSS_PROBE = """
+import sys, resource, numpy as np, psutil
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from components.anomaly import signing
+from components.anomaly_detector.scoring import load_model
+from components.anomaly_detector import service  # the whole detector module graph
+d = Path({model_dir!r})
+m = load_model(d, component={name!r}, version="1.0.0", trusted=signing.trusted_key_map([{pub!r}]))
+w = np.random.default_rng(0).standard_normal((8, len(m.card.channels), m.card.window)).astype(np.float32)
+for _ in range(200):
+    m.score(w)
+print(psutil.Process().memory_info().rss / 2**20, "sklearn" in sys.modules, "scipy" in sys.modules)
+"""
+
+
+def run_rss() -> None:
+    from components.anomaly import signing
+    from components.model_builder.package import make_card, write_package
+
+    print("\n== Detector process footprint ==")
+    channels = ["vib_x", "vib_y", "vib_z", "temp"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 60_000))
+    ds = datamod.Dataset(channels, [x], 1000.0, ["noise"])
+    spec = default_spec(channels)
+    feats = FeatureExtractor(spec, channels, 1024).extract(datamod.windows(ds, 1024, 256))
+    model = train(feats, TrainParams())
+    card = make_card(model, component="bench.Model", version="1.0.0", channels=channels, spec=spec, window=1024,
+                     hop=256, rate_hz=1000.0, sources=["noise"], rows=ds.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        key, _ = signing.load_or_create_key(Path(tmp) / "k")
+        pkg = write_package(model, card, Path(tmp), key)
+        code = RSS_PROBE.format(repo=str(REPO), model_dir=str(pkg.model_dir), name="bench.Model", pub=pkg.public_key)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    rss, has_sklearn, has_scipy = float(out[0]), out[1] == "True", out[2] == "True"
+    print(f"  RSS after loading a 100-tree model and scoring: {rss:.1f} MB (goal < 70 MB: "
+          f"{'MET' if rss < 70 else 'NOT MET'}); scikit-learn imported: {has_sklearn}; scipy imported: {has_scipy}")
+    print("  (the detector process on a daemon adds the SDK client and structlog: see benchmarks/pipeline.py)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, IsolationForest only on gearbox")
+    parser.add_argument("--only", choices=["nab", "gearbox", "cost", "rss"])
+    args = parser.parse_args()
+    if not SHARED.is_dir() and args.only in (None, "nab", "gearbox"):
+        print(f"shared data not found at {SHARED}; skipping NAB and gearbox")
+    else:
+        if args.only in (None, "nab"):
+            run_nab()
+        if args.only in (None, "gearbox"):
+            run_gearbox(1024, 256, ["isolation_forest"] if args.quick else ["isolation_forest", "pca", "autoencoder"])
+    if args.only in (None, "cost"):
+        run_costs(args.quick)
+    if args.only in (None, "rss"):
+        run_rss()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
