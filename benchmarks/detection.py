@@ -240,7 +240,7 @@ def run_costs(quick: bool) -> None:
             opts.intra_op_num_threads = 1
             s2 = ort.InferenceSession(default.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             name = s2.get_inputs()[0].name
-            t_def = per_call(lambda: s2.run(None, {name: one}), 200 if quick else 1000)
+            t_def = per_call(lambda s2=s2, name=name: s2.run(None, {name: one}), 200 if quick else 1000)
             print(f"  {'  (skl2onnx default graph)':28s} {sk:10.1f}us {t_def:10.1f}us {sk / t_def:8.0f}x "
                   f"{len(default.graph.node):10d}")
             goal = sk / ox >= 30
