@@ -281,3 +281,44 @@ def test_deployment_through_the_sdk(daemon: Any, short_tmp: Path) -> None:
     status = asyncio.run(deploy())
     assert status["status"] == "SUCCEEDED"
     assert daemon.components()["test.Sdk"]["state"] == "RUNNING"
+
+
+PEER_CONFIG = """
+    import asyncio, json
+    from ipc import Client, Unauthorized
+    async def main():
+        async with Client.from_env() as c:
+            value = await c.get_configuration(["threshold"], component="test.Owner")
+            await c.update_configuration(["threshold"], 0.7, component="test.Owner")
+            try:
+                await c.get_configuration([], component="test.Private")
+                private = "read"
+            except Unauthorized as exc:
+                private = str(exc)
+            await c.put_metric([{{"name": "windows", "unit": "Count", "value": 42}}])
+            open({out!r}, "w").write(json.dumps({{"value": value, "private": private}}))
+            await asyncio.sleep(600)
+    asyncio.run(main())
+"""
+
+
+def test_another_components_configuration_with_policy_and_metrics(daemon: Any, short_tmp: Path) -> None:
+    d = short_tmp / "recipes"
+    daemon.cli("deploy", str(write_recipe(d, "test.Owner", "1.0.0", run="exec sleep 600", config={"threshold": 0.5})),
+               str(write_recipe(d, "test.Private", "1.0.0", run="exec sleep 600", config={"secret": 1})))
+    out = short_tmp / "peer.out"
+    policy = {"aws.greengrass.ipc.config": {"c1": {
+        "operations": ["aws.greengrass#GetConfiguration", "aws.greengrass#UpdateConfiguration"],
+        "resources": ["test.Owner"]}},
+        "aws.greengrass.ipc.componentmetric": {"m1": {
+            "operations": ["aws.greengrass#PutComponentMetric"], "resources": ["*"]}}}
+    recipe, art = component(short_tmp, "test.Peer", "1.0.0", PEER_CONFIG.format(out=str(out)),
+                            config={"accessControl": policy})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    result = json.loads(wait_file(out))
+    assert result["value"] == 0.5
+    assert "GetConfiguration" in result["private"] and "test.Private" in result["private"]
+    owner = json.loads(daemon.cli("status", "test.Owner").stdout)
+    assert owner["configuration"]["threshold"] == 0.7
+    peer = json.loads(daemon.cli("status", "test.Peer").stdout)
+    assert peer["metrics"]["windows"]["value"] == 42
