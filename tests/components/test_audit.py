@@ -24,6 +24,10 @@ def test_wal_and_full_synchronous(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a" / "audit.db")
     assert log._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert log._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    log.record(decision(1), durable=False)
+    assert log._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL for the intent only
+    log.record_outcomes("d1", [Outcome("engage_brake", True, "ok", 0.0, 0.0)])
+    assert log._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     log.close()
 
 
@@ -62,7 +66,9 @@ WRITER = """
     log = AuditLog(__import__("pathlib").Path(sys.argv[1]))
     i = 0
     while True:
-        log.record(Decision(f"d{i}", "t1", 0.0, State.TRIPPED, State.NORMAL, (), (), "burst", (), ()))
+        # every other commit is a write-ahead intent (no fsync): it too must survive kill -9
+        log.record(Decision(f"d{i}", "t1", 0.0, State.TRIPPED, State.NORMAL, (), (), "burst", (), ()),
+                   durable=i % 2 == 0)
         print(f"d{i}", flush=True)  # acknowledged only after the commit returned
         i += 1
 """
