@@ -334,7 +334,7 @@ class Uplink:
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry_s
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             address.host, address.port,
             identifier=s.client_id or self._thing,
             username=s.username, password=s.password,
@@ -348,6 +348,8 @@ class Uplink:
             max_inflight_messages=s.max_inflight + 1,
             max_queued_incoming_messages=10_000,
         )
+        client.pending_calls_threshold = s.max_inflight + 8  # our own window; not worth a warning
+        return client
 
     async def _connect_and_serve(self, address: BrokerAddress) -> None:
         client = self._client_for(address)
