@@ -398,11 +398,11 @@ class Client:
         if confirm is None:
             confirm = topic not in self._confirmed
         if confirm:
+            self._check()
             data = codec.encode(payload)
             rid = next(self._ids)
             fut = self._loop.create_future() if self._loop else asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
-            self._check()
             head, body = P.publish_parts(rid, topic, data)
             self._write(head)
             self._write(body)
@@ -621,7 +621,11 @@ class SyncClient:
 
     def _run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
         fut = asyncio.run_coroutine_threadsafe(_as_coro(coro), self._loop)
-        return fut.result(timeout if timeout is not None else self._timeout)
+        try:
+            return fut.result(timeout if timeout is not None else self._timeout)
+        except TimeoutError:
+            fut.cancel()  # e.g. a subscription get(): do not let it swallow the next message later
+            raise
 
     def publish(self, topic: str, payload: Any, *, confirm: bool | None = None) -> None:
         self._run(self._client.publish(topic, payload, confirm=confirm))

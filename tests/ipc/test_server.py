@@ -315,3 +315,16 @@ async def test_cached_decisions_expire_without_being_told(auth: TokenAuth, polic
         policy.grants["eve"] = []
         with pytest.raises(Unauthorized):
             await eve.publish("public/a", 2, confirm=True)
+
+
+async def test_sync_subscription_get_timeout_does_not_lose_the_next_message(server: IpcServer) -> None:
+    path = path_of(server)
+
+    def script() -> Any:
+        with SyncClient(path, "tok-bob") as sc, sc.subscribe("late/#") as msgs:
+            with pytest.raises(TimeoutError):
+                msgs.get(timeout=0.05)
+            sc.publish("late/x", "after the timeout")
+            return msgs.get(timeout=10).payload
+
+    assert await asyncio.to_thread(script) == "after the timeout"
