@@ -89,12 +89,21 @@ class Message:
 
 
 class _Feed:
-    """A bounded local queue behind an async iterator (subscriptions and generic streams)."""
+    """A bounded local queue behind an async iterator (subscriptions and generic streams).
 
-    __slots__ = ("_client", "_waiter", "ended", "error", "policy", "q", "queue_size", "throttled")
+    Subscriptions use credit: the server sends at most ``queue_size`` messages ahead of what the
+    consumer has taken, and the feed returns credit as it is consumed. So the local queue never
+    overflows, the socket is never paused for it, and replies to calls made from inside the
+    ``async for`` loop keep flowing (no deadlock). Generic streams fall back to pausing the socket.
+    """
 
-    def __init__(self, client: Client, queue_size: int, policy: str) -> None:
+    __slots__ = ("_client", "_waiter", "consumed", "ended", "error", "policy", "q", "queue_size", "sid",
+                 "throttled")
+
+    def __init__(self, client: Client, queue_size: int, policy: str, sid: int = 0) -> None:
         self._client = client
+        self.sid = sid  # > 0: a credit-based subscription
+        self.consumed = 0
         self.q: deque[Any] = deque()
         self.queue_size = queue_size
         self.policy = policy
@@ -114,7 +123,7 @@ class _Feed:
                         q[0].dropped += carried
                     else:
                         item.dropped += carried
-            elif not self.throttled:
+            elif not self.throttled and not self.sid:
                 self.throttled = True
                 self._client._throttle(+1)
         q.append(item)
@@ -146,7 +155,12 @@ class _Feed:
             finally:
                 self._waiter = None
         item = q.popleft()
-        if self.throttled and len(q) <= self.queue_size // 2:
+        if self.sid:
+            self.consumed += 1
+            if self.consumed * 2 >= self.queue_size and not self.ended:
+                self._client._grant(self.sid, self.consumed)
+                self.consumed = 0
+        elif self.throttled and len(q) <= self.queue_size // 2:
             self.throttled = False
             self._client._throttle(-1)
         return item
@@ -344,6 +358,10 @@ class Client:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
+    def _grant(self, sid: int, n: int) -> None:
+        if self.connected and sid in self._feeds:
+            self._write(P.credit(sid, n))
+
     def _throttle(self, delta: int) -> None:
         """Lossless feeds stop the socket reader when full (so the server holds, then the publisher)."""
         self._throttles += delta
@@ -451,12 +469,12 @@ class Client:
         """``async with c.subscribe("sensors/#") as messages: async for m in messages: ...``"""
         self._check()
         rid = next(self._ids)
-        feed = _Feed(self, queue_size, policy)
+        feed = _Feed(self, queue_size, policy, rid)
         self._feeds[rid] = feed
         try:
             await self._roundtrip(rid, P.request(rid, "pubsub.subscribe",
                                                  {"filter": topic_filter, "queue_size": queue_size,
-                                                  "policy": policy}), None)
+                                                  "policy": policy, "credit": queue_size}), None)
         except BaseException:
             self._feeds.pop(rid, None)
             raise

@@ -36,12 +36,13 @@ class FrameType(IntEnum):
     CANCEL = 8       # [8, id]
     PUBLISH = 9      # [9, id (0 = unconfirmed), topic, data(bin)]
     MESSAGE = 10     # [10, sub_id, dropped, reply_to|nil, sender|nil, topic, data(bin)]
+    CREDIT = 11      # [11, sub_id, n]: the client may take n more MESSAGEs on that subscription
 
 
 HELLO, WELCOME, REQUEST, RESPONSE, ERROR = 1, 2, 3, 4, 5
-STREAM_ITEM, STREAM_END, CANCEL, PUBLISH, MESSAGE = 6, 7, 8, 9, 10
+STREAM_ITEM, STREAM_END, CANCEL, PUBLISH, MESSAGE, CREDIT = 6, 7, 8, 9, 10, 11
 
-ARITY: dict[int, int] = {1: 4, 2: 4, 3: 4, 4: 3, 5: 5, 6: 3, 7: 3, 8: 2, 9: 4, 10: 7}
+ARITY: dict[int, int] = {1: 4, 2: 4, 3: 4, 4: 3, 5: 5, 6: 3, 7: 3, 8: 2, 9: 4, 10: 7, 11: 3}
 
 Frame = list[Any]
 """A decoded frame: ``[type, *fields]`` with the type's arity already checked."""
@@ -91,6 +92,10 @@ def stream_end(stream_id: int, err: tuple[str, str, dict[str, Any]] | None = Non
 
 def cancel(stream_id: int) -> bytes:
     return encode_frame([CANCEL, stream_id])
+
+
+def credit(sub_id: int, n: int) -> bytes:
+    return encode_frame([CREDIT, sub_id, n])
 
 
 def bin_header(n: int) -> bytes:

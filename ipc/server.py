@@ -86,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self._pending: dict[Subscription, None] = {}
         self._heads: dict[int, bytes] = {}
         self._prefixes: dict[str, bytes] = {}
+        self._credits: dict[int, int] = {}  # sub id -> MESSAGEs the client can still take
         self._pub_ok: set[str] = set()
         self._pub_gen = -1
         self._pub_expiry = 0.0
@@ -93,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
         self._blocked_on: dict[Subscription, None] = {}
         self._block_waiter: asyncio.Task[None] | None = None
+        self._reading = True
         self.close_reason: str | None = None
 
     # --- transport callbacks ----------------------------------------------------------------------
@@ -127,19 +129,37 @@ class _Connection(asyncio.Protocol):
             self.session.closer = None  # break the session <-> connection cycle now, not at the next full GC
         self._heads.clear()
         self._prefixes.clear()
+        self._credits.clear()
         self._pub_ok.clear()
         self._blocked_on.clear()
         if exc is not None and self.close_reason is None:
             log.info("ipc.connection_lost", pid=self.pid, error=str(exc))
 
     def pause_writing(self) -> None:
+        # A peer that does not read what we write gets nothing more read from it either: its
+        # requests would only pile up responses in our buffer (no unbounded memory per client).
         self.paused = True
         self._writable.clear()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
         self._writable.set()
+        self._update_reading()
         self._drain()
+
+    def _update_reading(self) -> None:
+        """Read only while our output to this peer flows and no lossless subscriber holds it back."""
+        t = self.transport
+        if t is None or self.closing:
+            return
+        want = not self.paused and self._block_waiter is None
+        if want != self._reading:
+            self._reading = want
+            if want:
+                t.resume_reading()
+            else:
+                t.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -165,6 +185,8 @@ class _Connection(asyncio.Protocol):
                 self._on_hello(f)
             elif t == P.REQUEST:
                 self._on_request(f)
+            elif t == P.CREDIT:
+                self._on_credit(f)
             elif t == P.CANCEL:
                 self._on_cancel(f)
             else:
@@ -216,6 +238,16 @@ class _Connection(asyncio.Protocol):
     def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
         if self.paused or self.closing:
             return False
+        if self._credits:
+            left = self._credits.get(sub.id)
+            if left is not None:
+                if left <= 0:
+                    return False  # the bus queues it (and applies the policy) until CREDIT arrives
+                self._credits[sub.id] = left - 1
+        self._write_message(sub, msg, dropped)
+        return True
+
+    def _write_message(self, sub: Subscription, msg: BusMessage, dropped: int) -> None:
         wire = msg.wire
         data = msg.data
         if wire is None:
@@ -238,12 +270,12 @@ class _Connection(asyncio.Protocol):
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
-        return True
 
     def pending(self, sub: Subscription) -> None:
         if sub.closed:
             self._pending.pop(sub, None)
             self._heads.pop(sub.id, None)
+            self._credits.pop(sub.id, None)
             return
         self._pending[sub] = None
         if not self.paused and not self.closing:
@@ -257,12 +289,17 @@ class _Connection(asyncio.Protocol):
                     self._pending.pop(sub, None)
                     continue
                 for _ in range(64):
+                    left = self._credits.get(sub.id)
+                    if left is not None and left <= 0:
+                        self._pending.pop(sub, None)  # re-added when its CREDIT arrives
+                        break
                     item = sub.take()
                     if item is None:
                         self._pending.pop(sub, None)
                         break
-                    msg, dropped = item
-                    self.offer(sub, msg, dropped)
+                    if left is not None:
+                        self._credits[sub.id] = left - 1
+                    self._write_message(sub, *item)
                     if self.paused:
                         break
                 if self.paused or self.closing:
@@ -357,7 +394,6 @@ class _Connection(asyncio.Protocol):
             self._blocked_on[sub] = None
         if self._block_waiter is not None:
             return
-        self.transport.pause_reading()
 
         async def wait() -> None:
             try:
@@ -368,10 +404,10 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._block_waiter = None
                 self._blocked_on.clear()
-                if not self.closing and self.transport is not None:
-                    self.transport.resume_reading()
+                self._update_reading()
 
         self._block_waiter = self._spawn(0, wait())
+        self._update_reading()
 
     def _spawn(self, key: int, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         if key == 0:
@@ -425,9 +461,30 @@ class _Connection(asyncio.Protocol):
         session = self.session
         assert session is not None
         topic_filter: Any = args.get("filter")
+        credit = args.get("credit")
+        if credit is not None and (type(credit) is not int or credit <= 0):
+            raise InvalidArguments("credit must be a positive integer or absent", {"credit": repr(credit)})
         sub = self.core.subscribe(session, topic_filter, self, queue_size=args.get("queue_size", 1024),
                                   policy=args.get("policy", "drop_oldest"), sub_id=req_id)
+        if credit is not None:
+            self._credits[sub.id] = credit
         self._send(P.response(req_id, {"filter": sub.filter}))
+
+    def _on_credit(self, f: P.Frame) -> None:
+        _, sid, n = f
+        if type(sid) is not int or type(n) is not int or n <= 0:
+            self._fail(ProtocolError("CREDIT needs a subscription id and a positive count"))
+            return
+        left = self._credits.get(sid)
+        if left is None:
+            return  # unknown or already ended subscription: crossed on the wire
+        self._credits[sid] = min(left + n, 1 << 31)
+        session = self.session
+        sub = session.subscriptions.get(sid) if session is not None else None
+        if sub is not None and sub.queue:
+            self._pending[sub] = None
+            if not self.paused:
+                self._drain()
 
     def _on_cancel(self, f: P.Frame) -> None:
         sid = f[1]

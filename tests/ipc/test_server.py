@@ -328,3 +328,54 @@ async def test_sync_subscription_get_timeout_does_not_lose_the_next_message(serv
             return msgs.get(timeout=10).payload
 
     assert await asyncio.to_thread(script) == "after the timeout"
+
+
+async def test_calls_inside_a_lossless_subscription_loop_do_not_deadlock(server: IpcServer) -> None:
+    """Credit-based delivery: the socket is never paused for a full subscription, so the replies
+    to calls made while consuming keep arriving even when the subscription is saturated."""
+    n = 300
+    async with Client(path_of(server), "tok-alice") as pub, Client(path_of(server), "tok-bob") as sub, \
+            sub.subscribe("work/#", queue_size=4, policy="block") as jobs:
+        async def produce() -> None:
+            for i in range(n):
+                await pub.publish("work/item", i)
+
+        producer = asyncio.create_task(produce())
+        got = []
+        async with asyncio.timeout(30):
+            async for m in jobs:
+                # a round trip per message on the same connection as the saturated subscription
+                await sub.call("pubsub.publish", {"topic": "audit/x", "payload": b"\xc0"})
+                got.append(m.payload)
+                if len(got) == n:
+                    break
+            await producer
+    assert got == list(range(n))
+
+
+async def test_slow_sdk_subscriber_learns_what_the_server_dropped(server: IpcServer) -> None:
+    n = 2000
+    async with Client(path_of(server), "tok-alice") as pub, Client(path_of(server), "tok-bob") as sub, \
+            sub.subscribe("tele/#", queue_size=8) as ms:
+        for i in range(n):
+            await pub.publish("tele/x", i)
+        await pub.publish("tele/end", -1, confirm=True)  # everything above has been routed
+        received, dropped, last = 0, 0, -1
+        async with asyncio.timeout(30):
+            async for m in ms:
+                if m.payload == -1:
+                    break
+                assert m.payload > last
+                dropped += m.dropped
+                received += 1
+                last = m.payload
+    assert last == n - 1 and dropped > 0 and received + dropped == n
+    assert received <= 2 * 8 + 1  # the credit window plus the server queue, not the whole burst
+
+
+async def test_malformed_credit_closes_only_that_connection(server: IpcServer) -> None:
+    raw = await RawConn.open(path_of(server), "tok-bob")
+    raw.send(P.encode_frame([P.CREDIT, 1, -5]))
+    assert [f[2] for f in await raw.frames_until_closed()] == ["PROTOCOL_ERROR"]
+    async with Client(path_of(server), "tok-alice") as c:
+        assert await c.call("pubsub.publish", {"topic": "x", "payload": b"\xc0"}) == 0
