@@ -189,3 +189,22 @@ def test_msgpack_bomb_in_body_is_bounded_by_frame_size() -> None:
     body = b"\xdd\xff\xff\xff\xff"  # array32 with 4 billion elements, no data
     with pytest.raises(ProtocolError):
         P.FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+async def test_peer_that_never_reads_cannot_grow_server_memory(server: IpcServer, bystander: Client) -> None:
+    raw = await RawConn.open(server.socket_path, "tok-bob")
+    chunk = b"".join(P.publish(i + 1, "pipe/x", b"\xc0") for i in range(5000))  # each wants a RESPONSE
+    stalled = False
+    for _ in range(400):  # at most ~60 MB offered; the server must stop reading long before
+        raw.send(chunk)
+        try:
+            await asyncio.wait_for(raw.writer.drain(), 0.5)
+        except TimeoutError:
+            stalled = True
+            break
+    assert stalled, "the server kept reading from a peer that reads nothing"
+    (conn,) = [c for c in server._conns if c.session is not None and c.session.principal.name == "bob"]
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() < 4 * 1024 * 1024
+    await bystander_works(server.socket_path)
+    raw.writer.transport.abort()
