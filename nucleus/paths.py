@@ -9,6 +9,7 @@ change to this file only. The layout (documented in docs/architecture.md)::
       run/cli.token                     token of the local CLI, mode 0600
       run/pids.json                     process groups of running components (orphan cleanup)
       db/nucleus.db                     deployments journal, active set (SQLite, WAL)
+      db/spool.db                       cloud_sync's outbound spool (SQLite, WAL)
       config/<component>.json           live component configuration
       packages/recipes/<name>@<version>.json
       packages/artifacts/<name>/<version>/...
@@ -79,6 +80,10 @@ class Paths:
     @property
     def database(self) -> Path:
         return self.db_dir / "nucleus.db"
+
+    @property
+    def spool(self) -> Path:
+        return self.db_dir / "spool.db"
 
     @property
     def config_dir(self) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud_sync.settings import SyncSettings
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
 
@@ -63,19 +64,6 @@ class IpcSettings(BaseModel):
     greengrass_socket: bool = True
 
 
-class MqttSettings(BaseModel):
-    """The cloud link; absent (the default) means everything stays spooled."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-
-
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,7 +75,7 @@ class Settings(BaseModel):
     logs: LogSettings = LogSettings()
     deployments: DeploymentSettings = DeploymentSettings()
     ipc: IpcSettings = IpcSettings()
-    mqtt: MqttSettings = MqttSettings()
+    mqtt: SyncSettings = Field(default_factory=SyncSettings, description="cloud link + spool: docs/cloud-sync.md")
     stop_grace_s: float = Field(5.0, description="SIGTERM → SIGKILL grace after a shutdown step")
 
     @property

@@ -1,30 +1,9 @@
-"""sqlite-utils, imported without its optional numpy/pandas column-type support.
+"""sqlite-utils for the nucleus, imported without its optional numpy/pandas support.
 
-sqlite-utils imports numpy (and pandas, if present) at import time only to map their scalar
-types to SQLite column types. The daemon never stores arrays, and numpy alone costs about
-20 MB of resident memory — half of the daemon's 40 MB idle budget. Components that need
-numpy run in their own processes, so hiding it here changes nothing for them; the entries
-are removed again right after the import so a later ``import numpy`` in this process works.
+The trick (and why it saves ~20 MB of daemon RSS) lives in :mod:`cloud_sync.sqlite`, the lower
+layer; the nucleus re-exports it so both SQLite owners import sqlite-utils the same way.
 """
 
-from __future__ import annotations
+from cloud_sync.sqlite import Database, sqlite_utils
 
-import sys
-from types import ModuleType
-
-
-def _import_without_optional_types() -> ModuleType:
-    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
-    try:
-        import sqlite_utils
-    finally:
-        for name in hidden:
-            if sys.modules.get(name) is None:
-                del sys.modules[name]
-    return sqlite_utils
-
-
-sqlite_utils = _import_without_optional_types()
-Database = sqlite_utils.Database
+__all__ = ["Database", "sqlite_utils"]
