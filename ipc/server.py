@@ -238,28 +238,50 @@ class _Connection(asyncio.Protocol):
     def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
         if self.paused or self.closing:
             return False
-        if self._credits:
-            left = self._credits.get(sub.id)
+        credits = self._credits
+        if credits:
+            left = credits.get(sub.id)
             if left is not None:
                 if left <= 0:
                     return False  # the bus queues it (and applies the policy) until CREDIT arrives
-                self._credits[sub.id] = left - 1
-        self._write_message(sub, msg, dropped)
-        return True
-
-    def _write_message(self, sub: Subscription, msg: BusMessage, dropped: int) -> None:
+                credits[sub.id] = left - 1
+        # the body of _write_message, inlined: this runs once per delivery
         wire = msg.wire
         data = msg.data
         if wire is None:
             wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
                 + P.bin_header(len(data))
+        h = self._heads.get(sub.id) if not dropped else None
+        if h is None:
+            h = self._head(sub.id, dropped)
+        n = len(wire) + len(data)
+        out = self._out
+        out.append(_HDR(len(h) + n) + h + wire)
+        out.append(data)
+        self._out_bytes += n + 16
+        if self._out_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        return True
+
+    def _head(self, sub_id: int, dropped: int) -> bytes:
+        """``[10, sub_id, dropped`` — cached for the common dropped == 0."""
         if dropped:
-            h = P.message_head(sub.id) + _packb(dropped)
-        else:
-            cached = self._heads.get(sub.id)
-            if cached is None:
-                cached = self._heads[sub.id] = P.message_head(sub.id) + b"\x00"
-            h = cached
+            return P.message_head(sub_id) + _packb(dropped)
+        h = self._heads[sub_id] = P.message_head(sub_id) + b"\x00"
+        return h
+
+    def _write_message(self, sub: Subscription, msg: BusMessage, dropped: int) -> None:
+        """Unconditionally frame ``msg`` for ``sub`` (the caller checked writability and credit)."""
+        wire = msg.wire
+        data = msg.data
+        if wire is None:
+            wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
+                + P.bin_header(len(data))
+        h = self._heads.get(sub.id) if not dropped else None
+        if h is None:
+            h = self._head(sub.id, dropped)
         n = len(wire) + len(data)
         out = self._out
         # three pieces, joined once at flush: the payload is never copied per subscriber before that
