@@ -23,7 +23,6 @@ import structlog
 from cloud_sync.service import CloudSync
 from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
-from ipc.greengrass.server import GreengrassServer
 from ipc.server import IpcServer
 from nucleus import __version__, authz, logconfig
 from nucleus.config_store import ConfigStore
@@ -243,16 +242,6 @@ class Daemon:
                 handshake_timeout=self.settings.ipc.handshake_timeout_s,
             )
             await gg_server.start()
-        gg_server: GreengrassServer | None = None
-        if self.settings.ipc.greengrass_socket:  # components written with AWS's awsiotsdk
-            gg_server = GreengrassServer(
-                core,
-                paths.gg_socket,
-                group=self.settings.ipc.socket_group,
-                max_message_size=self.settings.ipc.max_frame_bytes,
-                handshake_timeout=self.settings.ipc.handshake_timeout_s,
-            )
-            await gg_server.start()
         log.info("nucleus.started", root=str(paths.root), socket=str(paths.ipc_socket), pid=os.getpid(),
                  version=__version__)
         engine_task = asyncio.create_task(engine.run(), name="deployments")
@@ -268,8 +257,6 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda: os._exit(1))
             await server.close()
-            if gg_server is not None:
-                await gg_server.close()
             if gg_server is not None:
                 await gg_server.close()
             engine_task.cancel()
