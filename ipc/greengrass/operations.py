@@ -256,7 +256,7 @@ async def _get_configuration(core: IpcCore, s: Session, req: dict[str, Any]) -> 
     try:
         value = await core.call(s, "config.get", {"component": component, "key_path": key_path})
     except InvalidArguments as exc:
-        if exc.message.startswith("no configuration value"):  # the Java nucleus: "Key not found"
+        if "no configuration value" in exc.message:  # the Java nucleus says "Key not found"
             raise ResourceNotFound(f"Key not found: {exc.message}", {"component": component}) from exc
         raise
     return {"componentName": component, "value": _wrap_leaf(key_path, value)}
