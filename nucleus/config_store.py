@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
+from nucleus.durable import write_atomic
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
 
@@ -401,22 +400,3 @@ def _check_name(component: str) -> None:
         raise ConfigurationError(f"invalid component name {component!r}", component=component)
 
 
-def write_atomic(target: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """tmp + fsync + rename + fsync(dir): the file is the old one or the new one, never half."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -28,6 +28,7 @@ from nucleus import __version__, authz, logconfig
 from nucleus.config_store import ConfigStore
 from nucleus.control import Control
 from nucleus.deployment import DeploymentEngine
+from nucleus.durable import write_atomic
 from nucleus.errors import ConfigurationError, NucleusError
 from nucleus.identity import Identities
 from nucleus.journal import Journal
@@ -35,24 +36,12 @@ from nucleus.orchestrator import Orchestrator
 from nucleus.platforms import current_platform
 from nucleus.settings import Settings
 from nucleus.store import ComponentStore
-from nucleus.supervisor import OrphanRecord, kill_orphans
+from nucleus.supervisor import OrphanRecord, kill_orphans, process_start_time
 from nucleus.update_policy import UpdateNotifier
 
 log = structlog.get_logger("nucleus.daemon")
 
 EXIT_RESTART = 75  # what `nucleus run` exits with when a bootstrap step asked for a restart
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 class AlreadyRunning(NucleusError):
@@ -79,7 +68,7 @@ class ProcessRecords:
         return data if isinstance(data, list) else []
 
     def spawned(self, component: str, pid: int, pgid: int) -> None:
-        self._records[pid] = {"component": component, "pid": pid, "pgid": pgid, "start_time": _start_time(pid)}
+        self._records[pid] = {"component": component, "pid": pid, "pgid": pgid, "start_time": process_start_time(pid)}
         self._write()
 
     def exited(self, component: str, pid: int, pgid: int) -> None:
@@ -88,9 +77,7 @@ class ProcessRecords:
             self._write()
 
     def _write(self) -> None:
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(self._records.values())))
-        tmp.replace(self._path)
+        write_atomic(self._path, json.dumps(list(self._records.values())).encode())
 
 
 class Daemon:

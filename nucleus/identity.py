@@ -21,6 +21,7 @@ import structlog
 
 from ipc.core import Principal
 from ipc.errors import Unauthenticated
+from nucleus.durable import write_atomic
 from nucleus.paths import Paths
 
 log = structlog.get_logger("nucleus.identity")
@@ -33,14 +34,7 @@ def _new_token() -> str:
 
 
 def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    write_atomic(path, text.encode(), mode=0o600)
 
 
 def _parent_pid(pid: int) -> int | None:

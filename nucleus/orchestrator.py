@@ -28,6 +28,7 @@ from nucleus.config_store import ConfigStore
 from nucleus.errors import LifecycleError, RecipeError
 from nucleus.identity import Identities
 from nucleus.interpolation import ComponentContext, InterpolationContext, interpolate_lifecycle
+from nucleus.lifecycle import DEFAULT_TIMEOUTS
 from nucleus.paths import Paths
 from nucleus.recipe import Lifecycle, Recipe
 from nucleus.resolver import dependency_order
@@ -39,15 +40,6 @@ from nucleus.supervisor import Supervisor
 
 log = structlog.get_logger("nucleus.orchestrator")
 
-DEFAULT_TIMEOUTS: dict[str, float | None] = {
-    "bootstrap": 120.0,
-    "install": 120.0,
-    "startup": 120.0,
-    "run": None,
-    "shutdown": 15.0,
-    "recover": 60.0,
-    "uninstall": 120.0,
-}
 RUNNER_STEPS = ("install", "startup", "run", "shutdown", "recover")
 SETTLED = frozenset({State.RUNNING, State.FINISHED})
 STARTABLE_DEP_STATES = frozenset({State.RUNNING, State.FINISHED, State.BROKEN})

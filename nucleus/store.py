@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from nucleus import artifacts as art
+from nucleus.durable import write_atomic
 from nucleus.errors import ArtifactError, RecipeError, UnknownComponentError, VersionError
 from nucleus.paths import Paths
 from nucleus.recipe import Artifact, Recipe, parse_recipe
@@ -85,7 +85,7 @@ class ComponentStore:
                 pass  # unreadable: overwrite it below
             log.warning("store.recipe_replaced", component=recipe.name, version=version)
         try:
-            _write_atomic(target, data)
+            write_atomic(target, data)
         except OSError as exc:
             raise RecipeError(f"cannot store recipe: {exc}", component=recipe.name, path=target) from exc
         self._remember(recipe, target)
@@ -328,16 +328,3 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, onerror=on_error)
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    """tmp + fsync + rename: a reader sees the old recipe or the new one, never half of one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
