@@ -409,5 +409,105 @@ def main() -> None:
     print(f"lost messages per scenario: {lost}")
 
 
+
+# ----------------------------------------------------------------- awsiotsdk row (issue 6, Greengrass IPC)
+# ``benchmarks/ipc.py --greengrass [--quick]``: AWS's awsiotsdk publisher (GreengrassCoreIPCClientV2,
+# pipelined publish_to_topic_async, 256 B binary messages) into a native subscriber, beside a native
+# publisher and Mosquitto + paho measured in the same run, and the server's CPU per message. The
+# server process runs both front ends (native and Greengrass) on one IpcCore, as the daemon does.
+GG_WINDOW = 256  # publishes in flight per awsiotsdk client
+
+
+def gg_server(cfg: dict[str, Any]) -> None:
+    from ipc.core import IpcCore, Principal
+    from ipc.devserver import AllowList, TokenTable
+    from ipc.greengrass.server import GreengrassServer
+    from ipc.server import IpcServer
+
+    async def serve() -> None:
+        core = IpcCore(TokenTable({TOKEN: Principal("bench", "component")}), AllowList({"bench": ["bench/#"]}))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(15, stop.set)
+        async with IpcServer(core, cfg["socket"]), GreengrassServer(core, cfg["gg_socket"]):
+            print("READY", flush=True)
+            await stop.wait()
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    asyncio.run(serve())
+
+
+def gg_pub(cfg: dict[str, Any]) -> None:
+    from collections import deque
+
+    from awsiot.greengrasscoreipc import connect
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+    from awsiot.greengrasscoreipc.model import BinaryMessage, PublishMessage
+
+    client = GreengrassCoreIPCClientV2(client=connect(ipc_socket=cfg["gg_socket"], authtoken=TOKEN))
+    topic = cfg["topic"].replace("#", "x")
+    msg = PublishMessage(binary_message=BinaryMessage(message=b"x" * cfg["size"]))
+    client.publish_to_topic(topic="bench/ctl", publish_message=msg)
+    inflight: deque[Any] = deque()
+    t0 = time.monotonic()
+    for _ in range(cfg["n"]):
+        inflight.append(client.publish_to_topic_async(topic=topic, publish_message=msg))
+        if len(inflight) >= GG_WINDOW:
+            inflight.popleft().result(TIMEOUT_S)
+    for f in inflight:
+        f.result(TIMEOUT_S)
+    emit(start=t0, end=time.monotonic(), cpu=time.process_time())
+    client.close()
+
+
+ROLES["gg-pub"] = gg_pub
+ROLES["gg-sub"] = ROLES["native-sub"]
+ROLES["gg-server"] = gg_server
+
+
+@contextlib.contextmanager
+def gg_bench_server(workdir: Path) -> Iterator[tuple[dict[str, Any], psutil.Process]]:
+    target = {"socket": str(workdir / "bus.sock"), "gg_socket": str(workdir / "gg.sock")}
+    proc = subprocess.Popen([sys.executable, __file__, "--role", "gg-server", json.dumps(target)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"greengrass bench server did not start: {line!r}")
+        yield target, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def greengrass_main(quick: bool) -> None:
+    n_native, n_gg = (20_000, 5_000) if quick else (200_000, 50_000)
+    rows: list[tuple[str, float, float, int]] = []
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="ggbench") as tmp, \
+            mosquitto(Path(tmp)) as (port, mq_proc), gg_bench_server(Path(tmp)) as (target, server):
+        for kind, label, t, n, proc in (
+            ("native", "nucleus SDK publisher", target, n_native, server),
+            ("gg", "awsiotsdk publisher (pipelined async)", target, n_gg, server),
+            ("mqtt", "paho publisher -> Mosquitto", {"port": port}, n_native, mq_proc),
+        ):
+            cpu0 = sum(proc.cpu_times()[:2])
+            res = throughput(kind, t, n, 1, 256, proc)
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            rows.append((label, res["deliveries_per_s"], cpu / max(1, res["delivered"]) * 1e6, int(res["lost"])))
+        load = os.getloadavg()
+    print(f"\nawsiotsdk row ({'quick' if quick else 'full'}): 1 publisher -> 1 subscriber (nucleus SDK, "
+          f"lossless), 256 B; {os.cpu_count()} CPUs, load average {load[0]:.2f}\n")
+    print(f"{'publisher':42} {'msg/s':>12} {'server CPU us/msg':>18} {'lost':>6}")
+    for label, rate, cpu_us, lost in rows:
+        print(f"{label:42} {rate:12,.0f} {cpu_us:18.1f} {lost:6d}")
+    print("  server CPU = the bus server process (or Mosquitto) per delivered message; the awsiotsdk figure")
+    print("  includes decoding the event-stream request, its JSON/base64 and the response frame.")
+
+
 if __name__ == "__main__":
-    main()
+    if "--greengrass" in sys.argv:
+        greengrass_main("--quick" in sys.argv)
+    else:
+        main()
