@@ -1,7 +1,12 @@
-"""The README's main command: a nucleus in a temporary root, a deployment, what it shows.
+"""The README's main command (`scripts/demo`): the wind-turbine demo, or the hello-world one.
 
-Runs the real CLI as a user would (`nucleus run`, `nucleus deploy`, `nucleus list`,
-`nucleus logs`), so the demo exercises exactly what people use. Needs no broker, no cloud.
+* default: `examples/wind_turbine/demo.py` — train a signed model on simulated healthy data, deploy
+  ingest + model + detector + protective action, inject a bearing fault, see the brake engage, reset,
+  ship model v2 alone; a readable timeline. See examples/wind_turbine/README.md.
+* `--hello-world`: the smallest story — a nucleus in a temporary root, one deployment, what it shows.
+
+Both run the real CLI as a user would (`nucleus run`, `nucleus deploy`, `nucleus list`, `nucleus logs`),
+so the demo exercises exactly what people use. Neither needs a broker or a cloud.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def main() -> int:
+def hello_world() -> int:
     root = Path(tempfile.mkdtemp(prefix="nucleus-demo-", dir="/tmp"))
     env = {**os.environ, "NUCLEUS_SETTLE_TIME_S": "1"}
     say(f"starting `nucleus run --root {root}`")
@@ -75,5 +80,15 @@ def main() -> int:
     return 0
 
 
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["--hello-world"], ["hello-world"]):
+        return hello_world()
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: scripts/demo [--hello-world | wind-turbine options (--keep)]")
+        return 0
+    wind_turbine = REPO / "examples" / "wind_turbine" / "demo.py"
+    return subprocess.run([sys.executable, str(wind_turbine), *argv], cwd=REPO).returncode
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
