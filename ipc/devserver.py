@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import importlib
 import logging
 import os
@@ -24,6 +22,7 @@ import structlog
 
 from ipc.core import IpcCore, Principal
 from ipc.errors import Unauthenticated
+from ipc.memory import trim_forever
 from ipc.server import IpcServer
 from ipc.topics import matches
 
@@ -85,27 +84,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Large payloads (tens of KiB) are malloc'ed outside Python's small-object allocator; once freed,
-    glibc keeps the holes they leave in the heap, so RSS stays at the high-water mark of whatever
-    was queued at the worst moment. ``malloc_trim`` returns those pages; calling it every few
-    seconds keeps RSS near the live set without slowing the hot path. A daemon can do the same.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return
-
-
-async def _trim_forever(interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        release_free_memory()
-
-
 async def serve(args: argparse.Namespace) -> None:
     tokens: dict[str, Principal] = {}
     for spec in args.token:
@@ -126,7 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         if args.trim_interval > 0:
             async with asyncio.TaskGroup() as tg:
-                trim = tg.create_task(_trim_forever(args.trim_interval))
+                trim = tg.create_task(trim_forever(args.trim_interval))
                 await stop.wait()
                 trim.cancel()
         else:

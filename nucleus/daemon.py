@@ -23,6 +23,7 @@ import structlog
 from cloud_sync.service import CloudSync
 from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
+from ipc.memory import trim_forever
 from ipc.server import IpcServer
 from nucleus import __version__, authz, logconfig
 from nucleus.config_store import ConfigStore
@@ -139,8 +140,13 @@ class Daemon:
         authorizer = authz.Authorizer()
         identities = Identities(paths, check_peer_pid=self.settings.ipc.check_peer_pid)
         variables = {"iot:thingName": self.settings.thing_name}
+        core = IpcCore(identities, authorizer)
 
         def apply_policies(component: str, doc: Any) -> None:
+            _set_policies(component, doc)
+            core.policies_changed()  # connected sessions must not keep a cached allow
+
+        def _set_policies(component: str, doc: Any) -> None:
             if doc is None:
                 authorizer.remove(component)
                 return
@@ -158,6 +164,7 @@ class Daemon:
             policy_file = paths.clients_dir / f"{name}.policy.json"
             policy_file.write_text(json.dumps(access_control or {}))
             authorizer.set_policies(name, policies)
+            core.policies_changed()
 
         for policy_file in sorted(paths.clients_dir.glob("*.policy.json")):
             name = policy_file.name.removesuffix(".policy.json")
@@ -169,14 +176,13 @@ class Daemon:
         orchestrator = Orchestrator(
             self.settings, store, config, identities, platform=platform,
             on_spawn=records.spawned, on_exit=records.exited,
+            on_removed=core.close_sessions_of,
         )
         notifier = UpdateNotifier()
         engine = DeploymentEngine(
             self.settings, journal, store, config, orchestrator, notifier,
             platform=platform, apply_policies=apply_policies, request_restart=self.request_restart,
         )
-        core = IpcCore(identities, authorizer)
-
         def status() -> dict[str, Any]:
             return {
                 "version": __version__,
@@ -234,6 +240,7 @@ class Daemon:
         engine_task = asyncio.create_task(engine.run(), name="deployments")
         sync_task = asyncio.create_task(cloud.run(), name="cloud-sync")
         stop_task = asyncio.create_task(self._stop.wait())
+        trim_task = asyncio.create_task(trim_forever(30.0), name="malloc-trim")
         try:
             done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if engine_task in done and engine_task.exception() is not None:
@@ -248,6 +255,7 @@ class Daemon:
                 await gg_server.close()
             engine_task.cancel()
             stop_task.cancel()
+            trim_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await engine_task
             await orchestrator.close()

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ class Orchestrator:
         on_state: Callable[[str, State, State, str], None] | None = None,
         on_spawn: Callable[[str, int, int], None] | None = None,
         on_exit: Callable[[str, int, int], None] | None = None,
+        on_removed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
         self._paths: Paths = settings.paths
@@ -98,6 +99,7 @@ class Orchestrator:
         self._clock = clock or SystemClock()
         self._on_state_listener = on_state
         self._on_spawn_listener = on_spawn
+        self._on_removed = on_removed
         self._entries: dict[str, Entry] = {}
         self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned, on_exit=on_exit)
         self._changed = asyncio.Condition()
@@ -402,6 +404,8 @@ class Orchestrator:
             entry = self._entries.pop(name)
             await entry.runner.close()
             self._identities.revoke_component(name)
+            if self._on_removed is not None:
+                await self._on_removed(name)  # its open IPC sessions end with its token
 
     async def restart(self, name: str, *, force: bool = False) -> None:
         entry = self._entries[name]
