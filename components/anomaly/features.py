@@ -24,6 +24,7 @@ StatName = Literal["mean", "std", "rms", "peak", "crest", "kurtosis", "skewness"
 STAT_NAMES: tuple[str, ...] = ("mean", "std", "rms", "peak", "crest", "kurtosis", "skewness", "min", "max", "last",
                                "trend", "zlast")
 _TINY = 1e-12
+LOG_FLOOR = 1e-6  # added to a band's energy share before log10 ("log_relative")
 
 
 class ChannelGroup(BaseModel):
@@ -34,7 +35,7 @@ class ChannelGroup(BaseModel):
     channels: list[str] = Field(min_length=1)
     stats: list[StatName] = Field(default_factory=list)
     bands: int = Field(default=0, ge=0, le=256)
-    band_scale: Literal["relative", "log"] = "relative"
+    band_scale: Literal["relative", "log", "log_relative"] = "relative"
 
     @model_validator(mode="after")
     def _something(self) -> ChannelGroup:
@@ -77,6 +78,22 @@ def default_spec(channels: list[str], *, bands: int = 8, slow: tuple[str, ...] =
     if fast:
         groups.append(ChannelGroup(channels=fast, stats=["rms", "peak", "crest", "kurtosis", "skewness"],
                                    bands=bands, band_scale="relative"))
+    if slow_present:
+        groups.append(ChannelGroup(channels=slow_present, stats=["mean", "trend"]))
+    return FeatureSpec(groups=groups)
+
+
+def spectral_spec(channels: list[str], *, bands: int = 16, slow: tuple[str, ...] = ("temp",)) -> FeatureSpec:
+    """The load-invariant preset: per fast channel only the spectrum's shape, as log10 of each band's
+    share of the window's energy (``log_relative``). A change of load scales the whole spectrum (RMS,
+    peak) and changes impulsiveness (kurtosis, crest) of a healthy machine; the share of energy per band
+    moves much less, while a tooth or bearing fault moves energy between bands. The log makes a band
+    that falls from 1e-2 to 1e-4 of the energy count as much as one that rises tenfold."""
+    fast = [c for c in channels if c not in slow]
+    slow_present = [c for c in channels if c in slow]
+    groups: list[ChannelGroup] = []
+    if fast:
+        groups.append(ChannelGroup(channels=fast, bands=bands, band_scale="log_relative"))
     if slow_present:
         groups.append(ChannelGroup(channels=slow_present, stats=["mean", "trend"]))
     return FeatureSpec(groups=groups)
@@ -187,9 +204,11 @@ class FeatureExtractor:
             if g.bands:
                 assert power is not None
                 bands = np.add.reduceat(power[..., r, :], g.band_edges[:-1], axis=-1)[..., : g.bands]
-                if g.band_scale == "relative":
+                if g.band_scale in ("relative", "log_relative"):
                     total = bands.sum(axis=-1, keepdims=True)
                     bands = np.where(total > _TINY, bands / np.where(total > _TINY, total, 1.0), 0.0)
+                    if g.band_scale == "log_relative":  # floor 1e-6: a silent band is -6, not -inf
+                        bands = np.log10(bands + LOG_FLOOR)
                 else:
                     bands = np.log10(bands + _TINY)
             # Interleave per channel: stats of channel 0, bands of channel 0, stats of channel 1, ...

@@ -47,6 +47,9 @@ class Threshold(_Strict):
     method: Literal["quantile", "false_alarm_budget"]
     quantile: float = Field(gt=0, lt=1)
     margin: float = Field(default=1.0, gt=0)
+    # value = median + spread_margin * (quantile score - median): a margin in units of the healthy
+    # spread rather than of the score (bounded scores such as IsolationForest's cannot take x2).
+    spread_margin: float | None = Field(default=None, gt=0)
     calibration_windows: int = Field(ge=1)
     false_alarms_per_hour: float | None = None
 

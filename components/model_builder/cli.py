@@ -13,7 +13,7 @@ from pathlib import Path
 
 from components.anomaly import signing
 from components.anomaly.errors import AnomalyError, TrainingError
-from components.anomaly.features import FeatureExtractor, FeatureSpec, default_spec, univariate_spec
+from components.anomaly.features import FeatureExtractor, FeatureSpec, default_spec, spectral_spec, univariate_spec
 from components.anomaly.model_card import load_card
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
@@ -38,12 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=1024, help="window length in samples")
     b.add_argument("--hop", type=int, default=256, help="samples between window starts")
     b.add_argument("--features", default="vibration",
-                   help="feature preset (vibration, univariate) or a JSON feature-spec file")
-    b.add_argument("--bands", type=int, default=8, help="spectral bands per fast channel (vibration preset)")
+                   help="feature preset (vibration, spectral, univariate) or a JSON feature-spec file")
+    b.add_argument("--bands", type=int, default=None,
+                   help="spectral bands per fast channel (vibration preset: 8, spectral preset: 16)")
     b.add_argument("--slow-channels", default="temp", help="channels given level+trend only (vibration preset)")
     b.add_argument("--quantile", type=float, default=0.999, help="threshold quantile of held-out healthy scores")
     b.add_argument("--false-alarms-per-hour", type=float, help="threshold from a false-alarm budget (needs rate)")
     b.add_argument("--margin", type=float, default=1.0, help="threshold multiplier")
+    b.add_argument("--spread-margin", type=float, default=None,
+                   help="threshold = median + K * (quantile - median) of held-out scores, before --margin")
     b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--n-estimators", type=int, default=100)
@@ -62,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
+    slow = tuple(s for s in args.slow_channels.split(",") if s)
     if args.features == "vibration":
-        return default_spec(channels, bands=args.bands, slow=tuple(s for s in args.slow_channels.split(",") if s))
+        return default_spec(channels, bands=8 if args.bands is None else args.bands, slow=slow)
+    if args.features == "spectral":
+        return spectral_spec(channels, bands=16 if args.bands is None else args.bands, slow=slow)
     if args.features == "univariate":
         if len(channels) != 1:
             raise TrainingError(f"the univariate preset needs one channel, have {channels}", field="features")
@@ -94,7 +100,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
     features = extractor.extract(datamod.windows(dataset, args.window, args.hop))
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
-                         margin=args.margin, calibration_fraction=args.calibration_fraction, seed=args.seed,
+                         margin=args.margin, spread_margin=args.spread_margin,
+                         calibration_fraction=args.calibration_fraction, seed=args.seed,
                          n_estimators=args.n_estimators, max_samples=args.max_samples, pca_variance=args.pca_variance,
                          hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None)
     model = train(features, params, rate_hz=rate, hop=args.hop)

@@ -35,6 +35,7 @@ class TrainParams:
     quantile: float = 0.999
     false_alarms_per_hour: float | None = None
     margin: float = 1.0
+    spread_margin: float | None = None
     calibration_fraction: float = 0.25
     seed: int = 0
     n_estimators: int = 100
@@ -161,8 +162,11 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         windows_per_hour = 3600.0 * rate_hz / hop
         quantile = min(1 - 1e-9, max(0.5, 1.0 - params.false_alarms_per_hour / windows_per_hour))
         method = "false_alarm_budget"
-    threshold = float(np.quantile(cal_scores, quantile, method="higher")) * params.margin
     median = float(np.median(cal_scores))
+    threshold = float(np.quantile(cal_scores, quantile, method="higher"))
+    if params.spread_margin is not None:
+        threshold = median + params.spread_margin * (threshold - median)
+    threshold *= params.margin
     spread = max(threshold - median, 1e-12)
     diff = np.abs(ours - theirs)
     if not np.all(diff <= params.tolerance * (np.abs(theirs) + spread)):
@@ -177,7 +181,8 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         onnx_io=OnnxIO(n_features=features.shape[1], opset=onnx_export.OPSET, nodes=len(proto.graph.node),
                        contributions_output=onnx_export.CONTRIB if onnx_export.CONTRIB in outputs else None),
         threshold=Threshold(value=threshold, method=method, quantile=quantile, margin=params.margin,
-                            calibration_windows=len(cal), false_alarms_per_hour=params.false_alarms_per_hour),
+                            spread_margin=params.spread_margin, calibration_windows=len(cal),
+                            false_alarms_per_hour=params.false_alarms_per_hour),
         score_scale=ScoreScale(median=median, p99=float(np.quantile(cal_scores, 0.99)), max=float(cal_scores.max())),
         feature_stats=FeatureStats(mean=[float(v) for v in mean], std=[float(v) for v in std]),
         metrics={"onnx_max_abs_diff": float(diff.max()), "onnx_label_agreement": agree,

@@ -16,6 +16,7 @@ from components.anomaly.features import (
     FeatureSpec,
     channel_of,
     default_spec,
+    spectral_spec,
     univariate_spec,
 )
 
@@ -59,6 +60,31 @@ def test_tone_lands_in_its_band() -> None:
     f = dict(zip(fx.names, fx.extract(w), strict=True))
     assert max(range(8), key=lambda b: f[f"vib_x.band{b:02d}"]) == 4
     assert f["vib_x.band04"] > 0.9
+
+
+def test_log_relative_bands_match_a_reference_periodogram() -> None:
+    """log10(share of Hann-windowed, mean-removed energy per band + 1e-6), bands of equal bin count
+    over bins 1..N/2, computed here the slow, obvious way."""
+    n, bands = 512, 16
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3, n)) * [[1.0], [50.0], [0.01]]
+    w[0] += np.sin(2 * np.pi * 37 * np.arange(n) / n) * 4
+    fx = FeatureExtractor(spectral_spec(CH, bands=bands), CH, n)
+    f = dict(zip(fx.names, fx.extract(w.astype(np.float32)), strict=True))
+    assert fx.names[:bands] == [f"vib_x.band{b:02d}" for b in range(bands)]
+    assert "temp.mean" in f and "temp.band00" not in f  # slow channels keep level + trend
+    for i, c in enumerate(CH[:2]):
+        x = w[i].astype(np.float32).astype(np.float64)
+        spec = np.fft.rfft((x - x.mean()) * np.hanning(n))
+        power = np.abs(spec) ** 2
+        edges = np.linspace(1, n // 2 + 1, bands + 1).astype(int)
+        energy = np.array([power[edges[b]:edges[b + 1]].sum() for b in range(bands)])
+        expected = np.log10(energy / energy.sum() + 1e-6)
+        got = np.array([f[f"{c}.band{b:02d}"] for b in range(bands)])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Gain invariance, the reason for the preset: x50 amplitude gives the same features
+    scaled = fx.extract((w * [[50.0], [1.0], [1.0]]).astype(np.float32))
+    np.testing.assert_allclose(scaled[:bands], fx.extract(w.astype(np.float32))[:bands], atol=1e-4)
 
 
 @settings(max_examples=40, deadline=None)

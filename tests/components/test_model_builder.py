@@ -66,6 +66,19 @@ def test_threshold_is_a_quantile_of_held_out_scores_only() -> None:
         train(bad, TrainParams())
 
 
+def test_spread_margin_scales_distance_from_the_healthy_median() -> None:
+    x = feats(1000)
+    plain = train(x, TrainParams(kind="pca", quantile=0.99))
+    wide = train(x, TrainParams(kind="pca", quantile=0.99, spread_margin=10.0))
+    q = float(np.quantile(wide.calibration_scores, 0.99, method="higher"))
+    median = float(np.median(wide.calibration_scores))
+    assert plain.threshold.value == pytest.approx(q)
+    assert wide.threshold.value == pytest.approx(median + 10.0 * (q - median))
+    assert wide.threshold.spread_margin == 10.0 and plain.threshold.spread_margin is None
+    both = train(x, TrainParams(kind="pca", quantile=0.99, spread_margin=2.0, margin=1.5))
+    assert both.threshold.value == pytest.approx((median + 2.0 * (q - median)) * 1.5)
+
+
 def test_windows_never_span_segments_and_labels_filter(tmp_path: Path) -> None:
     csv = tmp_path / "d.csv"
     rows = ["timestamp,a,b,label"] + [f"2020-01-01 00:00:{i:02d},{i},{-i},{1 if 10 <= i < 12 else 0}"
@@ -140,3 +153,38 @@ def test_faulty_data_scores_above_healthy(tmp_path: Path) -> None:
     good = onnx_scores(sess, fx.extract(windows(Dataset(CHANNELS, [healthy(8000, seed=9)], None, []), 128, 64)))
     bad = onnx_scores(sess, fx.extract(windows(Dataset(CHANNELS, [faulty(8000)], None, []), 128, 64)))
     assert (bad >= pkg.card.threshold.value).all() and (good >= pkg.card.threshold.value).mean() < 0.02
+
+
+def test_cli_spectral_preset_is_load_invariant_and_scored_alike_by_the_detector(tmp_path: Path) -> None:
+    """Trained at one gain ("load"), the spectral preset with a spread margin keeps healthy data at 3x
+    the amplitude below the threshold, while the impacts of a fault still cross it; the detector's
+    loader computes the same features and scores from the card alone."""
+    from components.anomaly import signing
+    from components.anomaly_detector.scoring import load_model
+
+    data = tmp_path / "healthy.csv"
+    x = healthy(30_000)
+    data.write_text("vib_x,temp\n" + "\n".join(f"{a},{b}" for a, b in x.T) + "\n")
+    out = tmp_path / "out"
+    assert main(["build", "--data", str(data), "--out", str(out), "--window", "128", "--hop", "64",
+                 "--rate-hz", "1000", "--kind", "pca", "--features", "spectral", "--bands", "8",
+                 "--spread-margin", "10", "--json"]) == 0
+    model_dir = out / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0"
+    card = load_card(model_dir / "model_card.json")
+    assert card.features.groups[0].band_scale == "log_relative" and card.threshold.spread_margin == 10
+    assert [n for n in card.feature_names if n.startswith("vib_x")] == [f"vib_x.band{b:02d}" for b in range(8)]
+    pub = (out / "keys" / "model-signing.key.pub").read_text().strip()
+    m = load_model(model_dir, component="com.nucleus.TurbineModel", version="1.0.0",
+                   trusted=signing.trusted_key_map([pub]))
+
+    def cut(d: np.ndarray) -> np.ndarray:
+        return windows(Dataset(CHANNELS, [d.astype(np.float64)], None, []), 128, 64).astype(np.float32)
+
+    louder = healthy(8000, seed=11)
+    louder[0] *= 3.0
+    scored_louder = m.score(cut(louder)).scores
+    scored_fault = m.score(cut(faulty(8000))).scores
+    assert (scored_louder < card.threshold.value).all()
+    assert (scored_fault >= card.threshold.value).mean() > 0.9
+    sess = session((model_dir / "model.onnx").read_bytes())
+    np.testing.assert_allclose(scored_fault, onnx_scores(sess, m.extractor.extract(cut(faulty(8000)))), rtol=1e-6)
