@@ -15,8 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST_SETTINGS, Daemon, kill_component_processes
 from test_daemon_ipc import client_for, component, wait_file
+
+
+def _root_conftest() -> Any:
+    """tests/conftest.py by path: ``import conftest`` may find tests/ipc/conftest.py first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_nucleus_tests_conftest",
+                                                  Path(__file__).resolve().parents[1] / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _root_conftest()
 
 pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
 
@@ -26,24 +40,24 @@ N = 10_000
 
 
 @pytest.fixture(scope="module")
-def gg_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def gg_daemon() -> Iterator[Any]:
     import shutil
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="gg-", dir="/tmp"))
-    d = Daemon(root / "d", FAST_SETTINGS)
+    d = _conftest.Daemon(root / "d", _conftest.FAST_SETTINGS)
     try:
         d.start()
         yield d
     finally:
         d.stop()
-        kill_component_processes(d.root)
+        _conftest.kill_component_processes(d.root)
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def work(gg_daemon: Daemon, request: pytest.FixtureRequest) -> Path:
-    path = gg_daemon.root.parent / request.node.name[:40]
+def work(gg_daemon: Any, request: pytest.FixtureRequest) -> Path:
+    path: Path = gg_daemon.root.parent / request.node.name[:40]
     path.mkdir()
     return path
 
@@ -94,7 +108,7 @@ PUBSUB_COMPONENT = """
 """
 
 
-def test_awsiotsdk_and_native_exchange_10000_messages_each_way(gg_daemon: Daemon, work: Path) -> None:
+def test_awsiotsdk_and_native_exchange_10000_messages_each_way(gg_daemon: Any, work: Path) -> None:
     out = work / "pubsub.out"
     policy = {"aws.greengrass.ipc.pubsub": {"gg": {
         "operations": ["aws.greengrass#PublishToTopic", "aws.greengrass#SubscribeToTopic"],
@@ -184,7 +198,7 @@ CONFIG_COMPONENT = """
 """
 
 
-def test_awsiotsdk_configuration_state_denial_and_unsupported(gg_daemon: Daemon, work: Path) -> None:
+def test_awsiotsdk_configuration_state_denial_and_unsupported(gg_daemon: Any, work: Path) -> None:
     out = work / "config.out"
     policy = {"aws.greengrass.Cli": {"c": {"operations": ["aws.greengrass#ListComponents"], "resources": ["*"]}}}
     recipe, art = component(work, "test.GgConfig", "1.0.0", CONFIG_COMPONENT.format(out=str(out)),
@@ -229,7 +243,7 @@ DEFER_COMPONENT = """
 """
 
 
-def test_awsiotsdk_component_defers_an_update(gg_daemon: Daemon, work: Path) -> None:
+def test_awsiotsdk_component_defers_an_update(gg_daemon: Any, work: Path) -> None:
     out = work / "defer.out"
     recipe, art = component(work, "test.GgBusy", "1.0.0", DEFER_COMPONENT.format(out=str(out)))
     gg_daemon.cli("deploy", "--artifacts", str(art), str(recipe))
@@ -241,9 +255,9 @@ def test_awsiotsdk_component_defers_an_update(gg_daemon: Daemon, work: Path) -> 
     assert gg_daemon.components()["test.GgBusy"]["version"] == "2.0.0"
 
 
-def test_wrong_token_is_refused_with_access_denied(gg_daemon: Daemon) -> None:
-    from awsiot.eventstreamrpc import AccessDeniedError
-    from awsiot.greengrasscoreipc import connect
+def test_wrong_token_is_refused_with_access_denied(gg_daemon: Any) -> None:
+    from awsiot.eventstreamrpc import AccessDeniedError  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc import connect  # type: ignore[import-untyped]
 
     with pytest.raises(AccessDeniedError):  # a refusing CONNECT_ACK, not a timeout or a reset
         connect(ipc_socket=str(gg_daemon.root / "gg.sock"), authtoken="not-a-token", timeout=10)
