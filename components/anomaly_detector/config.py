@@ -28,3 +28,5 @@ class DetectorConfig(BaseModel):
     capture_normal_every: int = Field(600, ge=0, alias="captureNormalEvery")
     capture_max_per_minute: int = Field(60, ge=0, alias="captureMaxPerMinute")
     capture_include_window: bool = Field(False, alias="captureIncludeWindow")
+    # After a model is loaded: trim the heap and page out library code only loading used (memory.py).
+    release_memory_after_load: bool = Field(True, alias="releaseMemoryAfterLoad")

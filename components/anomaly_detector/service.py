@@ -31,6 +31,7 @@ import structlog
 from components.anomaly import signing
 from components.anomaly.announce import topic_for
 from components.anomaly.errors import AnomalyError
+from components.anomaly_detector import memory
 from components.anomaly_detector.capture import CapturePolicy
 from components.anomaly_detector.config import DetectorConfig
 from components.anomaly_detector.scoring import LoadedModel, load_model
@@ -248,6 +249,10 @@ class Detector:
                       **fields)
             return
         self._swap(model, (time.perf_counter() - started) * 1000)
+        if self.config.release_memory_after_load:
+            released = await asyncio.to_thread(memory.release)
+            log.info("memory.released", rss_before_mb=released.rss_before_mb, rss_after_mb=released.rss_after_mb,
+                     mappings=released.mappings, trimmed=released.trimmed)
 
     def _swap(self, model: LoadedModel, load_ms: float) -> None:
         """No await in here: between two bus messages the windowers and the model change together."""
