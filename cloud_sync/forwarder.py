@@ -5,6 +5,11 @@ Like the Greengrass MQTT bridge, but durable: each matching bus message is appen
 waiting for each commit (bounded by ``MAX_PENDING``), so a busy topic costs one fsync per group of
 messages, and bus order is spool order. A rule's local subscription is drop-oldest: if the spool
 cannot keep up (disk stalls) the loss is counted in ``local_dropped``, never silent.
+
+A rule with a ``when`` condition (``{"is_anomaly": true}``) forwards only messages whose payload is a
+map holding those top-level values (same type and value: ``1`` is not ``true``). Only such rules
+decode the msgpack payload to decide, and numpy arrays stay undecoded ``ExtType``s there (no numpy
+import in the daemon for a filter); the rest are counted in ``filtered``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,22 @@ log = structlog.get_logger("cloud_sync.forwarder")
 MAX_PENDING = 1024
 
 
+def matches_condition(data: bytes, when: dict[str, Any]) -> bool:
+    """Whether the bus payload (msgpack) is a map with every ``when`` key at exactly that value."""
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)  # no ext_hook: arrays stay ExtType
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return False
+    if not isinstance(value, dict):
+        return False
+    missing = object()
+    for key, expected in when.items():
+        got = value.get(key, missing)
+        if got is missing or type(got) is not type(expected) or got != expected:
+            return False
+    return True
+
+
 def to_cloud_payload(data: bytes) -> tuple[bytes, Any]:
     """Bus data (msgpack) → (bytes, kind); values JSON cannot carry (numpy arrays) go as the raw data."""
     try:
@@ -45,7 +66,7 @@ class Forwarder:
         self._thing = thing_name
         self._slots = asyncio.Semaphore(MAX_PENDING)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.counters = {"forwarded": 0, "local_dropped": 0, "refused": 0}
+        self.counters = {"forwarded": 0, "local_dropped": 0, "refused": 0, "filtered": 0}
 
     async def run(self) -> None:
         if not self._rules:
@@ -60,12 +81,15 @@ class Forwarder:
                     await task
 
     async def _forward(self, rule: ForwardRule) -> None:
-        log.info("forwarder.rule_started", filter=rule.filter, cloud_topic=rule.cloud_topic)
+        log.info("forwarder.rule_started", filter=rule.filter, cloud_topic=rule.cloud_topic, when=rule.when)
         async with self._core.messages(rule.filter, queue_size=rule.queue_size) as messages:
             async for msg, dropped in messages:
                 if dropped:
                     self.counters["local_dropped"] += dropped
                     log.warning("forwarder.dropped", filter=rule.filter, count=dropped)
+                if rule.when is not None and not matches_condition(msg.data, rule.when):
+                    self.counters["filtered"] += 1
+                    continue
                 payload, kind = to_cloud_payload(msg.data)
                 topic = rule.cloud_topic.format(topic=msg.topic, thing=self._thing)
                 await self._slots.acquire()

@@ -12,6 +12,10 @@ IPC operations (registered on the core, authorized like Greengrass's MQTT proxy)
 
 Device status goes to ``status_topic`` (retained, not spooled: see Uplink.publish_latest) when
 it changes and every ``heartbeat_s``.
+
+Fleet deployments (cloud_sync.inbound) run once the daemon attaches its engine with
+:meth:`CloudSync.attach_deployments` and forwards the engine's status changes to
+:meth:`CloudSync.deployment_changed`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ import structlog
 from cloud_sync.envelope import encode_payload
 from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
 from cloud_sync.forwarder import Forwarder
+from cloud_sync.inbound import FleetDeployments, Lookup, Submit
 from cloud_sync.settings import SyncSettings
 from cloud_sync.spool import NewMessage, Spool, SpoolLimits
 from cloud_sync.uplink import ERRORS_KEPT, Uplink
@@ -51,7 +56,8 @@ READY_TIMEOUT_S = 30.0
 class CloudSync:
     def __init__(self, settings: SyncSettings | Any, core: IpcCore, *, spool_path: Path, thing_name: str,
                  status_provider: Callable[[], dict[str, Any]] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, thing_groups: Sequence[str] = (),
+                 deployment_state_path: Path | None = None) -> None:
         self.settings = settings if isinstance(settings, SyncSettings) else SyncSettings.from_section(settings)
         s = self.settings
         self._core = core
@@ -63,7 +69,12 @@ class CloudSync:
         self.spool = Spool(spool_path, limits, clock=clock)
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
         self.uplink = Uplink(s, self.spool, thing_name=thing_name, on_error=self._record_error)
-        self.forwarder = Forwarder(core, self.spool, s.forward, thing_name=thing_name)
+        self.forwarder = Forwarder(core, self.spool, s.forward_rules, thing_name=thing_name)
+        self.deployments = FleetDeployments(
+            self.uplink, thing_name=thing_name, thing_groups=thing_groups,
+            state_path=deployment_state_path or spool_path.with_name("fleet-deployments.json"),
+            on_error=self._record_error, clock=clock)
+        self._deployments_attached = False
         self.status_topic = s.status_topic.format(thing=thing_name)
         self._ready = asyncio.Event()
         self._open_error: SpoolError | None = None
@@ -79,6 +90,18 @@ class CloudSync:
         self._core.register("cloud.publish", self._op_publish)
         self._core.register_stream("cloud.subscribe", self._op_subscribe)
         self._core.register("sync.status", self._op_status)
+
+    def attach_deployments(self, submit: Submit, lookup: Lookup | None = None) -> None:
+        """Accept fleet deployments (unless ``deployments: false``): the daemon's engine entry points."""
+        if self.settings.deployments:
+            self.deployments.attach(submit, lookup)
+            self._deployments_attached = True
+
+    def deployment_changed(self, deployment_id: str, summary: dict[str, Any]) -> None:
+        """The engine's listener: a deployment's status changed (fleet report, device status now)."""
+        if self._deployments_attached:
+            self.deployments.deployment_changed(deployment_id, summary)
+        self._status_kick.set()
 
     async def wait_ready(self) -> None:
         """Until run() opened the spool (or failed to: then status() carries the error)."""
@@ -185,10 +208,13 @@ class CloudSync:
             "link": self.uplink.status(),
             "publish": dict(self.counters),
             "forwarder": dict(self.forwarder.counters),
+            "deployments": self.deployments.summary() if self._deployments_attached else None,
             "errors": list(self.errors),
         }
 
     def _record_error(self, entry: dict[str, Any]) -> None:
+        if entry.get("code") == "INBOUND_OVERSIZED" and self._deployments_attached:
+            self.deployments.inbound_dropped(entry)
         if entry not in self.errors:
             self.errors.append(entry)
         self._status_kick.set()
@@ -211,6 +237,7 @@ class CloudSync:
             spool = {}
         return {"thing": self._thing, "ts": self._clock(), "seq": next(self._status_seq), "reason": reason,
                 "device": device,
+                "fleet": self.deployments.summary() if self._deployments_attached else None,
                 "sync": {"backlog": spool.get("messages"), "backlog_bytes": spool.get("bytes"),
                          "dropped_overflow": spool.get("dropped_overflow"),
                          "dropped_expired": spool.get("dropped_expired"),
@@ -224,7 +251,8 @@ class CloudSync:
         last_sent = 0.0
         while not self._stop.is_set():
             device = self._status_provider() if self._status_provider is not None else {}
-            key = json.dumps([device, list(self.errors)], sort_keys=True, default=str)
+            fleet = self.deployments.summary() if self._deployments_attached else None
+            key = json.dumps([device, list(self.errors), fleet], sort_keys=True, default=str)
             now = time.monotonic()
             reason = None
             if key != last_key:
@@ -258,6 +286,8 @@ class CloudSync:
             tasks = [asyncio.create_task(self.uplink.run(), name="uplink"),
                      asyncio.create_task(self.forwarder.run(), name="forwarder"),
                      asyncio.create_task(self._report_status(), name="status")]
+            if self._deployments_attached:
+                tasks.append(asyncio.create_task(self.deployments.run(), name="fleet-deployments"))
             try:
                 await self._stop.wait()
             finally:

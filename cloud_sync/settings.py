@@ -28,6 +28,20 @@ class ForwardRule(BaseModel):
     priority: int = Field(0, ge=0, le=255)
     ttl_s: float | None = Field(None, gt=0)
     queue_size: int = Field(10_000, ge=1, description="local subscription queue (drop-oldest, counted)")
+    when: dict[str, Any] | None = Field(
+        None, description="forward only messages whose payload is a map with these top-level values")
+
+
+# What leaves the device without any configuration (``forward_defaults``): protective-action
+# decisions, retraining samples, and the anomaly events that are anomalous. Raw sensor streams stay
+# local unless a ``forward`` rule names them.
+DEFAULT_FORWARD: tuple[ForwardRule, ...] = (
+    ForwardRule(filter="actions/+", cloud_topic="nucleus/things/{thing}/{topic}", priority=200),
+    ForwardRule(filter="anomaly/+", cloud_topic="nucleus/things/{thing}/{topic}", priority=100,
+                when={"is_anomaly": True}),
+    ForwardRule(filter="retraining/+", cloud_topic="nucleus/things/{thing}/{topic}", priority=50,
+                ttl_s=30 * 24 * 3600.0),
+)
 
 
 class SyncSettings(BaseModel):
@@ -74,6 +88,14 @@ class SyncSettings(BaseModel):
     status_check_s: float = Field(1.0, gt=0, description="how often the device status is compared")
 
     forward: list[ForwardRule] = Field(default_factory=list)
+    forward_defaults: bool = Field(True, description="also forward DEFAULT_FORWARD (actions, anomalies, retraining)")
+
+    # --- fleet deployments (cloud_sync.inbound) -------------------------------------------------------
+    deployments: bool = Field(True, description="accept fleet deployments for this thing and its groups")
+
+    @property
+    def forward_rules(self) -> list[ForwardRule]:
+        return [*(DEFAULT_FORWARD if self.forward_defaults else ()), *self.forward]
 
     @classmethod
     def from_section(cls, section: Any = None, **overrides: Any) -> SyncSettings:

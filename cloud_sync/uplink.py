@@ -225,8 +225,14 @@ class Uplink:
 
     # --- inbound subscriptions --------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def subscribe(self, topic_filter: str, *, queue_size: int = 1024) -> AsyncIterator[InboundSubscription]:
-        """Cloud messages matching ``topic_filter`` while the block lasts (across reconnects)."""
+    async def subscribe(self, topic_filter: str, *, queue_size: int = 1024,
+                        keep_on_broker: bool = False) -> AsyncIterator[InboundSubscription]:
+        """Cloud messages matching ``topic_filter`` while the block lasts (across reconnects).
+
+        ``keep_on_broker``: no UNSUBSCRIBE at the end, so the subscription stays in the persistent
+        session and the broker queues QoS 1 messages for it while the device is off (fleet
+        deployments); it also keeps a shutdown from waiting for an UNSUBACK.
+        """
         validate_filter(topic_filter)
         sub = InboundSubscription(topic_filter, queue_size)
         self._subs.append(sub)
@@ -242,7 +248,7 @@ class Uplink:
             if not self._filters[topic_filter]:
                 del self._filters[topic_filter]
                 client = self._client
-                if client is not None:
+                if client is not None and not keep_on_broker:
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.unsubscribe(topic_filter, timeout=self._settings.publish_timeout_s)
 

@@ -1,0 +1,386 @@
+"""The fleet deployment document: what ``nucleus fleet deploy`` publishes and what a device accepts.
+
+One versioned JSON document per deployment, published retained on the target's topic
+(``nucleus/groups/<group>/deployments`` or ``nucleus/things/<thing>/deployments``), so a device
+that was offline finds it when it reconnects. It carries the recipes themselves (text), so a
+device needs nothing but the broker and the artifacts base URL.
+
+This module is shared by both sides and imports nothing of ``nucleus``: the device only looks at
+what it must check before anything changes (names, versions, artifact URIs and digests); the full
+recipe validation happens in the deployment engine, which reports its errors on the status topic.
+
+Checks that make a device refuse a document (status ``REJECTED``, nothing changes):
+
+* not JSON, or not this schema (``SCHEMA``);
+* a target that is not this device or one of its groups, or that is not the topic's (``WRONG_TARGET``);
+* a root component without a recipe for exactly that version in the document, or a
+  configuration update for a component the deployment does not name (``UNKNOWN_COMPONENT``);
+* a recipe that is not a mapping with a name and a version (``RECIPE_INVALID``);
+* an artifact without a digest, with an unsupported algorithm or a digest that is neither hex nor
+  base64 of the right size (``BAD_DIGEST``);
+* an artifact the device could not fetch: a ``file:`` URI, or an ``s3:``-style URI without an
+  artifacts base URL (``ARTIFACT_UNREACHABLE``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cloud_sync.errors import SyncError
+
+DOCUMENT_VERSION = 1
+THING_TOPIC = "nucleus/things/{thing}/deployments"
+GROUP_TOPIC = "nucleus/groups/{group}/deployments"
+STATUS_TOPIC = "nucleus/things/{thing}/deployments/status"
+MAX_ROLLOUT_WINDOW_S = 7 * 24 * 3600.0
+
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # thing and group names: one MQTT topic level
+_DIGEST_SIZES = {"SHA-1": 20, "SHA-224": 28, "SHA-256": 32, "SHA-384": 48, "SHA-512": 64}
+_HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+
+
+class DocumentRejected(SyncError):
+    """A deployment document the device refuses; ``reason`` is the stable code (``SCHEMA``, ...)."""
+
+    code = "DEPLOYMENT_REJECTED"
+
+
+# --- the document ---------------------------------------------------------------------------------
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["thing", "group"]
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _one_topic_level(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        return value
+
+    @property
+    def key(self) -> str:
+        """The deployment group on the device: Greengrass spells them ``thinggroup/G`` and ``thing/T``."""
+        return f"thinggroup/{self.name}" if self.type == "group" else f"thing/{self.name}"
+
+    @property
+    def topic(self) -> str:
+        return GROUP_TOPIC.format(group=self.name) if self.type == "group" else THING_TOPIC.format(thing=self.name)
+
+
+class RecipeText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    format: Literal["yaml", "json"] = "yaml"
+    source: str = Field("", description="where the operator read it (file name), for error messages")
+
+
+class ConfigUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    merge: dict[str, Any] = Field(default_factory=dict)
+    reset: list[str] = Field(default_factory=list)
+
+
+class Rollout(BaseModel):
+    """How the start of a deployment is spread over the fleet (see :func:`start_delay`).
+
+    ``window_s`` directly, or ``max_per_minute`` with ``expected_devices`` (window =
+    expected_devices / max_per_minute minutes). No coordination between devices: each picks a
+    deterministic point in the window, so the rate is met on average, not as a hard cap.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float | None = Field(None, ge=0, le=MAX_ROLLOUT_WINDOW_S)
+    max_per_minute: float | None = Field(None, gt=0)
+    expected_devices: int | None = Field(None, ge=1)
+
+    @property
+    def effective_window_s(self) -> float:
+        if self.window_s is not None:
+            return self.window_s
+        if self.max_per_minute is not None and self.expected_devices is not None:
+            return min(MAX_ROLLOUT_WINDOW_S, self.expected_devices / self.max_per_minute * 60.0)
+        return 0.0
+
+
+class DeploymentDocument(BaseModel):
+    """Version 1 of the fleet deployment document (``v``); unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = 1
+    deployment_id: str
+    target: Target
+    sequence: int = Field(ge=0, description="per target; a higher one supersedes a lower one")
+    created_at: float = Field(ge=0, description="Unix seconds, when the operator published it")
+    components: dict[str, str] = Field(description="root components: name -> exact version")
+    recipes: list[RecipeText] = Field(default_factory=list)
+    artifacts_base_url: str | None = None
+    config_updates: dict[str, ConfigUpdate] = Field(default_factory=dict)
+    failure_policy: Literal["ROLLBACK", "DO_NOTHING"] = "ROLLBACK"
+    timeout_s: float | None = Field(None, gt=0)
+    settle_time_s: float | None = Field(None, ge=0)
+    rollout: Rollout = Field(default_factory=Rollout)
+
+    @field_validator("deployment_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID_RE.fullmatch(value):
+            raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        return value
+
+    @field_validator("artifacts_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def new_document(recipes: Sequence[RecipeText], *, target: Target, components: Mapping[str, str] | None = None,
+                 sequence: int | None = None, deployment_id: str | None = None,
+                 created_at: float | None = None, **fields: Any) -> DeploymentDocument:
+    """A document for these recipes; the roots default to the highest version of every recipe name."""
+    if components is None:
+        roots: dict[str, tuple[tuple[Any, ...], str]] = {}
+        for r in recipes:
+            info = inspect_recipe(r)
+            key = _version_key(info.version)
+            if info.name not in roots or key > roots[info.name][0]:
+                roots[info.name] = (key, info.version)
+        components = {n: v for n, (_, v) in roots.items()}
+    now = time.time() if created_at is None else created_at
+    return DeploymentDocument(
+        deployment_id=deployment_id or str(uuid.uuid4()), target=target,
+        sequence=int(now * 1000) if sequence is None else sequence, created_at=now,
+        components=dict(components), recipes=list(recipes), **fields)
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    core = version.split("+", 1)[0]
+    main, _, pre = core.partition("-")
+    nums = tuple(int(p) if p.isdigit() else 0 for p in main.split("."))
+    return (*nums, 0 if pre else 1, pre)
+
+
+# --- what the device reads from a recipe -------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ArtifactRef:
+    uri: str
+    digest: str | None
+    algorithm: str
+    where: str  # Manifests[i].Artifacts[j], for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class RecipeInfo:
+    name: str
+    version: str
+    artifacts: tuple[ArtifactRef, ...]
+    document: dict[str, Any]
+
+
+def _get(mapping: Mapping[str, Any], key: str) -> Any:
+    """Recipe keys are case-insensitive (as in the Greengrass nucleus)."""
+    low = key.lower()
+    for k, v in mapping.items():
+        if isinstance(k, str) and k.lower() == low:
+            return v
+    return None
+
+
+def _key(mapping: Mapping[str, Any], key: str) -> str:
+    low = key.lower()
+    return next((k for k in mapping if isinstance(k, str) and k.lower() == low), key)
+
+
+def inspect_recipe(recipe: RecipeText) -> RecipeInfo:
+    where = recipe.source or "recipe"
+    try:
+        doc = json.loads(recipe.text) if recipe.format == "json" else yaml.safe_load(recipe.text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise DocumentRejected(f"{where}: not valid {recipe.format.upper()}: {exc}", reason="RECIPE_INVALID") from exc
+    if not isinstance(doc, dict):
+        raise DocumentRejected(f"{where}: a recipe must be a mapping", reason="RECIPE_INVALID")
+    name, version = _get(doc, "ComponentName"), _get(doc, "ComponentVersion")
+    if not isinstance(name, str) or not name or not isinstance(version, str | int | float) or not str(version):
+        raise DocumentRejected(f"{where}: ComponentName and ComponentVersion are required", reason="RECIPE_INVALID")
+    artifacts: list[ArtifactRef] = []
+    manifests = _get(doc, "Manifests") or []
+    if not isinstance(manifests, list):
+        raise DocumentRejected(f"{where}: Manifests must be a list", reason="RECIPE_INVALID")
+    for i, manifest in enumerate(manifests):
+        items = _get(manifest, "Artifacts") if isinstance(manifest, dict) else None
+        for j, art in enumerate(items or []):
+            if not isinstance(art, dict):
+                continue
+            uri, digest = _get(art, "Uri"), _get(art, "Digest")
+            algorithm = _get(art, "Algorithm") or "SHA-256"
+            if not isinstance(uri, str):
+                raise DocumentRejected(f"{where}: Manifests[{i}].Artifacts[{j}].Uri is required",
+                                       reason="RECIPE_INVALID")
+            artifacts.append(ArtifactRef(uri, digest if isinstance(digest, str) else None, str(algorithm),
+                                         f"Manifests[{i}].Artifacts[{j}]"))
+    return RecipeInfo(name, str(version), tuple(artifacts), doc)
+
+
+def check_digest(ref: ArtifactRef, *, component: str) -> None:
+    algorithm = ref.algorithm.strip().upper()
+    if not algorithm.startswith("SHA-") and algorithm.startswith("SHA"):
+        algorithm = "SHA-" + algorithm[3:]
+    size = _DIGEST_SIZES.get(algorithm)
+    prefix = f"{component}: {ref.where} ({ref.uri})"
+    if size is None:
+        raise DocumentRejected(f"{prefix}: unsupported digest algorithm {ref.algorithm!r}", reason="BAD_DIGEST")
+    text = (ref.digest or "").strip()
+    if not text:
+        raise DocumentRejected(f"{prefix}: no Digest; a fleet artifact must be verifiable", reason="BAD_DIGEST")
+    if len(text) == 2 * size and _HEX_RE.fullmatch(text):
+        return
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != size:
+        raise DocumentRejected(f"{prefix}: Digest {text!r} is neither {2 * size} hex digits nor base64 of "
+                               f"a {size}-byte {algorithm} digest", reason="BAD_DIGEST")
+
+
+def artifact_url(base: str, component: str, version: str, uri: str) -> str:
+    """Where a device fetches an artifact: ``<base>/<component>/<version>/<file name>`` (the
+    layout of ``nucleus deploy --artifacts DIR``, so a directory served over HTTP works as is)."""
+    file_name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return "/".join((base.rstrip("/"), quote(component, safe=""), quote(version, safe=""), quote(file_name, safe="")))
+
+
+# --- the device side ---------------------------------------------------------------------------------------
+def parse(data: bytes) -> DeploymentDocument:
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DocumentRejected(f"not JSON: {exc}", reason="SCHEMA") from exc
+    try:
+        return DeploymentDocument.model_validate(raw)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(x) for x in e['loc']) or '(document)'}: {e['msg']}" for e in exc.errors()[:5]]
+        raise DocumentRejected("not a v1 deployment document: " + "; ".join(parts), reason="SCHEMA") from exc
+
+
+def target_of_topic(topic: str) -> Target | None:
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[0] == "nucleus" and parts[3] == "deployments":
+        kind = {"things": "thing", "groups": "group"}.get(parts[1])
+        if kind is not None and _NAME_RE.fullmatch(parts[2]):
+            return Target(type=kind, name=parts[2])
+    return None
+
+
+def check_target(doc: DeploymentDocument, *, topic: str, thing: str, groups: Sequence[str]) -> None:
+    t = doc.target
+    if t.topic != topic:
+        raise DocumentRejected(f"the document targets {t.type} {t.name!r} but came on {topic!r}",
+                               reason="WRONG_TARGET")
+    if t.type == "thing" and t.name != thing:
+        raise DocumentRejected(f"a deployment for thing {t.name!r}, this is {thing!r}", reason="WRONG_TARGET")
+    if t.type == "group" and t.name not in groups:
+        raise DocumentRejected(f"a deployment for group {t.name!r}, which this thing is not in", reason="WRONG_TARGET")
+
+
+def to_request(doc: DeploymentDocument, *, remove: Sequence[str] = ()) -> dict[str, Any]:
+    """The nucleus DeploymentRequest (as a dict) for a checked document; raises DocumentRejected.
+
+    Artifact URIs that are not http(s) are rewritten to the artifacts base URL (see
+    :func:`artifact_url`); the engine then fetches and verifies them by digest.
+    """
+    infos = [(r, inspect_recipe(r)) for r in doc.recipes]
+    have = {(i.name, i.version) for _, i in infos}
+    names = {i.name for _, i in infos}
+    for name, version in doc.components.items():
+        if (name, version) not in have:
+            raise DocumentRejected(f"component {name} {version}: no recipe for it in the document",
+                                   reason="UNKNOWN_COMPONENT", component=name)
+    for name in doc.config_updates:
+        if name not in doc.components and name not in names:
+            raise DocumentRejected(f"configuration update for {name}, which the deployment does not name",
+                                   reason="UNKNOWN_COMPONENT", component=name)
+    recipes: list[dict[str, Any]] = []
+    for src, info in infos:
+        rewritten = False
+        for ref in info.artifacts:
+            check_digest(ref, component=info.name)
+            scheme = urlsplit(ref.uri).scheme.lower()
+            if scheme in ("http", "https"):
+                continue
+            if scheme == "file" or doc.artifacts_base_url is None:
+                why = "a device never reads local files for a fleet deployment" if scheme == "file" \
+                    else "the document has no artifacts_base_url"
+                raise DocumentRejected(f"{info.name}: {ref.where}: cannot fetch {ref.uri!r}: {why}",
+                                       reason="ARTIFACT_UNREACHABLE", component=info.name)
+            _rewrite(info, ref, artifact_url(doc.artifacts_base_url, info.name, info.version, ref.uri))
+            rewritten = True
+        source = f"fleet:{doc.deployment_id}:{src.source or info.name}"
+        if rewritten:
+            recipes.append({"source": source, "format": "json",
+                            "text": json.dumps(info.document, default=str, ensure_ascii=False)})
+        else:
+            recipes.append({"source": source, "format": src.format, "text": src.text})
+    request: dict[str, Any] = {
+        "deployment_id": doc.deployment_id,
+        "group": doc.target.key,
+        "recipes": recipes,
+        "root_components": {n: f"={v}" for n, v in doc.components.items()},
+        "remove": sorted(set(remove) - set(doc.components)),
+        "config_updates": {n: u.model_dump() for n, u in doc.config_updates.items()},
+        "failure_policy": doc.failure_policy,
+    }
+    if doc.timeout_s is not None:
+        request["timeout_s"] = doc.timeout_s
+    if doc.settle_time_s is not None:
+        request["settle_time_s"] = doc.settle_time_s
+    return request
+
+
+def _rewrite(info: RecipeInfo, ref: ArtifactRef, url: str) -> None:
+    manifests = _get(info.document, "Manifests")
+    i, j = (int(x) for x in re.findall(r"\d+", ref.where))
+    art = _get(manifests[i], "Artifacts")[j]
+    art[_key(art, "Uri")] = url
+
+
+def start_delay(doc: DeploymentDocument, thing: str, now: float) -> float:
+    """Seconds to wait before starting: a deterministic point in the rollout window.
+
+    The point is ``window * u`` with ``u`` in [0, 1) from SHA-256 of (deployment id, thing name),
+    measured from ``created_at``: the same device always picks the same slot (a restart does not
+    move it), devices spread uniformly, and a device that comes online after its slot starts at
+    once. Never longer than the window, whatever the clocks say.
+    """
+    window = doc.rollout.effective_window_s
+    if window <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{doc.deployment_id}\0{thing}".encode()).digest()
+    offset = int.from_bytes(digest[:8], "big") / 2**64 * window
+    return min(window, max(0.0, doc.created_at + offset - now))

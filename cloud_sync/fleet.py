@@ -1,0 +1,412 @@
+"""The cloud side of fleet deployments: ``nucleus fleet deploy`` and ``nucleus fleet status``.
+
+A thin MQTT client; the broker (Mosquitto, EMQX, HiveMQ, AWS IoT Core) is the fleet's engine.
+``deploy`` reads recipe files, builds a :class:`~cloud_sync.deployment_document.DeploymentDocument`
+and publishes it retained with QoS 1 on the target's topic, so devices offline now get it when
+they reconnect. Its ``sequence`` is above the one of the document it replaces (read back from the
+broker first), so a newer deployment supersedes an older one even if operators' clocks disagree.
+
+``status`` reads the devices' retained deployment status documents
+(``nucleus/things/+/deployments/status``) and shows, for the target's current deployment, every
+device's state; it can wait until they have all finished. Neither needs a local daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import ssl
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiomqtt
+
+from cloud_sync.deployment_document import (
+    DeploymentDocument,
+    DocumentRejected,
+    RecipeText,
+    Rollout,
+    Target,
+    new_document,
+    parse,
+)
+from cloud_sync.errors import LinkError, SyncError
+from cloud_sync.uplink import parse_url
+
+STATUS_FILTER = "nucleus/things/+/deployments/status"
+DEFAULT_MAX_BYTES = 128 * 1024  # the devices' default max_inbound_bytes
+FINAL = frozenset({"SUCCEEDED", "FAILED_NO_STATE_CHANGE", "FAILED_ROLLBACK_COMPLETE", "FAILED_ROLLBACK_NOT_REQUESTED",
+                   "FAILED_ROLLBACK_FAILED", "CANCELED", "SUPERSEDED", "REJECTED"})
+_RECIPE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+
+
+class FleetError(SyncError):
+    code = "FLEET_ERROR"
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """How the operator reaches the broker (TLS with a CA and client certificate, or a password)."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    mqtt_version: Literal["5", "3.1.1"] = "5"
+    timeout_s: float = 10.0
+
+
+@contextlib.asynccontextmanager
+async def connect(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
+    address = parse_url(broker.url)
+    tls = None
+    if address.tls:
+        try:
+            tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
+            if broker.cert_file is not None:
+                tls.load_cert_chain(str(broker.cert_file), str(broker.key_file) if broker.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise LinkError(f"cannot load the TLS files: {exc}", reason="tls_files") from exc
+    v5 = broker.mqtt_version == "5"
+    client = aiomqtt.Client(
+        address.host, address.port, identifier=f"nucleus-fleet-{uuid.uuid4().hex[:12]}",
+        username=broker.username, password=broker.password,
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_session=None if v5 else True, timeout=broker.timeout_s, tls_context=tls)
+    try:
+        async with client:
+            yield client
+    except aiomqtt.MqttError as exc:
+        raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
+
+
+def read_recipes(paths: Sequence[Path | str], *,
+                 validate: Callable[[Path], object] | None = None) -> list[RecipeText]:
+    """Recipe files, or the ``*.yaml``/``*.yml``/``*.json`` of directories (and their ``recipes/``)."""
+    out: list[RecipeText] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(f for d in (path, path / "recipes") if d.is_dir() for f in d.iterdir()
+                           if f.is_file() and f.suffix.lower() in _RECIPE_SUFFIXES)
+            if not files:
+                raise FleetError("no recipe files (*.yaml, *.yml, *.json) in this directory", path=path)
+        else:
+            raise FleetError("no such file or directory", path=path)
+        for f in files:
+            if validate is not None:
+                validate(f)  # the nucleus's own recipe checks, before anything is published
+            fmt: Literal["yaml", "json"] = "json" if f.suffix.lower() == ".json" else "yaml"
+            out.append(RecipeText(text=f.read_text(), format=fmt, source=f.name))
+    return out
+
+
+async def _drain_until_ping(client: aiomqtt.Client, on_message: Callable[[aiomqtt.Message], None],
+                            timeout_s: float) -> None:
+    """Process what the broker has sent so far: retained messages of earlier subscriptions come
+    before our own ping on the same connection."""
+    ping = f"nucleus/fleet-tool/{uuid.uuid4().hex}"
+    await client.subscribe(ping, qos=1)
+    await client.publish(ping, b"", qos=1)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            async for m in client.messages:
+                if m.topic.value == ping:
+                    return
+                on_message(m)
+
+
+def _payload(m: aiomqtt.Message) -> bytes:
+    p = m.payload
+    return p if isinstance(p, bytes) else bytes(p) if isinstance(p, bytearray) else str(p or "").encode()
+
+
+async def current_document(client: aiomqtt.Client, target: Target, timeout_s: float = 5.0) -> DeploymentDocument | None:
+    """The document the broker holds retained for the target (None if none, or not one of ours)."""
+    found: list[bytes] = []
+    await client.subscribe(target.topic, qos=1)
+
+    def take(m: aiomqtt.Message) -> None:
+        if m.topic.value == target.topic and m.retain:
+            found.append(_payload(m))
+
+    await _drain_until_ping(client, take, timeout_s)
+    await client.unsubscribe(target.topic)
+    if not found or not found[-1]:
+        return None
+    try:
+        return parse(found[-1])
+    except DocumentRejected:
+        return None
+
+
+async def publish(broker: Broker, doc: DeploymentDocument, *, max_bytes: int = DEFAULT_MAX_BYTES) -> DeploymentDocument:
+    """Publish retained, QoS 1; the sequence is raised above the retained document's if needed."""
+    async with connect(broker) as client:
+        previous = await current_document(client, doc.target, broker.timeout_s)
+        if previous is not None and previous.sequence >= doc.sequence:
+            doc = doc.model_copy(update={"sequence": previous.sequence + 1})
+        data = doc.encode()
+        if len(data) > max_bytes:
+            raise FleetError(f"the deployment document is {len(data)} B, over the devices' limit of {max_bytes} B "
+                             "(mqtt.max_inbound_bytes): put large files in artifacts, not recipes",
+                             size=len(data), limit=max_bytes)
+        await client.publish(doc.target.topic, data, qos=1, retain=True, timeout=broker.timeout_s)
+    return doc
+
+
+async def clear(broker: Broker, target: Target) -> None:
+    """Remove the retained document (devices that have it keep what they applied)."""
+    async with connect(broker) as client:
+        await client.publish(target.topic, b"", qos=1, retain=True, timeout=broker.timeout_s)
+
+
+# --- status -------------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class FleetStatus:
+    target: Target
+    document: DeploymentDocument | None
+    things: dict[str, dict[str, Any]] = field(default_factory=dict)  # thing -> its entry for the target
+
+    @property
+    def deployment_id(self) -> str | None:
+        return self.document.deployment_id if self.document is not None else None
+
+    def state_of(self, thing: str) -> str:
+        entry = self.things[thing]
+        if self.deployment_id is not None and entry.get("deployment_id") != self.deployment_id:
+            return "NOT_RECEIVED"  # still on an older deployment (offline, or not there yet)
+        return str(entry.get("status"))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for thing in self.things:
+            state = self.state_of(thing)
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    def finished(self) -> list[str]:
+        return [t for t in self.things if self.state_of(t) in FINAL]
+
+    def all_succeeded(self, expect: int | None = None) -> bool:
+        ok = [t for t in self.things if self.state_of(t) == "SUCCEEDED"]
+        return bool(ok) and len(ok) == len(self.things) and (expect is None or len(ok) >= expect)
+
+
+async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | None = None, wait_s: float = 0.0,
+                       expect: int | None = None) -> FleetStatus:
+    """Every device's state for the target's current deployment (or ``deployment_id``).
+
+    Waits up to ``wait_s`` until ``expect`` devices (default: every device that reported) have
+    finished; with ``wait_s=0`` it is a snapshot of the retained reports.
+    """
+    async with connect(broker) as client:
+        doc = await current_document(client, target, broker.timeout_s)
+        if deployment_id is not None and (doc is None or doc.deployment_id != deployment_id):
+            doc = None
+        result = FleetStatus(target, doc)
+        wanted = deployment_id
+
+        def take(m: aiomqtt.Message) -> None:
+            try:
+                report = json.loads(_payload(m))
+            except ValueError:
+                return
+            if not isinstance(report, dict) or not isinstance(report.get("thing"), str):
+                return
+            entry = (report.get("deployments") or {}).get(target.key)
+            member = (target.type == "group" and target.name in (report.get("groups") or [])) or \
+                (target.type == "thing" and target.name == report["thing"])
+            if entry is None and not member:
+                return
+            entry = dict(entry or {"status": "NOT_RECEIVED"})
+            if wanted is not None and entry.get("deployment_id") != wanted:
+                entry = {"deployment_id": entry.get("deployment_id"), "status": "NOT_RECEIVED"}
+            result.things[report["thing"]] = {**entry, "reported_at": report.get("ts")}
+
+        await client.subscribe(STATUS_FILTER, qos=1)
+        await _drain_until_ping(client, take, broker.timeout_s)
+        deadline = time.monotonic() + wait_s
+
+        def done() -> bool:
+            finished = len(result.finished())
+            return finished >= expect if expect is not None else bool(result.things) and finished == len(result.things)
+
+        while not done() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    async for m in client.messages:
+                        take(m)
+                        if done():
+                            break
+    return result
+
+
+def format_status(status: FleetStatus) -> str:
+    doc = status.document
+    head = (f"{status.target.type} {status.target.name}: deployment {doc.deployment_id} (sequence {doc.sequence}, "
+            f"{', '.join(f'{n} {v}' for n, v in doc.components.items()) or 'no components'})"
+            if doc is not None else f"{status.target.type} {status.target.name}: no current deployment document")
+    rows = [[t, status.state_of(t), str(e.get("deployment_id") or "-"),
+             time.strftime("%H:%M:%S", time.localtime(e["ts"])) if e.get("ts") else "-",
+             str(e.get("reason") or "")[:80]] for t, e in sorted(status.things.items())]
+    if not rows:
+        return head + "\nno device has reported"
+    header = ["THING", "STATE", "DEPLOYMENT", "UPDATED", "REASON"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(status.counts().items()))
+    return "\n".join([head, *lines, f"{len(rows)} device(s): {summary}"])
+
+
+# --- the command line (wired into `nucleus fleet`) ---------------------------------------------------------------
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:1883] or mqtts://host[:8883]")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--ca", metavar="FILE", help="CA certificate of the broker")
+    p.add_argument("--cert", metavar="FILE", help="client certificate")
+    p.add_argument("--key", metavar="FILE", help="client key")
+    p.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--group", help="thing group: every device with it in thing_groups")
+    group.add_argument("--thing", help="one device (its thing name)")
+
+
+def _broker(args: argparse.Namespace) -> Broker:
+    return Broker(args.broker, args.username, args.password, Path(args.ca) if args.ca else None,
+                  Path(args.cert) if args.cert else None, Path(args.key) if args.key else None, args.mqtt_version)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    try:
+        return Target(type="group", name=args.group) if args.group else Target(type="thing", name=args.thing)
+    except ValueError as exc:
+        raise FleetError(f"--group/--thing: {exc}") from exc
+
+
+def _config_updates(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise FleetError(f"--update-config is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise FleetError('--update-config must be {"Name": {"MERGE": {...}, "RESET": ["/ptr"]}}')
+    return {name: {k.lower(): v for k, v in upd.items()} for name, upd in data.items()}
+
+
+def document_from_args(args: argparse.Namespace, *,
+                       validate: Callable[[Path], object] | None = None) -> DeploymentDocument:
+    roots = read_recipes(args.paths, validate=validate)
+    extra = read_recipes(args.recipe_dir or [], validate=validate)
+    if (args.rollout_rate is None) != (args.expected_devices is None):
+        raise FleetError("--rollout-rate needs --expected-devices (the window is devices / rate)")
+    rollout = Rollout(window_s=args.rollout_window, max_per_minute=args.rollout_rate,
+                      expected_devices=args.expected_devices)
+    base = new_document(roots, target=_target(args))
+    fields: dict[str, Any] = {
+        "artifacts_base_url": args.artifacts_url, "failure_policy": args.failure_policy.upper().replace("-", "_"),
+        "timeout_s": args.timeout, "settle_time_s": args.settle, "rollout": rollout,
+        "config_updates": _config_updates(args.update_config)}
+    try:
+        return new_document([*roots, *extra], target=base.target, components=base.components,
+                            deployment_id=args.deployment_id, **fields)
+    except ValueError as exc:
+        raise FleetError(f"invalid deployment: {exc}") from exc
+
+
+async def cmd_deploy(args: argparse.Namespace) -> int:
+    doc = document_from_args(args, validate=args.validate_recipe)
+    if args.dry_run:
+        print(json.dumps(doc.model_dump(mode="json", exclude_none=True), indent=2))
+        return 0
+    doc = await publish(_broker(args), doc, max_bytes=args.max_bytes)
+    names = ", ".join(f"{n} {v}" for n, v in doc.components.items()) or "no components"
+    print(f"deployment {doc.deployment_id}: {names}")
+    print(f"  published retained to {doc.target.topic} (sequence {doc.sequence}, {len(doc.encode())} B)")
+    print(f"  follow it with: nucleus fleet status --broker {args.broker} --{doc.target.type} {doc.target.name} "
+          f"--wait-s 120")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    status = await fleet_status(_broker(args), _target(args), deployment_id=args.deployment, wait_s=args.wait_s,
+                                expect=args.expect)
+    if args.json:
+        print(json.dumps({"target": status.target.model_dump(), "deployment_id": status.deployment_id,
+                          "things": {t: {**e, "state": status.state_of(t)} for t, e in status.things.items()},
+                          "counts": status.counts()}, indent=2, default=str))
+    else:
+        print(format_status(status))
+    return 0 if status.all_succeeded(args.expect) else 1
+
+
+async def cmd_clear(args: argparse.Namespace) -> int:
+    target = _target(args)
+    await clear(_broker(args), target)
+    print(f"cleared the retained deployment on {target.topic}")
+    return 0
+
+
+def build_parser(validate_recipe: Callable[[Path], object] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucleus fleet",
+                                     description="Fleet deployments through an MQTT broker (no local daemon needed).")
+    fsub = parser.add_subparsers(dest="fleet_command", required=True)
+
+    d = fsub.add_parser("deploy", help="publish a deployment for a thing group (retained, QoS 1)")
+    d.add_argument("paths", nargs="+", metavar="RECIPE_OR_DIR", help="root components: the highest version per name")
+    _broker_args(d)
+    d.add_argument("--artifacts-url", metavar="BASE",
+                   help="devices fetch non-http artifacts from BASE/<component>/<version>/<file>")
+    d.add_argument("--recipe-dir", action="append", metavar="DIR", help="more recipes (dependencies), not roots")
+    d.add_argument("--update-config", metavar="JSON", help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file')
+    d.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
+    d.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
+    d.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success")
+    d.add_argument("--rollout-window", type=float, metavar="S", help="spread the starts over S seconds")
+    d.add_argument("--rollout-rate", type=float, metavar="PER_MIN", help="devices per minute (with --expected-devices)")
+    d.add_argument("--expected-devices", type=int, metavar="N")
+    d.add_argument("--deployment-id", help="default: a new UUID")
+    d.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse larger documents")
+    d.add_argument("--dry-run", action="store_true", help="print the document, publish nothing")
+    d.set_defaults(func=cmd_deploy, validate_recipe=validate_recipe)
+
+    s = fsub.add_parser("status", help="every device's state for the current deployment of a group")
+    _broker_args(s)
+    s.add_argument("--deployment", metavar="ID", help="a specific deployment (default: the retained one)")
+    s.add_argument("--wait-s", type=float, default=0.0, metavar="S", help="wait until every device has finished")
+    s.add_argument("--expect", type=int, metavar="N", help="wait for N devices (and require N SUCCEEDED)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    c = fsub.add_parser("clear", help="remove the retained deployment document of a group or thing")
+    _broker_args(c)
+    c.set_defaults(func=cmd_clear)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, validate_recipe: Callable[[Path], object] | None = None) -> int:
+    """``nucleus fleet ...``: 0 on success; 1 on an error (one line on stderr) or, for ``status``,
+    unless every device reported SUCCEEDED for the current deployment."""
+    args = build_parser(validate_recipe).parse_args(argv)
+    try:
+        return int(asyncio.run(args.func(args)))
+    except SyncError as exc:
+        where = f" ({exc.path})" if exc.path else ""
+        print(f"nucleus fleet: {exc.message}{where}", file=sys.stderr)
+        return 1
