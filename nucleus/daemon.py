@@ -212,8 +212,17 @@ class Daemon:
             }
 
         cloud = CloudSync(self.settings.mqtt, core, spool_path=paths.spool,
-                          thing_name=self.settings.thing_name, status_provider=device_status)
+                          thing_name=self.settings.thing_name, status_provider=device_status,
+                          thing_groups=self.settings.thing_groups)
         cloud.register_operations()
+
+        def journal_summary(deployment_id: str) -> dict[str, Any] | None:
+            record = journal.get(deployment_id)
+            return record.summary() if record is not None else None
+
+        # Fleet deployments go through the same engine as `nucleus deploy`; their progress is reported back.
+        cloud.attach_deployments(lambda request: engine.submit(request).id, journal_summary)
+        engine.add_listener(cloud.deployment_changed)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
