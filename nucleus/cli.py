@@ -340,6 +340,14 @@ def cmd_model(args: argparse.Namespace) -> int:
     return int(builder.main(list(args.model_args)))
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """`nucleus fleet ...` is the cloud-side deployment tool (cloud_sync.fleet); no daemon needed."""
+    from cloud_sync import fleet
+    from nucleus.recipe import load_recipe
+
+    return fleet.main(list(args.fleet_args), validate_recipe=load_recipe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleus", description="An edge runtime for Greengrass V2 recipes.")
     parser.add_argument("--root", help=f"nucleus root directory (default: $NUCLEUS_ROOT or {default_root()})")
@@ -409,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_sync_status, is_async=True)
 
+    p = sub.add_parser("fleet", help="fleet deployments through an MQTT broker: deploy, status, clear",
+                       add_help=False)
+    p.add_argument("fleet_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_fleet, is_async=False)
+
     p = sub.add_parser("client", help="declared local clients")
     csub = p.add_subparsers(dest="client_command", required=True)
     a = csub.add_parser("add", help="declare a client and print its token once")
@@ -420,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "fleet":  # its own parser reads every option, --help included
+        args.fleet_args = [*extra, *args.fleet_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.func is not cmd_run:
         # The CLI's own warnings (e.g. a recipe's unknown keys) go to stderr, never stdout.
         from nucleus import logconfig
