@@ -36,7 +36,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.anomaly.features import FeatureExtractor, default_spec, spectral_spec, univariate_spec  # noqa: E402
+from components.anomaly.features import FeatureExtractor, default_spec, spectral_spec  # noqa: E402
 from components.model_builder import data as datamod  # noqa: E402
 
 # The builder (scikit-learn, onnxruntime) is imported inside the functions that need it: the RSS probe
@@ -50,6 +50,7 @@ NAB_FILES = ["machine_temperature_system_failure", "ambient_temperature_system_f
 ANCHORS = {"ARTime": 63.9, "Numenta HTM": 55.5, "Random Cut Forest": 43.1, "windowed Gaussian": 13.4}
 STANDARD = {"tp": 1.0, "fp": 0.11, "fn": 1.0}
 NAB_WINDOW_ROWS = 12  # feature window over the series (rows), fixed a priori
+NAB_ZLAST_ROWS = 100  # rolling-standardisation window (rows), fixed a priori
 GEAR_SPREAD_MARGIN = 10.0  # a priori "an order of magnitude beyond the healthy spread" (see docs/anomaly.md)
 GEAR_RATE_HZ = 1000.0  # ASSUMED: the data do not state a sample rate (README); only used for "per hour"
 
@@ -100,53 +101,74 @@ def load_nab(name: str) -> tuple[list[str], np.ndarray, list[tuple[int, int]]]:
     return stamps, values, windows
 
 
+NAB_SETUPS: dict[str, tuple[str, int, list[str]]] = {
+    # name: (model kind, window rows, univariate stats); both fixed before scoring, no per-file choice
+    "level": ("isolation_forest", NAB_WINDOW_ROWS, ["mean", "std", "min", "max", "last", "trend", "zlast"]),
+    "zlast": ("pca", NAB_ZLAST_ROWS, ["zlast"]),
+}
+
+
 def run_nab() -> None:
+    from components.anomaly.features import ChannelGroup, FeatureSpec
     from components.model_builder.training import TrainParams, onnx_scores, session, train
 
     print("\n== NAB realKnownCause subset (standard profile) ==")
-    print(f"per file: IsolationForest(100) on {NAB_WINDOW_ROWS}-row windows of univariate features, trained on the "
-          "probationary rows only; threshold = 0.999 quantile of held-out probationary scores")
-    total = 0.0
-    n_windows = 0
-    per_file: list[tuple[str, float, int, int]] = []
-    raw_scores: dict[str, tuple[np.ndarray, list[tuple[int, int]], int]] = {}
-    fx = FeatureExtractor(univariate_spec(), ["value"], NAB_WINDOW_ROWS)
-    for name in NAB_FILES:
-        _, values, windows = load_nab(name)
-        n = len(values)
-        probation = min(int(0.15 * n), 750)
-        all_windows = sliding_window_view(values, NAB_WINDOW_ROWS)[:, None, :]  # window k ends at row k + W - 1
-        feats = fx.extract(all_windows)
-        train_feats = feats[: probation - NAB_WINDOW_ROWS + 1]
-        model = train(train_feats, TrainParams(kind="isolation_forest", seed=0))
-        scores = np.zeros(n)
-        scores[NAB_WINDOW_ROWS - 1:] = onnx_scores(session(model.proto), feats)
-        detections = scores >= model.threshold.value
-        s = nab_score(detections, windows, probation)
-        fp_rows = int(sum(1 for i in range(probation, n) if detections[i]
-                          and not any(a <= i <= b for a, b in windows)))
-        per_file.append((name, s, int(detections[probation:].sum()), fp_rows))
-        raw_scores[name] = (scores / model.threshold.value, windows, probation)
-        total += s
-        n_windows += len(windows)
-    for name, s, det, fp in per_file:
-        print(f"  {name:40s} raw {s:6.2f}   detections {det:5d}   outside windows {fp:5d}")
-    null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
-    ours = 100 * (total - null) / (perfect - null)
-    # The anchors' thresholds were swept over the corpus with the labels; the same sweep for ours:
-    best, best_t = -1e9, 0.0
-    for t in np.linspace(0.5, 3.0, 51):
-        s = sum(nab_score(sc >= t, w, p) for sc, w, p in raw_scores.values())
-        if s > best:
-            best, best_t = s, float(t)
-    swept = 100 * (best - null) / (perfect - null)
+    print("per file, through the builder and the detector's feature code: a model trained on the probationary "
+          "rows only (no label used); threshold = builder default, the 0.999 quantile of the held-out last 25 % "
+          "of the probationary windows; a row is a detection when the window ending at it scores >= threshold")
+    print(f"  level: IsolationForest(100) on {NAB_WINDOW_ROWS}-row windows of mean/std/min/max/last/trend/zlast "
+          "(the previous setup)")
+    print(f"  zlast: PCA on one feature, zlast over {NAB_ZLAST_ROWS}-row windows = how many of its own window's "
+          "standard deviations the newest value lies from the window mean (a rolling standardisation: adapts "
+          "to drift)")
+    results: dict[str, tuple[float, float, float]] = {}
+    for setup, (kind, rows, stats) in NAB_SETUPS.items():
+        spec = FeatureSpec(groups=[ChannelGroup(channels=["value"], stats=stats)])  # type: ignore[arg-type]
+        fx = FeatureExtractor(spec, ["value"], rows)
+        total = 0.0
+        n_windows = 0
+        per_file: list[tuple[str, float, int, int]] = []
+        raw_scores: dict[str, tuple[np.ndarray, list[tuple[int, int]], int]] = {}
+        for name in NAB_FILES:
+            _, values, windows = load_nab(name)
+            n = len(values)
+            probation = min(int(0.15 * n), 750)
+            all_windows = sliding_window_view(values, rows)[:, None, :]  # window k ends at row k + rows - 1
+            feats = fx.extract(all_windows)
+            model = train(feats[: probation - rows + 1], TrainParams(kind=kind, seed=0))  # type: ignore[arg-type]
+            scores = np.zeros(n)
+            scores[rows - 1:] = onnx_scores(session(model.proto), feats)
+            detections = scores >= model.threshold.value
+            s = nab_score(detections, windows, probation)
+            fp_rows = int(sum(1 for i in range(probation, n) if detections[i]
+                              and not any(a <= i <= b for a, b in windows)))
+            per_file.append((name, s, int(detections[probation:].sum()), fp_rows))
+            raw_scores[name] = (scores / model.threshold.value, windows, probation)
+            total += s
+            n_windows += len(windows)
+        print(f"\n  {setup}:")
+        for name, s, det, fp in per_file:
+            print(f"  {name:40s} raw {s:6.2f}   detections {det:5d}   outside windows {fp:5d}")
+        null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
+        ours = 100 * (total - null) / (perfect - null)
+        # The anchors' thresholds were swept over the corpus with the labels; the same sweep for ours:
+        best, best_t = -1e9, 0.0
+        for t in np.linspace(0.5, 3.0, 51):
+            s = sum(nab_score(sc >= t, w, p) for sc, w, p in raw_scores.values())
+            if s > best:
+                best, best_t = s, float(t)
+        results[setup] = (ours, 100 * (best - null) / (perfect - null), best_t)
     print(f"\n  {'detector':34s} subset-normalised standard score")
     for k, v in ANCHORS.items():
         print(f"  {k:34s} {v:5.1f}   (published, label-swept threshold)")
-    print(f"  {'ours (threshold from training)':34s} {ours:5.1f}   <- the honest figure")
-    print(f"  {'ours (label-swept, like anchors)':34s} {swept:5.1f}   (threshold x{best_t:.2f}; uses test labels)")
+    for setup, (ours, swept, best_t) in results.items():
+        print(f"  {'ours, ' + setup + ', training-only threshold':34s} {ours:5.1f}   <- the honest figure")
+        print(f"  {'ours, ' + setup + ', label-swept':34s} {swept:5.1f}   (threshold x{best_t:.2f}; uses test "
+              "labels, like the anchors)")
     goal = ANCHORS["Numenta HTM"]
-    print(f"  goal > {goal} (Numenta HTM): {'MET' if ours > goal else 'NOT MET'} with the training-only threshold")
+    best_setup = max(results, key=lambda k: results[k][0])
+    print(f"  goal > {goal} (Numenta HTM): {'MET' if results[best_setup][0] > goal else 'NOT MET'} with a "
+          "training-only threshold")
 
 
 # --- gearbox -----------------------------------------------------------------------------------
