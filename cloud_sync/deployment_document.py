@@ -242,8 +242,10 @@ def inspect_recipe(recipe: RecipeText) -> RecipeInfo:
             if not isinstance(uri, str):
                 raise DocumentRejected(f"{where}: Manifests[{i}].Artifacts[{j}].Uri is required",
                                        reason="RECIPE_INVALID")
-            artifacts.append(ArtifactRef(uri, digest if isinstance(digest, str) else None, str(algorithm),
-                                         f"Manifests[{i}].Artifacts[{j}]"))
+            if digest is not None and not isinstance(digest, str):
+                raise DocumentRejected(f"{where}: Manifests[{i}].Artifacts[{j}].Digest must be a string "
+                                       f"(quote it in YAML), not {type(digest).__name__}", reason="BAD_DIGEST")
+            artifacts.append(ArtifactRef(uri, digest, str(algorithm), f"Manifests[{i}].Artifacts[{j}]"))
     return RecipeInfo(name, str(version), tuple(artifacts), doc)
 
 

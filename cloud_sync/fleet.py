@@ -232,7 +232,8 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
                 return
             entry = dict(entry or {"status": "NOT_RECEIVED"})
             if wanted is not None and entry.get("deployment_id") != wanted:
-                entry = {"deployment_id": entry.get("deployment_id"), "status": "NOT_RECEIVED"}
+                older = [r for r in report.get("recent") or [] if r.get("deployment_id") == wanted]
+                entry = dict(older[0]) if older else {"deployment_id": wanted, "status": "NOT_RECEIVED"}
             result.things[report["thing"]] = {**entry, "reported_at": report.get("ts")}
 
         await client.subscribe(STATUS_FILTER, qos=1)

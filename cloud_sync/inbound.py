@@ -30,6 +30,7 @@ Status reports (retained, QoS 1, not spooled) go to ``nucleus/things/<thing>/dep
     {"thing": "dev-1", "groups": ["turbines"], "ts": ..., "seq": 7,
      "deployments": {"thinggroup/turbines": {"deployment_id": "...", "sequence": 1732450000123,
                      "status": "SUCCEEDED", "reason": null, "ts": ..., "components": {"A": "1.0.0"}}},
+     "recent": [{"deployment_id": "...", "target": "thinggroup/turbines", "status": "SUPERSEDED", ...}],
      "errors": [{"ts": ..., "code": "BAD_DIGEST", "message": "...", "topic": "..."}]}
 """
 
@@ -178,9 +179,15 @@ class FleetDeployments:
                 latest[key] = {"deployment_id": last, **{k: v for k, v in entry.items() if k != "submitted"}}
         return latest
 
+    def _recent(self, n: int = 10) -> list[dict[str, Any]]:
+        """The last deployments seen, any target (a superseded or stale one shows here)."""
+        items = list(self._deployments.items())[-n:]
+        return [{"deployment_id": i, **{k: v for k, v in e.items() if k not in ("submitted", "components")}}
+                for i, e in reversed(items)]
+
     def status_document(self) -> dict[str, Any]:
         return {"thing": self._thing, "groups": self._groups, "ts": self._clock(), "seq": next(self._seq),
-                "deployments": self._latest(), "errors": list(self.errors)}
+                "deployments": self._latest(), "recent": self._recent(), "errors": list(self.errors)}
 
     def summary(self) -> dict[str, Any]:
         """For the device status document: the latest deployment per target."""
