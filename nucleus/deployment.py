@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -324,7 +325,7 @@ class DeploymentEngine:
                 self._progress(did, f"fetching {len(manifest.artifacts)} artifact(s)", name)
             try:
                 await self._store.prepare(
-                    recipe, manifest.artifacts, artifact_dirs=[_p(d) for d in req.artifact_dirs]
+                    recipe, manifest.artifacts, artifact_dirs=[Path(d) for d in req.artifact_dirs]
                 )
             except NucleusError as exc:
                 self._finish_no_change(did, str(exc))
@@ -583,12 +584,6 @@ class DeploymentEngine:
         self._journal.finish(did, status, reason=reason, active=previous,
                              components=self._component_report(previous, []))
         log.warning("deployment.failed", deployment_id=did, status=str(status), reason=reason)
-
-
-def _p(text: str) -> Any:
-    from pathlib import Path
-
-    return Path(text)
 
 
 def _pydantic_reason(exc: ValidationError) -> str:
