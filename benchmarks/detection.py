@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +111,7 @@ NAB_SETUPS: dict[str, tuple[str, int, list[str]]] = {
 
 
 def run_nab() -> None:
-    from components.anomaly.features import ChannelGroup, FeatureSpec
+    from components.anomaly.features import FeatureSpec
     from components.model_builder.training import TrainParams, onnx_scores, session, train
 
     print("\n== NAB realKnownCause subset (standard profile) ==")
@@ -123,7 +125,7 @@ def run_nab() -> None:
           "to drift)")
     results: dict[str, tuple[float, float, float]] = {}
     for setup, (kind, rows, stats) in NAB_SETUPS.items():
-        spec = FeatureSpec(groups=[ChannelGroup(channels=["value"], stats=stats)])  # type: ignore[arg-type]
+        spec = FeatureSpec.model_validate({"groups": [{"channels": ["value"], "stats": stats}]})
         fx = FeatureExtractor(spec, ["value"], rows)
         total = 0.0
         n_windows = 0
@@ -242,8 +244,7 @@ def run_gearbox(window: int, hop: int, kinds: list[str], spread_margin: float) -
 
 # --- cost per window ---------------------------------------------------------------------------
 
-def per_call(fn: object, n: int) -> float:
-    f = fn  # type: ignore[assignment]
+def per_call(f: Callable[[], object], n: int) -> float:
     f()
     t = time.perf_counter()
     for _ in range(n):
@@ -252,7 +253,7 @@ def per_call(fn: object, n: int) -> float:
 
 
 def run_costs(quick: bool) -> None:
-    from scipy import stats
+    from scipy import stats  # type: ignore[import-untyped]
 
     from components.model_builder import onnx_export
     from components.model_builder.training import TrainParams, onnx_scores, session, train
@@ -269,7 +270,7 @@ def run_costs(quick: bool) -> None:
                                                                            "skewness"])])
         fx = FeatureExtractor(spec, chans, 1024)
         w = rng.standard_normal((len(chans), 1024)).astype(np.float32)
-        print(f"  features {label:28s} {per_call(lambda fx=fx, w=w: fx.extract(w), reps):8.1f} us")
+        print(f"  features {label:28s} {per_call(partial(fx.extract, w), reps):8.1f} us")
     w3 = rng.standard_normal((3, 1024))
     print(f"  scipy.stats.kurtosis alone, 1024 x 3        {per_call(lambda: stats.kurtosis(w3, axis=1), reps):8.1f} us")
     x = rng.standard_normal((4000, 44)).astype(np.float32)
@@ -278,20 +279,20 @@ def run_costs(quick: bool) -> None:
     for kind in ("isolation_forest", "pca", "autoencoder"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = train(x, TrainParams(kind=kind, max_iter=100))  # type: ignore[arg-type]
+            m = train(x, TrainParams(kind=kind, max_iter=100))
         sess = session(m.proto)
-        sk = per_call(lambda m=m: m.reference(one), 50 if kind == "isolation_forest" else reps)
-        ox = per_call(lambda sess=sess: onnx_scores(sess, one), reps)
+        sk = per_call(partial(m.reference, one), 50 if kind == "isolation_forest" else reps)
+        ox = per_call(partial(onnx_scores, sess, one), reps)
         print(f"  {kind:28s} {sk:10.1f}us {ox:10.1f}us {sk / ox:8.0f}x {len(m.proto.graph.node):10d}")
         if kind == "isolation_forest":
             default = onnx_export.skl2onnx_isolation_forest(m.estimator, x.shape[1])
-            import onnxruntime as ort
+            import onnxruntime as ort  # type: ignore[import-untyped]
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             s2 = ort.InferenceSession(default.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             name = s2.get_inputs()[0].name
-            t_def = per_call(lambda s2=s2, name=name: s2.run(None, {name: one}), 200 if quick else 1000)
+            t_def = per_call(partial(s2.run, None, {name: one}), 200 if quick else 1000)
             print(f"  {'  (skl2onnx default graph)':28s} {sk:10.1f}us {t_def:10.1f}us {sk / t_def:8.0f}x "
                   f"{len(default.graph.node):10d}")
             goal = sk / ox >= 30
