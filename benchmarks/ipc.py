@@ -3,6 +3,7 @@ Mosquitto driven by paho-mqtt, both with TCP_NODELAY / Unix sockets, same payloa
 
     .venv/bin/python benchmarks/ipc.py            # full run (about 2 minutes on 2 cores)
     .venv/bin/python benchmarks/ipc.py --quick    # smaller counts, for a smoke check
+    .venv/bin/python benchmarks/ipc.py --rounds 5 # median and spread of 5 interleaved rounds
 
 Every client runs in its own process (publisher, each subscriber, the server/broker), as on a
 device. Scenarios (issue #3 point 8): (a) 1 -> 1, 256 B, 200k messages, delivered msg/s;
@@ -24,8 +25,15 @@ each figure moved by up to 2x between runs; the ratio is the stable part):
 * (e) server RSS: within ~2 MiB of the start once freed heap is trimmed (peaks follow the queue
   bounds: at most queue_size messages and 4 MiB of payload per subscription).
 
-Developer aids: ``--only a,c`` runs some scenarios; ``IPC_BENCH_DEBUG=1`` prints CPU per
-delivery per process; ``IPC_BENCH_PROFILE=DIR`` writes a cProfile dump per client process.
+Fairness: both peers run the same process layout (broker/server, one publisher process, one
+process per subscriber), the same payloads and counts, and the same window (the publisher's first
+send to the last delivery at any subscriber). With ``--rounds N`` the scenarios repeat N times and
+the peers alternate which one goes first, so drifting machine load hits both alike; the table
+prints medians, the ratio is taken per round. CPU per delivery is printed for every process
+role, measured from the moment a process is ready (interpreter start-up and imports excluded).
+
+Developer aids: ``--only a,c`` runs some scenarios; ``IPC_BENCH_PROFILE=DIR`` writes a cProfile
+dump per client process.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ async def native_sub(cfg: dict[str, Any]) -> None:
     async with Client(cfg["socket"], TOKEN, name="bench-sub") as c, \
             c.subscribe(cfg["topic"], queue_size=1024, policy="block") as ms:
         emit(ready=True)
+        cpu0 = time.process_time()
         count = dropped = nbytes = 0
         first = last = 0.0
 
@@ -96,7 +105,7 @@ async def native_sub(cfg: dict[str, Any]) -> None:
             seen = count
             await asyncio.wait([task], timeout=cfg.get("idle_s", 20.0))
         task.cancel()
-        emit(count=count, dropped=dropped, first=first, last=last, bytes=nbytes, cpu=time.process_time())
+        emit(count=count, dropped=dropped, first=first, last=last, bytes=nbytes, cpu=time.process_time() - cpu0)
 
 
 async def native_pub(cfg: dict[str, Any]) -> None:
@@ -104,11 +113,12 @@ async def native_pub(cfg: dict[str, Any]) -> None:
     topic = cfg["topic"].replace("#", "x")
     async with Client(cfg["socket"], TOKEN, name="bench-pub") as c:
         await c.publish("bench/ctl", b"", confirm=True)
+        cpu0 = time.process_time()
         t0 = time.monotonic()
         for _ in range(cfg["n"]):
             await c.publish(topic, payload)
         await c.publish("bench/ctl", b"", confirm=True)  # everything before it has been routed
-        emit(start=t0, end=time.monotonic(), cpu=time.process_time())
+        emit(start=t0, end=time.monotonic(), cpu=time.process_time() - cpu0)
 
 
 async def native_rtt(cfg: dict[str, Any]) -> None:
@@ -166,6 +176,7 @@ def mqtt_sub(cfg: dict[str, Any]) -> None:
     c.subscribe(cfg["topic"], qos=0)
     subscribed.wait(10)
     emit(ready=True)
+    cpu0 = time.process_time()
     last_seen = -1
     while not done.wait(cfg.get("idle_s", 20.0)):
         if state["count"] == last_seen:
@@ -174,22 +185,24 @@ def mqtt_sub(cfg: dict[str, Any]) -> None:
     c.loop_stop()
     c.disconnect()
     emit(count=state["count"], dropped=n - state["count"], first=state["first"], last=state["last"],
-         bytes=state["bytes"], cpu=time.process_time())
+         bytes=state["bytes"], cpu=time.process_time() - cpu0)
 
 
 def mqtt_pub(cfg: dict[str, Any]) -> None:
     payload = b"x" * cfg["size"]
     topic = cfg["topic"].replace("#", "x")
     c = mqtt_client(cfg, "pub")
+    cpu0 = time.process_time()
     t0 = time.monotonic()
     for _ in range(cfg["n"]):
         c.publish(topic, payload, qos=0)
     info = c.publish("bench/ctl", b"", qos=1)
     info.wait_for_publish(TIMEOUT_S)
     t1 = time.monotonic()
+    cpu = time.process_time() - cpu0
     c.loop_stop()
     c.disconnect()
-    emit(start=t0, end=t1, cpu=time.process_time())
+    emit(start=t0, end=t1, cpu=cpu)
 
 
 def mqtt_rtt(cfg: dict[str, Any]) -> None:
@@ -300,28 +313,29 @@ class Role:
 
 def throughput(kind: str, target: dict[str, Any], n: int, subs: int, size: int,
                server: psutil.Process) -> dict[str, float]:
+    """One run: ``subs`` subscriber processes ready, then one publisher process sends ``n`` messages.
+
+    The window is the same for both peers: from the publisher's first send to the last delivery
+    at any subscriber. CPU figures are per delivered message and exclude process start-up.
+    """
     cfg = {**target, "n": n, "size": size, "topic": "bench/t/#"}
-    server_cpu0 = sum(server.cpu_times()[:2])
     sub_roles = [Role(f"{kind}-sub", cfg) for _ in range(subs)]
     for r in sub_roles:
         assert r.line().get("ready")
+    server_cpu0 = sum(server.cpu_times()[:2])
     pub = Role(f"{kind}-pub", cfg).finish()
     results = [r.finish() for r in sub_roles]
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu0
-    delivered = sum(r["count"] for r in results)
+    delivered = max(1, sum(r["count"] for r in results))
     last = max(r["last"] for r in results)
     elapsed = last - pub["start"]
-    if os.environ.get("IPC_BENCH_DEBUG"):
-        first = min(r["first"] for r in results) - pub["start"]
-        print(kind, subs, size, "pub loop", pub["end"] - pub["start"], "first", first, "elapsed", elapsed,
-              file=sys.stderr)
-        print(f"  cpu us/delivery: server {server_cpu / delivered * 1e6:.2f}, publisher "
-              f"{pub['cpu'] / delivered * 1e6:.2f}, subscribers "
-              f"{sum(r['cpu'] for r in results) / delivered * 1e6:.2f}", file=sys.stderr)
     return {"deliveries_per_s": delivered / elapsed, "delivered": delivered,
             "lost": sum(r["dropped"] for r in results),
             "mb_per_s": sum(r["bytes"] for r in results) / elapsed / 1e6,
-            "elapsed": elapsed}
+            "elapsed": elapsed,
+            "cpu_server_us": server_cpu / delivered * 1e6,
+            "cpu_pub_us": pub["cpu"] / delivered * 1e6,
+            "cpu_sub_us": sum(r["cpu"] for r in results) / delivered * 1e6}
 
 
 def rtt(kind: str, target: dict[str, Any], n: int, rate: int) -> dict[str, float]:
@@ -333,10 +347,18 @@ def rtt(kind: str, target: dict[str, Any], n: int, rate: int) -> dict[str, float
     return {"p50": q(0.50), "p99": q(0.99), "p999": q(0.999), "mean": statistics.fmean(lat)}
 
 
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return ""
+    return f"{min(values):,.3g}-{max(values):,.3g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", help="comma-separated scenario letters, e.g. a,b")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every scenario; the peers alternate which goes first; medians are printed")
     ap.add_argument("--role")
     ap.add_argument("cfg", nargs="?")
     args = ap.parse_args()
@@ -351,63 +373,86 @@ def main() -> None:
         return
     scale = 0.1 if args.quick else 1.0
     n_a, n_b, n_c, n_d = int(200_000 * scale), int(50_000 * scale), int(5_000 * scale), int(5_000 * scale)
+    only = set((args.only or "a,b,c,d").split(","))
+    scenarios: list[tuple[str, str, str, Any]] = []  # (key, row name, better, measure(kind) -> value)
+    # rows[key] -> {"native": [..], "mqtt": [..]} per round; cpu[key] -> per round CPU split
+    rows: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    lost: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="ipcbench") as tmp, \
             mosquitto(Path(tmp)) as (port, mq_proc), native_server(Path(tmp)) as (sock, ns_proc):
-        targets = {"native": {"socket": sock}, "mqtt": {"port": port}}
+        targets: dict[str, dict[str, Any]] = {"native": {"socket": sock}, "mqtt": {"port": port}}
         procs = {"native": ns_proc, "mqtt": mq_proc}
         rss0 = {k: p.memory_info().rss for k, p in procs.items()}
         peak = dict(rss0)
-        rows: list[tuple[str, str, float, float]] = []
 
         def sample() -> None:
             for k, p in procs.items():
                 peak[k] = max(peak[k], p.memory_info().rss)
 
-        only = set((args.only or "a,b,c,d").split(","))
-        lost: dict[str, dict[str, float]] = {}
+        def tp(key: str, n: int, subs: int, size: int, field: str) -> Any:
+            def measure(kind: str) -> float:
+                res = throughput(kind, targets[kind], n, subs, size, procs[kind])
+                sample()
+                lost.setdefault(key, {}).setdefault(kind, 0)
+                lost[key][kind] += res["lost"]
+                cpu.setdefault(key, {}).setdefault(kind, []).append(
+                    (res["cpu_server_us"], res["cpu_pub_us"], res["cpu_sub_us"]))
+                return float(res[field])
+            return measure
+
         if "a" in only:
-            res = {k: throughput(k, t, n_a, 1, 256, procs[k]) for k, t in targets.items()}
-            sample()
-            rows.append(("(a) 1->1 256 B, msg/s", "higher", res["native"]["deliveries_per_s"],
-                         res["mqtt"]["deliveries_per_s"]))
-            lost["a"] = {k: v["lost"] for k, v in res.items()}
+            scenarios.append(("a", "(a) 1->1 256 B, msg/s", "higher", tp("a", n_a, 1, 256, "deliveries_per_s")))
         if "b" in only:
-            res = {k: throughput(k, t, n_b, 8, 256, procs[k]) for k, t in targets.items()}
-            sample()
-            rows.append(("(b) 1->8 fan-out 256 B, deliveries/s", "higher", res["native"]["deliveries_per_s"],
-                         res["mqtt"]["deliveries_per_s"]))
-            lost["b"] = {k: v["lost"] for k, v in res.items()}
+            scenarios.append(("b", "(b) 1->8 fan-out 256 B, deliveries/s", "higher",
+                              tp("b", n_b, 8, 256, "deliveries_per_s")))
         if "c" in only:
-            lat = {k: rtt(k, t, n_c, 1000) for k, t in targets.items()}
-            sample()
-            for p in ("p50", "p99", "p999"):
-                rows.append((f"(c) round trip {p} at 1000 msg/s, ms", "lower", lat["native"][p],
-                             lat["mqtt"][p]))
+            scenarios.append(("c", "(c) round trip p50/p99/p999 at 1000 msg/s, ms", "lower", None))
         if "d" in only:
-            res = {k: throughput(k, t, n_d, 1, 64 * 1024, procs[k]) for k, t in targets.items()}
-            sample()
-            rows.append(("(d) 1->1 64 KiB, MB/s", "higher", res["native"]["mb_per_s"],
-                         res["mqtt"]["mb_per_s"]))
-            lost["d"] = {k: v["lost"] for k, v in res.items()}
+            scenarios.append(("d", "(d) 1->1 64 KiB, MB/s", "higher", tp("d", n_d, 1, 64 * 1024, "mb_per_s")))
+        for rnd in range(args.rounds):
+            order = ("native", "mqtt") if rnd % 2 == 0 else ("mqtt", "native")
+            for key, _, _, measure in scenarios:
+                if key == "c":
+                    res = {k: rtt(k, targets[k], n_c, 1000) for k in order}
+                    sample()
+                    for p in ("p50", "p99", "p999"):
+                        for k in order:
+                            rows.setdefault(f"c-{p}", {}).setdefault(k, []).append(res[k][p])
+                    continue
+                for k in order:
+                    rows.setdefault(key, {}).setdefault(k, []).append(measure(k))
         rss_end = {k: p.memory_info().rss for k, p in procs.items()}
         time.sleep(SETTLE_S)  # the devserver returns freed heap pages every 5 s (malloc_trim)
         rss1 = {k: p.memory_info().rss for k, p in procs.items()}
         load = os.getloadavg()
 
-    print(f"\nIPC benchmark ({'quick' if args.quick else 'full'}): nucleus bus (SDK, auth on, Unix socket) "
-          f"vs Mosquitto + paho-mqtt (TCP_NODELAY), {os.cpu_count()} CPUs, load average at the end "
-          f"{load[0]:.2f} (other work on the machine skews every figure)\n")
-    print(f"{'scenario':42} {'nucleus':>12} {'mosquitto':>12} {'ratio':>8}")
-    for name, better, ours, theirs in rows:
-        ratio = ours / theirs if better == "higher" else theirs / ours
-        print(f"{name:42} {ours:12,.3f} {theirs:12,.3f} {ratio:7.2f}x")
-    print("  (ratio > 1 means nucleus is better; latency ratio = mosquitto / nucleus)")
+    print(f"\nIPC benchmark ({'quick' if args.quick else 'full'}, {args.rounds} round(s), medians "
+          f"[min-max]): nucleus bus (SDK, auth on, Unix socket) vs Mosquitto + paho-mqtt (TCP_NODELAY), "
+          f"{os.cpu_count()} CPUs, load average at the end {load[0]:.2f} (other work on the machine "
+          f"skews every figure)\n")
+    print(f"{'scenario':42} {'nucleus':>12} {'mosquitto':>12} {'ratio':>8}  spread (nucleus | mosquitto | ratio)")
+    named = [(k, name, better) for k, name, better, _ in scenarios if k != "c"]
+    if "c" in only:
+        named[2:2] = [(f"c-{p}", f"(c) round trip {p} at 1000 msg/s, ms", "lower") for p in ("p50", "p99", "p999")]
+    for key, name, better in sorted(named):
+        ours, theirs = rows[key]["native"], rows[key]["mqtt"]
+        ratios = [o / t if better == "higher" else t / o for o, t in zip(ours, theirs, strict=True)]
+        print(f"{name:42} {statistics.median(ours):12,.3f} {statistics.median(theirs):12,.3f} "
+              f"{statistics.median(ratios):7.2f}x  {_spread(ours)} | {_spread(theirs)} | {_spread(ratios)}")
+    print("  (ratio > 1 means nucleus is better; latency ratio = mosquitto / nucleus; the ratio is taken per"
+          " round, then the median)")
+    for key, per_kind in sorted(cpu.items()):
+        for k in ("native", "mqtt"):
+            split = per_kind[k]
+            med = [statistics.median(x[i] for x in split) for i in range(3)]
+            print(f"  CPU per delivery ({key}, {'nucleus' if k == 'native' else 'mosquitto':9}): server "
+                  f"{med[0]:.2f} us, publisher {med[1]:.2f} us, subscribers {med[2]:.2f} us")
     for k in ("native", "mqtt"):
         print(f"(e) {'nucleus' if k == 'native' else 'mosquitto':9} RSS before {rss0[k] / 2**20:6.1f} MiB, "
               f"peak {peak[k] / 2**20:6.1f} MiB, at the end {rss_end[k] / 2**20:6.1f} MiB, "
               f"{SETTLE_S:.0f} s later {rss1[k] / 2**20:6.1f} MiB (growth {(rss1[k] - rss0[k]) / 2**20:+.1f} MiB)")
     print(f"lost messages per scenario: {lost}")
-
 
 
 # ----------------------------------------------------------------- awsiotsdk row (issue 6, Greengrass IPC)
