@@ -321,11 +321,13 @@ class FleetDeployments:
             request = dd.to_request(doc, remove=list(applied))
             self._submit(request)
         except DocumentRejected as exc:
+            self.counters["rejected"] += 1
             entry.update(status=REJECTED, reason=f"{exc.reason}: {exc.message}")
             self._error(exc.reason or "SCHEMA", exc.message, deployment_id=did, topic=doc.target.topic)
             self._changed()
             return
         except Exception as exc:  # the engine refused the request (recipe errors name the field)
+            self.counters["rejected"] += 1
             entry.update(status=REJECTED, reason=f"ENGINE_REFUSED: {exc}")
             self._error("ENGINE_REFUSED", str(exc), deployment_id=did, topic=doc.target.topic)
             log.error("fleet.deployment_refused", deployment_id=did, error=str(exc))  # noqa: TRY400
