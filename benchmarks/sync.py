@@ -7,9 +7,12 @@ Runs a real Mosquitto on 127.0.0.1 (Debian package ``mosquitto``) and prints, in
   concurrent publishers, and through IPC ``cloud.publish`` (SDK, 64 calls in flight);
 * flush of a 100k-message backlog after an outage, batched envelope (ours) next to the peer:
   one aiomqtt QoS 1 publish per message (``envelope=raw``);
-* end-to-end latency spool-append → broker → cloud subscriber, p50/p99, paced at 500 msg/s.
+* end-to-end latency spool-append → broker → cloud subscriber, p50/p99, paced at 500 msg/s;
+* fleet deployment time for 20 devices (20 ``nucleus run`` daemons in temporary roots, artifacts over
+  HTTP): publish → every device SUCCEEDED, then a failing version → every device rolled back; the
+  peer is one device deployed with the local ``nucleus deploy`` CLI in the same run.
 
-    .venv/bin/python benchmarks/sync.py [--quick]
+    .venv/bin/python benchmarks/sync.py [--quick] [--fleet-only] [--devices N]
 """
 
 from __future__ import annotations
@@ -221,7 +224,66 @@ async def latency(d: Path, port: int, url: str, seconds: float) -> tuple[float, 
     return statistics.median(lat) * 1000, lat[int(len(lat) * 0.99)] * 1000
 
 
-async def main(quick: bool) -> None:
+async def fleet_time(d: Path, broker_url: str, devices: int) -> dict[str, float]:
+    """Seconds from `fleet deploy` to every device SUCCEEDED (and to every device rolled back)."""
+    sys.path.insert(0, str(ROOT / "tests" / "cloud_sync"))
+    from fleet_kit import COMPONENT, ArtifactServer, daemons, recipe
+
+    from cloud_sync import fleet
+    from cloud_sync.deployment_document import Target, new_document
+
+    target = Target(type="group", name="bench")
+    client = fleet.Broker(broker_url)
+    out: dict[str, float] = {}
+    with ArtifactServer(d / "artifacts") as server, daemons(d / "fleet", broker_url, devices, ["bench"]):
+        t0 = time.perf_counter()
+        status = await fleet.fleet_status(client, target)  # up, connected, subscribed: they have reported
+        while len(status.things) < devices and time.perf_counter() - t0 < 120:
+            await asyncio.sleep(0.2)
+            status = await fleet.fleet_status(client, target)
+        out["startup_s"] = time.perf_counter() - t0
+        for key, version, run, want in (("deploy_s", "1.0.0", None, "SUCCEEDED"),
+                                        ("rollback_s", "2.0.0", "exit 1", "FAILED_ROLLBACK_COMPLETE")):
+            digest = server.add(COMPONENT, version, "hello.txt", b"hello\n")
+            doc = new_document([recipe(version, digest=digest, run=run)], target=target,
+                               artifacts_base_url=server.url)
+            t0 = time.perf_counter()
+            doc = await fleet.publish(client, doc)
+            status = await fleet.fleet_status(client, target, wait_s=180, expect=devices)
+            out[key] = time.perf_counter() - t0
+            states = status.counts()
+            if states.get(want) != devices:
+                print(f"  warning: {key}: expected {devices} x {want}, got {states}")
+        # Peer: one device, local CLI (`nucleus deploy`), same component, same settle time.
+        peer = "com.example.PeerHello"
+        digest = server.add(peer, "3.0.0", "hello.txt", b"hello\n")
+        rec = recipe("3.0.0", digest=digest, name=peer)
+        folder = d / "peer"
+        (folder / "recipes").mkdir(parents=True)
+        (folder / "recipes" / rec.source).write_text(rec.text.replace("s3://fleet-bucket/hello.txt",
+                                                                      f"{server.url}/{peer}/3.0.0/hello.txt"))
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nucleus", "--root", str(d / "fleet" / "dev00"), "deploy", str(folder),
+            "--group", "peer", "--settle", "0.5", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await proc.communicate()
+        out["peer_local_deploy_s"] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"  warning: peer nucleus deploy failed: {err.decode()[-300:]}")
+    return out
+
+
+async def fleet_figures(d: Path, broker: Broker, devices: int) -> dict[str, float]:
+    f = await fleet_time(d, broker.url, devices)
+    print(f"fleet deployment, {devices} daemons on this machine (settle 0.5 s, artifact over HTTP):")
+    print(f"  daemons up and reporting     {f['startup_s']:6.1f} s")
+    print(f"  publish -> all SUCCEEDED     {f['deploy_s']:6.1f} s")
+    print(f"  failing version -> all FAILED_ROLLBACK_COMPLETE {f['rollback_s']:6.1f} s")
+    print(f"  peer: one device, local `nucleus deploy` (CLI start + deploy + settle) {f['peer_local_deploy_s']:6.1f} s")
+    return f
+
+
+async def main(quick: bool, fleet_only: bool = False, devices: int = 20) -> None:
     d = Path(tempfile.mkdtemp(prefix="syncbench"))
     broker = Broker(d)
     n_write = 20_000 if quick else 100_000
@@ -229,6 +291,9 @@ async def main(quick: bool) -> None:
     n_raw = 5_000 if quick else 20_000
     results: dict[str, object] = {}
     try:
+        if fleet_only:
+            results["fleet"] = await fleet_figures(d, broker, devices)
+            return
         print(f"spool writes, durable (fsync per group commit), {n_write} messages, 256 publishers:")
         for size in (256, 4096):
             off = await spool_rate(d, size, n_write, None)
@@ -248,14 +313,17 @@ async def main(quick: bool) -> None:
         p50, p99 = await latency(d, broker.port, broker.url, 2.0 if quick else 5.0)
         results["latency_ms"] = {"p50": p50, "p99": p99}
         print(f"end-to-end spool append -> broker -> subscriber at 500 msg/s: p50 {p50:.2f} ms  p99 {p99:.2f} ms")
-        print("fleet deployment time (20 devices): n/a (fleet deployments are not implemented yet)")
+        results["fleet"] = await fleet_figures(d, broker, devices)
     finally:
         broker.stop()
         shutil.rmtree(d, ignore_errors=True)
-    print(json.dumps(results))
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts")
-    asyncio.run(main(ap.parse_args().quick))
+    ap.add_argument("--fleet-only", action="store_true", help="only the fleet deployment figures")
+    ap.add_argument("--devices", type=int, default=20, help="fleet size (daemons on this machine)")
+    cli = ap.parse_args()
+    asyncio.run(main(cli.quick, cli.fleet_only, cli.devices))
