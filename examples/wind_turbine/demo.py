@@ -288,8 +288,11 @@ async def _story(scene: Scene) -> None:
     await until(lambda: len(watch.actions) > n_actions, 10, "the protective action to trip")
     trip = watch.actions[n_actions]
     tl.say(f"PROTECTIVE ACTION {trip['state'].upper()}: {', '.join(trip['actions'])} ({trip['reason']})")
+    trip_event = trip["event_ids"][-1] if trip.get("event_ids") else None
+    with contextlib.suppress(DemoError):  # our own copy of the event may trail the decision by a moment
+        await until(lambda: any(e["event_id"] == trip_event for e in watch.events), 2, "the tripping event")
     by_id = {e["event_id"]: e for e in watch.events}
-    last = by_id.get(trip["event_ids"][-1]) if trip.get("event_ids") else None
+    last = by_id.get(trip_event) if trip_event else None
     complete = watch.window_complete(last) if last else None
     if last is not None and complete is not None:
         to_event = (last["published_at"] - complete) * 1e3
