@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from components.anomaly.errors import FeatureSpecError
 
 StatName = Literal["mean", "std", "rms", "peak", "crest", "kurtosis", "skewness", "min", "max", "last", "trend",
-                   "zlast"]
+                   "zlast", "zseason"]
 STAT_NAMES: tuple[str, ...] = ("mean", "std", "rms", "peak", "crest", "kurtosis", "skewness", "min", "max", "last",
-                               "trend", "zlast")
+                               "trend", "zlast", "zseason")
+MIN_SEASON_DIFFS = 8  # zseason needs at least this many seasonal differences in a window
 _TINY = 1e-12
 LOG_FLOOR = 1e-6  # added to a band's energy share before log10 ("log_relative")
 
@@ -36,11 +37,15 @@ class ChannelGroup(BaseModel):
     stats: list[StatName] = Field(default_factory=list)
     bands: int = Field(default=0, ge=0, le=256)
     band_scale: Literal["relative", "log", "log_relative"] = "relative"
+    # Samples per season (e.g. one day) for "zseason"; 0 = no seasonal statistic.
+    season: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _something(self) -> ChannelGroup:
         if not self.stats and self.bands == 0:
             raise ValueError("a channel group needs stats or bands")
+        if ("zseason" in self.stats) != (self.season > 0):
+            raise ValueError("'zseason' needs season > 0 and season > 0 needs 'zseason'")
         return self
 
 
@@ -105,6 +110,16 @@ def univariate_spec(channel: str = "value") -> FeatureSpec:
                                             stats=["mean", "std", "min", "max", "last", "trend", "zlast"])])
 
 
+def surprise_spec(channel: str = "value", *, season: int = 0) -> FeatureSpec:
+    """A preset for slow univariate series judged by how surprising the newest value is: ``zlast``
+    (distance from the window's mean in the window's standard deviations: a rolling standardisation
+    that follows drift) and, with ``season`` samples per season, ``zseason`` (the same for the change
+    since one season ago, so a day that differs from the day before stands out even where the daily
+    swing dwarfs it)."""
+    stats: list[StatName] = ["zlast", "zseason"] if season else ["zlast"]
+    return FeatureSpec(groups=[ChannelGroup(channels=[channel], stats=stats, season=season)])
+
+
 @dataclass(slots=True)
 class _Group:
     rows: npt.NDArray[np.intp]  # channel rows in the window
@@ -112,6 +127,7 @@ class _Group:
     bands: int
     band_scale: str
     band_edges: npt.NDArray[np.intp]
+    season: int
 
 
 class FeatureExtractor:
@@ -135,9 +151,12 @@ class FeatureExtractor:
             if g.bands > n_bins:
                 raise FeatureSpecError(f"{g.bands} bands need at least {2 * g.bands} samples per window",
                                        field=f"groups[{gi}].bands")
+            if g.season and window < g.season + MIN_SEASON_DIFFS:
+                raise FeatureSpecError(f"season of {g.season} samples needs a window of at least "
+                                       f"{g.season + MIN_SEASON_DIFFS}", field=f"groups[{gi}].season")
             edges = np.linspace(1, n_bins + 1, g.bands + 1).astype(np.intp) if g.bands else np.zeros(0, np.intp)
             self._groups.append(_Group(np.array([index[c] for c in g.channels], dtype=np.intp), tuple(g.stats),
-                                       g.bands, g.band_scale, edges))
+                                       g.bands, g.band_scale, edges, g.season))
         self._taper = np.hanning(window)
         t = np.arange(window, dtype=np.float64) - (window - 1) / 2.0
         self._t = t
@@ -197,6 +216,11 @@ class FeatureExtractor:
                     v = x[..., r, -1]
                 elif s == "trend":  # least-squares change across the window, in signal units
                     v = (d[..., r, :] @ self._t) / self._tt * (self.window - 1)
+                elif s == "zseason":  # zlast of the seasonal differences x[t] - x[t - season] in the window
+                    ds = x[..., r, g.season:] - x[..., r, : -g.season]
+                    dd = ds - ds.mean(axis=-1, keepdims=True)
+                    sd = np.sqrt((dd * dd).mean(axis=-1))
+                    v = np.where(sd > _TINY, dd[..., -1] / np.where(sd > _TINY, sd, 1.0), 0.0)
                 else:  # zlast: how unusual the newest sample is within its own window
                     v = np.where(std[..., r] > _TINY, d[..., r, -1] / np.where(std[..., r] > _TINY, std[..., r], 1.0),
                                  0.0)

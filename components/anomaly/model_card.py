@@ -63,6 +63,26 @@ class ScoreScale(_Strict):
     max: float
 
 
+class AlarmSpec(_Strict):
+    """How scores become alarms (``components/anomaly/alarm.py``). Absent from older cards, which
+    therefore keep the plain threshold with no hold-off.
+
+    ``likelihood``: alarm when the tail probability of the averaged score, under a normal fitted
+    online to the detector's recent averaged scores, falls below ``tail_probability``; ``prior_mean``
+    and ``prior_std`` are that normal fitted on the builder's held-out (calibration) windows, used
+    until the detector has ``estimation_windows`` of its own."""
+
+    mode: Literal["threshold", "likelihood"] = "threshold"
+    holdoff_windows: int = Field(default=0, ge=0)
+    tail_probability: float = Field(default=1e-5, gt=0, lt=1)
+    averaging_windows: int = Field(default=10, ge=1)
+    history_windows: int = Field(default=8640, ge=1)
+    estimation_windows: int = Field(default=100, ge=1)
+    reestimation_windows: int = Field(default=100, ge=1)
+    prior_mean: float = 0.0
+    prior_std: float = Field(default=1.0, gt=0)
+
+
 class FeatureStats(_Strict):
     """Training mean and spread per feature (for contributions when the model gives none)."""
 
@@ -100,6 +120,7 @@ class ModelCard(_Strict):
     score_scale: ScoreScale
     training: TrainingSummary
     metrics: dict[str, float] = Field(default_factory=dict)
+    alarm: AlarmSpec = Field(default_factory=AlarmSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

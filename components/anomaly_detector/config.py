@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -30,3 +32,8 @@ class DetectorConfig(BaseModel):
     capture_include_window: bool = Field(False, alias="captureIncludeWindow")
     # After a model is loaded: trim the heap and page out library code only loading used (memory.py).
     release_memory_after_load: bool = Field(True, alias="releaseMemoryAfterLoad")
+    # Alarm policy (components/anomaly/alarm.py): None = as the model card says (older cards: the plain
+    # threshold, no hold-off). Overrides apply to every model this detector loads.
+    alarm_mode: Literal["threshold", "likelihood"] | None = Field(None, alias="alarmMode")
+    alarm_holdoff_windows: int | None = Field(None, ge=0, alias="alarmHoldoffWindows")
+    alarm_tail_probability: float | None = Field(None, gt=0, lt=1, alias="alarmTailProbability")

@@ -18,6 +18,7 @@ import onnxruntime as ort  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from components.anomaly import signing
+from components.anomaly.alarm import AlarmMode, AlarmParams
 from components.anomaly.errors import AnomalyError, ModelCardError, ModelLoadError
 from components.anomaly.features import FeatureExtractor, channel_of
 from components.anomaly.model_card import CARD_FILE, MODEL_FILE, ModelCard, parse_card
@@ -52,6 +53,17 @@ class LoadedModel:
         channels = [channel_of(n) for n in card.feature_names]
         self.channel_names = list(dict.fromkeys(channels))
         self._channel_index = np.array([self.channel_names.index(c) for c in channels], dtype=np.intp)
+
+    def alarm_params(self, *, mode: AlarmMode | None = None, holdoff_windows: int | None = None,
+                     tail_probability: float | None = None) -> AlarmParams:
+        """The card's alarm policy with the detector configuration's overrides (None = the card's)."""
+        a = self.card.alarm
+        return AlarmParams(mode=mode or a.mode, threshold=self.threshold,
+                           holdoff_windows=a.holdoff_windows if holdoff_windows is None else holdoff_windows,
+                           tail_probability=tail_probability or a.tail_probability,
+                           averaging_windows=a.averaging_windows, history_windows=a.history_windows,
+                           estimation_windows=a.estimation_windows, reestimation_windows=a.reestimation_windows,
+                           prior_mean=a.prior_mean, prior_std=a.prior_std)
 
     def describe(self) -> dict[str, str]:
         return {"component": self.component, "version": self.version, "kind": self.card.kind}

@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 
 from components.anomaly import signing
+from components.anomaly.alarm import AlarmState
 from components.anomaly.announce import topic_for
 from components.anomaly.errors import AnomalyError
 from components.anomaly_detector import memory
@@ -59,6 +60,9 @@ class Detector:
         self.config = config
         self.model: LoadedModel | None = None
         self.windowers: dict[str, Windower] = {}
+        # Per asset, the alarm state of the model it belongs to (a new model's scores start a new estimate).
+        self.alarms: dict[str, tuple[LoadedModel, AlarmState]] = {}
+        self.alarms_raised = 0
         self.skipped: Counter[str] = Counter()  # counts not tied to an asset's windower
         self.windows_scored = 0
         self.anomalies = 0
@@ -164,18 +168,21 @@ class Detector:
                 self.skipped["nonfinite_features"] += 1
                 continue
             score = float(scored.scores[i])
-            is_anomaly = score >= model.threshold
+            decision = self._alarm_state(p.asset, model).update(score)
+            is_anomaly = decision.is_anomaly
             confidence = model.card.confidence(score)
             event = {
                 "event_id": str(uuid.uuid4()), "asset": p.asset, "ts": now,
                 "window": {"seq_first": p.window.seq_first, "seq_last": p.window.seq_last, "t_end": p.window.t_end},
                 "score": score, "threshold": model.threshold, "is_anomaly": is_anomaly, "confidence": confidence,
+                "alarm": decision.alarm, "tail_probability": decision.tail,
                 "contributions": model.top(scored.shares[i], self.config.top_contributors),
                 "model": model.describe(), "published_at": time.time(),
             }
             await self.client.publish(f"{self.config.anomaly_topic_prefix}/{p.asset}", event)
             self.windows_scored += 1
             self.anomalies += int(is_anomaly)
+            self.alarms_raised += int(decision.alarm)
             self.lag_s = now - p.window.t_end
             kind = self.capture.decide(is_anomaly=is_anomaly, confidence=confidence, now=now)
             if kind is not None:
@@ -187,6 +194,14 @@ class Detector:
                     sample["window"] = p.window.data
                 await self.client.publish(f"{self.config.retraining_topic_prefix}/{p.asset}", sample)
                 self.captured += 1
+
+    def _alarm_state(self, asset: str, model: LoadedModel) -> AlarmState:
+        held = self.alarms.get(asset)
+        if held is None or held[0] is not model:
+            c = self.config
+            held = self.alarms[asset] = (model, AlarmState(model.alarm_params(
+                mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows, tail_probability=c.alarm_tail_probability)))
+        return held[1]
 
     # --- models ------------------------------------------------------------------------------
     async def _announcements(self) -> None:
@@ -206,7 +221,11 @@ class Detector:
                         log.error("detector.config_invalid", error=str(exc)[:300])  # noqa: TRY400
                         continue
                     self._trusted = self._trusted_keys(new)
-                    self.config = self.config.model_copy(update={"trusted_keys": new.trusted_keys})
+                    alarm_keys = {"alarm_mode": new.alarm_mode, "alarm_holdoff_windows": new.alarm_holdoff_windows,
+                                  "alarm_tail_probability": new.alarm_tail_probability}
+                    if any(getattr(self.config, k) != v for k, v in alarm_keys.items()):
+                        self.alarms.clear()  # the next window starts each asset's alarm state under the new policy
+                    self.config = self.config.model_copy(update={"trusted_keys": new.trusted_keys, **alarm_keys})
                     self.rejected.clear()  # a newly trusted key may make a rejected model good
                     self._check_models.set()
 
@@ -279,7 +298,8 @@ class Detector:
         m = self.model
         return {"ts": time.time(), "ready": m is not None, "model_component": self.config.model_component,
                 "model_version": m.version if m else None, "model_key_id": m.key_id if m else None,
-                "windows": self.windows_scored, "anomalies": self.anomalies, "captured": self.captured,
+                "windows": self.windows_scored, "anomalies": self.anomalies, "alarms": self.alarms_raised,
+                "captured": self.captured,
                 "skipped": dict(skipped), "lag_s": self.lag_s, "pending": self.queue.qsize(),
                 "assets": sorted(self.windowers), "model_rejected": self.last_rejection}
 

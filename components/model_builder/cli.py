@@ -13,7 +13,14 @@ from pathlib import Path
 
 from components.anomaly import signing
 from components.anomaly.errors import AnomalyError, TrainingError
-from components.anomaly.features import FeatureExtractor, FeatureSpec, default_spec, spectral_spec, univariate_spec
+from components.anomaly.features import (
+    FeatureExtractor,
+    FeatureSpec,
+    default_spec,
+    spectral_spec,
+    surprise_spec,
+    univariate_spec,
+)
 from components.anomaly.model_card import load_card
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
@@ -38,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=1024, help="window length in samples")
     b.add_argument("--hop", type=int, default=256, help="samples between window starts")
     b.add_argument("--features", default="vibration",
-                   help="feature preset (vibration, spectral, univariate) or a JSON feature-spec file")
+                   help="feature preset (vibration, spectral, univariate, surprise) or a JSON feature-spec file")
     b.add_argument("--bands", type=int, default=None,
                    help="spectral bands per fast channel (vibration preset: 8, spectral preset: 16)")
     b.add_argument("--slow-channels", default="temp", help="channels given level+trend only (vibration preset)")
@@ -47,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--margin", type=float, default=1.0, help="threshold multiplier")
     b.add_argument("--spread-margin", type=float, default=None,
                    help="threshold = median + K * (quantile - median) of held-out scores, before --margin")
+    b.add_argument("--alarm", choices=["threshold", "likelihood"], default="threshold",
+                   help="how the detector turns scores into alarms: the fixed threshold, or the tail probability of "
+                   "the averaged score under a normal fitted online to recent scores (docs/anomaly.md)")
+    b.add_argument("--tail-probability", type=float, default=1e-5,
+                   help="alarm level for --alarm likelihood (nupic's red zone: 1e-5)")
+    b.add_argument("--holdoff-windows", type=int, default=0,
+                   help="after an alarm, no new alarm for this many windows (0 = none)")
+    b.add_argument("--averaging-windows", type=int, default=10, help="likelihood: scores averaged (nupic: 10)")
+    b.add_argument("--history-windows", type=int, default=8640,
+                   help="likelihood: averaged scores the online normal is fitted to (nupic: 8640)")
+    b.add_argument("--season-samples", type=int, default=0,
+                   help="surprise preset: samples per season (e.g. one day) for the zseason feature; 0 = none")
     b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--n-estimators", type=int, default=100)
@@ -74,6 +93,10 @@ def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
         if len(channels) != 1:
             raise TrainingError(f"the univariate preset needs one channel, have {channels}", field="features")
         return univariate_spec(channels[0])
+    if args.features == "surprise":
+        if len(channels) != 1:
+            raise TrainingError(f"the surprise preset needs one channel, have {channels}", field="features")
+        return surprise_spec(channels[0], season=args.season_samples)
     path = Path(args.features)
     try:
         return FeatureSpec.model_validate_json(path.read_bytes())
@@ -103,7 +126,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          margin=args.margin, spread_margin=args.spread_margin,
                          calibration_fraction=args.calibration_fraction, seed=args.seed,
                          n_estimators=args.n_estimators, max_samples=args.max_samples, pca_variance=args.pca_variance,
-                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None)
+                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None,
+                         alarm_mode=args.alarm, tail_probability=args.tail_probability,
+                         holdoff_windows=args.holdoff_windows, averaging_windows=args.averaging_windows,
+                         history_windows=args.history_windows)
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
     card = make_card(model, component=args.name, version=args.version, channels=dataset.channels, spec=spec,

@@ -21,8 +21,9 @@ from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
 from sklearn.neural_network import MLPRegressor  # type: ignore[import-untyped]
 
+from components.anomaly.alarm import AlarmMode, moving_average
 from components.anomaly.errors import TrainingError
-from components.anomaly.model_card import FeatureStats, ModelKind, OnnxIO, ScoreScale, Threshold
+from components.anomaly.model_card import AlarmSpec, FeatureStats, ModelKind, OnnxIO, ScoreScale, Threshold
 from components.model_builder import onnx_export
 
 Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
@@ -45,6 +46,14 @@ class TrainParams:
     hidden: tuple[int, ...] | None = None
     max_iter: int = 400
     tolerance: float = 1e-3
+    # Alarm policy written to the card (components/anomaly/alarm.py); defaults keep the plain threshold.
+    alarm_mode: AlarmMode = "threshold"
+    holdoff_windows: int = 0
+    tail_probability: float = 1e-5
+    averaging_windows: int = 10
+    history_windows: int = 8640
+    estimation_windows: int = 100
+    reestimation_windows: int = 100
 
     def summary(self) -> dict[str, Any]:
         base: dict[str, Any] = {"kind": self.kind, "calibration_fraction": self.calibration_fraction}
@@ -68,6 +77,7 @@ class TrainedModel:
     metrics: dict[str, float]
     fit_windows: int
     calibration_windows: int
+    alarm: AlarmSpec
     reference: Scorer  # scikit-learn's score, for the export check and the benchmark
     estimator: Any
     params: TrainParams
@@ -176,6 +186,13 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
     agree = float(np.mean((ours >= threshold) == (theirs >= threshold)))
     mean, std = features[: n - n_cal].astype(np.float64).mean(axis=0), fit.astype(np.float64).std(axis=0)
     outputs = [o.name for o in proto.graph.output]
+    # The likelihood's prior: a normal fitted to the held-out scores averaged as the detector will average them.
+    averaged = moving_average(cal_scores, params.averaging_windows)
+    alarm = AlarmSpec(mode=params.alarm_mode, holdoff_windows=params.holdoff_windows,
+                      tail_probability=params.tail_probability, averaging_windows=params.averaging_windows,
+                      history_windows=params.history_windows, estimation_windows=params.estimation_windows,
+                      reestimation_windows=params.reestimation_windows, prior_mean=float(averaged.mean()),
+                      prior_std=max(float(averaged.std()), 1e-9))
     return TrainedModel(
         kind=params.kind, proto=proto,
         onnx_io=OnnxIO(n_features=features.shape[1], opset=onnx_export.OPSET, nodes=len(proto.graph.node),
@@ -189,6 +206,6 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                  "calibration_alarm_fraction": float(np.mean(cal_scores >= threshold)),
                  "fit_seconds": fit_seconds, "onnx_nodes": float(len(proto.graph.node)),
                  "onnx_bytes": float(proto.ByteSize())},
-        fit_windows=len(fit), calibration_windows=len(cal), reference=reference, estimator=estimator,
+        alarm=alarm, fit_windows=len(fit), calibration_windows=len(cal), reference=reference, estimator=estimator,
         params=params, calibration_scores=cal_scores,
     )

@@ -259,6 +259,8 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
             await bus.until(lambda: len(bus.events) >= expected_windows(30), 30, "faulty windows scored")
             faulty_events = [e for e in bus.events if e["window"]["seq_first"] >= 20]
             assert faulty_events and all(e["is_anomaly"] for e in faulty_events)
+            # A card without an alarm section keeps the plain threshold: every anomalous window is an alarm.
+            assert all(e["alarm"] == e["is_anomaly"] and e["tail_probability"] is None for e in bus.events)
             assert next(iter(faulty_events[-1]["contributions"]["channels"])) == "vib_x"
             e = faulty_events[-1]
             assert e["model"] == {"component": NAME, "version": "1.0.0", "kind": "isolation_forest"}
