@@ -259,15 +259,18 @@ class Daemon:
             # Second signal: give up on an orderly stop.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda: os._exit(1))
-            await server.close()
-            if gg_server is not None:
-                await gg_server.close()
+            # Deployments stop first, then the components (reverse dependency order) while their
+            # IPC connections still work, so they shut down cleanly instead of seeing the bus vanish;
+            # only then do the sockets close.
             engine_task.cancel()
             stop_task.cancel()
             trim_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await engine_task
             await orchestrator.close()
+            await server.close()
+            if gg_server is not None:
+                await gg_server.close()
             await cloud.close()  # PUBACKs in flight get flush_timeout_s; the spool is committed and closed
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sync_task
