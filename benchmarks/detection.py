@@ -3,7 +3,11 @@
 1. NAB realKnownCause subset (7 files, 19 windows), standard profile, NAB's scoring rules
    (earliest detection per window, scaled sigmoid, FP weight 0.11, probationary rows unscored) and
    the subset normalisation of ../shared/data/nab/README.md, printed next to the published anchors.
-   Per file: an IsolationForest on univariate window features, trained ONLY on the probationary
+   First (run_nab_stream, the headline): every row streamed in order through the detector's own
+   Windower -> LoadedModel.score -> AlarmState (likelihood alarm), model and card from the builder,
+   trained on the probationary rows only; all parameters fixed before the first scored run.
+   Then the earlier fixed-threshold setups for comparison. Per file: an IsolationForest on univariate
+   window features, trained ONLY on the probationary
    rows (which NAB leaves to the detector to learn from; no label is used). Threshold = quantile of
    held-out probationary scores (builder default). The anchors used thresholds NAB swept over the
    whole corpus WITH the labels; we also print what the same sweep gives us, marked as label-tuned.

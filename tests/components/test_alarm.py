@@ -4,6 +4,7 @@ unchanged, the likelihood follows the recent score distribution, and an event ra
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,41 @@ def test_builder_writes_the_likelihood_prior_from_held_out_scores() -> None:
     averaged = moving_average(m.calibration_scores, 10)
     assert m.alarm.mode == "likelihood" and m.alarm.holdoff_windows == 7 and m.alarm.tail_probability == 1e-4
     assert m.alarm.prior_mean == pytest.approx(averaged.mean()) and m.alarm.prior_std == pytest.approx(averaged.std())
+
+
+def test_cli_writes_the_alarm_policy_and_the_detector_applies_it_with_overrides(tmp_path: Path) -> None:
+    from components.anomaly import signing
+    from components.anomaly.model_card import load_card
+    from components.anomaly_detector.scoring import load_model
+    from components.model_builder.cli import main
+
+    rng = np.random.default_rng(4)
+    v = 10 + np.sin(2 * np.pi * np.arange(3000) / 24) + 0.1 * rng.standard_normal(3000)
+    data = tmp_path / "series.csv"
+    data.write_text("value\n" + "\n".join(f"{x:.5f}" for x in v) + "\n")
+    out = tmp_path / "out"
+    assert main(["build", "--data", str(data), "--out", str(out), "--window", "64", "--hop", "1", "--rate-hz", "1",
+                 "--kind", "pca", "--features", "surprise", "--season-samples", "24", "--alarm", "likelihood",
+                 "--holdoff-windows", "64", "--json"]) == 0
+    model_dir = out / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0"
+    card = load_card(model_dir / "model_card.json")
+    assert card.feature_names == ["value.zlast", "value.zseason"] and card.features.groups[0].season == 24
+    assert card.alarm.mode == "likelihood" and card.alarm.holdoff_windows == 64 and card.alarm.prior_std > 0
+    pub = (out / "keys" / "model-signing.key.pub").read_text().strip()
+    m = load_model(model_dir, component="com.nucleus.TurbineModel", version="1.0.0",
+                   trusted=signing.trusted_key_map([pub]))
+    p = m.alarm_params()
+    assert (p.mode, p.holdoff_windows, p.tail_probability, p.prior_mean) == ("likelihood", 64, 1e-5,
+                                                                             card.alarm.prior_mean)
+    o = m.alarm_params(mode="threshold", holdoff_windows=0, tail_probability=1e-3)
+    assert (o.mode, o.holdoff_windows, o.tail_probability, o.threshold) == ("threshold", 0, 1e-3, m.threshold)
+    # The detector's path on the training series itself: windows -> score -> alarm state, few alarms.
+    windows = np.lib.stride_tricks.sliding_window_view(v.astype(np.float32), 64)[:, None, :]
+    scores = m.score(windows).scores
+    _, alarms = run(AlarmState(p), scores)
+    assert alarms.sum() <= 3
+    spiked = v.copy()
+    spiked[2000] += 5.0
+    _, alarms = run(AlarmState(p), m.score(np.lib.stride_tricks.sliding_window_view(
+        spiked.astype(np.float32), 64)[:, None, :]).scores)
+    assert alarms[2000 - 63: 2000 - 63 + 10].any()  # the window ending at the spike, or within the averaging
