@@ -65,10 +65,16 @@ def encode(value: Any) -> bytes:
 
 def decode(data: bytes | memoryview) -> Any:
     """Decode bus data back to a value; arrays decoded from a frame are read-only views."""
-    if data and 0xC4 <= data[0] <= 0xC6:  # bytes payload: skip the msgpack call
-        raw = encoded_bytes(bytes(data) if type(data) is memoryview else data)
-        if raw is not None and len(raw) == int.from_bytes(data[1:1 + (1 << (data[0] - 0xC4))], "big"):
-            return raw
+    if type(data) is bytes and data:
+        # bytes payloads (bin 8/16 spanning exactly the data) skip the msgpack call and its options;
+        # this is the per-message cost of every subscriber that sends raw bytes
+        marker = data[0]
+        n = len(data)
+        if marker == 0xC4:
+            if n >= 2 and data[1] + 2 == n:
+                return data[2:]
+        elif marker == 0xC5 and n >= 3 and (data[1] << 8 | data[2]) + 3 == n:
+            return data[3:]
     try:
         return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -66,3 +66,14 @@ def test_server_side_modules_do_not_import_numpy() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bytes_fast_path_agrees_with_msgpack_and_refuses_bad_lengths() -> None:
+    for size in (0, 1, 255, 256, 65535, 65536, 70000):
+        b = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        data = codec.encode(b)
+        assert codec.decode(data) == b and codec.decode(memoryview(data)) == b
+        assert type(codec.decode(memoryview(data))) is bytes
+    for bad in (b"\xc4\x05ab", b"\xc4\x01ab", b"\xc5\x01\x00a", b"\xc4"):  # short, trailing, short, headless
+        with pytest.raises(InvalidArguments):
+            codec.decode(bad)
