@@ -62,6 +62,12 @@ class Sink(Protocol):
 
 @dataclass(slots=True, eq=False)
 class Subscription:
+    """One subscriber's filter, policy and bounded queue.
+
+    ``front`` belongs to the front end whose sink this is (the native server keeps its credit,
+    cached frame head and open batch there), so the per-delivery path needs no lookup by id.
+    """
+
     id: int
     filter: str
     sink: Sink
@@ -69,6 +75,7 @@ class Subscription:
     policy: Policy
     owner: Any = None
     max_bytes: int = 4 * 1024 * 1024
+    front: Any = None
     queued_bytes: int = 0
     queue: deque[BusMessage] = field(default_factory=deque)
     dropped: int = 0
@@ -88,6 +95,31 @@ class Subscription:
         if self._room and len(self.queue) <= self.queue_size // 2 and self.queued_bytes <= self.max_bytes // 2:
             self._wake_room()  # hysteresis: a blocked publisher resumes for half a queue, not one message
         return msg, dropped
+
+    def take_many(self, limit: int, max_bytes: int) -> tuple[list[BusMessage], int]:
+        """Pop up to ``limit`` queued messages, stopping once ``max_bytes`` of data are taken (at
+        least one is), with the count dropped before the first; a batch costs one call, not one each.
+        """
+        q = self.queue
+        k = min(limit, len(q))
+        if k <= 0:
+            return [], 0
+        popleft = q.popleft
+        msgs: list[BusMessage] = []
+        append = msgs.append
+        nbytes = 0
+        for _ in range(k):
+            msg = popleft()
+            append(msg)
+            nbytes += len(msg.data)
+            if nbytes >= max_bytes:
+                break
+        self.queued_bytes -= nbytes
+        dropped, self.dropped = self.dropped, 0
+        self.delivered += len(msgs)
+        if self._room and len(q) <= self.queue_size // 2 and self.queued_bytes <= self.max_bytes // 2:
+            self._wake_room()
+        return msgs, dropped
 
     def has_room(self) -> bool:
         return self.closed or (len(self.queue) < self.queue_size and self.queued_bytes < self.max_bytes)

@@ -10,6 +10,9 @@ Design choices a component author can rely on:
   unsubscribes. Each has a bounded local queue with the same policy as the server side
   (``drop_oldest``: the oldest is dropped and counted into the next message's ``dropped``;
   ``block``: the connection stops reading, so back-pressure reaches the publisher).
+* Where the server offers it (WELCOME ``features``), deliveries arrive in batches (MESSAGES) and
+  runs of pipelined publishes to one topic leave as one PUBLISH_MANY frame: a message then costs
+  this process a list item and a :class:`Message`, not a frame. Nothing changes for the caller.
 * Failures raise the :mod:`ipc.errors` subclass matching the server's stable code.
 """
 
@@ -38,9 +41,11 @@ log = structlog.get_logger("ipc.client")
 
 DEFAULT_MAX_FRAME = P.DEFAULT_MAX_FRAME
 _FLUSH_AT = 64 * 1024
+_RUN_ITEM_MAX = 16 * 1024  # larger payloads leave as their own PUBLISH (no batching gain, bounded frames)
 _CONFIRMED_MAX = 10_000
 _NO_PAYLOAD: Any = object()
 _HDR = P.HEADER.pack
+_decode = codec.decode
 T = TypeVar("T")
 
 
@@ -62,9 +67,10 @@ class Message:
 
     @property
     def payload(self) -> Any:
-        if self._payload is _NO_PAYLOAD:
-            self._payload = codec.decode(self.data)
-        return self._payload
+        p = self._payload
+        if p is _NO_PAYLOAD:
+            p = self._payload = _decode(self.data)
+        return p
 
     @property
     def raw(self) -> bytes | None:
@@ -131,6 +137,18 @@ class _Feed:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def push_many(self, items: list[Any]) -> None:
+        """A batch from one frame: appended at once, one wake-up for the consumer."""
+        q = self.q
+        if len(q) + len(items) <= self.queue_size:
+            q.extend(items)
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+        else:
+            for item in items:  # over the bound: the per-item policy decides
+                self.push(item)
+
     def end(self, error: BaseException | None = None) -> None:
         self.ended = True
         if error is not None and self.error is None:
@@ -144,6 +162,23 @@ class _Feed:
 
     async def __anext__(self) -> Any:
         q = self.q
+        if not q:
+            await self._wait()
+        item = q.popleft()
+        if self.sid:
+            c = self.consumed + 1
+            if c * 2 >= self.queue_size and not self.ended:
+                self._client._grant(self.sid, c)
+                c = 0
+            self.consumed = c
+        elif self.throttled and len(q) <= self.queue_size // 2:
+            self.throttled = False
+            self._client._throttle(-1)
+        return item
+
+    async def _wait(self) -> None:
+        """The slow path: only an empty queue creates a future and suspends."""
+        q = self.q
         while not q:
             if self.ended:
                 if self.error is not None:
@@ -154,16 +189,6 @@ class _Feed:
                 await self._waiter
             finally:
                 self._waiter = None
-        item = q.popleft()
-        if self.sid:
-            self.consumed += 1
-            if self.consumed * 2 >= self.queue_size and not self.ended:
-                self._client._grant(self.sid, self.consumed)
-                self.consumed = 0
-        elif self.throttled and len(q) <= self.queue_size // 2:
-            self.throttled = False
-            self._client._throttle(-1)
-        return item
 
 
 class _Protocol(asyncio.Protocol):
@@ -210,6 +235,11 @@ class Client:
         self._pipeline_error: IpcError | None = None
         self._confirmed: set[str] = set()
         self._topics: dict[str, bytes] = {}
+        self._batch = False  # the server accepts PUBLISH_MANY and sends MESSAGES (WELCOME features)
+        self._run_topic: str | None = None  # the open PUBLISH_MANY run: its topic, items and size
+        self._run: list[bytes] = []
+        self._run_n = 0
+        self._run_size = 0
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -279,18 +309,34 @@ class Client:
         return self._transport is not None and self._closed_error is None and not self._transport.is_closing()
 
     # --- protocol callbacks --------------------------------------------------------------------------
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self._closed_error = exc
+        if self._transport is not None:
+            self._transport.close()
+
     def _on_data(self, data: bytes) -> None:
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
-            self._closed_error = exc
-            if self._transport is not None:
-                self._transport.close()
+            self._protocol_error(exc)
             return
         feeds = self._feeds
         for f in frames:
             t = f[0]
-            if t == P.MESSAGE:
+            if t == P.MESSAGES:
+                feed = feeds.get(f[1])
+                items = f[3]
+                if type(items) is not list or len(items) % P.MESSAGES_FIELDS:
+                    self._protocol_error(ProtocolError("MESSAGES items are not reply_to, sender, topic, data"))
+                    return
+                if feed is not None and items:
+                    it = iter(items)
+                    batch = [Message(topic, data_, 0, reply_to, sender, self)
+                             for reply_to, sender, topic, data_ in zip(it, it, it, it, strict=True)]
+                    if f[2]:
+                        batch[0].dropped = f[2]
+                    feed.push_many(batch)
+            elif t == P.MESSAGE:
                 _, sid, dropped, reply_to, sender, topic, data_ = f
                 feed = feeds.get(sid)
                 if feed is not None:
@@ -313,6 +359,8 @@ class Client:
             elif t == P.WELCOME:
                 self.principal = f[2]
                 self.server_limits = f[3] if isinstance(f[3], dict) else {}
+                features = self.server_limits.get("features")
+                self._batch = isinstance(features, list) and P.FEATURE_BATCH in features
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(None)
 
@@ -381,6 +429,8 @@ class Client:
             raise ConnectionClosed("not connected; use 'async with Client(...)' or await connect()")
 
     def _write(self, frame: bytes) -> None:
+        if self._run_n:
+            self._close_run()  # frames leave in the order they were written
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= _FLUSH_AT:
@@ -392,6 +442,8 @@ class Client:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._run_n:
+            self._close_run()
         out = self._out
         if not out:
             return
@@ -434,10 +486,35 @@ class Client:
         if type(payload) is bytes:
             # the payload goes to the output list as is: copied once, when the batch is joined
             inner = P.bin_header(len(payload))
-            self._append_publish(topic, inner, len(inner) + len(payload), payload)
+            size = len(inner) + len(payload)
+            if self._batch and size <= _RUN_ITEM_MAX:
+                if topic != self._run_topic:
+                    if self._run_n:
+                        self._close_run()
+                    self._run_topic = topic
+                item = P.bin_header(size) + inner
+                run = self._run
+                run.append(item)
+                run.append(payload)
+                self._run_n += 1
+                self._run_size += len(item) + len(payload)
+                self._out_bytes += size + 4
+            else:
+                self._append_publish(topic, inner, size, payload)
         else:
             data = codec.encode(payload)
-            self._append_publish(topic, data, len(data), None)
+            if self._batch and len(data) <= _RUN_ITEM_MAX:
+                if topic != self._run_topic:
+                    if self._run_n:
+                        self._close_run()
+                    self._run_topic = topic
+                item = P.bin_header(len(data)) + data
+                self._run.append(item)
+                self._run_n += 1
+                self._run_size += len(item)
+                self._out_bytes += len(item)
+            else:
+                self._append_publish(topic, data, len(data), None)
         if self._out_bytes >= _FLUSH_AT:
             self._flush()
             if not self._can_write.is_set():
@@ -448,14 +525,36 @@ class Client:
             assert self._loop is not None
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _append_publish(self, topic: str, data: bytes, size: int, more: bytes | None) -> None:
-        """An unconfirmed PUBLISH whose data is ``data`` (+ ``more``), ``size`` bytes in all."""
+    def _close_run(self) -> None:
+        """The open run of pipelined publishes to one topic goes out: PUBLISH_MANY, or PUBLISH for one."""
+        topic = self._run_topic
+        assert topic is not None
+        run = self._run
+        out = self._out
+        if self._run_n == 1:
+            tp = self._topic_head(topic)
+            out.append(_HDR(len(tp) + self._run_size) + tp)
+        else:
+            out.append(P.publish_many_head(topic, self._run_n, self._run_size))
+        out.extend(run)
+        run.clear()
+        self._run_n = self._run_size = 0
+        self._run_topic = None
+
+    def _topic_head(self, topic: str) -> bytes:
+        """``[9, 0, topic`` of an unconfirmed PUBLISH, cached per topic."""
         tp = self._topics.get(topic)
         if tp is None:
             if len(self._topics) >= _CONFIRMED_MAX:
                 self._topics.clear()
             tp = self._topics[topic] = b"\x94\x09\x00" + P.encode_value(topic)
-        head = tp + P.bin_header(size)
+        return tp
+
+    def _append_publish(self, topic: str, data: bytes, size: int, more: bytes | None) -> None:
+        """An unconfirmed PUBLISH whose data is ``data`` (+ ``more``), ``size`` bytes in all."""
+        if self._run_n:
+            self._close_run()
+        head = self._topic_head(topic) + P.bin_header(size)
         out = self._out
         out.append(_HDR(len(head) + size) + head + data)
         if more is not None:
@@ -472,9 +571,11 @@ class Client:
         feed = _Feed(self, queue_size, policy, rid)
         self._feeds[rid] = feed
         try:
-            await self._roundtrip(rid, P.request(rid, "pubsub.subscribe",
-                                                 {"filter": topic_filter, "queue_size": queue_size,
-                                                  "policy": policy, "credit": queue_size}), None)
+            args: dict[str, Any] = {"filter": topic_filter, "queue_size": queue_size, "policy": policy,
+                                    "credit": queue_size}
+            if self._batch:
+                args["batch"] = True
+            await self._roundtrip(rid, P.request(rid, "pubsub.subscribe", args), None)
         except BaseException:
             self._feeds.pop(rid, None)
             raise

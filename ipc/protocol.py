@@ -8,6 +8,12 @@ Speed notes. Frames are lists, not objects, because the hot paths (PUBLISH in, M
 few hundred thousand times a second. A MESSAGE is built from a per-message *tail* (reply_to,
 sender, topic, data) packed once per publish and a per-subscriber *head* spliced in front — msgpack
 arrays are just a count followed by the elements, so concatenation is a valid encoding.
+
+Batches (additive to version 1, each side opts in, see docs/ipc-protocol.md): MESSAGES carries
+several deliveries of one subscription in one frame and PUBLISH_MANY several publishes to one
+topic, so the per-frame costs (prefix, dispatch, a Python call per frame on both sides) are paid
+once per batch. MESSAGES is the same spliced tails laid end to end in a flat array, so the server
+builds it without re-encoding anything.
 """
 
 from __future__ import annotations
@@ -37,12 +43,22 @@ class FrameType(IntEnum):
     PUBLISH = 9      # [9, id (0 = unconfirmed), topic, data(bin)]
     MESSAGE = 10     # [10, sub_id, dropped, reply_to|nil, sender|nil, topic, data(bin)]
     CREDIT = 11      # [11, sub_id, n]: the client may take n more MESSAGEs on that subscription
+    MESSAGES = 12    # [12, sub_id, dropped, [reply_to, sender, topic, data, reply_to, ...]]
+    PUBLISH_MANY = 13  # [13, topic, [data, data, ...]]: unconfirmed publishes to one topic
 
 
 HELLO, WELCOME, REQUEST, RESPONSE, ERROR = 1, 2, 3, 4, 5
 STREAM_ITEM, STREAM_END, CANCEL, PUBLISH, MESSAGE, CREDIT = 6, 7, 8, 9, 10, 11
+MESSAGES, PUBLISH_MANY = 12, 13
 
-ARITY: dict[int, int] = {1: 4, 2: 4, 3: 4, 4: 3, 5: 5, 6: 3, 7: 3, 8: 2, 9: 4, 10: 7, 11: 3}
+ARITY: dict[int, int] = {1: 4, 2: 4, 3: 4, 4: 3, 5: 5, 6: 3, 7: 3, 8: 2, 9: 4, 10: 7, 11: 3, 12: 4, 13: 3}
+
+FEATURE_BATCH = "batch"
+"""WELCOME ``limits["features"]`` entry: the server accepts PUBLISH_MANY and sends MESSAGES to
+subscriptions opened with ``"batch": true``. Peers without it keep speaking plain version 1."""
+FEATURES: tuple[str, ...] = (FEATURE_BATCH,)
+MESSAGES_FIELDS = 4
+"""Each delivery in a MESSAGES frame is ``reply_to, sender, topic, data`` (flat, no inner array)."""
 
 Frame = list[Any]
 """A decoded frame: ``[type, *fields]`` with the type's arity already checked."""
@@ -136,6 +152,42 @@ def message_head(sub_id: int) -> bytes:
 def message(sub_id: int, dropped: int, tail: bytes, head: bytes | None = None) -> bytes:
     h = (head or message_head(sub_id)) + (_pack(dropped) if dropped else b"\x00")
     return _pack_hdr(len(h) + len(tail)) + h + tail
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack array header for ``n`` elements (fixarray, array 16 or array 32)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def messages_head(sub_id: int, dropped: int, count: int, size: int) -> bytes:
+    """Length prefix and ``[12, sub_id, dropped, [`` for ``count`` deliveries whose tails total ``size``.
+
+    The tails (``message_tail`` of each delivery) follow as they are: a MESSAGES frame is the
+    head and then the spliced tails, nothing is re-encoded.
+    """
+    h = b"\x94\x0c" + _pack(sub_id) + _pack(dropped) + array_header(MESSAGES_FIELDS * count)
+    return _pack_hdr(len(h) + size) + h
+
+
+def messages(sub_id: int, dropped: int, tails: list[bytes]) -> bytes:
+    """A whole MESSAGES frame; ``dropped`` is the gap before the first delivery (the rest have none)."""
+    body = b"".join(tails)
+    return messages_head(sub_id, dropped, len(tails), len(body)) + body
+
+
+def publish_many_head(topic: str, count: int, size: int) -> bytes:
+    """Length prefix and ``[13, topic, [`` for ``count`` data items (each a msgpack bin) of ``size`` bytes."""
+    h = b"\x93\x0d" + _pack(topic) + array_header(count)
+    return _pack_hdr(len(h) + size) + h
+
+
+def publish_many(topic: str, data: list[bytes]) -> bytes:
+    body = b"".join(bin_header(len(d)) + d for d in data)
+    return publish_many_head(topic, len(data), len(body)) + body
 
 
 def _bad_frame(body: Any, misaligned: bool) -> ProtocolError:

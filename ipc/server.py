@@ -4,6 +4,12 @@ Built on asyncio Protocols (not streams) so a read turns into routed deliveries 
 switch, and output is gathered per connection and written once per loop turn (or every 64 KiB),
 so a burst of publishes costs a handful of ``send`` calls, not one per message.
 
+Batching: for subscriptions opened with ``batch`` the deliveries gathered in one loop turn go out
+as one MESSAGES frame per subscription (the cached per-message tails laid end to end behind one
+head), and PUBLISH_MANY frames route a run of publishes with one dispatch. That divides the
+per-frame work of this process *and* of every subscriber process by the batch size, which is what
+bounds fan-out on a small machine where subscribers outnumber cores.
+
 Every failure is confined to its connection: a bad frame, a bad token, a flood or a silent client
 gets an ERROR frame and/or a closed socket, one log line, and nobody else notices.
 """
@@ -40,6 +46,8 @@ from ipc.errors import (
 log = structlog.get_logger("ipc.server")
 
 FLUSH_AT = 64 * 1024
+BATCH_MAX = FLUSH_AT  # a delivery that would take an open batch past this starts a new frame
+DRAIN_CHUNK = 256  # queued messages taken from one subscription before the next gets its turn
 _UCRED = struct.Struct("3i")
 _HDR = P.HEADER.pack
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -55,6 +63,23 @@ def _peer_pid(sock: socket.socket | None) -> int | None:
         return None
     pid = _UCRED.unpack(raw)[0]
     return pid or None
+
+
+class _SubOut:
+    """One subscription's delivery state on its connection (kept in ``Subscription.front``)."""
+
+    __slots__ = ("batch", "credit", "dropped", "head", "id", "listed", "n", "parts", "size")
+
+    def __init__(self, sub_id: int, credit: int | None, batch: bool) -> None:
+        self.id = sub_id
+        self.credit = credit  # MESSAGEs the client can still take; None: no credit flow control
+        self.batch = batch
+        self.head = P.message_head(sub_id) + b"\x00"  # [10, sub_id, dropped=0
+        self.parts: list[bytes] = []  # open batch: tail prefix, data, tail prefix, data, ...
+        self.n = 0
+        self.size = 0
+        self.dropped = 0  # the gap before the open batch's first delivery
+        self.listed = False  # in the connection's list of open batches
 
 
 def _encode_or_error(build: Callable[[], bytes], req_id: int) -> bytes:
@@ -84,9 +109,8 @@ class _Connection(asyncio.Protocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._pending: dict[Subscription, None] = {}
-        self._heads: dict[int, bytes] = {}
+        self._open: list[_SubOut] = []  # subscriptions with an open batch, closed at the next flush
         self._prefixes: dict[str, bytes] = {}
-        self._credits: dict[int, int] = {}  # sub id -> MESSAGEs the client can still take
         self._pub_ok: set[str] = set()
         self._pub_gen = -1
         self._pub_expiry = 0.0
@@ -123,13 +147,12 @@ class _Connection(asyncio.Protocol):
             task.cancel()
         self._writable.set()  # release stream tasks waiting for room so they see the cancellation
         self._out.clear()
+        self._open.clear()
         self._pending.clear()
         if self.session is not None:
             self.core.end_session(self.session)
             self.session.closer = None  # break the session <-> connection cycle now, not at the next full GC
-        self._heads.clear()
         self._prefixes.clear()
-        self._credits.clear()
         self._pub_ok.clear()
         self._blocked_on.clear()
         if exc is not None and self.close_reason is None:
@@ -179,7 +202,9 @@ class _Connection(asyncio.Protocol):
             if self.closing:
                 return
             t = f[0]
-            if t == P.PUBLISH and self.session is not None:
+            if t == P.PUBLISH_MANY and self.session is not None:
+                self._on_publish_many(f)
+            elif t == P.PUBLISH and self.session is not None:
                 self._on_publish(f)
             elif self.session is None:
                 self._on_hello(f)
@@ -203,6 +228,8 @@ class _Connection(asyncio.Protocol):
 
     # --- output -----------------------------------------------------------------------------------
     def _send(self, frame: bytes) -> None:
+        if self._open:
+            self._close_batches()  # keep every frame after the deliveries gathered before it
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= FLUSH_AT:
@@ -214,6 +241,8 @@ class _Connection(asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._open:
+            self._close_batches()
         out = self._out
         if not out or self.transport is None or self.closing:
             return
@@ -229,6 +258,8 @@ class _Connection(asyncio.Protocol):
         self.close_reason = err.code
         log.warning("ipc.connection_rejected", pid=self.pid, code=err.code, reason=err.message,
                     principal=self.session.principal.name if self.session else None)
+        if self._open:
+            self._close_batches()
         self._out.append(P.error(req_id, *err.to_wire()))
         self._flush()
         self.closing = True
@@ -238,26 +269,40 @@ class _Connection(asyncio.Protocol):
     def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
         if self.paused or self.closing:
             return False
-        credits = self._credits
-        if credits:
-            left = credits.get(sub.id)
-            if left is not None:
-                if left <= 0:
-                    return False  # the bus queues it (and applies the policy) until CREDIT arrives
-                credits[sub.id] = left - 1
-        # the body of _write_message, inlined: this runs once per delivery
+        st: _SubOut = sub.front
+        c = st.credit
+        if c is not None:
+            if c <= 0:
+                return False  # the bus queues it (and applies the policy) until CREDIT arrives
+            st.credit = c - 1
+        # the body of _put, inlined: this runs once per delivery
         wire = msg.wire
         data = msg.data
         if wire is None:
             wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
                 + P.bin_header(len(data))
-        h = self._heads.get(sub.id) if not dropped else None
-        if h is None:
-            h = self._head(sub.id, dropped)
         n = len(wire) + len(data)
-        out = self._out
-        out.append(_HDR(len(h) + n) + h + wire)
-        out.append(data)
+        if st.batch:
+            if st.n:
+                if dropped or st.size + n > BATCH_MAX:
+                    self._close_batch(st)
+                    st.dropped = dropped
+            else:
+                st.dropped = dropped
+                if not st.listed:
+                    st.listed = True
+                    self._open.append(st)
+            parts = st.parts
+            parts.append(wire)
+            parts.append(data)
+            st.n += 1
+            st.size += n
+        else:
+            h = st.head if not dropped else st.head[:-1] + _packb(dropped)
+            out = self._out
+            # the payload is never copied per subscriber before the batch is joined at flush
+            out.append(_HDR(len(h) + n) + h + wire)
+            out.append(data)
         self._out_bytes += n + 16
         if self._out_bytes >= FLUSH_AT:
             self._flush()
@@ -265,39 +310,62 @@ class _Connection(asyncio.Protocol):
             self._flush_handle = self.loop.call_soon(self._flush)
         return True
 
-    def _head(self, sub_id: int, dropped: int) -> bytes:
-        """``[10, sub_id, dropped`` — cached for the common dropped == 0."""
-        if dropped:
-            return P.message_head(sub_id) + _packb(dropped)
-        h = self._heads[sub_id] = P.message_head(sub_id) + b"\x00"
-        return h
-
-    def _write_message(self, sub: Subscription, msg: BusMessage, dropped: int) -> None:
-        """Unconditionally frame ``msg`` for ``sub`` (the caller checked writability and credit)."""
+    def _put(self, st: _SubOut, msg: BusMessage, dropped: int) -> None:
+        """Frame ``msg`` for the subscription (the caller checked writability and credit)."""
         wire = msg.wire
         data = msg.data
         if wire is None:
             wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
                 + P.bin_header(len(data))
-        h = self._heads.get(sub.id) if not dropped else None
-        if h is None:
-            h = self._head(sub.id, dropped)
         n = len(wire) + len(data)
-        out = self._out
-        # three pieces, joined once at flush: the payload is never copied per subscriber before that
-        out.append(_HDR(len(h) + n) + h + wire)
-        out.append(data)
+        if st.batch:
+            if st.n:
+                if dropped or st.size + n > BATCH_MAX:
+                    self._close_batch(st)
+                    st.dropped = dropped
+            else:
+                st.dropped = dropped
+                if not st.listed:
+                    st.listed = True
+                    self._open.append(st)
+            st.parts.append(wire)
+            st.parts.append(data)
+            st.n += 1
+            st.size += n
+        else:
+            h = st.head if not dropped else st.head[:-1] + _packb(dropped)
+            self._out.append(_HDR(len(h) + n) + h + wire)
+            self._out.append(data)
         self._out_bytes += n + 16
         if self._out_bytes >= FLUSH_AT:
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
+    def _close_batch(self, st: _SubOut) -> None:
+        """Move the open batch to the output: one MESSAGES frame, or a plain MESSAGE for a single one."""
+        parts = st.parts
+        out = self._out
+        if st.n == 1:
+            h = st.head if not st.dropped else st.head[:-1] + _packb(st.dropped)
+            out.append(_HDR(len(h) + st.size) + h + parts[0])
+            out.append(parts[1])
+        else:
+            out.append(P.messages_head(st.id, st.dropped, st.n, st.size))
+            out.extend(parts)
+        parts.clear()
+        st.n = st.size = st.dropped = 0
+
+    def _close_batches(self) -> None:
+        for st in self._open:
+            st.listed = False
+            if st.n:
+                self._close_batch(st)
+        self._open.clear()
+
     def pending(self, sub: Subscription) -> None:
         if sub.closed:
-            self._pending.pop(sub, None)
-            self._heads.pop(sub.id, None)
-            self._credits.pop(sub.id, None)
+            self._pending.pop(sub, None)  # an open batch still goes out, before the STREAM_END
             return
         self._pending[sub] = None
         if not self.paused and not self.closing:
@@ -310,24 +378,64 @@ class _Connection(asyncio.Protocol):
                 if sub.closed:
                     self._pending.pop(sub, None)
                     continue
-                for _ in range(64):
-                    left = self._credits.get(sub.id)
-                    if left is not None and left <= 0:
-                        self._pending.pop(sub, None)  # re-added when its CREDIT arrives
-                        break
-                    item = sub.take()
-                    if item is None:
-                        self._pending.pop(sub, None)
-                        break
-                    if left is not None:
-                        self._credits[sub.id] = left - 1
-                    self._write_message(sub, *item)
-                    if self.paused:
-                        break
+                st: _SubOut = sub.front
+                left = st.credit
+                if left is not None and left <= 0:
+                    self._pending.pop(sub, None)  # re-added when its CREDIT arrives
+                    continue
+                msgs, dropped = sub.take_many(DRAIN_CHUNK if left is None else min(DRAIN_CHUNK, left), FLUSH_AT)
+                if left is not None:
+                    st.credit = left - len(msgs)
+                if not sub.queue:
+                    self._pending.pop(sub, None)
+                if msgs:
+                    self._put_many(st, msgs, dropped)
                 if self.paused or self.closing:
                     break
         if self._out:
             self._flush()
+
+    def _put_many(self, st: _SubOut, msgs: list[BusMessage], dropped: int) -> None:
+        """:meth:`_put` for a run taken from one queue, with the batch bookkeeping done once."""
+        if not st.batch:
+            for msg in msgs:
+                self._put(st, msg, dropped)
+                dropped = 0
+            return
+        if st.n and dropped:
+            self._close_batch(st)
+        if not st.n:
+            st.dropped = dropped
+            if not st.listed:
+                st.listed = True
+                self._open.append(st)
+        parts = st.parts
+        append = parts.append
+        size = st.size
+        count = st.n
+        total = 0
+        for msg in msgs:
+            wire = msg.wire
+            data = msg.data
+            if wire is None:
+                wire = msg.wire = P.message_tail_prefix(msg.reply_to, msg.sender, msg.topic) \
+                    + P.bin_header(len(data))
+            n = len(wire) + len(data)
+            if count and size + n > BATCH_MAX:
+                st.n, st.size = count, size
+                self._close_batch(st)
+                size = count = 0
+            append(wire)
+            append(data)
+            count += 1
+            size += n
+            total += n
+        st.n, st.size = count, size
+        self._out_bytes += total + 16 * len(msgs)
+        if self._out_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
 
     # --- handshake ---------------------------------------------------------------------------------
     def _handshake_timeout(self) -> None:
@@ -361,6 +469,7 @@ class _Connection(asyncio.Protocol):
             "max_frame": srv.max_frame,
             "max_subscriptions": self.core.max_subscriptions_per_session,
             "max_inflight": srv.max_inflight,
+            "features": list(P.FEATURES),
         }))
 
     async def _revoke(self) -> None:
@@ -404,6 +513,56 @@ class _Connection(asyncio.Protocol):
             self._send(P.response(req_id, n))
         if full:
             self._block_reading(full)
+
+    def _on_publish_many(self, f: P.Frame) -> None:
+        """A run of unconfirmed publishes to one topic: one authorization, one dispatch, routed in order."""
+        _, topic, items = f
+        session = self.session
+        assert session is not None
+        try:
+            if type(items) is not list:
+                raise ProtocolError("PUBLISH_MANY needs an array of data")  # noqa: TRY301 - mapped below
+            if topic not in self._pub_ok:
+                if not isinstance(topic, str):
+                    raise InvalidArguments("PUBLISH_MANY topic must be a string")
+                self.core.check_publish(session, topic)
+                if len(self._pub_ok) >= _PUB_CACHE_MAX:
+                    self._pub_ok.clear()
+                self._pub_ok.add(topic)
+            prefix = self._prefixes.get(topic)
+            if prefix is None:
+                if len(self._prefixes) >= _PUB_CACHE_MAX:
+                    self._prefixes.clear()
+                prefix = self._prefixes[topic] = P.message_tail_prefix(None, session.principal.name, topic)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        except IpcError as exc:
+            details = dict(exc.details)
+            if isinstance(topic, str):
+                details.setdefault("topic", topic[:256])
+            self._send(P.error(0, exc.code, exc.message, details))
+            return
+        route = self.core.bus.route
+        sender = session.principal.name
+        bin_header = P.bin_header
+        full_all: list[Subscription] | None = None
+        bad = 0
+        for data in items:
+            if type(data) is not bytes:
+                bad += 1
+                continue
+            full = route(BusMessage(topic, data, sender, None, prefix + bin_header(len(data))))[1]
+            if full:
+                if full_all is None:
+                    full_all = full
+                else:
+                    full_all.extend(full)
+        if bad:
+            self._send(P.error(0, "INVALID_ARGUMENTS", f"{bad} PUBLISH_MANY item(s) are not bin (codec-encoded data)",
+                               {"topic": topic[:256], "count": bad}))
+        if full_all:
+            self._block_reading(full_all)
 
     def _block_reading(self, full: list[Subscription]) -> None:
         """A lossless subscriber is full: stop reading this publisher until every such queue has room.
@@ -486,23 +645,25 @@ class _Connection(asyncio.Protocol):
         credit = args.get("credit")
         if credit is not None and (type(credit) is not int or credit <= 0):
             raise InvalidArguments("credit must be a positive integer or absent", {"credit": repr(credit)})
+        batch = args.get("batch", False)
+        if type(batch) is not bool:
+            raise InvalidArguments("batch must be a boolean or absent", {"batch": repr(batch)})
         sub = self.core.subscribe(session, topic_filter, self, queue_size=args.get("queue_size", 1024),
                                   policy=args.get("policy", "drop_oldest"), sub_id=req_id)
-        if credit is not None:
-            self._credits[sub.id] = credit
-        self._send(P.response(req_id, {"filter": sub.filter}))
+        sub.front = _SubOut(sub.id, credit, batch)
+        self._send(P.response(req_id, {"filter": sub.filter, "batch": batch}))
 
     def _on_credit(self, f: P.Frame) -> None:
         _, sid, n = f
         if type(sid) is not int or type(n) is not int or n <= 0:
             self._fail(ProtocolError("CREDIT needs a subscription id and a positive count"))
             return
-        left = self._credits.get(sid)
-        if left is None:
-            return  # unknown or already ended subscription: crossed on the wire
-        self._credits[sid] = min(left + n, 1 << 31)
         session = self.session
         sub = session.subscriptions.get(sid) if session is not None else None
+        st: _SubOut | None = sub.front if sub is not None else None
+        if st is None or st.credit is None:
+            return  # unknown or already ended subscription (crossed on the wire), or no credit flow
+        st.credit = min(st.credit + n, 1 << 31)
         if sub is not None and sub.queue:
             self._pending[sub] = None
             if not self.paused:

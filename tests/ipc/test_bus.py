@@ -150,3 +150,35 @@ def test_one_message_larger_than_the_byte_bound_still_flows() -> None:
     n, full = bus.route(BusMessage("t", b"x" * 1000))
     assert (n, full) == (1, None) and len(sub.queue) == 1  # accepted: the queue was empty
     assert bus.route(BusMessage("t", b"y"))[1] == [sub]  # now it is over its bound
+
+
+def test_take_many_pops_in_order_with_the_gap_once_and_respects_limits() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=6)
+    sink.writable = False
+    for i in range(10):
+        bus.publish("t", bytes([i]) * 10)
+    assert sub.dropped == 4 and sub.queued_bytes == 60
+    msgs, dropped = sub.take_many(2, 1 << 20)
+    assert [m.data[0] for m in msgs] == [4, 5] and dropped == 4 and sub.dropped == 0
+    msgs, dropped = sub.take_many(100, 15)  # stops once 15 bytes are taken: two messages of 10
+    assert [m.data[0] for m in msgs] == [6, 7] and dropped == 0
+    msgs, _ = sub.take_many(100, 1)  # at least one, whatever the byte budget
+    assert [m.data[0] for m in msgs] == [8]
+    assert sub.queued_bytes == 10 and sub.delivered == 5
+    assert sub.take_many(0, 100) == ([], 0) and len(sub.queue) == 1
+
+
+async def test_take_many_wakes_a_blocked_publisher_at_half_a_queue() -> None:
+    bus, sink = Bus(), Sink()
+    sub = bus.subscribe("t", sink, queue_size=4, policy="block")
+    sink.writable = False
+    for i in range(5):
+        bus.publish("t", bytes([i]))
+    waiter = asyncio.ensure_future(sub.wait_room())
+    await asyncio.sleep(0)
+    sub.take_many(2, 100)  # 3 left: above half a queue, still blocked
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    sub.take_many(1, 100)
+    await asyncio.wait_for(waiter, 1)

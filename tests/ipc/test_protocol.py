@@ -148,3 +148,30 @@ def test_fuzz_valid_framed_msgpack_never_breaks_the_decoder(value: object, chunk
     except ProtocolError:
         return
     assert len(got) == 2 and got[0] == got[1]
+
+
+def test_spliced_messages_batch_equals_plain_msgpack() -> None:
+    tails = [P.message_tail(None, "alice", "a/b", b"\x01"), P.message_tail("r.1", None, "c", b"z" * 300)]
+    items: list[object] = [None, "alice", "a/b", b"\x01", "r.1", None, "c", b"z" * 300]
+    for count in (1, 2, 3, 4, 5, 17, 4000, 17000):  # fixarray, array 16 and array 32 item counts
+        body = P.messages(9, 70000, (tails * count)[:count])[4:]
+        plain = [12, 9, 70000, (items * count)[:4 * count]]
+        assert body == msgpack.packb(plain)
+        assert P.FrameDecoder().feed(P.messages(9, 70000, (tails * count)[:count])) == [plain]
+
+
+def test_publish_many_equals_plain_msgpack() -> None:
+    for sizes in ([0], [1, 255, 256], [65535, 65536, 3] * 6):
+        data = [b"d" * s for s in sizes]
+        frame = P.publish_many("t/x", data)
+        assert frame[4:] == msgpack.packb([13, "t/x", data])
+        assert P.FrameDecoder().feed(frame) == [[13, "t/x", data]]
+
+
+def test_batch_frames_survive_any_split() -> None:
+    data = P.messages(1, 0, [P.message_tail(None, "a", "t", b"x" * n) for n in (1, 300, 70000)]) \
+        + P.publish_many("t", [b"y" * n for n in (0, 70000)]) + P.cancel(1)
+    whole = decode_all(data, len(data))
+    assert [f[0] for f in whole] == [P.MESSAGES, P.PUBLISH_MANY, P.CANCEL]
+    for chunk in (1, 3, 1000):
+        assert decode_all(data, chunk) == whole

@@ -15,6 +15,7 @@ from ipc_testkit import RawConn, TokenAuth
 
 from ipc import Client, SyncClient
 from ipc import protocol as P
+from ipc.codec import decode, encode
 from ipc.core import NUCLEUS, CallContext, IpcCore
 from ipc.errors import (
     ConnectionClosed,
@@ -379,3 +380,142 @@ async def test_malformed_credit_closes_only_that_connection(server: IpcServer) -
     assert [f[2] for f in await raw.frames_until_closed()] == ["PROTOCOL_ERROR"]
     async with Client(path_of(server), "tok-alice") as c:
         assert await c.call("pubsub.publish", {"topic": "x", "payload": b"\xc0"}) == 0
+
+
+# --- batched delivery and publishing (MESSAGES / PUBLISH_MANY, opted into per peer) ------------------
+def deliveries(frames: list[P.Frame]) -> list[tuple[int, int, Any, Any, str, bytes]]:
+    """(sub_id, dropped, reply_to, sender, topic, data) per delivery, whether plain or batched."""
+    out: list[tuple[int, int, Any, Any, str, bytes]] = []
+    for f in frames:
+        if f[0] == P.MESSAGE:
+            out.append((f[1], f[2], f[3], f[4], f[5], f[6]))
+        elif f[0] == P.MESSAGES:
+            items = f[3]
+            assert len(items) % 4 == 0 and len(items) >= 8  # a batch of one goes out as a plain MESSAGE
+            for k in range(0, len(items), 4):
+                out.append((f[1], f[2] if k == 0 else 0, *items[k:k + 4]))
+    return out
+
+
+async def read_deliveries(raw: RawConn, n: int) -> tuple[list[P.Frame], list[tuple[int, int, Any, Any, str, bytes]]]:
+    frames: list[P.Frame] = []
+    while len(deliveries(frames)) < n:
+        frames.append(await raw.next_frame())
+    return frames, deliveries(frames)
+
+
+async def test_welcome_offers_batching_and_the_sdk_takes_it(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as c, c.subscribe("b/#"):
+        assert P.FEATURE_BATCH in c.server_limits["features"]
+        (sub,) = server.core.bus.subscriptions()
+        assert sub.front.batch is True
+
+
+async def test_batch_subscriber_gets_multi_message_frames_in_order(server: IpcServer) -> None:
+    n = 500
+    raw = await RawConn.open(path_of(server), "tok-bob")
+    raw.send(P.request(1, "pubsub.subscribe", {"filter": "b/#", "batch": True}))
+    assert await raw.next_frame() == [P.RESPONSE, 1, {"filter": "b/#", "batch": True}]
+    async with Client(path_of(server), "tok-alice") as pub:
+        await pub.publish("b/x", -1, confirm=True)
+        for i in range(n):  # pipelined: the server reads them in a few chunks and batches per chunk
+            await pub.publish("b/x", i)
+        frames, got = await read_deliveries(raw, n + 1)
+    assert [(sid, dropped, r, s, t) for sid, dropped, r, s, t, _ in got] == [(1, 0, None, "alice", "b/x")] * (n + 1)
+    assert [decode(d) for *_, d in got] == list(range(-1, n))
+    assert any(f[0] == P.MESSAGES for f in frames) and len(frames) < n / 4
+    await raw.close()
+
+
+async def test_peers_that_do_not_opt_in_get_plain_messages(server: IpcServer) -> None:
+    n = 300
+    raw = await RawConn.open(path_of(server), "tok-bob")
+    raw.send(P.request(1, "pubsub.subscribe", {"filter": "b/#"}))
+    assert (await raw.next_frame())[0] == P.RESPONSE
+    async with Client(path_of(server), "tok-alice") as pub:
+        for i in range(n):
+            await pub.publish("b/x", i, confirm=i == 0)
+        frames, got = await read_deliveries(raw, n)
+    assert {f[0] for f in frames} == {P.MESSAGE} and [decode(d) for *_, d in got] == list(range(n))
+    await raw.close()
+
+
+async def test_batched_drop_oldest_counts_every_gap_exactly(server: IpcServer) -> None:
+    """Credit 3, queue 4: the first three go out, the last four wait, the 93 between are counted."""
+    raw = await RawConn.open(path_of(server), "tok-bob")
+    raw.send(P.request(1, "pubsub.subscribe", {"filter": "d/#", "queue_size": 4, "credit": 3, "batch": True}))
+    assert (await raw.next_frame())[0] == P.RESPONSE
+    async with Client(path_of(server), "tok-alice") as pub:
+        for i in range(100):
+            await pub.publish("d/x", i, confirm=i in (0, 99))
+    _, first = await read_deliveries(raw, 3)
+    raw.send(P.credit(1, 100))
+    _, rest = await read_deliveries(raw, 4)
+    got = [(dropped, decode(d)) for _, dropped, *_, d in first + rest]
+    assert got == [(0, 0), (0, 1), (0, 2), (93, 96), (0, 97), (0, 98), (0, 99)]
+    await raw.close()
+
+
+async def test_publish_many_routes_in_order_once_authorized(server: IpcServer) -> None:
+    async with Client(path_of(server), "tok-alice") as sub, sub.subscribe("#") as ms:
+        raw = await RawConn.open(path_of(server), "tok-bob")
+        raw.send(P.publish_many("m/x", [encode(i) for i in range(5)]))
+        got = await take(ms, 5)
+        assert [(m.topic, m.sender, m.payload) for m in got] == [("m/x", "bob", i) for i in range(5)]
+        # items that are not bin are refused (one ERROR for the frame); the others still go out
+        raw.send(P.encode_frame([P.PUBLISH_MANY, "m/y", [encode(1), "text", 7, encode(2)]]))
+        assert [m.payload for m in await take(ms, 2)] == [1, 2]
+        err = await raw.next_frame()
+        assert err[:3] == [P.ERROR, 0, "INVALID_ARGUMENTS"] and err[4] == {"topic": "m/y", "count": 2}
+        await raw.close()
+
+        eve = await RawConn.open(path_of(server), "tok-eve")
+        eve.send(P.publish_many("secret/x", [encode(1)]) + P.publish_many("bad/#", [encode(1)]))
+        denied, invalid = await eve.next_frame(), await eve.next_frame()
+        assert denied[:3] == [P.ERROR, 0, "UNAUTHORIZED"] and denied[4]["topic"] == "secret/x"
+        assert invalid[:3] == [P.ERROR, 0, "INVALID_ARGUMENTS"] and invalid[4]["topic"] == "bad/#"
+        eve.send(P.encode_frame([P.PUBLISH_MANY, "public/x", b"not an array"]))
+        assert [f[2] for f in await eve.frames_until_closed()] == ["PROTOCOL_ERROR"]
+        await sub.publish("m/end", 0, confirm=True)
+        assert [m.topic for m in await take(ms, 1)] == ["m/end"]  # nothing else got through
+
+
+async def test_sdk_speaks_plain_version_1_to_a_server_without_batching(sock_dir: Path) -> None:
+    """A nucleus that predates batching: the SDK neither asks for MESSAGES nor sends PUBLISH_MANY."""
+    seen: list[P.Frame] = []
+    done = asyncio.Event()
+
+    async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = P.FrameDecoder()
+        while not done.is_set():
+            data = await reader.read(65536)
+            if not data:
+                break
+            for f in dec.feed(data):
+                seen.append(f)
+                if f[0] == P.HELLO:
+                    writer.write(P.welcome("alice", {"max_frame": P.DEFAULT_MAX_FRAME}))
+                elif f[0] == P.REQUEST:
+                    writer.write(P.response(f[1], {"filter": f[3]["filter"]})
+                                 + P.message(f[1], 0, P.message_tail(None, "x", "o/a", encode("m1")))
+                                 + P.message(f[1], 2, P.message_tail(None, "x", "o/a", encode("m2"))))
+                elif f[0] == P.PUBLISH and f[1]:
+                    writer.write(P.response(f[1], 1))
+                elif f[0] == P.PUBLISH and decode(f[3]) == "last":
+                    done.set()
+        writer.close()
+
+    srv = await asyncio.start_unix_server(old_server, str(sock_dir / "old.sock"))
+    async with srv, Client(sock_dir / "old.sock", "tok") as c:
+        async with c.subscribe("o/#") as ms:
+            got = await take(ms, 2)
+        for i in range(50):
+            await c.publish("o/b", i)
+        await c.publish("o/b", "last")
+        async with asyncio.timeout(10):
+            await done.wait()
+    assert [(m.payload, m.dropped) for m in got] == [("m1", 0), ("m2", 2)]
+    (sub_req,) = [f for f in seen if f[0] == P.REQUEST and f[2] == "pubsub.subscribe"]
+    assert "batch" not in sub_req[3]
+    assert {f[0] for f in seen} <= {P.HELLO, P.REQUEST, P.CANCEL, P.CREDIT, P.PUBLISH}
+    assert [decode(f[3]) for f in seen if f[0] == P.PUBLISH] == [*range(50), "last"]
