@@ -39,7 +39,7 @@ async def device(tmp_path: Path, url: str, **kw: Any) -> AsyncIterator[CloudSync
 
 def test_condition_matches_exact_top_level_values_only() -> None:
     def pack(value: Any) -> bytes:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(value, use_bin_type=True)
 
     when = {"is_anomaly": True}
     assert matches_condition(pack({"is_anomaly": True, "score": 3.0}), when)

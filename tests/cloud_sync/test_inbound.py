@@ -172,7 +172,7 @@ async def test_bad_documents_are_reported_on_the_status_topics_and_nothing_is_su
 
         async def read() -> None:
             async for m in cloud.messages:
-                reports.append(json.loads(m.payload))  # type: ignore[arg-type]
+                reports.append(json.loads(m.payload))
         reader = asyncio.create_task(read())
         base = "http://127.0.0.1:1/a"
         for_other = new_document([_recipe("1.0.0")], target=Target(type="thing", name="dev-2"),
