@@ -28,7 +28,7 @@ COMPONENT = "com.example.FleetHello"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -149,7 +149,8 @@ class LightDaemon:
 
 
 @contextlib.contextmanager
-def daemons(base: Path, broker_url: str, count: int, groups: list[str], prefix: str = "dev") -> Iterator[list[LightDaemon]]:
+def daemons(base: Path, broker_url: str, count: int, groups: list[str],
+            prefix: str = "dev") -> Iterator[list[LightDaemon]]:
     made = [LightDaemon(base / f"{prefix}{i:02d}", daemon_settings(f"{prefix}-{i:02d}", broker_url, groups))
             for i in range(count)]
     try:
