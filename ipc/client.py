@@ -46,7 +46,17 @@ _CONFIRMED_MAX = 10_000
 _NO_PAYLOAD: Any = object()
 _HDR = P.HEADER.pack
 _decode = codec.decode
+_ITEM_HEADS: dict[int, bytes] = {}
 T = TypeVar("T")
+
+
+def _item_head(n: int) -> bytes:
+    """What precedes an ``n``-byte bytes payload in PUBLISH data: bin(bin(payload)) headers, cached."""
+    inner = P.bin_header(n)
+    head = P.bin_header(len(inner) + n) + inner
+    if len(_ITEM_HEADS) < 4096:
+        _ITEM_HEADS[n] = head
+    return head
 
 
 class Message:
@@ -485,22 +495,23 @@ class Client:
             self._check()
         if type(payload) is bytes:
             # the payload goes to the output list as is: copied once, when the batch is joined
-            inner = P.bin_header(len(payload))
-            size = len(inner) + len(payload)
-            if self._batch and size <= _RUN_ITEM_MAX:
+            ln = len(payload)
+            if self._batch and ln <= _RUN_ITEM_MAX:
+                item = _ITEM_HEADS.get(ln) or _item_head(ln)
                 if topic != self._run_topic:
                     if self._run_n:
                         self._close_run()
                     self._run_topic = topic
-                item = P.bin_header(size) + inner
                 run = self._run
                 run.append(item)
                 run.append(payload)
                 self._run_n += 1
-                self._run_size += len(item) + len(payload)
-                self._out_bytes += size + 4
+                ln += len(item)
+                self._run_size += ln
+                self._out_bytes += ln
             else:
-                self._append_publish(topic, inner, size, payload)
+                inner = P.bin_header(ln)
+                self._append_publish(topic, inner, len(inner) + ln, payload)
         else:
             data = codec.encode(payload)
             if self._batch and len(data) <= _RUN_ITEM_MAX:

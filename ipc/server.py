@@ -310,6 +310,25 @@ class _Connection(asyncio.Protocol):
             self._flush_handle = self.loop.call_soon(self._flush)
         return True
 
+    def offer_many(self, sub: Subscription, msgs: list[BusMessage], dropped: int) -> int:
+        """The bus's run delivery (:meth:`Bus.route_many`): take a prefix of ``msgs`` while writable
+        and within credit; the bus queues the rest."""
+        if self.paused or self.closing:
+            return 0
+        st: _SubOut = sub.front
+        k = len(msgs)
+        c = st.credit
+        if c is not None:
+            if c <= 0:
+                return 0
+            if c < k:
+                msgs = msgs[:c]
+                k = c
+        done = self._put_many(st, msgs, dropped, stop_when_paused=True)
+        if c is not None:
+            st.credit = c - done
+        return done
+
     def _put(self, st: _SubOut, msg: BusMessage, dropped: int) -> None:
         """Frame ``msg`` for the subscription (the caller checked writability and credit)."""
         wire = msg.wire
@@ -395,13 +414,19 @@ class _Connection(asyncio.Protocol):
         if self._out:
             self._flush()
 
-    def _put_many(self, st: _SubOut, msgs: list[BusMessage], dropped: int) -> None:
-        """:meth:`_put` for a run taken from one queue, with the batch bookkeeping done once."""
+    def _put_many(self, st: _SubOut, msgs: list[BusMessage], dropped: int, *,
+                  stop_when_paused: bool = False) -> int:
+        """:meth:`_put` for a run of one subscription, the batch bookkeeping done once; returns how
+        many were framed (all, unless ``stop_when_paused`` and a flush filled the socket)."""
         if not st.batch:
+            done = 0
             for msg in msgs:
                 self._put(st, msg, dropped)
                 dropped = 0
-            return
+                done += 1
+                if stop_when_paused and (self.paused or self.closing):
+                    break
+            return done
         if st.n and dropped:
             self._close_batch(st)
         if not st.n:
@@ -413,7 +438,8 @@ class _Connection(asyncio.Protocol):
         append = parts.append
         size = st.size
         count = st.n
-        total = 0
+        room = FLUSH_AT - self._out_bytes  # bytes until the next flush
+        done = 0
         for msg in msgs:
             wire = msg.wire
             data = msg.data
@@ -429,13 +455,24 @@ class _Connection(asyncio.Protocol):
             append(data)
             count += 1
             size += n
-            total += n
+            done += 1
+            room -= n + 16
+            if room <= 0:
+                st.n, st.size = count, size
+                self._out_bytes = FLUSH_AT
+                self._flush()  # closes the batch too
+                size = count = 0
+                room = FLUSH_AT
+                if stop_when_paused and (self.paused or self.closing):
+                    return done
+                if not st.listed:
+                    st.listed = True
+                    self._open.append(st)
         st.n, st.size = count, size
-        self._out_bytes += total + 16 * len(msgs)
-        if self._out_bytes >= FLUSH_AT:
-            self._flush()
-        elif self._flush_handle is None:
+        self._out_bytes = FLUSH_AT - room
+        if self._out_bytes and self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
+        return done
 
     # --- handshake ---------------------------------------------------------------------------------
     def _handshake_timeout(self) -> None:
@@ -543,21 +580,21 @@ class _Connection(asyncio.Protocol):
                 details.setdefault("topic", topic[:256])
             self._send(P.error(0, exc.code, exc.message, details))
             return
-        route = self.core.bus.route
         sender = session.principal.name
-        bin_header = P.bin_header
-        full_all: list[Subscription] | None = None
+        wires: dict[int, bytes] = {}  # the MESSAGE tail prefix by data length: equal sizes share one
+        msgs: list[BusMessage] = []
+        append = msgs.append
         bad = 0
         for data in items:
             if type(data) is not bytes:
                 bad += 1
                 continue
-            full = route(BusMessage(topic, data, sender, None, prefix + bin_header(len(data))))[1]
-            if full:
-                if full_all is None:
-                    full_all = full
-                else:
-                    full_all.extend(full)
+            size = len(data)
+            wire = wires.get(size)
+            if wire is None:
+                wire = wires[size] = prefix + P.bin_header(size)
+            append(BusMessage(topic, data, sender, None, wire))
+        full_all = self.core.bus.route_many(topic, msgs)[1] if msgs else None
         if bad:
             self._send(P.error(0, "INVALID_ARGUMENTS", f"{bad} PUBLISH_MANY item(s) are not bin (codec-encoded data)",
                                {"topic": topic[:256], "count": bad}))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipc.bus import Bus, BusMessage, Subscription
 from ipc.errors import InvalidArguments
@@ -182,3 +184,71 @@ async def test_take_many_wakes_a_blocked_publisher_at_half_a_queue() -> None:
     assert not waiter.done()
     sub.take_many(1, 100)
     await asyncio.wait_for(waiter, 1)
+
+
+class CreditSink:
+    """Accepts while it has credit, like the native server; ``runs`` toggles offer_many support."""
+
+    def __init__(self, credit: int, runs: bool) -> None:
+        self.credit = credit
+        self.got: list[tuple[bytes, int]] = []
+        if runs:
+            self.offer_many = self._offer_many
+
+    def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
+        if self.credit <= 0:
+            return False
+        self.credit -= 1
+        self.got.append((msg.data, dropped))
+        return True
+
+    def _offer_many(self, sub: Subscription, msgs: list[BusMessage], dropped: int) -> int:
+        k = min(self.credit, len(msgs))
+        for i, msg in enumerate(msgs[:k]):
+            self.got.append((msg.data, dropped if i == 0 else 0))
+        self.credit -= k
+        return k
+
+    def pending(self, sub: Subscription) -> None:
+        pass
+
+    def drain(self, sub: Subscription, credit: int) -> None:
+        self.credit += credit
+        while self.credit > 0 and (item := sub.take()) is not None:
+            self.credit -= 1
+            self.got.append((item[0].data, item[1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 6)), min_size=1, max_size=12),
+       st.sampled_from(["drop_oldest", "block"]), st.integers(1, 6), st.booleans())
+def test_route_many_has_the_outcome_of_routing_one_by_one(runs: list[tuple[int, int]], policy: str,
+                                                         queue_size: int, offer_many: bool) -> None:
+    """Runs of k messages, then the reader returns some credit: per subscriber, same deliveries,
+    same gaps, same queue and the same lossless subscribers reported full."""
+    outcomes = []
+    for batched in (False, True):
+        bus = Bus()
+        sinks = [CreditSink(2, offer_many), CreditSink(0, offer_many)]
+        subs = [bus.subscribe("t/#", s, queue_size=queue_size, policy=policy) for s in sinks]  # type: ignore[arg-type]
+        seq = 0
+        fulls = []
+        for k, credit in runs:
+            msgs = [BusMessage("t/x", (seq + i).to_bytes(2, "big")) for i in range(k)]
+            seq += k
+            if batched:
+                n, full = bus.route_many("t/x", msgs)
+                fulls.append(sorted(s.id for s in full or []))
+            else:
+                full_ids: set[int] = set()
+                for m in msgs:
+                    n, full = bus.route(m)
+                    full_ids.update(s.id for s in full or [])
+                fulls.append(sorted(full_ids))
+            assert n == 2
+            for sink, sub in zip(sinks, subs, strict=True):
+                sink.drain(sub, credit)
+        outcomes.append(([s.got for s in sinks], [[m.data for m in sub.queue] for sub in subs],
+                         [(sub.dropped, sub.dropped_total, sub.delivered, sub.queued_bytes) for sub in subs],
+                         fulls, bus.published, bus.delivered))
+    assert outcomes[0] == outcomes[1]
