@@ -521,7 +521,7 @@ class _Connection(asyncio.Protocol):
         try:
             if type(req_id) is not int:
                 raise ProtocolError("PUBLISH id must be an integer")  # noqa: TRY301 - mapped just below
-            if topic not in self._pub_ok:
+            if type(topic) is not str or topic not in self._pub_ok:  # (a list topic is unhashable)
                 if type(data) is not bytes:
                     raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
                 self.core.check_publish(session, topic)
@@ -559,10 +559,8 @@ class _Connection(asyncio.Protocol):
         try:
             if type(items) is not list:
                 raise ProtocolError("PUBLISH_MANY needs an array of data")  # noqa: TRY301 - mapped below
-            if topic not in self._pub_ok:
-                if not isinstance(topic, str):
-                    raise InvalidArguments("PUBLISH_MANY topic must be a string")
-                self.core.check_publish(session, topic)
+            if type(topic) is not str or topic not in self._pub_ok:
+                self.core.check_publish(session, topic)  # InvalidArguments for a topic that is not a str
                 if len(self._pub_ok) >= _PUB_CACHE_MAX:
                     self._pub_ok.clear()
                 self._pub_ok.add(topic)

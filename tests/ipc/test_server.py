@@ -519,3 +519,13 @@ async def test_sdk_speaks_plain_version_1_to_a_server_without_batching(sock_dir:
     assert "batch" not in sub_req[3]
     assert {f[0] for f in seen} <= {P.HELLO, P.REQUEST, P.CANCEL, P.CREDIT, P.PUBLISH}
     assert [decode(f[3]) for f in seen if f[0] == P.PUBLISH] == [*range(50), "last"]
+
+
+async def test_publish_with_a_topic_that_is_not_a_string_is_refused_not_fatal(server: IpcServer) -> None:
+    raw = await RawConn.open(path_of(server), "tok-bob")
+    raw.send(P.encode_frame([P.PUBLISH, 0, ["a"], encode(1)])
+             + P.encode_frame([P.PUBLISH_MANY, {"a": 1}, [encode(1)]]) + P.publish(5, "ok", encode(1)))
+    frames = [await raw.next_frame() for _ in range(3)]
+    assert [f[:3] for f in frames] == [[P.ERROR, 0, "INVALID_ARGUMENTS"], [P.ERROR, 0, "INVALID_ARGUMENTS"],
+                                       [P.RESPONSE, 5, 0]]
+    await raw.close()
