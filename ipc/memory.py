@@ -1,14 +1,85 @@
-"""Keeping a long-running bus process's RSS near its live set.
+"""Giving back memory that only start-up, loading or a burst needed.
 
-Shared by the daemon and the development server: both relay payloads of any size, and
-glibc keeps the heap holes that large freed buffers leave behind.
+Shared by every long-running process built on the bus: the daemon, the development server and
+the components. Measured (benchmarks/detection.py, benchmarks/deploy.py): a large share of a
+Python process's RSS after start-up is pages of shared libraries touched once (onnxruntime
+registering every CPU kernel, pydantic-core building its first schemas, OpenSSL initialising) and
+freed-but-kept malloc heap (large payloads relayed by the bus). Both are clean or free memory
+that the kernel would reclaim under pressure anyway; releasing them makes RSS say what the
+process needs and frees the RAM now rather than at the next memory squeeze.
+
+* ``malloc_trim(0)`` returns free heap to the kernel.
+* ``madvise(MADV_PAGEOUT)`` on read-only and executable file mappings of shared libraries: the
+  kernel drops those pages that no other process maps; any that are used again are read back from
+  the page cache (or disk) on first touch. Writable mappings are never touched (their private pages
+  would need swap). Linux 5.4+; on an older kernel or another libc this is a no-op.
 """
+
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MADV_PAGEOUT = 21
+
+
+@dataclass(slots=True, frozen=True)
+class Released:
+    rss_before_mb: float
+    rss_after_mb: float
+    mappings: int  # library mappings the kernel accepted the advice for
+    trimmed: bool
+
+
+def rss_mb() -> float:
+    """Resident set size from /proc (no psutil in the detector)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_bytes().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _library_ranges() -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    try:
+        with Path("/proc/self/maps").open() as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or "w" in parts[1]:
+                    continue
+                path = parts[5].strip()
+                name = Path(path).name
+                if not path.startswith("/") or not (name.endswith(".so") or ".so." in name):
+                    continue
+                lo, _, hi = parts[0].partition("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def release() -> Released:
+    """Trim the heap and page out library pages; cheap (a few ms), safe to call at any time."""
+    before = rss_mb()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        trim = libc.malloc_trim
+        madvise = libc.madvise
+    except (OSError, AttributeError):  # not glibc / not Linux: nothing to do
+        return Released(before, before, 0, False)
+    trim.argtypes = [ctypes.c_size_t]
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    trim(0)
+    accepted = 0
+    for lo, hi in _library_ranges():
+        accepted += madvise(lo, hi - lo, MADV_PAGEOUT) == 0
+    return Released(round(before, 1), round(rss_mb(), 1), accepted, True)
 
 
 def release_free_memory() -> None:
@@ -30,3 +101,11 @@ async def trim_forever(interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         release_free_memory()
+
+
+async def release_periodically(first_after_s: float, every_s: float) -> None:
+    """:func:`release` once start-up is over, then at an idle pace (off the event loop)."""
+    await asyncio.sleep(first_after_s)
+    while True:
+        await asyncio.to_thread(release)
+        await asyncio.sleep(every_s)

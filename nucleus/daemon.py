@@ -23,7 +23,7 @@ import structlog
 from cloud_sync.service import CloudSync
 from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
-from ipc.memory import trim_forever
+from ipc.memory import release_periodically
 from ipc.server import IpcServer
 from nucleus import __version__, authz, logconfig
 from nucleus.config_store import ConfigStore
@@ -249,7 +249,7 @@ class Daemon:
         engine_task = asyncio.create_task(engine.run(), name="deployments")
         sync_task = asyncio.create_task(cloud.run(), name="cloud-sync")
         stop_task = asyncio.create_task(self._stop.wait())
-        trim_task = asyncio.create_task(trim_forever(30.0), name="malloc-trim")
+        trim_task = asyncio.create_task(release_periodically(5.0, 30.0), name="memory-release")
         try:
             done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if engine_task in done and engine_task.exception() is not None:
