@@ -8,11 +8,15 @@ Runs a real Mosquitto on 127.0.0.1 (Debian package ``mosquitto``) and prints, in
 * flush of a 100k-message backlog after an outage, batched envelope (ours) next to the peer:
   one aiomqtt QoS 1 publish per message (``envelope=raw``);
 * end-to-end latency spool-append → broker → cloud subscriber, p50/p99, paced at 500 msg/s;
+* the outage run of tests/cloud_sync/test_end_to_end.py (a real daemon, a component publishing through
+  ``publish_to_cloud`` at 100 msg/s, 10 link outages and 3 ``kill -9`` of the daemon): messages sent,
+  acknowledged, received, duplicates (and to which kind of disruption they are due), checked by the
+  test's own rules;
 * fleet deployment time for 20 devices (20 ``nucleus run`` daemons in temporary roots, artifacts over
   HTTP): publish → every device SUCCEEDED, then a failing version → every device rolled back; the
   peer is one device deployed with the local ``nucleus deploy`` CLI in the same run.
 
-    .venv/bin/python benchmarks/sync.py [--quick] [--fleet-only] [--devices N]
+    .venv/bin/python benchmarks/sync.py [--quick] [--fleet-only] [--outages-only] [--devices N]
 """
 
 from __future__ import annotations
@@ -273,6 +277,27 @@ async def fleet_time(d: Path, broker_url: str, devices: int) -> dict[str, float]
     return out
 
 
+async def outage_counts(broker: Broker) -> dict[str, int]:
+    """The end-to-end test's scenario and checks (tests/cloud_sync/outage_kit.py), its counts printed."""
+    sys.path.insert(0, str(ROOT / "tests" / "cloud_sync"))
+    from outage_kit import check, run_scenario
+
+    out = await run_scenario(broker.port)
+    c = out.counts()
+    try:
+        check(out)
+        verdict = "checks passed"
+    except AssertionError as exc:
+        verdict = f"CHECK FAILED: {str(exc)[:300]}"
+    print(f"{c['outages']} outages and {c['kills']} daemon kills ({out.seconds:.0f} s, a component at 100 msg/s"
+          " through publish_to_cloud):")
+    print(f"  sent {c['sent']}  acked {c['acked']}  received {c['received']}  duplicates {c['duplicates']}"
+          f" (after outages {c['duplicates_outage']}, after kills {c['duplicates_kill']})")
+    print(f"  lost {c['lost']}, duplicates of recorded deliveries {c['duplicates_recorded']}"
+          f"   (goal: zero loss and zero unacknowledged duplicates) -- {verdict}")
+    return {**c, "check_passed": int(verdict == "checks passed")}
+
+
 async def fleet_figures(d: Path, broker: Broker, devices: int) -> dict[str, float]:
     f = await fleet_time(d, broker.url, devices)
     print(f"fleet deployment, {devices} daemons on this machine (settle 0.5 s, artifact over HTTP):")
@@ -283,7 +308,7 @@ async def fleet_figures(d: Path, broker: Broker, devices: int) -> dict[str, floa
     return f
 
 
-async def main(quick: bool, fleet_only: bool = False, devices: int = 20) -> None:
+async def main(quick: bool, fleet_only: bool = False, devices: int = 20, outages_only: bool = False) -> None:
     d = Path(tempfile.mkdtemp(prefix="syncbench"))
     broker = Broker(d)
     n_write = 20_000 if quick else 100_000
@@ -293,6 +318,9 @@ async def main(quick: bool, fleet_only: bool = False, devices: int = 20) -> None
     try:
         if fleet_only:
             results["fleet"] = await fleet_figures(d, broker, devices)
+            return
+        if outages_only:
+            results["outages"] = await outage_counts(broker)
             return
         print(f"spool writes, durable (fsync per group commit), {n_write} messages, 256 publishers:")
         for size in (256, 4096):
@@ -313,6 +341,7 @@ async def main(quick: bool, fleet_only: bool = False, devices: int = 20) -> None
         p50, p99 = await latency(d, broker.port, broker.url, 2.0 if quick else 5.0)
         results["latency_ms"] = {"p50": p50, "p99": p99}
         print(f"end-to-end spool append -> broker -> subscriber at 500 msg/s: p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+        results["outages"] = await outage_counts(broker)
         results["fleet"] = await fleet_figures(d, broker, devices)
     finally:
         broker.stop()
@@ -324,6 +353,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller counts")
     ap.add_argument("--fleet-only", action="store_true", help="only the fleet deployment figures")
+    ap.add_argument("--outages-only", action="store_true", help="only the 10 outages and 3 daemon kills run")
     ap.add_argument("--devices", type=int, default=20, help="fleet size (daemons on this machine)")
     cli = ap.parse_args()
-    asyncio.run(main(cli.quick, cli.fleet_only, cli.devices))
+    asyncio.run(main(cli.quick, cli.fleet_only, cli.devices, cli.outages_only))

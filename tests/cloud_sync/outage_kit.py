@@ -98,22 +98,28 @@ class Outcome:
         return [self.arrivals[a:b] for a, b in itertools.pairwise(bounds)]
 
     def duplicates(self) -> dict[str, int]:
-        """Extra copies charged to each kind of disruption ("outage", "kill")."""
+        """Extra copies charged to each kind of disruption ("outage", "kill"); "recorded": copies of a
+        message whose delivery had been recorded (gone from the spool) at that disruption; "none":
+        copies without a disruption in between."""
         out: Counter[str] = Counter()
         seen: set[str] = set()
         for i, epoch in enumerate(self.epochs()):
+            spooled = self.disruptions[i - 1].spooled if i else set()
             for mid in epoch:
                 if mid in seen:
                     out[self.disruptions[i - 1].kind if i else "none"] += 1
-            seen.update(epoch)
+                    if mid not in spooled:
+                        out["recorded"] += 1
+                seen.add(mid)
         return dict(out)
 
     def counts(self) -> dict[str, int]:
         dup = self.duplicates()
         received = {self.key_of[m] for m in self.arrivals}
         return {"sent": len(self.sent), "acked": len(self.acked), "received": len(received),
-                "copies": len(self.arrivals), "duplicates": sum(dup.values()),
+                "copies": len(self.arrivals), "duplicates": len(self.arrivals) - len(set(self.arrivals)),
                 "duplicates_outage": dup.get("outage", 0), "duplicates_kill": dup.get("kill", 0),
+                "duplicates_recorded": dup.get("recorded", 0),
                 "lost": len(self.acked - received), "outages": sum(d.kind == "outage" for d in self.disruptions),
                 "kills": sum(d.kind == "kill" for d in self.disruptions)}
 
