@@ -12,17 +12,18 @@ device. Scenarios (issue #3 point 8): (a) 1 -> 1, 256 B, 200k messages, delivere
 lossless ``block`` policy so that, like Mosquitto with an unbounded queue, nothing is dropped and
 the publisher is paced by the slowest reader. Mosquitto needs the Debian package (`mosquitto`).
 
-What it showed on the 2-CPU development machine (2026-11-24, shared with other test runs, so
-each figure moved by up to 2x between runs; the ratio is the stable part):
+What it showed on the 2-CPU development machine (2026-11-24, ``--rounds 5``, shared with other
+test runs at load average ~3; medians, per-round ratio range in brackets):
 
-* (a) 1 -> 1: 160k-275k msg/s vs Mosquitto 22k-40k: 3.5x-8x, typically 7-8x (goal 5x).
-* (b) 1 -> 8: 200k-460k deliveries/s vs 34k-59k: 5x-9.7x, typically 7-8x (goal 10x: not met).
-  CPU per delivery (IPC_BENCH_DEBUG=1): server ~1.3 us, publisher ~0.5 us, each Python
-  subscriber ~5-6 us — eight subscriber processes on two cores are the limit, not the server.
-* (c) p50 0.12-0.14 ms, p99 0.25-0.33 ms vs Mosquitto 0.28-0.50 ms on a quiet machine (goal met);
-  under heavy machine load both degrade and the ordering can flip.
-* (d) 64 KiB: 0.8-1.3 GB/s vs 0.4-0.5 GB/s on a quiet machine.
-* (e) server RSS: within ~2 MiB of the start once freed heap is trimmed (peaks follow the queue
+* (a) 1 -> 1: 499k msg/s vs Mosquitto 34k: 14.6x (9.4x-15.9x) (goal 5x). Before batching
+  (same day, same load): 253k, 6.2x (5.7x-7.5x).
+* (b) 1 -> 8: 619k deliveries/s vs 59k: 13.3x (9.1x-13.6x) (goal 10x). Before: 358k, 6.0x.
+  CPU per delivery: server 0.60 us, publisher 0.08 us, each subscriber 1.59 us (before: 1.28,
+  0.14, 2.54 us); Mosquitto + paho: 5.6, 1.8, 23 us.
+* (c) p50 0.12 ms, p99 0.35 ms vs Mosquitto 0.14 / 0.47 ms (p99 ratio 0.33x-1.9x under that
+  load; a quieter run measured 0.22 vs 0.42 ms). p999 is scheduler noise for both.
+* (d) 64 KiB: 0.78 GB/s vs 0.45 GB/s (0.9x-2.1x).
+* (e) server RSS: within ~1 MiB of the start once freed heap is trimmed (peaks follow the queue
   bounds: at most queue_size messages and 4 MiB of payload per subscription).
 
 Fairness: both peers run the same process layout (broker/server, one publisher process, one
