@@ -169,6 +169,24 @@ def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def _print_declared_clients(root: Path, components: dict[str, Any]) -> None:
+    """Recipes with no lifecycle are local applications: show a new client token once."""
+    for name, info in sorted(components.items()):
+        if not info.get("client"):
+            continue
+        token_file = Paths.at(root).client_token(name)
+        if not info.get("client_token_created"):
+            print(f"local client {name}: token unchanged in {token_file}")
+            continue
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            print(f"local client {name}: token stored in {token_file} ({exc.strerror})")
+            continue
+        print(f"local client {name}: token (shown once, stored owner-only in {token_file}):")
+        print(token)
+
+
 async def _deploy(args: argparse.Namespace) -> int:
     request = build_deploy_request(args)
     if not request["root_components"] and not request["remove"] and not request["config_updates"]:
@@ -194,6 +212,7 @@ async def _deploy(args: argparse.Namespace) -> int:
                     status = event["status"]
                     if status == "SUCCEEDED":
                         print(f"deployment {did}: SUCCEEDED")
+                        _print_declared_clients(_root(args), event.get("components") or {})
                         return EXIT_OK
                     print(f"deployment {did}: {status}: {event.get('reason') or ''}", file=sys.stderr)
                     return EXIT_FAILED

@@ -182,6 +182,7 @@ class Daemon:
         engine = DeploymentEngine(
             self.settings, journal, store, config, orchestrator, notifier,
             platform=platform, apply_policies=apply_policies, request_restart=self.request_restart,
+            declare_client=identities.declare_client, undeclare_client=identities.remove_client,
         )
         def status() -> dict[str, Any]:
             return {

@@ -117,6 +117,8 @@ class DeploymentEngine:
         platform: Mapping[str, str],
         apply_policies: Callable[[str, Mapping[str, Any] | None], None],
         request_restart: Callable[[], None] | None = None,
+        declare_client: Callable[[str], bool] | None = None,
+        undeclare_client: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._journal = journal
@@ -127,6 +129,8 @@ class DeploymentEngine:
         self._platform = dict(platform)
         self._apply_policies = apply_policies
         self._request_restart = request_restart
+        self._declare_client = declare_client
+        self._undeclare_client = undeclare_client
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._current: str | None = None
@@ -364,6 +368,8 @@ class DeploymentEngine:
             for name in removed:
                 self._config.remove(name)
                 self._apply_policies(name, None)
+                if self._undeclare_client is not None:
+                    self._undeclare_client(name)
             for name, doc in plan.configs.items():
                 self._config.set_document(name, doc)
                 self._apply_policies(name, doc)
@@ -501,9 +507,15 @@ class DeploymentEngine:
         if not ok:
             await self._fail(did, req, reason)
             return
-        self._journal.finish(
-            did, DeploymentStatus.SUCCEEDED, active=target, components=self._component_report(target, changed)
-        )
+        report = self._component_report(target, changed)
+        for name in changed:
+            # A recipe with no lifecycle declares a local application: it gets a client token
+            # (stored owner-only under clients/; never in the journal) and its accessControl.
+            entry = self._orch.get(name)
+            if entry is not None and not entry.runner.spec.steps and self._declare_client is not None:
+                report[name]["client_token_created"] = self._declare_client(name)
+                report[name]["client"] = True
+        self._journal.finish(did, DeploymentStatus.SUCCEEDED, active=target, components=report)
         self._progress(did, "succeeded")
         self._notifier.post_update(did, changed)
         await self._cleanup(target)
@@ -524,6 +536,7 @@ class DeploymentEngine:
             log.info("store.removed_unused", components=[f"{n}@{v}" for n, v in removed])
 
     def _component_report(self, target: ActiveSet, changed: list[str]) -> dict[str, dict[str, Any]]:
+        """Per component: version, state, whether this deployment changed it."""
         return {
             n: {"version": v, "state": str(self._orch.state(n) or "NEW"), "changed": n in changed}
             for n, v in target.components.items()

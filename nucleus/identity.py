@@ -126,6 +126,17 @@ class Identities:
         log.info("identity.client_added", client=name)
         return token
 
+    def declare_client(self, name: str) -> bool:
+        """Make sure ``name`` has a client token (a recipe with no lifecycle: a local application).
+
+        Returns True when the token was created now, so its creator can show it once; an existing
+        token is kept, so redeploying the recipe does not lock the application out.
+        """
+        if any(p.kind == "client" and p.name == name for p in self._by_token.values()):
+            return False
+        self.add_client(name)
+        return True
+
     def remove_client(self, name: str) -> None:
         for token, principal in list(self._by_token.items()):
             if principal.kind == "client" and principal.name == name:

@@ -322,3 +322,41 @@ def test_another_components_configuration_with_policy_and_metrics(daemon: Any, s
     assert owner["configuration"]["threshold"] == 0.7
     peer = json.loads(daemon.cli("status", "test.Peer").stdout)
     assert peer["metrics"]["windows"]["value"] == 42
+
+
+def test_recipe_without_lifecycle_declares_a_local_client(daemon: Any, short_tmp: Path) -> None:
+    policy = {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#PublishToTopic"],
+                                                   "resources": ["dashboard/+"]}}}
+    recipe = short_tmp / "app.json"
+    recipe.write_text(json.dumps({
+        "RecipeFormatVersion": "2020-01-25", "ComponentName": "test.Dashboard", "ComponentVersion": "1.0.0",
+        "ComponentConfiguration": {"DefaultConfiguration": {"accessControl": policy}},
+    }))
+    out = daemon.cli("deploy", str(recipe)).stdout
+    lines = out.strip().splitlines()
+    assert "local client test.Dashboard: token (shown once" in lines[-2]
+    token = lines[-1]
+    token_file = daemon.root / "clients" / "test.Dashboard.token"
+    assert token_file.read_text().strip() == token and token_file.stat().st_mode & 0o077 == 0
+    assert token not in (daemon.root / "logs" / "nucleus.log").read_text()
+    assert token not in (daemon.root / "db" / "nucleus.db").read_bytes().decode(errors="replace")
+    # Redeploying keeps the token.
+    again = daemon.cli("deploy", str(recipe)).stdout
+    assert token not in again
+
+    async def use() -> None:
+        async with Client(daemon.root / "ipc.sock", token) as c:
+            await c.publish("dashboard/a", {"x": 1}, confirm=True)
+            with pytest.raises(Unauthorized):
+                await c.publish("sensors/a/raw", {"x": 1}, confirm=True)
+
+    asyncio.run(use())
+    daemon.cli("deploy", "--remove", "test.Dashboard")
+    assert not token_file.exists()
+
+    async def refused() -> None:
+        with pytest.raises(Unauthenticated):
+            async with Client(daemon.root / "ipc.sock", token) as c:
+                await c.list_components()
+
+    asyncio.run(refused())
