@@ -1,0 +1,47 @@
+"""A link that accepts TCP and closes it before the CONNACK (a proxy whose broker is down, a broker at
+its connection limit) must cost the backoff, not connect_timeout_s, per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.settings import SyncSettings
+from cloud_sync.spool import Spool
+from cloud_sync.uplink import Uplink
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_connection_closed_before_connack_fails_the_attempt_at_once(tmp_path: Path) -> None:
+    accepted = 0
+
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(1)  # the CONNECT arrived; no CONNACK
+        writer.transport.abort()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # connect_timeout_s is the ceiling of one attempt: 3 attempts would take 90 s if each waited for it.
+    settings = SyncSettings(url=f"mqtt://127.0.0.1:{port}", connect_timeout_s=30, reconnect_initial_s=0.05,
+                            reconnect_max_s=0.1)
+    spool = Spool(tmp_path / "spool.db")
+    await spool.open()
+    uplink = Uplink(settings, spool, thing_name="slammed", rng=random.Random(1))
+    task = asyncio.create_task(uplink.run())
+    try:
+        async with asyncio.timeout(20):
+            while accepted < 3 or len(uplink.errors) < 2:
+                await asyncio.sleep(0.02)
+    finally:
+        await uplink.close()
+        await asyncio.wait_for(task, 10)
+        await spool.close()
+        server.close()
+    assert {e["code"] for e in uplink.errors} == {"CONNECT_FAILED"}
+    assert uplink.counters["connects"] == 0
