@@ -277,12 +277,20 @@ async def fleet_time(d: Path, broker_url: str, devices: int) -> dict[str, float]
     return out
 
 
-async def outage_counts(broker: Broker) -> dict[str, int]:
-    """The end-to-end test's scenario and checks (tests/cloud_sync/outage_kit.py), its counts printed."""
+async def outage_counts(d: Path) -> dict[str, int]:
+    """The end-to-end test's scenario and checks (tests/cloud_sync/outage_kit.py), its counts printed.
+
+    Its own broker (the test kit's, with persistence), since the scenario stops and starts it."""
     sys.path.insert(0, str(ROOT / "tests" / "cloud_sync"))
     from outage_kit import check, run_scenario
+    from sync_testkit import Mosquitto
 
-    out = await run_scenario(broker.port)
+    broker = Mosquitto(d / "e2e-broker")
+    broker.start()
+    try:
+        out = await run_scenario(broker)
+    finally:
+        broker.stop()
     c = out.counts()
     try:
         check(out)
@@ -292,7 +300,8 @@ async def outage_counts(broker: Broker) -> dict[str, int]:
     print(f"{c['outages']} outages and {c['kills']} daemon kills ({out.seconds:.0f} s, a component at 100 msg/s"
           " through publish_to_cloud):")
     print(f"  sent {c['sent']}  acked {c['acked']}  received {c['received']}  duplicates {c['duplicates']}"
-          f" (after outages {c['duplicates_outage']}, after kills {c['duplicates_kill']})")
+          f" (after outages {c['duplicates_outage']}, after kills {c['duplicates_kill']});"
+          f" broker -> cloud redeliveries after broker restarts {c['broker_redeliveries']}")
     print(f"  lost {c['lost']}, duplicates of recorded deliveries {c['duplicates_recorded']}"
           f"   (goal: zero loss and zero unacknowledged duplicates) -- {verdict}")
     return {**c, "check_passed": int(verdict == "checks passed")}
@@ -320,7 +329,7 @@ async def main(quick: bool, fleet_only: bool = False, devices: int = 20, outages
             results["fleet"] = await fleet_figures(d, broker, devices)
             return
         if outages_only:
-            results["outages"] = await outage_counts(broker)
+            results["outages"] = await outage_counts(d)
             return
         print(f"spool writes, durable (fsync per group commit), {n_write} messages, 256 publishers:")
         for size in (256, 4096):
@@ -341,7 +350,7 @@ async def main(quick: bool, fleet_only: bool = False, devices: int = 20, outages
         p50, p99 = await latency(d, broker.port, broker.url, 2.0 if quick else 5.0)
         results["latency_ms"] = {"p50": p50, "p99": p99}
         print(f"end-to-end spool append -> broker -> subscriber at 500 msg/s: p50 {p50:.2f} ms  p99 {p99:.2f} ms")
-        results["outages"] = await outage_counts(broker)
+        results["outages"] = await outage_counts(d)
         results["fleet"] = await fleet_figures(d, broker, devices)
     finally:
         broker.stop()

@@ -1,11 +1,16 @@
 """The whole product under outages and daemon kills: shared by test_end_to_end.py and benchmarks/sync.py.
 
-A real ``nucleus run`` daemon, its uplink going to a real Mosquitto through a TCP relay that the
-scenario cuts; a real component deployed with ``nucleus deploy`` that publishes numbered messages
+A real ``nucleus run`` daemon, its uplink going to a real Mosquitto through a TCP relay; a real component deployed with ``nucleus deploy`` that publishes numbered messages
 through the SDK (``publish_to_cloud``) at a steady rate and appends every acknowledged one to a
-file (fsynced); a cloud-side persistent-session subscriber connected to the broker directly. The
-scenario cuts the link ``outages`` times and ``kill -9``s the daemon ``kills`` times (restarting
-it), interleaved, then stops the publisher and waits until everything spooled has arrived.
+file (fsynced); a cloud-side persistent-session subscriber (paho, QoS 1) connected to the broker
+directly. The plan interleaves 10 outages (5 link cuts at the relay, 5 broker stop/start) and 3
+``kill -9`` of the daemon (restarted each time); then the publisher stops and the scenario waits
+until everything spooled has arrived.
+
+A broker restart also breaks the cloud side's own link: Mosquitto then delivers again, with the
+DUP flag, what the subscriber may not have acknowledged. Those copies are the cloud leg's
+at-least-once, not the device's; they are counted apart (``broker_redeliveries``) and left out of
+the device's duplicates. A device's resend is a new PUBLISH, never flagged DUP.
 
 What may be duplicated is decided by the spool, the product's own record of acknowledgement: a
 message is deleted from it only once its PUBACK came back (and the deletion committed). At every
@@ -26,22 +31,102 @@ import shutil
 import sqlite3
 import tempfile
 import textwrap
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sync_testkit import Collector, LinkCutter, assert_ordered_first_arrivals
+import paho.mqtt.client as paho
+from sync_testkit import LinkCutter, assert_ordered_first_arrivals
+
+from cloud_sync import envelope
 
 from tests.conftest import FAST_SETTINGS, Daemon, kill_component_processes
 
 THING = "e2e-dev"
 TOPIC = f"fleet/{THING}/telemetry"
 COMPONENT = "test.CloudCounter"
-# 10 outages and 3 kills, interleaved; one kill lands right after a link comes back (backlog in flight).
-PLAN = ("outage", "outage", "outage", "kill", "outage", "outage", "outage+kill", "outage", "outage", "kill",
-        "outage", "outage")
+# 10 outages (link cut at the relay, or the broker stopped) and 3 daemon kills, interleaved; one kill
+# lands right after the link came back, while the outage's backlog is being flushed.
+PLAN = ("cut", "broker", "cut", "kill", "broker", "cut", "broker+kill", "cut", "broker", "kill", "cut", "broker")
+
+
+class Broker(Protocol):
+    port: int
+
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+class CloudSubscriber:
+    """The cloud side: paho, persistent session, QoS 1; records every envelope item in arrival order.
+
+    paho (not aiomqtt) because the DUP flag tells a broker's redelivery to this subscriber apart
+    from a new PUBLISH by the device.
+    """
+
+    def __init__(self, port: int, topic_filter: str) -> None:
+        self.ids: list[str] = []
+        self.by_topic: dict[str, list[str]] = {}
+        self.payloads: dict[str, Any] = {}
+        self.broker_redeliveries = 0
+        self.malformed = 0
+        self._filter = topic_filter
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="cloud-e2e", clean_session=False)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.05, 0.5)
+        self._client.connect_async("127.0.0.1", port, keepalive=30)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not rc.is_failure:
+            client.subscribe(self._filter, qos=1)
+            self._ready.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:  # an exception would end paho's thread: record it as a malformed arrival instead
+            _, delivered = envelope.parse(msg.payload)
+        except (ValueError, KeyError, TypeError):
+            delivered = [envelope.Delivered(None, None, msg.payload)]
+        with self._lock:
+            for d in delivered:
+                if d.id is None:
+                    self.malformed += 1
+                    continue
+                if msg.dup and d.id in self.payloads:
+                    self.broker_redeliveries += 1
+                    continue
+                self.ids.append(d.id)
+                self.by_topic.setdefault(msg.topic, []).append(d.id)
+                self.payloads[d.id] = d.payload
+
+    def copy_into(self, out: Outcome) -> None:
+        with self._lock:
+            out.arrivals = list(self.ids)
+            out.by_topic = {t: list(ids) for t, ids in self.by_topic.items()}
+            out.broker_redeliveries = self.broker_redeliveries
+            out.malformed = self.malformed
+            for mid in set(out.arrivals):
+                p = self.payloads[mid]
+                out.key_of[mid] = (str(p["run"]), int(p["n"]))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.ids)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._client.loop_start()
+        if not self._ready.wait(timeout):
+            raise AssertionError("the cloud subscriber could not connect to the broker")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
 
 PUBLISHER = """
     import asyncio, os, time, uuid
@@ -73,7 +158,7 @@ PUBLISHER = """
 
 @dataclass(slots=True)
 class Disruption:
-    kind: str  # "outage" or "kill"
+    kind: str  # "cut" (the link, at the relay), "broker" (stopped and started) or "kill" (the daemon)
     mark: int  # index in the arrival list where the next epoch starts
     spooled: set[str]  # message ids in the spool after the old link was gone
 
@@ -90,6 +175,8 @@ class Outcome:
     disruptions: list[Disruption] = field(default_factory=list)
     offline_acked: list[set[tuple[str, int]]] = field(default_factory=list)  # acked while each outage lasted
     daemon_pids: list[int] = field(default_factory=list)
+    broker_redeliveries: int = 0
+    malformed: int = 0
     seconds: float = 0.0
 
     # --- derived ---------------------------------------------------------------------------------------
@@ -98,7 +185,7 @@ class Outcome:
         return [self.arrivals[a:b] for a, b in itertools.pairwise(bounds)]
 
     def duplicates(self) -> dict[str, int]:
-        """Extra copies charged to each kind of disruption ("outage", "kill"); "recorded": copies of a
+        """Extra copies charged to each kind of disruption ("cut", "broker", "kill"); "recorded": copies of a
         message whose delivery had been recorded (gone from the spool) at that disruption; "none":
         copies without a disruption in between."""
         out: Counter[str] = Counter()
@@ -118,9 +205,9 @@ class Outcome:
         received = {self.key_of[m] for m in self.arrivals}
         return {"sent": len(self.sent), "acked": len(self.acked), "received": len(received),
                 "copies": len(self.arrivals), "duplicates": len(self.arrivals) - len(set(self.arrivals)),
-                "duplicates_outage": dup.get("outage", 0), "duplicates_kill": dup.get("kill", 0),
-                "duplicates_recorded": dup.get("recorded", 0),
-                "lost": len(self.acked - received), "outages": sum(d.kind == "outage" for d in self.disruptions),
+                "duplicates_outage": dup.get("cut", 0) + dup.get("broker", 0), "duplicates_kill": dup.get("kill", 0),
+                "duplicates_recorded": dup.get("recorded", 0), "broker_redeliveries": self.broker_redeliveries,
+                "lost": len(self.acked - received), "outages": sum(d.kind != "kill" for d in self.disruptions),
                 "kills": sum(d.kind == "kill" for d in self.disruptions)}
 
 
@@ -184,19 +271,19 @@ async def _until(what: str, check: Any, timeout: float, daemon: Daemon | None = 
         await asyncio.sleep(0.02)
 
 
-async def run_scenario(broker_port: int, *, plan: tuple[str, ...] = PLAN, rate: float = 100.0,
+async def run_scenario(broker: Broker, *, plan: tuple[str, ...] = PLAN, rate: float = 100.0,
                        connected_s: float = 1.0, outage_s: float = 0.6) -> Outcome:
-    """Run the plan against a broker on 127.0.0.1:``broker_port``; every wait is bounded."""
+    """Run the plan against a running broker on 127.0.0.1 that it may stop and start; every wait is bounded."""
     t0 = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="nuc-", dir="/tmp"))  # short: the IPC socket path must fit
-    relay = LinkCutter(broker_port)
-    collector = Collector(broker_port, topic_filter=TOPIC)
+    relay = LinkCutter(broker.port)
+    collector = CloudSubscriber(broker.port, TOPIC)
     log, stop = base / "acked.log", base / "stop"
     daemon = Daemon(base / "root", settings(relay.url))
     out = Outcome()
     try:
         await relay.restore()
-        await collector.start()
+        await asyncio.to_thread(collector.start)
         await asyncio.to_thread(daemon.start)
         assert daemon.proc is not None
         out.daemon_pids.append(daemon.proc.pid)
@@ -205,34 +292,41 @@ async def run_scenario(broker_port: int, *, plan: tuple[str, ...] = PLAN, rate: 
         spool = daemon.root / "db" / "spool.db"
 
         def arrived_since(n: int, k: int) -> bool:
-            return len(collector.ids) >= n + k
+            return len(collector) >= n + k
 
         await _until("the first messages in the cloud", lambda: arrived_since(0, 20), 30, daemon)
         for step in plan:
-            mark = len(collector.ids)
+            mark = len(collector)
             await _until("traffic on the link", lambda m=mark: arrived_since(m, int(rate * connected_s * 0.5)),
                          20, daemon)
             await asyncio.sleep(connected_s * 0.5)
             kill_now = step == "kill"
-            if step.startswith("outage"):
-                await relay.cut()
+            outage = step.split("+")[0]
+            if outage in ("cut", "broker"):
+                if outage == "cut":
+                    await relay.cut()
+                else:
+                    await asyncio.to_thread(broker.stop)
                 at_cut = Outcome()
                 read_log(log, at_cut)  # a call not yet begun now is spooled after the cut
                 await asyncio.sleep(outage_s)  # the component keeps publishing: into the spool
                 snapshot = await asyncio.to_thread(spooled_ids, spool)
                 read_log(log, out)
                 out.offline_acked.append(out.acked - at_cut.sent)
-                out.disruptions.append(Disruption("outage", len(collector.ids), snapshot))
-                await relay.restore()
-                if step == "outage+kill":  # the backlog of the outage is being flushed: kill now
-                    back = len(collector.ids)
+                out.disruptions.append(Disruption(outage, len(collector), snapshot))
+                if outage == "cut":
+                    await relay.restore()
+                else:
+                    await asyncio.to_thread(broker.start)
+                if step.endswith("+kill"):  # the backlog of the outage is being flushed: kill now
+                    back = len(collector)
                     await _until("the backlog flush", lambda m=back: arrived_since(m, 1), 10, daemon)
                     kill_now = True
             if kill_now:
                 await asyncio.to_thread(daemon.kill9)
                 await asyncio.sleep(0.3)  # what the dead daemon had written to its socket lands first
                 snapshot = await asyncio.to_thread(spooled_ids, spool)
-                out.disruptions.append(Disruption("kill", len(collector.ids), snapshot))
+                out.disruptions.append(Disruption("kill", len(collector), snapshot))
                 await asyncio.to_thread(daemon.start)  # kills the orphaned component, starts a new one
                 out.daemon_pids.append(daemon.proc.pid)
         stop.touch()
@@ -245,18 +339,14 @@ async def run_scenario(broker_port: int, *, plan: tuple[str, ...] = PLAN, rate: 
         await _until("the publisher to stop", stopped, 15, daemon)
         await _until("the spool to drain", lambda: not spooled_ids(spool), 30, daemon)
         await asyncio.sleep(0.3)  # the last PUBLISH -> subscriber
-        out.arrivals = list(collector.ids)
-        out.by_topic = {t: list(ids) for t, ids in collector.by_topic.items()}
-        for mid in set(out.arrivals):
-            p = collector.payloads[mid]
-            out.key_of[mid] = (str(p["run"]), int(p["n"]))
+        collector.copy_into(out)
         out.seconds = time.monotonic() - t0
         return out
     finally:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(daemon.stop)
         kill_component_processes(daemon.root)
-        await collector.stop()
+        await asyncio.to_thread(collector.stop)
         await relay.cut()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -271,13 +361,14 @@ def check(out: Outcome) -> None:
     for i, epoch in enumerate(out.epochs()):
         for mid in epoch:
             epoch_of.setdefault(out.key_of[mid], i)
-    outages = [i for i, d in enumerate(out.disruptions) if d.kind == "outage"]
+    outages = [i for i, d in enumerate(out.disruptions) if d.kind != "kill"]
     for k, i in enumerate(outages):
         offline = out.offline_acked[k]
         assert offline, f"outage {k}: nothing was published while the link was down"
         early = [key for key in offline if epoch_of.get(key, i + 1) <= i]
         assert not early, f"outage {k}: {early[:3]} reached the cloud while the link was cut"
 
+    assert not out.malformed, f"{out.malformed} cloud messages were not envelopes with ids"
     # Zero loss: every message the component saw acknowledged reached the cloud.
     lost = out.acked - received
     assert not lost, f"{len(lost)} acknowledged messages never reached the cloud, e.g. {sorted(lost)[:5]}"

@@ -1,5 +1,5 @@
 """The whole product, end to end: a component's messages reach the cloud through 10 link outages and
-3 ``kill -9`` of the daemon. Nothing acknowledged is lost, and a message arrives twice only if its
+3 ``kill -9`` of the daemon (the outages: 5 link cuts, 5 broker stop/start). Nothing acknowledged is lost, and a message arrives twice only if its
 delivery had not been recorded (it was still in the spool) when the link or the daemon went away.
 The scenario and the exact rules are in outage_kit.py; benchmarks/sync.py prints the same run's counts."""
 
@@ -14,7 +14,7 @@ from sync_testkit import Mosquitto
 @pytest.mark.timeout(150)
 async def test_ten_outages_and_three_daemon_kills_lose_nothing_and_duplicate_only_the_unrecorded(
         broker: Mosquitto) -> None:
-    outcome = await run_scenario(broker.port)
+    outcome = await run_scenario(broker)
     counts = outcome.counts()
     print(counts)
     assert counts["outages"] == 10 and counts["kills"] == 3
