@@ -1,6 +1,7 @@
 """The whole product under outages and daemon kills: shared by test_end_to_end.py and benchmarks/sync.py.
 
-A real ``nucleus run`` daemon, its uplink going to a real Mosquitto through a TCP relay; a real component deployed with ``nucleus deploy`` that publishes numbered messages
+A real ``nucleus run`` daemon, its uplink going to a real Mosquitto through a TCP relay; a real
+component deployed with ``nucleus deploy`` that publishes numbered messages
 through the SDK (``publish_to_cloud``) at a steady rate and appends every acknowledged one to a
 file (fsynced); a cloud-side persistent-session subscriber (paho, QoS 1) connected to the broker
 directly. The plan interleaves 10 outages (5 link cuts at the relay, 5 broker stop/start) and 3
@@ -39,10 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from sync_testkit import LinkCutter, assert_ordered_first_arrivals
 
 from cloud_sync import envelope
-
 from tests.conftest import FAST_SETTINGS, Daemon, kill_component_processes
 
 THING = "e2e-dev"
@@ -77,10 +78,10 @@ class CloudSubscriber:
         self._filter = topic_filter
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="cloud-e2e", clean_session=False)
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud-e2e", clean_session=False)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.05, 0.5)
+        self._client.reconnect_delay_set(1, 1)
         self._client.connect_async("127.0.0.1", port, keepalive=30)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -90,7 +91,7 @@ class CloudSubscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:  # an exception would end paho's thread: record it as a malformed arrival instead
-            _, delivered = envelope.parse(msg.payload)
+            _, delivered = envelope.parse(bytes(msg.payload))
         except (ValueError, KeyError, TypeError):
             delivered = [envelope.Delivered(None, None, msg.payload)]
         with self._lock:

@@ -1,6 +1,7 @@
-"""The whole product, end to end: a component's messages reach the cloud through 10 link outages and
-3 ``kill -9`` of the daemon (the outages: 5 link cuts, 5 broker stop/start). Nothing acknowledged is lost, and a message arrives twice only if its
-delivery had not been recorded (it was still in the spool) when the link or the daemon went away.
+"""The whole product, end to end: a component's messages reach the cloud through 10 outages (5 link
+cuts, 5 broker stop/start) and 3 ``kill -9`` of the daemon. Nothing acknowledged is lost, and a
+message arrives twice only if its delivery had not been recorded (it was still in the spool) when
+the link or the daemon went away.
 The scenario and the exact rules are in outage_kit.py; benchmarks/sync.py prints the same run's counts."""
 
 from __future__ import annotations
