@@ -711,9 +711,14 @@ class Client:
         await self.call("metrics.put", {"metrics": [dict(m) for m in metrics]})
 
     async def publish_to_cloud(self, topic: str, payload: Any, *, qos: int = 1, priority: int = 0,
-                               ttl_s: float | None = None) -> None:
-        await self.call("cloud.publish", {"topic": topic, "payload": payload, "qos": qos,
-                                          "priority": priority, "ttl_s": ttl_s})
+                               ttl_s: float | None = None, retain: bool = False) -> str:
+        """Hand a message to the cloud uplink; returns once it is durable in the spool.
+
+        The returned id is stable across retries and restarts: the cloud side dedupes on it.
+        """
+        result = await self.call("cloud.publish", {"topic": topic, "payload": payload, "qos": qos,
+                                                   "priority": priority, "ttl_s": ttl_s, "retain": retain})
+        return str(result["id"]) if isinstance(result, dict) and "id" in result else ""
 
     @contextlib.asynccontextmanager
     async def subscribe_to_cloud(self, topic_filter: str) -> AsyncIterator[AsyncIterator[Message]]:
