@@ -8,11 +8,11 @@
    action trips again and again, and watches every batch, event and decision.
 
    "Window complete" is the publish of the batch that completes the window (the event's
-   ``window.seq_last``). The ingest does not stamp its publish, so it is bracketed:
-   * from the batch's due time (``t0`` + samples / rate: the pacer never publishes a batch earlier)
-     — an upper bound on the latency, and what the goal is judged on;
-   * from the moment a bus subscriber (this benchmark) received the batch — about when the detector
-     did; a lower bound.
+   ``window.seq_last``): the ingest stamps ``published_at`` (wall clock) right before handing the
+   batch to the bus, and the goal is judged from there, as the issue defines it. Two brackets are
+   printed beside it: from the batch's due time (``t0`` + samples / rate; adds the ingest's own
+   wake-up lateness, an upper bound) and from the moment another bus subscriber (this benchmark)
+   received the batch (about when the detector did).
    The event side is the detector's ``published_at``; the actuator side is the action's
    ``timing.actuated_at`` (wall clock taken right before the actuator call).
 2. **Detector throughput through the bus.** The same detector, pinned to one core, is fed recorded
@@ -81,7 +81,8 @@ def pct(values: list[float]) -> str:
 
 @dataclass(slots=True)
 class Seen:
-    batches: dict[int, tuple[float, float]] = field(default_factory=dict)  # seq -> (due wall, received wall)
+    # seq -> (due wall, published wall, received wall)
+    batches: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     bench_events: list[float] = field(default_factory=list)  # receive times of bench-asset events
@@ -96,7 +97,8 @@ async def watch(client: Client, seen: Seen) -> None:
             async for m in msgs:
                 now = time.time()
                 p = m.payload
-                seen.batches[int(p["seq"])] = (float(p["t0"]) + p["data"].shape[1] / float(p["rate_hz"]), now)
+                due = float(p["t0"]) + p["data"].shape[1] / float(p["rate_hz"])
+                seen.batches[int(p["seq"])] = (due, float(p.get("published_at", now)), now)
 
     async def anomalies() -> None:
         async with client.subscribe("anomaly/+", queue_size=100_000, policy="block") as msgs:
@@ -255,22 +257,24 @@ async def live(root: Path, token: str, args: argparse.Namespace, recording: Path
 
 
 def report_live(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    batches: dict[int, tuple[float, float]] = r["batches"]
+    batches: dict[int, tuple[float, float, float]] = r["batches"]
     by_id = {e["event_id"]: e for e in r["events"]}
-    ev_due, ev_recv = [], []
+    ev_due, ev_pub, ev_recv = [], [], []
     for e in r["events"]:
         b = batches.get(int(e["window"]["seq_last"]))
         if b is not None:
             ev_due.append((e["published_at"] - b[0]) * 1e3)
-            ev_recv.append((e["published_at"] - b[1]) * 1e3)
-    act_due, act_recv, act_event, act_receive = [], [], [], []
+            ev_pub.append((e["published_at"] - b[1]) * 1e3)
+            ev_recv.append((e["published_at"] - b[2]) * 1e3)
+    act_due, act_pub, act_recv, act_event, act_receive = [], [], [], [], []
     trips = [a for a in r["actions"] if a["state"] == "tripped" and a.get("actions")]
     for a in trips:
         e = by_id.get(a["event_ids"][-1]) if a.get("event_ids") else None
         b = batches.get(int(e["window"]["seq_last"])) if e else None
         if b is not None:
             act_due.append((a["timing"]["actuated_at"] - b[0]) * 1e3)
-            act_recv.append((a["timing"]["actuated_at"] - b[1]) * 1e3)
+            act_pub.append((a["timing"]["actuated_at"] - b[1]) * 1e3)
+            act_recv.append((a["timing"]["actuated_at"] - b[2]) * 1e3)
         if "event_to_actuator_ms" in a["timing"]:
             act_event.append(a["timing"]["event_to_actuator_ms"])
         if "receive_to_actuator_ms" in a["timing"]:
@@ -283,18 +287,21 @@ def report_live(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"  {len(r['events'])} scored windows, {len(trips)} trips (engage_brake), {len(seqs)} batches seen "
           f"({lost} missing at this client), detector skipped: {r['skipped'] or 'none'}")
     print("  window complete -> anomaly event")
-    print(f"    from the batch's due time (upper bound)     {pct(ev_due)}")
-    print(f"    from its arrival at a subscriber (lower b.)  {pct(ev_recv)}")
+    print(f"    from the publish of the completing batch     {pct(ev_pub)}")
+    print(f"    from the batch's due time (+ ingest wake-up) {pct(ev_due)}")
+    print(f"    from its arrival at another subscriber       {pct(ev_recv)}")
     print("  window complete -> actuator call")
-    print(f"    from the batch's due time (upper bound)     {pct(act_due)}")
-    print(f"    from its arrival at a subscriber (lower b.)  {pct(act_recv)}")
+    print(f"    from the publish of the completing batch     {pct(act_pub)}")
+    print(f"    from the batch's due time (+ ingest wake-up) {pct(act_due)}")
+    print(f"    from its arrival at another subscriber       {pct(act_recv)}")
     print(f"    anomaly event published -> actuator          {pct(act_event)}")
     print(f"    (inside the action: receive -> actuator)     {pct(act_receive)}")
-    p99 = float(np.percentile(act_due, 99)) if act_due else float("nan")
-    met = bool(act_due) and p99 < GOAL_LATENCY_MS
+    # The issue's definition: from the publish of the batch that completes a window.
+    p99 = float(np.percentile(act_pub, 99)) if act_pub else float("nan")
+    met = bool(act_pub) and p99 < GOAL_LATENCY_MS
     print(f"  goal: window complete -> actuator p99 < {GOAL_LATENCY_MS:g} ms: {'MET' if met else 'NOT MET'} "
-          f"(p99 {p99:.2f} ms from the due time, n={len(act_due)}"
-          f"{'; few samples: p99 is close to the max' if len(act_due) < 100 else ''})")
+          f"(p99 {p99:.2f} ms from the completing batch's publish, n={len(act_pub)}"
+          f"{'; few samples: p99 is close to the max' if len(act_pub) < 100 else ''})")
     print("\n  CPU of each component during the run (share of one core) and RSS:")
     for name in (INGEST, DETECTOR, ACTION):
         print(f"    {name:32s} CPU {100 * r['cpu'].get(name, 0):5.1f} %   RSS {r['rss'].get(name, 0):6.1f} MB")

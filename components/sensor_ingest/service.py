@@ -148,7 +148,10 @@ class IngestService:
         gen = self._batches()
         try:
             async for batch in gen:
-                await self.client.publish(topic, self.sequencer.payload(batch))
+                payload = self.sequencer.payload(batch)
+                # Wall time of the hand-over to the bus: where end-to-end latency budgets start.
+                payload["published_at"] = self.clocks.wall()
+                await self.client.publish(topic, payload)
                 self.published += 1
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
