@@ -242,8 +242,9 @@ async def live(root: Path, token: str, args: argparse.Namespace, recording: Path
         out["skipped"] = dict(seen.heartbeat.get("skipped") or {})
         out["events"], out["actions"], out["batches"] = seen.events, seen.actions, seen.batches
         out["pids"] = pids
-        out["sklearn_mapped"] = mapped(pids[DETECTOR], "sklearn")
-        out["scipy_mapped"] = mapped(pids[DETECTOR], "scipy")
+        # Package directories, not substrings: numpy bundles an OpenBLAS named "libscipy_openblas".
+        out["sklearn_mapped"] = mapped(pids[DETECTOR], "/sklearn/")
+        out["scipy_mapped"] = mapped(pids[DETECTOR], "/scipy/")
 
         print(f"  saturating the detector (pinned to one core) for {args.saturate_s:.0f} s ...", flush=True)
         cores = sorted(os.sched_getaffinity(0))
