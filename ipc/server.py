@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
-import os
 import socket
-import stat
 import struct
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from pathlib import Path
@@ -42,6 +39,7 @@ from ipc.errors import (
     ProtocolError,
     ServiceError,
 )
+from ipc.listener import listen_unix
 
 log = structlog.get_logger("ipc.server")
 
@@ -778,46 +776,8 @@ class IpcServer:
 
     async def start(self) -> None:
         path = self.socket_path
-        if len(os.fsencode(path)) > 107:
-            raise ValueError(f"socket path {path} is longer than the 107 bytes a Unix socket allows")
-        self._remove_stale(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # no window in which the socket is world-connectable
-        try:
-            sock.bind(os.fspath(path))
-        finally:
-            os.umask(old_umask)
-        try:
-            path.chmod(self.mode)
-            if self.group is not None:
-                os.chown(path, -1, grp.getgrnam(self.group).gr_gid)
-            self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _Connection(self), sock=sock, backlog=4096)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            raise
+        self._server = await listen_unix(path, lambda: _Connection(self), mode=self.mode, group=self.group)
         log.info("ipc.server_started", path=str(path), mode=oct(self.mode), group=self.group)
-
-    @staticmethod
-    def _remove_stale(path: Path) -> None:
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(os.fspath(path))
-        except OSError:
-            path.unlink()  # nobody listening: left over from a crash
-            return
-        finally:
-            probe.close()
-        raise FileExistsError(f"another server is already listening on {path}")
 
     async def close(self) -> None:
         if self._server is None:
