@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -96,6 +97,43 @@ class ConfigUpdate(BaseModel):
 
     merge: dict[str, Any] = Field(default_factory=dict)
     reset: list[str] = Field(default_factory=list)
+
+
+def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
+    """The Greengrass CLI's ``--update-config`` document: ``{"Name": {"MERGE": {...}, "RESET": [...]}}``.
+
+    ``@file.json`` reads a file. Keys are case-insensitive; MERGE may be a JSON string (as the
+    Greengrass CLI accepts). Raises ValueError naming the component and the problem.
+    """
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("must map component names to {MERGE, RESET}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, update in data.items():
+        if not isinstance(update, dict):
+            raise ValueError(f"{name} must be an object with MERGE/RESET")
+        keys = {str(k).lower(): v for k, v in update.items()}
+        unknown = set(keys) - {"merge", "reset"}
+        if unknown:
+            raise ValueError(f"{name}: unknown keys {sorted(unknown)} (use MERGE, RESET)")
+        merge = keys.get("merge") or {}
+        if isinstance(merge, str):
+            try:
+                merge = json.loads(merge)
+            except ValueError as exc:
+                raise ValueError(f"{name}: MERGE is a string but not JSON: {exc}") from exc
+        if not isinstance(merge, dict):
+            raise ValueError(f"{name}: MERGE must be an object")
+        reset = keys.get("reset") or []
+        if not isinstance(reset, list) or not all(isinstance(r, str) for r in reset):
+            raise ValueError(f"{name}: RESET must be a list of JSON pointers")
+        out[name] = {"merge": merge, "reset": list(reset)}
+    return out
 
 
 class Rollout(BaseModel):

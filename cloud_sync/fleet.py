@@ -36,6 +36,7 @@ from cloud_sync.deployment_document import (
     Target,
     new_document,
     parse,
+    parse_config_updates,
 )
 from cloud_sync.errors import LinkError, SyncError
 from cloud_sync.uplink import parse_url
@@ -300,15 +301,10 @@ def _target(args: argparse.Namespace) -> Target:
 def _config_updates(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text()
     try:
-        data = json.loads(text)
+        return parse_config_updates(text)
     except ValueError as exc:
-        raise FleetError(f"--update-config is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise FleetError('--update-config must be {"Name": {"MERGE": {...}, "RESET": ["/ptr"]}}')
-    return {name: {k.lower(): v for k, v in upd.items()} for name, upd in data.items()}
+        raise FleetError(f"--update-config: {exc}") from exc
 
 
 def document_from_args(args: argparse.Namespace, *,

@@ -87,31 +87,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _parse_config_update(text: str | None) -> dict[str, dict[str, Any]]:
+    from cloud_sync.deployment_document import parse_config_updates
+
     if not text:
         return {}
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text()
     try:
-        data = json.loads(text)
+        return parse_config_updates(text)
     except ValueError as exc:
-        raise NucleusError(f"--update-config is not valid JSON: {exc}", field="--update-config") from exc
-    if not isinstance(data, dict):
-        raise NucleusError("--update-config must map component names to {MERGE, RESET}", field="--update-config")
-    out: dict[str, dict[str, Any]] = {}
-    for name, update in data.items():
-        if not isinstance(update, dict):
-            raise NucleusError(f"--update-config: {name} must be an object with MERGE/RESET",
-                               field="--update-config", component=name)
-        keys = {k.lower(): v for k, v in update.items()}
-        unknown = set(keys) - {"merge", "reset"}
-        if unknown:
-            raise NucleusError(f"--update-config: {name}: unknown keys {sorted(unknown)} (use MERGE, RESET)",
-                               field="--update-config", component=name)
-        merge = keys.get("merge") or {}
-        if isinstance(merge, str):
-            merge = json.loads(merge)
-        out[name] = {"merge": merge, "reset": list(keys.get("reset") or [])}
-    return out
+        raise NucleusError(f"--update-config: {exc}", field="--update-config") from exc
 
 
 def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
