@@ -13,6 +13,14 @@ process needs and frees the RAM now rather than at the next memory squeeze.
   kernel drops those pages that no other process maps; any that are used again are read back from
   the page cache (or disk) on first touch. Writable mappings are never touched (their private pages
   would need swap). Linux 5.4+; on an older kernel or another libc this is a no-op.
+* Optionally (``unmap_shared=True``), ``madvise(MADV_DONTNEED)`` on the same mappings when they hold
+  no private (copy-on-write) page. The page-out skips pages another process also maps (libpython,
+  numpy, libcrypto... in every component); those stay counted in this process's RSS although
+  start-up alone touched them. Dropping our page-table entries leaves the pages in the page cache
+  (the other processes keep them resident: the system frees nothing) and costs a minor fault for
+  any page used again, so RSS and PSS become this process's working set. A mapping with private
+  pages (RELRO data the loader relocated, then made read-only) is skipped: DONTNEED would discard
+  them.
 """
 
 
@@ -20,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
 
 
@@ -45,27 +53,43 @@ def rss_mb() -> float:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _library_ranges() -> list[tuple[int, int]]:
+def _library_ranges(*, unshared_only: bool = False) -> list[tuple[int, int]]:
+    """Read-only/executable private mappings of shared libraries (``unshared_only``: holding no
+    anonymous page, which /proc/self/smaps tells; /proc/self/maps is enough otherwise)."""
     ranges: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
     try:
-        with Path("/proc/self/maps").open() as f:
+        with Path("/proc/self/smaps" if unshared_only else "/proc/self/maps").open() as f:
             for line in f:
                 parts = line.split(maxsplit=5)
-                if len(parts) < 6 or "w" in parts[1]:
+                if parts[0].endswith(":"):  # an smaps field of the mapping above
+                    if parts[0] == "Anonymous:" and current is not None:
+                        if int(parts[1]) == 0:
+                            ranges.append(current)
+                        current = None
+                    continue
+                current = None
+                if len(parts) < 6 or "w" in parts[1] or not parts[1].endswith("p"):
                     continue
                 path = parts[5].strip()
                 name = Path(path).name
                 if not path.startswith("/") or not (name.endswith(".so") or ".so." in name):
                     continue
                 lo, _, hi = parts[0].partition("-")
-                ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
+                if unshared_only:
+                    current = (int(lo, 16), int(hi, 16))
+                else:
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except (OSError, ValueError, IndexError):
         return []
     return ranges
 
 
-def release() -> Released:
-    """Trim the heap and page out library pages; cheap (a few ms), safe to call at any time."""
+def release(*, unmap_shared: bool = False) -> Released:
+    """Trim the heap and page out library pages; cheap (a few ms), safe to call at any time.
+
+    ``unmap_shared`` also drops this process's mappings of library pages other processes keep
+    resident (see the module docstring): RSS falls to the working set, system memory does not."""
     before = rss_mb()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -79,6 +103,9 @@ def release() -> Released:
     accepted = 0
     for lo, hi in _library_ranges():
         accepted += madvise(lo, hi - lo, MADV_PAGEOUT) == 0
+    if unmap_shared:
+        for lo, hi in _library_ranges(unshared_only=True):
+            madvise(lo, hi - lo, MADV_DONTNEED)
     return Released(round(before, 1), round(rss_mb(), 1), accepted, True)
 
 
@@ -89,18 +116,20 @@ def release_free_memory() -> None:
     glibc keeps the holes they leave in the heap, so RSS stays at the high-water mark of whatever
     was queued at the worst moment. ``malloc_trim`` returns those pages; calling it every few
     seconds keeps RSS near the live set without slowing the hot path. A daemon can do the same.
+    The process's own symbol table is used (as :func:`release` does): ``find_library`` would run
+    ``ldconfig`` in a subprocess on every call (≈ 3 ms, on the event loop).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         return
 
 
 async def trim_forever(interval: float) -> None:
+    """``malloc_trim`` every ``interval`` s, in a worker thread (it walks every arena; ctypes drops the GIL)."""
     while True:
         await asyncio.sleep(interval)
-        release_free_memory()
+        await asyncio.to_thread(release_free_memory)
 
 
 async def release_periodically(first_after_s: float, every_s: float) -> None:

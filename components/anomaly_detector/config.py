@@ -21,7 +21,8 @@ class DetectorConfig(BaseModel):
     heartbeat_topic: str = Field("heartbeat/anomaly_detector", alias="heartbeatTopic")
     heartbeat_interval_s: float = Field(0.5, gt=0, alias="heartbeatIntervalS")
     model_poll_interval_s: float = Field(5.0, gt=0, alias="modelPollIntervalS")
-    max_batch: int = Field(64, ge=1, le=4096, alias="maxBatch")
+    # 8: fastest per window when behind (benchmarks/pipeline.py); larger batches spill the cache.
+    max_batch: int = Field(8, ge=1, le=4096, alias="maxBatch")
     max_pending_windows: int = Field(4096, ge=1, alias="maxPendingWindows")
     subscription_queue: int = Field(4096, ge=16, alias="subscriptionQueue")
     intra_op_threads: int = Field(1, ge=1, le=64, alias="intraOpThreads")
@@ -32,6 +33,9 @@ class DetectorConfig(BaseModel):
     capture_include_window: bool = Field(False, alias="captureIncludeWindow")
     # After a model is loaded: trim the heap and page out library code only loading used (memory.py).
     release_memory_after_load: bool = Field(True, alias="releaseMemoryAfterLoad")
+    # Every this many seconds (0 = never): return free heap to the kernel (malloc_trim only, no page-out, so
+    # the scoring path never faults library code back in). A backlog leaves several MB of freed heap behind.
+    trim_memory_every_s: float = Field(30.0, ge=0, alias="trimMemoryEveryS")
     # Alarm policy (components/anomaly/alarm.py): None = as the model card says (older cards: the plain
     # threshold, no hold-off). Overrides apply to every model this detector loads.
     alarm_mode: Literal["threshold", "likelihood"] | None = Field(None, alias="alarmMode")

@@ -1,5 +1,5 @@
 """The detector's memory release is the bus's shared one (:mod:`ipc.memory`)."""
 
-from ipc.memory import Released, release, rss_mb
+from ipc.memory import Released, release, release_free_memory, rss_mb
 
-__all__ = ["Released", "release", "rss_mb"]
+__all__ = ["Released", "release", "release_free_memory", "rss_mb"]

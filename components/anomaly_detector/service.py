@@ -11,6 +11,8 @@ Tasks (one TaskGroup, all owned by :meth:`Detector.run`):
   version is verified, loaded and warmed up in a worker thread, then swapped in between two messages.
   A model that fails any check is logged ``model.rejected`` and the current one stays.
 * ``heartbeat`` -- every ``heartbeatIntervalS``: model version, windows scored, skip counters, lag.
+* ``trim``    -- ``malloc_trim`` in a worker thread every ``trimMemoryEveryS`` and once a backlog has
+  drained (at most once a second): the windows a burst queued are freed heap glibc would keep.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Detector:
         self.capture = CapturePolicy(config.capture_low_confidence_below, config.capture_normal_every,
                                      config.capture_max_per_minute)
         self._check_models = asyncio.Event()
+        self._backlog_drained = asyncio.Event()
         self._trusted = self._trusted_keys(config)
         self._log_times: dict[tuple[str, str], float] = {}
 
@@ -97,6 +100,8 @@ class Detector:
             tg.create_task(self._heartbeat())
             tg.create_task(self._score_loop())
             tg.create_task(self._ingest())
+            if self.config.trim_memory_every_s > 0:
+                tg.create_task(self._trim_memory())
 
     # --- input -------------------------------------------------------------------------------
     async def _ingest(self) -> None:
@@ -153,6 +158,8 @@ class Detector:
                     end += 1
                 await self._score(model, batch[start:end])
                 start = end
+            if len(batch) > 1 and self.queue.empty():
+                self._backlog_drained.set()
 
     async def _score(self, model: LoadedModel, items: list[_Pending]) -> None:
         try:
@@ -202,6 +209,16 @@ class Detector:
             held = self.alarms[asset] = (model, AlarmState(model.alarm_params(
                 mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows, tail_probability=c.alarm_tail_probability)))
         return held[1]
+
+    async def _trim_memory(self) -> None:
+        """A backlog's windows (16 KB each at 1024 x 4) are malloc'ed and freed in bursts; glibc keeps the
+        freed heap until trimmed (measured: +4.5 MB RSS after the pipeline benchmark's saturation)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._backlog_drained.wait(), self.config.trim_memory_every_s)
+            self._backlog_drained.clear()
+            await asyncio.to_thread(memory.release_free_memory)
+            await asyncio.sleep(1.0)
 
     # --- models ------------------------------------------------------------------------------
     async def _announcements(self) -> None:
@@ -269,7 +286,7 @@ class Detector:
             return
         self._swap(model, (time.perf_counter() - started) * 1000)
         if self.config.release_memory_after_load:
-            released = await asyncio.to_thread(memory.release)
+            released = await asyncio.to_thread(memory.release, unmap_shared=True)
             log.info("memory.released", rss_before_mb=released.rss_before_mb, rss_after_mb=released.rss_after_mb,
                      mappings=released.mappings, trimmed=released.trimmed)
 
