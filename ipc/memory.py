@@ -132,9 +132,9 @@ async def trim_forever(interval: float) -> None:
         await asyncio.to_thread(release_free_memory)
 
 
-async def release_periodically(first_after_s: float, every_s: float) -> None:
+async def release_periodically(first_after_s: float, every_s: float, *, unmap_shared: bool = False) -> None:
     """:func:`release` once start-up is over, then at an idle pace (off the event loop)."""
     await asyncio.sleep(first_after_s)
     while True:
-        await asyncio.to_thread(release)
+        await asyncio.to_thread(release, unmap_shared=unmap_shared)
         await asyncio.sleep(every_s)

@@ -250,7 +250,9 @@ class Daemon:
         engine_task = asyncio.create_task(engine.run(), name="deployments")
         sync_task = asyncio.create_task(cloud.run(), name="cloud-sync")
         stop_task = asyncio.create_task(self._stop.wait())
-        trim_task = asyncio.create_task(release_periodically(5.0, 30.0), name="memory-release")
+        # Idle memory: trim the heap, page out start-up-only library code, and drop our mappings of
+        # library pages other processes keep resident (RSS = working set; see ipc/memory.py).
+        trim_task = asyncio.create_task(release_periodically(5.0, 30.0, unmap_shared=True), name="memory-release")
         try:
             done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if engine_task in done and engine_task.exception() is not None:
