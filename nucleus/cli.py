@@ -338,8 +338,13 @@ def cmd_model(args: argparse.Namespace) -> int:
     """`nucleus model ...` is the model builder's own CLI (scikit-learn is imported only there)."""
     import importlib
 
+    argv = list(args.model_args)
+    if argv[:1] == ["record"] and "--socket" not in argv:
+        # The nucleus owns the layout: record through this root's socket with the CLI's token.
+        paths = Paths.at(_root(args))
+        argv += ["--socket", str(paths.ipc_socket), "--token-file", str(paths.cli_token)]
     builder = importlib.import_module("components.model_builder.cli")
-    return int(builder.main(list(args.model_args)))
+    return int(builder.main(argv))
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--key", type=Path, help="Ed25519 private key (PEM); created if absent "
                    "(default <out>/keys/model-signing.key); public key written to <key>.pub")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
+    r = sub.add_parser("record", help="record sensor batches from the bus into a .npz training recording")
+    r.add_argument("--topic", required=True, help="sensor topic, e.g. sensors/turbine-1/raw")
+    r.add_argument("--out", required=True, type=Path, help="the .npz file to write")
+    r.add_argument("--seconds", type=float, help="stop after this long")
+    r.add_argument("--batches", type=int, help="stop after this many batches")
+    r.add_argument("--socket", type=Path, help="IPC socket (default $NUCLEUS_IPC_SOCKET)")
+    r.add_argument("--token-file", type=Path, help="file holding an IPC token (default $SVCUID)")
     v = sub.add_parser("verify", help="verify a model directory's signature and digests")
     v.add_argument("model_dir", type=Path)
     v.add_argument("--component", required=True)
@@ -160,9 +167,30 @@ def _print_build(result: dict[str, object]) -> None:
     print(f"  trust:     nucleus deploy --update-config \"$(cat {result['detector_config']})\"")
 
 
+def _record(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from components.model_builder.record import record
+
+    if args.seconds is None and args.batches is None:
+        raise TrainingError("give --seconds and/or --batches", field="record")
+    socket = args.socket or (Path(os.environ["NUCLEUS_IPC_SOCKET"]) if "NUCLEUS_IPC_SOCKET" in os.environ else None)
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("SVCUID", "")
+    if socket is None or not token:
+        raise TrainingError("no IPC socket/token: give --socket and --token-file (nucleus model record "
+                            "fills them in from --root)", field="record")
+    rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
+    print(f"recorded {rec.batches} batches, {rec.samples} samples x {len(rec.channels)} channels "
+          f"({', '.join(rec.channels)}) at {rec.rate_hz:g} Hz, {rec.gaps} gap(s) -> {args.out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "record":
+            return _record(args)
         if args.command == "build":
             result = build(args)
             if args.json:

@@ -1,0 +1,89 @@
+"""Record sensor batches from the bus into a training recording (the ``.npz`` that ``build`` reads).
+
+Healthy data for a model often exists only as the live stream: this subscribes to a sensor topic
+through the SDK (as any declared client or the nucleus CLI), keeps batches in arrival order, and
+starts a new segment wherever the sequence numbers show a gap or the channels/rate change, so
+that no training window ever spans missing data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from components.anomaly.errors import TrainingError
+from components.model_builder.data import save_recording
+from ipc import Client
+
+
+@dataclass(slots=True)
+class Recorder:
+    """Pure accumulation of batches (tested without a bus)."""
+
+    channels: list[str] = field(default_factory=list)
+    rate_hz: float | None = None
+    chunks: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    segment_starts: list[int] = field(default_factory=lambda: [0])
+    samples: int = 0
+    batches: int = 0
+    gaps: int = 0
+    _last_seq: int | None = None
+
+    def add(self, payload: Any) -> None:
+        try:
+            channels = [str(c) for c in payload["channels"]]
+            data = np.asarray(payload["data"], dtype=np.float32)
+            rate = float(payload["rate_hz"])
+            seq = int(payload["seq"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"not a sensor batch: {exc}", field="payload") from exc
+        if data.ndim != 2 or data.shape[0] != len(channels):
+            raise TrainingError(f"batch data shape {data.shape} does not match {len(channels)} channels",
+                                field="data")
+        if not self.channels:
+            self.channels, self.rate_hz = channels, rate
+        elif channels != self.channels or rate != self.rate_hz:
+            raise TrainingError(f"channels/rate changed from {self.channels}@{self.rate_hz} to {channels}@{rate}; "
+                                "record one configuration at a time", field="channels")
+        if self._last_seq is not None and seq != self._last_seq + 1 and self.samples:
+            self.gaps += 1
+            self.segment_starts.append(self.samples)
+        self._last_seq = seq
+        self.chunks.append(data)
+        self.samples += data.shape[1]
+        self.batches += 1
+
+    def save(self, out: Path) -> None:
+        if not self.chunks:
+            raise TrainingError("no batches were recorded", path=out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_recording(out, self.channels, np.concatenate(self.chunks, axis=1), self.rate_hz,
+                       sorted(set(self.segment_starts)))
+
+
+async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: float | None,
+                 batches: int | None) -> Recorder:
+    """Record until ``seconds`` have passed or ``batches`` were received, whichever comes first."""
+    rec = Recorder()
+    deadline = time.monotonic() + seconds if seconds else None
+    async with Client(socket, token, name="nucleus-model-record") as client, \
+            client.subscribe(topic, queue_size=4096, policy="block") as messages:
+        print(f"recording {topic} -> {out}", flush=True)
+        while batches is None or rec.batches < batches:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    message = await anext(messages)
+            except TimeoutError:
+                break
+            rec.add(message.payload)
+    rec.save(out)
+    return rec
