@@ -79,3 +79,15 @@ async def listen_unix(
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # noqa: ASYNC240 - one unlink of a socket file on a failed start
         raise
+
+
+async def shut_down(server: asyncio.AbstractServer, path: Path, tasks: list[asyncio.Task[None]]) -> None:
+    """The common end of a front end's close(): cancel its tasks (bounded), stop listening, unlink."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5.0)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), 5.0)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # noqa: ASYNC240 - one unlink of the socket file at shutdown

@@ -17,7 +17,6 @@ gets an ERROR frame and/or a closed socket, one log line, and nobody else notice
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 from collections.abc import AsyncGenerator, Callable, Coroutine
@@ -39,7 +38,7 @@ from ipc.errors import (
     ProtocolError,
     ServiceError,
 )
-from ipc.listener import listen_unix
+from ipc.listener import listen_unix, shut_down
 
 log = structlog.get_logger("ipc.server")
 
@@ -785,15 +784,8 @@ class IpcServer:
         self._server.close()
         for conn in list(self._conns):
             conn._fail(ConnectionClosed("the server is shutting down"))
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        await shut_down(self._server, self.socket_path, list(self._tasks))
         self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
         log.info("ipc.server_stopped", path=str(self.socket_path))
 
     async def __aenter__(self) -> IpcServer:

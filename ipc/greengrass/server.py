@@ -47,7 +47,7 @@ from ipc.greengrass.rpc import (
     StreamClosedError,
     StreamOpened,
 )
-from ipc.listener import listen_unix
+from ipc.listener import listen_unix, shut_down
 
 log = structlog.get_logger("ipc.greengrass")
 
@@ -540,15 +540,8 @@ class GreengrassServer:
             tasks.extend(conn._tasks.values())
             conn.rpc.close("server_shutdown")
             conn._abort()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        await shut_down(self._server, self.socket_path, tasks)
         self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
         log.info("greengrass.server_stopped", path=str(self.socket_path))
 
     async def __aenter__(self) -> GreengrassServer:
