@@ -164,19 +164,6 @@ class Journal:
     def _set_active(self, db: Database, active: ActiveSet) -> None:
         db.table("state").upsert({"key": "active", "value": active.to_json()}, pk="key")
 
-    def set_active(self, active: ActiveSet) -> None:
-        with self._tx() as db:
-            self._set_active(db, active)
-
-    def get_value(self, key: str) -> str | None:
-        with self._lock:
-            rows = list(self._db.query("select value from state where key = ?", [key]))
-        return rows[0]["value"] if rows else None
-
-    def set_value(self, key: str, value: str) -> None:
-        with self._tx() as db:
-            db.table("state").upsert({"key": key, "value": value}, pk="key")
-
     # --- deployments -----------------------------------------------------------------
     def enqueue(self, deployment_id: str, group: str, request: Mapping[str, Any]) -> DeploymentRecord:
         now = time.time()

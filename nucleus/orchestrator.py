@@ -152,12 +152,6 @@ class Orchestrator:
             "work_path": str(self._paths.work(name)),
         }
 
-    def live_process_records(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for name, entry in self._entries.items():
-            out.extend({"component": name, "pid": pid} for pid in entry.runner.pids)
-        return out
-
     # --- building runners -------------------------------------------------------------------
     def _spawned(self, component: str, pid: int, pgid: int) -> None:
         entry = self._entries.get(component)
