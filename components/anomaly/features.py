@@ -39,11 +39,14 @@ class ChannelGroup(BaseModel):
     band_scale: Literal["relative", "log", "log_relative"] = "relative"
     # Samples per season (e.g. one day) for "zseason"; 0 = no seasonal statistic.
     season: int = Field(default=0, ge=0)
+    # The newest ``samples`` values of each channel as features, oldest first: the window's shape itself,
+    # for slow series where a few samples are the whole pattern (a nearest-neighbour model compares them).
+    samples: int = Field(default=0, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _something(self) -> ChannelGroup:
-        if not self.stats and self.bands == 0:
-            raise ValueError("a channel group needs stats or bands")
+        if not self.stats and self.bands == 0 and self.samples == 0:
+            raise ValueError("a channel group needs stats, bands or samples")
         if ("zseason" in self.stats) != (self.season > 0):
             raise ValueError("'zseason' needs season > 0 and season > 0 needs 'zseason'")
         return self
@@ -70,6 +73,7 @@ class FeatureSpec(BaseModel):
             for c in g.channels:
                 names.extend(f"{c}.{s}" for s in g.stats)
                 names.extend(f"{c}.band{i:02d}" for i in range(g.bands))
+                names.extend(f"{c}.s{i:02d}" for i in range(g.samples))
         return names
 
 
@@ -104,6 +108,13 @@ def spectral_spec(channels: list[str], *, bands: int = 16, slow: tuple[str, ...]
     return FeatureSpec(groups=groups)
 
 
+def shape_spec(channel: str = "value", *, samples: int = 8) -> FeatureSpec:
+    """A preset for slow univariate series judged by whether their recent course has been seen before:
+    the newest ``samples`` values themselves (for the ``knn`` model: a window is novel when no
+    training or already-seen window lies near it, wherever it sits in level and shape)."""
+    return FeatureSpec(groups=[ChannelGroup(channels=[channel], samples=samples)])
+
+
 def univariate_spec(channel: str = "value") -> FeatureSpec:
     """A preset for slow univariate series (NAB): level, spread, trend and the newest value."""
     return FeatureSpec(groups=[ChannelGroup(channels=[channel],
@@ -128,6 +139,7 @@ class _Group:
     band_scale: str
     band_edges: npt.NDArray[np.intp]
     season: int
+    samples: int
 
 
 class FeatureExtractor:
@@ -151,12 +163,15 @@ class FeatureExtractor:
             if g.bands > n_bins:
                 raise FeatureSpecError(f"{g.bands} bands need at least {2 * g.bands} samples per window",
                                        field=f"groups[{gi}].bands")
+            if g.samples > window:
+                raise FeatureSpecError(f"{g.samples} samples as features need a window of at least {g.samples}",
+                                       field=f"groups[{gi}].samples")
             if g.season and window < g.season + MIN_SEASON_DIFFS:
                 raise FeatureSpecError(f"season of {g.season} samples needs a window of at least "
                                        f"{g.season + MIN_SEASON_DIFFS}", field=f"groups[{gi}].season")
             edges = np.linspace(1, n_bins + 1, g.bands + 1).astype(np.intp) if g.bands else np.zeros(0, np.intp)
             self._groups.append(_Group(np.array([index[c] for c in g.channels], dtype=np.intp), tuple(g.stats),
-                                       g.bands, g.band_scale, edges, g.season))
+                                       g.bands, g.band_scale, edges, g.season, g.samples))
         self._taper = np.hanning(window)
         t = np.arange(window, dtype=np.float64) - (window - 1) / 2.0
         self._t = t
@@ -235,9 +250,10 @@ class FeatureExtractor:
                         bands = np.log10(bands + LOG_FLOOR)
                 else:
                     bands = np.log10(bands + _TINY)
-            # Interleave per channel: stats of channel 0, bands of channel 0, stats of channel 1, ...
+            # Interleave per channel: stats, bands, samples of channel 0, then of channel 1, ...
             stacked = np.stack(per, axis=-1) if per else None
-            parts = [p for p in (stacked, bands if g.bands else None) if p is not None]
+            recent = x[..., r, x.shape[-1] - g.samples:] if g.samples else None
+            parts = [p for p in (stacked, bands if g.bands else None, recent) if p is not None]
             block = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
             cols.append(block.reshape(*block.shape[:-2], -1))
         return np.concatenate(cols, axis=-1).astype(np.float32)

@@ -21,7 +21,7 @@ CARD_FILE = "model_card.json"
 MODEL_FILE = "model.onnx"
 SIGNATURE_FILE = "model.sig"
 
-ModelKind = Literal["isolation_forest", "pca", "autoencoder"]
+ModelKind = Literal["isolation_forest", "pca", "autoencoder", "knn"]
 
 
 class _Strict(BaseModel):
@@ -83,6 +83,23 @@ class AlarmSpec(_Strict):
     prior_std: float = Field(default=1.0, gt=0)
 
 
+class OnlineSpec(_Strict):
+    """Run-time learning of a ``knn`` model (``components/anomaly/novelty.py``): the detector keeps, per
+    asset, a memory of the windows it has scored, and a window's score is its distance to the nearest
+    training prototype OR remembered window, whichever is nearer. A new regime is then reported when it
+    starts, not for as long as it lasts. Absent = the model scores against its training prototypes only.
+
+    ``exclude_windows``: a window enters the memory only after this many newer ones (the windows that
+    share samples with it would otherwise be its own nearest neighbours); ``merge_radius``: a window
+    nearer than this to a remembered one is not stored (the memory keeps the resolution of the typical
+    neighbour spacing instead of every near-duplicate); ``capacity``: the oldest entries go beyond it."""
+
+    learn: bool = True
+    capacity: int = Field(default=20_000, ge=1)
+    exclude_windows: int = Field(default=1, ge=0)
+    merge_radius: float = Field(default=0.0, ge=0)
+
+
 class FeatureStats(_Strict):
     """Training mean and spread per feature (for contributions when the model gives none)."""
 
@@ -121,6 +138,7 @@ class ModelCard(_Strict):
     training: TrainingSummary
     metrics: dict[str, float] = Field(default_factory=dict)
     alarm: AlarmSpec = Field(default_factory=AlarmSpec)
+    online: OnlineSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -136,6 +154,8 @@ class ModelCard(_Strict):
             raise ValueError("feature_stats length differs from the feature count")
         if self.hop > self.window:
             raise ValueError("hop larger than window would skip samples")
+        if self.online is not None and self.kind != "knn":
+            raise ValueError(f"online learning needs a knn model, not {self.kind}")
         return self
 
     def confidence(self, score: float) -> float:

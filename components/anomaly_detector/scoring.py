@@ -65,6 +65,10 @@ class LoadedModel:
                            estimation_windows=a.estimation_windows, reestimation_windows=a.reestimation_windows,
                            prior_mean=a.prior_mean, prior_std=a.prior_std)
 
+    def standardize(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Features in the training set's standardized units (what ``knn`` distances are measured in)."""
+        return ((features - self._mean) * self._inv_std).astype(np.float32)
+
     def describe(self) -> dict[str, str]:
         return {"component": self.component, "version": self.version, "kind": self.card.kind}
 

@@ -31,10 +31,10 @@ import numpy as np
 import structlog
 
 from components.anomaly import signing
-from components.anomaly.alarm import AlarmState
 from components.anomaly.announce import topic_for
 from components.anomaly.errors import AnomalyError
 from components.anomaly_detector import memory
+from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
 from components.anomaly_detector.config import DetectorConfig
 from components.anomaly_detector.scoring import LoadedModel, load_model
@@ -62,8 +62,8 @@ class Detector:
         self.config = config
         self.model: LoadedModel | None = None
         self.windowers: dict[str, Windower] = {}
-        # Per asset, the alarm state of the model it belongs to (a new model's scores start a new estimate).
-        self.alarms: dict[str, tuple[LoadedModel, AlarmState]] = {}
+        # Per asset, the alarm state (and knn memory) of the model it belongs to (a new model starts afresh).
+        self.alarms: dict[str, AssetState] = {}
         self.alarms_raised = 0
         self.skipped: Counter[str] = Counter()  # counts not tied to an asset's windower
         self.windows_scored = 0
@@ -174,8 +174,7 @@ class Detector:
             if not finite[i]:
                 self.skipped["nonfinite_features"] += 1
                 continue
-            score = float(scored.scores[i])
-            decision = self._alarm_state(p.asset, model).update(score)
+            score, decision = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i])
             is_anomaly = decision.is_anomaly
             confidence = model.card.confidence(score)
             event = {
@@ -202,13 +201,14 @@ class Detector:
                 await self.client.publish(f"{self.config.retraining_topic_prefix}/{p.asset}", sample)
                 self.captured += 1
 
-    def _alarm_state(self, asset: str, model: LoadedModel) -> AlarmState:
+    def _asset_state(self, asset: str, model: LoadedModel) -> AssetState:
         held = self.alarms.get(asset)
-        if held is None or held[0] is not model:
+        if held is None or held.model is not model:
             c = self.config
-            held = self.alarms[asset] = (model, AlarmState(model.alarm_params(
-                mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows, tail_probability=c.alarm_tail_probability)))
-        return held[1]
+            held = self.alarms[asset] = AssetState.start(
+                model, mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows,
+                tail_probability=c.alarm_tail_probability)
+        return held
 
     async def _trim_memory(self) -> None:
         """A backlog's windows (16 KB each at 1024 x 4) are malloc'ed and freed in bursts; glibc keeps the

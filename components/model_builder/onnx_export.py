@@ -8,9 +8,10 @@ IsolationForest is written as ONE ``TreeEnsembleRegressor`` node whose leaf valu
 path lengths (depth + c(n) for the samples left in the leaf), summed over trees, then turned into
 sklearn's ``2 ** (-mean_path / c(max_samples))``. skl2onnx's default converter emits ~27 nodes per
 tree (2,710 for 100 trees) and scores a row in ~860 us on a small CPU; the fused node does it in
-~15 us with the same scores (checked by the builder on every export). PCA and the autoencoder are a
-handful of MatMul/Add nodes; skl2onnx converts their ``transform``/``predict`` but not the residual
-score, so the few nodes are written here directly and checked the same way.
+~15 us with the same scores (checked by the builder on every export). PCA, the autoencoder and the
+nearest-neighbour distance (``knn``) are a handful of MatMul/Add nodes; skl2onnx converts their
+``transform``/``predict``/``kneighbors`` but not the score the detector needs, so the few nodes are
+written here directly and checked against scikit-learn the same way.
 """
 
 from __future__ import annotations
@@ -184,6 +185,33 @@ def autoencoder(mean: npt.NDArray[np.float64], scale: npt.NDArray[np.float64], m
     inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"))
     _residual_score(h, nodes)
     return _model(nodes, inits, n_features, contributions=True, name="autoencoder")
+
+
+def knn(mean: npt.NDArray[np.float64], scale: npt.NDArray[np.float64], prototypes: npt.NDArray[np.float64],
+        n_features: int) -> onnx.ModelProto:
+    """score = Euclidean distance, in standardized units, to the nearest training prototype;
+    contributions = squared difference to that prototype per feature (which features made it far).
+
+    The nearest prototype is found with the expansion |z|^2 - 2 z.p + |p|^2 (one MatMul for all
+    prototypes); the score is then the exact distance to the one found, so float32 cancellation in the
+    expansion can at worst pick a near-tie, never report a distance that no prototype has."""
+    nodes, inits = _standardize(mean, scale)
+    protos = prototypes.astype(np.float32)
+    nodes += [
+        helper.make_node("MatMul", ["z", "protos_t"], ["cross"]),
+        helper.make_node("Mul", ["cross", "minus_two"], ["cross2"]),
+        helper.make_node("Add", ["cross2", "protos_sq"], ["partial"]),  # |z|^2 is the same for every prototype
+        helper.make_node("ArgMin", ["partial"], ["nearest_idx"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["protos", "nearest_idx"], ["nearest"], axis=0),
+        helper.make_node("Sub", ["z", "nearest"], ["residual"]),
+        helper.make_node("Mul", ["residual", "residual"], [CONTRIB]),
+        helper.make_node("ReduceSum", [CONTRIB, "axis1"], ["d2"], keepdims=0),
+        helper.make_node("Sqrt", ["d2"], [SCORE]),
+    ]
+    inits += [_const("protos", protos), _const("protos_t", protos.T),
+              _const("protos_sq", (protos.astype(np.float64) ** 2).sum(axis=1)), _const("minus_two", -2.0),
+              numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
+    return _model(nodes, inits, n_features, contributions=True, name="knn_distance")
 
 
 def skl2onnx_isolation_forest(model: IsolationForest, n_features: int) -> onnx.ModelProto:

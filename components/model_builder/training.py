@@ -19,11 +19,12 @@ import onnx
 import onnxruntime as ort  # type: ignore[import-untyped]
 from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
+from sklearn.neighbors import NearestNeighbors  # type: ignore[import-untyped]
 from sklearn.neural_network import MLPRegressor  # type: ignore[import-untyped]
 
 from components.anomaly.alarm import AlarmMode, moving_average
 from components.anomaly.errors import TrainingError
-from components.anomaly.model_card import AlarmSpec, FeatureStats, ModelKind, OnnxIO, ScoreScale, Threshold
+from components.anomaly.model_card import AlarmSpec, FeatureStats, ModelKind, OnlineSpec, OnnxIO, ScoreScale, Threshold
 from components.model_builder import onnx_export
 
 Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
@@ -46,6 +47,13 @@ class TrainParams:
     hidden: tuple[int, ...] | None = None
     max_iter: int = 400
     tolerance: float = 1e-3
+    # knn: at most this many fit windows become prototypes (evenly spaced in time beyond it)
+    max_prototypes: int = 4096
+    # knn: the detector keeps learning at run time (model card "online"); see OnlineSpec
+    online: bool = False
+    online_capacity: int = 20_000
+    online_exclude_windows: int = 1
+    online_merge_fraction: float = 0.0  # merge radius as a fraction of the median calibration distance
     # Alarm policy written to the card (components/anomaly/alarm.py); defaults keep the plain threshold.
     alarm_mode: AlarmMode = "threshold"
     holdoff_windows: int = 0
@@ -61,6 +69,8 @@ class TrainParams:
             base |= {"n_estimators": self.n_estimators, "max_samples": self.max_samples}
         elif self.kind == "pca":
             base |= {"pca_variance": self.pca_variance, "t2_weight": self.t2_weight}
+        elif self.kind == "knn":
+            base |= {"max_prototypes": self.max_prototypes, "online": self.online}
         else:
             base |= {"hidden": list(self.hidden or ()), "max_iter": self.max_iter}
         return base
@@ -78,6 +88,7 @@ class TrainedModel:
     fit_windows: int
     calibration_windows: int
     alarm: AlarmSpec
+    online: OnlineSpec | None
     reference: Scorer  # scikit-learn's score, for the export check and the benchmark
     estimator: Any
     params: TrainParams
@@ -107,6 +118,15 @@ def _fit(features: npt.NDArray[np.float32], p: TrainParams) -> tuple[Any, Scorer
 
         return iso, iso_score, onnx_export.isolation_forest(iso, f)
     z = (x64 - mean) / scale
+    if p.kind == "knn":
+        protos = z if n <= p.max_prototypes else z[np.linspace(0, n - 1, p.max_prototypes).round().astype(np.intp)]
+        nn = NearestNeighbors(n_neighbors=1).fit(protos)
+
+        def knn_score(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            dist, _ = nn.kneighbors((x.astype(np.float64) - mean) / scale)
+            return np.asarray(dist[:, 0], dtype=np.float64)
+
+        return nn, knn_score, onnx_export.knn(mean, scale, protos, f)
     if p.kind == "pca":
         pca = PCA(n_components=p.pca_variance if p.pca_variance < 1 else min(int(p.pca_variance), f),
                   svd_solver="full", random_state=p.seed).fit(z)
@@ -193,6 +213,12 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                       history_windows=params.history_windows, estimation_windows=params.estimation_windows,
                       reestimation_windows=params.reestimation_windows, prior_mean=float(averaged.mean()),
                       prior_std=max(float(averaged.std()), 1e-9))
+    online = None
+    if params.online:
+        if params.kind != "knn":
+            raise TrainingError("online learning needs --kind knn", field="kind")
+        online = OnlineSpec(capacity=params.online_capacity, exclude_windows=params.online_exclude_windows,
+                            merge_radius=params.online_merge_fraction * median)
     return TrainedModel(
         kind=params.kind, proto=proto,
         onnx_io=OnnxIO(n_features=features.shape[1], opset=onnx_export.OPSET, nodes=len(proto.graph.node),
@@ -206,6 +232,6 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                  "calibration_alarm_fraction": float(np.mean(cal_scores >= threshold)),
                  "fit_seconds": fit_seconds, "onnx_nodes": float(len(proto.graph.node)),
                  "onnx_bytes": float(proto.ByteSize())},
-        alarm=alarm, fit_windows=len(fit), calibration_windows=len(cal), reference=reference, estimator=estimator,
-        params=params, calibration_scores=cal_scores,
+        alarm=alarm, online=online, fit_windows=len(fit), calibration_windows=len(cal), reference=reference,
+        estimator=estimator, params=params, calibration_scores=cal_scores,
     )

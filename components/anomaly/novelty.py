@@ -1,0 +1,84 @@
+"""Run-time memory of a ``knn`` model: what the detector has seen since it loaded the model.
+
+Why. A model fitted once can only say "unlike the training data". On a machine whose normal changes
+(a new operating point, a season, a replaced part) that turns one change into an alarm that lasts as
+long as the new normal does. A nearest-neighbour model can learn without retraining: every scored
+window is remembered, and the next window's score is its distance to the nearest training prototype
+or remembered window. A change is then novel when it starts; once it has been seen for a while it is
+normal again, which is what an operator means by "anomaly" in a stream. Repetition is what makes a
+pattern normal: a one-off excursion becomes a single remembered point that a later, different
+excursion is still far from.
+
+Three rules keep it honest and bounded:
+
+- A window enters the memory only after ``exclude_windows`` newer windows have been scored: windows
+  that overlap share samples and would be each other's nearest neighbours, hiding any change that
+  lasts longer than a window.
+- A window closer than ``merge_radius`` to a remembered one is not stored (the memory keeps the
+  resolution of the typical neighbour spacing, not every near-duplicate of a steady state).
+- At ``capacity`` the oldest entries are overwritten (a ring): memory and time per window stay bounded
+  on a device that runs for months.
+
+Pure numpy, no I/O, no clock; the detector keeps one per asset and drops it when the model changes.
+Vectors are in the model's standardized units (``LoadedModel.standardize``), the same units as the
+ONNX graph's distances, so ``min(model score, memory distance)`` is one consistent score.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import numpy.typing as npt
+
+from components.anomaly.model_card import OnlineSpec
+
+
+class OnlineMemory:
+    def __init__(self, spec: OnlineSpec, n_features: int) -> None:
+        self.spec = spec
+        self._store = np.zeros((min(spec.capacity, 1024), n_features), dtype=np.float32)
+        self._sq = np.zeros(len(self._store), dtype=np.float64)
+        self._count = 0  # filled rows (<= capacity)
+        self._next = 0  # ring position once full
+        self._pending: deque[npt.NDArray[np.float32]] = deque()
+        self.stored = 0
+        self.merged = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def distance(self, z: npt.NDArray[np.float32]) -> float:
+        """Distance from ``z`` (F,) to the nearest remembered window; inf when the memory is empty."""
+        if self._count == 0:
+            return float("inf")
+        mem = self._store[: self._count]
+        zz = z.astype(np.float64)
+        d2 = self._sq[: self._count] - 2.0 * (mem @ zz) + float(zz @ zz)
+        i = int(np.argmin(d2))
+        diff = mem[i].astype(np.float64) - zz  # exact distance to the one found (see onnx_export.knn)
+        return float(np.sqrt(diff @ diff))
+
+    def observe(self, z: npt.NDArray[np.float32]) -> None:
+        """Queue a scored window; the one ``exclude_windows`` older leaves the queue for the memory."""
+        self._pending.append(np.asarray(z, dtype=np.float32).copy())
+        while len(self._pending) > self.spec.exclude_windows:
+            self._remember(self._pending.popleft())
+
+    def _remember(self, z: npt.NDArray[np.float32]) -> None:
+        if self.spec.merge_radius > 0 and self.distance(z) <= self.spec.merge_radius:
+            self.merged += 1
+            return
+        if self._count < self.spec.capacity:
+            if self._count == len(self._store):  # grow geometrically up to capacity
+                size = min(self.spec.capacity, 2 * len(self._store))
+                self._store = np.resize(self._store, (size, self._store.shape[1]))
+                self._sq = np.resize(self._sq, size)
+            row = self._count
+            self._count += 1
+        else:
+            row = self._next
+            self._next = (self._next + 1) % self.spec.capacity
+        self._store[row] = z
+        self._sq[row] = float(z.astype(np.float64) @ z.astype(np.float64))
+        self.stored += 1

@@ -1,0 +1,39 @@
+"""One asset's judgement state under one model: the alarm policy and, for a learning ``knn`` model,
+the run-time memory. Both belong to the model they were started with: a swapped-in model starts
+fresh (its scores are in other units, and what the old model's memory learnt is not in the new card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from components.anomaly.alarm import AlarmMode, AlarmState, Decision
+from components.anomaly.novelty import OnlineMemory
+from components.anomaly_detector.scoring import LoadedModel
+
+
+@dataclass(slots=True)
+class AssetState:
+    model: LoadedModel
+    alarm: AlarmState
+    memory: OnlineMemory | None
+
+    @classmethod
+    def start(cls, model: LoadedModel, *, mode: AlarmMode | None = None, holdoff_windows: int | None = None,
+              tail_probability: float | None = None) -> AssetState:
+        params = model.alarm_params(mode=mode, holdoff_windows=holdoff_windows, tail_probability=tail_probability)
+        online = model.card.online
+        memory = OnlineMemory(online, model.extractor.n_features) if online is not None and online.learn else None
+        return cls(model, AlarmState(params), memory)
+
+    def judge(self, score: float, features: npt.NDArray[np.float32]) -> tuple[float, Decision]:
+        """The window's final score (the model's, or its distance to the nearest remembered window if
+        that is nearer) and the alarm decision on it; then the window is remembered."""
+        if self.memory is not None:
+            z = self.model.standardize(features)
+            score = min(score, self.memory.distance(z))
+            self.memory.observe(z)
+        return score, self.alarm.update(score)
