@@ -17,6 +17,7 @@ from components.anomaly.features import (
     FeatureExtractor,
     FeatureSpec,
     default_spec,
+    shape_spec,
     spectral_spec,
     surprise_spec,
     univariate_spec,
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, type=Path, help="output dir: recipes/, artifacts/, detector-config.json")
     b.add_argument("--name", default="com.nucleus.TurbineModel", help="model component name")
     b.add_argument("--version", default="1.0.0", help="model component version")
-    b.add_argument("--kind", choices=["isolation_forest", "pca", "autoencoder"], default="isolation_forest")
+    b.add_argument("--kind", choices=["isolation_forest", "pca", "autoencoder", "knn"], default="isolation_forest",
+                   help="knn: distance to the nearest training window (add --online to keep learning at run time)")
     b.add_argument("--channels", help="comma-separated channel (column) names; default: every numeric column")
     b.add_argument("--label-column", help="train only on rows whose label is a --normal-value")
     b.add_argument("--normal-value", action="append", default=None, help="label value meaning normal (default 0)")
@@ -45,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=1024, help="window length in samples")
     b.add_argument("--hop", type=int, default=256, help="samples between window starts")
     b.add_argument("--features", default="vibration",
-                   help="feature preset (vibration, spectral, univariate, surprise) or a JSON feature-spec file")
+                   help="feature preset (vibration, spectral, univariate, surprise, shape) or a JSON feature-spec file")
+    b.add_argument("--samples", type=int, default=None,
+                   help="shape preset: the newest N values of the channel are the features (default: the window)")
     b.add_argument("--bands", type=int, default=None,
                    help="spectral bands per fast channel (vibration preset: 8, spectral preset: 16)")
     b.add_argument("--slow-channels", default="temp", help="channels given level+trend only (vibration preset)")
@@ -66,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="likelihood: averaged scores the online normal is fitted to (nupic: 8640)")
     b.add_argument("--season-samples", type=int, default=0,
                    help="surprise preset: samples per season (e.g. one day) for the zseason feature; 0 = none")
+    b.add_argument("--online", action="store_true",
+                   help="knn: the detector remembers what it scores, so a new normal alarms when it starts, not "
+                   "for as long as it lasts (docs/anomaly.md)")
+    b.add_argument("--online-capacity", type=int, default=20_000, help="knn --online: windows remembered per asset")
+    b.add_argument("--online-merge", type=float, default=0.5,
+                   help="knn --online: a window nearer than this x the median held-out distance to a remembered one "
+                   "is not stored")
     b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--n-estimators", type=int, default=100)
@@ -104,6 +115,10 @@ def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
         if len(channels) != 1:
             raise TrainingError(f"the surprise preset needs one channel, have {channels}", field="features")
         return surprise_spec(channels[0], season=args.season_samples)
+    if args.features == "shape":
+        if len(channels) != 1:
+            raise TrainingError(f"the shape preset needs one channel, have {channels}", field="features")
+        return shape_spec(channels[0], samples=args.samples or args.window)
     path = Path(args.features)
     try:
         return FeatureSpec.model_validate_json(path.read_bytes())
@@ -136,7 +151,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None,
                          alarm_mode=args.alarm, tail_probability=args.tail_probability,
                          holdoff_windows=args.holdoff_windows, averaging_windows=args.averaging_windows,
-                         history_windows=args.history_windows)
+                         history_windows=args.history_windows, online=args.online,
+                         online_capacity=args.online_capacity, online_merge_fraction=args.online_merge,
+                         # windows that share a sample with the newest one never count as "seen before"
+                         online_exclude_windows=-(-args.window // args.hop) - 1)
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
     card = make_card(model, component=args.name, version=args.version, channels=dataset.channels, spec=spec,

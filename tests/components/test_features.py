@@ -127,5 +127,5 @@ def test_spec_errors_name_the_field() -> None:
     fx = FeatureExtractor(default_spec(["x"]), ["x"], 64)
     with pytest.raises(FeatureSpecError, match="does not match"):
         fx.extract(np.zeros((1, 32), dtype=np.float32))
-    with pytest.raises(ValueError, match="stats or bands"):
+    with pytest.raises(ValueError, match="stats, bands or samples"):
         ChannelGroup(channels=["x"])

@@ -1,0 +1,142 @@
+"""The knn model kind and its run-time memory: ONNX distances equal scikit-learn's, the memory never
+matches a window with the windows that overlap it, merges near-duplicates, stays bounded, and turns
+a lasting change of regime into one alarm instead of one per window."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from components.anomaly.errors import FeatureSpecError, ModelCardError, TrainingError
+from components.anomaly.features import ChannelGroup, FeatureExtractor, FeatureSpec, shape_spec
+from components.anomaly.model_card import OnlineSpec, load_card, parse_card
+from components.anomaly.novelty import OnlineMemory
+from components.anomaly_detector.asset import AssetState
+from components.anomaly_detector.scoring import LoadedModel
+from components.anomaly_detector.windowing import Windower
+from components.model_builder.cli import main
+from components.model_builder.package import make_card
+from components.model_builder.training import TrainParams, onnx_scores, session, train
+
+W = 8
+
+
+def test_samples_features_are_the_newest_values_oldest_first() -> None:
+    spec = FeatureSpec(groups=[ChannelGroup(channels=["a", "b"], stats=["mean"], samples=3)])
+    assert spec.feature_names() == ["a.mean", "a.s00", "a.s01", "a.s02", "b.mean", "b.s00", "b.s01", "b.s02"]
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    f = FeatureExtractor(spec, ["a", "b"], 6).extract(x)
+    assert f.tolist() == [2.5, 3, 4, 5, 8.5, 9, 10, 11]
+    batch = FeatureExtractor(spec, ["a", "b"], 6).extract(np.stack([x, x + 1]))
+    assert batch.shape == (2, 8) and batch[1, 1] == 4
+    with pytest.raises(FeatureSpecError, match="samples as features need a window of at least 9") as err:
+        FeatureExtractor(shape_spec("v", samples=9), ["v"], 8)
+    assert err.value.field == "groups[0].samples"
+    with pytest.raises(ValueError, match="stats, bands or samples"):
+        ChannelGroup(channels=["a"])
+
+
+def series(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return 10 + np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(n)
+
+
+def shape_features(values: np.ndarray) -> np.ndarray:
+    return FeatureExtractor(shape_spec("value", samples=W), ["value"], W).extract(
+        sliding_window_view(values, W)[:, None, :])
+
+
+def test_knn_onnx_is_scikit_learns_nearest_neighbour_distance_with_contributions() -> None:
+    x = shape_features(series(1500))
+    m = train(x, TrainParams(kind="knn", max_prototypes=600))
+    probe = np.concatenate([shape_features(series(300, seed=1)), shape_features(series(100, seed=2) + 3)])
+    sess = session(m.proto)
+    ours = onnx_scores(sess, probe)
+    np.testing.assert_allclose(ours, m.reference(probe), rtol=1e-4, atol=1e-4)
+    assert m.onnx_io.contributions_output == "contributions"
+    contrib = np.asarray(sess.run(["contributions"], {"features": probe})[0], dtype=np.float64)
+    np.testing.assert_allclose(contrib.sum(axis=1), ours ** 2, rtol=1e-3, atol=1e-4)  # squared diff per feature
+    assert (ours[300:] >= m.threshold.value).all() and (ours[:300] >= m.threshold.value).mean() < 0.05
+    # max_prototypes: the fit windows are thinned evenly in time, the graph holds no more than that
+    protos = next(i for i in m.proto.graph.initializer if i.name == "protos")
+    assert list(protos.dims) == [600, W] and m.params.summary()["max_prototypes"] == 600
+    with pytest.raises(TrainingError, match="online learning needs --kind knn"):
+        train(x, TrainParams(kind="pca", online=True))
+
+
+def test_memory_excludes_overlapping_windows_merges_and_stays_bounded() -> None:
+    mem = OnlineMemory(OnlineSpec(capacity=5, exclude_windows=2), 2)
+    assert mem.distance(np.zeros(2, np.float32)) == float("inf")
+    for i in range(3):
+        mem.observe(np.array([i, 0], np.float32))
+    assert len(mem) == 1  # windows 1 and 2 still wait: they overlap the newest one
+    assert mem.distance(np.array([0, 3], np.float32)) == pytest.approx(3.0)  # exact distance to window 0
+    for i in range(3, 20):
+        mem.observe(np.array([i, 0], np.float32))
+    assert len(mem) == 5 and mem.stored == 18  # a ring: the oldest were overwritten
+    assert mem.distance(np.array([0, 0], np.float32)) == pytest.approx(13.0)  # nearest left: 13..17
+    merging = OnlineMemory(OnlineSpec(capacity=100, exclude_windows=0, merge_radius=0.5), 1)
+    for v in (0.0, 0.2, 0.4, 1.0, 1.3):
+        merging.observe(np.array([v], np.float32))
+    assert len(merging) == 2 and merging.merged == 3  # 0.2/0.4 within 0.5 of 0; 1.3 within 0.5 of 1.0
+
+
+def loaded_knn(values: np.ndarray, *, online: bool) -> LoadedModel:
+    spec = shape_spec("value", samples=W)
+    m = train(shape_features(values), TrainParams(
+        kind="knn", alarm_mode="likelihood", holdoff_windows=W, averaging_windows=1, online=online,
+        online_exclude_windows=W - 1, online_merge_fraction=0.5))
+    card = make_card(m, component="test.Knn", version="1.0.0", channels=["value"], spec=spec, window=W, hop=1,
+                     rate_hz=1.0, sources=["synthetic"], rows=len(values))
+    assert (card.online is not None) == online
+    parse_card(card.to_json())  # the online section round-trips through the card
+    return LoadedModel(card, session(m.proto), "test", Path("test"))
+
+
+def stream(model: LoadedModel, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row by row through the detector's Windower, features + ONNX, and the asset's judgement state."""
+    state = AssetState.start(model)
+    w = Windower(["value"], W, 1, 1.0)
+    scores, alarms, anomalous = np.full(len(values), np.nan), np.zeros(len(values), bool), np.zeros(len(values), bool)
+    for i, v in enumerate(values.astype(np.float32)):
+        for win in w.push({"seq": i, "t0": float(i), "rate_hz": 1.0, "channels": ["value"],
+                           "data": np.array([[v]], np.float32)}):
+            scored = model.score(win.data[None])
+            scores[i], decision = state.judge(float(scored.scores[0]), scored.features[0])
+            alarms[i], anomalous[i] = decision.alarm, decision.is_anomaly
+    return scores, alarms, anomalous
+
+
+def test_a_lasting_new_regime_alarms_once_with_online_learning_and_keeps_alarming_without() -> None:
+    train_rows = series(600)
+    test = series(1400, seed=3)
+    test[600:] += 4.0  # a step to a new, lasting normal at row 600
+    learning, fixed = loaded_knn(train_rows, online=True), loaded_knn(train_rows, online=False)
+    s_learn, a_learn, n_learn = stream(learning, test)
+    s_fixed, _, n_fixed = stream(fixed, test)
+    assert a_learn[600:600 + 2 * W].sum() == 1  # the change is reported when it starts
+    assert a_learn[700:].sum() == 0 and a_learn[:600].sum() <= 1  # ...and the new level is normal after a day or so
+    assert np.nanmedian(s_learn[800:]) < 0.2 * np.nanmedian(s_fixed[800:])  # it learnt the new level
+    # without memory every window of the new level stays in the red zone until the likelihood's own
+    # estimate has absorbed it; with memory only the first few windows of the change are
+    assert n_fixed[600:].sum() > 5 * n_learn[600:].sum() > 0
+    assert (s_learn <= s_fixed + 1e-6)[W:].all()  # memory can only bring a window nearer to something seen
+
+
+def test_online_section_only_for_knn_and_cli_builds_a_learning_knn_component(tmp_path: Path) -> None:
+    data = tmp_path / "temps.csv"
+    data.write_text("value\n" + "\n".join(f"{v:.5f}" for v in series(800)) + "\n")
+    out = tmp_path / "out"
+    assert main(["build", "--data", str(data), "--out", str(out), "--kind", "knn", "--features", "shape",
+                 "--window", "8", "--hop", "2", "--rate-hz", "1", "--online", "--alarm", "likelihood"]) == 0
+    card = load_card(out / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0" / "model_card.json")
+    assert card.kind == "knn" and card.feature_names == [f"value.s{i:02d}" for i in range(8)]
+    assert card.online is not None and card.online.exclude_windows == 3  # windows 2 apart overlap 3 times
+    assert card.online.merge_radius == pytest.approx(0.5 * card.score_scale.median)
+    doc = card.to_json().replace('"kind": "knn"', '"kind": "pca"')
+    with pytest.raises(ModelCardError, match="online learning needs a knn model"):
+        parse_card(doc)
