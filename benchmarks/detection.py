@@ -189,6 +189,22 @@ def run_nab() -> None:
           "training-only threshold")
 
 
+def report_file(name: str, flags: np.ndarray, windows: list[tuple[int, int]], probation: int, extra: str = "") -> float:
+    """Score one file's alarm flags, print its line, return the raw NAB score."""
+    s = nab_score(flags, windows, probation)
+    fp_rows = int(sum(1 for i in range(probation, len(flags)) if flags[i] and not any(a <= i <= b for a, b in windows)))
+    found = sum(1 for a, b in windows if flags[a:b + 1].any())
+    print(f"  {name:40s} raw {s:6.2f}   alarms {int(flags[probation:].sum()):4d}   outside windows {fp_rows:4d}"
+          f"   windows found {found}/{len(windows)}{extra}")
+    return s
+
+
+def print_anchors() -> None:
+    print(f"\n  {'detector':44s} subset-normalised standard score")
+    for k, v in ANCHORS.items():
+        print(f"  {k:44s} {v:5.1f}   (published, label-swept threshold)")
+
+
 def load_stamps_step(stamps: list[str], rows: int) -> float:
     """Median step in seconds over the first ``rows`` timestamps (the probationary rows)."""
     from datetime import datetime
@@ -260,19 +276,12 @@ def run_nab_stream() -> dict[str, float]:
                              window=rows, hop=1, rate_hz=1.0 / step, sources=[name], rows=probation)
             loaded = LoadedModel(card, session(model.proto), "bench", Path(name))
             flags = stream_file(values, loaded, AssetState.start(loaded), 1.0 / step)
-            s = nab_score(flags, windows, probation)
-            fp_rows = int(sum(1 for i in range(probation, n) if flags[i] and not any(a <= i <= b for a, b in windows)))
-            found = sum(1 for a, b in windows if flags[a:b + 1].any())
-            print(f"  {name:40s} raw {s:6.2f}   alarms {int(flags[probation:].sum()):4d}   outside windows {fp_rows:4d}"
-                  f"   windows found {found}/{len(windows)}   season {season:3d} rows, window {rows}")
-            total += s
+            total += report_file(name, flags, windows, probation, f"   season {season:3d} rows, window {rows}")
             n_windows += len(windows)
         null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
         results[setup] = 100 * (total - null) / (perfect - null)
         print(f"  subset-normalised standard score: {results[setup]:.1f}")
-    print(f"\n  {'detector':44s} subset-normalised standard score")
-    for k, v in ANCHORS.items():
-        print(f"  {k:44s} {v:5.1f}   (published, label-swept threshold)")
+    print_anchors()
     print(f"  {'ours, streamed, season (primary)':44s} {results['season']:5.1f}   <- no label, no sweep")
     print(f"  {'ours, streamed, plain':44s} {results['plain']:5.1f}   (attribution)")
     goal = ANCHORS["Numenta HTM"]
@@ -324,22 +333,13 @@ def run_nab_knn(dev: bool) -> float:
             series.append((name, values, windows, probation, load_stamps_step(stamps, probation)))
     total, n_windows = 0.0, 0
     for name, values, windows, probation, step in series:
-        flags = knn_flags(values, probation, step)
-        s = nab_score(flags, windows, probation)
-        n = len(values)
-        fp_rows = int(sum(1 for i in range(probation, n) if flags[i] and not any(a <= i <= b for a, b in windows)))
-        found = sum(1 for a, b in windows if flags[a:b + 1].any())
-        print(f"  {name:40s} raw {s:6.2f}   alarms {int(flags[probation:].sum()):4d}   outside windows {fp_rows:4d}"
-              f"   windows found {found}/{len(windows)}")
-        total += s
+        total += report_file(name, knn_flags(values, probation, step), windows, probation)
         n_windows += len(windows)
     null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
     result = 100 * (total - null) / (perfect - null)
     print(f"  subset-normalised standard score: {result:.1f}")
     if not dev:
-        print(f"\n  {'detector':44s} subset-normalised standard score")
-        for k, v in ANCHORS.items():
-            print(f"  {k:44s} {v:5.1f}   (published, label-swept threshold)")
+        print_anchors()
         print(f"  {'ours, knn + online learning (primary)':44s} {result:5.1f}   <- no label, no sweep")
         goal = ANCHORS["Numenta HTM"]
         print(f"  goal > {goal} (Numenta HTM): {'MET' if result > goal else 'NOT MET'}")

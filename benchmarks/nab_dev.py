@@ -1,14 +1,17 @@
 """A synthetic development set for the NAB streaming detector: series shaped like the seven
 realKnownCause files (a machine temperature with shutdowns and a failure, taxi demand with daily and
-weekly cycles, CPU with a regime change, latency with outages, keystroke timing with a change of user,
-ambient temperature with a cold spell), with anomalies placed by construction and NAB's windowing
-rules (10 % of the length split among the anomalies, centred, merged when they overlap, dropped when
-they touch the probationary period).
+weekly cycles, CPU with a regime change, a busy CPU whose normal is full of spikes, latency with
+outages, keystroke timing with a change of user, ambient temperature with a cold spell), with
+anomalies placed by construction and NAB's windowing rules (10 % of the length split among the
+anomalies, centred, merged when they overlap, dropped when they touch the probationary period).
 
 Why it exists: the NAB files are the test set, and NAB's labels must not choose the detector. Every
 choice of the knn setup in detection.py (window length, averaging, merge radius, tail) was compared
 here, on these series only, and fixed before the NAB files were scored with it. The generators know
-what the real series are like (their README says), not where the real anomalies are.
+what the real series are like (their README says), not where the real anomalies are. ``spiky`` was
+added after that one NAB run showed most of its cost in false alarms on the CPU file, which the first
+version of this set did not provoke; the variants compared on it since (docs/anomaly.md) did not beat
+the declared setup, so NAB was not scored again.
 
     .venv/bin/python benchmarks/detection.py --only nab-dev
 """
@@ -91,6 +94,20 @@ def cpu(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], list[int]]:
     x[a:] += 25 + rng.normal(0, 4, n - a)
     return np.clip(x, 0, 100), [a]
 
+def spiky(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """A busy server's CPU: normal means frequent short spikes and plateaus at random times (the
+    detector must learn they are normal); the anomaly is a lasting change of its level and spread."""
+    n = 16000
+    x = 30 + rng.normal(0, 3, n)
+    for i in np.flatnonzero(rng.random(n) < 0.005):
+        x[i:i + int(rng.integers(1, 4))] += rng.uniform(20, 50)
+    for i in np.flatnonzero(rng.random(n) < 0.001):
+        x[i:i + int(rng.integers(6, 30))] += 15
+    a = int(rng.integers(int(0.5 * n), int(0.85 * n)))
+    x[a:a + 600] += 12 + rng.normal(0, 5, len(x[a:a + 600]))
+    return np.clip(x, 0, 100), [a]
+
+
 def latency(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], list[int]]:
     n = 4000
     x = 45 * np.exp(rng.normal(0, 0.05, n))
@@ -122,11 +139,12 @@ def ambient(rng: np.random.Generator) -> tuple[npt.NDArray[np.float64], list[int
     return x, [a + 24, b + 3]
 
 KINDS: dict[str, Callable[[np.random.Generator], tuple[npt.NDArray[np.float64], list[int]]]] = {
-    "machine": machine, "taxi": taxi, "cpu": cpu, "latency": latency, "keystroke": keystroke, "ambient": ambient}
-STEP_S = {"machine": 300, "taxi": 1800, "cpu": 300, "latency": 300, "keystroke": 300, "ambient": 3600}
+    "machine": machine, "taxi": taxi, "cpu": cpu, "spiky": spiky, "latency": latency, "keystroke": keystroke,
+    "ambient": ambient}
+STEP_S = {"spiky": 300, "machine": 300, "taxi": 1800, "cpu": 300, "latency": 300, "keystroke": 300, "ambient": 3600}
 
 def devset(seeds: tuple[int, ...] = (1, 2, 3, 4)) -> list[Series]:
-    """(name, values, windows, probationary rows, step seconds) per series: 6 kinds x 4 seeds."""
+    """(name, values, windows, probationary rows, step seconds) per series: 7 kinds x 4 seeds."""
     out: list[Series] = []
     for s in seeds:
         for k, f in KINDS.items():
