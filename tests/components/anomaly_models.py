@@ -38,11 +38,13 @@ def faulty(n: int, *, seed: int = 1, start: int = 0) -> np.ndarray:
 
 
 def build(out: Path, version: str, *, kind: Any = "isolation_forest", key: Ed25519PrivateKey | None = None,
-          name: str = "com.nucleus.TurbineModel", seed: int = 0, window: int = WINDOW, hop: int = HOP) -> Package:
+          name: str = "com.nucleus.TurbineModel", seed: int = 0, window: int = WINDOW, hop: int = HOP,
+          online: bool = False) -> Package:
     dataset = datamod.Dataset(list(CHANNELS), [healthy(40_000, seed=seed).astype(np.float64)], RATE, ["synthetic"])
     spec = default_spec(CHANNELS, bands=4)
     features = FeatureExtractor(spec, CHANNELS, window).extract(datamod.windows(dataset, window, hop))
-    model = train(features, TrainParams(kind=kind, n_estimators=30, seed=seed, quantile=0.999, margin=1.1),
+    model = train(features, TrainParams(kind=kind, n_estimators=30, seed=seed, quantile=0.999, margin=1.1,
+                                        online=online, online_exclude_windows=-(-window // hop) - 1),
                   rate_hz=RATE, hop=hop)
     card = make_card(model, component=name, version=version, channels=list(CHANNELS), spec=spec, window=window,
                      hop=hop, rate_hz=RATE, sources=["synthetic"], rows=dataset.rows)

@@ -229,7 +229,10 @@ def expected_windows(n_batches: int) -> int:
 @pytest.mark.timeout(240)
 def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_factory: Any, short_tmp: Path) -> None:
     out = short_tmp / "out"
-    v1, v2 = build(out, "1.0.0"), build(out, "2.0.0", kind="pca", seed=1)
+    # v2 is a knn model that keeps learning (card section "online"): the detector's per-asset memory
+    # starts with the swap and must not cost a window either.
+    v1, v2 = build(out, "1.0.0"), build(out, "2.0.0", kind="knn", seed=1, online=True)
+    assert v2.card.online is not None
     v3 = build(out, "3.0.0", seed=2)
     # v3 is tampered AFTER signing but re-listed with honest digests, so only the detector can catch it.
     card3 = v3.model_dir / "model_card.json"
@@ -289,6 +292,11 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
     versions = [e["model"]["version"] for e in bus.events]
     assert "3.0.0" not in versions and versions.index("2.0.0") > 0
     assert versions == sorted(versions)  # one switch, never back
+    knn = [e for e in bus.events if e["model"]["version"] == "2.0.0"]
+    assert len(knn) >= 50 and {e["model"]["kind"] for e in knn} == {"knn"}
+    assert all(np.isfinite(e["score"]) for e in knn)
+    # healthy data the learning model has seen plenty of by the end: its latest windows are not novel
+    assert sum(e["is_anomaly"] for e in knn[-50:]) <= 1
     # No window lost or duplicated across the swaps: window ends are exactly every HOP samples.
     ends = [e["window"]["t_end"] for e in bus.events]
     steps = np.round(np.diff(ends) * RATE).astype(int)
