@@ -667,6 +667,26 @@ class Client:
                             ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
         return self.stream("config.subscribe", {"component": component, "key_path": list(key_path)})
 
+    async def configuration_changes(self, parse: Callable[[Any], T], *, errors: tuple[type[Exception], ...],
+                                    rejected: Callable[[Exception], None]) -> AsyncIterator[T]:
+        """This component's configuration, parsed, after each change: what a component that reconfigures
+        itself at run time loops over. A configuration ``parse`` refuses (raises one of ``errors``) goes to
+        ``rejected`` and is skipped, so the caller keeps running on the last valid one. Against a bus with
+        no configuration store (``ipc.devserver``) it logs that once and never yields, rather than ending:
+        an ended stream means the nucleus closed it, i.e. the component is being stopped."""
+        try:
+            async with self.watch_configuration() as changes:
+                async for _ in changes:
+                    try:
+                        yield parse(await self.get_configuration())
+                    except errors as exc:
+                        rejected(exc)
+        except IpcError as exc:
+            if exc.code != "UNKNOWN_OPERATION":
+                raise
+            log.info("ipc.config_watch_unavailable", reason=exc.code)
+            await asyncio.Event().wait()
+
     async def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
         await self.call("state.update", {"state": state})
 

@@ -283,18 +283,14 @@ class ActionService:
                     self.reconfigure(cfg)
 
 
-async def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
-    try:
-        async with client.watch_configuration() as changes:
-            async for _ in changes:
-                try:
-                    yield load_config(await client.get_configuration(), COMPONENT)
-                except ConfigError as exc:
-                    log.warning("action.config_rejected", component=COMPONENT, error=str(exc), errors=exc.errors)
-    except IpcError as exc:
-        if exc.code != "UNKNOWN_OPERATION":
-            raise
-        log.info("action.config_watch_unavailable", reason=exc.code)
+def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
+    """Valid new configurations; an invalid one is logged and the running one kept."""
+
+    def rejected(exc: Exception) -> None:
+        log.warning("action.config_rejected", component=COMPONENT, error=str(exc), errors=getattr(exc, "errors", None))
+
+    return client.configuration_changes(lambda doc: load_config(doc, COMPONENT), errors=(ConfigError,),
+                                        rejected=rejected)
 
 
 async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:

@@ -170,20 +170,14 @@ class IngestService:
                     await m.reply(reply)
 
 
-async def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
+def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
     """Valid new configurations; an invalid one is logged and the running one kept."""
-    try:
-        async with client.watch_configuration() as changes:
-            async for _ in changes:
-                try:
-                    yield load_config(await client.get_configuration(), COMPONENT)
-                except ConfigError as exc:
-                    log.warning("ingest.config_rejected", component=COMPONENT, error=str(exc), errors=exc.errors)
-    except IpcError as exc:
-        if exc.code != "UNKNOWN_OPERATION":
-            raise
-        log.info("ingest.config_watch_unavailable", reason=exc.code)  # a bare bus (ipc.devserver)
-        await asyncio.Event().wait()
+
+    def rejected(exc: Exception) -> None:
+        log.warning("ingest.config_rejected", component=COMPONENT, error=str(exc), errors=getattr(exc, "errors", None))
+
+    return client.configuration_changes(lambda doc: load_config(doc, COMPONENT), errors=(ConfigError,),
+                                        rejected=rejected)
 
 
 async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | None = None) -> None:

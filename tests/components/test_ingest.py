@@ -268,3 +268,12 @@ def test_component_under_daemon_publishes_and_takes_faults(daemon: Any, short_tm
     assert all(p["asset"] == "wt-9" and p["data"].shape == (4, 50) for p in got)
     temp = got[-1]["data"][3]
     assert np.unique(temp).size == 1  # stuck
+
+
+async def test_configuration_changes_on_a_bus_without_configuration_never_ends(tmp_path: Path) -> None:
+    """ipc.devserver-style bus (no configuration store): the stream waits instead of ending, because an
+    ended stream means "the nucleus is stopping you" to the components' run loops."""
+    async with bus(tmp_path) as path, client(path) as c:
+        changes = c.configuration_changes(lambda doc: doc, errors=(ValueError,), rejected=lambda exc: None)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(changes), 0.5)

@@ -360,3 +360,35 @@ def test_recipe_without_lifecycle_declares_a_local_client(daemon: Any, short_tmp
                 await c.list_components()
 
     asyncio.run(refused())
+
+
+RECONFIGURING_COMPONENT = """
+    import asyncio, json
+    from ipc import Client
+    def parse(doc):
+        if not 0 <= doc["threshold"] <= 1:
+            raise ValueError(f"threshold {{doc['threshold']}} is outside [0, 1]")
+        return doc["threshold"]
+    async def main():
+        async with Client.from_env() as c:
+            out = open({out!r}, "a", buffering=1)
+            out.write("watching\\n")
+            rejected = lambda exc: out.write(json.dumps({{"rejected": str(exc)}}) + "\\n")
+            async for value in c.configuration_changes(parse, errors=(ValueError,), rejected=rejected):
+                out.write(json.dumps({{"applied": value}}) + "\\n")
+    asyncio.run(main())
+"""
+
+
+def test_configuration_changes_yields_valid_configurations_and_reports_refused_ones(daemon: Any,
+                                                                                    short_tmp: Path) -> None:
+    out = short_tmp / "reconf.out"
+    recipe, art = component(short_tmp, "test.Reconf", "1.0.0", RECONFIGURING_COMPONENT.format(out=str(out)),
+                            config={"threshold": 0.5})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    wait_file(out, contains="watching")
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 2.0}}}))
+    wait_file(out, contains="rejected")
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 0.7}}}))
+    lines = [json.loads(x) for x in wait_file(out, contains="applied").splitlines()[1:]]
+    assert lines == [{"rejected": "threshold 2.0 is outside [0, 1]"}, {"applied": 0.7}]
