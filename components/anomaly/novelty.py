@@ -53,10 +53,12 @@ class OnlineMemory:
         if self._count == 0:
             return float("inf")
         mem = self._store[: self._count]
-        zz = z.astype(np.float64)
-        d2 = self._sq[: self._count] - 2.0 * (mem @ zz) + float(zz @ zz)
-        i = int(np.argmin(d2))
-        diff = mem[i].astype(np.float64) - zz  # exact distance to the one found (see onnx_export.knn)
+        # |m|^2 - 2 m.z (|z|^2 is the same for all) with the product in float32: a float64 product would
+        # first copy the whole memory to float64 (9x slower at 20,000 x 44). Only the argmin uses it;
+        # the distance returned is recomputed exactly for the one found (see onnx_export.knn).
+        partial = self._sq[: self._count] - 2.0 * (mem @ np.asarray(z, dtype=np.float32))
+        i = int(np.argmin(partial))
+        diff = mem[i].astype(np.float64) - z.astype(np.float64)
         return float(np.sqrt(diff @ diff))
 
     def observe(self, z: npt.NDArray[np.float32]) -> None:
