@@ -277,6 +277,8 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
             await asyncio.to_thread(daemon.cli, "deploy", "--artifacts", str(out / "artifacts"), str(r3))
             await bus.until(lambda: (bus.heartbeats[-1].get("model_rejected") or {}).get("version") == "3.0.0", 30,
                             "model 3.0.0 rejected")
+            await bus.until(lambda: sum(e["model"]["version"] == "2.0.0" for e in bus.events) >= 60, 30,
+                            "60 windows scored by the learning knn model")
             sent_before_stop = bus.seq
             sender.cancel()
             await bus.until(lambda: bus.events[-1]["window"]["seq_last"] >= sent_before_stop - 2, 30, "drain")
@@ -293,7 +295,7 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
     assert "3.0.0" not in versions and versions.index("2.0.0") > 0
     assert versions == sorted(versions)  # one switch, never back
     knn = [e for e in bus.events if e["model"]["version"] == "2.0.0"]
-    assert len(knn) >= 50 and {e["model"]["kind"] for e in knn} == {"knn"}
+    assert len(knn) >= 60 and {e["model"]["kind"] for e in knn} == {"knn"}
     assert all(np.isfinite(e["score"]) for e in knn)
     # healthy data the learning model has seen plenty of by the end: its latest windows are not novel
     assert sum(e["is_anomaly"] for e in knn[-50:]) <= 1
