@@ -94,7 +94,6 @@ class OnlineSpec(_Strict):
     nearer than this to a remembered one is not stored (the memory keeps the resolution of the typical
     neighbour spacing instead of every near-duplicate); ``capacity``: the oldest entries go beyond it."""
 
-    learn: bool = True
     capacity: int = Field(default=20_000, ge=1)
     exclude_windows: int = Field(default=1, ge=0)
     merge_radius: float = Field(default=0.0, ge=0)

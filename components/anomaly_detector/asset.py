@@ -26,7 +26,7 @@ class AssetState:
               tail_probability: float | None = None) -> AssetState:
         params = model.alarm_params(mode=mode, holdoff_windows=holdoff_windows, tail_probability=tail_probability)
         online = model.card.online
-        memory = OnlineMemory(online, model.extractor.n_features) if online is not None and online.learn else None
+        memory = OnlineMemory(online, model.extractor.n_features) if online is not None else None
         return cls(model, AlarmState(params), memory)
 
     def judge(self, score: float, features: npt.NDArray[np.float32]) -> tuple[float, Decision]:

@@ -53,7 +53,7 @@ class TrainParams:
     online: bool = False
     online_capacity: int = 20_000
     online_exclude_windows: int = 1
-    online_merge_fraction: float = 0.0  # merge radius as a fraction of the median calibration distance
+    online_merge_fraction: float = 0.5  # merge radius as a fraction of the median calibration distance
     # Alarm policy written to the card (components/anomaly/alarm.py); defaults keep the plain threshold.
     alarm_mode: AlarmMode = "threshold"
     holdoff_windows: int = 0
