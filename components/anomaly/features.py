@@ -52,6 +52,23 @@ class ChannelGroup(BaseModel):
         return self
 
 
+CalendarPeriod = Literal["day", "week"]
+CALENDAR_SECONDS: dict[str, float] = {"day": 86_400.0, "week": 7 * 86_400.0}
+
+
+class Calendar(BaseModel):
+    """Where the window ends in the day and the week, as points on circles (sin, cos) of radius
+    ``weight``: the context that makes a weekday that looks like a Sunday (a holiday) or a busy hour
+    at night unusual, when the values alone have been seen before. Taken from the window's end time
+    (seconds since the epoch, UTC; a device in local time passes local seconds). Not standardized by
+    the training data: a few days of training would make a week's phase look like a huge deviation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    periods: list[CalendarPeriod] = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+
+
 class FeatureSpec(BaseModel):
     """Which features, in which order. ``feature_names`` is the model's input layout."""
 
@@ -59,6 +76,7 @@ class FeatureSpec(BaseModel):
 
     format: Literal["nucleus.features/1"] = "nucleus.features/1"
     groups: list[ChannelGroup] = Field(min_length=1)
+    calendar: Calendar | None = None
 
     def channels(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -74,7 +92,15 @@ class FeatureSpec(BaseModel):
                 names.extend(f"{c}.{s}" for s in g.stats)
                 names.extend(f"{c}.band{i:02d}" for i in range(g.bands))
                 names.extend(f"{c}.s{i:02d}" for i in range(g.samples))
+        if self.calendar is not None:
+            for period in self.calendar.periods:
+                names.extend((f"calendar.{period}_sin", f"calendar.{period}_cos"))
         return names
+
+    def unscaled(self) -> list[int]:
+        """Indices of features a model must take as they are (the calendar's), not standardized."""
+        n = len(self.feature_names())
+        return list(range(n - 2 * len(self.calendar.periods), n)) if self.calendar is not None else []
 
 
 def default_spec(channels: list[str], *, bands: int = 8, slow: tuple[str, ...] = ("temp",)) -> FeatureSpec:
@@ -108,11 +134,14 @@ def spectral_spec(channels: list[str], *, bands: int = 16, slow: tuple[str, ...]
     return FeatureSpec(groups=groups)
 
 
-def shape_spec(channel: str = "value", *, samples: int = 8) -> FeatureSpec:
+def shape_spec(channel: str = "value", *, samples: int = 8,
+               calendar: tuple[CalendarPeriod, ...] = ()) -> FeatureSpec:
     """A preset for slow univariate series judged by whether their recent course has been seen before:
     the newest ``samples`` values themselves (for the ``knn`` model: a window is novel when no
-    training or already-seen window lies near it, wherever it sits in level and shape)."""
-    return FeatureSpec(groups=[ChannelGroup(channels=[channel], samples=samples)])
+    training or already-seen window lies near it, wherever it sits in level and shape), optionally
+    with its place in the day/week."""
+    return FeatureSpec(groups=[ChannelGroup(channels=[channel], samples=samples)],
+                       calendar=Calendar(periods=list(calendar)) if calendar else None)
 
 
 def univariate_spec(channel: str = "value") -> FeatureSpec:
@@ -178,8 +207,10 @@ class FeatureExtractor:
         self._tt = float(t @ t)
         self.n_features = len(self.names)
 
-    def extract(self, windows: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
-        """Features of one window ``(C, N)`` -> ``(F,)`` or of a batch ``(B, C, N)`` -> ``(B, F)``."""
+    def extract(self, windows: npt.NDArray[np.floating],
+                t_end: float | npt.NDArray[np.floating] | None = None) -> npt.NDArray[np.float32]:
+        """Features of one window ``(C, N)`` -> ``(F,)`` or of a batch ``(B, C, N)`` -> ``(B, F)``;
+        ``t_end`` (one per window, epoch seconds) is needed when the spec has a calendar."""
         x = np.asarray(windows, dtype=np.float64)
         if x.shape[-1] != self.window or x.shape[-2] != len(self.channels):
             raise FeatureSpecError(f"window shape {x.shape[-2:]} does not match ({len(self.channels)}, {self.window})",
@@ -256,7 +287,21 @@ class FeatureExtractor:
             parts = [p for p in (stacked, bands if g.bands else None, recent) if p is not None]
             block = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
             cols.append(block.reshape(*block.shape[:-2], -1))
+        if self.spec.calendar is not None:
+            cols.append(self._calendar(self.spec.calendar, t_end, x.shape[:-2]))
         return np.concatenate(cols, axis=-1).astype(np.float32)
+
+    @staticmethod
+    def _calendar(cal: Calendar, t_end: float | npt.NDArray[np.floating] | None,
+                  batch_shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
+        if t_end is None:
+            raise FeatureSpecError("calendar features need each window's end time", field="calendar")
+        t = np.broadcast_to(np.asarray(t_end, dtype=np.float64), batch_shape)
+        parts: list[npt.NDArray[np.float64]] = []
+        for period in cal.periods:
+            phase = 2.0 * np.pi * np.mod(t, CALENDAR_SECONDS[period]) / CALENDAR_SECONDS[period]
+            parts += [cal.weight * np.sin(phase), cal.weight * np.cos(phase)]
+        return np.stack(parts, axis=-1)
 
 
 def channel_of(feature_name: str) -> str:

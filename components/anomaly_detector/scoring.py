@@ -72,8 +72,9 @@ class LoadedModel:
     def describe(self) -> dict[str, str]:
         return {"component": self.component, "version": self.version, "kind": self.card.kind}
 
-    def score(self, windows: npt.NDArray[np.float32]) -> Scored:
-        features = self.extractor.extract(windows)
+    def score(self, windows: npt.NDArray[np.float32], t_end: npt.NDArray[np.float64] | None = None) -> Scored:
+        """Score a batch ``(B, C, N)``; ``t_end`` (B,) = each window's end time (calendar features)."""
+        features = self.extractor.extract(windows, t_end)
         out = self.session.run(self._outputs, {self._input: features})
         scores = np.asarray(out[0], dtype=np.float64).reshape(-1)
         if len(out) > 1:
@@ -151,7 +152,7 @@ def warm(model: LoadedModel) -> None:
         windows = rng.standard_normal((batch, len(model.card.channels), model.card.window)).astype(np.float32)
         for _ in range(WARMUP_RUNS):
             try:
-                scored = model.score(windows)
+                scored = model.score(windows, np.zeros(batch))
             except Exception as exc:  # onnxruntime errors are untyped
                 raise ModelLoadError(f"warm-up scoring failed: {str(exc).splitlines()[0][:300]}",
                                      component=model.component, version=model.version, key_id=model.key_id,

@@ -163,7 +163,8 @@ class Detector:
 
     async def _score(self, model: LoadedModel, items: list[_Pending]) -> None:
         try:
-            scored = model.score(np.stack([p.window.data for p in items]))
+            scored = model.score(np.stack([p.window.data for p in items]),
+                                 np.array([p.window.t_end for p in items], dtype=np.float64))
         except Exception as exc:  # never let one bad window kill the detector; count and say why
             self.skipped["score_error"] += len(items)
             log.exception("window.score_failed", error=str(exc)[:300], model_version=model.version, windows=len(items))

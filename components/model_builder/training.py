@@ -54,6 +54,8 @@ class TrainParams:
     online_capacity: int = 20_000
     online_exclude_windows: int = 1
     online_merge_fraction: float = 0.5  # merge radius as a fraction of the median calibration distance
+    # features taken as they are, not standardized (FeatureSpec.unscaled(): the calendar's)
+    unscaled: tuple[int, ...] = ()
     # Alarm policy written to the card (components/anomaly/alarm.py); defaults keep the plain threshold.
     alarm_mode: AlarmMode = "threshold"
     holdoff_windows: int = 0
@@ -95,20 +97,23 @@ class TrainedModel:
     calibration_scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
-def _scale(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _scale(x: npt.NDArray[np.float64], unscaled: tuple[int, ...] = ()) -> tuple[npt.NDArray[np.float64],
+                                                                                npt.NDArray[np.float64]]:
     """Mean and 1/scale rounded to float32 up front: the ONNX graph subtracts in float32, and a float64
     mean of a large, nearly constant feature (temperature ~40 with spread 1e-4) would otherwise leave
     a float32 rounding offset that is large in standardized units. x - float32(mean) is exact there."""
     mean = x.mean(axis=0).astype(np.float32).astype(np.float64)
     std = x.std(axis=0)
     inv = (1.0 / np.where(std > 1e-9, std, 1.0)).astype(np.float32).astype(np.float64)
+    idx = list(unscaled)
+    mean[idx], inv[idx] = 0.0, 1.0
     return mean, 1.0 / inv
 
 
 def _fit(features: npt.NDArray[np.float32], p: TrainParams) -> tuple[Any, Scorer, onnx.ModelProto]:
     n, f = features.shape
     x64 = features.astype(np.float64)
-    mean, scale = _scale(x64)
+    mean, scale = _scale(x64, p.unscaled)
     if p.kind == "isolation_forest":
         iso = IsolationForest(n_estimators=p.n_estimators, max_samples=min(p.max_samples, n), random_state=p.seed)
         iso.fit(features)
@@ -205,6 +210,7 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                             f"(tolerance {params.tolerance} relative)")
     agree = float(np.mean((ours >= threshold) == (theirs >= threshold)))
     mean, std = features[: n - n_cal].astype(np.float64).mean(axis=0), fit.astype(np.float64).std(axis=0)
+    mean[list(params.unscaled)], std[list(params.unscaled)] = 0.0, 1.0  # as the model takes them (_scale)
     outputs = [o.name for o in proto.graph.output]
     # The likelihood's prior: a normal fitted to the held-out scores averaged as the detector will average them.
     averaged = moving_average(cal_scores, params.averaging_windows)
