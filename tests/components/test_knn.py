@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
+from onnx import numpy_helper
 
 from components.anomaly.errors import FeatureSpecError, ModelCardError, TrainingError
 from components.anomaly.features import ChannelGroup, FeatureExtractor, FeatureSpec, shape_spec
@@ -140,3 +141,50 @@ def test_online_section_only_for_knn_and_cli_builds_a_learning_knn_component(tmp
     doc = card.to_json().replace('"kind": "knn"', '"kind": "pca"')
     with pytest.raises(ModelCardError, match="online learning needs a knn model"):
         parse_card(doc)
+
+
+def test_calendar_features_are_day_and_week_phases_of_the_window_end_and_are_not_standardized() -> None:
+    spec = shape_spec("value", samples=2, calendar=("day", "week"))
+    assert spec.feature_names()[2:] == ["calendar.day_sin", "calendar.day_cos", "calendar.week_sin",
+                                        "calendar.week_cos"] and spec.unscaled() == [2, 3, 4, 5]
+    fx = FeatureExtractor(spec, ["value"], 4)
+    x = np.ones((2, 1, 4), np.float32)
+    f = fx.extract(x, np.array([6 * 3600.0, 3.5 * 86_400]))  # 06:00 on day 0; noon on day 3 of the week
+    np.testing.assert_allclose(f[0, 2:], [1, 0, np.sin(2 * np.pi / 28), np.cos(2 * np.pi / 28)], atol=1e-6)
+    np.testing.assert_allclose(f[1, 2:4], [0, -1], atol=1e-6)
+    np.testing.assert_allclose(f[1, 4:], [np.sin(np.pi), np.cos(np.pi)], atol=1e-6)  # half a week
+    with pytest.raises(FeatureSpecError, match="end time") as err:
+        fx.extract(x)
+    assert err.value.field == "calendar"
+    # Two days of hourly training data: the week's phase spans a small arc, and standardizing it would
+    # make next week's Monday look like a far outlier. The model takes calendar features as they are.
+    hours = np.arange(48 + 3) * 3600.0
+    values = series(48 + 3)
+    feats = fx.extract(sliding_window_view(values, 4)[:, None, :], hours[3:])
+    m = train(feats, TrainParams(kind="knn", unscaled=tuple(spec.unscaled())))
+    assert m.feature_stats.mean[2:] == [0.0] * 4 and m.feature_stats.std[2:] == [1.0] * 4
+    x_mean = next(i for i in m.proto.graph.initializer if i.name == "x_mean")
+    x_inv = next(i for i in m.proto.graph.initializer if i.name == "x_inv_scale")
+    assert (numpy_helper.to_array(x_mean)[2:] == 0).all() and (numpy_helper.to_array(x_inv)[2:] == 1).all()
+
+
+def test_a_weekday_that_looks_like_a_weekend_day_is_novel_only_with_calendar_context() -> None:
+    """Hourly demand: busy weekdays, quiet weekends. A quiet Wednesday has been seen as a shape (every
+    weekend), so only the window's place in the week makes it unusual."""
+    hours = np.arange(24 * 7 * 5) * 3600.0 + 4 * 86_400  # the epoch was a Thursday: start on a Monday
+    dow = ((hours // 86_400) + 3) % 7  # 0 = Monday
+    rng = np.random.default_rng(0)
+    values = np.where(dow >= 5, 10.0, 30.0) + rng.normal(0, 1, len(hours))
+    holiday = (dow == 2) & (hours >= hours[0] + 28 * 86_400)  # the fifth week's Wednesday
+    values[holiday] = 10.0 + rng.normal(0, 1, int(holiday.sum()))
+    train_rows = 24 * 7 * 3
+    scores = {}
+    for calendar in ((), ("day", "week")):
+        spec = shape_spec("value", samples=W, calendar=calendar)  # type: ignore[arg-type]
+        fx = FeatureExtractor(spec, ["value"], W)
+        feats = fx.extract(sliding_window_view(values, W)[:, None, :], hours[W - 1:])
+        m = train(feats[: train_rows - W + 1], TrainParams(kind="knn", unscaled=tuple(spec.unscaled())))
+        s = onnx_scores(session(m.proto), feats)
+        inside = holiday[: len(s)] & holiday[W - 1:]  # windows wholly inside the holiday (rows j..j+W-1)
+        scores[calendar] = s[inside].mean() / m.threshold.value
+    assert scores[()] < 1.0 < scores[("day", "week")]
