@@ -14,6 +14,7 @@ from pathlib import Path
 from components.anomaly import signing
 from components.anomaly.errors import AnomalyError, TrainingError
 from components.anomaly.features import (
+    Calendar,
     FeatureExtractor,
     FeatureSpec,
     default_spec,
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--label-column", help="train only on rows whose label is a --normal-value")
     b.add_argument("--normal-value", action="append", default=None, help="label value meaning normal (default 0)")
     b.add_argument("--rows", help="START:END row range of each CSV to train on (e.g. 0:50000)")
+    b.add_argument("--time-column", help="CSV column with each row's time (ISO 8601, UTC if no zone, or epoch "
+                   "seconds); needed for --calendar")
+    b.add_argument("--calendar", help="add the window's place in the day and/or week as features: day, week or "
+                   "day,week (not standardized; needs --time-column)")
     b.add_argument("--rate-hz", type=float, help="sample rate (recordings carry their own)")
     b.add_argument("--window", type=int, default=1024, help="window length in samples")
     b.add_argument("--hop", type=int, default=256, help="samples between window starts")
@@ -138,12 +143,21 @@ def build(args: argparse.Namespace) -> dict[str, object]:
             loaded.append(datamod.load_recording(path))
         else:
             loaded.append(datamod.load_csv(path, channels, label_column=args.label_column,
-                                           normal_values=tuple(args.normal_value or ["0"]), row_range=rows))
+                                           normal_values=tuple(args.normal_value or ["0"]), row_range=rows,
+                                           time_column=args.time_column))
     dataset = datamod.merge(loaded, channels)
     rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
     spec = _spec(args, dataset.channels)
+    if args.calendar:
+        try:
+            spec = spec.model_copy(update={"calendar": Calendar(periods=args.calendar.split(","))})
+        except ValueError as exc:
+            raise TrainingError(f"--calendar {args.calendar!r}: use day, week or day,week", field="calendar") from exc
+    ends = datamod.window_ends(dataset, args.window, args.hop)
+    if spec.calendar is not None and ends is None:
+        raise TrainingError("calendar features need each row's time: give --time-column (CSV)", field="calendar")
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
-    features = extractor.extract(datamod.windows(dataset, args.window, args.hop))
+    features = extractor.extract(datamod.windows(dataset, args.window, args.hop), ends)
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
                          margin=args.margin, spread_margin=args.spread_margin,
                          calibration_fraction=args.calibration_fraction, seed=args.seed,
@@ -154,7 +168,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          history_windows=args.history_windows, online=args.online,
                          online_capacity=args.online_capacity, online_merge_fraction=args.online_merge,
                          # windows that share a sample with the newest one never count as "seen before"
-                         online_exclude_windows=-(-args.window // args.hop) - 1)
+                         online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()))
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
     card = make_card(model, component=args.name, version=args.version, channels=dataset.channels, spec=spec,

@@ -15,7 +15,8 @@ import csv
 import gzip
 import io
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ class Dataset:
     segments: list[npt.NDArray[np.float64]]  # each (C, n)
     rate_hz: float | None
     sources: list[str]
+    # Epoch seconds of each sample, per segment (calendar features need them); None = not known.
+    times: list[npt.NDArray[np.float64]] | None = field(default=None)
 
     @property
     def rows(self) -> int:
@@ -50,10 +53,21 @@ def _runs(mask: npt.NDArray[np.bool_] | np.bool_) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(change[::2], change[1::2], strict=True)]
 
 
+def _epoch(text: str) -> float:
+    """A timestamp cell: epoch seconds, or ISO 8601 (without a zone it is taken as UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        t = datetime.fromisoformat(text.strip())
+        return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
+
+
 def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str | None = None,
-             normal_values: tuple[str, ...] = ("0",), row_range: tuple[int, int] | None = None) -> Dataset:
+             normal_values: tuple[str, ...] = ("0",), row_range: tuple[int, int] | None = None,
+             time_column: str | None = None) -> Dataset:
     """Numeric columns as channels (``timestamp``-like text columns are skipped). With
-    ``label_column``, only rows whose label is one of ``normal_values`` are kept, as segments."""
+    ``label_column``, only rows whose label is one of ``normal_values`` are kept, as segments. With
+    ``time_column``, each row's time (ISO 8601 or epoch seconds) is kept for calendar features."""
     try:
         with _open_text(path) as f:
             reader = csv.reader(f)
@@ -69,7 +83,7 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
     if channels is None:
         channels = []
         for name, i in cols.items():
-            if name == label_column:
+            if name in (label_column, time_column):
                 continue
             try:
                 float(rows[0][i])
@@ -90,8 +104,18 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             raise TrainingError(f"no label column {label_column!r}", path=path, field="label_column")
         labels = np.array([r[cols[label_column]].strip() for r in rows])
         keep &= np.isin(labels, list(normal_values))
-    segments = [data[:, a:b] for a, b in _runs(keep)]
-    return Dataset(list(channels), segments, None, [str(path)])
+    runs = _runs(keep)
+    segments = [data[:, a:b] for a, b in runs]
+    times = None
+    if time_column is not None:
+        if time_column not in cols:
+            raise TrainingError(f"no time column {time_column!r} (has {list(cols)})", path=path, field="time_column")
+        try:
+            stamps = np.array([_epoch(r[cols[time_column]]) for r in rows], dtype=np.float64)
+        except (ValueError, IndexError) as exc:
+            raise TrainingError(f"time column {time_column!r}: {exc}", path=path, field="time_column") from exc
+        times = [stamps[a:b] for a, b in runs]
+    return Dataset(list(channels), segments, None, [str(path)], times)
 
 
 def save_recording(path: Path, channels: list[str], data: npt.NDArray[np.floating], rate_hz: float | None,
@@ -136,7 +160,10 @@ def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:
             raise TrainingError(f"{d.sources[0]} lacks channels {missing}", path=d.sources[0], field="channels")
         rows = [d.channels.index(c) for c in want]
         segments.extend(s[rows] for s in d.segments)
-    return Dataset(list(want), segments, rates.pop() if rates else None, [s for d in datasets for s in d.sources])
+    timed = all(d.times is not None for d in datasets)
+    times = [t for d in datasets for t in (d.times or [])] if timed else None
+    return Dataset(list(want), segments, rates.pop() if rates else None, [s for d in datasets for s in d.sources],
+                   times)
 
 
 def windows(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64]:
@@ -146,3 +173,11 @@ def windows(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64]:
     if not parts:
         raise TrainingError(f"no segment is as long as one window ({window} samples)", field="window")
     return np.concatenate(parts, axis=0)
+
+
+def window_ends(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64] | None:
+    """The time of each window's last sample, in the order of :func:`windows`; None without times."""
+    if dataset.times is None:
+        return None
+    return np.concatenate([t[window - 1::hop][: (len(t) - window) // hop + 1]
+                           for t in dataset.times if len(t) >= window])

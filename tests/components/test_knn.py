@@ -188,3 +188,24 @@ def test_a_weekday_that_looks_like_a_weekend_day_is_novel_only_with_calendar_con
         inside = holiday[: len(s)] & holiday[W - 1:]  # windows wholly inside the holiday (rows j..j+W-1)
         scores[calendar] = s[inside].mean() / m.threshold.value
     assert scores[()] < 1.0 < scores[("day", "week")]
+
+
+def test_cli_builds_calendar_features_from_a_time_column_and_refuses_them_without(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
+    rows = [f"{(start + timedelta(hours=i)).strftime('%Y-%m-%d %H:%M:%S')},{v:.4f}" for i, v in enumerate(series(500))]
+    data = tmp_path / "hourly.csv"
+    data.write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    base = ["build", "--data", str(data), "--kind", "knn", "--features", "shape", "--window", "8", "--hop", "1",
+            "--rate-hz", str(1 / 3600), "--calendar", "day,week"]
+    assert main([*base, "--out", str(tmp_path / "refused")]) != 0
+    assert "calendar features need each row's time: give --time-column" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out), "--time-column", "timestamp", "--online"]) == 0
+    card = load_card(out / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0" / "model_card.json")
+    assert card.features.calendar is not None and card.features.calendar.periods == ["day", "week"]
+    assert card.feature_names[-4:] == ["calendar.day_sin", "calendar.day_cos", "calendar.week_sin",
+                                       "calendar.week_cos"]
+    assert card.feature_stats.mean[-4:] == [0.0] * 4 and card.feature_stats.std[-4:] == [1.0] * 4
