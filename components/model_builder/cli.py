@@ -155,7 +155,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
             raise TrainingError(f"--calendar {args.calendar!r}: use day, week or day,week", field="calendar") from exc
     ends = datamod.window_ends(dataset, args.window, args.hop)
     if spec.calendar is not None and ends is None:
-        raise TrainingError("calendar features need each row's time: give --time-column (CSV)", field="calendar")
+        raise TrainingError("calendar features need each row's time: give --time-column for a CSV (recordings "
+                            "made by `nucleus model record` carry their times)", field="calendar")
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
     features = extractor.extract(datamod.windows(dataset, args.window, args.hop), ends)
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,

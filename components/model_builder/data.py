@@ -4,9 +4,11 @@ A segment is a stretch of contiguous samples ``(C, n)``; windows never span two 
 a recording or rows removed by a label filter never produce a window that did not exist.
 
 Recording format (``.npz``, written by :func:`save_recording`): ``channels`` (str array),
-``data`` float32 ``(C, n)``, ``rate_hz`` (scalar, NaN if unknown) and ``segment_starts`` (int array of
-sample indices where a new contiguous run begins; ``[0]`` if none). A recorder that stores
-``sensors/<asset>/raw`` batches starts a new segment at every sequence gap.
+``data`` float32 ``(C, n)``, ``rate_hz`` (scalar, NaN if unknown), ``segment_starts`` (int array of
+sample indices where a new contiguous run begins; ``[0]`` if none) and ``segment_t0`` (epoch seconds
+of each segment's first sample, NaN if unknown; absent in older recordings; with the rate it gives
+every sample's time). A recorder that stores ``sensors/<asset>/raw`` batches starts a new segment at
+every sequence gap.
 """
 
 from __future__ import annotations
@@ -119,10 +121,15 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
 
 
 def save_recording(path: Path, channels: list[str], data: npt.NDArray[np.floating], rate_hz: float | None,
-                   segment_starts: list[int] | None = None) -> None:
+                   segment_starts: list[int] | None = None, *, segment_t0: list[float] | None = None) -> None:
+    starts = segment_starts or [0]
+    if segment_t0 is not None and len(segment_t0) != len(starts):
+        raise TrainingError(f"{len(segment_t0)} segment times for {len(starts)} segments", path=path)
     np.savez_compressed(path, channels=np.array(channels), data=np.asarray(data, dtype=np.float32),
                         rate_hz=np.float64(rate_hz if rate_hz is not None else np.nan),
-                        segment_starts=np.array(segment_starts or [0], dtype=np.int64))
+                        segment_starts=np.array(starts, dtype=np.int64),
+                        segment_t0=np.array(segment_t0 if segment_t0 is not None else [np.nan] * len(starts),
+                                            dtype=np.float64))
 
 
 def load_recording(path: Path) -> Dataset:
@@ -132,18 +139,27 @@ def load_recording(path: Path) -> Dataset:
             data = np.asarray(z["data"], dtype=np.float64)
             rate = float(z["rate_hz"])
             starts = [int(s) for s in z["segment_starts"]]
+            t0s = [float(t) for t in z["segment_t0"]] if "segment_t0" in z.files else None
     except (OSError, KeyError, ValueError) as exc:
         raise TrainingError(f"not a nucleus recording (.npz with channels, data, rate_hz, segment_starts): {exc}",
                             path=path) from exc
     if data.ndim != 2 or data.shape[0] != len(channels):
         raise TrainingError(f"recording data shape {data.shape} does not match {len(channels)} channels", path=path)
+    timed = bool(t0s is not None and len(t0s) == len(starts) and not np.isnan(rate) and np.isfinite(t0s).all())
+    first_t0 = dict(zip(starts, t0s, strict=True)) if timed and t0s is not None else {}
     bounds = [*sorted(set(starts) | {0}), data.shape[1]]
     segments: list[npt.NDArray[np.float64]] = []
+    times: list[npt.NDArray[np.float64]] = []
     for a, b in itertools.pairwise(bounds):
         seg = data[:, a:b]
         keep = np.isfinite(seg).all(axis=0)
-        segments.extend(seg[:, x:y] for x, y in _runs(keep))
-    return Dataset(channels, segments, None if np.isnan(rate) else rate, [str(path)])
+        runs = _runs(keep)
+        segments.extend(seg[:, x:y] for x, y in runs)
+        if timed:
+            t = first_t0.get(a, np.nan) + np.arange(b - a) / rate
+            times.extend(t[x:y] for x, y in runs)
+    timed = timed and all(bool(np.isfinite(t).all()) for t in times)
+    return Dataset(channels, segments, None if np.isnan(rate) else rate, [str(path)], times if timed else None)
 
 
 def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:

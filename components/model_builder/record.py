@@ -30,6 +30,7 @@ class Recorder:
     rate_hz: float | None = None
     chunks: list[npt.NDArray[np.float32]] = field(default_factory=list)
     segment_starts: list[int] = field(default_factory=lambda: [0])
+    segment_t0: list[float] = field(default_factory=list)  # epoch time of each segment's first sample
     samples: int = 0
     batches: int = 0
     gaps: int = 0
@@ -41,6 +42,7 @@ class Recorder:
             data = np.asarray(payload["data"], dtype=np.float32)
             rate = float(payload["rate_hz"])
             seq = int(payload["seq"])
+            t0 = float(payload.get("t0", "nan"))
         except (KeyError, TypeError, ValueError) as exc:
             raise TrainingError(f"not a sensor batch: {exc}", field="payload") from exc
         if data.ndim != 2 or data.shape[0] != len(channels):
@@ -54,6 +56,8 @@ class Recorder:
         if self._last_seq is not None and seq != self._last_seq + 1 and self.samples:
             self.gaps += 1
             self.segment_starts.append(self.samples)
+        if len(self.segment_t0) < len(self.segment_starts):
+            self.segment_t0.append(t0)
         self._last_seq = seq
         self.chunks.append(data)
         self.samples += data.shape[1]
@@ -64,7 +68,7 @@ class Recorder:
             raise TrainingError("no batches were recorded", path=out)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_recording(out, self.channels, np.concatenate(self.chunks, axis=1), self.rate_hz,
-                       sorted(set(self.segment_starts)))
+                       self.segment_starts, segment_t0=self.segment_t0)
 
 
 async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: float | None,
