@@ -246,7 +246,7 @@ def stream_file(values: np.ndarray, card_model: object, alarm: object, rate_hz: 
                       "data": x[i:i + 1].reshape(1, 1)})
         for win in out:
             scored = card_model.score(win.data[None], np.array([win.t_end]))
-            decision = alarm.judge(float(scored.scores[0]), scored.features[0])[1]
+            decision = alarm.judge(float(scored.scores[0]), scored.features[0]).decision
             flags[i] = decision.alarm
             if tails is not None and decision.tail is not None:
                 tails[i] = decision.tail

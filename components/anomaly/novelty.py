@@ -50,16 +50,20 @@ class OnlineMemory:
 
     def distance(self, z: npt.NDArray[np.float32]) -> float:
         """Distance from ``z`` (F,) to the nearest remembered window; inf when the memory is empty."""
+        return self.nearest(z)[0]
+
+    def nearest(self, z: npt.NDArray[np.float32]) -> tuple[float, npt.NDArray[np.float64] | None]:
+        """(distance, z - that window) for the nearest remembered window; (inf, None) when empty."""
         if self._count == 0:
-            return float("inf")
+            return float("inf"), None
         mem = self._store[: self._count]
         # |m|^2 - 2 m.z (|z|^2 is the same for all) with the product in float32: a float64 product would
         # first copy the whole memory to float64 (9x slower at 20,000 x 44). Only the argmin uses it;
         # the distance returned is recomputed exactly for the one found (see onnx_export.knn).
         partial = self._sq[: self._count] - 2.0 * (mem @ np.asarray(z, dtype=np.float32))
         i = int(np.argmin(partial))
-        diff = mem[i].astype(np.float64) - z.astype(np.float64)
-        return float(np.sqrt(diff @ diff))
+        diff = z.astype(np.float64) - mem[i].astype(np.float64)
+        return float(np.sqrt(diff @ diff)), diff
 
     def observe(self, z: npt.NDArray[np.float32]) -> None:
         """Queue a scored window; the one ``exclude_windows`` older leaves the queue for the memory."""

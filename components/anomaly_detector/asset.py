@@ -15,6 +15,15 @@ from components.anomaly.novelty import OnlineMemory
 from components.anomaly_detector.scoring import LoadedModel
 
 
+@dataclass(slots=True, frozen=True)
+class Judged:
+    score: float
+    decision: Decision
+    # Per feature, the squared difference to the remembered window that set the score (the model's
+    # own contributions explain it otherwise): what made this window as far as it is.
+    contributions: npt.NDArray[np.float64] | None = None
+
+
 @dataclass(slots=True)
 class AssetState:
     model: LoadedModel
@@ -29,11 +38,14 @@ class AssetState:
         memory = OnlineMemory(online, model.extractor.n_features) if online is not None else None
         return cls(model, AlarmState(params), memory)
 
-    def judge(self, score: float, features: npt.NDArray[np.float32]) -> tuple[float, Decision]:
+    def judge(self, score: float, features: npt.NDArray[np.float32]) -> Judged:
         """The window's final score (the model's, or its distance to the nearest remembered window if
         that is nearer) and the alarm decision on it; then the window is remembered."""
+        residual = None
         if self.memory is not None:
             z = self.model.standardize(features)
-            score = min(score, self.memory.distance(z))
+            remembered, diff = self.memory.nearest(z)
+            if remembered < score and diff is not None:
+                score, residual = remembered, diff * diff
             self.memory.observe(z)
-        return score, self.alarm.update(score)
+        return Judged(score, self.alarm.update(score), residual)

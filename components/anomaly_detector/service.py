@@ -175,7 +175,12 @@ class Detector:
             if not finite[i]:
                 self.skipped["nonfinite_features"] += 1
                 continue
-            score, decision = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i])
+            judged = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i])
+            score, decision = judged.score, judged.decision
+            shares = scored.shares[i]
+            if judged.contributions is not None:  # the score came from the run-time memory: explain that
+                total = float(judged.contributions.sum())
+                shares = judged.contributions / total if total > 0 else np.zeros_like(judged.contributions)
             is_anomaly = decision.is_anomaly
             confidence = model.card.confidence(score)
             event = {
@@ -183,7 +188,7 @@ class Detector:
                 "window": {"seq_first": p.window.seq_first, "seq_last": p.window.seq_last, "t_end": p.window.t_end},
                 "score": score, "threshold": model.threshold, "is_anomaly": is_anomaly, "confidence": confidence,
                 "alarm": decision.alarm, "tail_probability": decision.tail,
-                "contributions": model.top(scored.shares[i], self.config.top_contributors),
+                "contributions": model.top(shares, self.config.top_contributors),
                 "model": model.describe(), "published_at": time.time(),
             }
             await self.client.publish(f"{self.config.anomaly_topic_prefix}/{p.asset}", event)

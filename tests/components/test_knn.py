@@ -98,18 +98,23 @@ def loaded_knn(values: np.ndarray, *, online: bool) -> LoadedModel:
     return LoadedModel(card, session(m.proto), "test", Path("test"))
 
 
-def stream(model: LoadedModel, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stream(model: LoadedModel, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Row by row through the detector's Windower, features + ONNX, and the asset's judgement state."""
     state = AssetState.start(model)
     w = Windower(["value"], W, 1, 1.0)
     scores, alarms, anomalous = np.full(len(values), np.nan), np.zeros(len(values), bool), np.zeros(len(values), bool)
+    from_memory = np.zeros(len(values), bool)
     for i, v in enumerate(values.astype(np.float32)):
         for win in w.push({"seq": i, "t0": float(i), "rate_hz": 1.0, "channels": ["value"],
                            "data": np.array([[v]], np.float32)}):
             scored = model.score(win.data[None])
-            scores[i], decision = state.judge(float(scored.scores[0]), scored.features[0])
+            judged = state.judge(float(scored.scores[0]), scored.features[0])
+            scores[i], decision = judged.score, judged.decision
+            if judged.contributions is not None:  # set by a remembered window: explains exactly that distance
+                assert judged.contributions.sum() == pytest.approx(judged.score ** 2, rel=1e-5)
+                from_memory[i] = True
             alarms[i], anomalous[i] = decision.alarm, decision.is_anomaly
-    return scores, alarms, anomalous
+    return scores, alarms, anomalous, from_memory
 
 
 def test_a_lasting_new_regime_alarms_once_with_online_learning_and_keeps_alarming_without() -> None:
@@ -117,8 +122,8 @@ def test_a_lasting_new_regime_alarms_once_with_online_learning_and_keeps_alarmin
     test = series(1400, seed=3)
     test[600:] += 4.0  # a step to a new, lasting normal at row 600
     learning, fixed = loaded_knn(train_rows, online=True), loaded_knn(train_rows, online=False)
-    s_learn, a_learn, n_learn = stream(learning, test)
-    s_fixed, _, n_fixed = stream(fixed, test)
+    s_learn, a_learn, n_learn, memory_set = stream(learning, test)
+    s_fixed, _, n_fixed, fixed_memory = stream(fixed, test)
     assert a_learn[600:600 + 2 * W].sum() == 1  # the change is reported when it starts
     assert a_learn[700:].sum() == 0 and a_learn[:600].sum() <= 1  # ...and the new level is normal after a day or so
     assert np.nanmedian(s_learn[800:]) < 0.2 * np.nanmedian(s_fixed[800:])  # it learnt the new level
@@ -126,6 +131,7 @@ def test_a_lasting_new_regime_alarms_once_with_online_learning_and_keeps_alarmin
     # estimate has absorbed it; with memory only the first few windows of the change are
     assert n_fixed[600:].sum() > 5 * n_learn[600:].sum() > 0
     assert (s_learn <= s_fixed + 1e-6)[W:].all()  # memory can only bring a window nearer to something seen
+    assert memory_set[700:].mean() > 0.9 and not fixed_memory.any()  # the new level is explained by memory
 
 
 def test_online_section_only_for_knn_and_cli_builds_a_learning_knn_component(tmp_path: Path) -> None:
