@@ -88,3 +88,27 @@ class OnlineMemory:
         self._store[row] = z
         self._sq[row] = float(z.astype(np.float64) @ z.astype(np.float64))
         self.stored += 1
+
+    def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The memory as arrays (copies), for the detector to keep across restarts."""
+        pending = np.stack(list(self._pending)) if self._pending else np.zeros((0, self._store.shape[1]), np.float32)
+        return {"store": self._store[: self._count].copy(), "next": np.array(self._next, dtype=np.int64),
+                "pending": pending, "counts": np.array([self.stored, self.merged], dtype=np.int64)}
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> bool:
+        """Take over a snapshot of a memory with the same width; False (and unchanged) if it does not fit."""
+        store = np.asarray(snap["store"], dtype=np.float32)
+        pending = np.asarray(snap["pending"], dtype=np.float32)
+        width = self._store.shape[1]
+        if store.ndim != 2 or store.shape[1] != width or pending.ndim != 2 or pending.shape[1] != width:
+            return False
+        store = store[-self.spec.capacity:]
+        self._store = np.zeros((max(len(store), min(self.spec.capacity, 1024)), width), dtype=np.float32)
+        self._store[: len(store)] = store
+        self._sq = np.zeros(len(self._store), dtype=np.float64)
+        self._sq[: len(store)] = (store.astype(np.float64) ** 2).sum(axis=1)
+        self._count = len(store)
+        self._next = int(snap["next"]) % self.spec.capacity if self._count == self.spec.capacity else 0
+        self._pending = deque(pending[-self.spec.exclude_windows:] if self.spec.exclude_windows else pending[:0])
+        self.stored, self.merged = (int(v) for v in np.asarray(snap["counts"]).reshape(-1)[:2])
+        return True

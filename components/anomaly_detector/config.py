@@ -41,3 +41,7 @@ class DetectorConfig(BaseModel):
     alarm_mode: Literal["threshold", "likelihood"] | None = Field(None, alias="alarmMode")
     alarm_holdoff_windows: int | None = Field(None, ge=0, alias="alarmHoldoffWindows")
     alarm_tail_probability: float | None = Field(None, gt=0, lt=1, alias="alarmTailProbability")
+    # Learning knn models: where each asset's run-time memory is kept across restarts (relative to the
+    # component's work directory) and how often it is written (0 = only when the detector stops).
+    memory_dir: str = Field("knn-memory", alias="memoryDir")
+    memory_save_every_s: float = Field(60.0, ge=0, alias="memorySaveEveryS")

@@ -33,7 +33,7 @@ import structlog
 from components.anomaly import signing
 from components.anomaly.announce import topic_for
 from components.anomaly.errors import AnomalyError
-from components.anomaly_detector import memory
+from components.anomaly_detector import knn_store, memory
 from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
 from components.anomaly_detector.config import DetectorConfig
@@ -93,15 +93,43 @@ class Detector:
     async def run(self) -> None:
         log.info("detector.started", model_component=self.config.model_component,
                  trusted_keys=sorted(self._trusted), sensor_topic=self.config.sensor_topic)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._models())
-            tg.create_task(self._announcements())
-            tg.create_task(self._config_watch())
-            tg.create_task(self._heartbeat())
-            tg.create_task(self._score_loop())
-            tg.create_task(self._ingest())
-            if self.config.trim_memory_every_s > 0:
-                tg.create_task(self._trim_memory())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._models())
+                tg.create_task(self._announcements())
+                tg.create_task(self._config_watch())
+                tg.create_task(self._heartbeat())
+                tg.create_task(self._score_loop())
+                tg.create_task(self._ingest())
+                if self.config.trim_memory_every_s > 0:
+                    tg.create_task(self._trim_memory())
+                if self.config.memory_save_every_s > 0:
+                    tg.create_task(self._save_memories_every())
+        finally:
+            self.save_memories()  # stopping (SIGTERM, a new version): keep what the models learnt
+
+    # --- knn run-time memory across restarts -------------------------------------------------------
+    def _memory_path(self, asset: str, model: LoadedModel) -> Path:
+        return knn_store.path_for(Path(self.config.memory_dir), model.component, model.version, asset)
+
+    def save_memories(self) -> None:
+        for asset, state in list(self.alarms.items()):
+            if state.memory is not None:
+                try:
+                    knn_store.save(self._memory_path(asset, state.model), state.memory.snapshot())
+                except OSError as exc:
+                    log.warning("detector.memory_not_saved", asset=asset, error=str(exc)[:200])
+
+    async def _save_memories_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.memory_save_every_s)
+            snaps = [(self._memory_path(a, st.model), st.memory.snapshot()) for a, st in list(self.alarms.items())
+                     if st.memory is not None]
+            for path, snap in snaps:  # the copies are taken on the loop; the disk write happens off it
+                try:
+                    await asyncio.to_thread(knn_store.save, path, snap)
+                except OSError as exc:
+                    log.warning("detector.memory_not_saved", path=str(path), error=str(exc)[:200])
 
     # --- input -------------------------------------------------------------------------------
     async def _ingest(self) -> None:
@@ -214,6 +242,11 @@ class Detector:
             held = self.alarms[asset] = AssetState.start(
                 model, mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows,
                 tail_probability=c.alarm_tail_probability)
+            if held.memory is not None:
+                snap = knn_store.load(self._memory_path(asset, model))
+                if snap is not None and held.memory.restore(snap):
+                    log.info("detector.memory_restored", asset=asset, model_version=model.version,
+                             windows=len(held.memory))
         return held
 
     async def _trim_memory(self) -> None:
@@ -247,6 +280,7 @@ class Detector:
                     alarm_keys = {"alarm_mode": new.alarm_mode, "alarm_holdoff_windows": new.alarm_holdoff_windows,
                                   "alarm_tail_probability": new.alarm_tail_probability}
                     if any(getattr(self.config, k) != v for k, v in alarm_keys.items()):
+                        self.save_memories()
                         self.alarms.clear()  # the next window starts each asset's alarm state under the new policy
                     self.config = self.config.model_copy(update={"trusted_keys": new.trusted_keys, **alarm_keys})
                     self.rejected.clear()  # a newly trusted key may make a rejected model good

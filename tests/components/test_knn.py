@@ -215,3 +215,48 @@ def test_cli_builds_calendar_features_from_a_time_column_and_refuses_them_withou
     assert card.feature_names[-4:] == ["calendar.day_sin", "calendar.day_cos", "calendar.week_sin",
                                        "calendar.week_cos"]
     assert card.feature_stats.mean[-4:] == [0.0] * 4 and card.feature_stats.std[-4:] == [1.0] * 4
+
+
+def test_memory_snapshot_restores_the_same_distances_and_refuses_another_width() -> None:
+    spec = OnlineSpec(capacity=50, exclude_windows=2)
+    mem = OnlineMemory(spec, 3)
+    rng = np.random.default_rng(1)
+    for v in rng.standard_normal((80, 3)).astype(np.float32):  # past capacity: the ring has wrapped
+        mem.observe(v)
+    probe = rng.standard_normal((5, 3)).astype(np.float32)
+    copy = OnlineMemory(spec, 3)
+    assert copy.restore(mem.snapshot())
+    assert len(copy) == len(mem) == 50 and copy.stored == mem.stored
+    assert [copy.distance(p) for p in probe] == [mem.distance(p) for p in probe]
+    for m in (mem, copy):  # and both go on alike: the pending windows came along
+        m.observe(probe[0])
+        m.observe(probe[1])
+        m.observe(probe[2])
+    assert copy.distance(probe[0]) == mem.distance(probe[0]) == 0.0
+    assert not OnlineMemory(spec, 4).restore(mem.snapshot())
+
+
+def test_detector_keeps_a_learning_models_memory_across_a_restart(tmp_path: Path) -> None:
+    from typing import Any, cast
+
+    from components.anomaly_detector import knn_store
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    model = loaded_knn(series(600), online=True)
+    config = DetectorConfig.model_validate({"memoryDir": str(tmp_path / "mem")})
+    first = Detector(cast(Any, None), config)
+    state = first._asset_state("turbine/1", model)
+    feats = shape_features(series(300, seed=4) + 4.0)  # a new level the memory learns
+    for f in feats:
+        state.judge(5.0, f)
+    assert state.memory is not None and len(state.memory) > 0
+    first.save_memories()
+    saved = knn_store.path_for(tmp_path / "mem", "test.Knn", "1.0.0", "turbine/1")
+    assert saved.exists() and saved.name == "test.Knn-1.0.0-turbine_1.npz"
+    second = Detector(cast(Any, None), config)  # the detector restarted: same model, same asset
+    again = second._asset_state("turbine/1", model)
+    assert again.memory is not None and len(again.memory) == len(state.memory)
+    assert again.judge(5.0, feats[-1]).score < 1.0  # the learnt level is still known
+    saved.write_bytes(b"not a memory")  # unreadable: logged, and the memory starts empty
+    assert len(Detector(cast(Any, None), config)._asset_state("turbine/1", model).memory or []) == 0
