@@ -112,24 +112,27 @@ class Detector:
     def _memory_path(self, asset: str, model: LoadedModel) -> Path:
         return knn_store.path_for(Path(self.config.memory_dir), model.component, model.version, asset)
 
+    def _snapshots(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Copies of every learning asset's memory, taken on the loop (the disk write may happen off it)."""
+        return [(self._memory_path(a, st.model), st.memory.snapshot()) for a, st in list(self.alarms.items())
+                if st.memory is not None]
+
+    @staticmethod
+    def _write_memory(path: Path, snapshot: dict[str, Any]) -> None:
+        try:
+            knn_store.save(path, snapshot)
+        except OSError as exc:  # a full disk must not stop the detector; the previous file stays
+            log.warning("detector.memory_not_saved", path=str(path), error=str(exc)[:200])
+
     def save_memories(self) -> None:
-        for asset, state in list(self.alarms.items()):
-            if state.memory is not None:
-                try:
-                    knn_store.save(self._memory_path(asset, state.model), state.memory.snapshot())
-                except OSError as exc:
-                    log.warning("detector.memory_not_saved", asset=asset, error=str(exc)[:200])
+        for path, snapshot in self._snapshots():
+            self._write_memory(path, snapshot)
 
     async def _save_memories_every(self) -> None:
         while True:
             await asyncio.sleep(self.config.memory_save_every_s)
-            snaps = [(self._memory_path(a, st.model), st.memory.snapshot()) for a, st in list(self.alarms.items())
-                     if st.memory is not None]
-            for path, snap in snaps:  # the copies are taken on the loop; the disk write happens off it
-                try:
-                    await asyncio.to_thread(knn_store.save, path, snap)
-                except OSError as exc:
-                    log.warning("detector.memory_not_saved", path=str(path), error=str(exc)[:200])
+            for path, snapshot in self._snapshots():
+                await asyncio.to_thread(self._write_memory, path, snapshot)
 
     # --- input -------------------------------------------------------------------------------
     async def _ingest(self) -> None:
