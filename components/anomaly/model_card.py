@@ -100,7 +100,9 @@ class OnlineSpec(_Strict):
 
 
 class FeatureStats(_Strict):
-    """Training mean and spread per feature (for contributions when the model gives none)."""
+    """Training mean and spread per feature, exactly as the model standardizes them (a constant feature's
+    spread is 1; calendar features are taken as they are: mean 0, spread 1). Used for contributions
+    when the model gives none, and as the units of a knn model's run-time memory."""
 
     mean: list[float]
     std: list[float]

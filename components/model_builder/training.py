@@ -110,10 +110,10 @@ def _scale(x: npt.NDArray[np.float64], unscaled: tuple[int, ...] = ()) -> tuple[
     return mean, 1.0 / inv
 
 
-def _fit(features: npt.NDArray[np.float32], p: TrainParams) -> tuple[Any, Scorer, onnx.ModelProto]:
+def _fit(features: npt.NDArray[np.float32], p: TrainParams, mean: npt.NDArray[np.float64],
+         scale: npt.NDArray[np.float64]) -> tuple[Any, Scorer, onnx.ModelProto]:
     n, f = features.shape
     x64 = features.astype(np.float64)
-    mean, scale = _scale(x64, p.unscaled)
     if p.kind == "isolation_forest":
         iso = IsolationForest(n_estimators=p.n_estimators, max_samples=min(p.max_samples, n), random_state=p.seed)
         iso.fit(features)
@@ -179,11 +179,15 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         raise TrainingError(f"need at least {MIN_WINDOWS} training windows, have {features.shape[0]}")
     if not np.isfinite(features).all():
         raise TrainingError("training features contain NaN or inf")
+    if params.online and params.kind != "knn":
+        raise TrainingError("online learning needs --kind knn", field="kind")
     n = features.shape[0]
     n_cal = max(1, round(n * params.calibration_fraction))
     fit, cal = features[: n - n_cal], features[n - n_cal:]
+    # One standardization for the graph, the card (feature_stats) and the detector's knn memory.
+    mean, scale = _scale(fit.astype(np.float64), params.unscaled)
     started = time.perf_counter()
-    estimator, reference, proto = _fit(fit, params)
+    estimator, reference, proto = _fit(fit, params, mean, scale)
     fit_seconds = time.perf_counter() - started
     sess = session(proto)
     check = np.concatenate([cal, fit[:: max(1, len(fit) // 500)]])
@@ -209,8 +213,6 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         raise TrainingError(f"ONNX scores differ from scikit-learn's: {ours[worst]!r} vs {theirs[worst]!r} "
                             f"(tolerance {params.tolerance} relative)")
     agree = float(np.mean((ours >= threshold) == (theirs >= threshold)))
-    mean, std = features[: n - n_cal].astype(np.float64).mean(axis=0), fit.astype(np.float64).std(axis=0)
-    mean[list(params.unscaled)], std[list(params.unscaled)] = 0.0, 1.0  # as the model takes them (_scale)
     outputs = [o.name for o in proto.graph.output]
     # The likelihood's prior: a normal fitted to the held-out scores averaged as the detector will average them.
     averaged = moving_average(cal_scores, params.averaging_windows)
@@ -221,8 +223,6 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                       prior_std=max(float(averaged.std()), 1e-9))
     online = None
     if params.online:
-        if params.kind != "knn":
-            raise TrainingError("online learning needs --kind knn", field="kind")
         online = OnlineSpec(capacity=params.online_capacity, exclude_windows=params.online_exclude_windows,
                             merge_radius=params.online_merge_fraction * median)
     return TrainedModel(
@@ -233,7 +233,7 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                             spread_margin=params.spread_margin, calibration_windows=len(cal),
                             false_alarms_per_hour=params.false_alarms_per_hour),
         score_scale=ScoreScale(median=median, p99=float(np.quantile(cal_scores, 0.99)), max=float(cal_scores.max())),
-        feature_stats=FeatureStats(mean=[float(v) for v in mean], std=[float(v) for v in std]),
+        feature_stats=FeatureStats(mean=[float(v) for v in mean], std=[float(v) for v in scale]),
         metrics={"onnx_max_abs_diff": float(diff.max()), "onnx_label_agreement": agree,
                  "calibration_alarm_fraction": float(np.mean(cal_scores >= threshold)),
                  "fit_seconds": fit_seconds, "onnx_nodes": float(len(proto.graph.node)),
