@@ -38,6 +38,12 @@ from typing import Literal
 import numpy as np
 
 AlarmMode = Literal["threshold", "likelihood"]
+# nupic's anomaly_likelihood defaults (see above); the card, the builder and its CLI take them from here.
+TAIL_PROBABILITY = 1e-5
+AVERAGING_WINDOWS = 10
+HISTORY_WINDOWS = 8640
+ESTIMATION_WINDOWS = 100
+REESTIMATION_WINDOWS = 100
 STD_FLOOR_OF_PRIOR = 0.1
 
 
@@ -48,11 +54,11 @@ class AlarmParams:
     mode: AlarmMode = "threshold"
     threshold: float = math.inf  # score threshold (mode "threshold")
     holdoff_windows: int = 0
-    tail_probability: float = 1e-5
-    averaging_windows: int = 10
-    history_windows: int = 8640
-    estimation_windows: int = 100
-    reestimation_windows: int = 100
+    tail_probability: float = TAIL_PROBABILITY
+    averaging_windows: int = AVERAGING_WINDOWS
+    history_windows: int = HISTORY_WINDOWS
+    estimation_windows: int = ESTIMATION_WINDOWS
+    reestimation_windows: int = REESTIMATION_WINDOWS
     prior_mean: float = 0.0
     prior_std: float = 1.0
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from components.anomaly import alarm
 from components.anomaly.errors import ModelCardError
 from components.anomaly.features import FeatureSpec
 
@@ -74,13 +75,16 @@ class AlarmSpec(_Strict):
 
     mode: Literal["threshold", "likelihood"] = "threshold"
     holdoff_windows: int = Field(default=0, ge=0)
-    tail_probability: float = Field(default=1e-5, gt=0, lt=1)
-    averaging_windows: int = Field(default=10, ge=1)
-    history_windows: int = Field(default=8640, ge=1)
-    estimation_windows: int = Field(default=100, ge=1)
-    reestimation_windows: int = Field(default=100, ge=1)
+    tail_probability: float = Field(default=alarm.TAIL_PROBABILITY, gt=0, lt=1)
+    averaging_windows: int = Field(default=alarm.AVERAGING_WINDOWS, ge=1)
+    history_windows: int = Field(default=alarm.HISTORY_WINDOWS, ge=1)
+    estimation_windows: int = Field(default=alarm.ESTIMATION_WINDOWS, ge=1)
+    reestimation_windows: int = Field(default=alarm.REESTIMATION_WINDOWS, ge=1)
     prior_mean: float = 0.0
     prior_std: float = Field(default=1.0, gt=0)
+
+
+ONLINE_CAPACITY = 20_000
 
 
 class OnlineSpec(_Strict):
@@ -94,7 +98,7 @@ class OnlineSpec(_Strict):
     nearer than this to a remembered one is not stored (the memory keeps the resolution of the typical
     neighbour spacing instead of every near-duplicate); ``capacity``: the oldest entries go beyond it."""
 
-    capacity: int = Field(default=20_000, ge=1)
+    capacity: int = Field(default=ONLINE_CAPACITY, ge=1)
     exclude_windows: int = Field(default=1, ge=0)
     merge_radius: float = Field(default=0.0, ge=0)
 

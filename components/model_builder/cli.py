@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from components.anomaly import signing
+from components.anomaly import alarm, signing
 from components.anomaly.errors import AnomalyError, TrainingError
 from components.anomaly.features import (
     Calendar,
@@ -23,10 +23,10 @@ from components.anomaly.features import (
     surprise_spec,
     univariate_spec,
 )
-from components.anomaly.model_card import load_card
+from components.anomaly.model_card import ONLINE_CAPACITY, load_card
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
-from components.model_builder.training import TrainParams, train
+from components.model_builder.training import ONLINE_MERGE_FRACTION, TrainParams, train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,20 +66,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--alarm", choices=["threshold", "likelihood"], default="threshold",
                    help="how the detector turns scores into alarms: the fixed threshold, or the tail probability of "
                    "the averaged score under a normal fitted online to recent scores (docs/anomaly.md)")
-    b.add_argument("--tail-probability", type=float, default=1e-5,
+    b.add_argument("--tail-probability", type=float, default=alarm.TAIL_PROBABILITY,
                    help="alarm level for --alarm likelihood (nupic's red zone: 1e-5)")
     b.add_argument("--holdoff-windows", type=int, default=0,
                    help="after an alarm, no new alarm for this many windows (0 = none)")
-    b.add_argument("--averaging-windows", type=int, default=10, help="likelihood: scores averaged (nupic: 10)")
-    b.add_argument("--history-windows", type=int, default=8640,
+    b.add_argument("--averaging-windows", type=int, default=alarm.AVERAGING_WINDOWS,
+                   help="likelihood: scores averaged (nupic: 10)")
+    b.add_argument("--history-windows", type=int, default=alarm.HISTORY_WINDOWS,
                    help="likelihood: averaged scores the online normal is fitted to (nupic: 8640)")
     b.add_argument("--season-samples", type=int, default=0,
                    help="surprise preset: samples per season (e.g. one day) for the zseason feature; 0 = none")
     b.add_argument("--online", action="store_true",
                    help="knn: the detector remembers what it scores, so a new normal alarms when it starts, not "
                    "for as long as it lasts (docs/anomaly.md)")
-    b.add_argument("--online-capacity", type=int, default=20_000, help="knn --online: windows remembered per asset")
-    b.add_argument("--online-merge", type=float, default=0.5,
+    b.add_argument("--online-capacity", type=int, default=ONLINE_CAPACITY,
+                   help="knn --online: windows remembered per asset")
+    b.add_argument("--online-merge", type=float, default=ONLINE_MERGE_FRACTION,
                    help="knn --online: a window nearer than this x the median held-out distance to a remembered one "
                    "is not stored")
     b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")

@@ -22,13 +22,25 @@ from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
 from sklearn.neighbors import NearestNeighbors  # type: ignore[import-untyped]
 from sklearn.neural_network import MLPRegressor  # type: ignore[import-untyped]
 
+from components.anomaly import alarm as alarms
 from components.anomaly.alarm import AlarmMode, moving_average
 from components.anomaly.errors import TrainingError
-from components.anomaly.model_card import AlarmSpec, FeatureStats, ModelKind, OnlineSpec, OnnxIO, ScoreScale, Threshold
+from components.anomaly.model_card import (
+    ONLINE_CAPACITY,
+    AlarmSpec,
+    FeatureStats,
+    ModelKind,
+    OnlineSpec,
+    OnnxIO,
+    ScoreScale,
+    Threshold,
+)
 from components.model_builder import onnx_export
 
 Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
 MIN_WINDOWS = 20
+# knn --online: merge radius as a fraction of the median held-out distance (the typical neighbour spacing)
+ONLINE_MERGE_FRACTION = 0.5
 
 
 @dataclass(slots=True)
@@ -51,19 +63,19 @@ class TrainParams:
     max_prototypes: int = 4096
     # knn: the detector keeps learning at run time (model card "online"); see OnlineSpec
     online: bool = False
-    online_capacity: int = 20_000
+    online_capacity: int = ONLINE_CAPACITY
     online_exclude_windows: int = 1
-    online_merge_fraction: float = 0.5  # merge radius as a fraction of the median calibration distance
+    online_merge_fraction: float = ONLINE_MERGE_FRACTION
     # features taken as they are, not standardized (FeatureSpec.unscaled(): the calendar's)
     unscaled: tuple[int, ...] = ()
     # Alarm policy written to the card (components/anomaly/alarm.py); defaults keep the plain threshold.
     alarm_mode: AlarmMode = "threshold"
     holdoff_windows: int = 0
-    tail_probability: float = 1e-5
-    averaging_windows: int = 10
-    history_windows: int = 8640
-    estimation_windows: int = 100
-    reestimation_windows: int = 100
+    tail_probability: float = alarms.TAIL_PROBABILITY
+    averaging_windows: int = alarms.AVERAGING_WINDOWS
+    history_windows: int = alarms.HISTORY_WINDOWS
+    estimation_windows: int = alarms.ESTIMATION_WINDOWS
+    reestimation_windows: int = alarms.REESTIMATION_WINDOWS
 
     def summary(self) -> dict[str, Any]:
         base: dict[str, Any] = {"kind": self.kind, "calibration_fraction": self.calibration_fraction}
