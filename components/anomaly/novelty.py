@@ -15,7 +15,10 @@ Three rules keep it honest and bounded:
   that overlap share samples and would be each other's nearest neighbours, hiding any change that
   lasts longer than a window.
 - A window closer than ``merge_radius`` to a remembered one is not stored (the memory keeps the
-  resolution of the typical neighbour spacing, not every near-duplicate of a steady state).
+  resolution of the typical neighbour spacing, not every near-duplicate of a steady state). This is
+  a second search, against the memory as it is when the window leaves the queue (its overlapping
+  predecessors may be in it by then, which is right for thinning: they are near states too); the
+  search at scoring time saw an older memory and cannot stand in for it.
 - At ``capacity`` the oldest entries are overwritten (a ring): memory and time per window stay bounded
   on a device that runs for months.
 
