@@ -259,4 +259,5 @@ def test_detector_keeps_a_learning_models_memory_across_a_restart(tmp_path: Path
     assert again.memory is not None and len(again.memory) == len(state.memory)
     assert again.judge(5.0, feats[-1]).score < 1.0  # the learnt level is still known
     saved.write_bytes(b"not a memory")  # unreadable: logged, and the memory starts empty
-    assert len(Detector(cast(Any, None), config)._asset_state("turbine/1", model).memory or []) == 0
+    fresh = Detector(cast(Any, None), config)._asset_state("turbine/1", model).memory
+    assert fresh is not None and len(fresh) == 0
