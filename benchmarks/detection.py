@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -50,6 +51,9 @@ from components.anomaly.features import (  # noqa: E402
     spectral_spec,
 )
 from components.model_builder import data as datamod  # noqa: E402
+
+if TYPE_CHECKING:
+    from components.anomaly_detector.scoring import LoadedModel
 
 # The builder (scikit-learn, onnxruntime) is imported inside the functions that need it: the RSS probe
 # runs first, from a parent that has not mapped onnxruntime, because pages a parent shares cannot be
@@ -225,12 +229,14 @@ def load_stamps_step(stamps: list[str], rows: int) -> float:
 
 
 def stream_file(values: np.ndarray, card_model: object, alarm: object, rate_hz: float,
-                tails: np.ndarray | None = None, times: np.ndarray | None = None) -> np.ndarray:
+                tails: np.ndarray | None = None, times: np.ndarray | None = None,
+                scores: np.ndarray | None = None) -> np.ndarray:
     """Row by row through the detector's own pure modules: Windower (one-sample batches, in order),
     LoadedModel.score (features + ONNX), AlarmState.update. Returns the alarm flag per row (the
     window ending at that row); rows before the first full window never alarm. No look-ahead: each
     row's decision is made before the next row is pushed. ``tails`` (if given, NaN-filled) receives
-    each window's tail probability (likelihood mode); ``times`` = each row's epoch seconds (else i / rate)."""
+    each window's tail probability (likelihood mode); ``times`` = each row's epoch seconds (else i / rate);
+    ``scores`` (likewise) each window's final score, what the alarm stage was given."""
     from components.anomaly_detector.asset import AssetState
     from components.anomaly_detector.scoring import LoadedModel
     from components.anomaly_detector.windowing import Windower
@@ -246,8 +252,11 @@ def stream_file(values: np.ndarray, card_model: object, alarm: object, rate_hz: 
                       "data": x[i:i + 1].reshape(1, 1)})
         for win in out:
             scored = card_model.score(win.data[None], np.array([win.t_end]))
-            decision = alarm.judge(float(scored.scores[0]), scored.features[0]).decision
+            judged = alarm.judge(float(scored.scores[0]), scored.features[0])
+            decision = judged.decision
             flags[i] = decision.alarm
+            if scores is not None:
+                scores[i] = judged.score
             if tails is not None and decision.tail is not None:
                 tails[i] = decision.tail
     return flags
@@ -320,12 +329,22 @@ def run_nab_stream() -> dict[str, float]:
     return results
 
 
-def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.ndarray | None = None) -> np.ndarray:
+def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.ndarray | None = None,
+              scores: np.ndarray | None = None) -> np.ndarray:
     """One series through the builder (knn on the probationary windows, online learning on) and the
-    detector's own modules, streamed row by row; the alarm flag per row (and the tails, if asked).
-    ``times``: each row's epoch seconds (the calendar features' clock)."""
-    from components.anomaly.features import shape_spec
+    detector's own modules, streamed row by row; the alarm flag per row (and the tails and final scores,
+    if asked). ``times``: each row's epoch seconds (the calendar features' clock)."""
     from components.anomaly_detector.asset import AssetState
+
+    loaded = knn_model(values, probation, times)
+    rate_hz = loaded.card.sample_rate_hz
+    assert rate_hz is not None  # knn_model sets it from the timestamps
+    return stream_file(values, loaded, AssetState.start(loaded), rate_hz, tails, times, scores)
+
+
+def knn_model(values: np.ndarray, probation: int, times: np.ndarray) -> LoadedModel:
+    """The declared knn setup's model for one series, built by the builder from its probationary rows."""
+    from components.anomaly.features import shape_spec
     from components.anomaly_detector.scoring import LoadedModel
     from components.model_builder.package import make_card
     from components.model_builder.training import TrainParams, session, train
@@ -343,8 +362,7 @@ def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.n
         online_merge_fraction=KNN_MERGE, unscaled=tuple(spec.unscaled())))
     card = make_card(model, component="bench.Nab", version="1.0.0", channels=["value"], spec=spec, window=KNN_WINDOW,
                      hop=1, rate_hz=1.0 / step_s, sources=["nab"], rows=probation)
-    loaded = LoadedModel(card, session(model.proto), "bench", Path("nab"))
-    return stream_file(values, loaded, AssetState.start(loaded), 1.0 / step_s, tails, times)
+    return LoadedModel(card, session(model.proto), "bench", Path("nab"))
 
 
 def tail_sweeps(recorded: list[tuple[np.ndarray, list[tuple[int, int]], int]]) -> tuple[float, float, list[float]]:
