@@ -26,7 +26,7 @@ from components.anomaly.features import (
 from components.anomaly.model_card import ONLINE_CAPACITY, load_card
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
-from components.model_builder.training import ONLINE_MERGE_FRACTION, TrainParams, train
+from components.model_builder.training import AUTOENCODER_MAX_ITER, ONLINE_MERGE_FRACTION, TrainParams, train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-samples", type=int, default=256)
     b.add_argument("--pca-variance", type=float, default=0.95)
     b.add_argument("--hidden", help="autoencoder hidden layer sizes, e.g. 16,4,16")
+    b.add_argument("--max-iter", type=int, default=AUTOENCODER_MAX_ITER,
+                   help="autoencoder: at most this many training epochs (it stops earlier once the held-out loss "
+                   "stops improving)")
     b.add_argument("--key", type=Path, help="Ed25519 private key (PEM); created if absent "
                    "(default <out>/keys/model-signing.key); public key written to <key>.pub")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -166,6 +169,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          calibration_fraction=args.calibration_fraction, seed=args.seed,
                          n_estimators=args.n_estimators, max_samples=args.max_samples, pca_variance=args.pca_variance,
                          hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None,
+                         max_iter=args.max_iter,
                          alarm_mode=args.alarm, tail_probability=args.tail_probability,
                          holdoff_windows=args.holdoff_windows, averaging_windows=args.averaging_windows,
                          history_windows=args.history_windows, online=args.online,
@@ -195,6 +199,9 @@ def _print_build(result: dict[str, object]) -> None:
           f"{result['features']} features, threshold {result['threshold']:.6g}")
     print(f"  ONNX vs scikit-learn: max |diff| {m['onnx_max_abs_diff']:.2e}, "
           f"same decision on {100 * m['onnx_label_agreement']:.2f}% of check windows")
+    if m.get("training_converged") == 0.0:
+        print(f"  training:  stopped at --max-iter {int(m['training_iterations'])} before the held-out loss settled; "
+              "the model works, but a larger --max-iter would usually fit better")
     print(f"  recipe:    {result['recipe']}")
     print(f"  artifacts: {result['artifacts']}")
     print(f"  signed by  {result['key_id']} ({'new key ' if result['key_created'] else ''}{result['key']})")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,24 @@ def test_cli_spectral_preset_is_load_invariant_and_scored_alike_by_the_detector(
     assert (scored_fault >= card.threshold.value).mean() > 0.9
     sess = session((model_dir / "model.onnx").read_bytes())
     np.testing.assert_allclose(scored_fault, onnx_scores(sess, m.extractor.extract(cut(faulty(8000)))), rtol=1e-6)
+
+
+def test_an_autoencoder_cut_off_at_max_iter_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopping at --max-iter is the builder's finding, told next to the flag that fixes it and kept in
+    the card, not scikit-learn's ConvergenceWarning from inside fit(); a fit that settles says nothing."""
+    x = feats(1200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping train() fails the test
+        cut = train(x, TrainParams(kind="autoencoder", max_iter=3))
+        settled = train(x, TrainParams(kind="autoencoder", max_iter=2000))
+    assert cut.metrics["training_converged"] == 0.0 and cut.metrics["training_iterations"] == 3.0
+    assert settled.metrics["training_converged"] == 1.0 and settled.metrics["training_iterations"] < 2000
+    assert "training_converged" not in train(x, TrainParams(kind="pca")).metrics
+    data = tmp_path / "healthy.csv"
+    data.write_text("vib_x,temp\n" + "\n".join(f"{a},{b}" for a, b in healthy(8_000).T) + "\n")
+    base = ["build", "--data", str(data), "--window", "128", "--hop", "64", "--rate-hz", "1000", "--bands", "4",
+            "--kind", "autoencoder"]
+    assert main([*base, "--out", str(tmp_path / "cut"), "--max-iter", "3"]) == 0
+    assert "stopped at --max-iter 3" in capsys.readouterr().out
+    card = load_card(tmp_path / "cut" / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0" / "model_card.json")
+    assert card.metrics["training_converged"] == 0.0
