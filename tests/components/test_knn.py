@@ -261,3 +261,42 @@ def test_detector_keeps_a_learning_models_memory_across_a_restart(tmp_path: Path
     saved.write_bytes(b"not a memory")  # unreadable: logged, and the memory starts empty
     fresh = Detector(cast(Any, None), config)._asset_state("turbine/1", model).memory
     assert fresh is not None and len(fresh) == 0
+
+
+def test_a_memory_that_cannot_be_written_leaves_the_detector_and_the_last_file_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or read-only disk is logged; the detector keeps learning and a saved memory is not replaced
+    by a half-written one."""
+    import errno
+    from typing import Any, cast
+
+    from components.anomaly_detector import knn_store
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    model = loaded_knn(series(600), online=True)
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the memory directory should be")
+    detector = Detector(cast(Any, None), DetectorConfig.model_validate({"memoryDir": str(blocked)}))
+    state = detector._asset_state("turbine/1", model)
+    for f in shape_features(series(100, seed=4) + 4.0):
+        state.judge(5.0, f)
+    detector.save_memories()  # the directory cannot be made: logged, not raised
+    assert blocked.read_text().startswith("a file") and state.memory is not None and len(state.memory) > 0
+    good = knn_store.path_for(tmp_path / "mem", "test.Knn", "1.0.0", "turbine/1")
+    knn_store.save(good, state.memory.snapshot())
+    before = good.read_bytes()
+    for f in shape_features(series(100, seed=5) - 4.0):  # learns more: a replaced file would differ
+        state.judge(5.0, f)
+
+    def full_disk(fd: int) -> None:  # the temporary file is written, then the disk turns out to be full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(knn_store.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        knn_store.save(good, state.memory.snapshot())
+    detector_full = Detector(cast(Any, None), DetectorConfig.model_validate({"memoryDir": str(tmp_path / "mem")}))
+    detector_full.alarms["turbine/1"] = state
+    detector_full.save_memories()  # the detector's own save: logged, not raised
+    monkeypatch.undo()
+    assert good.read_bytes() == before and not list(good.parent.glob(".*.tmp"))
