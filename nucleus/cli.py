@@ -357,14 +357,23 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleus", description="An edge runtime for Greengrass V2 recipes.")
-    parser.add_argument("--root", help=f"nucleus root directory (default: $NUCLEUS_ROOT or {default_root()})")
+    root_help = (f"nucleus root directory (default: $NUCLEUS_ROOT, else /var/lib/nucleus for root, else "
+                 f"~/.local/share/nucleus; here: {default_root()})")
+    parser.add_argument("--root", help=root_help)
+    # `nucleus run --root X` is how people type it too: the subcommands that talk to a root take it as
+    # well (SUPPRESS: absent there, the global value stands).
+    rooted = argparse.ArgumentParser(add_help=False)
+    rooted.add_argument("--root", default=argparse.SUPPRESS, help=root_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the daemon in the foreground")
+    def add(name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, parents=[rooted], **kw)
+
+    p = add("run", "run the daemon in the foreground")
     p.add_argument("--thing-name", help="the device's thing name (default: host name)")
     p.set_defaults(func=cmd_run, is_async=False)
 
-    p = sub.add_parser("deploy", help="install or update components")
+    p = add("deploy", "install or update components")
     p.add_argument("paths", nargs="*", metavar="RECIPE_OR_DIR")
     p.add_argument("--artifacts", action="append", metavar="DIR",
                    help="artifact directory laid out as DIR/<name>/<version>/<file>")
@@ -381,30 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="queue and return")
     p.set_defaults(func=_deploy, is_async=True)
 
-    p = sub.add_parser("list", help="components with version, state and since")
+    p = add("list", "components with version, state and since")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_list, is_async=True)
 
-    p = sub.add_parser("status", help="one component's details (or the daemon's)")
+    p = add("status", "one component's details (or the daemon's)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_status, is_async=True)
 
-    p = sub.add_parser("logs", help="a component's log ('nucleus' for the daemon's)")
+    p = add("logs", "a component's log ('nucleus' for the daemon's)")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("-n", "--lines", type=int, default=50)
     p.set_defaults(func=_logs, is_async=True)
 
-    p = sub.add_parser("restart", help="restart a component")
+    p = add("restart", "restart a component")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="also leave BROKEN")
     p.set_defaults(func=_restart, is_async=True)
 
-    p = sub.add_parser("stop", help="stop a component")
+    p = add("stop", "stop a component")
     p.add_argument("name")
     p.set_defaults(func=_stop, is_async=True)
 
-    p = sub.add_parser("deployments", help="list deployments, or show one")
+    p = add("deployments", "list deployments, or show one")
     p.add_argument("id", nargs="?")
     p.set_defaults(func=_deployments, is_async=True)
 
@@ -420,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="cloud sync: spool backlog, broker link, drops")
     ssub = p.add_subparsers(dest="sync_command", required=True)
-    st = ssub.add_parser("status", help="backlog, link state and counters of the cloud uplink")
+    st = ssub.add_parser("status", help="backlog, link state and counters of the cloud uplink", parents=[rooted])
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_sync_status, is_async=True)
 
@@ -431,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("client", help="declared local clients")
     csub = p.add_subparsers(dest="client_command", required=True)
-    a = csub.add_parser("add", help="declare a client and print its token once")
+    a = csub.add_parser("add", help="declare a client and print its token once", parents=[rooted])
     a.add_argument("name")
     a.add_argument("--policy", metavar="FILE", help="accessControl policy (JSON or YAML)")
     a.set_defaults(func=_client_add, is_async=True)

@@ -206,7 +206,7 @@ def _print_build(result: dict[str, object]) -> None:
     print(f"  artifacts: {result['artifacts']}")
     print(f"  signed by  {result['key_id']} ({'new key ' if result['key_created'] else ''}{result['key']})")
     print(f"  deploy:    nucleus deploy {result['recipe']} --artifacts {result['artifacts']}")
-    print(f"  trust:     nucleus deploy --update-config \"$(cat {result['detector_config']})\"")
+    print(f"  trust:     nucleus deploy --update-config @{result['detector_config']}")
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -285,6 +285,39 @@ def test_cli_without_daemon_says_where_it_looked(short_tmp: Path) -> None:
     assert str(root) in lines[0] and "nucleus run" in lines[0]
 
 
+def test_root_may_follow_the_subcommand(short_tmp: Path) -> None:
+    """`nucleus run --root X` is how the walkthroughs (and most users) type it; it used to be refused as
+    an unrecognized argument, which a trailing `&` hides. Both places work, and the later one wins."""
+    import yaml
+
+    from tests.conftest import FAST_SETTINGS
+
+    root = short_tmp / "after"
+    root.mkdir()
+    (root / "nucleus.yaml").write_text(yaml.safe_dump(FAST_SETTINGS))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+    with (root / "daemon.out").open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nucleus", "run", "--root", str(root)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        listed = None
+        for _ in range(300):  # bounded: up to ~30 s for the daemon to answer
+            assert proc.poll() is None, (root / "daemon.out").read_text()
+            if (root / "ipc.sock").exists():
+                listed = subprocess.run([sys.executable, "-m", "nucleus", "list", "--json", "--root", str(root)],
+                                        capture_output=True, text=True, timeout=60, env=env)
+                if listed.returncode == 0:
+                    break
+            time.sleep(0.1)
+        assert listed is not None and listed.returncode == 0 and json.loads(listed.stdout) == []
+        elsewhere = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp / "none"), "status",
+                                    "--root", str(root)], capture_output=True, text=True, timeout=60, env=env)
+        assert elsewhere.returncode == 0, elsewhere.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, short_tmp: Path) -> None:
     daemon = daemon_factory("ordered")
     d = short_tmp / "r"
