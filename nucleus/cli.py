@@ -214,8 +214,21 @@ async def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _connect_waiting(root: Path, wait_s: float) -> Any:
+    """Like _connect, but a daemon that is still starting (no socket, no token, not answering yet) is
+    given up to ``wait_s`` seconds: `nucleus run ... &` followed by a command is a race a script loses."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await _connect(root)
+        except DaemonNotRunningError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def _status(args: argparse.Namespace) -> int:
-    client = await _connect(_root(args))
+    client = await _connect_waiting(_root(args), args.wait)
     async with client:
         if not args.name:
             info = await client.call("nucleus.status")
@@ -396,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", "one component's details (or the daemon's)")
     p.add_argument("name", nargs="?")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="give a daemon that is still starting up to S seconds to answer (for scripts)")
     p.set_defaults(func=_status, is_async=True)
 
     p = add("logs", "a component's log ('nucleus' for the daemon's)")
