@@ -64,6 +64,7 @@ QUEUED = "QUEUED"
 IN_PROGRESS = "IN_PROGRESS"
 SUPERSEDED = "SUPERSEDED"
 REJECTED = "REJECTED"
+CANCELED = "CANCELED"  # the operator cleared the target's document before the deployment started
 APPLIED = frozenset({"SUCCEEDED", "FAILED_ROLLBACK_NOT_REQUESTED"})  # the deployment's set is now active
 UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
 STATE_VERSION = 1
@@ -94,7 +95,8 @@ class FleetDeployments:
         self._rejected_digests: deque[str] = deque(maxlen=KEEP_REJECTED_DIGESTS)
         self._seq = itertools.count(1)
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
-        self.counters = {"received": 0, "duplicates": 0, "rejected": 0, "superseded": 0, "submitted": 0}
+        self.counters = {"received": 0, "duplicates": 0, "rejected": 0, "superseded": 0, "submitted": 0,
+                         "cleared": 0}
         self.status_topic = dd.STATUS_TOPIC.format(thing=thing_name)
         self.topics = [dd.THING_TOPIC.format(thing=thing_name),
                        *(dd.GROUP_TOPIC.format(group=g) for g in self._groups)]
@@ -242,6 +244,9 @@ class FleetDeployments:
     def receive(self, topic: str, payload: bytes) -> None:
         """One document from the broker: check it, then queue, supersede, or ignore it."""
         self.counters["received"] += 1
+        if not payload:  # MQTT's "retained message removed" (`nucleus fleet clear`), not a document
+            self._cleared(topic)
+            return
         try:
             doc = dd.parse(payload)
         except DocumentRejected as exc:
@@ -286,6 +291,24 @@ class FleetDeployments:
                  start_delay_s=round(delay, 3))
         self._changed()
         self._wake.set()
+
+    def _cleared(self, topic: str) -> None:
+        """The operator removed the target's retained document. What was applied stays (as when a
+        Greengrass deployment is canceled after it reached the device); a deployment still waiting for
+        its rollout slot is withdrawn and reported ``CANCELED``; one handed to the engine runs to its end."""
+        self.counters["cleared"] += 1
+        target = dd.target_of_topic(topic)
+        key = target.key if target is not None else topic
+        pending = self._pending.pop(key, None)
+        log.info("fleet.deployment_document_cleared", topic=topic, target=key,
+                 canceled=pending.doc.deployment_id if pending is not None else None)
+        if pending is None:
+            return
+        entry = self._deployments.get(pending.doc.deployment_id)
+        if entry is not None:
+            entry.update(status=CANCELED, reason="the deployment document was cleared before it started",
+                         ts=self._clock())
+        self._changed()
 
     # --- handing over to the engine ---------------------------------------------------------------------------
     def _in_flight(self) -> str | None:

@@ -162,6 +162,35 @@ async def test_rollout_slot_delays_the_start(broker: Mosquitto, tmp_path: Path) 
         assert engine.requests == []
 
 
+async def test_clearing_the_document_cancels_what_has_not_started_and_keeps_what_was_applied(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """`nucleus fleet clear` publishes an empty retained message: that is not a bad document (it used to be
+    reported REJECTED "not JSON"), it withdraws a deployment still waiting for its slot, and leaves alone
+    what the target already applied."""
+    engine = Engine()
+    base = "http://127.0.0.1:1/a"
+    thing = Target(type="thing", name=THING)
+    waiting = new_document([_recipe("1.0.0")], target=thing, artifacts_base_url=base, rollout=Rollout(window_s=3600))
+    applied = new_document([_recipe("2.0.0")], target=GROUP, artifacts_base_url=base)
+    async with device(tmp_path, broker.url, engine) as sync:
+        await publish(broker.port, thing.topic, waiting.encode())
+        await wait_for(lambda: waiting.deployment_id in sync.deployments._deployments, what="queued")
+        await publish(broker.port, thing.topic, b"")  # what `fleet clear` sends
+        await wait_for(lambda: sync.deployments.counters["cleared"] == 1, what="cleared")
+        assert entry(sync, waiting.deployment_id)["status"] == "CANCELED"
+        await publish(broker.port, GROUP.topic, applied.encode())
+        await wait_for(lambda: len(engine.requests) == 1, what="group deployment submitted")
+        engine.finish(sync, applied.deployment_id, "SUCCEEDED")
+        await publish(broker.port, GROUP.topic, b"")
+        await wait_for(lambda: sync.deployments.counters["cleared"] == 2, what="cleared again")
+        assert entry(sync, applied.deployment_id)["status"] == "SUCCEEDED"
+        assert sync.deployments.counters["rejected"] == 0 and not sync.deployments.errors
+        status = sync.deployments.status_document()
+        assert status["deployments"]["thing/" + THING]["status"] == "CANCELED"
+        assert status["deployments"]["thinggroup/g1"]["status"] == "SUCCEEDED"
+    assert [r["deployment_id"] for r in engine.requests] == [applied.deployment_id]
+
+
 async def test_bad_documents_are_reported_on_the_status_topics_and_nothing_is_submitted(
         broker: Mosquitto, tmp_path: Path) -> None:
     engine = Engine()
