@@ -37,6 +37,7 @@ from cloud_sync.deployment_document import (
     new_document,
     parse,
     parse_config_updates,
+    to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
 from cloud_sync.uplink import parse_url
@@ -321,10 +322,17 @@ def document_from_args(args: argparse.Namespace, *,
         "timeout_s": args.timeout, "settle_time_s": args.settle, "rollout": rollout,
         "config_updates": _config_updates(args.update_config)}
     try:
-        return new_document([*roots, *extra], target=base.target, components=base.components,
-                            deployment_id=args.deployment_id, **fields)
+        doc = new_document([*roots, *extra], target=base.target, components=base.components,
+                           deployment_id=args.deployment_id, **fields)
     except ValueError as exc:
         raise FleetError(f"invalid deployment: {exc}") from exc
+    try:  # the checks every device makes before it changes anything: refuse here, not on every device
+        to_request(doc)
+    except DocumentRejected as exc:
+        hint = (" (a fleet artifact needs `Digest: <base64 SHA-256>` and `Algorithm: SHA-256`; "
+                "`openssl dgst -sha256 -binary FILE | base64` gives the digest)" if exc.reason == "BAD_DIGEST" else "")
+        raise FleetError(f"devices would reject this deployment, {exc.reason}: {exc.message}{hint}") from exc
+    return doc
 
 
 async def cmd_deploy(args: argparse.Namespace) -> int:
@@ -350,6 +358,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
                           "counts": status.counts()}, indent=2, default=str))
     else:
         print(format_status(status))
+    reported = len(status.things)
+    if args.expect is not None and reported < args.expect:
+        print(f"expected {args.expect} device(s), {reported} reported", file=sys.stderr)
     return 0 if status.all_succeeded(args.expect) else 1
 
 

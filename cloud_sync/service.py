@@ -252,7 +252,11 @@ class CloudSync:
         while not self._stop.is_set():
             device = self._status_provider() if self._status_provider is not None else {}
             fleet = self.deployments.summary() if self._deployments_attached else None
-            key = json.dumps([device, list(self.errors), fleet], sort_keys=True, default=str)
+            try:  # a backlog appearing, or drained after an outage, is news; its every message is not
+                backlog_empty: bool | None = self.spool.stats().messages == 0
+            except SpoolError:
+                backlog_empty = None
+            key = json.dumps([device, list(self.errors), fleet, backlog_empty], sort_keys=True, default=str)
             now = time.monotonic()
             reason = None
             if key != last_key:

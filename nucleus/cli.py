@@ -289,7 +289,8 @@ def _fmt_sync(info: dict[str, Any]) -> str:
         + (f"  next attempt in {link['next_attempt_in_s']:.1f}s" if link.get("next_attempt_in_s") is not None else ""),
         f"backlog   {spool.get('messages')} messages, {spool.get('bytes')} bytes"
         f"  (max {spool.get('max_messages')} / {spool.get('max_bytes')} B, overflow {spool.get('overflow')})",
-        f"sent      {spool.get('delivered')} delivered in {link.get('published_messages')} MQTT messages",
+        f"sent      {spool.get('delivered')} delivered since the spool was created; "
+        f"{link.get('published_messages')} MQTT messages since the daemon started",
         f"dropped   overflow={spool.get('dropped_overflow')} expired={spool.get('dropped_expired')}"
         f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
         f"status    {info.get('status_topic')}",

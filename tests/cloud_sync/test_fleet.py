@@ -204,3 +204,15 @@ def test_fleet_cli_deploys_and_shows_status_without_a_daemon(broker: Mosquitto, 
         assert refused.returncode == 1 and "--expected-devices" in refused.stderr
         missing = nucleus("deploy", str(short_tmp / "nope.yaml"), "--broker", broker.url, "--group", GROUP)
         assert missing.returncode == 1 and "no such file" in missing.stderr
+        # A recipe every device would refuse (an artifact without a digest) is refused here, before publishing,
+        # for a dry run too, with how to fix it; the retained document stays the one deployed above.
+        hello = str(Path(__file__).resolve().parents[2] / "examples" / "hello_world" / "recipes")
+        for extra in ((), ("--dry-run",)):
+            undigested = nucleus("deploy", hello, "--broker", broker.url, "--group", GROUP, "--artifacts-url",
+                                 server.url, *extra)
+            assert undigested.returncode == 1, undigested.stdout
+            assert "BAD_DIGEST" in undigested.stderr and "com.example.HelloWorld" in undigested.stderr
+            assert "openssl dgst -sha256" in undigested.stderr
+        again = nucleus("status", "--broker", broker.url, "--group", GROUP, "--json", "--expect", "1")
+        assert json.loads(again.stdout)["deployment_id"] == info["deployment_id"]
+        assert again.returncode == 1 and "expected 1 device(s), 0 reported" in again.stderr

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from sync_testkit import Collector, Mosquitto, Policy, TokenAuth
+from sync_testkit import Collector, LinkCutter, Mosquitto, Policy, TokenAuth
 from test_uplink import FAST, wait_for
 
 from cloud_sync.service import MQTTPROXY, OP_PUBLISH_IOT, OP_SUBSCRIBE_IOT, CloudSync
@@ -147,6 +147,33 @@ async def test_device_status_on_change_and_heartbeat_retained(broker: Mosquitto,
     assert "backlog" in change["sync"]
     seqs = [d["seq"] for d in got]
     assert seqs == sorted(seqs)
+
+
+async def test_device_status_says_when_an_outage_backlog_has_drained(broker: Mosquitto, tmp_path: Path) -> None:
+    """The retained status said "backlog": N until the next heartbeat after an outage had drained (the
+    backlog's size is not news on every message, but a backlog appearing or reaching zero is). Read from
+    what the device hands to the uplink: what reaches the broker after a reconnect is only the newest."""
+    cutter = LinkCutter(broker.port)
+    await cutter.restore()
+    sent: list[dict[str, Any]] = []
+    async with stack(tmp_path, cutter.url, {}, heartbeat_s=3600) as (sync, client):
+        publish_latest = sync.uplink.publish_latest
+
+        def record(topic: str, payload: bytes) -> None:
+            sent.append(json.loads(payload))
+            publish_latest(topic, payload)
+
+        sync.uplink.publish_latest = record  # type: ignore[method-assign]
+        await wait_for(lambda: sync.uplink.state == "connected", what="connected")
+        await cutter.cut()
+        await wait_for(lambda: sync.uplink.state != "connected", what="link lost")
+        await client.publish_to_cloud("fleet/dev-1/alarm", {"x": 1})  # spooled: the backlog is 1
+        await wait_for(lambda: any(d["sync"]["backlog"] == 1 for d in sent), what="a status with the backlog")
+        await cutter.restore()
+        await wait_for(lambda: sync.spool.stats().messages == 0, what="the backlog delivered")
+        await wait_for(lambda: sent[-1]["sync"]["backlog"] == 0, what="a status after the drain")
+    await cutter.cut()
+    assert sent[-1]["reason"] == "change"
 
 
 async def test_forwarder_sends_matching_local_topics(broker: Mosquitto, tmp_path: Path) -> None:

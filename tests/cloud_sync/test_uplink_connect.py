@@ -45,3 +45,15 @@ async def test_connection_closed_before_connack_fails_the_attempt_at_once(tmp_pa
         server.close()
     assert {e["code"] for e in uplink.errors} == {"CONNECT_FAILED"}
     assert uplink.counters["connects"] == 0
+
+
+def test_settings_take_yaml_as_people_write_it_and_name_what_they_refuse() -> None:
+    """`mqtt_version: 5` is a number in YAML and was refused; a misspelt key is refused by name."""
+    import yaml
+    from pydantic import ValidationError
+
+    for text, version in (("mqtt_version: 5", "5"), ("mqtt_version: 3.1.1", "3.1.1"), ("mqtt_version: '5'", "5")):
+        assert SyncSettings.model_validate(yaml.safe_load(text)).mqtt_version == version
+    for bad in ("mqtt_version: 4", "mqtt_version: true", "urll: mqtt://127.0.0.1"):
+        with pytest.raises(ValidationError, match=bad.split(":")[0]):
+            SyncSettings.model_validate(yaml.safe_load(bad))
