@@ -664,7 +664,10 @@ class Client:
         await self.call("config.update", args)
 
     def watch_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None,
-                            ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[list[str]]]:
+                            ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+        """One item per change at or below ``key_path``: ``{"component": name, "key_path": [...]}`` (the
+        changed path; the component, because one may watch another's), not the value: fetch that with
+        get_configuration, which also sees the changes that arrived meanwhile."""
         return self.stream("config.subscribe", {"component": component, "key_path": list(key_path)})
 
     async def configuration_changes(self, parse: Callable[[Any], T], *, errors: tuple[type[Exception], ...],

@@ -279,7 +279,9 @@ class Control:
             yield line
 
     async def metrics_put(self, ctx: CallContext, args: dict[str, Any]) -> Any:
-        ctx.authorize(authz.METRICS, "aws.greengrass#PutComponentMetric", ctx.principal.name)
+        # No resource, as in Greengrass: a component puts only its own metrics. A policy without
+        # `resources` (docs/configuration.md) allows it, and so does Greengrass's usual `["*"]`.
+        ctx.authorize(authz.METRICS, "aws.greengrass#PutComponentMetric", "")
         metrics = args.get("metrics")
         if not isinstance(metrics, list):
             raise InvalidArguments("metrics must be a list of {name, unit, value}")

@@ -144,6 +144,7 @@ def test_component_configuration_get_update_watch(daemon: Any, short_tmp: Path) 
     text = wait_file(out, contains="changed")
     last = json.loads(text.splitlines()[-1])
     assert last["value"] == 0.9
+    assert last["changed"] == {"component": "test.Cfg", "key_path": ["threshold"]}  # as docs/sdk.md shows it
     # A configuration-only deployment does not restart the component.
     assert json.loads(daemon.cli("status", "test.Cfg").stdout)["pids"] == pid
 
@@ -310,8 +311,8 @@ def test_another_components_configuration_with_policy_and_metrics(daemon: Any, s
     policy = {"aws.greengrass.ipc.config": {"c1": {
         "operations": ["aws.greengrass#GetConfiguration", "aws.greengrass#UpdateConfiguration"],
         "resources": ["test.Owner"]}},
-        "aws.greengrass.ipc.componentmetric": {"m1": {
-            "operations": ["aws.greengrass#PutComponentMetric"], "resources": ["*"]}}}
+        "aws.greengrass.ipc.componentmetric": {"m1": {  # no resources, as docs/configuration.md says
+            "operations": ["aws.greengrass#PutComponentMetric"]}}}
     recipe, art = component(short_tmp, "test.Peer", "1.0.0", PEER_CONFIG.format(out=str(out)),
                             config={"accessControl": policy})
     daemon.cli("deploy", "--artifacts", str(art), str(recipe))
