@@ -56,12 +56,6 @@ class SyncSettings(BaseModel):
     password: str | None = None
     client_id: str | None = Field(None, description="MQTT client id; default: the thing name")
     mqtt_version: Literal["5", "3.1.1"] = Field("5", description="5 carries message ids in raw mode")
-
-    @field_validator("mqtt_version", mode="before")
-    @classmethod
-    def _version_as_text(cls, value: object) -> object:
-        """YAML reads `mqtt_version: 5` as a number; it means the same as "5"."""
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="broker keeps cloud subscriptions offline")
     keepalive_s: int = Field(30, ge=5)
     connect_timeout_s: float = Field(10.0, gt=0)
@@ -115,3 +109,9 @@ class SyncSettings(BaseModel):
         known = {k: v for k, v in data.items() if k in cls.model_fields}
         known.update(overrides)
         return cls.model_validate(known)
+
+    @field_validator("mqtt_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: object) -> object:
+        """YAML reads `mqtt_version: 5` as a number; it means the same as "5"."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
