@@ -360,6 +360,9 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated scenario letters, e.g. a,b")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every scenario; the peers alternate which goes first; medians are printed")
+    ap.add_argument("--greengrass", action="store_true",
+                    help="instead: AWS's awsiotsdk publisher through the Greengrass front end, next to the native "
+                    "SDK and Mosquitto (with --quick: fewer messages)")
     ap.add_argument("--role")
     ap.add_argument("cfg", nargs="?")
     args = ap.parse_args()

@@ -25,7 +25,7 @@ from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
 from ipc.memory import release_periodically
 from ipc.server import IpcServer
-from nucleus import __version__, authz, logconfig
+from nucleus import __version__, authz, component_python, logconfig
 from nucleus.config_store import ConfigStore
 from nucleus.control import Control
 from nucleus.deployment import DeploymentEngine
@@ -173,10 +173,11 @@ class Daemon:
             except (ValueError, ConfigurationError) as exc:
                 log.error("authz.client_policy_invalid", client=name, error=str(exc))  # noqa: TRY400
 
+        python_bin = await asyncio.to_thread(component_python.ensure)  # ≈ 3 s the first time only
         orchestrator = Orchestrator(
             self.settings, store, config, identities, platform=platform,
             on_spawn=records.spawned, on_exit=records.exited,
-            on_removed=core.close_sessions_of,
+            on_removed=core.close_sessions_of, python_bin=python_bin,
         )
         notifier = UpdateNotifier()
         engine = DeploymentEngine(

@@ -89,8 +89,10 @@ class Orchestrator:
         on_spawn: Callable[[str, int, int], None] | None = None,
         on_exit: Callable[[str, int, int], None] | None = None,
         on_removed: Callable[[str], Awaitable[None]] | None = None,
+        python_bin: Path | None = None,
     ) -> None:
         self._settings = settings
+        self._python_bin = python_bin  # components' own Python (nucleus.component_python), first on PATH
         self._paths: Paths = settings.paths
         self._store = store
         self._config = config
@@ -210,10 +212,11 @@ class Orchestrator:
 
     def base_env(self, recipe: Recipe, lifecycle: Lifecycle) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
-        # Components written in Python find the nucleus SDK (`import ipc`) through the
-        # interpreter the daemon runs on: its bin directory goes first on PATH.
-        bindir = str(Path(sys.executable).parent)
-        env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        # Components written in Python find the nucleus SDK (`import ipc`) through the Python first on
+        # PATH: their own environment, which sees the daemon's packages (nucleus.component_python), or
+        # else the interpreter the daemon runs on.
+        bindirs = [str(d) for d in (self._python_bin, Path(sys.executable).parent) if d is not None]
+        env["PATH"] = os.pathsep.join([*bindirs, env.get("PATH", "/usr/bin:/bin")])
         env.update(
             {
                 "SVCUID": self._identities.component_token(recipe.name),
