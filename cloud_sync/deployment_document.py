@@ -132,6 +132,10 @@ def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
         reset = keys.get("reset") or []
         if not isinstance(reset, list) or not all(isinstance(r, str) for r in reset):
             raise ValueError(f"{name}: RESET must be a list of JSON pointers")
+        for pointer in reset:
+            if pointer and not pointer.startswith("/"):
+                raise ValueError(f"{name}: RESET entry {pointer!r} is not a JSON pointer (\"\" or starting with "
+                                 f"\"/\", e.g. \"/{pointer}\")")
         out[name] = {"merge": merge, "reset": list(reset)}
     return out
 

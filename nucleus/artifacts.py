@@ -33,19 +33,12 @@ from typing import BinaryIO, Final
 import structlog
 
 from nucleus.errors import ArtifactError, DigestMismatchError
-from nucleus.recipe import Artifact, Permission
+from nucleus.recipe import Artifact, Permission, canonical_algorithm
 
 log = structlog.get_logger(__name__)
 
 CHUNK: Final = 1024 * 1024
 DIR_MODE: Final = 0o755
-_ALGORITHMS: Final = {
-    "SHA-1": "sha1",
-    "SHA-224": "sha224",
-    "SHA-256": "sha256",
-    "SHA-384": "sha384",
-    "SHA-512": "sha512",
-}
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 FETCHED_SCHEMES: Final = frozenset({"file", "http", "https"})
@@ -69,16 +62,10 @@ def archive_folder(file_name: str) -> str:
 
 
 def _hash_name(algorithm: str, *, component: str, uri: str) -> str:
-    key = algorithm.strip().upper()
-    if not key.startswith("SHA-") and key.startswith("SHA"):
-        key = "SHA-" + key[3:]
     try:
-        return _ALGORITHMS[key]
-    except KeyError:
-        raise ArtifactError(
-            f"artifact {uri}: unsupported digest algorithm {algorithm!r} "
-            f"(supported: {', '.join(_ALGORITHMS)})", component=component, field="Algorithm",
-        ) from None
+        return canonical_algorithm(algorithm).replace("-", "").lower()  # hashlib's name: sha256
+    except ValueError as exc:
+        raise ArtifactError(f"artifact {uri}: {exc}", component=component, field="Algorithm") from None
 
 
 def new_hasher(artifact: Artifact, *, component: str) -> hashlib._Hash:

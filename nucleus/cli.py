@@ -94,7 +94,7 @@ def _parse_config_update(text: str | None) -> dict[str, dict[str, Any]]:
     try:
         return parse_config_updates(text)
     except ValueError as exc:
-        raise NucleusError(f"--update-config: {exc}", field="--update-config") from exc
+        raise NucleusError(str(exc), field="--update-config") from exc
 
 
 def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,26 +179,50 @@ async def _deploy(args: argparse.Namespace) -> int:
     client = await _connect(_root(args))
     async with client:
         created = await client.call("deployments.create", request)
-        did = created["id"]
-        names = ", ".join(f"{n} {v.lstrip('=')}" for n, v in request["root_components"].items())
-        print(f"deployment {did}: {names or 'update'}")
-        if created.get("queue_position", 0) > 0:
-            print(f"  queued behind {created['queue_position']} deployment(s) already running or queued")
-        if args.no_wait:
-            return EXIT_OK
-        async with client.stream("deployments.watch", {"id": did}) as events:
-            async for event in events:
-                if event.get("event") == "progress":
-                    who = f"[{event['component']}] " if event.get("component") else ""
-                    print(f"  {time.strftime('%H:%M:%S', time.localtime(event['ts']))} {who}{event['message']}")
-                elif event.get("event") == "finished":
-                    status = event["status"]
-                    if status == "SUCCEEDED":
-                        print(f"deployment {did}: SUCCEEDED")
-                        _print_declared_clients(_root(args), event.get("components") or {})
-                        return EXIT_OK
-                    print(f"deployment {did}: {status}: {event.get('reason') or ''}", file=sys.stderr)
-                    return EXIT_FAILED
+    did = created["id"]
+    names = ", ".join(f"{n} {v.lstrip('=')}" for n, v in request["root_components"].items())
+    print(f"deployment {did}: {names or 'update'}")
+    if created.get("queue_position", 0) > 0:
+        print(f"  queued behind {created['queue_position']} deployment(s) already running or queued")
+    if args.no_wait:
+        return EXIT_OK
+    return await _follow_deployment(_root(args), did)
+
+
+DAEMON_RESTART_WAIT_S = 120.0  # a bootstrap step may restart the nucleus; its start is seconds
+
+
+async def _follow_deployment(root: Path, did: str) -> int:
+    """Print a deployment's progress until it ends. A bootstrap step that asks for a nucleus restart
+    (exit 100) closes the connection mid-deployment; the deployment goes on after the restart, so
+    reconnect and keep following it rather than report the closed connection as a failure."""
+    from ipc.errors import ConnectionClosed
+
+    last_seq, wait_s = 0, 0.0
+    for _ in range(10):  # bounded: a deployment restarts the nucleus once per bootstrap step at most
+        try:
+            async with await _connect_waiting(root, wait_s) as client, \
+                    client.stream("deployments.watch", {"id": did}) as events:
+                async for event in events:
+                    if event.get("event") == "progress":
+                        if int(event.get("seq") or 0) <= last_seq:
+                            continue  # printed before the restart
+                        last_seq = int(event.get("seq") or 0)
+                        who = f"[{event['component']}] " if event.get("component") else ""
+                        print(f"  {time.strftime('%H:%M:%S', time.localtime(event['ts']))} {who}{event['message']}")
+                    elif event.get("event") == "finished":
+                        status = event["status"]
+                        if status == "SUCCEEDED":
+                            print(f"deployment {did}: SUCCEEDED")
+                            _print_declared_clients(root, event.get("components") or {})
+                            return EXIT_OK
+                        print(f"deployment {did}: {status}: {event.get('reason') or ''}", file=sys.stderr)
+                        return EXIT_FAILED
+            return EXIT_FAILED
+        except ConnectionClosed:
+            print("  the nucleus is restarting (as a bootstrap step asked); following the deployment when it is back",
+                  flush=True)
+            wait_s = DAEMON_RESTART_WAIT_S
     return EXIT_FAILED
 
 
@@ -308,10 +332,17 @@ async def _sync_status(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from nucleus.recipe import load_recipe
+    from nucleus.recipe import find_recipes, load_recipe
 
     failed = 0
-    for raw in args.files:
+    files: list[str | Path] = []
+    for given in args.files:  # a directory means its recipe files, as `nucleus deploy DIR` reads them
+        found = find_recipes(Path(given)) if Path(given).is_dir() else [given]
+        if not found:
+            failed += 1
+            print(f"INVALID {given}: no recipe files (*.yaml, *.yml, *.json) in this directory")
+        files.extend(found)
+    for raw in files:
         try:
             recipe = load_recipe(raw)
         except NucleusError as exc:
@@ -435,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipe", help="recipe tools")
     rsub = p.add_subparsers(dest="recipe_command", required=True)
-    v = rsub.add_parser("validate", help="check recipe files")
+    v = rsub.add_parser("validate", help="check recipe files (or the recipe files in a directory)")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_validate, is_async=False)
 

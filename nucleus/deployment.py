@@ -24,7 +24,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nucleus.config_store import ConfigStore, apply_update
-from nucleus.errors import DeploymentError, NucleusError, UnknownComponentError
+from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError
 from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
 from nucleus.orchestrator import Orchestrator
 from nucleus.recipe import Recipe, parse_recipe
@@ -433,7 +433,10 @@ class DeploymentEngine:
         base = apply_update(defaults, defaults, merge=current) if current is not None else dict(defaults)
         update = req.config_updates.get(recipe.name)
         if update is not None:
-            base = apply_update(base, defaults, reset=update.reset, merge=update.merge)
+            try:
+                base = apply_update(base, defaults, reset=update.reset, merge=update.merge)
+            except ConfigurationError as exc:  # which component's update, not just which entry
+                raise ConfigurationError(exc.message, component=recipe.name, field=exc.field) from exc
         return base
 
     async def _bootstrap(self, did: str, recipes: Mapping[str, Recipe], changed: list[str]) -> None:

@@ -92,6 +92,31 @@ _TOP_KEYS = {
 _MANIFEST_KEYS = {k.lower(): k for k in ("Platform", "Lifecycle", "Artifacts", "Selections", "Name")}
 _ARTIFACT_KEYS = {k.lower(): k for k in ("Uri", "Digest", "Algorithm", "Unarchive", "Permission")}
 _STEP_KEYS = {k.lower(): k for k in ("Script", "Timeout", "Setenv", "Skipif", "RequiresPrivilege")}
+
+
+DIGEST_ALGORITHMS = ("SHA-1", "SHA-224", "SHA-256", "SHA-384", "SHA-512")
+
+
+def canonical_algorithm(algorithm: str) -> str:
+    """An artifact's ``Algorithm`` as one of DIGEST_ALGORITHMS (``sha256`` and ``SHA256`` are
+    ``SHA-256``); ValueError for anything else."""
+    key = algorithm.strip().upper()
+    if not key.startswith("SHA-") and key.startswith("SHA"):
+        key = "SHA-" + key[3:]
+    if key not in DIGEST_ALGORITHMS:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r} (supported: {', '.join(DIGEST_ALGORITHMS)})")
+    return key
+
+
+def parse_skipif(skipif: str) -> tuple[str, str]:
+    """Greengrass ``Skipif``: ``onpath <executable>`` or ``exists <file>`` -> (kind, argument); the
+    argument may still hold recipe variables. ValueError for anything else."""
+    kind, _, arg = skipif.strip().partition(" ")
+    if kind.lower() not in ("onpath", "exists"):
+        raise ValueError(f"{skipif!r}: expected 'onpath <executable>' or 'exists <file>'")
+    if not arg.strip():
+        raise ValueError(f"{skipif!r} needs an argument")
+    return kind.lower(), arg.strip()
 _STEP_DOC = {
     "bootstrap": "Bootstrap",
     "install": "Install",
@@ -558,6 +583,11 @@ def _parse_step(ctx: _Ctx, value: Any, fld: str) -> Step | None:
     if skipif is not None and not isinstance(skipif, str):
         raise ctx.error(_join(fld, "Skipif"),
                         f"must be a string such as 'onpath git', got {_type_name(skipif)}")
+    if skipif is not None:
+        try:
+            parse_skipif(skipif)
+        except ValueError as exc:  # at run time the step would run anyway: refuse it now
+            raise ctx.error(_join(fld, "Skipif"), str(exc)) from exc
     return Step(
         script=script,
         timeout=_parse_timeout(ctx, _get(m, "timeout"), _join(fld, "Timeout")),
@@ -622,10 +652,18 @@ def _parse_artifacts(ctx: _Ctx, value: Any, fld: str) -> list[Artifact]:
         if unarchive not in ("NONE", "ZIP"):
             raise ctx.error(_join(afld, "Unarchive"), f"must be NONE or ZIP, got {unarchive_raw!r}")
         algorithm = _opt_str(ctx, _get(m, "algorithm"), _join(afld, "Algorithm")) or "SHA-256"
+        try:
+            canonical_algorithm(algorithm)
+        except ValueError as exc:  # the deployment would fail on it: say so when the recipe is read
+            raise ctx.error(_join(afld, "Algorithm"), str(exc)) from exc
+        digest = _get(m, "digest")
+        if isinstance(digest, (int, float)) and not isinstance(digest, bool):
+            raise ctx.error(_join(afld, "Digest"), "must be a string: quote it (YAML reads an unquoted all-digit "
+                            "digest as a number and drops its leading zeros)")
         out.append(
             Artifact(
                 uri=uri.strip(),
-                digest=_opt_str(ctx, _get(m, "digest"), _join(afld, "Digest")),
+                digest=_opt_str(ctx, digest, _join(afld, "Digest")),
                 algorithm=algorithm,
                 unarchive=cast(UnarchiveType, unarchive),
                 permission=_parse_permission(ctx, _get(m, "permission"), _join(afld, "Permission")),

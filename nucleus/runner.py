@@ -49,6 +49,7 @@ from nucleus.lifecycle import (
     StepTimedOut,
     StopRequested,
 )
+from nucleus.recipe import parse_skipif
 from nucleus.settings import RestartPolicy
 from nucleus.states import State, can_transition
 from nucleus.supervisor import Supervisor
@@ -85,17 +86,11 @@ def skip_condition_holds(skipif: str, env: Mapping[str, str], cwd: Path) -> bool
 
     Raises ValueError for anything else so the caller can say which recipe is wrong.
     """
-    kind, _, arg = skipif.strip().partition(" ")
-    arg = arg.strip()
-    if not arg:
-        raise ValueError(f"Skipif {skipif!r} needs an argument")
-    match kind.lower():
-        case "onpath":
-            return shutil.which(arg, path=env.get("PATH")) is not None
-        case "exists":
-            target = Path(arg)
-            return (target if target.is_absolute() else cwd / target).exists()
-    raise ValueError(f"Skipif {skipif!r}: expected 'onpath <executable>' or 'exists <file>'")
+    kind, arg = parse_skipif(skipif)
+    if kind == "onpath":
+        return shutil.which(arg, path=env.get("PATH")) is not None
+    target = Path(arg)
+    return (target if target.is_absolute() else cwd / target).exists()
 
 
 class StateSubscription:

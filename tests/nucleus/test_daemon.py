@@ -316,6 +316,17 @@ def test_root_may_follow_the_subcommand(short_tmp: Path) -> None:
         proc.wait(timeout=30)
 
 
+def test_a_bad_update_config_is_refused_before_sending_naming_the_component(short_tmp: Path) -> None:
+    """One prefix, the component, the entry and the fix; no daemon needed to say so."""
+    for update, words in (({"com.ex.D": {"RESET": ["interval"]}}, "com.ex.D: RESET entry 'interval' is not a JSON"),
+                          ({"com.ex.D": {"MERGE": 3}}, "com.ex.D: MERGE must be an object")):
+        out = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp / "none"), "deploy",
+                              "--update-config", json.dumps(update)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert out.stderr.strip().startswith(f"nucleus: --update-config: {words}"), out.stderr
+        assert out.stderr.count("--update-config") == 1
+
+
 def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, short_tmp: Path) -> None:
     daemon = daemon_factory("ordered")
     d = short_tmp / "r"

@@ -44,6 +44,22 @@ def test_bootstrap_exit_100_restarts_the_nucleus_and_the_deployment_completes(da
     assert daemon.components()["test.Boot"]["state"] == "RUNNING"
 
 
+def test_deploy_follows_its_deployment_across_the_restart_a_bootstrap_asks_for(daemon: Any, short_tmp: Path) -> None:
+    """`nucleus deploy` (waiting) used to end with CONNECTION_CLOSED, exit 1, while the deployment went on to
+    succeed after the restart; it now reconnects and reports the outcome, each progress line once."""
+    marks = short_tmp / "marks"
+    marks.mkdir()
+    bootstrap = f"if [ -e {marks}/booted ]; then exit 0; fi; touch {marks}/booted; exit 100"
+    recipe = write_recipe(short_tmp / "r", "test.Boot2", "1.0.0", run=SLEEP,
+                          extra_lifecycle={"Bootstrap": bootstrap})
+    out = daemon.cli("deploy", str(recipe), check=False, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr + daemon.log_text()
+    assert "the nucleus is restarting" in out.stdout and out.stdout.rstrip().endswith("SUCCEEDED")
+    progress = [line for line in out.stdout.splitlines() if line.startswith("  ") and "restarting" not in line]
+    assert len(progress) == len(set(progress))  # nothing printed twice after reconnecting
+    assert daemon.components()["test.Boot2"]["state"] == "RUNNING"
+
+
 def test_bootstrap_exit_101_reboot_is_logged_not_executed(daemon: Any, short_tmp: Path) -> None:
     recipe = write_recipe(short_tmp / "r", "test.Reboot", "1.0.0", run=SLEEP,
                           extra_lifecycle={"Bootstrap": "exit 101"})
@@ -112,3 +128,21 @@ def test_recipe_validate_reports_every_invalid_corpus_file(shared_dir: Path) -> 
     for path, line in zip(invalid, lines, strict=False):
         assert line.startswith("INVALID") and str(path) in line, line
     assert all(line.startswith("ok") for line in lines[len(invalid):])
+
+
+def test_recipe_validate_takes_a_directory_as_deploy_does(short_tmp: Path) -> None:
+    d = short_tmp / "recipes"
+    d.mkdir()
+    (d / "good.yaml").write_text("RecipeFormatVersion: '2020-01-25'\nComponentName: A\nComponentVersion: '1.0.0'\n")
+    (d / "bad.yaml").write_text("RecipeFormatVersion: '2020-01-25'\nComponentName: B\nComponentVersion: 'x'\n")
+    (d / "notes.txt").write_text("not a recipe")
+    (short_tmp / "empty").mkdir()
+    out = subprocess.run([sys.executable, "-m", "nucleus", "recipe", "validate", str(d), str(short_tmp / "empty")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout
+    bad = next(line for line in lines if str(d / "bad.yaml") in line)
+    assert bad.startswith("INVALID") and "ComponentVersion" in bad
+    assert any(line.startswith("INVALID") and "empty: no recipe files" in line for line in lines)
+    assert any(line.startswith("ok") and str(d / "good.yaml") in line for line in lines)

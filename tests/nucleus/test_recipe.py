@@ -433,6 +433,16 @@ def test_has_lifecycle() -> None:
         ("Manifests:\n  - Lifecycle:\n      run: {Timeout: 5}\n",
          "Manifests[0].Lifecycle.Run.Script", "required"),
         ("Manifests:\n  - Lifecycle:\n      run: [a, b]\n", "Manifests[0].Lifecycle.Run", "script string"),
+        # refused when read, not found out at run time (a Skipif that would be ignored, an algorithm the
+        # deployment cannot check, a digest YAML turned into a number)
+        ("Manifests:\n  - Lifecycle:\n      run: {Script: x, Skipif: whenever foo}\n",
+         "Manifests[0].Lifecycle.Run.Skipif", "expected 'onpath <executable>' or 'exists <file>'"),
+        ("Manifests:\n  - Lifecycle:\n      install: {Script: x, Skipif: onpath}\n",
+         "Manifests[0].Lifecycle.Install.Skipif", "needs an argument"),
+        ("Manifests:\n  - Artifacts:\n      - {URI: s3://b/x, Digest: abc, Algorithm: MD5}\n",
+         "Manifests[0].Artifacts[0].Algorithm", "unsupported digest algorithm 'MD5'"),
+        ("Manifests:\n  - Artifacts:\n      - {URI: s3://b/x, Digest: " + "0" * 63 + "1}\n",
+         "Manifests[0].Artifacts[0].Digest", "quote it"),
         ("Manifests:\n  - Lifecycle:\n      run: {Script: [a]}\n",
          "Manifests[0].Lifecycle.Run.Script", "string"),
         ("Manifests:\n  - Lifecycle: echo\n", "Manifests[0].Lifecycle", "mapping"),
