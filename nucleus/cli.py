@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-config", metavar="JSON",
                    help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json')
     p.add_argument("--recipe-dir", action="append", metavar="DIR",
-                   help="add these recipes to the local store without making them roots")
+                   help="add these recipes to the local store without making them roots (for this deployment's "
+                   "resolution: versions no deployment uses are removed after the next successful one)")
     p.add_argument("--merge", action="append", metavar="NAME=VERSION", help="add or update a root component")
     p.add_argument("--remove", action="append", metavar="NAME", help="remove a root component")
     p.add_argument("--group", default="LOCAL_DEPLOYMENT", help="deployment group (default LOCAL_DEPLOYMENT)")

@@ -443,8 +443,10 @@ class DeploymentEngine:
         restart = False
         for name in changed:
             recipe = recipes[name]
-            lifecycle = self._orch.lifecycle_of(recipe)
-            step = lifecycle.steps.get("bootstrap")
+            manifest = recipe.select(self._platform)
+            if manifest is None or "bootstrap" not in manifest.lifecycle.steps:
+                continue  # not resolved here: a dependency deployed alongside has no entry yet (false warnings)
+            step = self._orch.lifecycle_of(recipe).steps.get("bootstrap")
             if step is None or not step.script.strip():
                 continue
             self._orch.load({name: recipe})

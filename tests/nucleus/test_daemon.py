@@ -327,6 +327,26 @@ def test_a_bad_update_config_is_refused_before_sending_naming_the_component(shor
         assert out.stderr.count("--update-config") == 1
 
 
+def test_variables_of_a_dependency_deployed_alongside_resolve_without_false_warnings(daemon: Any,
+                                                                                    short_tmp: Path) -> None:
+    """A dependency's configuration variable resolves when both arrive in one deployment, and the log warns
+    once, only for the variable that really does not resolve (it warned for both, and twice)."""
+    d = short_tmp / "vars"
+    out = short_tmp / "vars.out"
+    write_recipe(d, "test.VarBase", "1.0.0", run="exec sleep 600", config={"greeting": "hello"})
+    write_recipe(d, "test.VarUser", "1.0.0", deps={"test.VarBase": {"VersionRequirement": "1.0.0"}},
+                 run=f"echo '{{test.VarBase:configuration:/greeting}} {{configuration:/nope}}' > {out}; exec sleep 600")
+    daemon.cli("deploy", str(d))
+    deadline = time.monotonic() + 20
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.read_text().strip() == "hello {configuration:/nope}"
+    warned = [line for line in (daemon.root / "logs" / "nucleus.log").read_text().splitlines()
+              if "recipe.variable_unresolved" in line]
+    assert len(warned) == 1, warned
+    assert "test.VarUser" in warned[0] and "{configuration:/nope}" in warned[0]
+
+
 def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, short_tmp: Path) -> None:
     daemon = daemon_factory("ordered")
     d = short_tmp / "r"
