@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -134,6 +135,8 @@ class DeploymentEngine:
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._current: str | None = None
+        # stored recipes the current deployment replaced under the same version: {name@version: document}
+        self._replaced: dict[str, dict[str, Any]] = {}
         self._listeners: list[ProgressListener] = []
 
     # --- public API -----------------------------------------------------------------------
@@ -205,6 +208,7 @@ class DeploymentEngine:
                 self._journal.update(record.id, stage=Stage.QUEUED, status=DeploymentStatus.QUEUED)
                 self._journal.add_event(record.id, "nucleus restarted before changes; re-queued")
                 continue
+            self._restore_recipes(record.previous.get("recipes", {}))
             self._config.restore(record.previous.get("configs", {}))
             reason = f"nucleus restarted during stage {record.stage}; previous components restored"
             self._journal.finish(record.id, DeploymentStatus.FAILED_ROLLBACK_COMPLETE, reason=reason)
@@ -309,6 +313,7 @@ class DeploymentEngine:
             return
 
         # RESOLVING ------------------------------------------------------------------------
+        self._replaced = {}
         self._journal.update(did, stage=Stage.RESOLVING)
         try:
             plan = self._resolve(req, previous)
@@ -352,7 +357,7 @@ class DeploymentEngine:
             )
 
         # APPLYING: write ahead the snapshot, then touch things --------------------------
-        snapshot = {"active": previous.to_json(), "configs": self._config.snapshot()}
+        snapshot = {"active": previous.to_json(), "configs": self._config.snapshot(), "recipes": dict(self._replaced)}
         self._journal.update(
             did,
             stage=Stage.APPLYING,
@@ -381,7 +386,13 @@ class DeploymentEngine:
 
     def _resolve(self, req: DeploymentRequest, previous: ActiveSet) -> _Plan:
         for src in req.recipes:
-            self._store.add_recipe(parse_recipe(src.text, source=src.source, fmt=src.format))
+            recipe = parse_recipe(src.text, source=src.source, fmt=src.format)
+            key = f"{recipe.name}@{recipe.version}"
+            if recipe.version in self._store.versions(recipe.name) and key not in self._replaced:
+                old = self._store.recipe(recipe.name, recipe.version).to_document()
+                if old != recipe.to_document():  # the same version, edited: a failure must put it back
+                    self._replaced[key] = old
+            self._store.add_recipe(recipe)
         groups = {g: dict(roots) for g, roots in previous.groups.items()}
         roots = groups.setdefault(req.group, {})
         roots.update(req.root_components)
@@ -547,7 +558,18 @@ class DeploymentEngine:
             for n, v in target.components.items()
         }
 
+    def _restore_recipes(self, replaced: Mapping[str, Any]) -> None:
+        """Put back the stored recipes a failed deployment replaced under the same version, so what
+        runs (and what a restart or a rollback loads) is the recipe that was deployed before."""
+        for key, document in replaced.items():
+            try:
+                self._store.add_recipe(parse_recipe(json.dumps(document), source=f"(restored {key})", fmt="json"))
+            except NucleusError as exc:
+                log.error("deployment.recipe_not_restored", recipe=key, error=str(exc))  # noqa: TRY400
+
     def _finish_no_change(self, did: str, reason: str) -> None:
+        self._restore_recipes(self._replaced)
+        self._replaced = {}
         self._journal.finish(did, DeploymentStatus.FAILED_NO_STATE_CHANGE, reason=reason)
         self._progress(did, f"failed, nothing changed: {reason}")
         log.warning("deployment.failed", deployment_id=did, status="FAILED_NO_STATE_CHANGE", reason=reason)
@@ -576,6 +598,7 @@ class DeploymentEngine:
         try:
             undo = [n for n in changed if self._orch.get(n) is not None]
             await self._orch.remove(undo, reason=f"rollback of {did}")
+            self._restore_recipes(record.previous.get("recipes", {}))
             self._config.restore(record.previous.get("configs", {}))
             for name in changed:
                 if name not in previous.components:

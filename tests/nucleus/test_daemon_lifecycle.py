@@ -146,3 +146,28 @@ def test_recipe_validate_takes_a_directory_as_deploy_does(short_tmp: Path) -> No
     assert bad.startswith("INVALID") and "ComponentVersion" in bad
     assert any(line.startswith("INVALID") and "empty: no recipe files" in line for line in lines)
     assert any(line.startswith("ok") and str(d / "good.yaml") in line for line in lines)
+
+
+def test_a_failed_edit_of_the_same_version_leaves_the_deployed_recipe(daemon: Any, short_tmp: Path) -> None:
+    """Redeploying an edited recipe under the same version (as local development does) that fails must
+    put the stored recipe back: the rollback loaded the broken one, and so did the next daemon start."""
+    from nucleus.paths import Paths
+
+    good = write_recipe(short_tmp / "good", "test.Same", "1.0.0", run=SLEEP)
+    daemon.cli("deploy", str(good))
+    stored = Paths.at(daemon.root).recipe_file("test.Same", "1.0.0")
+    before = stored.read_text()
+    broken = write_recipe(short_tmp / "broken", "test.Same", "1.0.0", run="exit 1")
+    out = daemon.cli("deploy", str(broken), check=False)
+    assert out.returncode == 1 and "FAILED_ROLLBACK_COMPLETE" in out.stderr, out.stderr
+    assert stored.read_text() == before
+    assert daemon.wait_state("test.Same", {"RUNNING"})["state"] == "RUNNING"
+    # ... and when it fails before touching anything (an artifact that is not there), the same
+    unfetchable = write_recipe(short_tmp / "unfetchable", "test.Same", "1.0.0", run="exit 1",
+                               artifacts=[{"URI": "s3://bucket/missing.bin"}])
+    out = daemon.cli("deploy", str(unfetchable), check=False)
+    assert out.returncode == 1 and "FAILED_NO_STATE_CHANGE" in out.stderr, out.stderr
+    assert stored.read_text() == before
+    daemon.stop()
+    daemon.start()  # what a restart loads is the recipe that was deployed
+    assert daemon.wait_state("test.Same", {"RUNNING"})["state"] == "RUNNING"
