@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -83,6 +84,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.thing_name:
         overrides["thing_name"] = args.thing_name
     settings = load_settings(_root(args), **overrides)
+    from ipc.listener import MAX_SOCKET_PATH
+
+    paths = settings.paths
+    longest = max((paths.ipc_socket, paths.gg_socket), key=lambda p: len(os.fsencode(p)))
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:  # found before anything starts, not as a traceback
+        raise NucleusError(f"the root is too long: its socket {longest} would be {len(os.fsencode(longest))} bytes, "
+                           f"a Unix socket path holds at most {MAX_SOCKET_PATH}; choose a shorter --root",
+                           field="--root")
     return run_daemon(settings)
 
 

@@ -347,6 +347,15 @@ def test_variables_of_a_dependency_deployed_alongside_resolve_without_false_warn
     assert "test.VarUser" in warned[0] and "{configuration:/nope}" in warned[0]
 
 
+def test_a_root_too_long_for_a_socket_is_refused_with_a_line_not_a_traceback(short_tmp: Path) -> None:
+    root = short_tmp / ("r" * 110)
+    out = subprocess.run([sys.executable, "-m", "nucleus", "run", "--root", str(root)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("nucleus: --root: the root is too long")
+    assert "107" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, short_tmp: Path) -> None:
     daemon = daemon_factory("ordered")
     d = short_tmp / "r"
