@@ -4,6 +4,11 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
 
 * ``duplicate`` / ``out_of_order`` -- a batch whose ``seq`` is not after the last accepted one is
   dropped; the window continues.
+* ``restart`` -- the producer started over: a new ``stream`` id, or (from a producer that sends none)
+  a lower ``seq`` with a later ``t0`` than the last accepted batch (an old batch arriving late has an
+  earlier one). The partial window is discarded and numbering follows the new stream; without
+  this a restarted ingest's batches were all dropped as ``out_of_order`` until its ``seq`` caught up,
+  while the stream looked alive to the fail-safe.
 * ``gap`` -- ``seq`` jumped: samples are missing, so the partial window is discarded (a window never
   spans missing data) and windowing restarts with this batch. The count is the number of missing
   batches.
@@ -49,6 +54,8 @@ class Windower:
     rate_hz: float | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     last_seq: int | None = None
+    last_stream: str | None = None
+    last_t0: float | None = None
     _buf: npt.NDArray[np.float32] = field(init=False)
     _base: int = 0  # global index of _buf[:, 0]
     _batches: deque[_Batch] = field(default_factory=deque)
@@ -81,6 +88,15 @@ class Windower:
             self.skipped["malformed"] += 1
             self.reset()
             return []
+        stream = batch.get("stream")
+        stream = str(stream) if stream is not None else None
+        if self.last_seq is not None and (
+                (stream is not None and self.last_stream is not None and stream != self.last_stream)
+                or (stream is None and seq < self.last_seq and self.last_t0 is not None and t0 > self.last_t0)):
+            self.skipped["restart"] += 1
+            self.last_seq = None
+            self.reset()
+        self.last_stream = stream
         if self.last_seq is not None and seq <= self.last_seq:
             self.skipped["duplicate" if seq == self.last_seq else "out_of_order"] += 1
             return []
@@ -88,6 +104,7 @@ class Windower:
             self.skipped["gap"] += seq - self.last_seq - 1
             self.reset()
         self.last_seq = seq
+        self.last_t0 = t0
         if (not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[0] != len(names) or data.shape[1] == 0
                 or rate <= 0):
             self.skipped["malformed"] += 1

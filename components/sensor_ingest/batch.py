@@ -2,12 +2,15 @@
 
 One owner for the wire shape, so the simulator, the replay and the MQTT source cannot disagree
 on it: channel-major float32, ``t0`` in epoch seconds of the first sample, and a sequence number
-that grows by exactly one per published batch so a consumer can tell loss from silence.
+that grows by exactly one per published batch so a consumer can tell loss from silence. ``stream``
+names this run of the numbering (new at every ingest start): a restarted ingest counts from 0 again,
+and without it a consumer would take the new stream for old, out-of-order batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +44,7 @@ class Sequencer:
     asset: str
     source: Source
     next_seq: int = 0
+    stream: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def payload(self, batch: Batch) -> dict[str, Any]:
         data = batch.data
@@ -53,6 +57,7 @@ class Sequencer:
         return {
             "asset": self.asset,
             "seq": seq,
+            "stream": self.stream,
             "t0": float(batch.t0),
             "rate_hz": float(batch.rate_hz),
             "channels": list(batch.channels),

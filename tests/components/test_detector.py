@@ -52,6 +52,27 @@ def test_duplicates_and_out_of_order_are_dropped_and_counted() -> None:
     assert [x.data[0, -1] for x in wins] == [19, 29]  # batch 2 follows batch 1 seamlessly
 
 
+def test_a_restarted_producer_is_followed_not_dropped_as_out_of_order() -> None:
+    """A restarted ingest counts from 0 again: every batch used to be dropped as out_of_order until its
+    seq caught up with the old one, while the stream looked alive to the fail-safe."""
+    w = Windower(["vib_x", "temp"], 20, 10, RATE)
+    data = np.ones((2, 10), dtype=np.float32)
+    for s in range(50):
+        w.push({**batch(s, data), "stream": "first"})
+    wins = []
+    for s in range(4):  # the new run of the numbering, later in time
+        wins += w.push({**batch(s, data, t0=100.0 + s * BATCH / RATE), "stream": "second"})
+    assert w.skipped == {"restart": 1} and [(x.seq_first, x.seq_last) for x in wins] == [(0, 1), (1, 2), (2, 3)]
+    # a producer without stream ids: a lower seq stamped later is a restart, stamped earlier a late batch
+    legacy = Windower(["vib_x", "temp"], 20, 10, RATE)
+    for s in range(50):
+        legacy.push(batch(s, data))
+    legacy.push(batch(3, data))  # an old batch arriving late
+    assert legacy.skipped == {"out_of_order": 1}
+    assert legacy.push(batch(0, data, t0=100.0)) == [] and legacy.skipped["restart"] == 1
+    assert [x.seq_last for x in legacy.push(batch(1, data, t0=100.0 + BATCH / RATE))] == [1]
+
+
 def test_gap_resets_the_window() -> None:
     w = Windower(["vib_x", "temp"], 20, 10, RATE)
     wins = stream(w, [0, 1, 4, 5, 6])

@@ -68,7 +68,9 @@ def test_sequencer_numbers_batches_and_fixes_dtype() -> None:
     p1 = seq.payload(Batch(1.503, 1000.0, ("a", "b"), data))  # type: ignore[arg-type]
     assert (p0["seq"], p1["seq"]) == (0, 1)
     assert p0["data"].dtype == np.float32 and p0["data"].shape == (2, 3)
-    assert set(p0) == {"asset", "seq", "t0", "rate_hz", "channels", "data", "source"}
+    assert set(p0) == {"asset", "seq", "stream", "t0", "rate_hz", "channels", "data", "source"}
+    assert p0["stream"] == p1["stream"] != Sequencer("t1", "sim").payload(  # a new run of the numbering
+        Batch(1.5, 1000.0, ("a", "b"), data))["stream"]  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
         seq.payload(Batch(0, 1, ("a",), data.astype(np.float32)))
     assert seq.next_seq == 2  # a refused batch does not consume a number
