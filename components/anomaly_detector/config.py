@@ -45,3 +45,10 @@ class DetectorConfig(BaseModel):
     # component's work directory) and how often it is written (0 = only when the detector stops).
     memory_dir: str = Field("knn-memory", alias="memoryDir")
     memory_save_every_s: float = Field(60.0, ge=0, alias="memorySaveEveryS")
+
+
+# Keys read once, when the detector starts (its subscriptions, its memory files, its periodic tasks).
+# The recipe's Setenv interpolates each of them, so a deployment that changes one changes the resolved
+# lifecycle and the nucleus restarts the detector; every other key applies to the running detector.
+RESTART_KEYS = ("model_component", "sensor_topic", "subscription_queue", "max_pending_windows", "memory_dir",
+                "memory_save_every_s", "trim_memory_every_s")

@@ -36,7 +36,7 @@ from components.anomaly.errors import AnomalyError
 from components.anomaly_detector import knn_store, memory
 from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
-from components.anomaly_detector.config import DetectorConfig
+from components.anomaly_detector.config import RESTART_KEYS, DetectorConfig
 from components.anomaly_detector.scoring import LoadedModel, load_model
 from components.anomaly_detector.windowing import Window, Windower
 from ipc import Client, IpcError, ResourceNotFound
@@ -280,12 +280,17 @@ class Detector:
                         log.error("detector.config_invalid", error=str(exc)[:300])  # noqa: TRY400
                         continue
                     self._trusted = self._trusted_keys(new)
-                    alarm_keys = {"alarm_mode": new.alarm_mode, "alarm_holdoff_windows": new.alarm_holdoff_windows,
-                                  "alarm_tail_probability": new.alarm_tail_probability}
-                    if any(getattr(self.config, k) != v for k, v in alarm_keys.items()):
+                    alarm_keys = ("alarm_mode", "alarm_holdoff_windows", "alarm_tail_probability")
+                    if any(getattr(self.config, k) != getattr(new, k) for k in alarm_keys):
                         self.save_memories()
                         self.alarms.clear()  # the next window starts each asset's alarm state under the new policy
-                    self.config = self.config.model_copy(update={"trusted_keys": new.trusted_keys, **alarm_keys})
+                    capture_keys = ("capture_low_confidence_below", "capture_normal_every", "capture_max_per_minute")
+                    if any(getattr(self.config, k) != getattr(new, k) for k in capture_keys):
+                        self.capture = CapturePolicy(new.capture_low_confidence_below, new.capture_normal_every,
+                                                     new.capture_max_per_minute)
+                    # Everything but the keys read at start (a change to those restarts the detector: RESTART_KEYS)
+                    self.config = new.model_copy(update={k: getattr(self.config, k) for k in RESTART_KEYS})
+                    log.info("detector.config_applied")
                     self.rejected.clear()  # a newly trusted key may make a rejected model good
                     self._check_models.set()
 

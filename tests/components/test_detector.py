@@ -327,3 +327,15 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
     assert bus.heartbeats[-1]["skipped"].get("gap", 0) == 0
     assert bus.heartbeats[-1]["captured"] >= 1
     assert daemon.components()["com.nucleus.AnomalyDetector"]["pids"] == pid  # the detector was never restarted
+    # Configuration: a key the running detector can take applies without a restart (they used to be
+    # ignored while the deployment said SUCCEEDED); a key it reads only at start restarts it.
+    merge = {"com.nucleus.AnomalyDetector": {"MERGE": {"topContributors": 5}}}
+    daemon.cli("deploy", "--update-config", json.dumps(merge))
+    deadline = time.monotonic() + 20
+    while "detector.config_applied" not in daemon.cli("logs", "com.nucleus.AnomalyDetector", "-n", "400").stdout:
+        assert time.monotonic() < deadline, "the running detector never applied topContributors"
+        time.sleep(0.2)
+    assert daemon.components()["com.nucleus.AnomalyDetector"]["pids"] == pid
+    daemon.cli("deploy", "--update-config", json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
+        "memorySaveEveryS": 5}}}))
+    assert daemon.wait_state("com.nucleus.AnomalyDetector", {"RUNNING"})["pids"] != pid
