@@ -106,7 +106,10 @@ def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
     Greengrass CLI accepts). Raises ValueError naming the component and the problem.
     """
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {text[1:]}: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text)
     except ValueError as exc:

@@ -319,9 +319,11 @@ def test_root_may_follow_the_subcommand(short_tmp: Path) -> None:
 def test_a_bad_update_config_is_refused_before_sending_naming_the_component(short_tmp: Path) -> None:
     """One prefix, the component, the entry and the fix; no daemon needed to say so."""
     for update, words in (({"com.ex.D": {"RESET": ["interval"]}}, "com.ex.D: RESET entry 'interval' is not a JSON"),
-                          ({"com.ex.D": {"MERGE": 3}}, "com.ex.D: MERGE must be an object")):
+                          ({"com.ex.D": {"MERGE": 3}}, "com.ex.D: MERGE must be an object"),
+                          (None, f"cannot read {short_tmp / 'nosuch.json'}: No such file")):
+        arg = json.dumps(update) if update is not None else f"@{short_tmp / 'nosuch.json'}"
         out = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp / "none"), "deploy",
-                              "--update-config", json.dumps(update)], capture_output=True, text=True, timeout=60)
+                              "--update-config", arg], capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
         assert out.stderr.strip().startswith(f"nucleus: --update-config: {words}"), out.stderr
         assert out.stderr.count("--update-config") == 1
