@@ -509,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "fleet":  # its own parser reads every option, --help included
         args.fleet_args = [*extra, *args.fleet_args]
+    elif extra and args.command == "model":  # likewise (`nucleus model --help`, `model -h`)
+        args.model_args = [*extra, *args.model_args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.func is not cmd_run:

@@ -358,6 +358,12 @@ def test_a_root_too_long_for_a_socket_is_refused_with_a_line_not_a_traceback(sho
     assert "107" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_model_and_fleet_help_reach_their_own_parsers() -> None:
+    for argv in (["model", "--help"], ["model", "-h"], ["fleet", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "nucleus", *argv], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: nucleus {argv[0]}"), (argv, out.stderr)
+
+
 def test_stop_daemon_stops_components_in_reverse_order(daemon_factory: Any, short_tmp: Path) -> None:
     daemon = daemon_factory("ordered")
     d = short_tmp / "r"
