@@ -676,7 +676,12 @@ class Client:
         itself at run time loops over. A configuration ``parse`` refuses (raises one of ``errors``) goes to
         ``rejected`` and is skipped, so the caller keeps running on the last valid one. Against a bus with
         no configuration store (``ipc.devserver``) it logs that once and never yields, rather than ending:
-        an ended stream means the nucleus closed it, i.e. the component is being stopped."""
+        an ended stream means the nucleus closed it, i.e. the component is being stopped.
+
+        While it is iterated it also answers the nucleus's validation of proposed configurations with the
+        same ``parse`` (:meth:`validate_configurations`), so a deployment with a configuration this
+        component would refuse fails before anything is written, naming the component and the reason."""
+        validating = asyncio.create_task(self.validate_configurations(parse, errors=errors))
         try:
             async with self.watch_configuration() as changes:
                 async for _ in changes:
@@ -689,6 +694,39 @@ class Client:
                 raise
             log.info("ipc.config_watch_unavailable", reason=exc.code)
             await asyncio.Event().wait()
+        finally:
+            validating.cancel()
+            with contextlib.suppress(asyncio.CancelledError, IpcError):
+                await validating
+
+    def configuration_validations(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
+        """Proposed configurations of this component, before a deployment applies them:
+        ``{"deployment_id": ..., "configuration": {...}}``; answer each with report_configuration_validity."""
+        return self.stream("config.validation.subscribe", {})
+
+    async def report_configuration_validity(self, deployment_id: str, *, accepted: bool, message: str = "") -> None:
+        await self.call("config.validation.report", {"deployment_id": deployment_id,
+                                                      "status": "ACCEPTED" if accepted else "REJECTED",
+                                                      "message": message})
+
+    async def validate_configurations(self, parse: Callable[[Any], object], *,
+                                      errors: tuple[type[Exception], ...]) -> None:
+        """Answer every proposed configuration: ACCEPTED if ``parse`` takes it, REJECTED with its error
+        otherwise. Runs until cancelled; returns at once on a bus without validation (ipc.devserver)."""
+        try:
+            async with self.configuration_validations() as proposals:
+                async for proposal in proposals:
+                    try:
+                        parse(proposal.get("configuration") or {})
+                        accepted, message = True, ""
+                    except errors as exc:
+                        accepted, message = False, str(exc)[:2000]
+                    await self.report_configuration_validity(str(proposal.get("deployment_id")), accepted=accepted,
+                                                             message=message)
+        except IpcError as exc:
+            if exc.code != "UNKNOWN_OPERATION":
+                raise
+            log.info("ipc.config_validation_unavailable", reason=exc.code)
 
     async def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
         await self.call("state.update", {"state": state})

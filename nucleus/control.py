@@ -20,6 +20,7 @@ from ipc.errors import InvalidArguments, IpcError, ResourceNotFound, ServiceErro
 from nucleus import authz
 from nucleus.component_logs import follow, tail
 from nucleus.config_store import ConfigStore
+from nucleus.config_validation import ConfigValidators
 from nucleus.deployment import DeploymentEngine
 from nucleus.errors import (
     ConfigurationError,
@@ -113,8 +114,10 @@ class Control:
         authorizer: authz.Authorizer,
         set_client_policies: Callable[[str, Any], None],
         status: Callable[[], dict[str, Any]],
+        validators: ConfigValidators | None = None,
     ) -> None:
         self._paths = paths
+        self._validators = validators or ConfigValidators()
         self._journal = journal
         self._config = config
         self._orch = orchestrator
@@ -130,6 +133,7 @@ class Control:
             "config.update": self.config_update,
             "state.update": self.state_update,
             "lifecycle.defer_update": self.defer_update,
+            "config.validation.report": self.config_validation_report,
             "components.list": self.components_list,
             "components.get": self.components_get,
             "components.restart": self.components_restart,
@@ -145,6 +149,7 @@ class Control:
             core.register(op, _mapped(handler))
         core.register_stream("config.subscribe", self.config_subscribe)
         core.register_stream("lifecycle.subscribe_updates", self.subscribe_updates)
+        core.register_stream("config.validation.subscribe", self.config_validation_subscribe)
         core.register_stream("deployments.watch", self.deployments_watch)
         core.register_stream("logs.tail", self.logs_tail)
 
@@ -185,6 +190,22 @@ class Control:
         if ctx.principal.kind != "component":
             raise InvalidArguments("only components report their state")
         self._orch.report_state(ctx.principal.name, State(state))
+        return None
+
+    # --- configuration validation (no policy: a component validates only its own configuration) -----
+    async def config_validation_subscribe(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:
+        if ctx.principal.kind != "component":
+            raise InvalidArguments("only components validate their configuration")
+        async for event in self._validators.subscribe(ctx.principal.name):
+            yield event
+
+    async def config_validation_report(self, ctx: CallContext, args: dict[str, Any]) -> Any:
+        deployment_id = _str_arg(args, "deployment_id")
+        verdict = _str_arg(args, "status").upper()
+        if verdict not in ("ACCEPTED", "REJECTED"):
+            raise InvalidArguments(f"status must be ACCEPTED or REJECTED, not {verdict}")
+        self._validators.report(ctx.principal.name, deployment_id, verdict,  # type: ignore[arg-type]
+                                str(args.get("message") or ""))
         return None
 
     async def subscribe_updates(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:

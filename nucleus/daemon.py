@@ -27,6 +27,7 @@ from ipc.memory import release_periodically
 from ipc.server import IpcServer
 from nucleus import __version__, authz, component_python, logconfig
 from nucleus.config_store import ConfigStore
+from nucleus.config_validation import ConfigValidators
 from nucleus.control import Control
 from nucleus.deployment import DeploymentEngine
 from nucleus.durable import write_atomic
@@ -180,10 +181,12 @@ class Daemon:
             on_removed=core.close_sessions_of, python_bin=python_bin,
         )
         notifier = UpdateNotifier()
+        validators = ConfigValidators()
         engine = DeploymentEngine(
             self.settings, journal, store, config, orchestrator, notifier,
             platform=platform, apply_policies=apply_policies, request_restart=self.request_restart,
             declare_client=identities.declare_client, undeclare_client=identities.remove_client,
+            validators=validators,
         )
         def status() -> dict[str, Any]:
             return {
@@ -200,7 +203,7 @@ class Daemon:
         Control(
             core, paths=paths, journal=journal, config=config, orchestrator=orchestrator, engine=engine,
             notifier=notifier, identities=identities, authorizer=authorizer,
-            set_client_policies=set_client_policies, status=status,
+            set_client_policies=set_client_policies, status=status, validators=validators,
         )
         def device_status() -> dict[str, Any]:
             comps = {n: orchestrator.describe(n) for n in sorted(orchestrator.names())}

@@ -25,6 +25,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nucleus.config_store import ConfigStore, apply_update
+from nucleus.config_validation import ConfigValidators
 from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError
 from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
 from nucleus.orchestrator import Orchestrator
@@ -105,6 +106,10 @@ class _RestartRequested(Exception):
 ProgressListener = Callable[[str, dict[str, Any]], None]
 
 
+# Greengrass's default configurationValidationPolicy.timeoutInSeconds; silence counts as accepting.
+CONFIG_VALIDATION_TIMEOUT_S = 20.0
+
+
 class DeploymentEngine:
     def __init__(  # noqa: PLR0917 - the composition root passes its parts in order
         self,
@@ -120,8 +125,10 @@ class DeploymentEngine:
         request_restart: Callable[[], None] | None = None,
         declare_client: Callable[[str], bool] | None = None,
         undeclare_client: Callable[[str], None] | None = None,
+        validators: ConfigValidators | None = None,
     ) -> None:
         self._settings = settings
+        self._validators = validators
         self._journal = journal
         self._store = store
         self._config = config
@@ -346,6 +353,20 @@ class DeploymentEngine:
             )
             self._progress(did, "nothing to change")
             return
+
+        # VALIDATING: running components that subscribed check their new configuration first ----
+        if self._validators is not None:
+            proposals = {n: doc for n, doc in plan.configs.items()
+                         if n not in changed and self._orch.state(n) in (State.RUNNING, State.STARTING)
+                         and doc != self._config_or_none(n)}
+            if proposals.keys() & self._validators.subscribed():
+                self._progress(did, f"validating the new configuration of {', '.join(sorted(proposals))}")
+                answers = await self._validators.ask(did, proposals, timeout_s=CONFIG_VALIDATION_TIMEOUT_S)
+                refused = {n: why for n, (verdict, why) in sorted(answers.items()) if verdict == "REJECTED"}
+                if refused:
+                    self._finish_no_change(did, "; ".join(f"{n} rejected its new configuration: {why or 'no reason'}"
+                                                          for n, why in refused.items()))
+                    return
 
         # NOTIFYING ------------------------------------------------------------------------
         affected = [n for n in [*changed, *removed] if self._orch.state(n) in (State.RUNNING, State.STARTING)]

@@ -98,6 +98,7 @@ class Detector:
                 tg.create_task(self._models())
                 tg.create_task(self._announcements())
                 tg.create_task(self._config_watch())
+                tg.create_task(self.client.validate_configurations(DetectorConfig.model_validate, errors=(ValueError,)))
                 tg.create_task(self._heartbeat())
                 tg.create_task(self._score_loop())
                 tg.create_task(self._ingest())

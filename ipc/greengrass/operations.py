@@ -317,6 +317,28 @@ async def _defer_component_update(core: IpcCore, s: Session, req: dict[str, Any]
     return {}
 
 
+async def _subscribe_validate_configuration(core: IpcCore, s: Session, req: dict[str, Any]) -> StreamPlan:
+    core.is_stream("config.validation.subscribe")
+
+    def event(item: Any) -> Any:
+        return {"validateConfigurationUpdateEvent": {"configuration": item.get("configuration") or {},
+                                                     "deploymentId": item.get("deployment_id")}}
+
+    return StreamPlan("config.validation.subscribe", {}, event)
+
+
+async def _send_configuration_validity_report(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
+    report = req.get("configurationValidityReport")
+    if not isinstance(report, dict):
+        raise InvalidArguments("configurationValidityReport must be an object",
+                               {"argument": "configurationValidityReport"})
+    message = report.get("message")
+    await core.call(s, "config.validation.report", {
+        "deployment_id": _str(report, "deploymentId"), "status": _str(report, "status"),
+        "message": message if isinstance(message, str) else ""})
+    return {}
+
+
 def _component_details(d: Mapping[str, Any], *, configuration: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"componentName": d.get("name"), "version": d.get("version"), "state": d.get("state")}
     if configuration:
@@ -512,6 +534,7 @@ UNARY: Final[Mapping[str, UnaryOperation]] = dict([
     _unary("UpdateConfiguration", _update_configuration),
     _unary("UpdateState", _update_state),
     _unary("DeferComponentUpdate", _defer_component_update),
+    _unary("SendConfigurationValidityReport", _send_configuration_validity_report),
     _unary("GetComponentDetails", _get_component_details),
     _unary("ListComponents", _list_components),
     _unary("RestartComponent", _restart_component),
@@ -528,6 +551,8 @@ UNARY: Final[Mapping[str, UnaryOperation]] = dict([
 STREAMS: Final[Mapping[str, StreamOperation]] = dict([
     _stream("SubscribeToConfigurationUpdate", "ConfigurationUpdateEvents", _subscribe_configuration),
     _stream("SubscribeToComponentUpdates", "ComponentUpdatePolicyEvents", _subscribe_component_updates),
+    _stream("SubscribeToValidateConfigurationUpdates", "ValidateConfigurationUpdateEvents",
+            _subscribe_validate_configuration),
     _stream("SubscribeToIoTCore", "IoTCoreMessage", _subscribe_to_iot_core),
 ])
 """Subscriptions: a response, then events until either side terminates the stream."""

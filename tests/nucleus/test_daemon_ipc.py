@@ -149,6 +149,48 @@ def test_component_configuration_get_update_watch(daemon: Any, short_tmp: Path) 
     assert json.loads(daemon.cli("status", "test.Cfg").stdout)["pids"] == pid
 
 
+VALIDATING_COMPONENT = """
+    import asyncio, json
+    from ipc import Client
+    def parse(doc):
+        if not isinstance(doc.get("threshold"), (int, float)) or doc["threshold"] < 0:
+            raise ValueError(f"threshold must be a number >= 0, got {{doc.get('threshold')!r}}")
+        return doc
+    async def main():
+        async with Client.from_env() as c:
+            async for cfg in c.configuration_changes(parse, errors=(ValueError,), rejected=lambda exc: None):
+                open({out!r}, "a").write(json.dumps(cfg["threshold"]) + "\\n")
+    asyncio.run(main())
+"""
+
+
+def test_a_configuration_the_component_rejects_fails_the_deployment_and_changes_nothing(
+        daemon: Any, short_tmp: Path) -> None:
+    """Greengrass's configuration validation: it used to be SUCCEEDED, the component refused it, and the
+    refused value stayed stored (refused again with each later change, fatal at the next restart)."""
+    out = short_tmp / "val.out"
+    recipe, art = component(short_tmp, "test.Val", "1.0.0", VALIDATING_COMPONENT.format(out=str(out)),
+                            config={"threshold": 0.5})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    pid = daemon.wait_state("test.Val", {"RUNNING"})["pids"]
+
+    def update(value: Any) -> Any:
+        return daemon.cli("deploy", "--update-config", json.dumps({"test.Val": {"MERGE": {"threshold": value}}}),
+                          check=False)
+
+    deadline = time.monotonic() + 20
+    while update(0.6).returncode != 0 or "0.6" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline, "the component never took a valid change"
+        time.sleep(0.2)
+    refused = update(-1)
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
+    assert "test.Val rejected its new configuration: threshold must be a number >= 0, got -1" in refused.stderr
+    status = json.loads(daemon.cli("status", "test.Val").stdout)
+    assert status["configuration"]["threshold"] == 0.6 and status["pids"] == pid  # nothing written, still running
+    assert update(0.9).returncode == 0  # the refused value is not in the way of the next change
+    wait_file(out, contains="0.9")
+
+
 STATE_COMPONENT = """
     import asyncio
     from ipc import Client
@@ -388,8 +430,23 @@ def test_configuration_changes_yields_valid_configurations_and_reports_refused_o
                             config={"threshold": 0.5})
     daemon.cli("deploy", "--artifacts", str(art), str(recipe))
     wait_file(out, contains="watching")
-    daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 2.0}}}))
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 0.6}}}))
+    wait_file(out, contains="applied")  # iterating: it also answers validations now
+    # Through a deployment, the component's own parser refuses it first: nothing is written.
+    refused = daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 2.0}}}),
+                         check=False)
+    assert refused.returncode == 1
+    assert "test.Reconf rejected its new configuration: threshold 2.0 is outside [0, 1]" in refused.stderr
+    # A change that bypasses deployments (a client's UpdateConfiguration) is not validated: the component
+    # refuses it when it arrives and goes on with the last good configuration.
+    token = (daemon.root / "run" / "cli.token").read_text().strip()
+
+    async def bypass() -> None:
+        async with Client(daemon.root / "ipc.sock", token) as c:
+            await c.update_configuration(["threshold"], 2.0, component="test.Reconf")
+
+    asyncio.run(bypass())
     wait_file(out, contains="rejected")
     daemon.cli("deploy", "--update-config", json.dumps({"test.Reconf": {"MERGE": {"threshold": 0.7}}}))
-    lines = [json.loads(x) for x in wait_file(out, contains="applied").splitlines()[1:]]
-    assert lines == [{"rejected": "threshold 2.0 is outside [0, 1]"}, {"applied": 0.7}]
+    lines = [json.loads(x) for x in wait_file(out, contains="0.7").splitlines()[1:]]
+    assert lines == [{"applied": 0.6}, {"rejected": "threshold 2.0 is outside [0, 1]"}, {"applied": 0.7}]

@@ -255,6 +255,44 @@ def test_awsiotsdk_component_defers_an_update(gg_daemon: Any, work: Path) -> Non
     assert gg_daemon.components()["test.GgBusy"]["version"] == "2.0.0"
 
 
+VALIDATE_COMPONENT = """
+    import threading
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+    from awsiot.greengrasscoreipc.model import ConfigurationValidityReport, ConfigurationValidityStatus
+    OUT = {out!r}
+    client = GreengrassCoreIPCClientV2()
+    def on_proposal(event):
+        proposal = event.validate_configuration_update_event
+        ok = proposal.configuration.get("threshold", 0) >= 0
+        open(OUT, "a").write(("accepting" if ok else "rejecting") + "\\n")
+        client.send_configuration_validity_report(configuration_validity_report=ConfigurationValidityReport(
+            status=ConfigurationValidityStatus.ACCEPTED if ok else ConfigurationValidityStatus.REJECTED,
+            deployment_id=proposal.deployment_id, message="" if ok else "threshold must not be negative"))
+    client.subscribe_to_validate_configuration_updates(on_stream_event=on_proposal)
+    open(OUT, "a").write("subscribed\\n")
+    threading.Event().wait(600)
+"""
+
+
+def test_awsiotsdk_component_validates_its_configuration(gg_daemon: Any, work: Path) -> None:
+    out = work / "validate.out"
+    recipe, art = component(work, "test.GgValid", "1.0.0", VALIDATE_COMPONENT.format(out=str(out)),
+                            config={"threshold": 0.5})
+    gg_daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    wait_file(out, 20.0, "subscribed")
+
+    def update(value: float) -> Any:
+        return gg_daemon.cli("deploy", "--update-config",
+                             json.dumps({"test.GgValid": {"MERGE": {"threshold": value}}}), check=False)
+
+    refused = update(-1)
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr
+    assert "test.GgValid rejected its new configuration: threshold must not be negative" in refused.stderr
+    assert update(0.7).returncode == 0
+    assert out.read_text().split() == ["subscribed", "rejecting", "accepting"]
+    assert json.loads(gg_daemon.cli("status", "test.GgValid").stdout)["configuration"]["threshold"] == 0.7
+
+
 def test_wrong_token_is_refused_with_access_denied(gg_daemon: Any) -> None:
     from awsiot.eventstreamrpc import AccessDeniedError  # type: ignore[import-untyped]
     from awsiot.greengrasscoreipc import connect  # type: ignore[import-untyped]
