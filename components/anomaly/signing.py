@@ -146,6 +146,9 @@ def verify_model(directory: Path, *, component: str, version: str,
     """Check ``model.sig`` against the trusted keys and the files' digests; raise a SignatureError
     subclass naming the component, version and key id otherwise."""
     where = {"component": component, "version": version}
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise SignatureError(f"model directory {what}", path=directory, **where)
     sig_path = directory / SIGNATURE_FILE
     try:
         document = json.loads(sig_path.read_bytes())
@@ -170,9 +173,13 @@ def verify_model(directory: Path, *, component: str, version: str,
     except (InvalidSignature, binascii.Error, ValueError) as exc:
         raise SignatureError(f"signature by {kid} does not verify (manifest or signature altered)",
                              path=sig_path, key_id=kid, **where) from exc
-    if manifest.get("component") != component or manifest.get("version") != version:
-        raise SignatureError(f"signature is for {manifest.get('component')} {manifest.get('version')}, "
-                             f"not this component", path=sig_path, key_id=kid, **where)
+    signed_component, signed_version = manifest.get("component"), manifest.get("version")
+    if signed_component != component:
+        raise SignatureError(f"component mismatch: expected {component}, the signature is for {signed_component} "
+                             f"{signed_version}", path=sig_path, key_id=kid, field="component", **where)
+    if signed_version != version:
+        raise SignatureError(f"version mismatch: expected {version}, the signature is for version {signed_version}",
+                             path=sig_path, key_id=kid, field="version", **where)
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(SIGNED_FILES):
         raise SignatureError(f"signed manifest must list exactly {SIGNED_FILES}", path=sig_path, key_id=kid, **where)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
 
 from components.anomaly import alarm, signing
-from components.anomaly.errors import AnomalyError, TrainingError
+from components.anomaly.errors import AnomalyError, SignatureError, TrainingError
 from components.anomaly.features import (
     Calendar,
     FeatureExtractor,
@@ -26,11 +31,89 @@ from components.anomaly.features import (
 from components.anomaly.model_card import ONLINE_CAPACITY, load_card
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
-from components.model_builder.training import AUTOENCODER_MAX_ITER, ONLINE_MERGE_FRACTION, TrainParams, train
+from components.model_builder.training import (
+    AUTOENCODER_MAX_ITER,
+    MIN_WINDOWS,
+    ONLINE_MERGE_FRACTION,
+    TrainParams,
+    train,
+)
+
+PRESETS = ("vibration", "spectral", "univariate", "surprise", "shape")
+SLOW_CHANNELS = "temp"  # the vibration and spectral presets' default --slow-channels
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one ``error:`` line naming the flag and exit status 2, like every other bad
+    input main() reports, not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    return parse
+
+
+def _real(*, above: float | None = None, at_least: float | None = None,
+          below: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if above is not None and below is not None and not above < value < below:
+            raise argparse.ArgumentTypeError(f"must be between {above:g} and {below:g} (exclusive), got {value:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above:g}, got {value:g}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be >= {at_least:g}, got {value:g}")
+        return value
+    return parse
+
+
+def _rows(text: str) -> tuple[int, int]:
+    """``START:END`` (either may be left out), rows counted from 0 after the header, END exclusive."""
+    start, colon, end = text.partition(":")
+    try:
+        first, last = int(start) if start.strip() else 0, int(end) if end.strip() else 1 << 62
+    except ValueError:
+        colon = ""
+    if not colon:
+        raise argparse.ArgumentTypeError(f"expected START:END row numbers (e.g. 0:50000), got {text!r}")
+    if first < 0 or last <= first:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return first, last
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes >= 1 (e.g. 16,4,16), got {text!r}")
+    return sizes
+
+
+POSITIVE = _real(above=0)
+FRACTION = _real(above=0, below=1)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nucleus model", description="Train, export, sign and package anomaly models.")
+    p = _Parser(prog="nucleus model", description="Train, export, sign and package anomaly models.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train on healthy data and write a signed, deployable model component")
     b.add_argument("--data", action="append", required=True, type=Path,
@@ -42,55 +125,61 @@ def _parser() -> argparse.ArgumentParser:
                    help="knn: distance to the nearest training window (add --online to keep learning at run time)")
     b.add_argument("--channels", help="comma-separated channel (column) names; default: every numeric column")
     b.add_argument("--label-column", help="train only on rows whose label is a --normal-value")
-    b.add_argument("--normal-value", action="append", default=None, help="label value meaning normal (default 0)")
-    b.add_argument("--rows", help="START:END row range of each CSV to train on (e.g. 0:50000)")
+    b.add_argument("--normal-value", action="append", default=None,
+                   help="label value meaning normal (default 0; repeatable; needs --label-column)")
+    b.add_argument("--rows", type=_rows, help="START:END row range of each CSV to train on (e.g. 0:50000)")
     b.add_argument("--time-column", help="CSV column with each row's time (ISO 8601, UTC if no zone, or epoch "
                    "seconds); needed for --calendar")
     b.add_argument("--calendar", help="add the window's place in the day and/or week as features: day, week or "
                    "day,week (not standardized; needs --time-column)")
-    b.add_argument("--rate-hz", type=float, help="sample rate (recordings carry their own)")
+    b.add_argument("--rate-hz", type=POSITIVE, help="sample rate of CSV data (recordings carry their own; a "
+                   "different --rate-hz for one is refused)")
     b.add_argument("--window", type=int, default=1024, help="window length in samples")
-    b.add_argument("--hop", type=int, default=256, help="samples between window starts")
+    b.add_argument("--hop", type=_whole(1), default=256, help="samples between window starts")
     b.add_argument("--features", default="vibration",
-                   help="feature preset (vibration, spectral, univariate, surprise, shape) or a JSON feature-spec file")
-    b.add_argument("--samples", type=int, default=None,
+                   help=f"feature preset ({', '.join(PRESETS)}) or a JSON FeatureSpec file")
+    b.add_argument("--samples", type=_whole(1), default=None,
                    help="shape preset: the newest N values of the channel are the features (default: the window)")
-    b.add_argument("--bands", type=int, default=None,
-                   help="spectral bands per fast channel (vibration preset: 8, spectral preset: 16)")
-    b.add_argument("--slow-channels", default="temp", help="channels given level+trend only (vibration preset)")
-    b.add_argument("--quantile", type=float, default=0.999, help="threshold quantile of held-out healthy scores")
-    b.add_argument("--false-alarms-per-hour", type=float, help="threshold from a false-alarm budget (needs rate)")
-    b.add_argument("--margin", type=float, default=1.0, help="threshold multiplier")
-    b.add_argument("--spread-margin", type=float, default=None,
+    b.add_argument("--bands", type=_whole(0), default=None,
+                   help="spectral bands per fast channel (vibration preset: 8, 0 = none; spectral preset: 16)")
+    b.add_argument("--slow-channels", default=None,
+                   help=f"comma-separated channels given level+trend only (vibration and spectral presets; "
+                   f"default: {SLOW_CHANNELS})")
+    b.add_argument("--quantile", type=FRACTION, default=0.999, help="threshold quantile of held-out healthy scores")
+    b.add_argument("--false-alarms-per-hour", type=POSITIVE, help="threshold from a false-alarm budget (needs rate)")
+    b.add_argument("--margin", type=POSITIVE, default=1.0, help="threshold multiplier")
+    b.add_argument("--spread-margin", type=POSITIVE, default=None,
                    help="threshold = median + K * (quantile - median) of held-out scores, before --margin")
     b.add_argument("--alarm", choices=["threshold", "likelihood"], default="threshold",
                    help="how the detector turns scores into alarms: the fixed threshold, or the tail probability of "
                    "the averaged score under a normal fitted online to recent scores (docs/anomaly.md)")
-    b.add_argument("--tail-probability", type=float, default=alarm.TAIL_PROBABILITY,
+    b.add_argument("--tail-probability", type=FRACTION, default=alarm.TAIL_PROBABILITY,
                    help="alarm level for --alarm likelihood (nupic's red zone: 1e-5)")
-    b.add_argument("--holdoff-windows", type=int, default=0,
+    b.add_argument("--holdoff-windows", type=_whole(0), default=0,
                    help="after an alarm, no new alarm for this many windows (0 = none)")
-    b.add_argument("--averaging-windows", type=int, default=alarm.AVERAGING_WINDOWS,
+    b.add_argument("--averaging-windows", type=_whole(1), default=alarm.AVERAGING_WINDOWS,
                    help="likelihood: scores averaged (nupic: 10)")
-    b.add_argument("--history-windows", type=int, default=alarm.HISTORY_WINDOWS,
+    b.add_argument("--history-windows", type=_whole(1), default=alarm.HISTORY_WINDOWS,
                    help="likelihood: averaged scores the online normal is fitted to (nupic: 8640)")
-    b.add_argument("--season-samples", type=int, default=0,
+    b.add_argument("--season-samples", type=_whole(0), default=None,
                    help="surprise preset: samples per season (e.g. one day) for the zseason feature; 0 = none")
     b.add_argument("--online", action="store_true",
                    help="knn: the detector remembers what it scores, so a new normal alarms when it starts, not "
                    "for as long as it lasts (docs/anomaly.md)")
-    b.add_argument("--online-capacity", type=int, default=ONLINE_CAPACITY,
+    b.add_argument("--online-capacity", type=_whole(1), default=ONLINE_CAPACITY,
                    help="knn --online: windows remembered per asset")
-    b.add_argument("--online-merge", type=float, default=ONLINE_MERGE_FRACTION,
+    b.add_argument("--online-merge", type=_real(at_least=0), default=ONLINE_MERGE_FRACTION,
                    help="knn --online: a window nearer than this x the median held-out distance to a remembered one "
                    "is not stored")
-    b.add_argument("--calibration-fraction", type=float, default=0.25, help="held-out tail for the threshold")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--n-estimators", type=int, default=100)
-    b.add_argument("--max-samples", type=int, default=256)
-    b.add_argument("--pca-variance", type=float, default=0.95)
-    b.add_argument("--hidden", help="autoencoder hidden layer sizes, e.g. 16,4,16")
-    b.add_argument("--max-iter", type=int, default=AUTOENCODER_MAX_ITER,
+    b.add_argument("--calibration-fraction", type=FRACTION, default=0.25,
+                   help="held-out tail for the threshold, between 0 and 1")
+    b.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0)
+    b.add_argument("--n-estimators", type=_whole(1), default=100)
+    b.add_argument("--max-samples", type=_whole(1), default=256)
+    b.add_argument("--pca-variance", type=POSITIVE, default=0.95,
+                   help="pca: explained variance to keep (below 1) or a number of components (1 and more)")
+    b.add_argument("--hidden", type=_sizes, help="autoencoder hidden layer sizes, e.g. 16,4,16")
+    b.add_argument("--max-iter", type=_whole(1), default=AUTOENCODER_MAX_ITER,
                    help="autoencoder: at most this many training epochs (it stops earlier once the held-out loss "
                    "stops improving)")
     b.add_argument("--key", type=Path, help="Ed25519 private key (PEM); created if absent "
@@ -99,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("record", help="record sensor batches from the bus into a .npz training recording")
     r.add_argument("--topic", required=True, help="sensor topic, e.g. sensors/turbine-1/raw")
     r.add_argument("--out", required=True, type=Path, help="the .npz file to write")
-    r.add_argument("--seconds", type=float, help="stop after this long")
-    r.add_argument("--batches", type=int, help="stop after this many batches")
+    r.add_argument("--seconds", type=POSITIVE, help="stop after this long (with --batches: whichever comes first)")
+    r.add_argument("--batches", type=_whole(1), help="stop after this many batches")
     r.add_argument("--socket", type=Path, help="IPC socket (default $NUCLEUS_IPC_SOCKET)")
     r.add_argument("--token-file", type=Path, help="file holding an IPC token (default $SVCUID)")
     v = sub.add_parser("verify", help="verify a model directory's signature and digests")
@@ -111,45 +200,86 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
+# The flags only some presets read; giving one to a preset that ignores it is refused, not dropped.
+_PRESET_FLAGS = {"--bands": ("bands", ("vibration", "spectral")),
+                 "--slow-channels": ("slow_channels", ("vibration", "spectral")),
+                 "--season-samples": ("season_samples", ("surprise",)),
+                 "--samples": ("samples", ("shape",))}
+
+
 def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
-    slow = tuple(s for s in args.slow_channels.split(",") if s)
-    if args.features == "vibration":
-        return default_spec(channels, bands=8 if args.bands is None else args.bands, slow=slow)
-    if args.features == "spectral":
-        return spectral_spec(channels, bands=16 if args.bands is None else args.bands, slow=slow)
-    if args.features == "univariate":
-        if len(channels) != 1:
-            raise TrainingError(f"the univariate preset needs one channel, have {channels}", field="features")
-        return univariate_spec(channels[0])
-    if args.features == "surprise":
-        if len(channels) != 1:
-            raise TrainingError(f"the surprise preset needs one channel, have {channels}", field="features")
-        return surprise_spec(channels[0], season=args.season_samples)
-    if args.features == "shape":
-        if len(channels) != 1:
-            raise TrainingError(f"the shape preset needs one channel, have {channels}", field="features")
-        return shape_spec(channels[0], samples=args.samples or args.window)
+    preset = args.features if args.features in PRESETS else None
+    for flag, (attr, presets) in _PRESET_FLAGS.items():
+        if getattr(args, attr) is not None and preset not in presets:
+            used = " and ".join(f"--features {p}" for p in presets)
+            given = f"--features {preset}" if preset else "a feature-spec file"
+            raise TrainingError(f"{flag} is read by {used} only; {given} would ignore it")
+    slow = tuple(s for s in (args.slow_channels or SLOW_CHANNELS).split(",") if s)
+    if args.slow_channels is not None and (unknown := [c for c in slow if c not in channels]):
+        raise TrainingError(f"--slow-channels {args.slow_channels}: no channel {', '.join(unknown)} "
+                            f"(channels: {', '.join(channels)})")
+    if preset in ("univariate", "surprise", "shape") and len(channels) != 1:
+        raise TrainingError(f"the {preset} preset needs one channel, have {channels}", field="features")
+    try:
+        if preset == "vibration":
+            return default_spec(channels, bands=8 if args.bands is None else args.bands, slow=slow)
+        if preset == "spectral":
+            if args.bands == 0:
+                raise TrainingError("--bands 0: the spectral preset's features are the bands; give at least 1")
+            return spectral_spec(channels, bands=16 if args.bands is None else args.bands, slow=slow)
+        if preset == "univariate":
+            return univariate_spec(channels[0])
+        if preset == "surprise":
+            return surprise_spec(channels[0], season=args.season_samples or 0)
+        if preset == "shape":
+            samples = args.samples or args.window
+            if samples > args.window:
+                raise TrainingError(f"--samples {samples} is more than the --window of {args.window} samples")
+            return shape_spec(channels[0], samples=samples)
+    except ValidationError as exc:
+        raise TrainingError(f"--features {preset}: {_one_line(exc)}") from exc
     path = Path(args.features)
+    if not path.exists():
+        raise TrainingError(f"--features {args.features!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                            "existing JSON FeatureSpec file")
     try:
         return FeatureSpec.model_validate_json(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"feature spec unreadable: {exc}", path=path, field="features") from exc
+    except OSError as exc:
+        raise TrainingError(f"--features {path}: unreadable: {exc.strerror or exc}") from exc
+    except ValidationError as exc:
+        raise TrainingError(f"--features {path}: not a JSON FeatureSpec: {_one_line(exc)}") from exc
+
+
+def _check_rate(args: argparse.Namespace, loaded: list[datamod.Dataset]) -> None:
+    """A recording carries the rate it was recorded at; a different --rate-hz would make every
+    time-based figure (band frequencies, false alarms per hour, the card's rate) wrong."""
+    if args.rate_hz is None:
+        return
+    for d in loaded:
+        if d.rate_hz is not None and not math.isclose(d.rate_hz, args.rate_hz, rel_tol=1e-9):
+            raise TrainingError(f"--rate-hz {args.rate_hz:g} disagrees with the recording's own rate "
+                                f"{d.rate_hz:g} Hz; leave --rate-hz out for recordings", path=d.sources[0])
 
 
 def build(args: argparse.Namespace) -> dict[str, object]:
     channels = args.channels.split(",") if args.channels else None
-    rows = None
-    if args.rows:
-        start, _, end = args.rows.partition(":")
-        rows = (int(start or 0), int(end) if end else 1 << 62)
+    if args.normal_value and not args.label_column:
+        raise TrainingError("--normal-value needs --label-column (the column holding the labels)")
+    if args.hidden is not None and args.kind != "autoencoder":
+        raise TrainingError(f"--hidden is for --kind autoencoder; --kind {args.kind} would ignore it")
     loaded: list[datamod.Dataset] = []
     for path in args.data:
         if path.suffix == ".npz":
             loaded.append(datamod.load_recording(path))
         else:
             loaded.append(datamod.load_csv(path, channels, label_column=args.label_column,
-                                           normal_values=tuple(args.normal_value or ["0"]), row_range=rows,
+                                           normal_values=tuple(args.normal_value or ["0"]), row_range=args.rows,
                                            time_column=args.time_column))
+    _check_rate(args, loaded)
     dataset = datamod.merge(loaded, channels)
     rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
     spec = _spec(args, dataset.channels)
@@ -164,12 +294,15 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                             "made by `nucleus model record` carry their times)", field="calendar")
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
     features = extractor.extract(datamod.windows(dataset, args.window, args.hop), ends)
+    n_fit = len(features) - max(1, round(len(features) * args.calibration_fraction))
+    if len(features) >= MIN_WINDOWS and n_fit < MIN_WINDOWS // 2:
+        raise TrainingError(f"--calibration-fraction {args.calibration_fraction:g} leaves {n_fit} of "
+                            f"{len(features)} windows to fit the model; at least {MIN_WINDOWS // 2} are needed")
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
                          margin=args.margin, spread_margin=args.spread_margin,
                          calibration_fraction=args.calibration_fraction, seed=args.seed,
                          n_estimators=args.n_estimators, max_samples=args.max_samples, pca_variance=args.pca_variance,
-                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None,
-                         max_iter=args.max_iter,
+                         hidden=args.hidden, max_iter=args.max_iter,
                          alarm_mode=args.alarm, tail_probability=args.tail_probability,
                          holdoff_windows=args.holdoff_windows, averaging_windows=args.averaging_windows,
                          history_windows=args.history_windows, online=args.online,
@@ -182,8 +315,12 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                      window=args.window, hop=args.hop, rate_hz=rate, sources=dataset.sources, rows=dataset.rows,
                      label_filter=label_filter)
     key_path = args.key or args.out / "keys" / "model-signing.key"
-    key, created = signing.load_or_create_key(key_path)
-    pkg = write_package(model, card, args.out, key)
+    try:
+        key, created = signing.load_or_create_key(key_path)
+        pkg = write_package(model, card, args.out, key)
+    except OSError as exc:
+        raise TrainingError(f"cannot write the model (--out {args.out}): {exc.strerror or exc}",
+                            path=exc.filename) from exc
     return {
         "component": card.component, "version": card.version, "kind": card.kind, "recipe": str(pkg.recipe),
         "artifacts": str(pkg.artifacts), "threshold": card.threshold.value, "windows": card.training.windows,
@@ -209,27 +346,84 @@ def _print_build(result: dict[str, object]) -> None:
     print(f"  trust:     nucleus deploy --update-config @{result['detector_config']}")
 
 
+def _daemon_root(socket: Path) -> Path | None:
+    """The nucleus root a socket belongs to, when it sits where ``nucleus --root R`` puts it."""
+    return socket.parent if socket.name == "ipc.sock" else None
+
+
+def _no_daemon(root: Path, why: str) -> TrainingError:
+    return TrainingError(f"no nucleus daemon at {root}: {why}; start one with nucleus run --root {root}")
+
+
 def _record(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from components.model_builder.record import record
+    from components.model_builder.record import DaemonUnreachable, record
 
     if args.seconds is None and args.batches is None:
         raise TrainingError("give --seconds and/or --batches", field="record")
     socket = args.socket or (Path(os.environ["NUCLEUS_IPC_SOCKET"]) if "NUCLEUS_IPC_SOCKET" in os.environ else None)
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get("SVCUID", "")
+    root = _daemon_root(socket) if socket is not None else None
+    token = os.environ.get("SVCUID", "")
+    if args.token_file:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            # `nucleus model record` passes <root>/run/cli.token, which the daemon writes when it starts.
+            if root is not None and isinstance(exc, FileNotFoundError) and args.token_file.name == "cli.token":
+                raise _no_daemon(root, f"no CLI token {args.token_file}") from exc
+            raise TrainingError(f"--token-file {args.token_file}: {exc.strerror or exc}") from exc
     if socket is None or not token:
         raise TrainingError("no IPC socket/token: give --socket and --token-file (nucleus model record "
                             "fills them in from --root)", field="record")
-    rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
+    try:
+        rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
+    except DaemonUnreachable as exc:
+        if root is not None:
+            raise _no_daemon(root, exc.message) from exc
+        raise
     print(f"recorded {rec.batches} batches, {rec.samples} samples x {len(rec.channels)} channels "
           f"({', '.join(rec.channels)}) at {rec.rate_hz:g} Hz, {rec.gaps} gap(s) -> {args.out}")
     return 0
 
 
+def _trusted_key(value: str) -> str:
+    """A --trusted-key: the file holding a key if one exists at that path, else the key itself."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrainingError(f"--trusted-key {value}: cannot read the key file: {exc}") from exc
+    if path.exists():
+        raise TrainingError(f"--trusted-key {value}: not a file")
+    try:
+        signing.parse_public_key(value)
+    except SignatureError as exc:
+        if "/" in value or "." in value or value.startswith("~"):  # a path ('.' is not base64)
+            raise TrainingError(f"--trusted-key {value}: no such file (nor is it a base64 or PEM public key)") from exc
+        raise TrainingError(f"--trusted-key: {exc.message}") from exc
+    return value
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if not args.model_dir.is_dir():
+        what = "is not a directory" if args.model_dir.exists() else "does not exist"
+        raise TrainingError(f"model directory {what}", path=args.model_dir)
+    keys = [_trusted_key(k) for k in args.trusted_key]
+    verified = signing.verify_model(args.model_dir, component=args.component, version=args.version,
+                                    trusted=signing.trusted_key_map(keys))
+    load_card(args.model_dir / "model_card.json", component=args.component)
+    print(f"ok: {args.component} {args.version} signed by {verified.key_id}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument, already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         if args.command == "record":
             return _record(args)
@@ -240,12 +434,7 @@ def main(argv: list[str]) -> int:
             else:
                 _print_build(result)
             return 0
-        keys = [Path(k).read_text().strip() if Path(k).is_file() else k for k in args.trusted_key]
-        verified = signing.verify_model(args.model_dir, component=args.component, version=args.version,
-                                        trusted=signing.trusted_key_map(keys))
-        load_card(args.model_dir / "model_card.json", component=args.component)
-        print(f"ok: {args.component} {args.version} signed by {verified.key_id}")
-        return 0
+        return _verify(args)
     except TrainingError as exc:
         where = ": ".join(str(x) for x in (exc.path, exc.field) if x)
         print(f"error: {where + ': ' if where else ''}{exc.message}", file=sys.stderr)
@@ -254,3 +443,8 @@ def main(argv: list[str]) -> int:
         where = ": ".join(str(x) for x in (exc.path, exc.field, exc.key_id) if x)
         print(f"error: {where + ': ' if where else ''}{exc.message}", file=sys.stderr)
         return 1 if args.command == "verify" else 2
+    except ValidationError as exc:  # a value no flag check caught, refused by a model's own field limits
+        for e in exc.errors():
+            print(f"error: {'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})",
+                  file=sys.stderr)
+        return 2

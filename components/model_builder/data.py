@@ -105,7 +105,14 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
         if label_column not in cols:
             raise TrainingError(f"no label column {label_column!r}", path=path, field="label_column")
         labels = np.array([r[cols[label_column]].strip() for r in rows])
-        keep &= np.isin(labels, list(normal_values))
+        normal = np.isin(labels, list(normal_values))
+        if not normal.any():
+            seen = sorted(set(labels.tolist()))
+            shown = ", ".join(repr(v) for v in seen[:10]) + (f" ... ({len(seen)} values)" if len(seen) > 10 else "")
+            raise TrainingError(f"no row of label column {label_column!r} has the value "
+                                f"{' or '.join(repr(v) for v in normal_values)}; its values are {shown}",
+                                path=path, field="normal_value")
+        keep &= normal
     runs = _runs(keep)
     segments = [data[:, a:b] for a, b in runs]
     times = None

@@ -9,6 +9,7 @@ that no training window ever spans missing data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,11 @@ import numpy.typing as npt
 from components.anomaly.errors import TrainingError
 from components.model_builder.data import save_recording
 from ipc import Client
+from ipc.errors import ConnectionClosed, IpcError, Unauthenticated
+
+
+class DaemonUnreachable(TrainingError):
+    """Nothing answers on the IPC socket (no daemon there, or it is not running)."""
 
 
 @dataclass(slots=True)
@@ -73,11 +79,28 @@ class Recorder:
 
 async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: float | None,
                  batches: int | None) -> Recorder:
-    """Record until ``seconds`` have passed or ``batches`` were received, whichever comes first."""
+    """Record until ``seconds`` have passed or ``batches`` were received, whichever comes first.
+
+    Bus failures are TrainingErrors (one line for the CLI): DaemonUnreachable when nothing answers on
+    ``socket``; a refused token or subscription, or a connection lost while recording (nothing is
+    written then), name what failed."""
     rec = Recorder()
     deadline = time.monotonic() + seconds if seconds else None
-    async with Client(socket, token, name="nucleus-model-record") as client, \
-            client.subscribe(topic, queue_size=4096, policy="block") as messages:
+    async with contextlib.AsyncExitStack() as stack:
+        client = Client(socket, token, name="nucleus-model-record")
+        try:
+            await stack.enter_async_context(client)
+        except ConnectionClosed as exc:
+            raise DaemonUnreachable(exc.message, field="socket") from exc
+        except Unauthenticated as exc:
+            raise TrainingError(f"the daemon refused the IPC token: {exc.message}", path=socket,
+                                field="token") from exc
+        except IpcError as exc:
+            raise TrainingError(f"cannot connect: {exc}", path=socket, field="socket") from exc
+        try:
+            messages = await stack.enter_async_context(client.subscribe(topic, queue_size=4096, policy="block"))
+        except IpcError as exc:
+            raise TrainingError(f"cannot subscribe to {topic}: {exc}", field="topic") from exc
         print(f"recording {topic} -> {out}", flush=True)
         while batches is None or rec.batches < batches:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -88,6 +111,10 @@ async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: fl
                     message = await anext(messages)
             except TimeoutError:
                 break
+            except (IpcError, StopAsyncIteration) as exc:
+                why = f": {exc}" if isinstance(exc, IpcError) else ""
+                raise TrainingError(f"the bus connection closed after {rec.batches} batches{why}; nothing was "
+                                    "written", path=out) from exc
             rec.add(message.payload)
     rec.save(out)
     return rec

@@ -210,3 +210,114 @@ def test_an_autoencoder_cut_off_at_max_iter_says_so(tmp_path: Path, capsys: pyte
     assert "stopped at --max-iter 3" in capsys.readouterr().out
     card = load_card(tmp_path / "cut" / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0" / "model_card.json")
     assert card.metrics["training_converged"] == 0.0
+
+
+# --- bad input: one `error:` line naming the flag (and file), exit status 2, never a traceback -------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4,000 healthy samples (61 windows of 128, hop 64) as a labelled CSV, a one-column CSV and a
+    1 kHz recording."""
+    d = tmp_path_factory.mktemp("small")
+    x = healthy(4000)
+    (d / "h.csv").write_text("vib_x,temp,label\n" + "\n".join(f"{a},{b},0" for a, b in x.T) + "\n")
+    (d / "u.csv").write_text("value\n" + "\n".join(f"{a}" for a in x[0]) + "\n")
+    save_recording(d / "h.npz", CHANNELS, x, 1000.0)
+    return d
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """main(argv) must refuse with exit status 2 and exactly one `error:` line; returns that line."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def small_build(small: Path, data: str = "h.csv") -> list[str]:
+    return ["build", "--data", str(small / data), "--out", str(small / "out"), "--window", "128", "--hop", "64",
+            "--n-estimators", "10"]
+
+
+@pytest.mark.parametrize(("extra", "flag", "says"), [
+    (["--rows", "10-20"], "--rows", "START:END"),
+    (["--rows", "20:10"], "--rows", "START < END"),
+    (["--hop", "0"], "--hop", ">= 1"),
+    (["--hop", "-5"], "--hop", ">= 1"),
+    (["--quantile", "1.5"], "--quantile", "between 0 and 1"),
+    (["--quantile", "nan"], "--quantile", "finite"),
+    (["--kind", "autoencoder", "--hidden", "8,x"], "--hidden", "'8,x'"),
+    (["--tail-probability", "2"], "--tail-probability", "between 0 and 1"),
+    (["--margin", "-1"], "--margin", "> 0"),
+    (["--holdoff-windows", "-1"], "--holdoff-windows", ">= 0"),
+    (["--kind", "knn", "--online", "--online-capacity", "0"], "--online-capacity", ">= 1"),
+    (["--calibration-fraction", "1.5"], "--calibration-fraction", "between 0 and 1"),
+    (["--rate-hz", "0"], "--rate-hz", "> 0"),
+    (["--n-estimators", "0"], "--n-estimators", ">= 1"),
+    (["--kind", "pca", "--pca-variance", "0"], "--pca-variance", "> 0"),
+    (["--false-alarms-per-hour", "-1"], "--false-alarms-per-hour", "> 0"),
+    (["--averaging-windows", "0"], "--averaging-windows", ">= 1"),
+])
+def test_cli_refuses_bad_flag_values_in_one_line(small: Path, capsys: pytest.CaptureFixture[str],
+                                                 extra: list[str], flag: str, says: str) -> None:
+    """Each of these was a ValueError, scikit-learn or pydantic traceback, or (--calibration-fraction 1.5,
+    --false-alarms-per-hour -1) a model built from nonsense."""
+    line = refused(capsys, [*small_build(small), *extra])
+    assert f"argument {flag}:" in line and says in line
+
+
+def test_cli_help_and_missing_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "--help"]) == 0
+    assert "default: temp" in " ".join(capsys.readouterr().out.split())  # --slow-channels
+    line = refused(capsys, ["verify", "somewhere"])
+    assert "--component" in line and "--trusted-key" in line
+
+
+def test_cli_refuses_flags_the_data_or_preset_contradicts(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A recording's own rate is not silently overridden ...
+    line = refused(capsys, [*small_build(small, "h.npz"), "--rate-hz", "500"])
+    assert "h.npz" in line and "--rate-hz 500" in line and "1000 Hz" in line
+    # ... flags a preset does not read are not silently dropped ...
+    line = refused(capsys, [*small_build(small, "u.csv"), "--features", "univariate", "--season-samples", "24"])
+    assert "--season-samples" in line and "--features univariate" in line
+    line = refused(capsys, [*small_build(small, "u.csv"), "--features", "surprise", "--bands", "4"])
+    assert "--bands" in line and "--features surprise" in line
+    line = refused(capsys, [*small_build(small), "--slow-channels", "tmp"])
+    assert "--slow-channels tmp" in line and "vib_x, temp" in line
+    line = refused(capsys, [*small_build(small), "--hidden", "8"])
+    assert "--hidden" in line and "autoencoder" in line
+    line = refused(capsys, [*small_build(small), "--normal-value", "0"])
+    assert "--normal-value needs --label-column" in line
+    # ... nor a --samples the window cannot hold (a pydantic traceback naming the field inside it).
+    line = refused(capsys, [*small_build(small, "u.csv"), "--features", "shape", "--samples", "5000"])
+    assert "--samples 5000" in line and "--window of 128" in line
+    line = refused(capsys, [*small_build(small, "u.csv"), "--features", "shape", "--window", "2000",
+                            "--samples", "1500"])
+    assert "--features shape" in line and "samples" in line
+    # A calibration fraction that leaves (almost) nothing to fit was an ONNX-vs-scikit-learn NaN mismatch.
+    line = refused(capsys, [*small_build(small), "--calibration-fraction", "0.99"])
+    assert "--calibration-fraction 0.99 leaves 1 of 61 windows" in line
+
+
+def test_cli_errors_say_what_is_wrong(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--normal-value that no row has said "no segment is as long as one window"; an unknown --features
+    said "feature spec unreadable: No such file"."""
+    line = refused(capsys, [*small_build(small), "--label-column", "label", "--normal-value", "7"])
+    assert "h.csv" in line and "label column 'label'" in line and "'7'" in line and "values are '0'" in line
+    assert "window" not in line
+    line = refused(capsys, [*small_build(small), "--features", "bogus"])
+    assert "--features 'bogus' is neither a preset (vibration, spectral, univariate, surprise, shape)" in line
+    assert "FeatureSpec file" in line
+    spec = small / "spec.json"
+    spec.write_text('{"groups": 3}')
+    line = refused(capsys, [*small_build(small), "--features", str(spec)])
+    assert str(spec) in line and "not a JSON FeatureSpec" in line and "groups" in line
+
+
+def test_cli_accepts_a_rate_that_matches_the_recording(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*small_build(small, "h.npz"), "--bands", "4", "--rate-hz", "1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 61

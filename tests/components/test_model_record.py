@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from components.anomaly.errors import TrainingError
+from components.model_builder.cli import main
 from components.model_builder.data import load_recording, save_recording, window_ends
 from components.model_builder.record import Recorder
 from ipc import Client
@@ -85,3 +86,55 @@ def test_nucleus_model_record_through_the_daemon(daemon: Any, tmp_path: Path) ->
     assert "recorded 12 batches, 1200 samples x 2 channels" in stdout and "1 gap(s)" in stdout
     ds = load_recording(out)
     assert [s.shape[1] for s in ds.segments] == [600, 600]
+
+
+def test_record_without_a_daemon_is_one_line_naming_the_root(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`nucleus model record` against a root no daemon runs in ended in a FileNotFoundError traceback
+    (no run/cli.token), and with a stale token in a ConnectionClosed traceback (no socket)."""
+    root = tmp_path / "root"
+    argv = ["record", "--topic", "sensors/t/raw", "--seconds", "1", "--out", str(tmp_path / "r.npz"),
+            "--socket", str(root / "ipc.sock"), "--token-file", str(root / "run" / "cli.token")]
+    for token in (None, "stale"):
+        if token:
+            (root / "run").mkdir(parents=True)
+            (root / "run" / "cli.token").write_text(token)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"error: no nucleus daemon at {root}: ")
+        assert err.rstrip().endswith(f"start one with nucleus run --root {root}")
+        assert ("no CLI token" if token is None else "cannot connect to") in err
+    assert not (tmp_path / "r.npz").exists()
+    # A socket outside a nucleus root, a missing --token-file, a bad --seconds: named as such.
+    assert main([*argv[:7], "--socket", str(tmp_path / "x.sock"), "--token-file", str(root / "run" / "cli.token")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: socket: cannot connect to {tmp_path / 'x.sock'}")
+    assert main([*argv[:7], "--socket", str(tmp_path / "x.sock"), "--token-file", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --token-file {tmp_path / 'nope'}: No such file")
+    assert main([*argv[:3], "--seconds", "0", *argv[5:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --seconds: must be > 0" in err
+
+
+def test_nucleus_model_record_without_a_daemon(tmp_path: Path) -> None:
+    """The same through the nucleus CLI, which fills in --socket and --token-file from --root."""
+    root = tmp_path / "nodaemon"
+    proc = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(root), "model", "record", "--topic",
+                           "sensors/t/raw", "--seconds", "1", "--out", str(tmp_path / "r.npz")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: no nucleus daemon at {root.resolve()}: no CLI token "
+                                   f"{root.resolve() / 'run' / 'cli.token'}; start one with nucleus run --root "
+                                   f"{root.resolve()}")
+
+
+@pytest.mark.slow
+def test_record_with_a_refused_token_is_one_line(daemon: Any, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.token"
+    bad.write_text("not-a-token\n")
+    assert main(["record", "--topic", "sensors/t/raw", "--batches", "1", "--out", str(tmp_path / "r.npz"),
+                 "--socket", str(daemon.root / "ipc.sock"), "--token-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {daemon.root / 'ipc.sock'}: token: the daemon refused the IPC token")
+    assert err.count("\n") == 1 and not (tmp_path / "r.npz").exists()

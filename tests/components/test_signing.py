@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from anomaly_models import build
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from components.anomaly import signing
 from components.anomaly.errors import DigestMismatchError, SignatureError, UntrustedKeyError
+from components.model_builder.cli import main
 
 NAME = "com.nucleus.TurbineModel"
 
@@ -29,7 +30,7 @@ def fresh_copy(package: object, tmp: Path) -> Path:
     return dst
 
 
-def trusted(package: object) -> dict[str, object]:
+def trusted(package: object) -> dict[str, Ed25519PublicKey]:
     return signing.trusted_key_map([package.public_key])  # type: ignore[attr-defined]
 
 
@@ -67,8 +68,14 @@ def test_unsigned_untrusted_altered_and_replayed(package: object, tmp_path: Path
     with pytest.raises(UntrustedKeyError) as e:
         signing.verify_model(d, component=NAME, version="1.0.0", trusted={signing.key_id(other): other})
     assert e.value.key_id == package.key_id and e.value.component == NAME  # type: ignore[attr-defined]
-    with pytest.raises(SignatureError, match="is for"):  # a valid signature of another version
+    with pytest.raises(SignatureError) as ev:  # a valid signature of another version
         signing.verify_model(d, component=NAME, version="9.9.9", trusted=trusted(package))
+    assert str(ev.value) == "version mismatch: expected 9.9.9, the signature is for version 1.0.0"
+    assert ev.value.field == "version"
+    with pytest.raises(SignatureError) as ec:
+        signing.verify_model(d, component="com.other", version="1.0.0", trusted=trusted(package))
+    assert str(ec.value) == f"component mismatch: expected com.other, the signature is for {NAME} 1.0.0"
+    assert ec.value.field == "component"
     doc = json.loads((d / "model.sig").read_text())
     doc["manifest"]["files"]["model.onnx"] = "0" * 64  # attacker edits the manifest to match a new file
     (d / "model.sig").write_text(json.dumps(doc))
@@ -90,3 +97,32 @@ def test_trusted_key_formats() -> None:
         signing.parse_public_key("AAAA")
     with pytest.raises(SignatureError, match="neither"):
         signing.parse_public_key("not base64 !")
+
+
+def test_missing_model_directory_is_named_as_such(package: object, tmp_path: Path) -> None:
+    """It said "model is unsigned: no model.sig" for a directory that is not there."""
+    with pytest.raises(SignatureError) as e:
+        signing.verify_model(tmp_path / "gone", component=NAME, version="1.0.0", trusted=trusted(package))
+    assert str(e.value) == "model directory does not exist" and e.value.path == str(tmp_path / "gone")
+
+
+def test_cli_verify_names_what_is_wrong(package: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fresh_copy(package, tmp_path)
+    pub = tmp_path / "model.key.pub"
+    pub.write_text(package.public_key + "\n")  # type: ignore[attr-defined]
+
+    def verify(model_dir: Path, version: str, key: str) -> tuple[int, str]:
+        rc = main(["verify", str(model_dir), "--component", NAME, "--version", version, "--trusted-key", key])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err and out.err.count("\n") <= 1
+        return rc, out.err + out.out
+
+    assert verify(d, "1.0.0", str(pub)) == (0, f"ok: {NAME} 1.0.0 signed by {package.key_id}\n")  # type: ignore[attr-defined]
+    rc, said = verify(d, "2.0.0", str(pub))  # was "signature is for ... 1.0.0, not this component"
+    assert rc == 1 and "version mismatch: expected 2.0.0, the signature is for version 1.0.0" in said
+    rc, said = verify(tmp_path / "nodir", "1.0.0", str(pub))  # was "model is unsigned: no model.sig"
+    assert (rc, said) == (2, f"error: {tmp_path / 'nodir'}: model directory does not exist\n")
+    rc, said = verify(d, "1.0.0", str(tmp_path / "nokey.pub"))  # was "... is neither base64 nor PEM"
+    assert rc == 2 and said.startswith(f"error: --trusted-key {tmp_path / 'nokey.pub'}: no such file")
+    rc, said = verify(d, "1.0.0", "garbage")  # not a path: the key itself is what is wrong
+    assert rc == 2 and said.startswith("error: --trusted-key: trusted key 'garbage'... is neither base64 nor PEM")
