@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import structlog
 
+from nucleus.component_streams import ComponentStreams
+
 log = structlog.get_logger("nucleus.config_validation")
 
 Verdict = Literal["ACCEPTED", "REJECTED"]
@@ -37,21 +39,15 @@ class _Ask:
 
 class ConfigValidators:
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._streams = ComponentStreams("configuration validation", _QUEUE)
         self._ask: _Ask | None = None
 
     def subscribed(self) -> set[str]:
-        return {name for name, queues in self._subscribers.items() if queues}
+        return self._streams.names()
 
-    async def subscribe(self, component: str) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self, component: str) -> AsyncIterator[dict[str, Any]]:
         """The stream behind ``config.validation.subscribe`` for one component."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE)
-        self._subscribers.setdefault(component, set()).add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.get(component, set()).discard(queue)
+        return self._streams.stream(component)
 
     def report(self, component: str, deployment_id: str, verdict: Verdict, message: str) -> bool:
         """A component's answer; False if no validation of that deployment is waiting for it."""
@@ -69,16 +65,8 @@ class ConfigValidators:
                   timeout_s: float) -> dict[str, tuple[Verdict, str]]:
         """Send each subscribed component its proposed configuration; wait for every answer or the
         timeout. Returns the answers given (a component that did not answer is absent: accepted)."""
-        event_of = {name: {"deployment_id": deployment_id, "configuration": dict(doc)}
-                    for name, doc in proposals.items()}
-        waiting = set()
-        for name, event in event_of.items():
-            for queue in self._subscribers.get(name, ()):
-                try:
-                    queue.put_nowait(event)
-                    waiting.add(name)
-                except asyncio.QueueFull:
-                    log.warning("config.validation_queue_full", component=name, deployment_id=deployment_id)
+        waiting = self._streams.send(proposals, lambda name: {"deployment_id": deployment_id,
+                                                               "configuration": dict(proposals[name])})
         if not waiting:
             return {}
         ask = self._ask = _Ask(deployment_id, waiting)

@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from nucleus.component_streams import ComponentStreams
+
 log = structlog.get_logger("nucleus.update_policy")
 
 _QUEUE = 16
@@ -34,32 +36,18 @@ class _Round:
 
 class UpdateNotifier:
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self._streams = ComponentStreams("component updates", _QUEUE)
         self._round: _Round | None = None
 
     def subscribers(self) -> set[str]:
-        return {name for name, qs in self._subscribers.items() if qs}
+        return self._streams.names()
 
-    async def subscribe(self, component: str) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self, component: str) -> AsyncIterator[dict[str, Any]]:
         """The stream behind ``lifecycle.subscribe_updates`` for one component."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE)
-        self._subscribers.setdefault(component, set()).add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.get(component, set()).discard(queue)
+        return self._streams.stream(component)
 
     def _send(self, components: Iterable[str], event: dict[str, Any]) -> set[str]:
-        sent: set[str] = set()
-        for name in components:
-            for queue in self._subscribers.get(name, ()):
-                try:
-                    queue.put_nowait(event)
-                    sent.add(name)
-                except asyncio.QueueFull:
-                    log.warning("update.notify_dropped", component=name)
-        return sent
+        return self._streams.send(components, event)
 
     def defer(self, component: str, deployment_id: str, recheck_after_s: float, message: str) -> None:
         current = self._round
