@@ -393,9 +393,12 @@ def cmd_model(args: argparse.Namespace) -> int:
     import importlib
 
     argv = list(args.model_args)
-    if argv[:1] == ["record"] and "--socket" not in argv:
-        # The nucleus owns the layout: record through this root's socket with the CLI's token.
-        paths = Paths.at(_root(args))
+    if argv[:1] == ["record"] and "--socket" not in argv and not {"-h", "--help"} & set(argv):
+        # The nucleus owns the layout: record through this root's socket with the CLI's token, after the
+        # same "no daemon" check every other command makes.
+        root = _root(args)
+        _client(root)
+        paths = Paths.at(root)
         argv += ["--socket", str(paths.ipc_socket), "--token-file", str(paths.cli_token)]
     builder = importlib.import_module("components.model_builder.cli")
     return int(builder.main(argv))

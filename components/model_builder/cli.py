@@ -346,43 +346,25 @@ def _print_build(result: dict[str, object]) -> None:
     print(f"  trust:     nucleus deploy --update-config @{result['detector_config']}")
 
 
-def _daemon_root(socket: Path) -> Path | None:
-    """The nucleus root a socket belongs to, when it sits where ``nucleus --root R`` puts it."""
-    return socket.parent if socket.name == "ipc.sock" else None
-
-
-def _no_daemon(root: Path, why: str) -> TrainingError:
-    return TrainingError(f"no nucleus daemon at {root}: {why}; start one with nucleus run --root {root}")
-
-
 def _record(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from components.model_builder.record import DaemonUnreachable, record
+    from components.model_builder.record import record
 
     if args.seconds is None and args.batches is None:
         raise TrainingError("give --seconds and/or --batches", field="record")
     socket = args.socket or (Path(os.environ["NUCLEUS_IPC_SOCKET"]) if "NUCLEUS_IPC_SOCKET" in os.environ else None)
-    root = _daemon_root(socket) if socket is not None else None
     token = os.environ.get("SVCUID", "")
     if args.token_file:
         try:
             token = args.token_file.read_text().strip()
         except OSError as exc:
-            # `nucleus model record` passes <root>/run/cli.token, which the daemon writes when it starts.
-            if root is not None and isinstance(exc, FileNotFoundError) and args.token_file.name == "cli.token":
-                raise _no_daemon(root, f"no CLI token {args.token_file}") from exc
             raise TrainingError(f"--token-file {args.token_file}: {exc.strerror or exc}") from exc
     if socket is None or not token:
         raise TrainingError("no IPC socket/token: give --socket and --token-file (nucleus model record "
                             "fills them in from --root)", field="record")
-    try:
-        rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
-    except DaemonUnreachable as exc:
-        if root is not None:
-            raise _no_daemon(root, exc.message) from exc
-        raise
+    rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
     print(f"recorded {rec.batches} batches, {rec.samples} samples x {len(rec.channels)} channels "
           f"({', '.join(rec.channels)}) at {rec.rate_hz:g} Hz, {rec.gaps} gap(s) -> {args.out}")
     return 0

@@ -24,10 +24,6 @@ from ipc import Client
 from ipc.errors import ConnectionClosed, IpcError, Unauthenticated
 
 
-class DaemonUnreachable(TrainingError):
-    """Nothing answers on the IPC socket (no daemon there, or it is not running)."""
-
-
 @dataclass(slots=True)
 class Recorder:
     """Pure accumulation of batches (tested without a bus)."""
@@ -81,9 +77,8 @@ async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: fl
                  batches: int | None) -> Recorder:
     """Record until ``seconds`` have passed or ``batches`` were received, whichever comes first.
 
-    Bus failures are TrainingErrors (one line for the CLI): DaemonUnreachable when nothing answers on
-    ``socket``; a refused token or subscription, or a connection lost while recording (nothing is
-    written then), name what failed."""
+    Bus failures are TrainingErrors (one line for the CLI) naming what failed: nothing answering on
+    ``socket``, a refused token or subscription, a connection lost while recording (nothing is written)."""
     rec = Recorder()
     deadline = time.monotonic() + seconds if seconds else None
     async with contextlib.AsyncExitStack() as stack:
@@ -91,7 +86,7 @@ async def record(socket: Path, token: str, topic: str, out: Path, *, seconds: fl
         try:
             await stack.enter_async_context(client)
         except ConnectionClosed as exc:
-            raise DaemonUnreachable(exc.message, field="socket") from exc
+            raise TrainingError(exc.message, field="socket") from exc
         except Unauthenticated as exc:
             raise TrainingError(f"the daemon refused the IPC token: {exc.message}", path=socket,
                                 field="token") from exc
