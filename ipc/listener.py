@@ -38,10 +38,16 @@ def remove_stale(path: Path) -> None:
     raise FileExistsError(f"another server is already listening on {path}")
 
 
+def check_socket_path(path: Path) -> None:
+    """ValueError if ``path`` cannot be a Unix socket's address (too long for ``sun_path``)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {path} is {len(os.fsencode(path))} bytes, longer than the "
+                         f"{MAX_SOCKET_PATH} bytes a Unix socket allows")
+
+
 def bind_unix(path: Path, *, mode: int, group: str | None) -> socket.socket:
     """A bound socket at ``path`` with ``mode`` (and group); cleaned up if anything fails."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ValueError(f"socket path {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket allows")
+    check_socket_path(path)
     remove_stale(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

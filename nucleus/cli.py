@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -84,14 +83,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.thing_name:
         overrides["thing_name"] = args.thing_name
     settings = load_settings(_root(args), **overrides)
-    from ipc.listener import MAX_SOCKET_PATH
+    from ipc.listener import check_socket_path
 
-    paths = settings.paths
-    longest = max((paths.ipc_socket, paths.gg_socket), key=lambda p: len(os.fsencode(p)))
-    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:  # found before anything starts, not as a traceback
-        raise NucleusError(f"the root is too long: its socket {longest} would be {len(os.fsencode(longest))} bytes, "
-                           f"a Unix socket path holds at most {MAX_SOCKET_PATH}; choose a shorter --root",
-                           field="--root")
+    try:  # found before anything starts, not as a traceback from the listener
+        for socket_path in (settings.paths.ipc_socket, settings.paths.gg_socket):
+            check_socket_path(socket_path)
+    except ValueError as exc:
+        raise NucleusError(f"the root is too long: {exc}; choose a shorter --root", field="--root") from exc
     return run_daemon(settings)
 
 

@@ -6,7 +6,7 @@ treats the component as not having been asked."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -34,11 +34,11 @@ class ComponentStreams:
         finally:
             self._queues.get(component, set()).discard(queue)
 
-    def send(self, components: Iterable[str], event_of: Any) -> set[str]:
-        """``event_of(name)`` (or the same event) to every open stream of each component; the names reached."""
+    def send(self, components: Iterable[str], event_of: Callable[[str], dict[str, Any]]) -> set[str]:
+        """``event_of(name)`` to every open stream of each component; the names it reached."""
         sent: set[str] = set()
         for name in components:
-            event = event_of(name) if callable(event_of) else event_of
+            event = event_of(name)
             for queue in self._queues.get(name, ()):
                 try:
                     queue.put_nowait(event)

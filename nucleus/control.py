@@ -20,7 +20,7 @@ from ipc.errors import InvalidArguments, IpcError, ResourceNotFound, ServiceErro
 from nucleus import authz
 from nucleus.component_logs import follow, tail
 from nucleus.config_store import ConfigStore
-from nucleus.config_validation import ConfigValidators
+from nucleus.config_validation import ConfigValidators, Verdict
 from nucleus.deployment import DeploymentEngine
 from nucleus.errors import (
     ConfigurationError,
@@ -114,10 +114,10 @@ class Control:
         authorizer: authz.Authorizer,
         set_client_policies: Callable[[str, Any], None],
         status: Callable[[], dict[str, Any]],
-        validators: ConfigValidators | None = None,
+        validators: ConfigValidators,
     ) -> None:
         self._paths = paths
-        self._validators = validators or ConfigValidators()
+        self._validators = validators  # the engine's: what components report here, it waits for
         self._journal = journal
         self._config = config
         self._orch = orchestrator
@@ -201,11 +201,11 @@ class Control:
 
     async def config_validation_report(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         deployment_id = _str_arg(args, "deployment_id")
-        verdict = _str_arg(args, "status").upper()
-        if verdict not in ("ACCEPTED", "REJECTED"):
-            raise InvalidArguments(f"status must be ACCEPTED or REJECTED, not {verdict}")
-        self._validators.report(ctx.principal.name, deployment_id, verdict,  # type: ignore[arg-type]
-                                str(args.get("message") or ""))
+        status = _str_arg(args, "status").upper()
+        verdicts: dict[str, Verdict] = {"ACCEPTED": "ACCEPTED", "REJECTED": "REJECTED"}
+        if status not in verdicts:
+            raise InvalidArguments(f"status must be ACCEPTED or REJECTED, not {status}")
+        self._validators.report(ctx.principal.name, deployment_id, verdicts[status], str(args.get("message") or ""))
         return None
 
     async def subscribe_updates(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:

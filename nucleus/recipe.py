@@ -92,6 +92,17 @@ _TOP_KEYS = {
 _MANIFEST_KEYS = {k.lower(): k for k in ("Platform", "Lifecycle", "Artifacts", "Selections", "Name")}
 _ARTIFACT_KEYS = {k.lower(): k for k in ("Uri", "Digest", "Algorithm", "Unarchive", "Permission")}
 _STEP_KEYS = {k.lower(): k for k in ("Script", "Timeout", "Setenv", "Skipif", "RequiresPrivilege")}
+_STEP_DOC = {
+    "bootstrap": "Bootstrap",
+    "install": "Install",
+    "startup": "Startup",
+    "run": "Run",
+    "shutdown": "Shutdown",
+    "recover": "Recover",
+    "uninstall": "Uninstall",
+}
+# Keys inside a recipe-level lifecycle that get their documented spelling (selector names do not).
+_LIFECYCLE_CANON = {**_STEP_DOC, **_STEP_KEYS, "setenv": "Setenv"}
 
 
 DIGEST_ALGORITHMS = ("SHA-1", "SHA-224", "SHA-256", "SHA-384", "SHA-512")
@@ -117,17 +128,6 @@ def parse_skipif(skipif: str) -> tuple[str, str]:
     if not arg.strip():
         raise ValueError(f"{skipif!r} needs an argument")
     return kind.lower(), arg.strip()
-_STEP_DOC = {
-    "bootstrap": "Bootstrap",
-    "install": "Install",
-    "startup": "Startup",
-    "run": "Run",
-    "shutdown": "Shutdown",
-    "recover": "Recover",
-    "uninstall": "Uninstall",
-}
-# Keys inside a recipe-level lifecycle that get their documented spelling (selector names do not).
-_LIFECYCLE_CANON = {**_STEP_DOC, **_STEP_KEYS, "setenv": "Setenv"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class UpdateNotifier:
         return self._streams.stream(component)
 
     def _send(self, components: Iterable[str], event: dict[str, Any]) -> set[str]:
-        return self._streams.send(components, event)
+        return self._streams.send(components, lambda _: event)
 
     def defer(self, component: str, deployment_id: str, recheck_after_s: float, message: str) -> None:
         current = self._round
