@@ -98,7 +98,6 @@ class Detector:
                 tg.create_task(self._models())
                 tg.create_task(self._announcements())
                 tg.create_task(self._config_watch())
-                tg.create_task(self.client.validate_configurations(DetectorConfig.model_validate, errors=(ValueError,)))
                 tg.create_task(self._heartbeat())
                 tg.create_task(self._score_loop())
                 tg.create_task(self._ingest())
@@ -272,28 +271,32 @@ class Detector:
                 self._check_models.set()
 
     async def _config_watch(self) -> None:
+        """Each valid new configuration, applied; the SDK's configuration_changes also answers the
+        nucleus's validation of proposed configurations with the same parser."""
+
+        def rejected(exc: Exception) -> None:
+            log.error("detector.config_invalid", error=str(exc)[:300])
+
         with contextlib.suppress(IpcError):
-            async with self.client.watch_configuration() as changes:
-                async for _ in changes:
-                    try:
-                        new = DetectorConfig.model_validate(await self.client.get_configuration())
-                    except (IpcError, ValueError) as exc:
-                        log.error("detector.config_invalid", error=str(exc)[:300])  # noqa: TRY400
-                        continue
-                    self._trusted = self._trusted_keys(new)
-                    alarm_keys = ("alarm_mode", "alarm_holdoff_windows", "alarm_tail_probability")
-                    if any(getattr(self.config, k) != getattr(new, k) for k in alarm_keys):
-                        self.save_memories()
-                        self.alarms.clear()  # the next window starts each asset's alarm state under the new policy
-                    capture_keys = ("capture_low_confidence_below", "capture_normal_every", "capture_max_per_minute")
-                    if any(getattr(self.config, k) != getattr(new, k) for k in capture_keys):
-                        self.capture = CapturePolicy(new.capture_low_confidence_below, new.capture_normal_every,
-                                                     new.capture_max_per_minute)
-                    # Everything but the keys read at start (a change to those restarts the detector: RESTART_KEYS)
-                    self.config = new.model_copy(update={k: getattr(self.config, k) for k in RESTART_KEYS})
-                    log.info("detector.config_applied")
-                    self.rejected.clear()  # a newly trusted key may make a rejected model good
-                    self._check_models.set()
+            async for new in self.client.configuration_changes(DetectorConfig.model_validate, errors=(ValueError,),
+                                                               rejected=rejected):
+                self._apply_config(new)
+
+    def _apply_config(self, new: DetectorConfig) -> None:
+        self._trusted = self._trusted_keys(new)
+        alarm_keys = ("alarm_mode", "alarm_holdoff_windows", "alarm_tail_probability")
+        if any(getattr(self.config, k) != getattr(new, k) for k in alarm_keys):
+            self.save_memories()
+            self.alarms.clear()  # the next window starts each asset's alarm state under the new policy
+        capture_keys = ("capture_low_confidence_below", "capture_normal_every", "capture_max_per_minute")
+        if any(getattr(self.config, k) != getattr(new, k) for k in capture_keys):
+            self.capture = CapturePolicy(new.capture_low_confidence_below, new.capture_normal_every,
+                                         new.capture_max_per_minute)
+        # Everything but the keys read at start (a change to those restarts the detector: RESTART_KEYS)
+        self.config = new.model_copy(update={k: getattr(self.config, k) for k in RESTART_KEYS})
+        log.info("detector.config_applied")
+        self.rejected.clear()  # a newly trusted key may make a rejected model good
+        self._check_models.set()
 
     async def _models(self) -> None:
         while True:

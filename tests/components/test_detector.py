@@ -336,6 +336,12 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
         assert time.monotonic() < deadline, "the running detector never applied topContributors"
         time.sleep(0.2)
     assert daemon.components()["com.nucleus.AnomalyDetector"]["pids"] == pid
+    # A value the detector cannot take is refused by the deployment, naming the detector and the field.
+    refused = daemon.cli("deploy", "--update-config", json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
+        "topContributors": 99}}}), check=False)
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
+    assert "com.nucleus.AnomalyDetector rejected its new configuration" in refused.stderr
+    assert "topContributors" in refused.stderr
     daemon.cli("deploy", "--update-config", json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
         "memorySaveEveryS": 5}}}))
     assert daemon.wait_state("com.nucleus.AnomalyDetector", {"RUNNING"})["pids"] != pid
