@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", choices=["isolation_forest", "pca", "autoencoder", "knn"], default="isolation_forest",
                    help="knn: distance to the nearest training window (add --online to keep learning at run time)")
     b.add_argument("--channels", help="comma-separated channel (column) names; default: every numeric column")
-    b.add_argument("--label-column", help="train only on rows whose label is a --normal-value")
+    b.add_argument("--label-column", help="CSV: train only on rows whose label is a --normal-value")
     b.add_argument("--normal-value", action="append", default=None,
                    help="label value meaning normal (default 0; repeatable; needs --label-column)")
     b.add_argument("--rows", type=_rows, help="START:END row range of each CSV to train on (e.g. 0:50000)")
@@ -211,6 +211,13 @@ _PRESET_FLAGS = {"--bands": ("bands", ("vibration", "spectral")),
                  "--samples": ("samples", ("shape",))}
 
 
+# The flags only load_csv reads; given with a recording each would be dropped without a word. They are
+# refused rather than made to work: a recording has no label column (every channel is data), carries
+# its own times (segment_t0), and --rows counts lines after a CSV header, which a recording (samples in
+# segments split at sequence gaps) does not have.
+_CSV_FLAGS = {"--rows": "rows", "--label-column": "label_column", "--time-column": "time_column"}
+
+
 def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
     preset = args.features if args.features in PRESETS else None
     for flag, (attr, presets) in _PRESET_FLAGS.items():
@@ -274,6 +281,9 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     loaded: list[datamod.Dataset] = []
     for path in args.data:
         if path.suffix == ".npz":
+            for flag, attr in _CSV_FLAGS.items():
+                if getattr(args, attr) is not None:
+                    raise TrainingError(f"{flag} is for CSV files; a recording (.npz) would ignore it", path=path)
             loaded.append(datamod.load_recording(path))
         else:
             loaded.append(datamod.load_csv(path, channels, label_column=args.label_column,

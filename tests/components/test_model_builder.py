@@ -298,6 +298,10 @@ def test_cli_refuses_flags_the_data_or_preset_contradicts(small: Path, capsys: p
     line = refused(capsys, [*small_build(small, "u.csv"), "--features", "shape", "--window", "2000",
                             "--samples", "1500"])
     assert "--features shape" in line and "samples" in line
+    # ... nor CSV-only flags given with a recording (each was dropped, and the model trained on all of it).
+    for flag, value in (("--rows", "0:1000"), ("--label-column", "label"), ("--time-column", "timestamp")):
+        line = refused(capsys, [*small_build(small, "h.npz"), flag, value])
+        assert "h.npz" in line and f"{flag} is for CSV files" in line
     # A calibration fraction that leaves (almost) nothing to fit was an ONNX-vs-scikit-learn NaN mismatch.
     line = refused(capsys, [*small_build(small), "--calibration-fraction", "0.99"])
     assert "--calibration-fraction 0.99 leaves 1 of 61 windows" in line
