@@ -166,11 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--online", action="store_true",
                    help="knn: the detector remembers what it scores, so a new normal alarms when it starts, not "
                    "for as long as it lasts (docs/anomaly.md)")
-    b.add_argument("--online-capacity", type=_whole(1), default=ONLINE_CAPACITY,
-                   help="knn --online: windows remembered per asset")
-    b.add_argument("--online-merge", type=_real(at_least=0), default=ONLINE_MERGE_FRACTION,
+    b.add_argument("--online-capacity", type=_whole(1), default=None,
+                   help=f"knn --online: windows remembered per asset (default {ONLINE_CAPACITY})")
+    b.add_argument("--online-merge", type=_real(at_least=0), default=None,
                    help="knn --online: a window nearer than this x the median held-out distance to a remembered one "
-                   "is not stored")
+                   f"is not stored (default {ONLINE_MERGE_FRACTION:g})")
     b.add_argument("--calibration-fraction", type=FRACTION, default=0.25,
                    help="held-out tail for the threshold, between 0 and 1")
     b.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0)
@@ -278,6 +278,9 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         raise TrainingError("--normal-value needs --label-column (the column holding the labels)")
     if args.hidden is not None and args.kind != "autoencoder":
         raise TrainingError(f"--hidden is for --kind autoencoder; --kind {args.kind} would ignore it")
+    for flag, value in (("--online-capacity", args.online_capacity), ("--online-merge", args.online_merge)):
+        if value is not None and not args.online:
+            raise TrainingError(f"{flag} is for --online (a learning knn model); without --online it would be ignored")
     loaded: list[datamod.Dataset] = []
     for path in args.data:
         if path.suffix == ".npz":
@@ -316,7 +319,9 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          alarm_mode=args.alarm, tail_probability=args.tail_probability,
                          holdoff_windows=args.holdoff_windows, averaging_windows=args.averaging_windows,
                          history_windows=args.history_windows, online=args.online,
-                         online_capacity=args.online_capacity, online_merge_fraction=args.online_merge,
+                         online_capacity=ONLINE_CAPACITY if args.online_capacity is None else args.online_capacity,
+                         online_merge_fraction=(ONLINE_MERGE_FRACTION if args.online_merge is None
+                                                else args.online_merge),
                          # windows that share a sample with the newest one never count as "seen before"
                          online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()))
     model = train(features, params, rate_hz=rate, hop=args.hop)

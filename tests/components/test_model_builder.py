@@ -298,6 +298,10 @@ def test_cli_refuses_flags_the_data_or_preset_contradicts(small: Path, capsys: p
     line = refused(capsys, [*small_build(small, "u.csv"), "--features", "shape", "--window", "2000",
                             "--samples", "1500"])
     assert "--features shape" in line and "samples" in line
+    # ... nor the learning knn's flags without --online (they were dropped: a model that never learns) ...
+    for flag, value in (("--online-capacity", "500"), ("--online-merge", "0.2")):
+        line = refused(capsys, [*small_build(small), "--kind", "knn", flag, value])
+        assert f"{flag} is for --online" in line
     # ... nor CSV-only flags given with a recording (each was dropped, and the model trained on all of it).
     for flag, value in (("--rows", "0:1000"), ("--label-column", "label"), ("--time-column", "timestamp")):
         line = refused(capsys, [*small_build(small, "h.npz"), flag, value])
