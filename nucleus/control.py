@@ -233,6 +233,7 @@ class Control:
         self._require_component(name)
         details = self._orch.describe(name)
         details["metrics"] = self.metrics.of(name)
+        details["processes"] = self._orch.supervisor.processes(name)
         details["configuration"] = self._config.document(name) if name in self._config.components() else {}
         details["log_file"] = str(self._paths.component_log(name))
         return details

@@ -359,6 +359,21 @@ class Supervisor:
         """Every group the component may still have members in."""
         return list(self._groups.get(component, {}))
 
+    def processes(self, component: str) -> list[dict[str, Any]]:
+        """Every live process of the component, by the step whose group it is in.
+
+        The same groups :meth:`kill_all` ends, so an operator sees exactly what a stop will
+        kill: :meth:`pids` shows only steps still running, not the background process a
+        startup step left behind (``step_exited``). Groups with no live member are left out.
+        """
+        listed: list[dict[str, Any]] = []
+        for pgid, group in list(self._groups.get(component, {}).items()):
+            members = group_members(pgid)
+            if members:
+                listed.append({"step": group.step, "pgid": pgid, "step_exited": not group.leader_alive,
+                               "pids": sorted(members)})
+        return listed
+
     def records(self) -> list[OrphanRecord]:
         """Groups to persist for :func:`kill_orphans` after a daemon crash."""
         return [

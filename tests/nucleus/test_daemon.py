@@ -207,6 +207,25 @@ def test_remove_component(daemon: Any, short_tmp: Path) -> None:
     assert not pid_alive(pid)
 
 
+def test_status_lists_the_background_process_a_startup_step_left_and_stop_ends_it(daemon: Any,
+                                                                                 short_tmp: Path) -> None:
+    """Greengrass lets startup start a background process and exit; `status NAME` used to show
+    `pids: []` for it, while `stop` killed it: the operator could not see what the component owned."""
+    recipe = write_recipe(short_tmp / "r", "test.Bg", "1.0.0",
+                          startup="sleep 600 > /dev/null 2>&1 & echo $! > {work:path}/bg.pid")
+    daemon.cli("deploy", str(recipe))
+    background = int((daemon.root / "work" / "test.Bg" / "bg.pid").read_text())
+    assert pid_alive(background)
+    status = json.loads(daemon.cli("status", "test.Bg").stdout)
+    assert status["state"] == "RUNNING" and status["pids"] == []  # no step is running any more
+    [group] = status["processes"]
+    assert group["step"] == "startup" and group["step_exited"] is True
+    assert group["pids"] == [background]
+    daemon.cli("stop", "test.Bg")
+    assert not pid_alive(background)
+    assert json.loads(daemon.cli("status", "test.Bg").stdout)["processes"] == []
+
+
 def test_update_config_reset_then_merge(daemon: Any, short_tmp: Path) -> None:
     recipe = write_recipe(short_tmp / "r", "test.Cfg", "1.0.0", run=SLEEPER,
                           config={"tag": "v1", "nested": {"a": 1, "b": [1, 2]}})

@@ -120,10 +120,12 @@ async def test_kill_all_ends_groups_left_behind_by_finished_steps(tmp_path: Path
     assert alive(bg)
     assert sup.pgids("c") == [spawned[0][2]]
     assert sup.pids("c") == []  # the leader exited
+    assert sup.processes("c") == [{"step": "startup", "pgid": spawned[0][2], "step_exited": True, "pids": [bg]}]
     assert [r.pgid for r in sup.records()] == sup.pgids("c")
     await sup.kill_all("c")
     assert await gone(bg)
     assert sup.pgids("c") == []
+    assert sup.processes("c") == []
     assert exited == spawned
 
 
