@@ -33,7 +33,6 @@ from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
 from components.model_builder.training import (
     AUTOENCODER_MAX_ITER,
-    MIN_WINDOWS,
     ONLINE_MERGE_FRACTION,
     TrainParams,
     train,
@@ -307,10 +306,6 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                             "made by `nucleus model record` carry their times)", field="calendar")
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
     features = extractor.extract(datamod.windows(dataset, args.window, args.hop), ends)
-    n_fit = len(features) - max(1, round(len(features) * args.calibration_fraction))
-    if len(features) >= MIN_WINDOWS and n_fit < MIN_WINDOWS // 2:
-        raise TrainingError(f"--calibration-fraction {args.calibration_fraction:g} leaves {n_fit} of "
-                            f"{len(features)} windows to fit the model; at least {MIN_WINDOWS // 2} are needed")
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
                          margin=args.margin, spread_margin=args.spread_margin,
                          calibration_fraction=args.calibration_fraction, seed=args.seed,

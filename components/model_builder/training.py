@@ -41,6 +41,9 @@ from components.model_builder import onnx_export
 
 Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
 MIN_WINDOWS = 20
+# Fewer fit windows than this left by the calibration split: a model of a handful of points, whose
+# standardization can be degenerate (the ONNX and scikit-learn scores then disagree on NaN).
+MIN_FIT_WINDOWS = MIN_WINDOWS // 2
 # knn --online: merge radius as a fraction of the median held-out distance (the typical neighbour spacing)
 ONLINE_MERGE_FRACTION = 0.5
 AUTOENCODER_MAX_ITER = 400
@@ -212,6 +215,9 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         raise TrainingError("online learning needs --kind knn", field="kind")
     n = features.shape[0]
     n_cal = max(1, round(n * params.calibration_fraction))
+    if n - n_cal < MIN_FIT_WINDOWS:
+        raise TrainingError(f"--calibration-fraction {params.calibration_fraction:g} leaves {max(0, n - n_cal)} of "
+                            f"{n} windows to fit the model; at least {MIN_FIT_WINDOWS} are needed")
     fit, cal = features[: n - n_cal], features[n - n_cal:]
     # One standardization for the graph, the card (feature_stats) and the detector's knn memory.
     mean, scale = _scale(fit.astype(np.float64), params.unscaled)

@@ -67,6 +67,16 @@ def test_threshold_is_a_quantile_of_held_out_scores_only() -> None:
         train(bad, TrainParams())
 
 
+def test_train_refuses_a_split_that_leaves_too_few_windows_to_fit() -> None:
+    """The check lived in the CLI only: train() itself fitted 4 windows, or (a fraction above 1 from the
+    Python API) none, and failed further on, if at all, with something unrelated."""
+    with pytest.raises(TrainingError, match=r"--calibration-fraction 0.9 leaves 4 of 40 windows .* at least 10"):
+        train(feats(40), TrainParams(calibration_fraction=0.9, n_estimators=10))
+    with pytest.raises(TrainingError, match="leaves 0 of 40 windows"):
+        train(feats(40), TrainParams(calibration_fraction=1.5, n_estimators=10))
+    assert train(feats(40), TrainParams(calibration_fraction=0.75, n_estimators=10)).fit_windows == 10
+
+
 def test_spread_margin_scales_distance_from_the_healthy_median() -> None:
     x = feats(1000)
     plain = train(x, TrainParams(kind="pca", quantile=0.99))
