@@ -217,13 +217,32 @@ _PRESET_FLAGS = {"--bands": ("bands", ("vibration", "spectral")),
 _CSV_FLAGS = {"--rows": "rows", "--label-column": "label_column", "--time-column": "time_column"}
 
 
-def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
+def _spec_file(args: argparse.Namespace) -> FeatureSpec | None:
+    """The JSON FeatureSpec --features names (None for a preset), read before the data: the channels
+    it uses are the ones to load, and the only ones the model card may list."""
+    if args.features in PRESETS:
+        return None
+    path = Path(args.features)
+    if not path.exists():
+        raise TrainingError(f"--features {args.features!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                            "existing JSON FeatureSpec file")
+    try:
+        return FeatureSpec.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise TrainingError(f"--features {path}: unreadable: {exc.strerror or exc}") from exc
+    except ValidationError as exc:
+        raise TrainingError(f"--features {path}: not a JSON FeatureSpec: {_one_line(exc)}") from exc
+
+
+def _spec(args: argparse.Namespace, channels: list[str], spec_file: FeatureSpec | None) -> FeatureSpec:
     preset = args.features if args.features in PRESETS else None
     for flag, (attr, presets) in _PRESET_FLAGS.items():
         if getattr(args, attr) is not None and preset not in presets:
             used = " and ".join(f"--features {p}" for p in presets)
             given = f"--features {preset}" if preset else "a feature-spec file"
             raise TrainingError(f"{flag} is read by {used} only; {given} would ignore it")
+    if spec_file is not None:
+        return spec_file
     slow = tuple(s for s in (args.slow_channels or SLOW_CHANNELS).split(",") if s)
     if args.slow_channels is not None and (unknown := [c for c in slow if c not in channels]):
         raise TrainingError(f"--slow-channels {args.slow_channels}: no channel {', '.join(unknown)} "
@@ -248,16 +267,7 @@ def _spec(args: argparse.Namespace, channels: list[str]) -> FeatureSpec:
             return shape_spec(channels[0], samples=samples)
     except ValidationError as exc:
         raise TrainingError(f"--features {preset}: {_one_line(exc)}") from exc
-    path = Path(args.features)
-    if not path.exists():
-        raise TrainingError(f"--features {args.features!r} is neither a preset ({', '.join(PRESETS)}) nor an "
-                            "existing JSON FeatureSpec file")
-    try:
-        return FeatureSpec.model_validate_json(path.read_bytes())
-    except OSError as exc:
-        raise TrainingError(f"--features {path}: unreadable: {exc.strerror or exc}") from exc
-    except ValidationError as exc:
-        raise TrainingError(f"--features {path}: not a JSON FeatureSpec: {_one_line(exc)}") from exc
+    raise AssertionError(f"unhandled preset {preset}")
 
 
 def _check_rate(args: argparse.Namespace, loaded: list[datamod.Dataset]) -> None:
@@ -272,7 +282,10 @@ def _check_rate(args: argparse.Namespace, loaded: list[datamod.Dataset]) -> None
 
 
 def build(args: argparse.Namespace) -> dict[str, object]:
-    channels = args.channels.split(",") if args.channels else None
+    spec_file = _spec_file(args)
+    # A spec file names its channels: only those are loaded (an unused column's blank or text cell
+    # would otherwise drop rows or stop the build), unless --channels says otherwise.
+    channels = args.channels.split(",") if args.channels else spec_file.channels() if spec_file else None
     if args.normal_value and not args.label_column:
         raise TrainingError("--normal-value needs --label-column (the column holding the labels)")
     if args.hidden is not None and args.kind != "autoencoder":
@@ -294,7 +307,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     _check_rate(args, loaded)
     dataset = datamod.merge(loaded, channels)
     rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
-    spec = _spec(args, dataset.channels)
+    spec = _spec(args, dataset.channels, spec_file)
     if args.calendar:
         try:
             spec = spec.model_copy(update={"calendar": Calendar(periods=args.calendar.split(","))})
@@ -321,7 +334,12 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()))
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
-    card = make_card(model, component=args.name, version=args.version, channels=dataset.channels, spec=spec,
+    # The detector drops every batch that lacks a channel the card lists (windowing.py, missing_channel),
+    # so the card lists only the channels the features read (in the data's order: the extractor finds
+    # each channel by name in whatever list it is given, here and in the detector alike).
+    used = set(spec.channels())
+    card = make_card(model, component=args.name, version=args.version,
+                     channels=[c for c in dataset.channels if c in used], spec=spec,
                      window=args.window, hop=args.hop, rate_hz=rate, sources=dataset.sources, rows=dataset.rows,
                      label_filter=label_filter)
     key_path = args.key or args.out / "keys" / "model-signing.key"

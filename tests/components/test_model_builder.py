@@ -18,6 +18,7 @@ from anomaly_models import CHANNELS, faulty, healthy
 
 from components.anomaly.errors import TrainingError
 from components.anomaly.model_card import load_card
+from components.anomaly_detector.windowing import Windower
 from components.model_builder.cli import main
 from components.model_builder.data import Dataset, load_csv, load_recording, save_recording, windows
 from components.model_builder.training import TrainParams, onnx_scores, session, train
@@ -334,6 +335,34 @@ def test_cli_errors_say_what_is_wrong(small: Path, capsys: pytest.CaptureFixture
     spec.write_text('{"groups": 3}')
     line = refused(capsys, [*small_build(small), "--features", str(spec)])
     assert str(spec) in line and "not a JSON FeatureSpec" in line and "groups" in line
+
+
+def test_a_spec_file_card_lists_only_the_channels_its_features_read(small: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A spec that reads vib_x alone listed every numeric column (vib_x, temp, label) as the card's
+    channels, so the detector dropped every batch without temp or label as missing_channel; and a text
+    cell in a column the spec does not read stopped the build."""
+    spec = small / "vib-only.json"
+    spec.write_text(json.dumps({"groups": [{"channels": ["vib_x"], "stats": ["rms", "peak", "kurtosis"]}]}))
+    x = healthy(4000)
+    status = ["ok"] * 4000
+    status[0] = "1"  # numeric in the first row, so load_csv would take it for a channel
+    data = small / "status.csv"
+    data.write_text("vib_x,temp,status\n" + "\n".join(f"{a},{b},{c}" for (a, b), c in zip(x.T, status, strict=True))
+                    + "\n")
+    card_path = small / "out" / "artifacts" / "com.nucleus.TurbineModel" / "1.0.0" / "model_card.json"
+    for argv in ([*small_build(small), "--features", str(spec)],
+                 [*small_build(small, "status.csv"), "--features", str(spec)],
+                 [*small_build(small), "--features", str(spec), "--channels", "temp,vib_x"]):
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["windows"] == 61
+        card = load_card(card_path)
+        assert card.channels == ["vib_x"]
+        # The detector's windowing takes a stream that carries vib_x alone.
+        w = Windower(list(card.channels), card.window, card.hop, card.sample_rate_hz)
+        got = w.push({"seq": 0, "t0": 0.0, "rate_hz": 1000.0, "channels": ["vib_x"],
+                      "data": x[:1, : card.window].astype(np.float32)})
+        assert len(got) == 1 and not w.skipped
 
 
 def test_cli_accepts_a_rate_that_matches_the_recording(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
