@@ -178,12 +178,27 @@ async def clear(broker: Broker, target: Target) -> None:
 @dataclass(slots=True)
 class FleetStatus:
     target: Target
-    document: DeploymentDocument | None
-    things: dict[str, dict[str, Any]] = field(default_factory=dict)  # thing -> its entry for the target
+    document: DeploymentDocument | None  # the retained (current) document, whichever deployment is shown
+    things: dict[str, dict[str, Any]] = field(default_factory=dict)  # thing -> its entry for the deployment shown
+    requested: str | None = None  # --deployment: shown instead of the current one
 
     @property
     def deployment_id(self) -> str | None:
+        """The deployment shown: the one asked for, else the current document's."""
+        if self.requested is not None:
+            return self.requested
         return self.document.deployment_id if self.document is not None else None
+
+    @property
+    def is_current(self) -> bool:
+        return self.document is not None and self.document.deployment_id == self.deployment_id
+
+    @property
+    def known(self) -> bool:
+        """Whether anything is known of the deployment shown. A device never reports NOT_RECEIVED itself
+        (it is what this side writes for a device without a report of the deployment), so any other
+        state is a device's own report."""
+        return self.is_current or any(self.state_of(t) != "NOT_RECEIVED" for t in self.things)
 
     def state_of(self, thing: str) -> str:
         entry = self.things[thing]
@@ -211,13 +226,13 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
     """Every device's state for the target's current deployment (or ``deployment_id``).
 
     Waits up to ``wait_s`` until ``expect`` devices (default: every device that reported) have
-    finished; with ``wait_s=0`` it is a snapshot of the retained reports.
+    finished; with ``wait_s=0`` it is a snapshot of the retained reports. Raises :class:`FleetError`
+    for a ``deployment_id`` that is neither the retained document nor reported by any device, rather
+    than show every device as NOT_RECEIVED for an id that may be mistyped.
     """
     async with connect(broker) as client:
         doc = await current_document(client, target, broker.timeout_s)
-        if deployment_id is not None and (doc is None or doc.deployment_id != deployment_id):
-            doc = None
-        result = FleetStatus(target, doc)
+        result = FleetStatus(target, doc, requested=deployment_id)
         wanted = deployment_id
 
         def take(m: aiomqtt.Message) -> None:
@@ -253,17 +268,32 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
                         take(m)
                         if done():
                             break
+    if deployment_id is not None and not result.known:
+        current = f"the current one is {doc.deployment_id}" if doc is not None else "none is retained"
+        raise FleetError(f"deployment {deployment_id} is unknown for {target.type} {target.name}: it is not the "
+                         f"retained document ({current}) and no device has reported it")
     return result
 
 
+def _heading(status: FleetStatus) -> str:
+    """What the table is about: the current document, or the deployment asked for, said as such."""
+    doc, where = status.document, f"{status.target.type} {status.target.name}"
+    if status.is_current and doc is not None:
+        names = ", ".join(f"{n} {v}" for n, v in doc.components.items()) or "no components"
+        return f"{where}: deployment {doc.deployment_id} (sequence {doc.sequence}, {names})"
+    if status.requested is not None:
+        current = f"the current one is {doc.deployment_id}" if doc is not None else "no document is retained"
+        return f"{where}: deployment {status.requested} (not the current deployment: {current})"
+    return f"{where}: no current deployment document"
+
+
 def format_status(status: FleetStatus) -> str:
-    doc = status.document
-    head = (f"{status.target.type} {status.target.name}: deployment {doc.deployment_id} (sequence {doc.sequence}, "
-            f"{', '.join(f'{n} {v}' for n, v in doc.components.items()) or 'no components'})"
-            if doc is not None else f"{status.target.type} {status.target.name}: no current deployment document")
+    """The operator's table. REASON is last and printed whole, on the device's line (line breaks in it
+    folded), because the reason is why a device failed: a cut one sends the operator to --json."""
+    head = _heading(status)
     rows = [[t, status.state_of(t), str(e.get("deployment_id") or "-"),
              time.strftime("%H:%M:%S", time.localtime(e["ts"])) if e.get("ts") else "-",
-             str(e.get("reason") or "")[:80]] for t, e in sorted(status.things.items())]
+             " ".join(str(e.get("reason") or "").split())] for t, e in sorted(status.things.items())]
     if not rows:
         return head + "\nno device has reported"
     header = ["THING", "STATE", "DEPLOYMENT", "UPDATED", "REASON"]

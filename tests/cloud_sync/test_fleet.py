@@ -137,6 +137,11 @@ async def test_newer_deployment_supersedes_one_waiting_for_its_rollout_slot(brok
             assert new.deployment_id in recent[old.deployment_id]["reason"]
             old_view = await fleet.fleet_status(fleet.Broker(broker.url), TARGET, deployment_id=old.deployment_id)
             assert old_view.state_of("sup-1") == "SUPERSEDED"
+            # The table is about the deployment asked for, and says it is not the current one (the header was
+            # "no current deployment document", while a current document was there).
+            head = fleet.format_status(old_view).splitlines()[0]
+            assert head == (f"group {GROUP}: deployment {old.deployment_id} "
+                            f"(not the current deployment: the current one is {new.deployment_id})")
             listed = await asyncio.to_thread(device.cli, "deployments")
             assert old.deployment_id not in listed and new.deployment_id in listed
         finally:
@@ -170,6 +175,11 @@ async def test_bad_documents_are_reported_and_change_nothing(broker: Mosquitto, 
                                   until=_all_final(1, tampered.deployment_id))
             entry = next(iter(docs.values()))["deployments"][TARGET.key]
             assert entry["status"] == "FAILED_NO_STATE_CHANGE" and "digest mismatch" in entry["reason"], entry["reason"]
+            # The operator's table shows why, whole (it was cut at 80 characters: the digests were lost).
+            assert len(entry["reason"]) > 80
+            table = fleet.format_status(await fleet.fleet_status(fleet.Broker(broker.url), TARGET))
+            [row] = [line for line in table.splitlines() if line.startswith("bad-1 ")]
+            assert row.endswith(entry["reason"]), table
             device_docs = await retained(broker.port, "nucleus/things/bad-1/status", until=lambda d: any(
                 (x.get("device") or {}).get("last_deployment", {}).get("id") == tampered.deployment_id
                 for x in d.values()))
@@ -178,6 +188,14 @@ async def test_bad_documents_are_reported_and_change_nothing(broker: Mosquitto, 
             assert any(e["code"] == "DEPLOYMENT_REJECTED" for e in device_doc["sync"]["errors"])
         finally:
             device.stop()
+
+
+def test_status_table_keeps_a_multi_line_reason_on_its_device_line() -> None:
+    reason = "com.example.A is BROKEN: run exited with 1\n" + "x" * 200
+    status = fleet.FleetStatus(TARGET, None, {"dev-01": {"status": "FAILED_ROLLBACK_COMPLETE", "reason": reason}})
+    lines = fleet.format_status(status).splitlines()
+    assert len(lines) == 4  # header, column names, the device, the summary
+    assert lines[2].endswith("com.example.A is BROKEN: run exited with 1 " + "x" * 200)
 
 
 def test_fleet_cli_deploys_and_shows_status_without_a_daemon(broker: Mosquitto, short_tmp: Path) -> None:
@@ -216,3 +234,10 @@ def test_fleet_cli_deploys_and_shows_status_without_a_daemon(broker: Mosquitto, 
         again = nucleus("status", "--broker", broker.url, "--group", GROUP, "--json", "--expect", "1")
         assert json.loads(again.stdout)["deployment_id"] == info["deployment_id"]
         assert again.returncode == 1 and "expected 1 device(s), 0 reported" in again.stderr
+        # A deployment id nothing is known of (mistyped, or another group's): one line naming it, not a table
+        # of nothing under "no current deployment document".
+        unknown = nucleus("status", "--broker", broker.url, "--group", GROUP, "--deployment", "no-such-id")
+        assert unknown.returncode == 1 and unknown.stdout == ""
+        assert unknown.stderr == (f"nucleus fleet: deployment no-such-id is unknown for group {GROUP}: it is not the "
+                                  f"retained document (the current one is {info['deployment_id']}) and no device "
+                                  "has reported it\n")
