@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from components.configuration import parse_config
+
+COMPONENT = "com.nucleus.AnomalyDetector"
+
 
 class DetectorConfig(BaseModel):
-    """Keys are the recipe's (camelCase, Greengrass style); unknown keys such as ``accessControl`` are
-    ignored because the nucleus keeps them in the same configuration document."""
+    """Keys are the recipe's (camelCase, Greengrass style; snake_case accepted). An unknown key is an
+    error (:func:`load_config`), so a misspelt one cannot silently leave its default in place."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     model_component: str = Field("com.nucleus.TurbineModel", alias="modelComponent")
     trusted_keys: list[str] = Field(default_factory=list, alias="trustedKeys")
@@ -45,6 +49,12 @@ class DetectorConfig(BaseModel):
     # component's work directory) and how often it is written (0 = only when the detector stops).
     memory_dir: str = Field("knn-memory", alias="memoryDir")
     memory_save_every_s: float = Field(60.0, ge=0, alias="memorySaveEveryS")
+
+
+def load_config(raw: Any, component: str = COMPONENT) -> DetectorConfig:
+    """The shared rule (components/configuration.py): ``accessControl`` is the nucleus's, any other
+    unknown key raises ConfigError naming the component and the key."""
+    return parse_config(DetectorConfig, raw, component)
 
 
 # Keys read once, when the detector starts (its subscriptions, its memory files, its periodic tasks).

@@ -36,9 +36,10 @@ from components.anomaly.errors import AnomalyError
 from components.anomaly_detector import knn_store, memory
 from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
-from components.anomaly_detector.config import RESTART_KEYS, DetectorConfig
+from components.anomaly_detector.config import RESTART_KEYS, DetectorConfig, load_config
 from components.anomaly_detector.scoring import LoadedModel, load_model
 from components.anomaly_detector.windowing import Window, Windower
+from components.configuration import ConfigError
 from ipc import Client, IpcError, ResourceNotFound
 
 log = structlog.get_logger("anomaly_detector")
@@ -278,8 +279,7 @@ class Detector:
             log.error("detector.config_invalid", error=str(exc)[:300])
 
         with contextlib.suppress(IpcError):
-            async for new in self.client.configuration_changes(DetectorConfig.model_validate, errors=(ValueError,),
-                                                               rejected=rejected):
+            async for new in self.client.configuration_changes(load_config, errors=(ConfigError,), rejected=rejected):
                 self._apply_config(new)
 
     def _apply_config(self, new: DetectorConfig) -> None:
@@ -379,6 +379,6 @@ class Detector:
 
 
 async def main(client: Client) -> None:
-    raw = await client.get_configuration()
-    config = DetectorConfig.model_validate(raw if isinstance(raw, dict) else {})
-    await Detector(client, config).run()
+    """An invalid configuration (an unknown key too) ends the detector here with ConfigError, which
+    ipc.run_component logs (``component.failed``) and reports ERRORED, as the other components do."""
+    await Detector(client, load_config(await client.get_configuration())).run()

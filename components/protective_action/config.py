@@ -2,7 +2,8 @@
 
 camelCase keys as Greengrass configurations usually are; snake_case accepted; unknown keys are
 errors (a misspelt ``heartbeatTimeoutS`` must not silently leave the default in a safety
-function). ``accessControl`` belongs to the nucleus and is dropped.
+function). ``accessControl`` belongs to the nucleus and is dropped
+(the rule all built-in components share: ``components/configuration.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from components.configuration import parse_config
 
 ACTIONS = ("engage_brake", "pitch_to_feather", "disconnect_generator")
 ActionName = Literal["engage_brake", "pitch_to_feather", "disconnect_generator"]
@@ -117,21 +120,5 @@ class ActionConfig(_Model):
         return self
 
 
-class ConfigError(Exception):
-    """The configuration does not validate; names the component and each field at fault."""
-
-    def __init__(self, component: str, errors: list[str]) -> None:
-        super().__init__(f"{component}: invalid configuration: " + "; ".join(errors))
-        self.component = component
-        self.errors = errors
-
-
 def load_config(raw: Any, component: str = "com.nucleus.ProtectiveAction") -> ActionConfig:
-    doc = dict(raw) if isinstance(raw, dict) else raw
-    if isinstance(doc, dict):
-        doc.pop("accessControl", None)
-    try:
-        return ActionConfig.model_validate(doc if doc is not None else {})
-    except ValidationError as exc:
-        raise ConfigError(component, [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-                                      for e in exc.errors()]) from exc
+    return parse_config(ActionConfig, raw, component)

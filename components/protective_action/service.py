@@ -32,9 +32,10 @@ from typing import Any
 
 import structlog
 
+from components.configuration import ConfigError
 from components.protective_action.actuators import ActionRequest, Actuator, CommandActuator, SimulatedActuator
 from components.protective_action.audit import AuditLog, Outcome
-from components.protective_action.config import ActionConfig, ActuatorConfig, ConfigError, load_config
+from components.protective_action.config import ActionConfig, ActuatorConfig, load_config
 from components.protective_action.events import BadEvent, parse_event
 from components.protective_action.policy import AssetPolicy, Decision, State
 from ipc import Client, IpcError

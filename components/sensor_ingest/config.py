@@ -2,7 +2,8 @@
 
 Keys are camelCase as Greengrass configurations usually are (``rateHz``); snake_case is accepted
 too. Unknown keys are errors, not silently ignored: a misspelt ``batchSize`` would otherwise run
-with the default and nobody would notice. ``accessControl`` belongs to the nucleus and is dropped.
+with the default and nobody would notice. ``accessControl`` belongs to the nucleus and is dropped
+(the rule all built-in components share: ``components/configuration.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from components.configuration import parse_config
 from components.sensor_ingest.simulator import KNOWN_CHANNELS, BearingGeometry, TurbineParams
 
 _ASSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -121,21 +123,5 @@ class IngestConfig(_Model):
         return f"sensors/{self.asset}/raw"
 
 
-class ConfigError(Exception):
-    """The configuration does not validate; names the component and each field at fault."""
-
-    def __init__(self, component: str, errors: list[str]) -> None:
-        super().__init__(f"{component}: invalid configuration: " + "; ".join(errors))
-        self.component = component
-        self.errors = errors
-
-
 def load_config(raw: Any, component: str = "com.nucleus.SensorIngest") -> IngestConfig:
-    doc = dict(raw) if isinstance(raw, dict) else ({} if raw is None else raw)
-    if isinstance(doc, dict):
-        doc.pop("accessControl", None)
-    try:
-        return IngestConfig.model_validate(doc)
-    except ValidationError as exc:
-        raise ConfigError(component, [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-                                      for e in exc.errors()]) from exc
+    return parse_config(IngestConfig, raw, component)

@@ -16,8 +16,9 @@ from typing import Any
 
 import structlog
 
+from components.configuration import ConfigError
 from components.sensor_ingest.batch import Batch, Sequencer
-from components.sensor_ingest.config import ConfigError, IngestConfig, load_config
+from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
 from components.sensor_ingest.pacing import Pacer
 from components.sensor_ingest.replay import CsvReplay

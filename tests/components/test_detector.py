@@ -18,13 +18,16 @@ from anomaly_models import BATCH, HOP, RATE, WINDOW, batch, build, faulty, healt
 from components.anomaly import signing
 from components.anomaly.errors import DigestMismatchError, ModelLoadError, UntrustedKeyError
 from components.anomaly_detector.capture import CapturePolicy
+from components.anomaly_detector.config import COMPONENT, DetectorConfig, load_config
 from components.anomaly_detector.scoring import load_model
 from components.anomaly_detector.windowing import Windower
+from components.configuration import ConfigError
 from components.model_builder.package import recipe_document
 from ipc import Client
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "com.nucleus.TurbineModel"
+DETECTOR_RECIPE = REPO / "recipes" / "com.nucleus.AnomalyDetector-1.0.0.yaml"
 
 
 # --- windowing ---------------------------------------------------------------------------------
@@ -132,6 +135,27 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def copy_model(pkg: Any, dest: Path) -> Path:
     shutil.copytree(pkg.model_dir, dest)
     return dest
+
+
+def test_config_refuses_an_unknown_key_naming_component_and_key(packages: dict[str, Any]) -> None:
+    """A misspelt key used to be ignored (the default stayed, silently); what the recipe and the model
+    builder write, accessControl included, must still be taken."""
+    default = yaml.safe_load(DETECTOR_RECIPE.read_text())["ComponentConfiguration"]["DefaultConfiguration"]
+    assert "accessControl" in default
+    assert load_config(default) == DetectorConfig()
+    builder = json.loads(packages["v1"].detector_config.read_text())[COMPONENT]["MERGE"]
+    assert load_config({**default, **builder}).trusted_keys == [packages["v1"].public_key]
+    assert load_config(None) == DetectorConfig()
+    assert load_config({"top_contributors": 5}).top_contributors == 5  # snake_case is the same key
+    with pytest.raises(ConfigError) as info:
+        load_config({**default, "topContributor": 5})
+    assert info.value.component == COMPONENT
+    assert str(info.value) == f"{COMPONENT}: invalid configuration: topContributor: unknown key"
+    # snake_case beside the recipe's camelCase is the same key twice: not "unknown", which reads as a typo
+    with pytest.raises(ConfigError, match="top_contributors: the same key as topContributors, given twice"):
+        load_config({**default, "top_contributors": 5})
+    with pytest.raises(ConfigError, match="topContributors: Input should be less than or equal to 32"):
+        load_config({**default, "topContributors": 99})
 
 
 def test_load_verified_model_and_score(packages: dict[str, Any]) -> None:
@@ -261,12 +285,12 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
     assert "1e9" in card3.read_text()
     recipes = short_tmp / "recipes"
     r1, r2, r3 = (model_recipe_from(p, recipes) for p in (v1, v2, v3))
-    detector = REPO / "recipes" / "com.nucleus.AnomalyDetector-1.0.0.yaml"
     config = json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
         "trustedKeys": [v1.public_key], "heartbeatIntervalS": 0.2, "modelPollIntervalS": 0.5,
         "captureNormalEvery": 5}}})
     daemon = daemon_factory()
-    daemon.cli("deploy", "--artifacts", str(out / "artifacts"), "--update-config", config, str(r1), str(detector))
+    daemon.cli("deploy", "--artifacts", str(out / "artifacts"), "--update-config", config, str(r1),
+               str(DETECTOR_RECIPE))
     pid = daemon.wait_state("com.nucleus.AnomalyDetector", {"RUNNING"})["pids"]
     bus = Bus(daemon, short_tmp)
 
@@ -342,6 +366,30 @@ def test_detector_on_real_daemon_swaps_models_without_losing_a_window(daemon_fac
     assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
     assert "com.nucleus.AnomalyDetector rejected its new configuration" in refused.stderr
     assert "topContributors" in refused.stderr
+    # So is a key it does not know: a typo must not leave the default silently in place.
+    refused = daemon.cli("deploy", "--update-config", json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
+        "topContributor": 4}}}), check=False)
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
+    assert "com.nucleus.AnomalyDetector rejected its new configuration" in refused.stderr
+    assert "topContributor: unknown key" in refused.stderr
     daemon.cli("deploy", "--update-config", json.dumps({"com.nucleus.AnomalyDetector": {"MERGE": {
         "memorySaveEveryS": 5}}}))
     assert daemon.wait_state("com.nucleus.AnomalyDetector", {"RUNNING"})["pids"] != pid
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_detector_with_an_unknown_key_fails_to_start_naming_it(packages: dict[str, Any], daemon_factory: Any,
+                                                                short_tmp: Path) -> None:
+    """At a first deployment no running detector is asked to validate: the detector itself refuses the
+    key when it starts, as the ingest and the protective action do (it used to run with the default)."""
+    model = model_recipe_from(packages["v1"], short_tmp / "recipes")
+    typo = json.dumps({COMPONENT: {"MERGE": {"topContributor": 5}}})
+    daemon = daemon_factory()
+    out = daemon.cli("deploy", "--failure-policy", "do-nothing", "--artifacts", str(packages["out"] / "artifacts"),
+                     "--update-config", typo, str(model), str(DETECTOR_RECIPE), check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    daemon.wait_state(COMPONENT, {"BROKEN"}, timeout=60)
+    logs = daemon.cli("logs", COMPONENT, "-n", "400").stdout
+    assert "component.failed" in logs
+    assert f"{COMPONENT}: invalid configuration: topContributor: unknown key" in logs

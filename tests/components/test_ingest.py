@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from ingest_action_kit import REPO, bus, client, mosquitto
 
+from components.configuration import ConfigError
 from components.sensor_ingest.batch import Batch, Sequencer
-from components.sensor_ingest.config import ConfigError, load_config
+from components.sensor_ingest.config import load_config
 from components.sensor_ingest.mqtt_source import SampleAssembler
 from components.sensor_ingest.pacing import Pacer
 from components.sensor_ingest.service import IngestService, handle_fault_request

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from ingest_action_kit import REPO, bus, client
 
+from components.configuration import ConfigError
 from components.protective_action.actuators import ActionRequest, CommandActuator, SimulatedActuator
 from components.protective_action.audit import AuditLog
-from components.protective_action.config import ConfigError, load_config
+from components.protective_action.config import load_config
 from components.protective_action.policy import State
 from components.protective_action.service import ActionService
 from ipc import Client
