@@ -96,10 +96,7 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
     if missing or not channels:
         raise TrainingError(f"CSV has no columns {missing or channels} (has {list(cols)})", path=path,
                             field="channels")
-    try:
-        data = np.array([[float(r[cols[c]]) for c in channels] for r in rows], dtype=np.float64).T
-    except (ValueError, IndexError) as exc:
-        raise TrainingError(f"non-numeric value in a channel column: {exc}", path=path) from exc
+    data = _channel_matrix(rows, [cols[c] for c in channels], channels, path, first_row=2 + (row_range or (0, 0))[0])
     keep = np.isfinite(data).all(axis=0)
     if label_column is not None:
         if label_column not in cols:
@@ -125,6 +122,27 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             raise TrainingError(f"time column {time_column!r}: {exc}", path=path, field="time_column") from exc
         times = [stamps[a:b] for a, b in runs]
     return Dataset(list(channels), segments, None, [str(path)], times)
+
+
+def _channel_matrix(rows: list[list[str]], idx: list[int], channels: list[str], path: Path,
+                    first_row: int) -> npt.NDArray[np.float64]:
+    """The channels' values as floats, channel-major. A cell that is not a number names its column, its
+    line in the file and its text: channels are chosen from the first row, so a column that turns to
+    text further down (a status word, a unit) would otherwise fail with no hint where."""
+    try:
+        return np.array([[float(r[i]) for i in idx] for r in rows], dtype=np.float64).T
+    except (ValueError, IndexError):
+        pass
+    for n, r in enumerate(rows):
+        if len(r) <= max(idx):
+            raise TrainingError(f"line {first_row + n} has {len(r)} cells, fewer than the header", path=path)
+        for c, i in zip(channels, idx, strict=True):
+            try:
+                float(r[i])
+            except ValueError:
+                raise TrainingError(f"channel column {c!r}, line {first_row + n}: {r[i]!r} is not a number "
+                                    "(pick the columns with --channels)", path=path, field="channels") from None
+    raise AssertionError("unreachable: every cell parsed on the second pass")
 
 
 def save_recording(path: Path, channels: list[str], data: npt.NDArray[np.floating], rate_hz: float | None,

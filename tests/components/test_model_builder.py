@@ -110,6 +110,20 @@ def test_windows_never_span_segments_and_labels_filter(tmp_path: Path) -> None:
     assert isinstance(ds, Dataset)
 
 
+def test_a_channel_column_that_turns_to_text_names_its_column_line_and_cell(tmp_path: Path) -> None:
+    """Channels are picked from the first row, so a column that turns to text further down failed with
+    Python's "could not convert string to float: 'ok'" and nothing saying which column or line."""
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,status\n" + "".join(f"{i},{1 if i < 7 else 'ok'}\n" for i in range(10)))
+    with pytest.raises(TrainingError) as err:
+        load_csv(csv)
+    assert "channel column 'status', line 9: 'ok' is not a number" in str(err.value)
+    assert err.value.path == str(csv) and err.value.field == "channels"
+    with pytest.raises(TrainingError, match="line 9: 'ok'"):  # lines count in the file, not in the range
+        load_csv(csv, row_range=(5, 10))
+    assert load_csv(csv, ["a"]).channels == ["a"]
+
+
 def test_cli_build_writes_a_deployable_signed_component(tmp_path: Path) -> None:
     data = tmp_path / "healthy.csv"
     x = healthy(20_000)
