@@ -63,4 +63,7 @@ def _describe(error: ErrorDetails, doc: Any) -> str:
     twin = to_camel(key)
     if twin != key and isinstance(parent, dict) and twin in parent:
         return f"{where}: the same key as {twin}, given twice (snake_case and camelCase)"
-    return f"{where}: unknown key"
+    # Configuration outlives versions (a new version keeps the device's keys), so after a downgrade the
+    # older version meets keys only the newer one knew: say how to drop it, not only that it is wrong.
+    pointer = "/" + "/".join(str(p) for p in loc)
+    return f"{where}: unknown key (misspelt, or left by another version: RESET {pointer} removes it)"

@@ -24,6 +24,7 @@ from components.anomaly_detector.windowing import Windower
 from components.configuration import ConfigError
 from components.model_builder.package import recipe_document
 from ipc import Client
+from nucleus.config_store import apply_update
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "com.nucleus.TurbineModel"
@@ -150,7 +151,11 @@ def test_config_refuses_an_unknown_key_naming_component_and_key(packages: dict[s
     with pytest.raises(ConfigError) as info:
         load_config({**default, "topContributor": 5})
     assert info.value.component == COMPONENT
-    assert str(info.value) == f"{COMPONENT}: invalid configuration: topContributor: unknown key"
+    assert str(info.value) == (f"{COMPONENT}: invalid configuration: topContributor: unknown key (misspelt, or "
+                               "left by another version: RESET /topContributor removes it)")
+    # ... and the RESET it names does remove it (the recipe's defaults have no such key)
+    fixed = apply_update({**default, "topContributor": 5}, default, reset=["/topContributor"])
+    assert load_config(fixed) == DetectorConfig()
     # snake_case beside the recipe's camelCase is the same key twice: not "unknown", which reads as a typo
     with pytest.raises(ConfigError, match="top_contributors: the same key as topContributors, given twice"):
         load_config({**default, "top_contributors": 5})
