@@ -14,11 +14,18 @@ The same parser serves the start (an error ends the component, which ``ipc.run_c
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
+
+if TYPE_CHECKING:
+    from ipc import Client
+
+log = structlog.get_logger("components.configuration")
 
 NUCLEUS_KEYS = frozenset({"accessControl"})
 """Top-level keys of a component's configuration that the nucleus reads and the component ignores."""
@@ -44,6 +51,18 @@ def parse_config(model: type[M], raw: Any, component: str) -> M:
         return model.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(component, [_describe(e, doc) for e in exc.errors()]) from exc
+
+
+def config_changes(client: Client, load: Callable[[Any], M], event: str) -> AsyncIterator[M]:
+    """Each valid new configuration, parsed by ``load``; the same parser answers the nucleus's validation
+    of a proposed configuration, so what a deployment is told and what is applied cannot differ. One that
+    does not parse anyway (written outside a deployment) is logged as ``event`` and the running one kept."""
+
+    def rejected(exc: Exception) -> None:
+        log.warning(event, component=getattr(exc, "component", None), error=str(exc),
+                    errors=getattr(exc, "errors", None))
+
+    return client.configuration_changes(load, errors=(ConfigError,), rejected=rejected)
 
 
 def _describe(error: ErrorDetails, doc: Any) -> str:

@@ -39,7 +39,7 @@ from components.anomaly_detector.capture import CapturePolicy
 from components.anomaly_detector.config import RESTART_KEYS, DetectorConfig, load_config
 from components.anomaly_detector.scoring import LoadedModel, load_model
 from components.anomaly_detector.windowing import Window, Windower
-from components.configuration import ConfigError
+from components.configuration import config_changes
 from ipc import Client, IpcError, ResourceNotFound
 
 log = structlog.get_logger("anomaly_detector")
@@ -275,11 +275,8 @@ class Detector:
         """Each valid new configuration, applied; the SDK's configuration_changes also answers the
         nucleus's validation of proposed configurations with the same parser."""
 
-        def rejected(exc: Exception) -> None:
-            log.error("detector.config_invalid", error=str(exc)[:300])
-
         with contextlib.suppress(IpcError):
-            async for new in self.client.configuration_changes(load_config, errors=(ConfigError,), rejected=rejected):
+            async for new in config_changes(self.client, load_config, "detector.config_rejected"):
                 self._apply_config(new)
 
     def _apply_config(self, new: DetectorConfig) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from components.configuration import ConfigError
+from components.configuration import config_changes
 from components.protective_action.actuators import ActionRequest, Actuator, CommandActuator, SimulatedActuator
 from components.protective_action.audit import AuditLog, Outcome
 from components.protective_action.config import ActionConfig, ActuatorConfig, load_config
@@ -285,13 +285,7 @@ class ActionService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
-    """Valid new configurations; an invalid one is logged and the running one kept."""
-
-    def rejected(exc: Exception) -> None:
-        log.warning("action.config_rejected", component=COMPONENT, error=str(exc), errors=getattr(exc, "errors", None))
-
-    return client.configuration_changes(lambda doc: load_config(doc, COMPONENT), errors=(ConfigError,),
-                                        rejected=rejected)
+    return config_changes(client, lambda doc: load_config(doc, COMPONENT), "action.config_rejected")
 
 
 async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from components.configuration import ConfigError
+from components.configuration import config_changes
 from components.sensor_ingest.batch import Batch, Sequencer
 from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
@@ -172,13 +172,7 @@ class IngestService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
-    """Valid new configurations; an invalid one is logged and the running one kept."""
-
-    def rejected(exc: Exception) -> None:
-        log.warning("ingest.config_rejected", component=COMPONENT, error=str(exc), errors=getattr(exc, "errors", None))
-
-    return client.configuration_changes(lambda doc: load_config(doc, COMPONENT), errors=(ConfigError,),
-                                        rejected=rejected)
+    return config_changes(client, lambda doc: load_config(doc, COMPONENT), "ingest.config_rejected")
 
 
 async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | None = None) -> None:
