@@ -191,10 +191,20 @@ def publish_many(topic: str, data: list[bytes]) -> bytes:
 
 
 def _bad_frame(body: Any, misaligned: bool) -> ProtocolError:
+    """Say which rule the body broke, so that the author of a client in another language can tell."""
     if misaligned:
-        return ProtocolError("frame body does not match its length prefix")
-    kind = repr(body[0])[:32] if type(body) is list and body else type(body).__name__
-    return ProtocolError("frame is not [type, *fields] with a known type and arity", {"frame_type": kind})
+        return ProtocolError("frame body does not end at its length prefix (one msgpack value per frame)")
+    if type(body) is not list:
+        return ProtocolError(f"frame body must be a msgpack array [type, fields...], not {type(body).__name__}")
+    if not body or type(body[0]) is not int:
+        got = type(body[0]).__name__ if body else "an empty array"
+        return ProtocolError(f"frame type (the body's first element) must be an integer, not {got}")
+    t = body[0]
+    if t not in ARITY:
+        return ProtocolError(f"unknown frame type {t}", {"frame_type": t})
+    name = FrameType(t).name
+    return ProtocolError(f"{name} frame (type {t}) has {len(body) - 1} field(s), needs {ARITY[t] - 1}",
+                         {"frame_type": t, "fields": len(body) - 1, "expected": ARITY[t] - 1})
 
 
 class FrameDecoder:
@@ -282,7 +292,8 @@ class FrameDecoder:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             self._fail()
-            raise ProtocolError(f"malformed frame body: {type(exc).__name__}: {exc}") from exc
+            why = str(exc) or "an invalid type byte"  # msgpack's FormatError has no text of its own
+            raise ProtocolError(f"frame body is not valid msgpack: {why} ({type(exc).__name__})") from exc
         if buf:
             del buf[:off]
         elif rest:

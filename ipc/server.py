@@ -489,8 +489,11 @@ class _Connection(asyncio.Protocol):
         if name is not None and not isinstance(name, str):
             self._fail(ProtocolError("client name must be a string or nil"))
             return
+        if token is not None and not isinstance(token, str):  # was answered "missing token"
+            self._fail(ProtocolError(f"token must be a string, not {type(token).__name__}"))
+            return
         try:
-            self.session = self.core.open_session(token if isinstance(token, str) else "", self.pid,
+            self.session = self.core.open_session(token or "", self.pid,
                                                   name=name, front_end="native", closer=self._revoke)
         except IpcError as exc:
             self._fail(exc)
@@ -516,8 +519,8 @@ class _Connection(asyncio.Protocol):
         session = self.session
         assert session is not None
         try:
-            if type(req_id) is not int:
-                raise ProtocolError("PUBLISH id must be an integer")  # noqa: TRY301 - mapped just below
+            if type(req_id) is not int or req_id < 0:  # (a negative id was answered as if it were one)
+                raise ProtocolError("PUBLISH id must be an integer >= 0")  # noqa: TRY301 - mapped just below
             if type(topic) is not str or topic not in self._pub_ok:  # (a list topic is unhashable)
                 if type(data) is not bytes:
                     raise InvalidArguments("PUBLISH payload must be bin (codec-encoded data)")
@@ -703,14 +706,17 @@ class _Connection(asyncio.Protocol):
 
     def _on_cancel(self, f: P.Frame) -> None:
         sid = f[1]
+        if type(sid) is not int or sid <= 0:  # as CREDIT: ignoring it would leave the stream running unsaid
+            self._fail(ProtocolError("CANCEL id must be a positive integer"))
+            return
         session = self.session
         assert session is not None
-        sub = session.subscriptions.get(sid) if type(sid) is int else None
+        sub = session.subscriptions.get(sid)
         if sub is not None:
             self.core.unsubscribe(session, sub)
             self._send(P.stream_end(sid))
             return
-        task = self._tasks.get(sid) if type(sid) is int else None
+        task = self._tasks.get(sid)
         if task is not None:
             task.cancel()
 

@@ -107,6 +107,44 @@ async def test_bad_request_fields_get_errors_not_crashes(server: IpcServer, byst
     await bystander_works(server.socket_path)
 
 
+async def test_publish_with_negative_id_is_a_protocol_error(server: IpcServer, bystander: Client) -> None:
+    """PUBLISH ids are >= 0 (0 = unconfirmed); -1 used to be routed and answered RESPONSE(-1, n)."""
+    raw = await RawConn.open(server.socket_path, "tok-bob")
+    raw.send(P.encode_frame([P.PUBLISH, -1, "ok/x", b"\xc0"]))
+    frames = await raw.frames_until_closed()
+    assert [(f[0], f[1], f[2], f[3]) for f in frames] == [
+        (P.ERROR, None, "PROTOCOL_ERROR", "PUBLISH id must be an integer >= 0")]
+    await bystander_works(server.socket_path)
+
+
+async def test_cancel_with_a_non_integer_id_is_a_protocol_error(server: IpcServer, bystander: Client) -> None:
+    """As for CREDIT: a CANCEL that cannot name a stream is refused, not silently ignored while the
+    stream the client meant to end runs on."""
+    raw = await RawConn.open(server.socket_path, "tok-bob")
+    raw.send(P.request(1, "pubsub.subscribe", {"filter": "ok/#"}))
+    assert (await raw.next_frame())[0] == P.RESPONSE
+    raw.send(P.encode_frame([P.CANCEL, "1"]))
+    raw.send(P.publish(2, "ok/x", b"\xc0"))  # answered (and delivered) only if the CANCEL was ignored
+    frames = await raw.frames_until_closed()
+    assert [(f[0], f[1], f[2], f[3]) for f in frames] == [
+        (P.ERROR, None, "PROTOCOL_ERROR", "CANCEL id must be a positive integer")]
+    await bystander_works(server.socket_path)
+
+
+async def test_hello_with_a_non_string_token_says_so(server: IpcServer, bystander: Client) -> None:
+    """A token of the wrong type was refused as 'missing token', which sends its author looking for
+    a token that is there."""
+    raw = await RawConn.open(server.socket_path)
+    raw.send(P.encode_frame([P.HELLO, 1, 12345, "raw"]))
+    frames = await raw.frames_until_closed()
+    assert [(f[0], f[1], f[2], f[3]) for f in frames] == [
+        (P.ERROR, None, "PROTOCOL_ERROR", "token must be a string, not int")]
+    raw = await RawConn.open(server.socket_path)
+    raw.send(P.encode_frame([P.HELLO, 1, None, "raw"]))  # nil is a missing token, as documented
+    assert [(f[2], f[3]) for f in await raw.frames_until_closed()] == [("UNAUTHENTICATED", "missing token")]
+    await bystander_works(server.socket_path)
+
+
 async def test_subscription_flood_is_capped_per_session(server: IpcServer, bystander: Client) -> None:
     raw = await RawConn.open(server.socket_path, "tok-bob")
     limit = server.core.max_subscriptions_per_session

@@ -105,6 +105,25 @@ def test_malformed_bodies_raise_protocol_error(body: bytes) -> None:
         dec.feed(P.cancel(1))
 
 
+@pytest.mark.parametrize(("body", "says", "details"), [
+    (b"\xc1", "is not valid msgpack: an invalid type byte", {}),
+    (msgpack.packb({"not": "a list"}), "must be a msgpack array [type, fields...], not dict", {}),
+    (msgpack.packb([]), "must be an integer, not an empty array", {}),
+    (msgpack.packb(["HELLO", 1, "t", None]), "must be an integer, not str", {}),
+    (msgpack.packb([99, 1]), "unknown frame type 99", {"frame_type": 99}),
+    (msgpack.packb([3, 1, "x"]), "REQUEST frame (type 3) has 2 field(s), needs 3",
+     {"frame_type": 3, "fields": 2, "expected": 3}),
+    (msgpack.packb([8, 1]) + b"\x00", "does not end at its length prefix", {}),
+])
+def test_malformed_bodies_say_which_rule_they_broke(body: bytes, says: str, details: dict[str, int]) -> None:
+    """A client author reading the ERROR learns what to fix (it said only 'not [type, *fields] with a
+    known type and arity', a repr as frame_type, or 'FormatError: ' with nothing after it)."""
+    with pytest.raises(ProtocolError) as info:
+        P.FrameDecoder().feed(frame_of(body))
+    assert says in info.value.message
+    assert info.value.details == details
+
+
 def test_empty_frame_is_an_error() -> None:
     with pytest.raises(ProtocolError):
         P.FrameDecoder().feed(b"\x00\x00\x00\x00")
