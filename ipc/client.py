@@ -721,8 +721,14 @@ class Client:
                         accepted, message = True, ""
                     except errors as exc:
                         accepted, message = False, str(exc)[:2000]
-                    await self.report_configuration_validity(str(proposal.get("deployment_id")), accepted=accepted,
-                                                             message=message)
+                    try:
+                        await self.report_configuration_validity(str(proposal.get("deployment_id")),
+                                                                 accepted=accepted, message=message)
+                    except IpcError as exc:  # too late (the nucleus stopped waiting): the next one still counts
+                        if exc.code != "INVALID_ARGUMENTS":
+                            raise
+                        log.warning("ipc.config_validation_late", deployment_id=proposal.get("deployment_id"),
+                                    error=str(exc))
         except IpcError as exc:
             if exc.code != "UNKNOWN_OPERATION":
                 raise

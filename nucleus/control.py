@@ -205,7 +205,13 @@ class Control:
         verdicts: dict[str, Verdict] = {"ACCEPTED": "ACCEPTED", "REJECTED": "REJECTED"}
         if status not in verdicts:
             raise InvalidArguments(f"status must be ACCEPTED or REJECTED, not {status}")
-        self._validators.report(ctx.principal.name, deployment_id, verdicts[status], str(args.get("message") or ""))
+        if not self._validators.report(ctx.principal.name, deployment_id, verdicts[status],
+                                       str(args.get("message") or "")):
+            # Greengrass answers this case with InvalidArgumentsError too; silence would leave a client
+            # that sent a wrong id believing it had answered while the deployment waits out its timeout.
+            raise InvalidArguments(f"no validation of deployment {deployment_id} is waiting for "
+                                   f"{ctx.principal.name}'s report: it timed out, was answered already, or was "
+                                   "never sent", {"deployment_id": deployment_id})
         return None
 
     async def subscribe_updates(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:
@@ -215,7 +221,9 @@ class Control:
     async def defer_update(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         deployment_id = _str_arg(args, "deployment_id")
         recheck = float(args.get("recheck_after_s") or 0.0)
-        self._notifier.defer(ctx.principal.name, deployment_id, recheck, str(args.get("message") or ""))
+        if not self._notifier.defer(ctx.principal.name, deployment_id, recheck, str(args.get("message") or "")):
+            raise InvalidArguments(f"no update of deployment {deployment_id} is waiting for an answer: it timed "
+                                   "out or was never announced", {"deployment_id": deployment_id})
         return None
 
     # --- components ----------------------------------------------------------------------------

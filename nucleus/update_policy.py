@@ -49,17 +49,20 @@ class UpdateNotifier:
     def _send(self, components: Iterable[str], event: dict[str, Any]) -> set[str]:
         return self._streams.send(components, lambda _: event)
 
-    def defer(self, component: str, deployment_id: str, recheck_after_s: float, message: str) -> None:
+    def defer(self, component: str, deployment_id: str, recheck_after_s: float, message: str) -> bool:
+        """A component's answer to pre_update; False if no update of that deployment is being asked
+        about (it timed out, or the id is wrong): the caller tells the component so."""
         current = self._round
         if current is None or current.deployment_id != deployment_id:
             log.info("update.defer_ignored", component=component, deployment_id=deployment_id)
-            return
+            return False
         current.waiting.discard(component)
         if recheck_after_s > 0:
             current.recheck_s = max(current.recheck_s, recheck_after_s)
             current.messages.append(f"{component}: {message}" if message else component)
         if not current.waiting:
             current.answered.set()
+        return True
 
     async def ask(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -205,6 +206,41 @@ async def test_registered_calls_and_streams_with_cancel(core: IpcCore, server: I
         await asyncio.wait_for(closed.wait(), 10)  # leaving the block cancelled the server generator
         again = await c.call("config.get", {"key_path": []}, timeout=5)
         assert again == {"component": "alice", "key_path": []}
+
+
+async def test_a_late_validity_report_does_not_end_the_sdks_validation(core: IpcCore, server: IpcServer) -> None:
+    """The nucleus refuses a report it no longer waits for (its 20 s ran out); the SDK's validation loop
+    must log that and answer the next proposal, not end, or every later deployment would wait out its
+    timeout and pass unvalidated."""
+    got: list[tuple[str, str]] = []
+    answered = asyncio.Event()
+
+    async def proposals(ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        for did, value in (("late", 1), ("next", -1)):
+            yield {"deployment_id": did, "configuration": {"v": value}}
+        await asyncio.Event().wait()
+
+    async def report(ctx: CallContext, args: dict[str, Any]) -> None:
+        if args["deployment_id"] == "late":
+            raise InvalidArguments("no validation of deployment late is waiting for alice's report")
+        got.append((args["deployment_id"], args["status"]))
+        answered.set()
+
+    def parse(doc: dict[str, Any]) -> int:
+        if doc["v"] < 0:
+            raise ValueError("v must be >= 0")
+        return int(doc["v"])
+
+    core.register_stream("config.validation.subscribe", proposals)
+    core.register("config.validation.report", report)
+    async with Client(path_of(server), "tok-alice") as c:
+        task = asyncio.create_task(c.validate_configurations(parse, errors=(ValueError,)))
+        await asyncio.wait_for(answered.wait(), 10)
+        assert not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert got == [("next", "REJECTED")]
 
 
 async def test_call_timeout(core: IpcCore, server: IpcServer) -> None:

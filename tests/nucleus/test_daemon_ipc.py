@@ -191,6 +191,54 @@ def test_a_configuration_the_component_rejects_fails_the_deployment_and_changes_
     wait_file(out, contains="0.9")
 
 
+MISANSWERING_COMPONENT = """
+    import asyncio
+    from ipc import Client, IpcError
+    OUT = {out!r}
+    def note(line):
+        open(OUT, "a").write(line + "\\n")
+    async def refused(call):
+        try:
+            await call
+            note("accepted")
+        except IpcError as exc:
+            note(str(exc))
+    async def main():
+        async with Client.from_env() as c, c.configuration_validations() as proposals:
+            note("subscribed")
+            async for proposal in proposals:
+                did = proposal["deployment_id"]
+                await refused(c.report_configuration_validity("no-such-deployment", accepted=True))
+                await refused(c.defer_update(did))  # validation is not pre_update: nothing asked
+                await c.report_configuration_validity(did, accepted=True)
+                note("answered")
+                await refused(c.report_configuration_validity(did, accepted=False))  # twice
+                note("done")
+    asyncio.run(main())
+"""
+
+
+def test_an_answer_nothing_waits_for_is_refused_naming_the_deployment(daemon: Any, short_tmp: Path) -> None:
+    """A validity report or a deferral for a deployment that is not asking (a wrong id, an answer given
+    twice, one after the timeout) was taken silently: a client with a wrong id believed it had answered
+    while the deployment waited out its timeout. Greengrass answers InvalidArgumentsError; so do we."""
+    out = short_tmp / "mis.out"
+    recipe, art = component(short_tmp, "test.Mis", "1.0.0", MISANSWERING_COMPONENT.format(out=str(out)),
+                            config={"threshold": 0.5})
+    daemon.cli("deploy", "--artifacts", str(art), str(recipe))
+    wait_file(out, contains="subscribed")
+    started = time.monotonic()
+    daemon.cli("deploy", "--update-config", json.dumps({"test.Mis": {"MERGE": {"threshold": 0.7}}}))
+    assert time.monotonic() - started < 15  # answered, not timed out (the validation timeout is 20 s)
+    lines = wait_file(out, contains="done").splitlines()
+    assert lines[1] == ("INVALID_ARGUMENTS: no validation of deployment no-such-deployment is waiting for "
+                        "test.Mis's report: it timed out, was answered already, or was never sent")
+    assert lines[2].startswith("INVALID_ARGUMENTS: no update of deployment ") and "never announced" in lines[2]
+    assert lines[3] == "answered"
+    assert lines[4].startswith("INVALID_ARGUMENTS: no validation of deployment ")
+    assert daemon.components()["test.Mis"]["state"] == "RUNNING"
+
+
 STATE_COMPONENT = """
     import asyncio
     from ipc import Client
