@@ -64,7 +64,7 @@ def _mapped(fn: Handler) -> Handler:
 def _str_arg(args: Mapping[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
-        raise InvalidArguments(f"argument {key!r} must be a non-empty string")
+        raise InvalidArguments(f"argument {key!r} must be a non-empty string", {"argument": key})
     return value
 
 
@@ -160,7 +160,10 @@ class Control:
             raise InvalidArguments("component must be a string")
         ctx.authorize(authz.CONFIG, f"aws.greengrass#{operation}", target)
         if target not in self._config.components():
-            raise ResourceNotFound(f"component {target} has no configuration")
+            if target == ctx.principal.name and ctx.principal.kind != "component":
+                raise ResourceNotFound(f"{target} is a declared client, not a component: it has no configuration "
+                                       "of its own (name a component with 'component')", {"component": target})
+            raise ResourceNotFound(f"component {target} has no configuration", {"component": target})
         return target
 
     async def config_get(self, ctx: CallContext, args: dict[str, Any]) -> Any:

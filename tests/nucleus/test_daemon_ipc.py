@@ -15,7 +15,7 @@ import pytest
 from test_daemon import write_recipe
 
 from ipc import Client
-from ipc.errors import Unauthenticated, Unauthorized
+from ipc.errors import InvalidArguments, ResourceNotFound, Unauthenticated, Unauthorized
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +107,13 @@ def test_client_without_policy_is_denied(daemon: Any, short_tmp: Path) -> None:
                         break
             with pytest.raises(Unauthorized):
                 await nobody.list_components()
+            # a client has no configuration of its own: say so, not "component test.nobody ..."
+            with pytest.raises(ResourceNotFound, match=r"test\.nobody is a declared client, not a component") as err:
+                await nobody.get_configuration()
+            assert err.value.details == {"component": "test.nobody"}
+            with pytest.raises(InvalidArguments, match="'name' must be a non-empty string") as bad:
+                await nobody.get_component("")
+            assert bad.value.details == {"argument": "name"}
 
     asyncio.run(attempt())
 
