@@ -7,15 +7,44 @@ grow its section (or embed this model) without cloud_sync importing nucleus.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cloud_sync.errors import LinkError
 
 MiB = 1024 * 1024
 KiB = 1024
 
 Overflow = Literal["drop_lowest_priority", "drop_oldest", "reject_new"]
+TLS_FILES = ("ca_file", "cert_file", "key_file")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883; also ``ssl://``, ``tls://``)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in {"mqtt", "tcp", "mqtts", "ssl", "tls"} or not parts.hostname:
+        raise LinkError(f"broker url {url!r} must be mqtt://host[:port] or mqtts://host[:port]", reason="bad_url")
+    tls = scheme in {"mqtts", "ssl", "tls"}
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise LinkError(f"broker url {url!r}: bad port", reason="bad_url") from exc
+    return BrokerAddress(parts.hostname, port, tls)
 
 
 class ForwardRule(BaseModel):
@@ -109,6 +138,41 @@ class SyncSettings(BaseModel):
         known = {k: v for k, v in data.items() if k in cls.model_fields}
         known.update(overrides)
         return cls.model_validate(known)
+
+    def with_paths_under(self, base: Path) -> SyncSettings:
+        """The TLS files, relative ones taken from ``base`` (the directory of nucleus.yaml, the root).
+
+        Without this they would be looked up from whatever directory the daemon was started in.
+        """
+        update = {k: base / v for k in TLS_FILES if (v := getattr(self, k)) is not None and not v.is_absolute()}
+        return self.model_copy(update=update) if update else self
+
+    @model_validator(mode="after")
+    def _link_is_consistent(self) -> SyncSettings:
+        """Refuse settings that would be silently ignored at connect time (a plain link with TLS files
+        configured sends the password in clear text; a key without its certificate is never sent)."""
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file: the client certificate goes in cert_file")
+        if self.url is None:
+            return self
+        if "@" in urlsplit(self.url).netloc:
+            raise ValueError("url must not carry credentials: set username and password instead")
+        try:
+            address = parse_url(self.url)
+        except LinkError as exc:
+            raise ValueError(exc.message) from None
+        tls_files = [k for k in TLS_FILES if getattr(self, k) is not None]
+        if tls_files and not address.tls:
+            raise ValueError(f"{', '.join(tls_files)} set but url {self.url!r} is not TLS: use mqtts://")
+        return self
+
+    @field_validator("username", "password", mode="before")
+    @classmethod
+    def _credential_is_text(cls, value: object) -> object:
+        """YAML reads `password: 0123` as the number 83: refuse it rather than send the wrong password."""
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be a string: put it in quotes in nucleus.yaml")
+        return value
 
     @field_validator("mqtt_version", mode="before")
     @classmethod

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -43,7 +44,8 @@ from paho.mqtt.properties import Properties
 from cloud_sync import envelope
 from cloud_sync.envelope import Record
 from cloud_sync.errors import LinkError, SpoolError
-from cloud_sync.settings import SyncSettings
+from cloud_sync.settings import BrokerAddress, SyncSettings
+from cloud_sync.settings import parse_url as parse_url  # noqa: PLC0414  (re-exported: cloud_sync.fleet imports it from here)
 from cloud_sync.spool import Spool
 from ipc.topics import matches, validate_filter
 
@@ -52,6 +54,57 @@ log = structlog.get_logger("cloud_sync.uplink")
 # CONNACK codes meaning "your credentials are refused" (MQTT 3.1.1: 4, 5; MQTT 5: 134, 135, 138)
 _AUTH_REFUSED = {4, 5, 134, 135, 138}
 ERRORS_KEPT = 10
+# The settings that name the TLS files, as an error names them: (CA of the broker, client certificate, its key)
+TLS_SETTINGS = ("mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file")
+# X509 verification results that are about the broker's certificate itself, not about whom it is signed by
+_X509_NOT_YET_VALID, _X509_EXPIRED, _X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH = 9, 10, 62, 64
+_SSL_REASON = re.compile(r"\[SSL: (\w+)\] ([^(]*)")
+
+
+def tls_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None,
+                names: tuple[str, str, str] = TLS_SETTINGS) -> ssl.SSLContext:
+    """The TLS context for the broker link; a file that cannot serve is a LinkError naming its setting.
+
+    Why each check: OpenSSL's own errors name neither the file nor the setting ("No such file or
+    directory", "PEM lib"), and an encrypted key would make OpenSSL prompt for a passphrase on the
+    daemon's terminal. ``names`` lets another caller (a command line's ``--ca/--cert/--key``) name
+    its own options.
+    """
+    ca_name, cert_name, key_name = names
+    contents: dict[str, bytes] = {}
+    for name, path in zip(names, (ca_file, cert_file, key_file), strict=True):
+        if path is not None:
+            try:
+                contents[name] = Path(path).read_bytes()
+            except OSError as exc:
+                raise _tls_file_error(name, path, exc.strerror or str(exc)) from exc
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except ssl.SSLError as exc:
+        raise _tls_file_error(ca_name, ca_file, f"no PEM CA certificate in it ({exc.reason or exc})") from exc
+    if cert_file is None:
+        return ctx
+    cert, key = contents[cert_name], contents.get(key_name, contents[cert_name])
+    key_at = (key_name, key_file) if key_file is not None else (cert_name, cert_file)
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise _tls_file_error(cert_name, cert_file, "no PEM certificate in it")
+    if b"ENCRYPTED" in key:
+        raise _tls_file_error(*key_at, "the private key is encrypted: the daemon cannot ask for a passphrase "
+                              "(decrypt it: openssl pkey -in KEY -out KEY.plain)")
+    if b"PRIVATE KEY-----" not in key:
+        raise _tls_file_error(*key_at, "no PEM private key in it" if key_file is not None
+                              else f"no private key in it, and {key_name} is not set")
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file is not None else None)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise _tls_file_error(*key_at, f"is not the key of the certificate in {cert_name} {cert_file}") from exc
+        raise _tls_file_error(*key_at, f"cannot be loaded with the certificate ({exc})") from exc
+    return ctx
+
+
+def _tls_file_error(setting: str, path: Path | None, reason: str) -> LinkError:
+    return LinkError(f"{setting} {path}: {reason}", reason="tls_files", setting=setting, path=str(path))
 
 
 @dataclass(slots=True)
@@ -71,30 +124,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_url(url: str) -> BrokerAddress:
-    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883; also ``ssl://``, ``tls://``)."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in {"mqtt", "tcp", "mqtts", "ssl", "tls"} or not parts.hostname:
-        raise LinkError(f"broker url {url!r} must be mqtt://host[:port] or mqtts://host[:port]", reason="bad_url")
-    tls = scheme in {"mqtts", "ssl", "tls"}
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise LinkError(f"broker url {url!r}: bad port", reason="bad_url") from exc
-    return BrokerAddress(parts.hostname, port, tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,23 +169,52 @@ class InboundSubscription:
         return self._queue.popleft(), dropped
 
 
-def _fail_connect_on_close(client: aiomqtt.Client) -> None:
-    """Fail the connect at once when the connection closes before the CONNACK.
+class ClosedBeforeConnack(MqttCodeError):
+    """The connection closed before the CONNACK; ``socket_error`` is what paho saw, if anything.
+
+    With TLS 1.3 a broker refuses a client certificate only after the handshake, by an alert that
+    paho reads (and logs) as a socket error; without it the attempt would say "Unspecified error".
+    """
+
+    def __init__(self, rc: Any, socket_error: str | None) -> None:
+        super().__init__(rc, "the connection closed before the CONNACK")
+        self.socket_error = socket_error
+
+    def __str__(self) -> str:
+        return f"the connection closed before the CONNACK: {self.socket_error or 'no reason given'}"
+
+
+def _fail_connect_on_close(client: aiomqtt.Client, logger: Any) -> None:
+    """Fail the connect at once when the connection closes before the CONNACK, saying why.
 
     aiomqtt 2.5 ignores a disconnect that comes before the CONNACK and waits for its timeout, so a
     link that accepts TCP and closes it (a proxy or load balancer whose broker is down, a broker at
     its connection limit) cost ``connect_timeout_s`` (10 s) per attempt instead of the backoff.
+
+    paho's own log lines go through ``logger`` (structured) instead of printing raw to stderr: the
+    socket error before the CONNACK becomes part of the uplink's one error for the attempt.
     """
     paho_client = client._client
+    paho_client.disable_logger()
     aiomqtt_on_disconnect = cast("Callable[..., None] | None", paho_client.on_disconnect)  # a VERSION2 callback
+    socket_error: list[str] = []
+
+    def on_log(c: paho.Client, userdata: Any, level: int, message: str) -> None:
+        if level not in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING):
+            return
+        if level == paho.MQTT_LOG_ERR and not client._connected.done():
+            socket_error[:] = [message]
+        else:
+            logger.warning("uplink.mqtt_client", message=message)
 
     def on_disconnect(c: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
         pending = client._connected
         if not pending.done():
-            pending.set_exception(MqttCodeError(reason_code, "the connection closed before the CONNACK"))
+            pending.set_exception(ClosedBeforeConnack(reason_code, socket_error[0] if socket_error else None))
         if aiomqtt_on_disconnect is not None:
             aiomqtt_on_disconnect(c, userdata, flags, reason_code, properties)
 
+    paho_client.on_log = on_log
     paho_client.on_disconnect = on_disconnect
 
 
@@ -188,25 +246,13 @@ class Uplink:
         self._latest: dict[str, bytes] = {}
         self._latest_sent: dict[str, bytes] = {}
         self._latest_changed = asyncio.Event()
-        self._log = log.bind(broker=self._safe_url())
-
-    def _safe_url(self) -> str | None:
-        """The broker URL without a password in it (for logs and status)."""
-        url = self._settings.url
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
-        return parts._replace(netloc=netloc).geturl()
+        self._log = log.bind(broker=settings.url)
 
     # --- status --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "broker": self._safe_url(),
+            "broker": self._settings.url,
             "connected_since": self.connected_since,
             "next_attempt_in_s": (max(0.0, self.next_attempt_at - time.monotonic())
                                   if self.next_attempt_at is not None and self.state == "backoff" else None),
@@ -217,8 +263,21 @@ class Uplink:
         }
 
     def _error(self, code: str, message: str, **fields: Any) -> None:
-        entry = {"ts": time.time(), "code": code, "message": message, **fields}
-        self.errors.append(entry)
+        """Record an error; the same error again (every reconnect attempt) counts on its last entry.
+
+        Otherwise a broker refusing the device for a minute fills the list (and the device status)
+        with copies of one line and pushes out what came before it, such as the first LINK_LOST.
+        """
+        now = time.time()
+        last = self.errors[-1] if self.errors else None
+        if last is not None and last["code"] == code and last["message"] == message:
+            last.setdefault("since", last["ts"])
+            last["ts"] = now
+            last["count"] = last.get("count", 1) + 1
+            entry = last
+        else:
+            entry = {"ts": now, "code": code, "message": message, **fields}
+            self.errors.append(entry)
         if self._on_error is not None:
             self._on_error(entry)
 
@@ -291,25 +350,18 @@ class Uplink:
             self._log.info("uplink.disabled", reason="no broker url configured; everything stays spooled")
             await self._stopping.wait()
             return
-        try:
-            address = parse_url(self._settings.url)
-        except LinkError as exc:
-            self.state = "misconfigured"
-            self._error(exc.code, exc.message, reason=exc.reason)
-            self._log.error("uplink.bad_url", error=exc.message)
-            await self._stopping.wait()
-            return
+        address = parse_url(self._settings.url)  # the settings refused a url that does not parse
         while not self._stopping.is_set():
             self.state = "connecting"
             try:
                 await self._connect_and_serve(address)
             except aiomqtt.MqttError as exc:
-                self._lost(exc)
+                self._lost(exc, address)
             except _LinkLost as exc:
                 if not isinstance(exc.__cause__, SpoolError):
                     self._lost(exc.__cause__ or exc)
             except LinkError as exc:
-                self._error(exc.code, exc.message, reason=exc.reason)
+                self._error(exc.code, exc.message, **{k: v for k, v in exc.to_dict().items() if k != "code"})
                 self._log.error("uplink.link_error", error=exc.message, reason=exc.reason)
             finally:
                 self._client = None
@@ -326,32 +378,71 @@ class Uplink:
                 await asyncio.wait_for(self._stopping.wait(), delay)
         self.state = "stopped"
 
-    def _lost(self, exc: BaseException) -> None:
+    def _lost(self, exc: BaseException, address: BrokerAddress | None = None) -> None:
         rc = getattr(exc, "rc", None)
         code = getattr(rc, "value", rc)
+        s = self._settings
+        tls = self._tls_failure(exc, address) if self.connected_since is None and address is not None else None
         if isinstance(exc, MqttConnectError) and code in _AUTH_REFUSED:
-            self._error("AUTH_REFUSED", f"the broker refused the credentials: {exc}", rc=code)
+            who = (f"mqtt.username {s.username!r} and its mqtt.password" if s.username is not None
+                   else "a connection without mqtt.username and mqtt.password")
+            self._error("AUTH_REFUSED", f"the broker refused {who}: {exc}", rc=code)
             self._log.error("uplink.connect_refused", rc=code, error=str(exc))
         elif isinstance(exc, MqttConnectError):
             self._error("CONNECT_REFUSED", f"the broker refused the connection: {exc}", rc=code)
             self._log.error("uplink.connect_refused", rc=code, error=str(exc))
+        elif tls is not None:
+            message, setting = tls
+            self._error("TLS_FAILED", message, setting=setting)
+            self._log.error("uplink.tls_failed", error=message, setting=setting)
         elif self.connected_since is None:
-            self._error("CONNECT_FAILED", f"cannot reach the broker: {exc}")
+            hint = ""
+            if address is not None and not address.tls and isinstance(exc, ClosedBeforeConnack) \
+                    and exc.socket_error is not None and "reset by peer" in exc.socket_error:
+                hint = " (a TLS listener resets a plain connection: if it is one, mqtt.url must be mqtts://)"
+            self._error("CONNECT_FAILED", f"cannot reach the broker: {exc}{hint}")
             self._log.warning("uplink.connect_failed", error=str(exc))
         else:
             self._error("LINK_LOST", f"the broker link was lost: {exc}")
             self._log.warning("uplink.link_lost", error=str(exc))
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _tls_failure(self, exc: BaseException, address: BrokerAddress) -> tuple[str, str] | None:
+        """(message, setting) when a connect failed in TLS: the certificate check on either side.
+
+        OpenSSL says "certificate verify failed" whether the CA file is wrong, the broker's
+        certificate has expired or is for another host; and a broker refusing the device's own
+        certificate shows as a closed connection. This says which, and which setting to look at.
+        """
+        if not address.tls:
+            return None
         s = self._settings
-        try:
-            ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-            if s.cert_file is not None:
-                ctx.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise LinkError(f"cannot load the TLS files: {exc}", reason="tls_files",
-                            ca_file=str(s.ca_file), cert_file=str(s.cert_file)) from exc
-        return ctx
+        cause = exc.__context__  # aiomqtt raises MqttError(str(exc)) from None: the SSL error is the context
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            detail = cause.verify_message
+            if cause.verify_code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+                return (f"the broker's certificate is not valid for {address.host}, the host in mqtt.url "
+                        f"({detail})", "mqtt.url")
+            if cause.verify_code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
+                return f"the broker's certificate is out of its validity period ({detail})", "mqtt.url"
+            trusted = (f"a CA in mqtt.ca_file {s.ca_file}" if s.ca_file is not None
+                       else "the system's CAs (mqtt.ca_file is not set)")
+            return f"the broker's certificate is not signed by {trusted} ({detail})", "mqtt.ca_file"
+        if isinstance(cause, ConnectionResetError):  # a plain listener resets a TLS ClientHello
+            return (f"the broker closed the connection during the TLS handshake ({cause}): if port {address.port} "
+                    "is a plain listener, mqtt.url must be mqtt://", "mqtt.url")
+        if isinstance(cause, ssl.SSLError):
+            reason, text = cause.reason or "", str(cause)
+        elif isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
+                and (found := _SSL_REASON.search(exc.socket_error)):
+            reason, text = found.group(1), found.group(2).strip()
+        else:
+            return None
+        if "CERTIFICATE_REQUIRED" in reason or (s.cert_file is None and "HANDSHAKE_FAILURE" in reason):
+            return ("the broker requires a client certificate and none is configured: set mqtt.cert_file "
+                    f"and mqtt.key_file ({text})", "mqtt.cert_file")
+        if "ALERT" in reason and s.cert_file is not None:
+            return f"the broker refused the client certificate mqtt.cert_file {s.cert_file} ({text})", "mqtt.cert_file"
+        return f"the TLS handshake with the broker failed ({text})", "mqtt.url"
 
     def _client_for(self, address: BrokerAddress) -> aiomqtt.Client:
         s = self._settings
@@ -370,12 +461,12 @@ class Uplink:
             properties=props,
             keepalive=s.keepalive_s,
             timeout=s.connect_timeout_s,
-            tls_context=self._tls_context() if address.tls else None,
+            tls_context=tls_context(s.ca_file, s.cert_file, s.key_file) if address.tls else None,
             max_inflight_messages=s.max_inflight + 1,
             max_queued_incoming_messages=10_000,
         )
         client.pending_calls_threshold = s.max_inflight + 8  # our own window; not worth a warning
-        _fail_connect_on_close(client)
+        _fail_connect_on_close(client, self._log)
         return client
 
     async def _connect_and_serve(self, address: BrokerAddress) -> None:

@@ -326,8 +326,16 @@ def _fmt_sync(info: dict[str, Any]) -> str:
         f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
         f"status    {info.get('status_topic')}",
     ]
-    lines += [f"error     {e.get('code')}: {e.get('message')}" for e in info.get("errors", [])[-5:]]
+    lines += [f"error     {e.get('code')}: {e.get('message')}" + _repeated(e) for e in info.get("errors", [])[-5:]]
     return "\n".join(lines)
+
+
+def _repeated(error: dict[str, Any]) -> str:
+    """The uplink counts an error that repeats (every reconnect attempt) on one entry: say so."""
+    if error.get("count", 1) <= 1 or error.get("since") is None:
+        return ""
+    since, last = (time.strftime("%H:%M:%S", time.localtime(error[k])) for k in ("since", "ts"))
+    return f"  ({error['count']} times, {since} to {last})"
 
 
 async def _sync_status(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.settings import SyncSettings
 from nucleus.errors import ConfigurationError
@@ -120,9 +120,19 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
     _merge(data, overrides)
     data["root"] = root
     try:
-        return Settings.model_validate(data)
-    except Exception as exc:
-        raise ConfigurationError(f"invalid settings: {exc}", path=file) from exc
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigurationError("; ".join(_problem(e) for e in exc.errors()), path=file) from None
+    settings.mqtt = settings.mqtt.with_paths_under(root)
+    return settings
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as ``key.path: reason``, without the input value: a mistyped
+    ``mqtt.password`` (a YAML number, say) must not end up in a log or on a terminal."""
+    where = ".".join(str(part) for part in error["loc"])
+    reason = "unknown key" if error["type"] == "extra_forbidden" else str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {reason}" if where else reason
 
 
 def machine_architecture() -> str:

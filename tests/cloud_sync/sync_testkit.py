@@ -57,6 +57,11 @@ class Certs:
     client_cert: Path
     client_key: Path
     other_ca: Path  # a CA that signed nothing the broker trusts
+    # the same keys, certified otherwise (for the failures a fleet meets: expiry, a wrong host, a foreign CA)
+    server_expired: Path
+    server_other_host: Path  # for broker.example.com only
+    client_expired: Path
+    client_other_ca: Path  # the client key, signed by other_ca
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -72,20 +77,29 @@ def make_certs(d: Path) -> Certs:
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN=test {ca} CA", cwd=d)
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+    (d / "other-host.ext").write_text("subjectAltName=DNS:broker.example.com\n")
+    for name in ("server", "client"):
         _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                  "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", *ext, cwd=d)
+    # -days -1: valid until yesterday, i.e. expired
+    for out, csr, ca, days, ext in (("server", "server", "ca", "2", "server.ext"),
+                                    ("server-expired", "server", "ca", "-1", "server.ext"),
+                                    ("server-other-host", "server", "ca", "2", "other-host.ext"),
+                                    ("client", "client", "ca", "2", None),
+                                    ("client-expired", "client", "ca", "-1", None),
+                                    ("client-other-ca", "client", "other", "2", None)):
+        _openssl("x509", "-req", "-in", f"{csr}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+                 "-out", f"{out}.crt", "-days", days, *(["-extfile", ext] if ext else []), cwd=d)
     return Certs(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
-                 d / "other.crt")
+                 d / "other.crt", d / "server-expired.crt", d / "server-other-host.crt", d / "client-expired.crt",
+                 d / "client-other-ca.crt")
 
 
 class Mosquitto:
     """A real broker on 127.0.0.1 with a generated config; stop()/start() keep the port."""
 
-    def __init__(self, workdir: Path, *, certs: Certs | None = None,
-                 users: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, certs: Certs | None = None, server_cert: Path | None = None,
+                 tls_version: str = "tlsv1.2", users: dict[str, str] | None = None) -> None:
         self.binary = require_mosquitto()
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +121,8 @@ class Mosquitto:
         else:
             lines += ["allow_anonymous true"]
         if certs is not None:
-            lines += [f"cafile {certs.ca}", f"certfile {certs.server_cert}", f"keyfile {certs.server_key}",
-                      "require_certificate true", "tls_version tlsv1.2"]
+            lines += [f"cafile {certs.ca}", f"certfile {server_cert or certs.server_cert}",
+                      f"keyfile {certs.server_key}", "require_certificate true", f"tls_version {tls_version}"]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
