@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import ssl
 import sys
 import time
 import uuid
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
+import structlog
 
 from cloud_sync.deployment_document import (
     DeploymentDocument,
@@ -40,13 +40,18 @@ from cloud_sync.deployment_document import (
     to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
-from cloud_sync.uplink import parse_url
+from cloud_sync.settings import parse_url
+from cloud_sync.uplink import LinkNames, connect_failure, fail_connect_on_close, tls_context
 
 STATUS_FILTER = "nucleus/things/+/deployments/status"
 DEFAULT_MAX_BYTES = 128 * 1024  # the devices' default max_inbound_bytes
 FINAL = frozenset({"SUCCEEDED", "FAILED_NO_STATE_CHANGE", "FAILED_ROLLBACK_COMPLETE", "FAILED_ROLLBACK_NOT_REQUESTED",
                    "FAILED_ROLLBACK_FAILED", "CANCELED", "SUPERSEDED", "REJECTED"})
 _RECIPE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+# Errors name the operator's flags where the device's name its nucleus.yaml keys
+FLAGS = LinkNames(url="--broker", ca_file="--ca", cert_file="--cert", key_file="--key", username="--username",
+                  password="password")
+log = structlog.get_logger("cloud_sync.fleet")
 
 
 class FleetError(SyncError):
@@ -69,26 +74,28 @@ class Broker:
 
 @contextlib.asynccontextmanager
 async def connect(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client; a failed connect is one LinkError saying why, as the device's link says it
+    (the TLS files and certificate checks of cloud_sync.uplink, naming ``--ca/--cert/--key``)."""
     address = parse_url(broker.url)
-    tls = None
-    if address.tls:
-        try:
-            tls = ssl.create_default_context(cafile=str(broker.ca_file) if broker.ca_file else None)
-            if broker.cert_file is not None:
-                tls.load_cert_chain(str(broker.cert_file), str(broker.key_file) if broker.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise LinkError(f"cannot load the TLS files: {exc}", reason="tls_files") from exc
+    tls = tls_context(broker.ca_file, broker.cert_file, broker.key_file, names=FLAGS.tls) if address.tls else None
     v5 = broker.mqtt_version == "5"
     client = aiomqtt.Client(
         address.host, address.port, identifier=f"nucleus-fleet-{uuid.uuid4().hex[:12]}",
         username=broker.username, password=broker.password,
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         clean_session=None if v5 else True, timeout=broker.timeout_s, tls_context=tls)
+    fail_connect_on_close(client, log)  # a refused client certificate fails at once, not after the timeout
+    connected = False
     try:
         async with client:
+            connected = True
             yield client
     except aiomqtt.MqttError as exc:
-        raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
+        if connected:
+            raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
+        code, message, fields = connect_failure(exc, address, ca_file=broker.ca_file, cert_file=broker.cert_file,
+                                                username=broker.username, names=FLAGS)
+        raise LinkError(f"broker {address}: {message}", reason=code.lower(), **fields) from exc
 
 
 def read_recipes(paths: Sequence[Path | str], *,
@@ -445,6 +452,6 @@ def main(argv: Sequence[str] | None = None, *, validate_recipe: Callable[[Path],
     try:
         return int(asyncio.run(args.func(args)))
     except SyncError as exc:
-        where = f" ({exc.path})" if exc.path else ""
+        where = f" ({exc.path})" if exc.path and exc.path not in exc.message else ""
         print(f"nucleus fleet: {exc.message}{where}", file=sys.stderr)
         return 1

@@ -44,8 +44,7 @@ from paho.mqtt.properties import Properties
 from cloud_sync import envelope
 from cloud_sync.envelope import Record
 from cloud_sync.errors import LinkError, SpoolError
-from cloud_sync.settings import BrokerAddress, SyncSettings
-from cloud_sync.settings import parse_url as parse_url  # noqa: PLC0414  (re-exported: cloud_sync.fleet imports it from here)
+from cloud_sync.settings import BrokerAddress, SyncSettings, parse_url
 from cloud_sync.spool import Spool
 from ipc.topics import matches, validate_filter
 
@@ -54,8 +53,28 @@ log = structlog.get_logger("cloud_sync.uplink")
 # CONNACK codes meaning "your credentials are refused" (MQTT 3.1.1: 4, 5; MQTT 5: 134, 135, 138)
 _AUTH_REFUSED = {4, 5, 134, 135, 138}
 ERRORS_KEPT = 10
-# The settings that name the TLS files, as an error names them: (CA of the broker, client certificate, its key)
-TLS_SETTINGS = ("mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkNames:
+    """What an error calls each part of the link: the device's nucleus.yaml keys by default, or a
+    command line's flags (``nucleus fleet``), so that both say which of their own settings to fix."""
+
+    url: str = "mqtt.url"
+    ca_file: str = "mqtt.ca_file"
+    cert_file: str = "mqtt.cert_file"
+    key_file: str = "mqtt.key_file"
+    username: str = "mqtt.username"
+    password: str = "mqtt.password"
+
+    @property
+    def tls(self) -> tuple[str, str, str]:
+        """(CA of the broker, client certificate, its key), as :func:`tls_context` takes them."""
+        return self.ca_file, self.cert_file, self.key_file
+
+
+SETTINGS_NAMES = LinkNames()
+TLS_SETTINGS = SETTINGS_NAMES.tls
 # X509 verification results that are about the broker's certificate itself, not about whom it is signed by
 _X509_NOT_YET_VALID, _X509_EXPIRED, _X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH = 9, 10, 62, 64
 _SSL_REASON = re.compile(r"\[SSL: (\w+)\] ([^(]*)")
@@ -184,7 +203,7 @@ class ClosedBeforeConnack(MqttCodeError):
         return f"the connection closed before the CONNACK: {self.socket_error or 'no reason given'}"
 
 
-def _fail_connect_on_close(client: aiomqtt.Client, logger: Any) -> None:
+def fail_connect_on_close(client: aiomqtt.Client, logger: Any) -> None:
     """Fail the connect at once when the connection closes before the CONNACK, saying why.
 
     aiomqtt 2.5 ignores a disconnect that comes before the CONNACK and waits for its timeout, so a
@@ -216,6 +235,79 @@ def _fail_connect_on_close(client: aiomqtt.Client, logger: Any) -> None:
 
     paho_client.on_log = on_log
     paho_client.on_disconnect = on_disconnect
+
+
+_CONNECT_FAILURE_LOG = {"AUTH_REFUSED": ("error", "uplink.connect_refused"),
+                        "CONNECT_REFUSED": ("error", "uplink.connect_refused"),
+                        "TLS_FAILED": ("error", "uplink.tls_failed"),
+                        "CONNECT_FAILED": ("warning", "uplink.connect_failed")}
+
+
+def connect_failure(exc: BaseException, address: BrokerAddress, *, ca_file: Path | None, cert_file: Path | None,
+                    username: str | None, names: LinkNames = SETTINGS_NAMES) -> tuple[str, str, dict[str, Any]]:
+    """(code, message, fields) for a connection attempt that failed before the CONNACK.
+
+    The code is AUTH_REFUSED, CONNECT_REFUSED, TLS_FAILED (with ``setting``) or CONNECT_FAILED. The
+    client must have been set up by :func:`fail_connect_on_close`, which keeps the socket error that
+    tells a refused client certificate apart. One owner for the daemon's link and ``nucleus fleet``,
+    which name their settings through ``names``.
+    """
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(exc, MqttConnectError) and code in _AUTH_REFUSED:
+        who = (f"{names.username} {username!r} and its {names.password}" if username is not None
+               else f"a connection without {names.username} and {names.password}")
+        return "AUTH_REFUSED", f"the broker refused {who}: {exc}", {"rc": code}
+    if isinstance(exc, MqttConnectError):
+        return "CONNECT_REFUSED", f"the broker refused the connection: {exc}", {"rc": code}
+    tls = _tls_failure(exc, address, ca_file, cert_file, names)
+    if tls is not None:
+        return "TLS_FAILED", tls[0], {"setting": tls[1]}
+    hint = ""
+    if not address.tls and isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
+            and "reset by peer" in exc.socket_error:
+        hint = f" (a TLS listener resets a plain connection: if it is one, {names.url} must be mqtts://)"
+    return "CONNECT_FAILED", f"cannot reach the broker: {exc}{hint}", {}
+
+
+def _tls_failure(exc: BaseException, address: BrokerAddress, ca_file: Path | None, cert_file: Path | None,
+                 names: LinkNames) -> tuple[str, str] | None:
+    """(message, setting) when a connect failed in TLS: the certificate check on either side.
+
+    OpenSSL says "certificate verify failed" whether the CA file is wrong, the broker's
+    certificate has expired or is for another host; and a broker refusing the device's own
+    certificate shows as a closed connection. This says which, and which setting to look at.
+    """
+    if not address.tls:
+        return None
+    cause = exc.__context__  # aiomqtt raises MqttError(str(exc)) from None: the SSL error is the context
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = cause.verify_message
+        if cause.verify_code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+            return (f"the broker's certificate is not valid for {address.host}, the host in {names.url} "
+                    f"({detail})", names.url)
+        if cause.verify_code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
+            return f"the broker's certificate is out of its validity period ({detail})", names.url
+        trusted = (f"a CA in {names.ca_file} {ca_file}" if ca_file is not None
+                   else f"the system's CAs ({names.ca_file} is not set)")
+        return f"the broker's certificate is not signed by {trusted} ({detail})", names.ca_file
+    if isinstance(cause, ConnectionResetError):  # a plain listener resets a TLS ClientHello
+        return (f"the broker closed the connection during the TLS handshake ({cause}): if port {address.port} "
+                f"is a plain listener, {names.url} must be mqtt://", names.url)
+    if isinstance(cause, ssl.SSLError):
+        reason, text = cause.reason or "", str(cause)
+    elif isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
+            and (found := _SSL_REASON.search(exc.socket_error)):
+        reason, text = found.group(1), found.group(2).strip()
+    else:
+        return None
+    if "CERTIFICATE_REQUIRED" in reason or (cert_file is None and "HANDSHAKE_FAILURE" in reason):
+        return (f"the broker requires a client certificate and none is configured: set {names.cert_file} "
+                f"and {names.key_file} ({text})", names.cert_file)
+    if "ALERT" in reason and cert_file is not None:
+        return (f"the broker refused the client certificate {names.cert_file} {cert_file} ({text})",
+                names.cert_file)
+    return f"the TLS handshake with the broker failed ({text})", names.url
 
 
 class _LinkLost(Exception):
@@ -379,70 +471,16 @@ class Uplink:
         self.state = "stopped"
 
     def _lost(self, exc: BaseException, address: BrokerAddress | None = None) -> None:
-        rc = getattr(exc, "rc", None)
-        code = getattr(rc, "value", rc)
-        s = self._settings
-        tls = self._tls_failure(exc, address) if self.connected_since is None and address is not None else None
-        if isinstance(exc, MqttConnectError) and code in _AUTH_REFUSED:
-            who = (f"mqtt.username {s.username!r} and its mqtt.password" if s.username is not None
-                   else "a connection without mqtt.username and mqtt.password")
-            self._error("AUTH_REFUSED", f"the broker refused {who}: {exc}", rc=code)
-            self._log.error("uplink.connect_refused", rc=code, error=str(exc))
-        elif isinstance(exc, MqttConnectError):
-            self._error("CONNECT_REFUSED", f"the broker refused the connection: {exc}", rc=code)
-            self._log.error("uplink.connect_refused", rc=code, error=str(exc))
-        elif tls is not None:
-            message, setting = tls
-            self._error("TLS_FAILED", message, setting=setting)
-            self._log.error("uplink.tls_failed", error=message, setting=setting)
-        elif self.connected_since is None:
-            hint = ""
-            if address is not None and not address.tls and isinstance(exc, ClosedBeforeConnack) \
-                    and exc.socket_error is not None and "reset by peer" in exc.socket_error:
-                hint = " (a TLS listener resets a plain connection: if it is one, mqtt.url must be mqtts://)"
-            self._error("CONNECT_FAILED", f"cannot reach the broker: {exc}{hint}")
-            self._log.warning("uplink.connect_failed", error=str(exc))
-        else:
+        if self.connected_since is not None or address is None:
             self._error("LINK_LOST", f"the broker link was lost: {exc}")
             self._log.warning("uplink.link_lost", error=str(exc))
-
-    def _tls_failure(self, exc: BaseException, address: BrokerAddress) -> tuple[str, str] | None:
-        """(message, setting) when a connect failed in TLS: the certificate check on either side.
-
-        OpenSSL says "certificate verify failed" whether the CA file is wrong, the broker's
-        certificate has expired or is for another host; and a broker refusing the device's own
-        certificate shows as a closed connection. This says which, and which setting to look at.
-        """
-        if not address.tls:
-            return None
+            return
         s = self._settings
-        cause = exc.__context__  # aiomqtt raises MqttError(str(exc)) from None: the SSL error is the context
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            detail = cause.verify_message
-            if cause.verify_code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
-                return (f"the broker's certificate is not valid for {address.host}, the host in mqtt.url "
-                        f"({detail})", "mqtt.url")
-            if cause.verify_code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
-                return f"the broker's certificate is out of its validity period ({detail})", "mqtt.url"
-            trusted = (f"a CA in mqtt.ca_file {s.ca_file}" if s.ca_file is not None
-                       else "the system's CAs (mqtt.ca_file is not set)")
-            return f"the broker's certificate is not signed by {trusted} ({detail})", "mqtt.ca_file"
-        if isinstance(cause, ConnectionResetError):  # a plain listener resets a TLS ClientHello
-            return (f"the broker closed the connection during the TLS handshake ({cause}): if port {address.port} "
-                    "is a plain listener, mqtt.url must be mqtt://", "mqtt.url")
-        if isinstance(cause, ssl.SSLError):
-            reason, text = cause.reason or "", str(cause)
-        elif isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
-                and (found := _SSL_REASON.search(exc.socket_error)):
-            reason, text = found.group(1), found.group(2).strip()
-        else:
-            return None
-        if "CERTIFICATE_REQUIRED" in reason or (s.cert_file is None and "HANDSHAKE_FAILURE" in reason):
-            return ("the broker requires a client certificate and none is configured: set mqtt.cert_file "
-                    f"and mqtt.key_file ({text})", "mqtt.cert_file")
-        if "ALERT" in reason and s.cert_file is not None:
-            return f"the broker refused the client certificate mqtt.cert_file {s.cert_file} ({text})", "mqtt.cert_file"
-        return f"the TLS handshake with the broker failed ({text})", "mqtt.url"
+        code, message, fields = connect_failure(exc, address, ca_file=s.ca_file, cert_file=s.cert_file,
+                                                username=s.username)
+        self._error(code, message, **fields)
+        level, event = _CONNECT_FAILURE_LOG[code]
+        getattr(self._log, level)(event, error=message, **fields)
 
     def _client_for(self, address: BrokerAddress) -> aiomqtt.Client:
         s = self._settings
@@ -466,7 +504,7 @@ class Uplink:
             max_queued_incoming_messages=10_000,
         )
         client.pending_calls_threshold = s.max_inflight + 8  # our own window; not worth a warning
-        _fail_connect_on_close(client, self._log)
+        fail_connect_on_close(client, self._log)
         return client
 
     async def _connect_and_serve(self, address: BrokerAddress) -> None:

@@ -83,6 +83,16 @@ Manifests:
     return RecipeText(text=text, format="yaml", source=f"{name}-{version}.yaml")
 
 
+def fleet_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`nucleus fleet ARGS` as an operator runs it: its own process in ``cwd``, no daemon, and no
+    NUCLEUS_* variable of the test's own environment (a password in it would change what is tested)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+    clean["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "nucleus", "--root", str(cwd / "no-daemon"), "fleet", *args],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=cwd,
+                          env={**clean, **(env or {})})
+
+
 def daemon_settings(thing: str, broker_url: str, groups: list[str]) -> dict[str, Any]:
     """Light: settle 0.5 s, small backoffs, no Greengrass socket, status checked often."""
     return {

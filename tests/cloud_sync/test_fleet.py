@@ -10,12 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_kit import COMPONENT, ArtifactServer, LightDaemon, daemon_settings, daemons, recipe, retained
+from fleet_kit import (
+    COMPONENT,
+    ArtifactServer,
+    LightDaemon,
+    daemon_settings,
+    daemons,
+    fleet_cli,
+    recipe,
+    retained,
+)
 from sync_testkit import Mosquitto
 
 from cloud_sync import fleet
@@ -206,8 +214,7 @@ def test_fleet_cli_deploys_and_shows_status_without_a_daemon(broker: Mosquitto, 
         (short_tmp / "recipes" / rec.source).write_text(rec.text)
 
         def nucleus(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp / "none"), "fleet", *args],
-                                  capture_output=True, text=True, timeout=60, check=False)
+            return fleet_cli(short_tmp, *args)
 
         deployed = nucleus("deploy", str(short_tmp / "recipes"), "--broker", broker.url, "--group", GROUP,
                            "--artifacts-url", server.url, "--rollout-rate", "10", "--expected-devices", "5")

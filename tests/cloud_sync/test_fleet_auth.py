@@ -1,0 +1,90 @@
+"""`nucleus fleet` against a real Mosquitto with TLS and passwords, as an operator runs it.
+
+Every certificate mistake is one line naming the flag (``--ca``, ``--cert``, ``--key``,
+``--broker``) and the file, in the words the device's link uses for its settings, at once rather
+than after the connect timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fleet_kit import fleet_cli
+from sync_testkit import Certs, Mosquitto
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.contextmanager
+def running(broker: Mosquitto) -> Iterator[Mosquitto]:
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def one_error_line(proc: object) -> str:
+    """The error `nucleus fleet` printed: exactly one line on stderr, nothing on stdout, exit 1."""
+    stdout, stderr, code = (getattr(proc, k) for k in ("stdout", "stderr", "returncode"))
+    assert (code, stdout) == (1, ""), (code, stdout, stderr)
+    assert stderr.startswith("nucleus fleet: ") and stderr.count("\n") == 1, stderr
+    return str(stderr)
+
+
+Flags = Callable[[Certs, Path], list[str]]
+
+
+def _flags(ca: str | None = "ca", cert: str | None = "client_cert", key: str | None = "client_key") -> Flags:
+    def make(certs: Certs, tmp: Path) -> list[str]:
+        out = []
+        for flag, name in (("--ca", ca), ("--cert", cert), ("--key", key)):
+            if name is not None:
+                out += [flag, str(getattr(certs, name, None) or tmp / name)]
+        return out
+    return make
+
+
+# case: (the broker's certificate, the operator's flags, what the error says; {name} is a file of Certs, {tmp} the
+# test's directory). The broker runs TLS 1.3, where it refuses a client certificate after the handshake.
+TLS_CASES: dict[str, tuple[str, Flags, str]] = {
+    "wrong_ca": ("server_cert", _flags(ca="other_ca"),
+                 "the broker's certificate is not signed by a CA in --ca {other_ca} (self-signed certificate"),
+    "server_cert_for_another_host": ("server_other_host", _flags(),
+                                     "the broker's certificate is not valid for 127.0.0.1, the host in --broker"),
+    "client_cert_of_other_ca": ("server_cert", _flags(cert="client_other_ca"),
+                                "the broker refused the client certificate --cert {client_other_ca} "
+                                "(tlsv1 alert unknown ca)"),
+    "no_client_cert": ("server_cert", _flags(cert=None, key=None),
+                       "the broker requires a client certificate and none is configured: set --cert and --key"),
+    "missing_ca_file": ("server_cert", _flags(ca="nope.crt"), "--ca {tmp}/nope.crt: No such file or directory"),
+    "ca_file_not_pem": ("server_cert", _flags(ca="client_key"), "--ca {client_key}: no PEM CA certificate in it"),
+    "key_of_another_certificate": ("server_cert", _flags(key="server_key"),
+                                   "--key {server_key}: is not the key of the certificate in --cert {client_cert}"),
+    "certificate_without_key": ("server_cert", _flags(key=None),
+                                "--cert {client_cert}: no private key in it, and --key is not set"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TLS_CASES))
+def test_tls_mistakes_are_one_line_naming_the_flag_and_the_file(tmp_path: Path, certs: Certs, case: str) -> None:
+    """They read "[SSL: CERTIFICATE_VERIFY_FAILED] ...", "PEM lib", "[Errno 2] ..." without the file,
+    or, for a client certificate the broker refuses, paho's raw "failed to receive on socket" and,
+    after the whole 10 s timeout, "Operation timed out"."""
+    server_cert, flags, words = TLS_CASES[case]
+    with running(Mosquitto(tmp_path / "broker", certs=certs, server_cert=getattr(certs, server_cert),
+                           tls_version="tlsv1.3")) as broker:
+        proc = fleet_cli(tmp_path, "status", "--broker", broker.url, "--group", "turbines", *flags(certs, tmp_path))
+    error = one_error_line(proc)
+    expected = words.format(tmp=tmp_path, **{f: getattr(certs, f) for f in certs.__dataclass_fields__})
+    assert expected in error, error
+
+
+def test_the_right_tls_files_connect(tmp_path: Path, certs: Certs) -> None:
+    with running(Mosquitto(tmp_path / "broker", certs=certs, tls_version="tlsv1.3")) as broker:
+        proc = fleet_cli(tmp_path, "status", "--broker", broker.url, "--group", "turbines", *_flags()(certs, tmp_path))
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr  # 1: no device has reported
+    assert proc.stdout.startswith("group turbines: no current deployment document")
