@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiomqtt
 import structlog
@@ -70,6 +71,24 @@ class Broker:
     key_file: Path | None = None
     mqtt_version: Literal["5", "3.1.1"] = "5"
     timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        """Refuse what the connection would silently ignore, as the device's settings do for its
+        ``mqtt`` section: credentials in the URL (paho never sends them), TLS files with a plain URL
+        (the password would go in clear text), a key without its certificate, a password without a
+        username (paho sends neither)."""
+        if "@" in urlsplit(self.url).netloc:  # the URL is not echoed: it holds a password
+            raise FleetError("--broker must not carry credentials (user:password@): give --username and "
+                             "--password instead")
+        address = parse_url(self.url)
+        files = [flag for flag, path in zip(FLAGS.tls, (self.ca_file, self.cert_file, self.key_file), strict=True)
+                 if path is not None]
+        if files and not address.tls:
+            raise FleetError(f"{', '.join(files)} given but --broker {self.url} is not TLS: use mqtts://")
+        if self.key_file is not None and self.cert_file is None:
+            raise FleetError("--key is given without --cert: the client certificate goes in --cert")
+        if self.password is not None and self.username is None:
+            raise FleetError("a password is given without --username: the broker would never receive it")
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,8 @@
 
 Every certificate mistake is one line naming the flag (``--ca``, ``--cert``, ``--key``,
 ``--broker``) and the file, in the words the device's link uses for its settings, at once rather
-than after the connect timeout.
+than after the connect timeout. Flags the connection would silently ignore are refused, and the
+password is never printed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fleet_kit import fleet_cli
@@ -88,3 +90,40 @@ def test_the_right_tls_files_connect(tmp_path: Path, certs: Certs) -> None:
         proc = fleet_cli(tmp_path, "status", "--broker", broker.url, "--group", "turbines", *_flags()(certs, tmp_path))
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr  # 1: no device has reported
     assert proc.stdout.startswith("group turbines: no current deployment document")
+
+
+PASSWORD = "correct horse"
+
+
+def test_credentials_in_the_broker_url_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    """As the device refuses them in mqtt.url: paho never sends them (the connection went out
+    without credentials and the broker's refusal did not say why)."""
+    with running(Mosquitto(tmp_path / "broker", users={"op": PASSWORD})) as broker:
+        url = broker.url.replace("mqtt://", f"mqtt://op:{quote(PASSWORD)}@")
+        error = one_error_line(fleet_cli(tmp_path, "status", "--broker", url, "--group", "turbines"))
+    assert error.startswith("nucleus fleet: --broker must not carry credentials (user:password@): give --username")
+    assert "horse" not in error
+
+
+# case: (flags that were ignored, what the error says); against a plain listener that wants a password
+IGNORED: dict[str, tuple[Callable[[Mosquitto, Certs], list[str]], str]] = {
+    "tls_files_with_a_plain_url": (lambda b, c: ["--broker", b.url, "--username", "op", "--password", PASSWORD,
+                                                 "--ca", str(c.ca)],
+                                   "--ca given but --broker mqtt://127.0.0.1:{port} is not TLS: use mqtts://"),
+    "key_without_cert": (lambda b, c: ["--broker", b.url.replace("mqtt://", "mqtts://"), "--ca", str(c.ca),
+                                       "--key", str(c.client_key)],
+                         "--key is given without --cert: the client certificate goes in --cert"),
+    "password_without_username": (lambda b, c: ["--broker", b.url, "--password", PASSWORD],
+                                  "a password is given without --username: the broker would never receive it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IGNORED))
+def test_flags_the_connection_would_ignore_are_refused(tmp_path: Path, certs: Certs, case: str) -> None:
+    """Each of these connected without what was given (a --ca on a plain URL sent the password in
+    clear text) or failed for another reason than the one to fix."""
+    flags, words = IGNORED[case]
+    with running(Mosquitto(tmp_path / "broker", users={"op": PASSWORD})) as broker:
+        error = one_error_line(fleet_cli(tmp_path, "status", *flags(broker, certs), "--group", "turbines"))
+    assert error.endswith(words.format(port=broker.port) + "\n"), error
+    assert "horse" not in error
