@@ -17,11 +17,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -53,6 +54,7 @@ _RECIPE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
 FLAGS = LinkNames(url="--broker", ca_file="--ca", cert_file="--cert", key_file="--key", username="--username",
                   password="password")
 log = structlog.get_logger("cloud_sync.fleet")
+PASSWORD_ENV = "NUCLEUS_FLEET_PASSWORD"  # the password out of `ps` and the shell history (or --password-file)
 
 
 class FleetError(SyncError):
@@ -65,12 +67,13 @@ class Broker:
 
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     mqtt_version: Literal["5", "3.1.1"] = "5"
     timeout_s: float = 10.0
+    password_source: str = "--password"  # where the password came from, as errors name it
 
     def __post_init__(self) -> None:
         """Refuse what the connection would silently ignore, as the device's settings do for its
@@ -78,8 +81,8 @@ class Broker:
         (the password would go in clear text), a key without its certificate, a password without a
         username (paho sends neither)."""
         if "@" in urlsplit(self.url).netloc:  # the URL is not echoed: it holds a password
-            raise FleetError("--broker must not carry credentials (user:password@): give --username and "
-                             "--password instead")
+            raise FleetError("--broker must not carry credentials (user:password@): give --username, and the "
+                             f"password with --password-file or {PASSWORD_ENV}")
         address = parse_url(self.url)
         files = [flag for flag, path in zip(FLAGS.tls, (self.ca_file, self.cert_file, self.key_file), strict=True)
                  if path is not None]
@@ -88,7 +91,8 @@ class Broker:
         if self.key_file is not None and self.cert_file is None:
             raise FleetError("--key is given without --cert: the client certificate goes in --cert")
         if self.password is not None and self.username is None:
-            raise FleetError("a password is given without --username: the broker would never receive it")
+            raise FleetError(f"a password is given ({self.password_source}) without --username: the broker would "
+                             "never receive it")
 
 
 @contextlib.asynccontextmanager
@@ -112,8 +116,10 @@ async def connect(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
     except aiomqtt.MqttError as exc:
         if connected:
             raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
+        given = broker.password_source if broker.password is not None else f"--password-file or {PASSWORD_ENV}"
+        names = replace(FLAGS, password=f"password ({given})")
         code, message, fields = connect_failure(exc, address, ca_file=broker.ca_file, cert_file=broker.cert_file,
-                                                username=broker.username, names=FLAGS)
+                                                username=broker.username, names=names)
         raise LinkError(f"broker {address}: {message}", reason=code.lower(), **fields) from exc
 
 
@@ -333,7 +339,10 @@ def format_status(status: FleetStatus) -> str:
 def _broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:1883] or mqtts://host[:8883]")
     p.add_argument("--username")
-    p.add_argument("--password")
+    p.add_argument("--password-file", metavar="FILE",
+                   help=f"the password is the file's one line (or set ${PASSWORD_ENV})")
+    p.add_argument("--password", help="visible in `ps` and the shell history: prefer --password-file or "
+                   f"${PASSWORD_ENV}")
     p.add_argument("--ca", metavar="FILE", help="CA certificate of the broker")
     p.add_argument("--cert", metavar="FILE", help="client certificate")
     p.add_argument("--key", metavar="FILE", help="client key")
@@ -344,8 +353,47 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def _broker(args: argparse.Namespace) -> Broker:
-    return Broker(args.broker, args.username, args.password, Path(args.ca) if args.ca else None,
-                  Path(args.cert) if args.cert else None, Path(args.key) if args.key else None, args.mqtt_version)
+    password, source = _password(args)
+    return Broker(args.broker, args.username, password, Path(args.ca) if args.ca else None,
+                  Path(args.cert) if args.cert else None, Path(args.key) if args.key else None, args.mqtt_version,
+                  password_source=source)
+
+
+def _password(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(the password, where it came from): --password-file or --password, else $NUCLEUS_FLEET_PASSWORD.
+
+    A flag wins over the environment, as an explicit choice over an ambient one. --password still
+    works (scripts use it) but says why not to: any user sees it in `ps`, and it stays in the history.
+    """
+    if args.password_file is not None and args.password is not None:
+        raise FleetError("give the password once: --password-file or --password, not both")
+    if args.password_file is not None:
+        return read_password_file(Path(args.password_file)), "--password-file"
+    if args.password is not None:
+        print(f"nucleus fleet: warning: --password is visible to other users in `ps` and stays in the shell "
+              f"history: use --password-file FILE or {PASSWORD_ENV}", file=sys.stderr)
+        return args.password, "--password"
+    return os.environ.get(PASSWORD_ENV) or None, PASSWORD_ENV
+
+
+def read_password_file(path: Path) -> str:
+    """The file's one line, without its line break (``echo pw > FILE`` and editors add one).
+
+    A file of several lines is refused rather than guessed at: it is likely not the password file
+    (a certificate, a key). Nothing of the content is ever printed.
+    """
+    try:
+        text = path.read_bytes().decode()
+    except OSError as exc:
+        raise FleetError(f"--password-file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise FleetError(f"--password-file {path}: not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise FleetError(f"--password-file {path}: empty")
+    if "\n" in text or "\r" in text:
+        raise FleetError(f"--password-file {path}: more than one line (the file holds the password alone)")
+    return text
 
 
 def _target(args: argparse.Namespace) -> Target:

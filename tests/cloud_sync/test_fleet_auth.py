@@ -2,8 +2,9 @@
 
 Every certificate mistake is one line naming the flag (``--ca``, ``--cert``, ``--key``,
 ``--broker``) and the file, in the words the device's link uses for its settings, at once rather
-than after the connect timeout. Flags the connection would silently ignore are refused, and the
-password is never printed.
+than after the connect timeout. Flags the connection would silently ignore are refused. The
+password comes from a file or the environment, out of `ps` and the shell history, and is never
+printed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from urllib.parse import quote
 import pytest
 from fleet_kit import fleet_cli
 from sync_testkit import Certs, Mosquitto
+
+from cloud_sync.fleet import PASSWORD_ENV
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,16 +108,17 @@ def test_credentials_in_the_broker_url_are_refused_without_echoing_them(tmp_path
     assert "horse" not in error
 
 
-# case: (flags that were ignored, what the error says); against a plain listener that wants a password
+# case: (flags that were ignored, what the error says); against a plain listener that wants a password, with
+# the password in the environment
 IGNORED: dict[str, tuple[Callable[[Mosquitto, Certs], list[str]], str]] = {
-    "tls_files_with_a_plain_url": (lambda b, c: ["--broker", b.url, "--username", "op", "--password", PASSWORD,
-                                                 "--ca", str(c.ca)],
+    "tls_files_with_a_plain_url": (lambda b, c: ["--broker", b.url, "--username", "op", "--ca", str(c.ca)],
                                    "--ca given but --broker mqtt://127.0.0.1:{port} is not TLS: use mqtts://"),
     "key_without_cert": (lambda b, c: ["--broker", b.url.replace("mqtt://", "mqtts://"), "--ca", str(c.ca),
                                        "--key", str(c.client_key)],
                          "--key is given without --cert: the client certificate goes in --cert"),
-    "password_without_username": (lambda b, c: ["--broker", b.url, "--password", PASSWORD],
-                                  "a password is given without --username: the broker would never receive it"),
+    "password_without_username": (lambda b, c: ["--broker", b.url],
+                                  "a password is given (NUCLEUS_FLEET_PASSWORD) without --username: the broker "
+                                  "would never receive it"),
 }
 
 
@@ -124,6 +128,47 @@ def test_flags_the_connection_would_ignore_are_refused(tmp_path: Path, certs: Ce
     clear text) or failed for another reason than the one to fix."""
     flags, words = IGNORED[case]
     with running(Mosquitto(tmp_path / "broker", users={"op": PASSWORD})) as broker:
-        error = one_error_line(fleet_cli(tmp_path, "status", *flags(broker, certs), "--group", "turbines"))
+        error = one_error_line(fleet_cli(tmp_path, "status", *flags(broker, certs), "--group", "turbines",
+                                         env={PASSWORD_ENV: PASSWORD}))
     assert error.endswith(words.format(port=broker.port) + "\n"), error
     assert "horse" not in error
+
+
+def test_the_password_comes_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """--password was the only way: visible to every user in `ps`, kept in the shell history. A file
+    or NUCLEUS_FLEET_PASSWORD keep it out; a flag wins over the environment; --password still works,
+    with a warning; a refused password says where it came from and is not printed."""
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "wrong").write_text("hunter2\n")
+    with running(Mosquitto(tmp_path / "broker", users={"op": PASSWORD})) as broker:
+        base = ["status", "--broker", broker.url, "--group", "turbines", "--username", "op"]
+        accepted = {"file": fleet_cli(tmp_path, *base, "--password-file", "pw"),
+                    "environment": fleet_cli(tmp_path, *base, env={PASSWORD_ENV: PASSWORD}),
+                    "file over environment": fleet_cli(tmp_path, *base, "--password-file", "pw",
+                                                       env={PASSWORD_ENV: "hunter2"})}
+        on_argv = fleet_cli(tmp_path, *base, "--password", PASSWORD)
+        refused = one_error_line(fleet_cli(tmp_path, *base, "--password-file", "wrong", env={PASSWORD_ENV: PASSWORD}))
+    for how, proc in accepted.items():  # connected: exit 1 only because no device has reported
+        assert (proc.returncode, proc.stderr) == (1, ""), (how, proc.stderr)
+        assert proc.stdout.startswith("group turbines: no current deployment document"), how
+    assert on_argv.stdout.startswith("group turbines: no current deployment document"), on_argv.stderr
+    assert on_argv.stderr == ("nucleus fleet: warning: --password is visible to other users in `ps` and stays in "
+                              "the shell history: use --password-file FILE or NUCLEUS_FLEET_PASSWORD\n")
+    assert "the broker refused --username 'op' and its password (--password-file): " in refused, refused
+    assert "hunter2" not in refused
+
+
+@pytest.mark.parametrize(("content", "flags", "words"), [
+    (None, [], "--password-file pw: No such file or directory"),
+    ("\n", [], "--password-file pw: empty"),
+    ("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", [],
+     "--password-file pw: more than one line (the file holds the password alone)"),
+    (PASSWORD, ["--password", PASSWORD], "give the password once: --password-file or --password, not both"),
+])
+def test_a_password_file_that_cannot_serve_is_one_line(tmp_path: Path, content: str | None, flags: list[str],
+                                                       words: str) -> None:
+    if content is not None:
+        (tmp_path / "pw").write_text(content)
+    proc = fleet_cli(tmp_path, "status", "--broker", "mqtt://127.0.0.1:1", "--group", "turbines", "--username", "op",
+                     "--password-file", "pw", *flags)
+    assert one_error_line(proc) == f"nucleus fleet: {words}\n"
