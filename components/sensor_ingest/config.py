@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from components.configuration import parse_config
+from components.sensor_ingest.replay import CsvReplay, ReplayError
 from components.sensor_ingest.simulator import KNOWN_CHANNELS, BearingGeometry, TurbineParams
 
 _ASSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -105,6 +106,20 @@ class IngestConfig(_Model):
     def _asset(cls, v: str) -> str:
         if not _ASSET.match(v):
             raise ValueError("asset must be 1-64 characters of letters, digits, '_', '.', '-' (it is a topic level)")
+        return v
+
+    @field_validator("csv")
+    @classmethod
+    def _csv_file(cls, v: CsvConfig | None, info: ValidationInfo) -> CsvConfig | None:
+        """The file, its header and the columns, checked when the replay is the source: a deployment that
+        names a missing file or column is refused naming it, instead of succeeding and leaving the
+        ingest to fail at every start until it is BROKEN. Only the header row is read."""
+        if v is not None and info.data.get("source") == "csv":
+            try:
+                CsvReplay(v.path, batch_size=1, rate_hz=info.data.get("rate_hz"), columns=v.columns,
+                          channel_names=v.channel_names, timestamp_column=v.timestamp_column)
+            except ReplayError as exc:
+                raise ValueError(str(exc)) from exc
         return v
 
     @model_validator(mode="after")

@@ -80,8 +80,11 @@ class CsvReplay:
         self.batch_size = batch_size
         self.loop = loop
         self.stats = ReplayStats()
-        with _open(path) as f:
-            header = next(csv.reader(f), None)
+        try:
+            with _open(path) as f:
+                header = next(csv.reader(f), None)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:  # unreadable, not gzip, not text, ...
+            raise ReplayError(path, f"cannot read the header row: {exc}") from exc
         if not header:
             raise ReplayError(path, "empty file (a header row is required)")
         header = [h.strip() for h in header]

@@ -9,6 +9,7 @@ configuration changes (the sequence number carries on, so a consumer sees no fal
 from __future__ import annotations
 
 import asyncio
+import csv
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from components.sensor_ingest.batch import Batch, Sequencer
 from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
 from components.sensor_ingest.pacing import Pacer
-from components.sensor_ingest.replay import CsvReplay
+from components.sensor_ingest.replay import CsvReplay, ReplayError
 from components.sensor_ingest.simulator import Fault, FaultKind, TurbineSimulator
 from ipc import Client, IpcError
 
@@ -76,11 +77,12 @@ def handle_fault_request(sim: TurbineSimulator | None, request: Any) -> dict[str
 
 
 class IngestService:
-    def __init__(self, client: Client, cfg: IngestConfig, clocks: Clocks | None = None) -> None:
+    def __init__(self, client: Client, cfg: IngestConfig, clocks: Clocks | None = None,
+                 sequencer: Sequencer | None = None) -> None:
         self.client = client
         self.cfg = cfg
         self.clocks = clocks or Clocks()
-        self.sequencer = Sequencer(cfg.asset, cfg.source)
+        self.sequencer = sequencer or Sequencer(cfg.asset, cfg.source)
         self.sim: TurbineSimulator | None = None
         self.published = 0
         self.skipped_batches = 0
@@ -107,23 +109,34 @@ class IngestService:
         cfg = self.cfg
         assert cfg.csv is not None
         c = cfg.csv
-        replay = CsvReplay(c.path, batch_size=cfg.batch_size, rate_hz=cfg.rate_hz, columns=c.columns,
-                           channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop)
+        try:
+            replay = CsvReplay(c.path, batch_size=cfg.batch_size, rate_hz=cfg.rate_hz, columns=c.columns,
+                               channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop)
+        except ReplayError as exc:  # checked when the configuration was, so the file went since
+            log.error("ingest.replay_failed", asset=cfg.asset, path=str(c.path), error=str(exc))  # noqa: TRY400
+            return
         log.info("ingest.replay_started", asset=cfg.asset, path=str(c.path), channels=list(replay.channels),
                  speed=c.speed, timestamps=replay.has_timestamps)
         shift: float | None = None
-        for batch in replay.batches():
-            if shift is None:
-                shift = self.clocks.wall() - batch.t0 if (c.shift_to_now or not replay.has_timestamps) else 0.0
-            period = batch.duration_s / c.speed if c.speed > 0 else 0.0
-            step = pacer.step(self.clocks.monotonic(), period)
-            if step.skipped:  # replay never drops data: the schedule moves, the data does not
-                log.warning("ingest.behind_rescheduled", asset=cfg.asset, periods=step.skipped)
-            if step.delay_s > 0:
-                await asyncio.sleep(step.delay_s)
-            elif period == 0:
-                await asyncio.sleep(0)
-            yield Batch(batch.t0 + shift, batch.rate_hz, batch.channels, batch.data)
+        try:
+            for batch in replay.batches():
+                if shift is None:
+                    shift = self.clocks.wall() - batch.t0 if (c.shift_to_now or not replay.has_timestamps) else 0.0
+                period = batch.duration_s / c.speed if c.speed > 0 else 0.0
+                step = pacer.step(self.clocks.monotonic(), period)
+                if step.skipped:  # replay never drops data: the schedule moves, the data does not
+                    log.warning("ingest.behind_rescheduled", asset=cfg.asset, periods=step.skipped)
+                if step.delay_s > 0:
+                    await asyncio.sleep(step.delay_s)
+                elif period == 0:
+                    await asyncio.sleep(0)
+                yield Batch(batch.t0 + shift, batch.rate_hz, batch.channels, batch.data)
+        except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # e.g. a truncated .gz, a file removed
+            # One line naming the file; the ingest then waits for a new configuration rather than crash-loop
+            # on the same file (the stream stops, which sends the protective action to its safe state).
+            log.error("ingest.replay_failed", asset=cfg.asset, path=str(c.path),  # noqa: TRY400
+                      rows=replay.stats.rows, error=f"{type(exc).__name__}: {exc}")
+            return
         s = replay.stats
         log.info("ingest.replay_finished", asset=cfg.asset, path=str(c.path), rows=s.rows, bad_values=s.bad_values,
                  bad_timestamps=s.bad_timestamps, gaps=s.gaps)
@@ -179,30 +192,49 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
     """The component: publish, serve fault requests, restart the source on a valid configuration change.
 
     ``cfg`` given means a fixed configuration (development against ``ipc.devserver``): no watch.
+
+    A change that keeps the asset keeps the sequencer, ``stream`` included: the numbering carries on, so
+    the detector sees one stream and no restart (a new ``stream`` would make it discard its partial
+    window, as after an ingest restart). A "change" to the configuration already running restarts
+    nothing: the nucleus notifies once per changed key, so a deployment that sets five keys arrives as
+    five changes to the same new configuration, and each restart would reconnect the MQTT source.
     """
     watching = cfg is None
     if cfg is None:
         cfg = load_config(await client.get_configuration(), COMPONENT)
     changes = _config_changes(client) if watching else None
-    seq = 0
+
+    async def next_change() -> IngestConfig | None:
+        if changes is None:  # a fixed configuration: no change ever comes
+            await asyncio.Event().wait()
+            return None
+        return await anext(changes, None)
+
+    sequencer = Sequencer(cfg.asset, cfg.source)
     while True:
-        service = IngestService(client, cfg, clocks)
-        service.sequencer.next_seq = seq
+        service = IngestService(client, cfg, clocks, sequencer)
         log.info("ingest.started", asset=cfg.asset, source=cfg.source, rate_hz=cfg.rate_hz,
-                 batch_size=cfg.batch_size, topic=cfg.topic, first_seq=seq)
+                 batch_size=cfg.batch_size, topic=cfg.topic, first_seq=sequencer.next_seq)
         async with asyncio.TaskGroup() as tg:
             pub = tg.create_task(service.publish_forever())
             faults = tg.create_task(service.serve_faults())
-            watch = tg.create_task(anext(changes, None) if changes is not None else asyncio.Event().wait())
-            await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not watch.done():  # a finite replay ended: keep answering, wait for a new configuration
-                log.info("ingest.source_finished", asset=cfg.asset, published=service.published)
-                await asyncio.wait({watch})
-            new = watch.result()
+            finished = False
+            while True:
+                watch = tg.create_task(next_change())
+                await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not watch.done():  # a finite replay ended: keep answering, wait for a new configuration
+                    if not finished:
+                        log.info("ingest.source_finished", asset=cfg.asset, published=service.published)
+                        finished = True
+                    await asyncio.wait({watch})
+                new = watch.result()
+                if new != cfg:
+                    break
             pub.cancel()
             faults.cancel()
-        if not isinstance(new, IngestConfig):
+        if new is None:
             return  # the nucleus closed the watch stream: we are being stopped
         log.info("ingest.config_changed", asset=new.asset, source=new.source)
-        seq = service.sequencer.next_seq if new.asset == cfg.asset else 0
+        if new.asset != cfg.asset:
+            sequencer = Sequencer(new.asset, new.source)  # another asset: its own numbering from 0
         cfg = new

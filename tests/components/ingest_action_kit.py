@@ -41,12 +41,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mosquitto(directory: Path) -> Iterator[int]:
-    """A real Mosquitto broker on 127.0.0.1 and a free port; skips when the binary is missing."""
+def mosquitto(directory: Path, port: int | None = None) -> Iterator[int]:
+    """A real Mosquitto broker on 127.0.0.1 and a free port (or ``port``: a broker restarted where the
+    last one was); skips when the binary is missing."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if binary is None:
         pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
-    port = free_port()
+    port = port or free_port()
     conf = directory / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -54,7 +55,8 @@ def mosquitto(directory: Path) -> Iterator[int]:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"mosquitto exited {proc.returncode}: "
+                                   f"{proc.stderr.read().decode(errors='replace') if proc.stderr else ''}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.05)

@@ -4,14 +4,17 @@ service on a real bus (simulator, CSV replay, a real Mosquitto) and the componen
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from ingest_action_kit import REPO, bus, client, mosquitto
+from ingest_action_kit import REPO, bus, client, free_port, mosquitto
+from structlog.testing import capture_logs
 
 from components.configuration import ConfigError
 from components.sensor_ingest.batch import Batch, Sequencer
@@ -112,6 +115,57 @@ def test_assembler_counts_bad_input_and_never_guesses() -> None:
     assert (a.stats.bad_values, a.stats.missing_values) == (2, 1)
 
 
+def test_assembler_reports_each_problem_when_its_count_passes_1_10_100() -> None:
+    """Counts nobody can read are silence: each kind of bad input is reported (the source logs it) at its
+    1st, 10th, 100th, ... occurrence, with what was wrong and on which topic."""
+    reports: list[tuple[str, str, int, str | None]] = []
+    a = SampleAssembler(("x", "y"), rate_hz=100.0, batch_size=1000, on_problem=lambda *r: reports.append(r))
+    for _ in range(12):
+        assert a.feed(b"garbage", 1.0, "dev/1/vib") == []
+    assert [(r[0], r[2], r[3]) for r in reports] == [("malformed", 1, "dev/1/vib"), ("malformed", 10, "dev/1/vib")]
+    assert "not JSON" in reports[0][1]
+    reports.clear()
+    a.feed(b'{"ts": 10.0, "x": 1, "rpm": 7}', 1.0, "dev/1/vib")  # y missing, rpm not configured
+    a.feed(b'{"ts": 10.01, "x": "high", "y": 2}', 1.0, "dev/1/vib")
+    a.feed(json.dumps({"t0": 10.02, "rate_hz": 1000, "channels": ["x", "y"], "data": [[3], [3]]}).encode(), 1.0,
+           "dev/1/vib")  # stamped at another rate than the configured 100 Hz: refused, not re-stamped
+    a.feed(b'{"ts": 10.02, "x": 3, "y": 3}', 1.0, "dev/2/vib")  # a second device on the wildcard: refused
+    got = {r[0]: r[1] for r in reports}
+    assert set(got) == {"missing_values", "unknown_channels", "bad_values", "rate_mismatch", "other_topic"}
+    assert "'y'" in got["missing_values"] and "rpm" in got["unknown_channels"] and "'high'" in got["bad_values"]
+    assert "1000" in got["rate_mismatch"] and "'dev/1/vib' only" in got["other_topic"]
+    assert (a.stats.rate_mismatch, a.stats.other_topic, a.stats.samples) == (1, 1, 2)
+    b = SampleAssembler(("x", "y"), rate_hz=100.0, batch_size=1000, on_problem=lambda *r: reports.append(r))
+    b.feed(json.dumps({"t0": 10.02, "channels": ["x", "y"], "data": [[3, 4, 5]]}).encode(), 1.0)
+    assert reports[-1][:3] == ("malformed", "block: 'data' has shape [1, 3] for 2 channel(s); expected one list "
+                                            "of samples per channel", 1)
+    c = SampleAssembler(("x", "y"), rate_hz=100.0, batch_size=1000, on_problem=lambda *r: reports.append(r))
+    c.feed(b'{"ts": 1700000000125, "x": 1, "y": 1}', 1.0)  # milliseconds: 50,000 years ahead as seconds
+    assert reports[-1][1] == "'ts' 1700000000125 looks like milliseconds; epoch seconds expected"
+    assert c.stats.samples == 0
+
+
+def test_assembler_ends_a_batch_where_the_sample_times_jump() -> None:
+    """Lost messages (QoS 0), a device that paused: the samples after the hole are not the next ones, so
+    the batch ends before them and each batch's t0 + i / rate_hz stays true (as the CSV replay does)."""
+    a = SampleAssembler(("x",), rate_hz=100.0, batch_size=10)
+    out = []
+    for i in [0, 1, 2, 3, 9, 10]:  # samples 4..8 were lost
+        out += a.feed(json.dumps({"ts": 50 + i / 100, "x": i}).encode(), 99.0)
+    out += a.feed(json.dumps({"t0": 50.11, "channels": ["x"], "data": [[11, 12]]}).encode(), 99.0)  # contiguous
+    out += a.feed(json.dumps({"ts": 50.1305, "x": 13}).encode(), 99.0)  # jitter within a sample period
+    rest = a.flush()
+    assert len(out) == 1 and rest is not None
+    assert (out[0].t0, out[0].data.tolist()) == (50.0, [[0, 1, 2, 3]])
+    assert rest.t0 == pytest.approx(50.09) and rest.data.tolist() == [[9, 10, 11, 12, 13]]
+    assert a.stats.gaps == 1
+    # Without their own time (the arrival time is used) messages are never split: arrival jitter is not a gap.
+    b = SampleAssembler(("x",), rate_hz=100.0, batch_size=10)
+    for i in range(3):
+        b.feed(b'{"x": 1}', 10.0 + i)
+    assert b.stats.gaps == 0 and (rest := b.flush()) is not None and rest.n_samples == 3
+
+
 # --- fault requests and configuration -------------------------------------------------------------
 
 
@@ -145,6 +199,23 @@ def test_config_camel_case_defaults_and_errors_naming_fields() -> None:
         with pytest.raises(ConfigError, match=field) as info:
             load_config(raw)
         assert info.value.component == "com.nucleus.SensorIngest"
+
+
+def test_config_refuses_a_csv_file_it_cannot_replay(tmp_path: Path) -> None:
+    """Checked with the configuration, so a deployment naming a missing file or column is refused (the
+    ingest used to accept it and then fail at every start until BROKEN). Only the header is read."""
+    good = tmp_path / "good.csv"
+    good.write_text("a,b\n1,2\n")
+    assert load_config({"source": "csv", "csv": {"path": str(good)}}).csv is not None
+    (tmp_path / "not-gzip.csv.gz").write_text("a,b\n")
+    for csv, why in [({"path": str(tmp_path / "gone.csv")}, "gone.csv: no such file"),
+                     ({"path": str(good), "columns": ["a", "c"]}, "columns ['c'] not in header"),
+                     ({"path": str(tmp_path / "not-gzip.csv.gz")}, "cannot read the header row")]:
+        with pytest.raises(ConfigError, match="csv: ") as info:
+            load_config({"source": "csv", "csv": csv})
+        assert why in str(info.value)
+    # A csv section the source does not use is not checked: switching to MQTT leaves it behind.
+    assert load_config({"source": "mqtt", "csv": {"path": str(tmp_path / "gone.csv")}}).source == "mqtt"
 
 
 # --- the service on a real bus --------------------------------------------------------------------
@@ -240,6 +311,110 @@ async def test_mqtt_source_against_a_real_mosquitto(short_tmp: Path) -> None:
     assert partial["data"].shape == (2, 20) and partial["t0"] == pytest.approx(1000.5)  # flushed after 0.3 s
 
 
+async def wait_for_log(logs: Sequence[Mapping[str, Any]], event: str, count: int = 1, timeout: float = 10.0,
+                       poke: Any = None) -> None:
+    """Until ``event`` was logged ``count`` times (bounded); ``poke`` is awaited between looks."""
+    async with asyncio.timeout(timeout):
+        while sum(1 for e in logs if e["event"] == event) < count:
+            if poke is not None:
+                await poke()
+            await asyncio.sleep(0.05)
+
+
+async def test_mqtt_bad_input_is_logged_and_the_source_outlives_a_broker_restart(short_tmp: Path) -> None:
+    """The bad cases of a real device: each is one log line naming the problem and the topic, the good
+    samples around them still make batches, and a broker that goes away and comes back on the same port
+    is reconnected to with the numbering carried on."""
+    import aiomqtt
+
+    port = free_port()
+    cfg = load_config({"asset": "m2", "source": "mqtt", "rateHz": 100, "batchSize": 5,
+                       "mqtt": {"port": port, "topic": "plant/+/vib", "channels": ["x", "y"], "flushAfterS": 30,
+                                "reconnectInitialS": 0.1, "reconnectMaxS": 0.2}})
+    with capture_logs() as logs:
+        async with bus(short_tmp) as path, client(path, "ingest") as ic, client(path) as tc, \
+                tc.subscribe("sensors/m2/raw", queue_size=100) as batches:
+            service = IngestService(ic, cfg)
+            pub = asyncio.create_task(service.publish_forever())
+            with mosquitto(short_tmp, port):
+                async with aiomqtt.Client("127.0.0.1", port) as device:
+                    async def probe() -> None:  # the source subscribes asynchronously
+                        await device.publish("plant/p1/vib", b"garbage")
+                    await wait_for_log(logs, "ingest.mqtt_bad_input", poke=probe)
+                    for doc in [{"ts": 100.0, "x": 1}, {"ts": 100.01, "x": 2, "y": 2, "rpm": 9},
+                                {"ts": 100.02, "x": "high", "y": 3},
+                                {"t0": 100.03, "channels": ["x", "y"], "data": [[4, 5], [4, 5]]},
+                                {"t0": 100.05, "rate_hz": 50, "channels": ["x"], "data": [[6]]}]:
+                        await device.publish("plant/p1/vib", json.dumps(doc))
+                    await device.publish("plant/p2/vib", json.dumps({"ts": 100.05, "x": 1, "y": 1}))
+                    first = (await anext(batches)).payload
+                    await wait_for_log(logs, "ingest.mqtt_bad_input", 6)
+            await wait_for_log(logs, "ingest.mqtt_disconnected")  # the broker is gone: retried with backoff
+            with mosquitto(short_tmp, port):
+                await wait_for_log(logs, "ingest.mqtt_connected", 2)
+                async with aiomqtt.Client("127.0.0.1", port) as device:
+                    for i in range(5):
+                        await device.publish("plant/p1/vib", json.dumps({"ts": 200 + i / 100, "x": i, "y": i}))
+                    second = (await anext(batches)).payload
+            assert not pub.done()  # never ended by any of it
+            pub.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pub
+    bad = {e["reason"]: e for e in logs if e["event"] == "ingest.mqtt_bad_input"}
+    assert set(bad) == {"malformed", "missing_values", "unknown_channels", "bad_values", "rate_mismatch",
+                        "other_topic"}
+    assert all(e["topic"] for e in bad.values()) and bad["other_topic"]["topic"] == "plant/p2/vib"
+    assert (first["t0"], second["t0"]) == (100.0, 200.0) and second["seq"] == first["seq"] + 1
+    assert first["stream"] == second["stream"]
+    np.testing.assert_array_equal(first["data"], [[1, 2, np.nan, 4, 5], [np.nan, 2, 3, 4, 5]])
+
+
+async def test_a_restart_that_lands_with_the_connack_still_stops_the_mqtt_source(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiomqtt waits for the CONNACK with asyncio.wait_for, which in Python 3.11 swallows a cancel that
+    arrives in the same loop turn as the answer. The ingest cancels its source to apply a configuration;
+    the swallowed cancel left the old source running and every later configuration unapplied (found on a
+    daemon: five restarts for one five-key deployment, the last one lost). Here the cancel is sent from
+    the CONNACK callback itself, so the race is hit every time."""
+    import aiomqtt
+
+    source: asyncio.Task[None] | None = None
+    on_connect = aiomqtt.Client._on_connect
+
+    def cancel_with_the_connack(self: Any, *args: Any, **kwargs: Any) -> None:
+        on_connect(self, *args, **kwargs)
+        if source is not None:
+            source.cancel()
+
+    monkeypatch.setattr(aiomqtt.Client, "_on_connect", cancel_with_the_connack)
+    with mosquitto(short_tmp) as port:
+        cfg = load_config({"asset": "m3", "source": "mqtt", "mqtt": {"port": port, "topic": "plant/m3/vib"}})
+        async with bus(short_tmp) as path, client(path, "ingest") as ic:
+            source = asyncio.create_task(IngestService(ic, cfg).publish_forever())
+            done, _ = await asyncio.wait({source}, timeout=10)
+            if not done:
+                source.cancel()  # a second cancel ends it, so the test can clean up
+                await asyncio.wait({source}, timeout=10)
+    assert done and source.cancelled()
+
+
+async def test_a_replay_file_that_breaks_mid_way_is_one_logged_error(short_tmp: Path) -> None:
+    """A truncated .gz (a copy still in progress, a full disk) passes the header check and fails later:
+    one error line naming the file, and the source ends instead of crashing the ingest at every start."""
+    whole = gzip.compress(("a,b\n" + "".join(f"{i},{-i}\n" for i in range(20_000))).encode())
+    path_csv = short_tmp / "cut.csv.gz"
+    path_csv.write_bytes(whole[: len(whole) // 2])
+    cfg = load_config({"asset": "cut", "source": "csv", "rateHz": 1000, "batchSize": 100,
+                       "csv": {"path": str(path_csv), "speed": 0, "loop": False}})
+    with capture_logs() as logs:
+        async with bus(short_tmp) as path, client(path, "ingest") as ic:
+            service = IngestService(ic, cfg)
+            await asyncio.wait_for(service.publish_forever(), 30)
+    failed = [e for e in logs if e["event"] == "ingest.replay_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == str(path_csv) and "EOFError" in failed[0]["error"]
+    assert service.published > 10  # what could be read was replayed
+
+
 # --- the component under a real daemon ------------------------------------------------------------
 
 
@@ -271,6 +446,57 @@ def test_component_under_daemon_publishes_and_takes_faults(daemon: Any, short_tm
     assert all(p["asset"] == "wt-9" and p["data"].shape == (4, 50) for p in got)
     temp = got[-1]["data"][3]
     assert np.unique(temp).size == 1  # stuck
+
+
+@pytest.mark.slow
+def test_configuration_only_deployments_keep_the_stream_and_refuse_a_csv_it_cannot_read(
+        daemon: Any, short_tmp: Path) -> None:
+    """What switching a replay on a device looks like: configuration-only deployments. One that sets three
+    keys is applied once (the nucleus notifies each key: the ingest used to restart its source three
+    times) and keeps ``stream`` and the numbering (a new stream made the detector discard its partial
+    window as after a restart). One naming a file that is not there is refused by the deployment, naming
+    csv, and the ingest runs on (it used to be accepted, then the ingest failed at every start until
+    BROKEN)."""
+    daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", "com.nucleus.SensorIngest=1.0.0",
+               "--update-config", json.dumps({"com.nucleus.SensorIngest": {"MERGE": {"asset": "wt-8",
+                                                                                   "batchSize": 50}}}))
+    policy = short_tmp / "viewer.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"v": {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["sensors/wt-8/raw"]}}}))
+    token = daemon.cli("client", "add", "test.viewer", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    three_keys = {"com.nucleus.SensorIngest": {"MERGE": {"batchSize": 100, "maxBurst": 5, "simulator": {"seed": 3}}}}
+    missing = {"com.nucleus.SensorIngest": {"MERGE": {"source": "csv", "csv": {"path": str(short_tmp / "gone.csv")}}}}
+
+    async def scenario() -> tuple[list[dict[str, Any]], Any]:
+        from ipc import Client
+
+        got: list[dict[str, Any]] = []
+        async with Client(daemon.root / "ipc.sock", token, name="test.viewer") as c, \
+                c.subscribe("sensors/wt-8/raw", queue_size=10_000) as batches:
+
+            async def take(n: int, shape: int | None = None) -> None:
+                async with asyncio.timeout(30):
+                    while n:
+                        got.append((await anext(batches)).payload)
+                        n -= shape is None or got[-1]["data"].shape[1] == shape
+
+            await take(5)
+            await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(three_keys))
+            await take(5, shape=100)
+            refused = await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(missing),
+                                              check=False)
+            await take(5)
+        return got, refused
+
+    got, refused = asyncio.run(scenario())
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
+    assert "csv:" in refused.stderr and "gone.csv: no such file" in refused.stderr
+    seqs = [p["seq"] for p in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(got)))  # nothing lost, nothing restarted
+    assert {p["stream"] for p in got} == {got[0]["stream"]}
+    assert got[-1]["data"].shape == (4, 100) and got[-1]["source"] == "sim"
+    log = daemon.cli("logs", "com.nucleus.SensorIngest").stdout
+    assert log.count("ingest.config_changed") == 1 and log.count("ingest.started") == 2, log
 
 
 async def test_configuration_changes_on_a_bus_without_configuration_never_ends(tmp_path: Path) -> None:
