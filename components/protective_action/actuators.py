@@ -6,6 +6,8 @@ prints and records what it would have done (the example and the tests watch it);
 a relay board or a vendor CLI on a real device — with a timeout, so a hung script is reported as a
 failed action instead of holding the protective function hostage. The program gets the decision in
 its environment (``NUCLEUS_ACTION``, ``NUCLEUS_ASSET``, ``NUCLEUS_DECISION_ID``, ``NUCLEUS_REASON``).
+Its exit status is the outcome: 0 is success, anything else (or no exit within the timeout) is a
+failure, and the end of its output is the outcome's detail.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import IO, Protocol, TextIO
 
 from components.protective_action.audit import Outcome
 
@@ -64,6 +68,22 @@ class CommandActuator:
     commands: dict[str, tuple[str, ...]]
     timeout_s: float = 5.0
 
+    def unavailable(self) -> dict[str, str]:
+        """Each action whose program cannot be run from here, and why; checked at start and on every new
+        configuration so that a missing relay script shows up in the log then, not at the first trip.
+        Only a warning: the program may come with a component the same deployment installs."""
+        out: dict[str, str] = {}
+        for action, argv in self.commands.items():
+            prog = argv[0]
+            if "/" not in prog:
+                if shutil.which(prog) is None:
+                    out[action] = f"{prog}: not found on PATH"
+            elif not Path(prog).is_file():
+                out[action] = f"{prog}: no such file" + ("" if prog.startswith("/") else f" in {Path.cwd()}")
+            elif not os.access(prog, os.X_OK):
+                out[action] = f"{prog}: not executable"
+        return out
+
     async def execute(self, request: ActionRequest) -> Outcome:
         start, wall = time.monotonic(), time.time()
 
@@ -75,26 +95,38 @@ class CommandActuator:
             return done(False, f"no command configured for {request.action}")
         env = dict(os.environ, NUCLEUS_ACTION=request.action, NUCLEUS_ASSET=request.asset,
                    NUCLEUS_DECISION_ID=request.decision_id, NUCLEUS_REASON=request.reason)
-        try:
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            return done(False, f"cannot run {argv[0]}: {exc}")
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                output, _ = await proc.communicate()
-        except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
-            return done(False, f"{argv[0]} timed out after {self.timeout_s:g} s (killed)")
-        except BaseException:  # cancelled (we are stopping): leave no script behind in its own session
-            _kill_group(proc.pid)
-            raise
-        tail = output.decode(errors="replace").strip()[-300:]
+        # Output goes to a file, not a pipe: the outcome is the program's exit, and a background process
+        # it leaves running (a siren on a timer) keeps a pipe open, which made a relay script that had
+        # succeeded wait out the timeout and count as failed.
+        with tempfile.TemporaryFile() as output:
+            try:
+                proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                            stdout=output, stderr=asyncio.subprocess.STDOUT,
+                                                            start_new_session=True)
+            except OSError as exc:
+                return done(False, f"cannot run {argv[0]}: {exc}")
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await proc.wait()
+            except TimeoutError:
+                _kill_group(proc.pid)
+                await proc.wait()
+                return done(False, f"{argv[0]} timed out after {self.timeout_s:g} s (killed)")
+            except BaseException:  # cancelled (we are stopping): leave no script behind in its own session
+                _kill_group(proc.pid)
+                raise
+            tail = _tail(output)
         if proc.returncode != 0:
             return done(False, f"{argv[0]} exited {proc.returncode}: {tail}")
         return done(True, tail or "ok")
+
+
+def _tail(output: IO[bytes], chars: int = 300) -> str:
+    """The end of what the program wrote, as the outcome's detail (bounded: a chatty script cannot
+    bloat the audit log)."""
+    size = output.seek(0, os.SEEK_END)
+    output.seek(max(0, size - 4 * chars))
+    return output.read().decode(errors="replace").strip()[-chars:]
 
 
 def _kill_group(pid: int) -> None:

@@ -79,6 +79,7 @@ class ActionService:
         self.cfg = cfg
         self.audit = audit
         self.actuator = actuator or make_actuator(cfg.actuator)
+        self._check_actuator()
         self.clocks = clocks or Clocks()
         self.stats = Stats()
         self._lock = asyncio.Lock()
@@ -95,8 +96,19 @@ class ActionService:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def _check_actuator(self) -> None:
+        if isinstance(self.actuator, CommandActuator):
+            for action, problem in self.actuator.unavailable().items():
+                log.warning("action.command_unavailable", action=action, problem=problem,
+                            note="the action will fail when it is taken, unless the program is there by then")
+
     def reconfigure(self, cfg: ActionConfig) -> None:
-        """A new configuration: policies keep their state and timers; assets come and go."""
+        """A new configuration: policies keep their state and timers; assets come and go.
+
+        The nucleus notifies once per changed key, so one deployment arrives as several changes to
+        the same configuration: only the first is applied."""
+        if cfg == self.cfg:
+            return
         if cfg.audit_path != self.cfg.audit_path:
             log.warning("action.audit_path_change_needs_restart", current=str(self.cfg.audit_path),
                         configured=str(cfg.audit_path))
@@ -112,9 +124,10 @@ class ActionService:
         self.policies = policies
         if cfg.actuator != self.cfg.actuator:
             self.actuator = make_actuator(cfg.actuator)
+            self._check_actuator()
         self.cfg = cfg
         log.info("action.reconfigured", assets=list(cfg.assets), k=cfg.policy.k, n=cfg.policy.n,
-                 latch=cfg.policy.latch)
+                 latch=cfg.policy.latch, actuator=cfg.actuator.kind)
 
     # --- the decision path ---------------------------------------------------------------------
     async def _audit(self, fn: Callable[..., None], *args: Any) -> bool:

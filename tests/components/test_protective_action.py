@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import stat
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from ingest_action_kit import REPO, bus, client
+from structlog.testing import capture_logs
 
 from components.configuration import ConfigError
 from components.protective_action.actuators import ActionRequest, CommandActuator, SimulatedActuator
@@ -187,6 +189,54 @@ async def test_command_actuator_runs_scripts_with_timeout(tmp_path: Path) -> Non
     assert not (await missing.execute(ActionRequest("engage_brake", "t1", "d4", "x"))).ok
 
 
+async def test_command_outcome_is_the_exit_even_when_the_script_leaves_a_process_running(tmp_path: Path) -> None:
+    """A relay script that switches the relay and leaves a siren running in the background succeeded;
+    it was reported as timed out (and the siren killed) because the siren kept the output pipe open."""
+    siren_pid = tmp_path / "siren.pid"
+    relay = tmp_path / "relay.sh"
+    relay.write_text(f"#!/bin/sh\necho relay on\nsleep 60 &\necho $! > {siren_pid}\n")
+    relay.chmod(relay.stat().st_mode | stat.S_IXUSR)
+    act = CommandActuator({"engage_brake": (str(relay),)}, timeout_s=5)
+    try:
+        r = await act.execute(ActionRequest("engage_brake", "t1", "d1", "test"))
+        assert r.ok and r.detail == "relay on"
+        os.kill(int(siren_pid.read_text()), 0)  # the script's background process is its own business
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(siren_pid.read_text()), signal.SIGKILL)
+
+
+async def test_a_command_that_cannot_run_is_logged_at_start_and_on_a_new_configuration(short_tmp: Path) -> None:
+    """A missing relay script used to show up only when the brake was needed. The deployment cannot refuse
+    it (the script may come with another component of the same deployment), so the action says so then."""
+    ok, plain, gone = short_tmp / "ok.sh", short_tmp / "plain.sh", short_tmp / "gone.sh"
+    ok.write_text("#!/bin/sh\n")
+    ok.chmod(0o755)
+    plain.write_text("#!/bin/sh\n")
+
+    def with_commands(commands: dict[str, str]) -> Any:
+        return load_config({**FAST, "actuator": {"kind": "command", "commands": commands}})
+
+    first_cfg = with_commands({"engage_brake": str(ok), "pitch_to_feather": f"{gone} --feather"})
+    with capture_logs() as logs:
+        async with bus(short_tmp) as path, client(path, "action") as ac:
+            audit = AuditLog(short_tmp / "audit.db")
+            service = ActionService(ac, first_cfg, audit)
+            first = [(e["action"], e["problem"]) for e in logs if e["event"] == "action.command_unavailable"]
+            service.reconfigure(with_commands({"engage_brake": str(ok), "pitch_to_feather": f"{gone} --feather"}))
+            assert not any(e["event"] == "action.reconfigured" for e in logs)  # the same configuration again
+            logs.clear()
+            service.reconfigure(with_commands({"engage_brake": "no-such-relay-tool on",
+                                               "pitch_to_feather": str(plain)}))
+            second = [(e["action"], e["problem"]) for e in logs if e["event"] == "action.command_unavailable"]
+            service.close()
+            audit.close()
+    assert first == [("pitch_to_feather", f"{gone}: no such file")]
+    assert sorted(second) == [("engage_brake", "no-such-relay-tool: not found on PATH"),
+                              ("pitch_to_feather", f"{plain}: not executable")]
+    assert [e["actuator"] for e in logs if e["event"] == "action.reconfigured"] == ["command"]
+
+
 def test_command_actuator_config_must_cover_every_configured_action() -> None:
     with pytest.raises(ConfigError, match="no command for"):
         load_config({"actuator": {"kind": "command", "commands": {"engage_brake": "/bin/true"}}})
@@ -270,3 +320,63 @@ def test_sigkill_during_a_burst_loses_no_acknowledged_decision(daemon: Any, shor
     missing = [a for a in acked if a not in stored]
     assert missing == []
     assert len(stored) >= len(acked)
+
+
+@pytest.mark.slow
+def test_command_actuator_under_the_daemon_acts_after_the_audit_and_records_failures(
+        daemon: Any, short_tmp: Path) -> None:
+    """docs/components.md's command actuator on a real daemon: the script gets its argv and the decision
+    in its environment, the decision is already in the audit log when it runs, and a script that fails
+    is an outcome (ok false, its message) in the log, the audit and the acknowledgement; the component
+    runs on."""
+    calls = short_tmp / "calls.jsonl"
+    db = daemon.root / "work" / "com.nucleus.ProtectiveAction" / "audit.db"
+    relay = short_tmp / "relay.py"
+    relay.write_text(f"""#!{sys.executable}
+import json, os, sqlite3, sys
+with sqlite3.connect("file:{db}?mode=ro", uri=True) as c:
+    audited = c.execute("SELECT state FROM decisions WHERE decision_id = ?",
+                        (os.environ["NUCLEUS_DECISION_ID"],)).fetchone()
+env = {{k: v for k, v in os.environ.items() if k.startswith("NUCLEUS_") and k[8:] in
+       ("ACTION", "ASSET", "DECISION_ID", "REASON")}}
+with open("{calls}", "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": env, "audited": audited, "cwd": os.getcwd()}}) + "\\n")
+print("relay", *sys.argv[1:])
+""")
+    failing = short_tmp / "fail.sh"
+    failing.write_text("#!/bin/sh\necho 'relay board not answering' >&2\nexit 3\n")
+    for script in (relay, failing):
+        script.chmod(0o755)
+    config: dict[str, Any] = json.loads(json.dumps(BURST_CONFIG))
+    config["policy"].update(latch=True, tripActions=["engage_brake", "pitch_to_feather"])
+    config["actuator"] = {"kind": "command", "timeoutS": 10, "commands": {
+        "engage_brake": [str(relay), "brake", "on"], "pitch_to_feather": f"{failing} feather"}}
+    daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", "com.nucleus.ProtectiveAction=1.0.0",
+               "--update-config", json.dumps({"com.nucleus.ProtectiveAction": {"MERGE": config}}))
+    policy = short_tmp / "operator.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"o": {
+        "operations": ["aws.greengrass#SubscribeToTopic", "aws.greengrass#PublishToTopic"],
+        "resources": ["actions/wt-1", "anomaly/wt-1"]}}}))
+    token = daemon.cli("client", "add", "test.operator", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+
+    async def trip() -> dict[str, Any]:
+        async with Client(daemon.root / "ipc.sock", token, name="test.operator") as c, \
+                c.subscribe("actions/wt-1") as actions:
+            await c.publish("anomaly/wt-1", event(2.0, "wt-1"))
+            return await next_action(actions, timeout=30)
+
+    ack = asyncio.run(trip())
+    assert ack["state"] == "latched"
+    outcomes = {o["action"]: o for o in ack["outcomes"]}
+    assert outcomes["engage_brake"] == {"action": "engage_brake", "ok": True, "detail": "relay brake on"}
+    assert outcomes["pitch_to_feather"]["ok"] is False
+    assert outcomes["pitch_to_feather"]["detail"] == f"{failing} exited 3: relay board not answering"
+    (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert call["argv"] == ["brake", "on"] and call["audited"] == ["latched"]  # in the audit before acting
+    assert call["env"] == {"NUCLEUS_ACTION": "engage_brake", "NUCLEUS_ASSET": "wt-1",
+                           "NUCLEUS_DECISION_ID": ack["decision_id"], "NUCLEUS_REASON": ack["reason"]}
+    assert call["cwd"] == str(db.parent)  # the component's work directory: where relative paths start
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT action, ok FROM outcomes WHERE decision_id = ?", (ack["decision_id"],)))
+    assert rows == {"engage_brake": 1, "pitch_to_feather": 0}
+    assert daemon.components()["com.nucleus.ProtectiveAction"]["state"] == "RUNNING"
