@@ -680,15 +680,27 @@ class Client:
 
         While it is iterated it also answers the nucleus's validation of proposed configurations with the
         same ``parse`` (:meth:`validate_configurations`), so a deployment with a configuration this
-        component would refuse fails before anything is written, naming the component and the reason."""
+        component would refuse fails before anything is written, naming the component and the reason.
+
+        A configuration equal to the one yielded last is not yielded again (one deployment that sets
+        several keys arrives as one change per key)."""
         validating = asyncio.create_task(self.validate_configurations(parse, errors=errors))
+        last: list[T] = []  # the configuration yielded last
         try:
             async with self.watch_configuration() as changes:
                 async for _ in changes:
                     try:
-                        yield parse(await self.get_configuration())
+                        current = parse(await self.get_configuration())
                     except errors as exc:
                         rejected(exc)
+                        continue
+                    # The nucleus notifies once per changed key, and the first read already sees every key
+                    # of the deployment: the rest would hand the caller the same configuration again (an
+                    # ingest would restart its source once per key).
+                    if last and current == last[0]:
+                        continue
+                    last[:] = [current]
+                    yield current
         except IpcError as exc:
             if exc.code != "UNKNOWN_OPERATION":
                 raise

@@ -243,6 +243,30 @@ async def test_a_late_validity_report_does_not_end_the_sdks_validation(core: Ipc
     assert got == [("next", "REJECTED")]
 
 
+async def test_configuration_changes_yields_a_configuration_once_however_many_keys_changed(
+        core: IpcCore, server: IpcServer) -> None:
+    """The nucleus notifies once per changed key; the first read already sees every key of the deployment,
+    so the others used to yield the same configuration again (a restart of the ingest's source each)."""
+    docs = [{"a": 1, "b": 1}, {"a": 2, "b": 2}, {"a": 2, "b": 2}, {"a": 2, "b": 2}, {"a": 3, "b": 2}]
+    reads = iter(docs)
+
+    async def get(ctx: CallContext, args: dict[str, Any]) -> Any:
+        return next(reads)
+
+    async def watch(ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        for key in "ababa":
+            yield {"component": "alice", "key_path": [key]}
+        await asyncio.Event().wait()
+
+    core.register("config.get", get)
+    core.register_stream("config.subscribe", watch)
+    async with Client(path_of(server), "tok-alice") as c:
+        changes = c.configuration_changes(dict, errors=(ValueError,), rejected=lambda exc: None)
+        got = [await asyncio.wait_for(anext(changes), 10) for _ in range(3)]
+        await changes.aclose()
+    assert got == [{"a": 1, "b": 1}, {"a": 2, "b": 2}, {"a": 3, "b": 2}]
+
+
 async def test_call_timeout(core: IpcCore, server: IpcServer) -> None:
     async def slow(ctx: CallContext, args: dict[str, Any]) -> None:
         await asyncio.sleep(30)
