@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -528,11 +529,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logconfig.configure("warning", stream=sys.stderr)
     try:
-        if args.is_async:
-            return int(asyncio.run(args.func(args)))
-        return int(args.func(args))
+        rc = int(asyncio.run(args.func(args))) if args.is_async else int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return rc
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`nucleus deployments | head`): not our error, so no traceback; stdout
+        # goes to /dev/null so that the interpreter's last flush does not raise it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
     except NucleusError as exc:
         print(f"nucleus: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -226,6 +226,21 @@ def test_status_lists_the_background_process_a_startup_step_left_and_stop_ends_i
     assert json.loads(daemon.cli("status", "test.Bg").stdout)["processes"] == []
 
 
+def test_a_closed_pipe_ends_a_command_quietly(daemon: Any, short_tmp: Path) -> None:
+    """`nucleus deployments | head` printed a BrokenPipeError traceback once head had read enough."""
+    daemon.cli("deploy", str(write_recipe(short_tmp / "r", "test.Pipe", "1.0.0", run=SLEEPER)))
+    for args in (["deployments"], ["list"], ["logs", "test.Pipe"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first line is written
+        try:
+            proc = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(daemon.root), *args],
+                                  stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 141, (args, proc.stderr)
+        assert proc.stderr == "", (args, proc.stderr)
+
+
 def test_update_config_reset_then_merge(daemon: Any, short_tmp: Path) -> None:
     recipe = write_recipe(short_tmp / "r", "test.Cfg", "1.0.0", run=SLEEPER,
                           config={"tag": "v1", "nested": {"a": 1, "b": [1, 2]}})
