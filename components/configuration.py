@@ -69,7 +69,9 @@ def _describe(error: ErrorDetails, doc: Any) -> str:
     loc = error["loc"]
     where = ".".join(str(p) for p in loc) or "<root>"
     if error["type"] != "extra_forbidden" or not loc:
-        return f"{where}: {error['msg']}"
+        # A validator's own ValueError reads "Value error, <its message>": the message is the point.
+        msg = error["msg"].removeprefix("Value error, ") if error["type"] == "value_error" else error["msg"]
+        return f"{where}: {msg}"
     # snake_case is accepted too, so a snake_case key beside its camelCase twin (the recipe's default) is
     # not unknown: it is the same key twice, and saying "unknown" would send the reader looking for a typo.
     key, parent = str(loc[-1]), doc
