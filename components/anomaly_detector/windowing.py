@@ -12,6 +12,9 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
 * ``gap`` -- ``seq`` jumped: samples are missing, so the partial window is discarded (a window never
   spans missing data) and windowing restarts with this batch. The count is the number of missing
   batches.
+* ``time_gap`` -- ``seq`` is consecutive but the producer says samples are missing before this batch
+  (``follows_gap: true``: the ingest saw a jump in the samples' own times, or a replay started over):
+  handled as a ``gap``, one per such batch. Without it a window joined the two sides of the jump.
 * ``missing_channel`` -- the batch lacks a channel the model needs: dropped, window restarted.
 * ``malformed`` -- data is not a 2-D array matching ``channels``: dropped, window restarted.
 * ``rate_mismatch`` -- the batch's ``rate_hz`` differs from the model's by more than 1 %: dropped,
@@ -102,6 +105,9 @@ class Windower:
             return []
         if self.last_seq is not None and seq > self.last_seq + 1:
             self.skipped["gap"] += seq - self.last_seq - 1
+            self.reset()
+        elif self.last_seq is not None and batch.get("follows_gap") is True:
+            self.skipped["time_gap"] += 1
             self.reset()
         self.last_seq = seq
         self.last_t0 = t0

@@ -2,7 +2,8 @@
 
 Healthy data for a model often exists only as the live stream: this subscribes to a sensor topic
 through the SDK (as any declared client or the nucleus CLI), keeps batches in arrival order, and
-starts a new segment wherever the sequence numbers show a gap or the channels/rate change, so
+starts a new segment wherever the sequence numbers show a gap (or the batch says it follows one:
+``follows_gap``) or the channels/rate change, so
 that no training window ever spans missing data.
 """
 
@@ -55,7 +56,8 @@ class Recorder:
         elif channels != self.channels or rate != self.rate_hz:
             raise TrainingError(f"channels/rate changed from {self.channels}@{self.rate_hz} to {channels}@{rate}; "
                                 "record one configuration at a time", field="channels")
-        if self._last_seq is not None and seq != self._last_seq + 1 and self.samples:
+        if (self._last_seq is not None and (seq != self._last_seq + 1 or payload.get("follows_gap") is True)
+                and self.samples):
             self.gaps += 1
             self.segment_starts.append(self.samples)
         if len(self.segment_t0) < len(self.segment_starts):

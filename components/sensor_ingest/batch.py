@@ -2,7 +2,8 @@
 
 One owner for the wire shape, so the simulator, the replay and the MQTT source cannot disagree
 on it: channel-major float32, ``t0`` in epoch seconds of the first sample, and a sequence number
-that grows by exactly one per published batch so a consumer can tell loss from silence. ``stream``
+that grows by exactly one per published batch so a consumer can tell loss from silence (and
+``follows_gap: true`` on a batch whose samples do not continue the previous batch's). ``stream``
 names this run of the numbering (new at every ingest start): a restarted ingest counts from 0 again,
 and without it a consumer would take the new stream for old, out-of-order batches.
 """
@@ -27,6 +28,10 @@ class Batch:
     rate_hz: float
     channels: tuple[str, ...]
     data: npt.NDArray[np.float32]  # (n_channels, n_samples)
+    # Samples are missing between the previous batch and this one although ``seq`` will be consecutive
+    # (the source saw a time jump: lost MQTT messages, a gap in a CSV, a replay starting over). A
+    # consumer must not join the two into one window.
+    follows_gap: bool = False
 
     @property
     def n_samples(self) -> int:
@@ -63,4 +68,5 @@ class Sequencer:
             "channels": list(batch.channels),
             "data": data,
             "source": self.source,
+            **({"follows_gap": True} if batch.follows_gap else {}),
         }

@@ -70,6 +70,8 @@ class SampleAssembler:
     stats: AssemblerStats = field(default_factory=AssemblerStats)
     _t0: float | None = None
     _rows: list[list[float]] = field(default_factory=list)
+    _next_t: float | None = None  # the time the sample after the last taken batch is due
+    _after_gap: bool = False  # the batch being filled does not continue the last taken one
     _topic: str | None = None  # the topic samples are taken from: the first that delivered a valid one
     _current: str | None = None  # the topic of the message being fed
 
@@ -166,13 +168,14 @@ class SampleAssembler:
         ``t0``) and is not the next sample (more than 1.5 sample periods off: lost messages, a device
         that paused, a clock step) ends the batch first, so ``t0 + i / rate_hz`` stays true in a batch."""
         out: list[Batch] = []
-        if timed and self._rows and rows:
-            assert self._t0 is not None
-            expected = self._t0 + len(self._rows) / self.rate_hz
-            if abs(t0 - expected) > 1.5 / self.rate_hz:
-                self._problem("gaps", f"sample time {t0:.6f} is {t0 - expected:+.6f} s off the next sample's "
-                                      f"at {self.rate_hz:g} Hz: the batch ends before it")
+        expected = self._t0 + len(self._rows) / self.rate_hz if self._t0 is not None else self._next_t
+        if timed and rows and expected is not None and abs(t0 - expected) > 1.5 / self.rate_hz:
+            # also after a flush (the device went quiet): the next batch must not look continuous
+            self._problem("gaps", f"sample time {t0:.6f} is {t0 - expected:+.6f} s off the next sample's "
+                                  f"at {self.rate_hz:g} Hz: the batch ends before it")
+            if self._rows:
                 out.append(self._take())
+            self._after_gap = True
         for i, row in enumerate(rows):
             if self._t0 is None:
                 self._t0 = t0 + i / self.rate_hz
@@ -189,8 +192,9 @@ class SampleAssembler:
     def _take(self) -> Batch:
         assert self._t0 is not None
         data = np.asarray(self._rows, dtype=np.float32).T.copy()
-        batch = Batch(self._t0, self.rate_hz, self.channels, data)
-        self._rows, self._t0 = [], None
+        batch = Batch(self._t0, self.rate_hz, self.channels, data, follows_gap=self._after_gap)
+        self._next_t = self._t0 + len(self._rows) / self.rate_hz
+        self._rows, self._t0, self._after_gap = [], None, False
         return batch
 
 

@@ -15,6 +15,7 @@ Pacing (real time or accelerated) is the service's job; this module has no clock
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import math
@@ -118,10 +119,11 @@ class CsvReplay:
             last_t: float | None = None
             first_t: float | None = None
             for batch in self._one_pass():
+                wrapped = first_t is None and self.stats.passes > 0  # the file starts over: not the next sample
                 if first_t is None:
                     first_t = batch.t0
                 last_t = batch.t0 + batch.duration_s
-                yield Batch(batch.t0 + offset, batch.rate_hz, batch.channels, batch.data)
+                yield dataclasses.replace(batch, t0=batch.t0 + offset, follows_gap=batch.follows_gap or wrapped)
             self.stats.passes += 1
             if not self.loop or first_t is None or last_t is None:
                 return
@@ -137,6 +139,7 @@ class CsvReplay:
             times: list[float] = []
             step: float | None = None
             sample = 0
+            after_gap = False  # the batch being filled starts after a gap in the timestamps
             for row in reader:
                 if not row:
                     continue
@@ -160,16 +163,16 @@ class CsvReplay:
                         step = dt
                     if dt <= 0 or step <= 0 or not math.isclose(dt, step, rel_tol=0.5):
                         self.stats.gaps += 1
-                        yield self._batch(times, values, step if step and step > 0 else fallback_step)
-                        values, times, step = [], [], None
+                        yield self._batch(times, values, step if step and step > 0 else fallback_step, after_gap)
+                        values, times, step, after_gap = [], [], None, True
                 values.append(self._cells(row, n_ch))
                 times.append(t)
                 if len(times) >= self.batch_size:
-                    yield self._batch(times, values, step if step is not None else fallback_step)
-                    values, times = [], []
+                    yield self._batch(times, values, step if step is not None else fallback_step, after_gap)
+                    values, times, after_gap = [], [], False
                     # keep `step`: the next batch continues the same regular series
             if times:
-                yield self._batch(times, values, step if step is not None else fallback_step)
+                yield self._batch(times, values, step if step is not None else fallback_step, after_gap)
 
     def _cells(self, row: list[str], n_ch: int) -> list[float]:
         out = [math.nan] * n_ch
@@ -180,8 +183,8 @@ class CsvReplay:
                 self.stats.bad_values += 1
         return out
 
-    def _batch(self, times: list[float], values: list[list[float]], step: float | None) -> Batch:
+    def _batch(self, times: list[float], values: list[list[float]], step: float | None, after_gap: bool) -> Batch:
         if step is None or step <= 0:
             step = 1.0  # a single row with no neighbour: any rate is as true as another
         data = np.asarray(values, dtype=np.float32).T.copy()
-        return Batch(times[0], 1.0 / step, self.channels, data)
+        return Batch(times[0], 1.0 / step, self.channels, data, follows_gap=after_gap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class IngestService:
                     await asyncio.sleep(step.delay_s)
                 elif period == 0:
                     await asyncio.sleep(0)
-                yield Batch(batch.t0 + shift, batch.rate_hz, batch.channels, batch.data)
+                yield dataclasses.replace(batch, t0=batch.t0 + shift)
         except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # e.g. a truncated .gz, a file removed
             # One line naming the file; the ingest then waits for a new configuration rather than crash-loop
             # on the same file (the stream stops, which sends the protective action to its safe state).

@@ -84,6 +84,19 @@ def test_gap_resets_the_window() -> None:
     assert [(x.seq_first, x.seq_last) for x in wins] == [(0, 1), (4, 5), (5, 6)]  # nothing spans the gap
 
 
+def test_a_batch_that_follows_a_time_gap_resets_the_window() -> None:
+    """seq is consecutive across a jump in the samples' own times (the ingest ends a batch there and says
+    so with follows_gap); a window used to join both sides."""
+    w = Windower(["vib_x", "temp"], 20, 10, RATE)
+    out = stream(w, [0, 1, 2])
+    jumped = batch(3, np.ones((2, 10), dtype=np.float32))
+    jumped["follows_gap"] = True
+    out += w.push(jumped)
+    out += stream(w, [4, 5])
+    assert w.skipped == {"time_gap": 1}
+    assert [(x.seq_first, x.seq_last) for x in out] == [(0, 1), (1, 2), (3, 4), (4, 5)]
+
+
 def test_nan_missing_channel_malformed_and_rate() -> None:
     w = Windower(["vib_x", "temp"], 20, 10, RATE)
     bad = np.ones((2, 10), dtype=np.float32)

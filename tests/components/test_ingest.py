@@ -78,6 +78,8 @@ def test_sequencer_numbers_batches_and_fixes_dtype() -> None:
     with pytest.raises(ValueError, match="shape"):
         seq.payload(Batch(0, 1, ("a",), data.astype(np.float32)))
     assert seq.next_seq == 2  # a refused batch does not consume a number
+    after = seq.payload(Batch(9.0, 1000.0, ("a", "b"), data.astype(np.float32), follows_gap=True))
+    assert after["seq"] == 2 and after["follows_gap"] is True  # said only when true: the usual shape is unchanged
 
 
 # --- MQTT re-batching ----------------------------------------------------------------------------
@@ -159,6 +161,15 @@ def test_assembler_ends_a_batch_where_the_sample_times_jump() -> None:
     assert (out[0].t0, out[0].data.tolist()) == (50.0, [[0, 1, 2, 3]])
     assert rest.t0 == pytest.approx(50.09) and rest.data.tolist() == [[9, 10, 11, 12, 13]]
     assert a.stats.gaps == 1
+    # seq will be consecutive: the batch after the hole says it follows one (the detector's time_gap)
+    assert [out[0].follows_gap, rest.follows_gap] == [False, True]
+    # ... also when the hole falls after a flush (the device went quiet, then resumed later)
+    assert a.feed(json.dumps({"ts": 50.14, "x": 14}).encode(), 99.0) == []  # continues the flushed batch
+    cont = a.flush()
+    assert cont is not None and cont.t0 == pytest.approx(50.14) and cont.follows_gap is False
+    assert a.feed(json.dumps({"ts": 60.0, "x": 15}).encode(), 99.0) == []  # resumed much later
+    later = a.flush()
+    assert later is not None and later.t0 == 60.0 and later.follows_gap is True and a.stats.gaps == 2
     # Without their own time (the arrival time is used) messages are never split: arrival jitter is not a gap.
     b = SampleAssembler(("x",), rate_hz=100.0, batch_size=10)
     for i in range(3):

@@ -48,6 +48,19 @@ def test_recorder_segments_at_gaps_and_refuses_a_changed_layout(tmp_path: Path) 
         Recorder().save(tmp_path / "empty.npz")
 
 
+def test_recorder_segments_where_a_batch_follows_a_time_gap() -> None:
+    """seq runs on across a jump in the samples' times (lost MQTT messages, a replay starting over); the
+    ingest marks the batch follows_gap, and a training window must not join the two sides either."""
+    rec = Recorder()
+    for seq in range(4):
+        b = batch(seq, value=seq)
+        if seq == 2:
+            b["t0"] += 60.0
+            b["follows_gap"] = True
+        rec.add(b)
+    assert rec.gaps == 1 and rec.segment_starts == [0, 200] and rec.segment_t0[1] == T0 + 0.2 + 60.0
+
+
 def test_recordings_without_times_still_load(tmp_path: Path) -> None:
     """Recordings written before segment_t0 existed (or with unknown times) train as before, without times."""
     data = np.zeros((1, 50), np.float32)

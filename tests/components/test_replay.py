@@ -97,15 +97,19 @@ def test_backwards_or_irregular_time_starts_a_new_batch(tmp_path: Path) -> None:
     batches = list(replay.batches())
     assert [(b.t0, b.n_samples) for b in batches] == [(10, 3), (20, 2), (15, 2)]
     assert replay.stats.gaps == 2
+    # seq will be consecutive across each jump: the batch says it, so no window joins both sides
+    assert [b.follows_gap for b in batches] == [False, True, True]
 
 
 def test_loop_continues_time_past_the_end(tmp_path: Path) -> None:
     p = write(tmp_path, "x.csv", "a\n1\n2\n3\n4\n")
     replay = CsvReplay(p, batch_size=2, rate_hz=10.0, loop=True)
     it = replay.batches()
-    t0s = [next(it).t0 for _ in range(5)]
-    assert t0s == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    batches = [next(it) for _ in range(5)]
+    assert [b.t0 for b in batches] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
     assert replay.stats.passes == 2
+    # time continues, the data do not (sample 4 is followed by sample 1 again): the wrap is a gap
+    assert [b.follows_gap for b in batches] == [False, False, True, False, True]
 
 
 def test_unusable_files_are_refused_with_the_reason(tmp_path: Path) -> None:
