@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -517,8 +518,33 @@ def main(argv: Sequence[str] | None = None, *, validate_recipe: Callable[[Path],
     unless every device reported SUCCEEDED for the current deployment."""
     args = build_parser(validate_recipe).parse_args(argv)
     try:
-        return int(asyncio.run(args.func(args)))
+        return run(args.func(args))
     except SyncError as exc:
         where = f" ({exc.path})" if exc.path and exc.path not in exc.message else ""
         print(f"nucleus fleet: {exc.message}{where}", file=sys.stderr)
         return 1
+
+
+def run(command: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run`` for a fleet command, with :func:`_stale_socket_callback` as the loop's handler."""
+    async def guarded() -> int:
+        asyncio.get_running_loop().set_exception_handler(_stale_socket_callback)
+        return int(await command)
+
+    return asyncio.run(guarded())
+
+
+def _stale_socket_callback(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop the loop's failure to watch a socket that is already closed; pass anything else on.
+
+    aiomqtt asks the loop, from paho's connect thread, to watch the new socket; when the connect
+    fails at once (a broker refusing the client certificate), the socket can be closed before the
+    loop gets to it, and asyncio printed "Exception in callback ... Bad file descriptor" with a
+    traceback under the command's one error line. The connection is gone already: nothing is lost.
+    """
+    exc, handle = context.get("exception"), context.get("handle")
+    callback = getattr(handle, "_callback", None)
+    if isinstance(exc, OSError) and exc.errno == errno.EBADF and callback in (loop.add_writer, loop.add_reader):
+        log.debug("fleet.closed_socket_watch", error=str(exc))
+        return
+    loop.default_exception_handler(context)
