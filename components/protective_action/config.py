@@ -19,6 +19,7 @@ from components.configuration import parse_config
 
 ACTIONS = ("engage_brake", "pitch_to_feather", "disconnect_generator")
 ActionName = Literal["engage_brake", "pitch_to_feather", "disconnect_generator"]
+Trigger = Literal["score", "is_anomaly"]
 _ASSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -33,11 +34,23 @@ class _Model(BaseModel):
 
 
 class PolicyConfig(_Model):
-    k: int = Field(3, ge=1)  # trip when k of the last n valid windows are at or above the trip level
+    """One asset's protective policy.
+
+    ``trigger`` says what makes a window count as anomalous: ``score`` (the default) compares the
+    event's ``score`` with its ``threshold`` scaled by ``tripRatio``/``releaseRatio``; ``is_anomaly``
+    takes the detector's own per-window verdict, which in likelihood mode (``docs/anomaly.md``) is
+    not ``score >= threshold`` at all. With ``is_anomaly`` a ratio other than its default is refused,
+    not ignored: the verdict is a yes or no, so there is no level to scale, and a margin that reads
+    as applied while it is not is the same silent failure as the misspelt key this model already
+    refuses. The defaults stay allowed because the recipe's DefaultConfiguration spells them out.
+    """
+
+    trigger: Trigger = "score"  # what counts a window as anomalous: its score, or the detector's is_anomaly
+    k: int = Field(3, ge=1)  # trip when k of the last n valid windows are anomalous (see trigger)
     n: int = Field(5, ge=1)
     trip_ratio: float = Field(1.0, gt=0)  # trip level = tripRatio x the event's threshold
     release_ratio: float = Field(0.8, gt=0)  # hysteresis: release level = releaseRatio x threshold
-    release_count: int = Field(5, ge=1)  # consecutive windows below the release level to release
+    release_count: int = Field(5, ge=1)  # consecutive windows below the release level (not anomalous) to release
     latch: bool = True  # a trip stays until an operator reset on control/<asset>/reset
     trip_actions: tuple[ActionName, ...] = ("engage_brake", "pitch_to_feather")
     cooldown_s: float = Field(5.0, ge=0)  # an action is not repeated within this time
@@ -60,6 +73,15 @@ class PolicyConfig(_Model):
     def _consistent(self) -> PolicyConfig:
         if self.k > self.n:
             raise ValueError(f"k ({self.k}) cannot exceed n ({self.n})")
+        if self.trigger == "is_anomaly":
+            fields = type(self).model_fields
+            ratios = ("trip_ratio", "release_ratio")
+            moved = [f"{to_camel(r)} {getattr(self, r):g}" for r in ratios if getattr(self, r) != fields[r].default]
+            if moved:
+                defaults = ", ".join(f"{to_camel(r)} {fields[r].default:g}" for r in ratios)
+                raise ValueError(f"{', '.join(moved)}: the ratios do not apply with trigger is_anomaly (the "
+                                 "detector's verdict is yes or no, with no level to scale); use trigger score, "
+                                 f"or leave them at their defaults ({defaults})")
         if self.release_ratio > self.trip_ratio:
             raise ValueError(f"releaseRatio ({self.release_ratio}) must not exceed tripRatio ({self.trip_ratio}): "
                              "hysteresis releases below a lower level than it trips at")

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from components.protective_action.config import Trigger
+
 
 class BadEvent(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -28,6 +30,7 @@ class Observation:
     threshold: float
     ts: float
     published_at: float | None
+    is_anomaly: bool | None = None  # the detector's verdict; None when absent (required by trigger is_anomaly)
 
 
 def _finite(doc: dict[str, Any], key: str, reason: str) -> float:
@@ -40,8 +43,13 @@ def _finite(doc: dict[str, Any], key: str, reason: str) -> float:
     return f
 
 
-def parse_event(payload: Any, topic_asset: str) -> Observation:
-    """The observation in an event on ``anomaly/<topic_asset>``, or :class:`BadEvent`."""
+def parse_event(payload: Any, topic_asset: str, trigger: Trigger = "score") -> Observation:
+    """The observation in an event on ``anomaly/<topic_asset>``, or :class:`BadEvent`.
+
+    ``score`` and ``threshold`` are required whatever the trigger: the audit records the scores, and a
+    detector that sends a NaN score is broken even if it still sends verdicts. ``is_anomaly`` is
+    required (a real boolean, not 0/1 or "true") only when it is what trips, so trigger ``score``
+    still accepts the events it always did."""
     if not isinstance(payload, dict):
         raise BadEvent("not_a_map", type(payload).__name__)
     event_id = payload.get("event_id")
@@ -56,4 +64,9 @@ def parse_event(payload: Any, topic_asset: str) -> Observation:
     ts = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) and math.isfinite(ts) else 0.0
     pub = payload.get("published_at")
     published_at = float(pub) if isinstance(pub, int | float) and not isinstance(pub, bool) else None
-    return Observation(event_id, topic_asset, score, threshold, ts, published_at)
+    verdict = payload.get("is_anomaly")
+    if not isinstance(verdict, bool):
+        if trigger == "is_anomaly":
+            raise BadEvent("bad_is_anomaly", f"is_anomaly must be a boolean, got {type(verdict).__name__}")
+        verdict = None
+    return Observation(event_id, topic_asset, score, threshold, ts, published_at, verdict)

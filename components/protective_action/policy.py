@@ -2,18 +2,23 @@
 
 States::
 
-    normal ──k of last n windows ≥ trip level──► tripped (latch: false) ──releaseCount windows
-       ▲                                  └────► latched (latch: true)     below release level──► normal
+    normal ──k of last n windows anomalous──► tripped (latch: false) ──releaseCount windows
+       ▲                                └────► latched (latch: true)     clear──► normal
        │                                                │
        └──────────── operator reset (condition clear, streams alive) ◄───────┘
     any ──detector heartbeat or sensor stream silent too long, or too many bad events──► safe_state
     safe_state ──operator reset (streams alive again)──► normal
 
-Levels are relative to the threshold each event carries (models are retrained and their
-thresholds change): ``level(r) = threshold + (r - 1)·|threshold|``, which is ``r·threshold``
-for the usual positive threshold and still orders correctly for a negative one. Trip at or above
-``tripRatio``, release strictly below ``releaseRatio`` (≤ tripRatio): hysteresis, so a score
-hovering at the threshold cannot toggle the brake.
+What makes a window *anomalous* (it counts toward k of n) or *clear* (it counts toward the release)
+is ``trigger``. With ``score`` (the default) levels are relative to the threshold each event carries
+(models are retrained and their thresholds change): ``level(r) = threshold + (r - 1)·|threshold|``,
+which is ``r·threshold`` for the usual positive threshold and still orders correctly for a negative
+one. Anomalous at or above ``tripRatio``, clear strictly below ``releaseRatio`` (≤ tripRatio):
+hysteresis, so a score hovering at the threshold cannot toggle the brake. With ``is_anomaly`` the
+detector's own verdict decides (anomalous when true, clear when false): in likelihood mode it is the
+detector's re-fitted distribution, not the static threshold, that says a window is anomalous, and the
+action follows it. Its hysteresis is then the detector's (averaging, red zone) plus ``releaseCount``.
+Every trip, release and refused reset names the trigger, so the audit log says which rule decided.
 
 A *decision* is produced only when something changes (a trip, a release, a reset, the safe
 state): those are what the audit log records and what ``actions/<asset>`` carries. Cooldown is per
@@ -80,8 +85,8 @@ def level(ratio: float, threshold: float) -> float:
 class _Window:
     event_id: str
     score: float
-    above: bool  # at or above the trip level
-    below: bool  # below the release level
+    above: bool  # anomalous: at or above the trip level, or is_anomaly true
+    below: bool  # clear: below the release level, or is_anomaly false
 
 
 @dataclass(slots=True)
@@ -120,27 +125,35 @@ class AssetPolicy:
         self._last_sensor = now
 
     def on_event(self, obs: Observation, now: float, wall: float) -> Decision | None:
-        """A valid scored window; a decision if it trips or releases."""
+        """A valid scored window; a decision if it trips or releases.
+
+        With trigger ``is_anomaly`` a window without a verdict is invalid, never read as either answer
+        (the service rejects such events before they get here; this keeps the policy safe on its own)."""
+        c = self.cfg
+        if c.trigger == "is_anomaly" and obs.is_anomaly is None:
+            return self.on_invalid(now, wall, "bad_is_anomaly")
         if obs.event_id in self._seen_set:
             self.duplicates += 1
             return None
         self._remember(obs.event_id)
         self._invalid_run = 0
-        c = self.cfg
-        w = _Window(obs.event_id, obs.score, obs.score >= level(c.trip_ratio, obs.threshold),
-                    obs.score < level(c.release_ratio, obs.threshold))
+        if c.trigger == "is_anomaly":
+            w = _Window(obs.event_id, obs.score, obs.is_anomaly is True, obs.is_anomaly is False)
+        else:
+            w = _Window(obs.event_id, obs.score, obs.score >= level(c.trip_ratio, obs.threshold),
+                        obs.score < level(c.release_ratio, obs.threshold))
         self._recent.append(w)
         self._below_run = self._below_run + 1 if w.below else 0
         if self.state is State.NORMAL:
             hits = [x for x in self._recent if x.above]
             if len(hits) >= c.k:
                 target = State.LATCHED if c.latch else State.TRIPPED
-                reason = (f"{len(hits)} of the last {len(self._recent)} windows at or above "
-                          f"{c.trip_ratio:g}x threshold (k={c.k}, n={c.n})")
+                reason = (f"{len(hits)} of the last {len(self._recent)} windows {self._anomalous} "
+                          f"(trigger {c.trigger}, k={c.k}, n={c.n})")
                 return self._decide(target, c.trip_actions, now, wall, reason=reason, windows=hits)
         elif self.state is State.TRIPPED and self._below_run >= c.release_count:
             self._recent.clear()
-            reason = f"released: {self._below_run} consecutive windows below {c.release_ratio:g}x threshold"
+            reason = f"released: {self._below_run} consecutive windows {self._clear} (trigger {c.trigger})"
             return self._decide(State.NORMAL, (), now, wall, reason=reason, windows=[w])
         return None
 
@@ -185,7 +198,8 @@ class AssetPolicy:
         hits = sum(1 for x in self._recent if x.above)
         if hits >= self.cfg.k:
             return ResetResult(False, self.state, f"refused: condition still active ({hits} of the last "
-                                                  f"{len(self._recent)} windows at or above the trip level)")
+                                                  f"{len(self._recent)} windows {self._anomalous}, "
+                                                  f"trigger {self.cfg.trigger})")
         self._recent.clear()
         self._below_run = 0
         self._invalid_run = 0
@@ -193,6 +207,19 @@ class AssetPolicy:
         return ResetResult(True, State.NORMAL, d.reason, d)
 
     # --- internals ------------------------------------------------------------------------------
+    @property
+    def _anomalous(self) -> str:
+        """What an anomalous window is, in the words of the reasons the audit log keeps."""
+        if self.cfg.trigger == "is_anomaly":
+            return "with is_anomaly true"
+        return f"at or above {self.cfg.trip_ratio:g}x threshold"
+
+    @property
+    def _clear(self) -> str:
+        if self.cfg.trigger == "is_anomaly":
+            return "with is_anomaly false"
+        return f"below {self.cfg.release_ratio:g}x threshold"
+
     def _remember(self, event_id: str) -> None:
         if len(self._seen_ids) == self._seen_ids.maxlen:
             self._seen_set.discard(self._seen_ids[0])

@@ -126,8 +126,8 @@ class ActionService:
             self.actuator = make_actuator(cfg.actuator)
             self._check_actuator()
         self.cfg = cfg
-        log.info("action.reconfigured", assets=list(cfg.assets), k=cfg.policy.k, n=cfg.policy.n,
-                 latch=cfg.policy.latch, actuator=cfg.actuator.kind)
+        log.info("action.reconfigured", assets=list(cfg.assets), trigger=cfg.policy.trigger, k=cfg.policy.k,
+                 n=cfg.policy.n, latch=cfg.policy.latch, actuator=cfg.actuator.kind)
 
     # --- the decision path ---------------------------------------------------------------------
     async def _audit(self, fn: Callable[..., None], *args: Any) -> bool:
@@ -206,7 +206,7 @@ class ActionService:
             return None
         now, wall = self.clocks.monotonic(), self.clocks.wall()
         try:
-            obs = parse_event(payload, asset)
+            obs = parse_event(payload, asset, policy.cfg.trigger)
         except BadEvent as exc:
             self.stats.bad_events[exc.reason] += 1
             n = self.stats.bad_events[exc.reason]
@@ -310,7 +310,8 @@ async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path |
     audit = AuditLog(path)
     service = ActionService(client, cfg, audit)
     log.info("action.started", assets=list(cfg.assets), audit=str(path), audit_order=cfg.audit_order,
-             actuator=cfg.actuator.kind, k=cfg.policy.k, n=cfg.policy.n, latch=cfg.policy.latch)
+             actuator=cfg.actuator.kind, trigger=cfg.policy.trigger, k=cfg.policy.k, n=cfg.policy.n,
+             latch=cfg.policy.latch)
     try:
         await service.serve(_config_changes(client) if watching else None)
     finally:

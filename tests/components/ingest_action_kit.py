@@ -1,14 +1,21 @@
-"""Test helpers for the ingest and protective-action tests: an in-process bus and a real Mosquitto."""
+"""Test helpers for the ingest and protective-action tests: an in-process bus, the protective action as
+a real process on it, and a real Mosquitto."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,13 +28,55 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
-async def bus(directory: Path) -> AsyncIterator[Path]:
-    """A real IPC server on a Unix socket; every principal here may use every topic."""
+async def bus_server(directory: Path) -> AsyncIterator[IpcServer]:
+    """A real IPC server on a Unix socket; every principal here (token = name) may use every topic."""
     names = ("test", "ingest", "action")
     core = IpcCore(TokenTable({n: Principal(n, "client") for n in names}), AllowList({n: ["*"] for n in names}))
-    path = directory / "bus.sock"
-    async with IpcServer(core, path):
-        yield path
+    async with IpcServer(core, directory / "bus.sock") as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def bus(directory: Path) -> AsyncIterator[Path]:
+    async with bus_server(directory) as server:
+        yield server.socket_path
+
+
+@contextlib.asynccontextmanager
+async def action_component(server: IpcServer, config: dict[str, Any], directory: Path
+                           ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m components.protective_action`` as its own process on ``server``, as principal ``action``,
+    with ``config`` as its ``--config`` file and its audit log (and ``action.log``, its output) in
+    ``directory``; yielded once it listens for anomalies and resets, stopped with SIGTERM (and killed if
+    that does not end it) afterwards."""
+    cfg = directory / "action.json"
+    cfg.write_text(json.dumps(config))
+    output = directory / "action.log"
+    env = {**os.environ, "NUCLEUS_IPC_SOCKET": str(server.socket_path), "SVCUID": "action"}
+    with output.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "components.protective_action", "--config", str(cfg), "--audit-dir",
+            str(directory), env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wanted = {"anomaly/+", "control/+/reset"}
+        for _ in range(2000):  # bounded: the component subscribes within a second or two
+            if proc.returncode is not None:
+                raise RuntimeError(f"the action exited {proc.returncode}: {output.read_text(errors='replace')}")
+            if wanted <= {s.filter for s in server.core.bus.subscriptions()}:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("the action did not subscribe to anomaly/+ and control/+/reset within 20 s")
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def client(path: Path, name: str = "test") -> Client:

@@ -1,4 +1,5 @@
-"""The protective policy as tables of events and times: debounce, hysteresis, latch, cooldown, fail-safe."""
+"""The protective policy as tables of events and times: debounce, hysteresis, latch, cooldown, fail-safe,
+and the trigger (the event's score or the detector's is_anomaly)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ from typing import Any
 
 import pytest
 
-from components.protective_action.config import PolicyConfig
+from components.configuration import ConfigError
+from components.protective_action.config import PolicyConfig, load_config
 from components.protective_action.events import BadEvent, Observation, parse_event
 from components.protective_action.policy import AssetPolicy, Decision, State, level
 
 _ids = itertools.count()
 
 
-def obs(score: float, threshold: float = 1.0) -> Observation:
-    return Observation(f"e{next(_ids)}", "t1", score, threshold, 0.0, None)
+def obs(score: float, threshold: float = 1.0, is_anomaly: bool | None = None) -> Observation:
+    return Observation(f"e{next(_ids)}", "t1", score, threshold, 0.0, None, is_anomaly)
 
 
 def policy(**kw: Any) -> AssetPolicy:
@@ -40,7 +42,7 @@ def test_k_of_n_debounce() -> None:
     assert d.state is State.TRIPPED and d.previous is State.NORMAL
     assert d.actions == ("engage_brake", "pitch_to_feather")
     assert d.scores == (1.5, 1.2) and len(d.event_ids) == 2
-    assert "2 of the last 3" in d.reason
+    assert d.reason == "2 of the last 3 windows at or above 1x threshold (trigger score, k=2, n=3)"
 
 
 def test_hysteresis_releases_only_below_the_lower_level() -> None:
@@ -51,7 +53,8 @@ def test_hysteresis_releases_only_below_the_lower_level() -> None:
     assert p.state is State.TRIPPED
     assert feed(p, [0.5]) == [None]  # one below: release_count is 2
     (d,) = feed(p, [0.4])
-    assert d is not None and d.state is State.NORMAL and d.actions == () and "released" in d.reason
+    assert d is not None and d.state is State.NORMAL and d.actions == ()
+    assert d.reason == "released: 2 consecutive windows below 0.8x threshold (trigger score)"
     assert feed(p, [1.0]) == [None]  # the window history restarted at the release
 
 
@@ -140,6 +143,74 @@ def test_duplicate_event_ids_are_counted_not_counted_twice() -> None:
     assert p.duplicates == 1 and p.state is State.NORMAL
 
 
+# (score, is_anomaly) per window, threshold 1.0: what a likelihood-mode detector sends. Its verdict and
+# score >= threshold part both ways: a low score in the red zone of a re-fitted distribution (a drifting
+# stream's quiet level), and a high score that is the new normal once the distribution has moved.
+LIKELIHOOD = [(0.3, True), (0.2, True)]
+DRIFTED = [(2.0, False), (2.5, False)]
+
+
+@pytest.mark.parametrize(("trigger", "windows", "states"), [
+    ("score", LIKELIHOOD, [None, None]),
+    ("is_anomaly", LIKELIHOOD, [None, State.TRIPPED]),
+    ("score", DRIFTED, [None, State.TRIPPED]),
+    ("is_anomaly", DRIFTED, [None, None]),
+    # k of n in the verdict's sense: never 2 true of the last 3, then 2
+    ("is_anomaly", [(0.3, True), (5.0, False), (5.0, False), (0.3, True), (5.0, False), (0.1, True)],
+     [None, None, None, None, None, State.TRIPPED]),
+    # release after releaseCount (2) verdicts false in a row, whatever the scores; a true one restarts the run
+    ("is_anomaly", [*LIKELIHOOD, (5.0, False), (0.1, True), (5.0, False), (9.0, False)],
+     [None, State.TRIPPED, None, None, None, State.NORMAL]),
+])
+def test_trigger_decides_what_counts(trigger: str, windows: list[tuple[float, bool]],
+                                     states: list[State | None]) -> None:
+    p = policy(trigger=trigger)
+    out = [p.on_event(obs(s, is_anomaly=a), 0.1, 0) for s, a in windows]
+    assert [d.state if d else None for d in out] == states
+
+
+def test_is_anomaly_trigger_names_itself_in_every_reason() -> None:
+    p = policy(trigger="is_anomaly", latch=True)
+    d = [x for x in (p.on_event(obs(s, is_anomaly=a), 0.1, 0) for s, a in LIKELIHOOD) if x]
+    assert [x.reason for x in d] == ["2 of the last 2 windows with is_anomaly true (trigger is_anomaly, k=2, n=3)"]
+    assert d[0].scores == (0.3, 0.2)  # the audit still has the scores: below the threshold, and it tripped
+    p.on_event(obs(9.0, is_anomaly=False), 0.1, 0)  # true, true, false: still 2 of the last 3
+    r = p.reset(0.2, 0, "alice")
+    assert not r.ok and r.reason == ("refused: condition still active (2 of the last 3 windows with is_anomaly "
+                                     "true, trigger is_anomaly)")
+    p.on_event(obs(9.0, is_anomaly=False), 0.1, 0)
+    assert p.reset(0.2, 0, "alice").ok
+    q = policy(trigger="is_anomaly")
+    for s, a in [*LIKELIHOOD, (0.0, False), (0.0, False)]:
+        d2 = q.on_event(obs(s, is_anomaly=a), 0.1, 0)
+    assert d2 is not None and d2.reason == "released: 2 consecutive windows with is_anomaly false (trigger is_anomaly)"
+
+
+def test_is_anomaly_trigger_never_reads_a_missing_verdict_as_an_answer() -> None:
+    p = policy(trigger="is_anomaly", max_consecutive_invalid=2)
+    assert p.on_event(obs(5.0), 0.1, 0) is None
+    d = p.on_event(obs(5.0), 0.1, 0)
+    assert d is not None and d.state is State.SAFE_STATE and "bad_is_anomaly" in d.reason
+    assert policy().on_event(obs(0.1), 0.1, 0) is None  # trigger score does not need it
+
+
+def test_config_refuses_ratios_with_the_is_anomaly_trigger() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"policy": {"trigger": "is_anomaly", "tripRatio": 1.2, "releaseRatio": 0.5}})
+    assert str(info.value) == (
+        "com.nucleus.ProtectiveAction: invalid configuration: policy: tripRatio 1.2, releaseRatio 0.5: the ratios do "
+        "not apply with trigger is_anomaly (the detector's verdict is yes or no, with no level to scale); use "
+        "trigger score, or leave them at their defaults (tripRatio 1, releaseRatio 0.8)")
+    with pytest.raises(ConfigError, match=r"policy: releaseRatio 0.9: the ratios do not apply"):
+        load_config({"policy": {"trigger": "is_anomaly", "releaseRatio": 0.9}})
+    # the recipe's DefaultConfiguration spells the default ratios out: they are no contradiction
+    cfg = load_config({"policy": {"trigger": "is_anomaly", "tripRatio": 1.0, "releaseRatio": 0.8}})
+    assert cfg.policy.trigger == "is_anomaly"
+    assert load_config({"policy": {"tripRatio": 1.2}}).policy.trigger == "score"
+    with pytest.raises(ConfigError, match=r"policy\.trigger: Input should be 'score' or 'is_anomaly'"):
+        load_config({"policy": {"trigger": "alarm"}})
+
+
 def test_config_rejects_inconsistent_policy() -> None:
     with pytest.raises(ValueError, match="cannot exceed"):
         PolicyConfig(k=4, n=3)
@@ -164,9 +235,20 @@ def test_bad_events_are_rejected_with_a_reason(patch: dict[str, Any], reason: st
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize("verdict", [None, 1, 0, "true", [True]])
+def test_is_anomaly_must_be_a_boolean_when_it_is_the_trigger(verdict: Any) -> None:
+    event = {**GOOD, "is_anomaly": verdict} if verdict is not None else GOOD
+    with pytest.raises(BadEvent) as info:
+        parse_event(event, "t1", "is_anomaly")
+    assert info.value.reason == "bad_is_anomaly"
+    assert parse_event(event, "t1").is_anomaly is None  # trigger score: accepted as it always was
+
+
 def test_good_event_parses_and_non_maps_are_rejected() -> None:
     o = parse_event(GOOD, "t1")
-    assert (o.event_id, o.score, o.threshold, o.published_at) == ("abc", 0.7, 0.5, 2.0)
+    assert (o.event_id, o.score, o.threshold, o.published_at, o.is_anomaly) == ("abc", 0.7, 0.5, 2.0, None)
+    for verdict in (True, False):
+        assert parse_event({**GOOD, "is_anomaly": verdict}, "t1", "is_anomaly").is_anomaly is verdict
     for junk in (None, b"x", [1], 3.0):
         with pytest.raises(BadEvent, match="not_a_map"):
             parse_event(junk, "t1")

@@ -1,5 +1,6 @@
 """The protective action on a real bus: ack after audit, bad input, resets, fail-safe, command
-actuator, restored latch; then the component under a real daemon, killed with SIGKILL mid-burst."""
+actuator, restored latch, the is_anomaly trigger as a real process; then the component under a real
+daemon, killed with SIGKILL mid-burst."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_action_kit import REPO, bus, client
+from ingest_action_kit import REPO, action_component, bus, bus_server, client
 from structlog.testing import capture_logs
 
 from components.configuration import ConfigError
@@ -30,9 +31,11 @@ from components.protective_action.service import ActionService
 from ipc import Client
 
 
-def event(score: float, asset: str = "t1", threshold: float = 1.0) -> dict[str, Any]:
+def event(score: float, asset: str = "t1", threshold: float = 1.0, is_anomaly: bool | None = None) -> dict[str, Any]:
+    """An anomaly event; ``is_anomaly`` as the threshold mode computes it unless given (likelihood mode)."""
     return {"event_id": uuid.uuid4().hex, "asset": asset, "ts": time.time(), "score": score, "threshold": threshold,
-            "is_anomaly": score >= threshold, "confidence": 0.9, "published_at": time.time()}
+            "is_anomaly": score >= threshold if is_anomaly is None else is_anomaly, "confidence": 0.9,
+            "published_at": time.time()}
 
 
 FAST = {"assets": ["t1"], "checkIntervalS": 0.02,
@@ -121,6 +124,21 @@ async def test_bad_input_is_counted_and_never_stops_the_component(short_tmp: Pat
         assert bad["nan_score"] == 1 and bad["bad_score"] == 1 and bad["no_event_id"] == 1
         assert bad["not_a_map"] == 3 and bad["asset_mismatch"] == 1 and bad["nan_threshold"] == 1
         assert service.stats.unknown_assets["unknown-asset"] == 1
+
+
+async def test_events_without_a_verdict_are_bad_events_with_the_is_anomaly_trigger(short_tmp: Path) -> None:
+    async with running(short_tmp, cfg_with(trigger="is_anomaly")) as (service, tc), \
+            tc.subscribe("actions/t1") as actions:
+        no_verdict = event(5.0)
+        del no_verdict["is_anomaly"]
+        for junk in (no_verdict, {**event(5.0), "is_anomaly": 1}, {**event(5.0), "is_anomaly": None}):
+            await tc.publish("anomaly/t1", junk)
+        likely = [event(0.2, is_anomaly=True), event(0.3, is_anomaly=True)]
+        for e in likely:
+            await tc.publish("anomaly/t1", e)
+        ack = await next_action(actions)  # the bad ones never counted, nor crashed anything
+        assert ack["event_ids"] == [e["event_id"] for e in likely] and "trigger is_anomaly" in ack["reason"]
+        assert service.stats.bad_events == {"bad_is_anomaly": 3}
 
 
 async def test_nan_flood_goes_to_the_safe_state(short_tmp: Path) -> None:
@@ -254,6 +272,34 @@ async def test_latched_state_survives_a_restart(short_tmp: Path) -> None:
         assert (await next_action(actions))["state"] == "latched"
     async with running(short_tmp, cfg_with()) as (service, _tc):
         assert service.policies["t1"].state is State.LATCHED
+
+
+@pytest.mark.parametrize("trigger", ["is_anomaly", None])
+async def test_a_likelihood_stream_trips_the_action_process_only_with_the_is_anomaly_trigger(
+        short_tmp: Path, trigger: str | None) -> None:
+    """A likelihood-mode detector flags windows whose scores stay under the card's threshold. The action,
+    run as its own process, latches on them with trigger is_anomaly; with the default it does not, and
+    its first decision is the one the later high scores cause."""
+    config: dict[str, Any] = json.loads(json.dumps(FAST))
+    if trigger is not None:
+        config["policy"]["trigger"] = trigger
+    flagged = [event(s, is_anomaly=True) for s in (0.2, 0.3, 0.1)]  # all below threshold 1.0
+    high = [event(3.0, is_anomaly=False) for _ in range(2)]  # over the threshold, the detector unmoved
+    async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
+            tc.subscribe("actions/t1") as actions, action_component(server, config, short_tmp):
+        for e in flagged + high:
+            await tc.publish("anomaly/t1", e)
+        ack = await next_action(actions)
+        assert ack["state"] == "latched"
+        if trigger == "is_anomaly":
+            assert ack["event_ids"] == [e["event_id"] for e in flagged[:2]] and ack["scores"] == [0.2, 0.3]
+            assert ack["reason"] == "2 of the last 2 windows with is_anomaly true (trigger is_anomaly, k=2, n=3)"
+        else:  # nothing before the high scores: a decision on the flagged ones would have come first
+            assert ack["event_ids"] == [e["event_id"] for e in high]
+            assert ack["reason"] == "2 of the last 3 windows at or above 1x threshold (trigger score, k=2, n=3)"
+    with sqlite3.connect(short_tmp / "audit.db") as conn:  # the audit log says which trigger decided
+        rows = conn.execute("SELECT decision_id, reason FROM decisions ORDER BY rowid").fetchall()
+    assert rows == [(ack["decision_id"], ack["reason"])]
 
 
 # --- under a real daemon, killed with SIGKILL mid-burst -------------------------------------------
