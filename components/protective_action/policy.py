@@ -85,6 +85,8 @@ def level(ratio: float, threshold: float) -> float:
 class _Window:
     event_id: str
     score: float
+    threshold: float
+    is_anomaly: bool | None
     above: bool  # anomalous: at or above the trip level, or is_anomaly true
     below: bool  # clear: below the release level, or is_anomaly false
 
@@ -137,11 +139,8 @@ class AssetPolicy:
             return None
         self._remember(obs.event_id)
         self._invalid_run = 0
-        if c.trigger == "is_anomaly":
-            w = _Window(obs.event_id, obs.score, obs.is_anomaly is True, obs.is_anomaly is False)
-        else:
-            w = _Window(obs.event_id, obs.score, obs.score >= level(c.trip_ratio, obs.threshold),
-                        obs.score < level(c.release_ratio, obs.threshold))
+        w = self._judge(obs.event_id, obs.score, obs.threshold, obs.is_anomaly)
+        assert w is not None  # a missing verdict under trigger is_anomaly was refused above
         self._recent.append(w)
         self._below_run = self._below_run + 1 if w.below else 0
         if self.state is State.NORMAL:
@@ -156,6 +155,28 @@ class AssetPolicy:
             reason = f"released: {self._below_run} consecutive windows {self._clear} (trigger {c.trigger})"
             return self._decide(State.NORMAL, (), now, wall, reason=reason, windows=[w])
         return None
+
+    def carry_over(self, old: AssetPolicy) -> None:
+        """Take over what ``old`` (the same asset under the previous configuration) has seen: its timers,
+        the event ids it took, and its last windows judged again under this rule.
+
+        Without the windows a reset right after any configuration change (a cooldown, an action list)
+        was accepted while the fault still lasted, because the "condition still active" check had
+        nothing to count. A window that cannot be judged under the new rule (no verdict, for trigger
+        is_anomaly) is left out rather than guessed."""
+        self._last_heartbeat, self._last_sensor = old._last_heartbeat, old._last_sensor
+        self._last_action = dict(old._last_action)
+        self._invalid_run = old._invalid_run
+        self._seen_ids, self._seen_set, self.duplicates = old._seen_ids, old._seen_set, old.duplicates
+        for w in old._recent:
+            judged = self._judge(w.event_id, w.score, w.threshold, w.is_anomaly)
+            if judged is not None:
+                self._recent.append(judged)
+        self._below_run = 0
+        for judged in reversed(self._recent):
+            if not judged.below:
+                break
+            self._below_run += 1
 
     def on_invalid(self, now: float, wall: float, reason: str) -> Decision | None:
         """A malformed event (NaN score, ...): counted; too many in a row is a dead detector."""
@@ -207,6 +228,16 @@ class AssetPolicy:
         return ResetResult(True, State.NORMAL, d.reason, d)
 
     # --- internals ------------------------------------------------------------------------------
+    def _judge(self, event_id: str, score: float, threshold: float, is_anomaly: bool | None) -> _Window | None:
+        """One window under this policy's trigger; None if the trigger needs a verdict it lacks."""
+        c = self.cfg
+        if c.trigger == "is_anomaly":
+            if is_anomaly is None:
+                return None
+            return _Window(event_id, score, threshold, is_anomaly, is_anomaly, not is_anomaly)
+        return _Window(event_id, score, threshold, is_anomaly, score >= level(c.trip_ratio, threshold),
+                       score < level(c.release_ratio, threshold))
+
     @property
     def _anomalous(self) -> str:
         """What an anomalous window is, in the words of the reasons the audit log keeps."""

@@ -103,7 +103,8 @@ class ActionService:
                             note="the action will fail when it is taken, unless the program is there by then")
 
     def reconfigure(self, cfg: ActionConfig) -> None:
-        """A new configuration: policies keep their state and timers; assets come and go.
+        """A new configuration: policies keep their state, timers and last windows (judged again under
+        the new rule); assets come and go.
 
         The nucleus notifies once per changed key, so one deployment arrives as several changes to
         the same configuration: only the first is applied."""
@@ -118,8 +119,7 @@ class ActionService:
             old = self.policies.get(asset)
             new = AssetPolicy(asset, cfg.policy, old.started if old else now, old.state if old else State.NORMAL)
             if old is not None:
-                new._last_heartbeat, new._last_sensor = old._last_heartbeat, old._last_sensor
-                new._last_action = dict(old._last_action)
+                new.carry_over(old)
             policies[asset] = new
         self.policies = policies
         if cfg.actuator != self.cfg.actuator:

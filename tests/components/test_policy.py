@@ -82,6 +82,29 @@ def test_latch_holds_until_an_operator_reset_when_the_condition_is_clear() -> No
     assert p.reset(0.3, 0.0, "bob").reason == "already normal"
 
 
+def test_a_reconfiguration_keeps_the_windows_so_a_reset_is_still_refused_during_the_fault() -> None:
+    """The service rebuilds each asset's policy on a new configuration; the new one used to start with no
+    windows, so a reset right after, say, a cooldown change was accepted while the fault lasted."""
+    p = policy(latch=True)
+    feed(p, [2.0, 2.0, 2.0])
+    assert p.state is State.LATCHED
+    changed = AssetPolicy("t1", PolicyConfig(**{**p.cfg.model_dump(), "cooldown_s": 30.0}), started=0.0,
+                          state=p.state)
+    changed.carry_over(p)
+    refused = changed.reset(0.2, 1000.2, "op")
+    assert not refused.ok and "condition still active (3 of the last 3 windows" in refused.reason
+    assert feed(changed, [0.1, 0.1]) == [None, None]  # 2.0, 0.1, 0.1: the fault has gone
+    assert changed.reset(0.3, 1000.3, "op").ok
+    # Judged again under the new rule: under trigger is_anomaly a window without a verdict is left out.
+    q = policy(latch=True)
+    q.on_event(obs(2.0, is_anomaly=True), 0.1, 1000.1)
+    q.on_event(obs(2.0), 0.1, 1000.1)
+    verdicts = AssetPolicy("t1", PolicyConfig(**{**q.cfg.model_dump(), "trigger": "is_anomaly"}), started=0.0)
+    verdicts.carry_over(q)
+    assert [w.above for w in verdicts._recent] == [True]
+    assert verdicts.duplicates == 0 and verdicts.on_event(obs(1.0, is_anomaly=False), 0.2, 1000.2) is None
+
+
 def test_cooldown_suppresses_repeated_actions_per_action() -> None:
     p = policy(k=1, n=1, release_count=1, cooldown_s=10, action_cooldown_s={"pitch_to_feather": 0})
     d1 = p.on_event(obs(2), 1.0, 0)

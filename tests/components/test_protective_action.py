@@ -171,6 +171,21 @@ async def test_operator_reset_over_request_reply(short_tmp: Path) -> None:
         assert unknown["ok"] is False and "unknown asset" in unknown["reason"]
 
 
+async def test_a_configuration_change_does_not_let_a_reset_through_during_the_fault(short_tmp: Path) -> None:
+    """Each new configuration rebuilt the policies with no windows, so a reset right after one (here a new
+    cooldown) was accepted while the brake's cause was still there."""
+    async with running(short_tmp, cfg_with()) as (service, tc), tc.subscribe("actions/t1") as actions:
+        for _ in range(3):
+            await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        async with asyncio.timeout(10):
+            while len(service.policies["t1"]._recent) < 3:
+                await asyncio.sleep(0.01)
+        service.reconfigure(cfg_with(cooldownS=30))
+        refused = await tc.request("control/t1/reset", {"operator": "alice"})
+        assert refused["ok"] is False and "still active (3 of the last 3 windows" in refused["reason"]
+
+
 async def test_fail_safe_when_heartbeat_stops_and_sensor_keeps_going(short_tmp: Path) -> None:
     cfg = cfg_with(heartbeatTimeoutS=0.3, sensorTimeoutS=5, startupGraceS=0)
     async with running(short_tmp, cfg) as (service, tc), tc.subscribe("actions/t1") as actions:
