@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -445,13 +446,33 @@ async def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(doc.model_dump(mode="json", exclude_none=True), indent=2))
         return 0
-    doc = await publish(_broker(args), doc, max_bytes=args.max_bytes)
+    broker = _broker(args)
+    doc = await publish(broker, doc, max_bytes=args.max_bytes)
     names = ", ".join(f"{n} {v}" for n, v in doc.components.items()) or "no components"
     print(f"deployment {doc.deployment_id}: {names}")
     print(f"  published retained to {doc.target.topic} (sequence {doc.sequence}, {len(doc.encode())} B)")
-    print(f"  follow it with: nucleus fleet status --broker {args.broker} --{doc.target.type} {doc.target.name} "
-          f"--wait-s 120")
+    print("\n".join(follow_hint(args, broker, doc.target)))
     return 0
+
+
+def follow_hint(args: argparse.Namespace, broker: Broker, target: Target) -> list[str]:
+    """The ``nucleus fleet status`` line printed after a deploy, with the connection flags the deploy
+    was given: copied, it reaches the same broker the same way (without them it failed against a TLS
+    or password broker). The password itself is never printed; where it is not in a file, a note
+    says how to give it."""
+    words = ["nucleus", "fleet", "status", "--broker", args.broker]
+    for flag, value in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key),
+                        ("--username", args.username), ("--password-file", args.password_file)):
+        if value is not None:
+            words += [flag, value]
+    if args.mqtt_version != "5":
+        words += ["--mqtt-version", args.mqtt_version]
+    lines = [f"  follow it with: {shlex.join([*words, f'--{target.type}', target.name, '--wait-s', '120'])}"]
+    if broker.password is not None and broker.password_source == "--password":
+        lines.append(f"    with the password in {PASSWORD_ENV} or --password-file FILE (it is not printed)")
+    elif broker.password is not None and broker.password_source == PASSWORD_ENV:
+        lines.append(f"    with {PASSWORD_ENV} set, as for this deploy")
+    return lines
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from fleet_kit import fleet_cli
+from fleet_kit import COMPONENT, ArtifactServer, LightDaemon, daemon_settings, fleet_cli, recipe
 from sync_testkit import Certs, Mosquitto
 
 from cloud_sync import fleet
@@ -195,3 +197,54 @@ def test_a_password_file_that_cannot_serve_is_one_line(tmp_path: Path, content: 
     proc = fleet_cli(tmp_path, "status", "--broker", "mqtt://127.0.0.1:1", "--group", "turbines", "--username", "op",
                      "--password-file", "pw", *flags)
     assert one_error_line(proc) == f"nucleus fleet: {words}\n"
+
+
+# how the operator gives the password: (flags, environment, the note under the status line)
+PASSWORD_WAYS: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
+    "file": (["--password-file", "pw"], {}, []),
+    "environment": ([], {PASSWORD_ENV: PASSWORD}, ["    with NUCLEUS_FLEET_PASSWORD set, as for this deploy"]),
+    "command line": (["--password", PASSWORD], {},
+                     ["    with the password in NUCLEUS_FLEET_PASSWORD or --password-file FILE (it is not printed)"]),
+}
+
+
+@pytest.mark.timeout(120)
+def test_the_status_line_printed_by_deploy_follows_it_on_the_same_broker(tmp_path: Path, certs: Certs) -> None:
+    """`deploy` prints the `status` command to follow it. It had --broker and the target only:
+    copied, it failed against a broker with TLS or a password. It has the connection flags as they
+    were given (quoted for the shell), never the password; a note says how to give one that was not
+    in a file. Followed here as printed, against mutual TLS and a password, until a real device has
+    applied each deployment."""
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    for name, copy in (("ca", "ca.pem"), ("client_cert", "op cert.pem"), ("client_key", "op.key")):
+        shutil.copy(getattr(certs, name), tmp_path / copy)  # given relative to the working directory, one with a space
+    users = {"op": PASSWORD, "dev-1": "device pw"}
+    with ArtifactServer(tmp_path / "artifacts") as server, \
+            running(Mosquitto(tmp_path / "broker", certs=certs, users=users)) as broker:
+        settings = daemon_settings("dev-1", broker.url, ["turbines"])
+        settings["mqtt"].update(ca_file=str(certs.ca), cert_file=str(certs.client_cert),
+                                key_file=str(certs.client_key), username="dev-1", password="device pw")
+        device = LightDaemon(tmp_path / "dev", settings)
+        device.start()
+        try:
+            for version, way in zip(("1.0.0", "1.0.1", "1.0.2"), sorted(PASSWORD_WAYS), strict=True):
+                flags, env, note = PASSWORD_WAYS[way]
+                rec = recipe(version, digest=server.add(COMPONENT, version, "hello.txt", b"hello\n"))
+                (tmp_path / rec.source).write_text(rec.text)
+                deployed = fleet_cli(tmp_path, "deploy", rec.source, "--broker", broker.url, "--group", "turbines",
+                                     "--artifacts-url", server.url, "--ca", "ca.pem", "--cert", "op cert.pem",
+                                     "--key", "op.key", "--username", "op", *flags, env=env)
+                assert deployed.returncode == 0, (way, deployed.stderr)
+                assert PASSWORD not in deployed.stdout + deployed.stderr
+                deployment_id = deployed.stdout.split()[1].rstrip(":")
+                status_line, *rest = deployed.stdout.split("  follow it with: ", 1)[1].splitlines()
+                words = shlex.split(status_line)
+                assert words[:3] == ["nucleus", "fleet", "status"], status_line
+                followed = fleet_cli(tmp_path, *words[2:], env={PASSWORD_ENV: PASSWORD} if note else {})
+                assert (followed.returncode, followed.stderr) == (0, ""), (way, followed.stdout, followed.stderr)
+                head, _, row, *_ = followed.stdout.splitlines()
+                assert head.startswith(f"group turbines: deployment {deployment_id} "), followed.stdout
+                assert row.split()[:3] == ["dev-1", "SUCCEEDED", deployment_id], followed.stdout
+                assert rest == note, way
+        finally:
+            device.stop()
