@@ -201,6 +201,17 @@ def _pdeathsig_prefix() -> list[str]:
     return [sys.executable, "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid())]
 
 
+def parent_guard(parent_pid: int) -> str:
+    """The first line of a step's script under ``setpriv``: exit unless the daemon is still the parent.
+
+    setpriv sets PDEATHSIG only after it has started; a daemon that dies before that (``kill -9``
+    within a millisecond of a launch, easier on a loaded machine) leaves the step reparented and the
+    signal armed against its new parent, which never dies. The shell reads ``$PPID`` after setpriv's
+    ``prctl``, so a step whose daemon is already gone ends here (as the Python wrapper's ``getppid``
+    check does)."""
+    return f'[ "$PPID" = "{parent_pid}" ] || exit 137\n'
+
+
 # --- output pumping ------------------------------------------------------------------------
 class _Pump:
     """Moves one pipe's bytes into the log, line by line, from a loop reader callback."""
@@ -400,7 +411,8 @@ class Supervisor:
         if requires_privilege and hasattr(os, "geteuid") and os.geteuid() != 0:
             log.warning("component.privilege_unavailable", component=name, step=step,
                         detail="RequiresPrivilege: running as the nucleus user")
-        argv = [*self._prefix, "/bin/sh", "-c", script]
+        guard = parent_guard(os.getpid()) if self._prefix[:1] and self._prefix[0].endswith("setpriv") else ""
+        argv = [*self._prefix, "/bin/sh", "-c", guard + script]
         loop = asyncio.get_running_loop()
         popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec is quick; the wait is async
             argv,

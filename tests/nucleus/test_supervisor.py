@@ -18,6 +18,7 @@ from nucleus.supervisor import (
     Supervisor,
     group_members,
     kill_orphans,
+    parent_guard,
     process_start_time,
 )
 
@@ -259,6 +260,18 @@ async def test_step_dies_with_the_daemon(tmp_path: Path, mechanism: str) -> None
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_a_step_whose_daemon_died_before_setpriv_armed_the_signal_ends_at_once() -> None:
+    """setpriv arms PDEATHSIG only once it runs: a daemon killed in between left the step running for
+    good (test_step_dies_with_the_daemon[setpriv] failed now and then on a loaded machine). The guard
+    line ends a step whose parent is no longer the daemon that launched it."""
+    ran = subprocess.run(["/bin/sh", "-c", parent_guard(os.getpid()) + "echo ran"], capture_output=True, text=True,
+                         timeout=10)
+    assert (ran.returncode, ran.stdout) == (0, "ran\n")
+    orphan = subprocess.run(["/bin/sh", "-c", parent_guard(1) + "echo ran"], capture_output=True, text=True,
+                            timeout=10)  # its parent is this test, not "the daemon" (PID 1 here)
+    assert (orphan.returncode, orphan.stdout) == (137, "")
 
 
 def test_kill_orphans_accepts_json_records_and_skips_bad_ones(tmp_path: Path) -> None:
