@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import shlex
@@ -45,7 +44,13 @@ from cloud_sync.deployment_document import (
 )
 from cloud_sync.errors import LinkError, SyncError
 from cloud_sync.settings import parse_url
-from cloud_sync.uplink import LinkNames, connect_failure, fail_connect_on_close, tls_context
+from cloud_sync.uplink import (
+    LinkNames,
+    connect_failure,
+    fail_connect_on_close,
+    ignore_closed_socket_watch,
+    tls_context,
+)
 
 STATUS_FILTER = "nucleus/things/+/deployments/status"
 DEFAULT_MAX_BYTES = 128 * 1024  # the devices' default max_inbound_bytes
@@ -547,25 +552,9 @@ def main(argv: Sequence[str] | None = None, *, validate_recipe: Callable[[Path],
 
 
 def run(command: Coroutine[Any, Any, int]) -> int:
-    """``asyncio.run`` for a fleet command, with :func:`_stale_socket_callback` as the loop's handler."""
+    """``asyncio.run`` for a fleet command, with the uplink's closed-socket handler on the loop."""
     async def guarded() -> int:
-        asyncio.get_running_loop().set_exception_handler(_stale_socket_callback)
+        ignore_closed_socket_watch(asyncio.get_running_loop())
         return int(await command)
 
     return asyncio.run(guarded())
-
-
-def _stale_socket_callback(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Drop the loop's failure to watch a socket that is already closed; pass anything else on.
-
-    aiomqtt asks the loop, from paho's connect thread, to watch the new socket; when the connect
-    fails at once (a broker refusing the client certificate), the socket can be closed before the
-    loop gets to it, and asyncio printed "Exception in callback ... Bad file descriptor" with a
-    traceback under the command's one error line. The connection is gone already: nothing is lost.
-    """
-    exc, handle = context.get("exception"), context.get("handle")
-    callback = getattr(handle, "_callback", None)
-    if isinstance(exc, OSError) and exc.errno == errno.EBADF and callback in (loop.add_writer, loop.add_reader):
-        log.debug("fleet.closed_socket_watch", error=str(exc))
-        return
-    loop.default_exception_handler(context)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import re
 import ssl
@@ -124,6 +125,32 @@ def tls_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | N
 
 def _tls_file_error(setting: str, path: Path | None, reason: str) -> LinkError:
     return LinkError(f"{setting} {path}: {reason}", reason="tls_files", setting=setting, path=str(path))
+
+
+def ignore_closed_socket_watch(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` drop its failure to watch a socket that is already closed; pass anything else on.
+
+    aiomqtt asks the loop, from paho's connect thread, to watch the new socket; when the connect
+    fails at once (a broker refusing the client certificate), the socket can be closed before the
+    loop gets to it, and asyncio printed "Exception in callback ... Bad file descriptor" with a
+    traceback (under a fleet command's one error line; in the daemon's log as an error). The
+    connection is gone already and its failure is reported on its own: nothing is lost. Both the
+    daemon and the fleet commands install this on their loop.
+    """
+    default = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc, handle = context.get("exception"), context.get("handle")
+        callback = getattr(handle, "_callback", None)
+        if isinstance(exc, OSError) and exc.errno == errno.EBADF and callback in (loop.add_writer, loop.add_reader):
+            log.debug("uplink.closed_socket_watch", error=str(exc))
+            return
+        if default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 @dataclass(slots=True)

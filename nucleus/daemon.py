@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from cloud_sync.service import CloudSync
+from cloud_sync.uplink import ignore_closed_socket_watch
 from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
 from ipc.memory import release_periodically
@@ -229,6 +230,7 @@ class Daemon:
         cloud.attach_deployments(lambda request: engine.submit(request).id, journal_summary)
         engine.add_listener(cloud.deployment_changed)
         loop = asyncio.get_running_loop()
+        ignore_closed_socket_watch(loop)  # aiomqtt's race on a connect that fails at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         server = IpcServer(

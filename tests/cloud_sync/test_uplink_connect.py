@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cloud_sync.settings import SyncSettings
 from cloud_sync.spool import Spool
-from cloud_sync.uplink import Uplink
+from cloud_sync.uplink import Uplink, ignore_closed_socket_watch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,3 +59,28 @@ def test_settings_take_yaml_as_people_write_it_and_name_what_they_refuse() -> No
     for bad in ("mqtt_version: 4", "mqtt_version: true", "urll: mqtt://127.0.0.1"):
         with pytest.raises(ValidationError, match=bad.split(":")[0]):
             SyncSettings.model_validate(yaml.safe_load(bad))
+
+
+def test_the_closed_socket_handler_drops_only_that_and_keeps_the_loops_own_handler() -> None:
+    """The daemon installs it on its loop (aiomqtt's connect that fails at once made asyncio log an error
+    with a traceback); anything else must still reach the handler that was there before."""
+    seen: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: seen.append(str(ctx.get("message"))))
+        ignore_closed_socket_watch(loop)
+        sock = socket.socket()
+        fd = sock.fileno()
+        sock.close()
+        await asyncio.to_thread(loop.call_soon_threadsafe, loop.add_writer, fd, lambda: None)
+        await asyncio.sleep(0)
+
+        def other(_: Any = None) -> None:
+            raise RuntimeError("something else")
+
+        loop.call_soon(other)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(seen) == 1 and "Exception in callback" in seen[0] and "other" in seen[0]
