@@ -153,6 +153,9 @@ class SyncSettings(BaseModel):
         configured sends the password in clear text; a key without its certificate is never sent)."""
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file is set without cert_file: the client certificate goes in cert_file")
+        if self.password is not None and self.username is None:
+            # MQTT (and aiomqtt) send a password only with a user name: it would never reach the broker
+            raise ValueError("password is set without username: MQTT sends a password only with a user name")
         if self.url is None:
             return self
         if "@" in urlsplit(self.url).netloc:

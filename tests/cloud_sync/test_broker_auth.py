@@ -177,12 +177,14 @@ async def test_refused_password_is_reported_then_right_password_delivers_everyth
     ({"url": "mqtt://broker", "ca_file": "ca.crt"}, "ca_file set but url 'mqtt://broker' is not TLS"),
     ({"url": "mqtts://broker", "key_file": "k.pem"}, "key_file is set without cert_file"),
     ({"url": "mqtts://broker", "password": 123}, "must be a string"),
+    ({"url": "mqtts://broker", "password": "pw"}, "password is set without username"),
     ({"url": "http://broker"}, "must be mqtt://host[:port] or mqtts://host[:port]"),
 ])
 def test_link_settings_that_would_be_ignored_are_refused(section: dict[str, Any], words: str) -> None:
     """Each of these used to start and then silently do something else: the URL's credentials were
     dropped, TLS files were ignored on a plain link (the password went in clear text), a key
-    without its certificate was never sent, a YAML number was no password, a bad URL left the
+    without its certificate was never sent, a YAML number was no password, a password without a user
+name was never sent (MQTT sends it only with one), a bad URL left the
     daemon running without a link."""
     with pytest.raises(ValidationError, match=re.escape(words)):
         SyncSettings.model_validate(section)
