@@ -221,6 +221,12 @@ class AssetPolicy:
             return ResetResult(False, self.state, f"refused: condition still active ({hits} of the last "
                                                   f"{len(self._recent)} windows {self._anomalous}, "
                                                   f"trigger {self.cfg.trigger})")
+        if len(self._recent) < self.cfg.n:
+            # A state restored from the audit log after a restart starts with no windows: "fewer than k
+            # of them anomalous" would hold trivially, and a reset right after a crash released the
+            # brake while the fault still lasted. The condition is judged on n windows, or not at all.
+            return ResetResult(False, self.state, f"refused: {len(self._recent)} of the {self.cfg.n} windows "
+                                                  f"needed to judge the condition seen so far")
         self._recent.clear()
         self._below_run = 0
         self._invalid_run = 0

@@ -285,8 +285,20 @@ async def test_latched_state_survives_a_restart(short_tmp: Path) -> None:
         await tc.publish("anomaly/t1", event(2.0))
         await tc.publish("anomaly/t1", event(2.0))
         assert (await next_action(actions))["state"] == "latched"
-    async with running(short_tmp, cfg_with()) as (service, _tc):
+    async with running(short_tmp, cfg_with()) as (service, tc), tc.subscribe("actions/t1") as actions:
         assert service.policies["t1"].state is State.LATCHED
+        # The restored latch starts with no windows: a reset right after the restart used to be accepted
+        # ("fewer than k anomalous" held trivially) and released the brake while the fault lasted.
+        refused = await tc.request("control/t1/reset", {"operator": "alice"})
+        assert refused["ok"] is False and refused["state"] == "latched"
+        assert refused["reason"] == "refused: 0 of the 3 windows needed to judge the condition seen so far"
+        for _ in range(3):
+            await tc.publish("anomaly/t1", event(0.1))
+        async with asyncio.timeout(10):
+            while len(service.policies["t1"]._recent) < 3:
+                await asyncio.sleep(0.01)
+        ok = await tc.request("control/t1/reset", {"operator": "alice"})
+        assert ok["ok"] is True and (await next_action(actions))["previous"] == "latched"
 
 
 @pytest.mark.parametrize("trigger", ["is_anomaly", None])
