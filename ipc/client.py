@@ -675,8 +675,8 @@ class Client:
         """This component's configuration, parsed, after each change: what a component that reconfigures
         itself at run time loops over. A configuration ``parse`` refuses (raises one of ``errors``) goes to
         ``rejected`` and is skipped, so the caller keeps running on the last valid one. Against a bus with
-        no configuration store (``ipc.devserver``) it logs that once and never yields, rather than ending:
-        an ended stream means the nucleus closed it, i.e. the component is being stopped.
+        no configuration store (``ipc.devserver`` without ``--config``) it logs that once and never yields,
+        rather than ending: an ended stream means the nucleus closed it, i.e. the component is being stopped.
 
         While it is iterated it also answers the nucleus's validation of proposed configurations with the
         same ``parse`` (:meth:`validate_configurations`), so a deployment with a configuration this

@@ -1,0 +1,137 @@
+"""`python -m ipc.devserver --config NAME=FILE`: a component's configuration on the bare bus, read, updated
+and watched with the same SDK calls it makes under the nucleus, and the file read again on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ipc import Client, IpcError
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def devserver_cmd(sock: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ipc.devserver", "--socket", str(sock), "--trim-interval", "0",
+            "--token", "me=T-me", "--token", "other=T-other", "--allow", "me:#", *extra]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="ipcc"))
+    try:
+        yield d
+    finally:
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+@contextlib.contextmanager
+def running(cmd: list[str]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until READY (or EOF if it died)
+        assert line.startswith("READY"), f"devserver did not start: {line!r}"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def watching(me: Client, it: AsyncIterator[dict[str, Any]]) -> None:
+    """Return once the watch is open on the server: the stream request travels on its own, so a change
+    made right after opening it can come before it. Changes Threshold until one is notified (bounded)."""
+    nxt = asyncio.ensure_future(anext(it))
+    for i in range(50):
+        await me.update_configuration(["Threshold"], 100 + i)
+        done, _ = await asyncio.wait([nxt], timeout=0.2)
+        if done:
+            return
+    nxt.cancel()
+    raise AssertionError("the configuration watch never reported a change")
+
+
+async def notified_until(me: Client, it: AsyncIterator[dict[str, Any]], threshold: int) -> None:
+    """Notifications of Threshold until it reads ``threshold`` (a late one from ``watching`` may come first)."""
+    async with asyncio.timeout(10):
+        while True:
+            assert await anext(it) == {"component": "me", "key_path": ["Threshold"]}
+            if await me.get_configuration(["Threshold"]) == threshold:
+                return
+
+
+async def test_configuration_from_a_file_is_read_updated_and_watched(workdir: Path) -> None:
+    sock, cfg = workdir / "bus.sock", workdir / "me.yaml"
+    cfg.write_text("Threshold: 30\nTopic: thermo\n")
+    with running(devserver_cmd(sock, "--config", f"me={cfg}")) as proc:
+        async with Client(sock, "T-me") as me, Client(sock, "T-other") as other:
+            assert await me.get_configuration() == {"Threshold": 30, "Topic": "thermo"}
+            assert await me.get_configuration(["Threshold"]) == 30
+            with pytest.raises(IpcError) as missing:
+                await me.get_configuration(["Nope"])
+            assert missing.value.code == "INVALID_ARGUMENTS" and "/Nope" in missing.value.message
+            # another principal has no file: the SDK's "no configuration store", now saying how to give one
+            with pytest.raises(IpcError) as none:
+                await other.get_configuration()
+            assert none.value.code == "UNKNOWN_OPERATION" and "--config other=FILE" in none.value.message
+
+            async with me.watch_configuration(["Threshold"]) as changes:
+                it = aiter(changes)
+                await watching(me, it)
+                cfg.write_text("Threshold: 12\nTopic: thermo\n")
+                os.kill(proc.pid, signal.SIGHUP)
+                await notified_until(me, it, 12)
+                await me.update_configuration(["Limits"], {"low": 1})  # not under the watched key
+                await me.update_configuration(["Threshold"], 5)
+                await notified_until(me, it, 5)
+            assert await me.get_configuration() == {"Threshold": 5, "Topic": "thermo", "Limits": {"low": 1}}
+
+
+async def test_configuration_changes_yields_each_new_configuration(workdir: Path) -> None:
+    sock, cfg = workdir / "bus.sock", workdir / "me.json"
+    cfg.write_text('{"Threshold": 30}')
+    with running(devserver_cmd(sock, "--config", f"me={cfg}")):
+        async with Client(sock, "T-me") as me:
+            seen = cast(AsyncGenerator[dict[str, Any], None],
+                        me.configuration_changes(dict, errors=(ValueError,), rejected=lambda exc: None))
+            nxt = asyncio.ensure_future(anext(seen))
+            # the watch is open once a change reaches it: update until one does (bounded)
+            for i in range(50):
+                await me.update_configuration(["Threshold"], i)
+                done, _ = await asyncio.wait([nxt], timeout=0.2)
+                if done:
+                    break
+            assert nxt.done() and nxt.result()["Threshold"] in range(50)
+            await seen.aclose()
+
+
+@pytest.mark.parametrize(("spec", "content", "expected"), [
+    ("me={file}", "[1, 2]", "a configuration is an object"),
+    ("me={file}", "{not json", "me.json: "),
+    ("{file}", "{}", "expected NAME=FILE"),
+])
+def test_bad_config_file_is_one_error_line_and_exit_2(workdir: Path, spec: str, content: str, expected: str) -> None:
+    file = workdir / "me.json"
+    file.write_text(content)
+    proc = subprocess.run(devserver_cmd(workdir / "bus.sock", "--config", spec.format(file=file)),
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert expected in proc.stderr.strip().splitlines()[-1]
