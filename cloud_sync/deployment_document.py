@@ -121,9 +121,10 @@ def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
         if not isinstance(update, dict):
             raise ValueError(f"{name} must be an object with MERGE/RESET")
         keys = {str(k).lower(): v for k, v in update.items()}
-        unknown = set(keys) - {"merge", "reset"}
+        unknown = sorted(str(k) for k in update if str(k).lower() not in ("merge", "reset"))  # as written
         if unknown:
-            raise ValueError(f"{name}: unknown keys {sorted(unknown)} (use MERGE, RESET)")
+            raise ValueError(f"{name}: unknown keys {unknown}: an update is {{\"MERGE\": {{...}}, \"RESET\": "
+                             f"[...]}}, e.g. {{\"{name}\": {{\"MERGE\": {{\"{unknown[0]}\": ...}}}}}}")
         merge = keys.get("merge") or {}
         if isinstance(merge, str):
             try:

@@ -354,6 +354,10 @@ def test_a_bad_update_config_is_refused_before_sending_naming_the_component(shor
     """One prefix, the component, the entry and the fix; no daemon needed to say so."""
     for update, words in (({"com.ex.D": {"RESET": ["interval"]}}, "com.ex.D: RESET entry 'interval' is not a JSON"),
                           ({"com.ex.D": {"MERGE": 3}}, "com.ex.D: MERGE must be an object"),
+                          # the key as written (it read 'threshold'), and the shape that was meant
+                          ({"com.ex.D": {"Threshold": 10}}, "com.ex.D: unknown keys ['Threshold']: an update is "
+                                                            '{"MERGE": {...}, "RESET": [...]}, e.g. {"com.ex.D": '
+                                                            '{"MERGE": {"Threshold": ...}}}'),
                           (None, f"cannot read {short_tmp / 'nosuch.json'}: No such file")):
         arg = json.dumps(update) if update is not None else f"@{short_tmp / 'nosuch.json'}"
         out = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp / "none"), "deploy",
