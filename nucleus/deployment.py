@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import time
 import uuid
@@ -433,8 +434,13 @@ class DeploymentEngine:
         )
         for name in req.config_updates:
             if name not in target.components:
+                # Most often a typo: name what is there, and the nearest name if one is close.
+                close = difflib.get_close_matches(name, list(target.components), n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
                 raise UnknownComponentError(
-                    f"configuration update for {name}, which is not part of the deployment", component=name
+                    f"configuration update for {name}, which is neither deployed nor in this deployment ({hint}"
+                    f"the components after it would be: {', '.join(sorted(target.components)) or 'none'})",
+                    component=name,
                 )
         recipes = dict(resolution.components)
         changed = [

@@ -350,6 +350,16 @@ def test_root_may_follow_the_subcommand(short_tmp: Path) -> None:
         proc.wait(timeout=30)
 
 
+def test_a_configuration_update_for_a_misspelt_component_names_the_nearest(daemon: Any, short_tmp: Path) -> None:
+    """It read "which is not part of the deployment", which sent the reader to add it to the deployment."""
+    daemon.cli("deploy", str(write_recipe(short_tmp / "r", "test.Thermo", "1.0.0", run=SLEEPER, config={"t": 1})))
+    out = daemon.cli("deploy", "--update-config", json.dumps({"test.Thermometer": {"MERGE": {"t": 2}}}), check=False)
+    assert out.returncode == 1
+    assert ("configuration update for test.Thermometer, which is neither deployed nor in this deployment (did you "
+            "mean test.Thermo? the components after it would be: test.Thermo)") in out.stderr, out.stderr
+    assert json.loads(daemon.cli("status", "test.Thermo").stdout)["configuration"] == {"t": 1}
+
+
 def test_a_bad_update_config_is_refused_before_sending_naming_the_component(short_tmp: Path) -> None:
     """One prefix, the component, the entry and the fix; no daemon needed to say so."""
     for update, words in (({"com.ex.D": {"RESET": ["interval"]}}, "com.ex.D: RESET entry 'interval' is not a JSON"),
