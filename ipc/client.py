@@ -746,8 +746,13 @@ class Client:
                 raise
             log.info("ipc.config_validation_unavailable", reason=exc.code)
 
-    async def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
-        await self.call("state.update", {"state": state})
+    async def update_state(self, state: Literal["RUNNING", "ERRORED"], *, message: str = "") -> None:
+        """Report this component's state; with ERRORED, ``message`` says why (the nucleus puts it in the
+        state's reason, where a deployment's failure and `nucleus list` show it)."""
+        args: dict[str, Any] = {"state": state}
+        if message:
+            args["message"] = message
+        await self.call("state.update", args)
 
     def component_updates(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
         return self.stream("lifecycle.subscribe_updates", {})
@@ -965,7 +970,7 @@ async def _run_component(main: Callable[[Client], Awaitable[None]]) -> int:
         except Exception as exc:
             log.exception("component.failed", error=str(exc))
             with contextlib.suppress(IpcError):
-                await client.update_state("ERRORED")
+                await client.update_state("ERRORED", message=f"{type(exc).__name__}: {exc}")
             return 1
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

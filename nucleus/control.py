@@ -192,7 +192,12 @@ class Control:
             raise InvalidArguments(f"state must be RUNNING or ERRORED, not {state}")
         if ctx.principal.kind != "component":
             raise InvalidArguments("only components report their state")
-        self._orch.report_state(ctx.principal.name, State(state))
+        message = args.get("message") or ""
+        if not isinstance(message, str):
+            raise InvalidArguments("message must be a string", {"argument": "message"})
+        # One line of the component's own reason, kept short: it becomes the state's reason, which the
+        # deployment's result, `nucleus list` and the rollback message carry.
+        self._orch.report_state(ctx.principal.name, State(state), " ".join(message.split())[:300])
         return None
 
     # --- configuration validation (no policy: a component validates only its own configuration) -----

@@ -131,6 +131,7 @@ class ReportedState:
 
     state: State
     now: float
+    message: str = ""  # the component's own words on why (ERRORED), shown in the state's reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +281,8 @@ class Lifecycle:
                 return self._begin_stop(reason or "stop requested")
             case RestartRequested(force=force):
                 return self._on_restart_requested(force)
-            case ReportedState(state=state, now=now):
-                return self._on_reported(state, now)
+            case ReportedState(state=state, now=now, message=message):
+                return self._on_reported(state, now, message)
             case BackoffElapsed(generation=gen):
                 if gen != self.generation or self.phase is not Phase.BACKOFF:
                     return []
@@ -353,12 +354,13 @@ class Lifecycle:
             self.phase = Phase.IDLE
         return effects + self._start_now()
 
-    def _on_reported(self, state: State, now: float) -> list[Effect]:
+    def _on_reported(self, state: State, now: float, message: str = "") -> list[Effect]:
         alive = self.phase in (Phase.STARTUP, Phase.RUN, Phase.IDLE)
         if state is State.RUNNING and self.state is State.STARTING and alive:
             return self._enter(State.RUNNING, "reported RUNNING by the component")
         if state is State.ERRORED and self.state in (State.STARTING, State.RUNNING) and alive:
-            return self._error(now, "reported ERRORED by the component", retry="start")
+            why = f": {message}" if message else ""
+            return self._error(now, f"reported ERRORED by the component{why}", retry="start")
         return []
 
     # --- sequences ----------------------------------------------------------------------

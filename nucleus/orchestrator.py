@@ -428,11 +428,11 @@ class Orchestrator:
         if reached is not State.BROKEN:
             await self.start(dependents)
 
-    def report_state(self, name: str, state: State) -> None:
+    def report_state(self, name: str, state: State, message: str = "") -> None:
         entry = self._entries.get(name)
         if entry is None:
             raise LifecycleError("unknown component", component=name)
-        entry.runner.report_state(state)
+        entry.runner.report_state(state, message)
 
     async def wait_settled(
         self, names: Iterable[str], *, settle_s: float, deadline: float

@@ -220,12 +220,12 @@ class ComponentRunner:
         self._feed(RestartRequested(force))
         await self._until(lambda: self._state is not State.STOPPING)
 
-    def report_state(self, state: State) -> None:
-        """A state the component reported over IPC: RUNNING or ERRORED."""
+    def report_state(self, state: State, message: str = "") -> None:
+        """A state the component reported over IPC: RUNNING or ERRORED (with its own reason, if given)."""
         if state not in (State.RUNNING, State.ERRORED):
             self._logger.warning("component.reported_state_ignored", state=str(state))
             return
-        self._feed(ReportedState(state, self._clock.now()))
+        self._feed(ReportedState(state, self._clock.now(), message))
 
     async def wait_for(self, states: Collection[State], timeout: float | None) -> State:  # noqa: ASYNC109
         """The first of ``states`` reached (now or later); TimeoutError after ``timeout``."""

@@ -29,6 +29,8 @@ def states(core: IpcCore) -> list[tuple[str, str]]:
 
     async def update_state(ctx: CallContext, args: dict[str, Any]) -> None:
         seen.append((ctx.principal.name, args["state"]))
+        if "message" in args:  # the component's own reason, with ERRORED
+            seen.append((ctx.principal.name, args["message"]))
 
     core.register("state.update", update_state)
     return seen
@@ -85,7 +87,7 @@ async def test_failing_component_reports_errored_and_exits_1(server: IpcServer, 
     async with asyncio.timeout(30):
         out, _ = await proc.communicate()
     assert proc.returncode == 1
-    assert states == [("bob", "RUNNING"), ("bob", "ERRORED")]
+    assert states == [("bob", "RUNNING"), ("bob", "ERRORED"), ("bob", "RuntimeError: sensor unplugged")]
     assert b"sensor unplugged" in out
 
 

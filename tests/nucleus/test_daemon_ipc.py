@@ -252,7 +252,7 @@ STATE_COMPONENT = """
     async def main():
         async with Client.from_env() as c:
             await asyncio.sleep(0.3)
-            await c.update_state("ERRORED")
+            await c.update_state("ERRORED", message="sensor bus unreachable:\\n  /dev/ttyUSB0 gone")
             await asyncio.sleep(60)
     asyncio.run(main())
 """
@@ -265,6 +265,9 @@ def test_reported_errored_state_triggers_restart(daemon: Any, short_tmp: Path) -
     assert out.returncode == 1  # it keeps reporting ERRORED until BROKEN
     comp = daemon.wait_state("test.Reporter", {"BROKEN"})
     assert comp["error_count"] >= 3
+    # its own reason, on one line, where the operator looks (it said only "reported ERRORED")
+    assert "reported ERRORED by the component: sensor bus unreachable: /dev/ttyUSB0 gone" in comp["last_error"]
+    assert "sensor bus unreachable: /dev/ttyUSB0 gone" in out.stderr
 
 
 DEFER_COMPONENT = """
