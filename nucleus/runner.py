@@ -311,7 +311,10 @@ class ComponentRunner:
         log_method = self._logger.warning if new in (State.ERRORED, State.BROKEN) else self._logger.info
         log_method("component.state_changed", old=str(old), new=str(new), reason=reason,
                    pid=pids[0] if pids else None)
-        self._clog.write(f"state {old} -> {new}: {reason}", stream="nucleus", step="lifecycle")
+        # The first line of a version's life names it: after an update or a rollback the log holds two
+        # versions' lines, and nothing else tells them apart.
+        version = f" (version {self.spec.version})" if old is State.NEW else ""
+        self._clog.write(f"state {old} -> {new}{version}: {reason}", stream="nucleus", step="lifecycle")
         if self._on_state is not None:
             try:
                 self._on_state(self.name, old, new, reason)

@@ -287,6 +287,11 @@ def test_logs_show_component_output(daemon: Any, short_tmp: Path) -> None:
             break
         time.sleep(0.1)
     assert "hello-out" in text and "hello-err" in text
+    # each version's first lifecycle line names it: after an update both versions' lines are in one log
+    daemon.cli("deploy", str(write_recipe(short_tmp / "r", "test.Talk", "1.1.0", run="exec sleep 600")))
+    text = daemon.cli("logs", "test.Talk").stdout
+    assert "[lifecycle] state NEW -> INSTALLED (version 1.0.0): no install step" in text
+    assert "[lifecycle] state NEW -> INSTALLED (version 1.1.0): no install step" in text
 
 
 def test_logs_follow_streams_new_lines(daemon: Any, short_tmp: Path) -> None:
