@@ -134,7 +134,8 @@ class Daemon:
                 for r in orphans
                 if r.get("start_time") is not None
             )
-            log.warning("nucleus.orphans_killed", groups=killed)
+            if killed:  # every step gone with the daemon (the usual case after a kill -9) is no warning
+                log.warning("nucleus.orphans_killed", groups=killed)
         platform = current_platform(self.settings.platform)
         journal = Journal(paths.database)
         store = ComponentStore(paths)

@@ -169,13 +169,16 @@ def kill_orphans(records: Iterable[OrphanRecord | tuple[int, int, int] | Mapping
             continue
         if pgid <= 1 or pid <= 1:
             continue
-        leader_start = process_start_time(pid)
-        if leader_start is not None:
-            if leader_start != start_time:
-                log.info("supervisor.orphan_pid_reused", pgid=pgid, pid=pid)
-                continue
-            fields = _stat_fields(pid)
-            if not fields or fields[2] != str(pgid):
+        leader = _stat_fields(pid)
+        leader_start = int(leader[19]) if leader and len(leader) > 19 else None
+        if leader_start is not None and leader_start != start_time:
+            log.info("supervisor.orphan_pid_reused", pgid=pgid, pid=pid)
+            continue
+        # A zombie leader is dead, only not reaped yet (a PID 1 may take a second): after a kill -9 of
+        # the daemon its steps' shells are zombies for a while, and were reported as orphans killed.
+        # Like a gone leader, it counts only through live members of its group.
+        if leader is not None and leader_start is not None and leader[0] != "Z":
+            if leader[2] != str(pgid):
                 continue
         else:
             survivors = []

@@ -190,7 +190,28 @@ def test_kill_orphans_spares_a_reused_pid(tmp_path: Path) -> None:
         proc.wait()
 
 
-def test_kill_orphans_kills_survivors_of_a_dead_leader(tmp_path: Path) -> None:
+def test_kill_orphans_does_not_count_a_zombie_leader_as_an_orphan(tmp_path: Path) -> None:
+    """After a kill -9 of the daemon its steps' shells stay zombies until PID 1 reaps them; a restart
+    within that time logged them as orphans killed, as if components had outlived the daemon."""
+    proc = start_group("exec sleep 100", tmp_path)
+    try:
+        start = process_start_time(proc.pid)
+        assert start is not None
+        os.kill(proc.pid, signal.SIGKILL)  # not reaped: a zombie, as under a slow PID 1
+        for _ in range(500):
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+            if stat[stat.rfind(")") + 2] == "Z":
+                break
+            time.sleep(0.01)
+        assert stat[stat.rfind(")") + 2] == "Z"
+        assert kill_orphans([OrphanRecord(proc.pid, proc.pid, start)]) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["leader-reaped", "leader-zombie"])
+def test_kill_orphans_kills_survivors_of_a_dead_leader(tmp_path: Path, reaped: bool) -> None:
     proc = start_group("sleep 100 & echo $! > child.pid; wait", tmp_path)
     pidfile = tmp_path / "child.pid"
     try:
@@ -202,7 +223,12 @@ def test_kill_orphans_kills_survivors_of_a_dead_leader(tmp_path: Path) -> None:
             time.sleep(0.01)
         child = int(pidfile.read_text())
         proc.kill()  # the daemon's PDEATHSIG took the shell, the child survived
-        proc.wait()
+        if reaped:
+            proc.wait()
+        for _ in range(500):
+            if group_members(proc.pid) == [child]:
+                break
+            time.sleep(0.01)
         assert group_members(proc.pid) == [child]
         assert kill_orphans([(proc.pid, proc.pid, start)]) == [proc.pid]
         deadline = time.monotonic() + 5
@@ -214,6 +240,8 @@ def test_kill_orphans_kills_survivors_of_a_dead_leader(tmp_path: Path) -> None:
             with_pid = int(pidfile.read_text() or 0)
             if with_pid and alive(with_pid):
                 os.kill(with_pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
 
 
 # --- the kernel kills a step's shell when the daemon dies ---------------------------------
