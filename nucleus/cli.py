@@ -194,23 +194,33 @@ async def _deploy(args: argparse.Namespace) -> int:
         print(f"  queued behind {created['queue_position']} deployment(s) already running or queued")
     if args.no_wait:
         return EXIT_OK
-    return await _follow_deployment(_root(args), did)
+    return await _follow_deployment(_root(args), did, args.restart_wait)
 
 
 DAEMON_RESTART_WAIT_S = 120.0  # a bootstrap step may restart the nucleus; its start is seconds
 
 
-async def _follow_deployment(root: Path, did: str) -> int:
+async def _follow_deployment(root: Path, did: str, restart_wait_s: float = DAEMON_RESTART_WAIT_S) -> int:
     """Print a deployment's progress until it ends. A bootstrap step that asks for a nucleus restart
     (exit 100) closes the connection mid-deployment; the deployment goes on after the restart, so
     reconnect and keep following it rather than report the closed connection as a failure."""
     from ipc.errors import ConnectionClosed
 
-    last_seq, wait_s = 0, 0.0
+    last_seq, wait_s, lost = 0, 0.0, False
     for _ in range(10):  # bounded: a deployment restarts the nucleus once per bootstrap step at most
         try:
-            async with await _connect_waiting(root, wait_s) as client, \
-                    client.stream("deployments.watch", {"id": did}) as events:
+            connected = await _connect_waiting(root, wait_s)
+        except DaemonNotRunningError:
+            if not lost:
+                raise  # never connected: the usual "no daemon" error
+            # It went away mid-deployment and did not come back: the outcome is not known here. A daemon
+            # that starts again resumes a deployment it had not begun to apply, or rolls one back.
+            print(f"deployment {did}: outcome unknown: the nucleus did not come back within {wait_s:g} s; when it "
+                  "starts again it resumes or rolls back this deployment (see `nucleus deployments`)",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            async with connected as client, client.stream("deployments.watch", {"id": did}) as events:
                 async for event in events:
                     if event.get("event") == "progress":
                         if int(event.get("seq") or 0) <= last_seq:
@@ -228,9 +238,10 @@ async def _follow_deployment(root: Path, did: str) -> int:
                         return EXIT_FAILED
             return EXIT_FAILED
         except ConnectionClosed:
-            print("  the nucleus is restarting (as a bootstrap step asked); following the deployment when it is back",
-                  flush=True)
-            wait_s = DAEMON_RESTART_WAIT_S
+            # A bootstrap step's restart (exit 100) does this by design; a crash or a stop looks the same.
+            print(f"  the connection to the nucleus closed (a bootstrap step's restart, or the nucleus stopped); "
+                  f"following the deployment if it is back within {restart_wait_s:g} s", flush=True)
+            wait_s, lost = restart_wait_s, True
     return EXIT_FAILED
 
 
@@ -453,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
     p.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success (default 5)")
     p.add_argument("--no-wait", action="store_true", help="queue and return")
+    p.add_argument("--restart-wait", type=float, default=DAEMON_RESTART_WAIT_S, metavar="S",
+                   help="how long to wait for a nucleus that goes away mid-deployment (a bootstrap step's "
+                   f"restart) before saying the outcome is unknown (default {DAEMON_RESTART_WAIT_S:g})")
     p.set_defaults(func=_deploy, is_async=True)
 
     p = add("list", "components with version, state and since")
