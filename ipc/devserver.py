@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from ipc.config_tree import MISSING, KeyPath, diff_paths, lookup, merge_at
 from ipc.core import CallContext, IpcCore, Principal
 from ipc.errors import InvalidArguments, Unauthenticated, UnknownOperation
 from ipc.memory import trim_forever
@@ -76,8 +77,6 @@ def covers(pattern: str, resource: str) -> bool:
     return len(g) == len(f)
 
 
-KeyPath = tuple[str, ...]
-_MISSING = object()
 log = structlog.get_logger("ipc.devserver")
 
 
@@ -96,40 +95,6 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: a configuration is an object (a mapping), not {type(doc).__name__}")
     return doc
-
-
-def _lookup(doc: Any, key_path: KeyPath) -> Any:
-    for key in key_path:
-        if not isinstance(doc, Mapping) or key not in doc:
-            return _MISSING
-        doc = doc[key]
-    return doc
-
-
-def _changed(old: Any, new: Any, prefix: KeyPath = ()) -> list[KeyPath]:
-    """Key paths whose value differs (leaves, added or removed keys): what the nucleus notifies."""
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out: list[KeyPath] = []
-        for key in [*old, *(k for k in new if k not in old)]:
-            out.extend(_changed(old.get(key, _MISSING), new.get(key, _MISSING), (*prefix, key)))
-        return out
-    return [] if type(old) is type(new) and old == new else [prefix]
-
-
-def _merge(doc: dict[str, Any], key_path: KeyPath, value: Any) -> None:
-    """Merge ``value`` at ``key_path`` as the nucleus's UpdateConfiguration does: objects key by key."""
-    *parents, last = key_path
-    for key in parents:
-        if not isinstance(doc.get(key), dict):
-            doc[key] = {}
-        doc = doc[key]
-    if isinstance(value, Mapping):
-        if not isinstance(doc.get(last), dict):
-            doc[last] = {}
-        for key, child in value.items():
-            _merge(doc[last], (str(key),), child)
-    else:
-        doc[last] = copy.deepcopy(value)
 
 
 @dataclass(slots=True)
@@ -182,8 +147,8 @@ class Configurations:
 
     async def get(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         target, key_path = self._target(ctx, args)
-        value = _lookup(self.docs[target], key_path)
-        if value is _MISSING:
+        value = lookup(self.docs[target], key_path)
+        if value is MISSING:
             pointer = "".join(f"/{k}" for k in key_path)
             raise InvalidArguments(f"{target}: no configuration value at {pointer!r}",
                                    {"component": target, "field": pointer})
@@ -193,8 +158,13 @@ class Configurations:
         target, key_path = self._target(ctx, args)
         if not key_path:
             raise InvalidArguments("key_path must name at least one key")
+        value = args.get("value")
+        try:  # plain JSON data, as the nucleus keeps it (tuples become lists)
+            value = json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArguments(f"value is not JSON-serializable: {exc}", {"argument": "value"}) from exc
         new = copy.deepcopy(self.docs[target])
-        _merge(new, key_path, args.get("value"))
+        merge_at(new, key_path, value)
         return {"changed": [list(p) for p in self._set(target, new)]}
 
     async def subscribe(self, ctx: CallContext, args: dict[str, Any]) -> AsyncIterator[Any]:
@@ -212,7 +182,7 @@ class Configurations:
             self._watches.remove(watch)
 
     def _set(self, component: str, new: dict[str, Any]) -> list[KeyPath]:
-        changed = _changed(self.docs[component], new)
+        changed = diff_paths(self.docs[component], new)
         self.docs[component] = new
         for watch in self._watches:
             if watch.component != component:

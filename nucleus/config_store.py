@@ -27,15 +27,14 @@ from typing import Any, Final
 
 import structlog
 
+from ipc.config_tree import MISSING, KeyPath, diff_paths, lookup, merge_at, set_at
 from nucleus.durable import write_atomic
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
 
 log = structlog.get_logger(__name__)
 
-KeyPath = tuple[str, ...]
 DEFAULT_WATCH_LIMIT: Final = 256
-_MISSING: Final = object()
 
 
 # --- JSON pointers and pure document operations ---------------------------------------------------
@@ -57,28 +56,8 @@ def format_pointer(key_path: Iterable[str]) -> str:
     return "".join("/" + k.replace("~", "~0").replace("/", "~1") for k in key_path)
 
 
-def _lookup(doc: Any, key_path: Sequence[str]) -> Any:
-    node = doc
-    for key in key_path:
-        if not isinstance(node, Mapping) or key not in node:
-            return _MISSING
-        node = node[key]
-    return node
-
-
-def _set(doc: dict[str, Any], key_path: Sequence[str], value: Any) -> None:
-    """Set a value, creating (or replacing non-object) parents: maps replace scalars, as MERGE does."""
-    node = doc
-    for key in key_path[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {}
-        node = child
-    node[key_path[-1]] = value
-
-
 def _delete(doc: dict[str, Any], key_path: Sequence[str]) -> None:
-    parent = _lookup(doc, key_path[:-1])
+    parent = lookup(doc, key_path[:-1])
     if isinstance(parent, dict):
         parent.pop(key_path[-1], None)
 
@@ -123,11 +102,11 @@ def apply_update(
         if not tokens:
             doc = copy.deepcopy(dict(defaults))
             continue
-        default = _lookup(defaults, tokens)
-        if default is _MISSING:
+        default = lookup(defaults, tokens)
+        if default is MISSING:
             _delete(doc, tokens)
         else:
-            _set(doc, tokens, copy.deepcopy(default))
+            set_at(doc, tokens, copy.deepcopy(default))
     if merge is not None:
         if not isinstance(merge, Mapping):
             raise ConfigurationError(
@@ -135,31 +114,6 @@ def apply_update(
             )
         deep_merge(doc, merge)
     return doc
-
-
-def diff_paths(old: Any, new: Any, prefix: KeyPath = ()) -> list[KeyPath]:
-    """Key paths whose value differs: leaves, added or removed keys (descending into new maps)."""
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out: list[KeyPath] = []
-        for key in [*old, *(k for k in new if k not in old)]:
-            out.extend(diff_paths(old.get(key, _MISSING), new.get(key, _MISSING), (*prefix, key)))
-        return out
-    if old is _MISSING and isinstance(new, Mapping) and new:
-        return diff_paths({}, new, prefix)
-    if new is _MISSING and isinstance(old, Mapping) and old:
-        return diff_paths(old, {}, prefix)
-    if old is _MISSING or new is _MISSING or old != new or type(old) is not type(new):
-        return [prefix]
-    return []
-
-
-def _leaves(value: Any, prefix: KeyPath) -> list[tuple[KeyPath, Any]]:
-    if isinstance(value, Mapping) and value:
-        out: list[tuple[KeyPath, Any]] = []
-        for key, child in value.items():
-            out.extend(_leaves(child, (*prefix, key)))
-        return out
-    return [(prefix, value)]
 
 
 # --- watchers -------------------------------------------------------------------------------------
@@ -233,8 +187,8 @@ class ConfigStore:
         return copy.deepcopy(self._doc(component))
 
     def get(self, component: str, key_path: Sequence[str] = ()) -> Any:
-        value = _lookup(self._doc(component), key_path)
-        if value is _MISSING:
+        value = lookup(self._doc(component), key_path)
+        if value is MISSING:
             pointer = format_pointer(key_path)
             raise ConfigurationError(f"no configuration value at {pointer!r}",
                                      component=component, field=pointer)
@@ -281,17 +235,14 @@ class ConfigStore:
         ts = self._clock() if timestamp is None else timestamp
         stamps = self._stamps.setdefault(component, {})
         new = copy.deepcopy(doc)
-        for path, leaf in _leaves(value, key_path):
+
+        def stale(path: KeyPath) -> bool:
             if self._stale(stamps, path, ts):
                 log.debug("config.stale_update_ignored", component=component, key=format_pointer(path))
-                continue
-            if not path:
-                continue  # an empty object merged at the root changes nothing
-            if isinstance(leaf, dict):  # an empty object: make sure an object is there
-                if not isinstance(_lookup(new, path), dict):
-                    _set(new, path, {})
-            else:
-                _set(new, path, leaf)
+                return True
+            return False
+
+        for path in merge_at(new, key_path, value, skip=stale):
             stamps[path] = ts
         changed = diff_paths(doc, new)
         if not changed:

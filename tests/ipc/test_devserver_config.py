@@ -103,6 +103,11 @@ async def test_configuration_from_a_file_is_read_updated_and_watched(workdir: Pa
                 await me.update_configuration(["Threshold"], 5)
                 await notified_until(me, it, 5)
             assert await me.get_configuration() == {"Threshold": 5, "Topic": "thermo", "Limits": {"low": 1}}
+            # the changed key paths are the nucleus's (ipc.config_tree, one owner): the leaves of a new
+            # object, not the object's own path, and nothing for a value that is already there
+            changed = await me.call("config.update", {"key_path": ["Alarm"], "value": {"levels": {"hi": 9}}})
+            assert changed == {"changed": [["Alarm", "levels", "hi"]]}
+            assert await me.call("config.update", {"key_path": ["Threshold"], "value": 5}) == {"changed": []}
 
 
 async def test_configuration_changes_yields_each_new_configuration(workdir: Path) -> None:

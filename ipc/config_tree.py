@@ -1,0 +1,81 @@
+"""A component's configuration as a document tree: what a key path reaches, what a merge at a key
+path writes, and which key paths a change touched (what a configuration watch reports).
+
+One owner for these rules, so the nucleus's configuration store and the bare bus's stand-in for it
+(``ipc.devserver --config``) cannot drift apart: a component developed against the devserver sees the
+same change notifications it will see under the nucleus. Pure: no I/O, no clock. It lives in ``ipc``
+because the devserver may not import the nucleus (the dependency runs nucleus -> ipc only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+KeyPath = tuple[str, ...]
+MISSING: Final = object()
+
+
+def lookup(doc: Any, key_path: Sequence[str]) -> Any:
+    """The value at ``key_path``, or :data:`MISSING`."""
+    node = doc
+    for key in key_path:
+        if not isinstance(node, Mapping) or key not in node:
+            return MISSING
+        node = node[key]
+    return node
+
+
+def set_at(doc: dict[str, Any], key_path: Sequence[str], value: Any) -> None:
+    """Set a value, creating (or replacing non-object) parents: maps replace scalars, as MERGE does."""
+    node = doc
+    for key in key_path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[key_path[-1]] = value
+
+
+def leaves(value: Any, prefix: KeyPath) -> list[tuple[KeyPath, Any]]:
+    """Each leaf of ``value`` with its key path under ``prefix`` (an empty object is a leaf)."""
+    if isinstance(value, Mapping) and value:
+        out: list[tuple[KeyPath, Any]] = []
+        for key, child in value.items():
+            out.extend(leaves(child, (*prefix, key)))
+        return out
+    return [(prefix, value)]
+
+
+def merge_at(doc: dict[str, Any], key_path: KeyPath, value: Any,
+             skip: Callable[[KeyPath], bool] = lambda path: False) -> list[KeyPath]:
+    """Merge ``value`` (plain JSON data) at ``key_path`` as UpdateConfiguration does: objects key by
+    key, anything else replaces; an empty object makes sure an object is there. A leaf whose path
+    ``skip`` refuses (the nucleus: a stale timestamp) is left alone. Returns the leaf paths written."""
+    written: list[KeyPath] = []
+    for path, leaf in leaves(value, key_path):
+        if not path or skip(path):
+            continue  # an empty object merged at the root changes nothing
+        if isinstance(leaf, dict):
+            if not isinstance(lookup(doc, path), dict):
+                set_at(doc, path, {})
+        else:
+            set_at(doc, path, leaf)
+        written.append(path)
+    return written
+
+
+def diff_paths(old: Any, new: Any, prefix: KeyPath = ()) -> list[KeyPath]:
+    """Key paths whose value differs: leaves, added or removed keys (descending into new maps)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[KeyPath] = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            out.extend(diff_paths(old.get(key, MISSING), new.get(key, MISSING), (*prefix, key)))
+        return out
+    if old is MISSING and isinstance(new, Mapping) and new:
+        return diff_paths({}, new, prefix)
+    if new is MISSING and isinstance(old, Mapping) and old:
+        return diff_paths(old, {}, prefix)
+    if old is MISSING or new is MISSING or old != new or type(old) is not type(new):
+        return [prefix]
+    return []
