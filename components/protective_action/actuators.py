@@ -53,6 +53,8 @@ class SimulatedActuator:
         self.calls.append((request, mono))
         if len(self.calls) > 10_000:
             del self.calls[:5_000]
+        if request.action == "keepalive":  # every keepaliveS seconds: recorded, not printed
+            return Outcome(request.action, True, "simulated", wall, time.monotonic() - mono)
         self.out.write(f"ACTUATOR {request.action} asset={request.asset} decision={request.decision_id} "
                        f"reason={request.reason!r}\n")
         self.out.flush()

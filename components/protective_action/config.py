@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 from components.configuration import parse_config
 
 ACTIONS = ("engage_brake", "pitch_to_feather", "disconnect_generator")
+KEEPALIVE = "keepalive"  # not a protective action: the periodic "still here" of actuator.keepaliveS
 ActionName = Literal["engage_brake", "pitch_to_feather", "disconnect_generator"]
 Trigger = Literal["score", "is_anomaly"]
 _ASSET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -97,11 +98,16 @@ class ActuatorConfig(_Model):
     commands: dict[str, tuple[str, ...] | str] = Field(default_factory=dict)
     timeout_s: float = Field(5.0, gt=0)
     record_path: Path | None = None  # simulated: also append each call as a JSON line here
+    # > 0: every keepaliveS seconds, for each asset whose protection is working (not in the safe state,
+    # detector and sensor stream alive), call the actuator's "keepalive": the refresh of a dead-man
+    # timer outside nucleus, which goes to the safe state when the refreshes stop (this component
+    # crashed or is BROKEN, the nucleus is down). 0: off.
+    keepalive_s: float = Field(0.0, ge=0, le=60)
 
     @field_validator("commands")
     @classmethod
     def _command_actions(cls, v: dict[str, tuple[str, ...] | str]) -> dict[str, tuple[str, ...] | str]:
-        _known_actions(v)
+        _known_actions(k for k in v if k != KEEPALIVE)
         empty = [a for a, c in v.items() if not (c.split() if isinstance(c, str) else c)]
         if empty:
             raise ValueError(f"empty command for {empty}")
@@ -135,7 +141,9 @@ class ActionConfig(_Model):
     @model_validator(mode="after")
     def _commands_cover_actions(self) -> ActionConfig:
         if self.actuator.kind == "command":
-            needed = set(self.policy.trip_actions) | set(self.policy.safe_state_actions)
+            needed: set[str] = set(self.policy.trip_actions) | set(self.policy.safe_state_actions)
+            if self.actuator.keepalive_s > 0:
+                needed.add(KEEPALIVE)
             missing = sorted(a for a in needed if self.actuator.argv(a) is None)
             if missing:
                 raise ValueError(f"actuator.commands has no command for {missing}")

@@ -61,6 +61,8 @@ class Stats:
     unknown_assets: Counter[str] = field(default_factory=Counter)
     dropped: int = 0  # anomaly events the bus dropped because we were behind
     audit_failures: int = 0
+    keepalives: int = 0  # keepalive calls made (actuator.keepaliveS)
+    keepalive_failures: int = 0
     # receive of the anomaly event -> actuator call, seconds (bounded)
     receive_to_actuator: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -83,6 +85,7 @@ class ActionService:
         self.clocks = clocks or Clocks()
         self.stats = Stats()
         self._lock = asyncio.Lock()
+        self._keepalive_failing = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
         restored = audit.last_states()
@@ -288,9 +291,37 @@ class ActionService:
             await asyncio.sleep(self.cfg.check_interval_s)
             await self.tick()
 
+    async def keepalive(self) -> None:
+        """One round of the dead-man refresh: each asset whose protection is working, and only those.
+
+        An asset in the safe state or with a silent detector or sensor stream gets none, so its
+        external timer runs out as well (the same verdict twice, in hardware). A failed call is logged
+        when the calls start or stop failing, not every time."""
+        now = self.clocks.monotonic()
+        for asset, policy in list(self.policies.items()):
+            if policy.state is State.SAFE_STATE or policy.stale(now) is not None:
+                continue
+            outcome = await self.actuator.execute(ActionRequest("keepalive", asset, "", "keepalive"))
+            self.stats.keepalives += 1
+            if not outcome.ok:
+                self.stats.keepalive_failures += 1
+                if not self._keepalive_failing:
+                    log.error("action.keepalive_failed", asset=asset, detail=outcome.detail)
+            elif self._keepalive_failing:
+                log.info("action.keepalive_recovered", asset=asset)
+            self._keepalive_failing = not outcome.ok
+
+    async def _keepalives(self) -> None:
+        while True:
+            every = self.cfg.actuator.keepalive_s
+            await asyncio.sleep(every or 1.0)  # off: look again in a second (a new configuration may turn it on)
+            if every:
+                await self.keepalive()
+
     async def serve(self, changes: AsyncIterator[ActionConfig] | None = None) -> None:
         async with asyncio.TaskGroup() as tg:
-            for loop in (self._anomalies, self._heartbeats, self._sensors, self._resets, self._ticks):
+            for loop in (self._anomalies, self._heartbeats, self._sensors, self._resets, self._ticks,
+                         self._keepalives):
                 tg.create_task(loop())
             if changes is not None:
                 async for cfg in changes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from components.protective_action.actuators import ActionRequest, CommandActuato
 from components.protective_action.audit import AuditLog
 from components.protective_action.config import load_config
 from components.protective_action.policy import State
-from components.protective_action.service import ActionService
+from components.protective_action.service import ActionService, make_actuator
 from ipc import Client
 
 
@@ -184,6 +185,38 @@ async def test_a_configuration_change_does_not_let_a_reset_through_during_the_fa
         service.reconfigure(cfg_with(cooldownS=30))
         refused = await tc.request("control/t1/reset", {"operator": "alice"})
         assert refused["ok"] is False and "still active (3 of the last 3 windows" in refused["reason"]
+
+
+async def test_keepalive_refreshes_a_dead_man_timer_only_while_protection_works(short_tmp: Path) -> None:
+    """actuator.keepaliveS: the refresh an external dead-man timer needs, so that the turbine goes to its
+    safe state when this component cannot (crashed, BROKEN, the nucleus down). Never for an asset in the
+    safe state or with silent inputs: there the external timer must run out too."""
+    cfg = load_config({**FAST, "assets": ["t1", "t2"], "actuator": {"kind": "simulated", "keepaliveS": 0.05}})
+    actuator = SimulatedActuator(out=io.StringIO())
+    async with running(short_tmp, cfg, actuator) as (service, _):
+        async with asyncio.timeout(10):  # the service's own loop calls it
+            while sum(1 for r, _ in actuator.calls if r.action == "keepalive") < 4:
+                await asyncio.sleep(0.02)
+        assert {r.asset for r, _ in actuator.calls if r.action == "keepalive"} == {"t1", "t2"}
+        assert actuator.out.getvalue() == ""  # recorded, not printed every keepaliveS
+        service.policies["t2"].state = State.SAFE_STATE
+        actuator.calls.clear()
+        await service.keepalive()
+        assert [r.asset for r, _ in actuator.calls] == ["t1"]
+    failing = load_config({**FAST, "actuator": {"kind": "command", "keepaliveS": 1, "commands": {
+        "engage_brake": "/bin/true", "pitch_to_feather": "/bin/true", "keepalive": "/bin/false"}}})
+    with capture_logs() as logs:
+        async with running(short_tmp / "f", failing, make_actuator(failing.actuator)) as (service, _):
+            await service.keepalive()
+            await service.keepalive()
+    assert service.stats.keepalives == 2 and service.stats.keepalive_failures == 2
+    assert [e["event"] for e in logs if e["event"].startswith("action.keepalive")] == ["action.keepalive_failed"]
+
+
+def test_a_command_keepalive_needs_its_command() -> None:
+    with pytest.raises(ConfigError, match=r"no command for \['keepalive'\]"):
+        load_config({"actuator": {"kind": "command", "keepaliveS": 1, "commands": {
+            "engage_brake": "/bin/true", "pitch_to_feather": "/bin/true"}}})
 
 
 async def test_fail_safe_when_heartbeat_stops_and_sensor_keeps_going(short_tmp: Path) -> None:
