@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aiomqtt
 import structlog
@@ -43,9 +42,8 @@ from cloud_sync.deployment_document import (
     to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
-from cloud_sync.settings import parse_url
+from cloud_sync.settings import LinkNames, link_problem, parse_url
 from cloud_sync.uplink import (
-    LinkNames,
     connect_failure,
     fail_connect_on_close,
     ignore_closed_socket_watch,
@@ -87,19 +85,16 @@ class Broker:
         ``mqtt`` section: credentials in the URL (paho never sends them), TLS files with a plain URL
         (the password would go in clear text), a key without its certificate, a password without a
         username (paho sends neither)."""
-        if "@" in urlsplit(self.url).netloc:  # the URL is not echoed: it holds a password
-            raise FleetError("--broker must not carry credentials (user:password@): give --username, and the "
-                             f"password with --password-file or {PASSWORD_ENV}")
-        address = parse_url(self.url)
-        files = [flag for flag, path in zip(FLAGS.tls, (self.ca_file, self.cert_file, self.key_file), strict=True)
-                 if path is not None]
-        if files and not address.tls:
-            raise FleetError(f"{', '.join(files)} given but --broker {self.url} is not TLS: use mqtts://")
-        if self.key_file is not None and self.cert_file is None:
-            raise FleetError("--key is given without --cert: the client certificate goes in --cert")
-        if self.password is not None and self.username is None:
-            raise FleetError(f"a password is given ({self.password_source}) without --username: the broker would "
-                             "never receive it")
+        problem = link_problem(self.url, (self.ca_file, self.cert_file, self.key_file), self.username,
+                               self.password, self.names)
+        if problem is not None:
+            raise FleetError(problem)
+
+    @property
+    def names(self) -> LinkNames:
+        """How errors name this connection's settings: the flags, and where the password came from."""
+        given = self.password_source if self.password is not None else f"--password-file or {PASSWORD_ENV}"
+        return replace(FLAGS, password=f"password ({given})")
 
 
 @contextlib.asynccontextmanager
@@ -123,10 +118,8 @@ async def connect(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
     except aiomqtt.MqttError as exc:
         if connected:
             raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
-        given = broker.password_source if broker.password is not None else f"--password-file or {PASSWORD_ENV}"
-        names = replace(FLAGS, password=f"password ({given})")
         code, message, fields = connect_failure(exc, address, ca_file=broker.ca_file, cert_file=broker.cert_file,
-                                                username=broker.username, names=names)
+                                                username=broker.username, names=broker.names)
         raise LinkError(f"broker {address}: {message}", reason=code.lower(), **fields) from exc
 
 

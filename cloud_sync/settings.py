@@ -24,6 +24,53 @@ TLS_FILES = ("ca_file", "cert_file", "key_file")
 
 
 @dataclass(frozen=True, slots=True)
+class LinkNames:
+    """What an error calls each part of the link: the device's nucleus.yaml keys by default, or a
+    command line's flags (``nucleus fleet``), so that both say which of their own settings to fix."""
+
+    url: str = "mqtt.url"
+    ca_file: str = "mqtt.ca_file"
+    cert_file: str = "mqtt.cert_file"
+    key_file: str = "mqtt.key_file"
+    username: str = "mqtt.username"
+    password: str = "mqtt.password"
+
+    @property
+    def tls(self) -> tuple[str, str, str]:
+        """(CA of the broker, client certificate, its key), as ``uplink.tls_context`` takes them."""
+        return self.ca_file, self.cert_file, self.key_file
+
+
+SETTINGS_NAMES = LinkNames()
+
+
+def link_problem(url: str | None, tls_files: tuple[object | None, object | None, object | None],
+                 username: str | None, password: str | None, names: LinkNames = SETTINGS_NAMES) -> str | None:
+    """Why these link settings would be silently ignored when connecting, or None. One rule for the
+    device's settings and the operator's flags: credentials in the URL are never sent (and would be
+    echoed), TLS files with a plain URL leave the password in clear text, a key without its
+    certificate and a password without a user name are never sent."""
+    _, cert_file, key_file = tls_files
+    if key_file is not None and cert_file is None:
+        return f"{names.key_file} is set without {names.cert_file}: the client certificate goes in {names.cert_file}"
+    if password is not None and username is None:
+        return f"{names.password} is set without {names.username}: MQTT sends a password only with a user name"
+    if url is None:
+        return None
+    if "@" in urlsplit(url).netloc:  # the URL is not echoed: it holds a password
+        return (f"{names.url} must not carry credentials (user:password@): give {names.username} and "
+                f"{names.password} instead")
+    try:
+        address = parse_url(url)
+    except LinkError as exc:
+        return exc.message
+    given = [name for name, path in zip(names.tls, tls_files, strict=True) if path is not None]
+    if given and not address.tls:
+        return f"{', '.join(given)} set but {names.url} {url} is not TLS: use mqtts://"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerAddress:
     host: str
     port: int
@@ -149,24 +196,11 @@ class SyncSettings(BaseModel):
 
     @model_validator(mode="after")
     def _link_is_consistent(self) -> SyncSettings:
-        """Refuse settings that would be silently ignored at connect time (a plain link with TLS files
-        configured sends the password in clear text; a key without its certificate is never sent)."""
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file is set without cert_file: the client certificate goes in cert_file")
-        if self.password is not None and self.username is None:
-            # MQTT (and aiomqtt) send a password only with a user name: it would never reach the broker
-            raise ValueError("password is set without username: MQTT sends a password only with a user name")
-        if self.url is None:
-            return self
-        if "@" in urlsplit(self.url).netloc:
-            raise ValueError("url must not carry credentials: set username and password instead")
-        try:
-            address = parse_url(self.url)
-        except LinkError as exc:
-            raise ValueError(exc.message) from None
-        tls_files = [k for k in TLS_FILES if getattr(self, k) is not None]
-        if tls_files and not address.tls:
-            raise ValueError(f"{', '.join(tls_files)} set but url {self.url!r} is not TLS: use mqtts://")
+        """Refuse settings that would be silently ignored at connect time (:func:`link_problem`)."""
+        problem = link_problem(self.url, (self.ca_file, self.cert_file, self.key_file), self.username,
+                               self.password)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @field_validator("username", "password", mode="before")

@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 from cloud_sync import envelope
 from cloud_sync.envelope import Record
 from cloud_sync.errors import LinkError, SpoolError
-from cloud_sync.settings import BrokerAddress, SyncSettings, parse_url
+from cloud_sync.settings import SETTINGS_NAMES, BrokerAddress, LinkNames, SyncSettings, parse_url
 from cloud_sync.spool import Spool
 from ipc.topics import matches, validate_filter
 
@@ -56,25 +56,6 @@ _AUTH_REFUSED = {4, 5, 134, 135, 138}
 ERRORS_KEPT = 10
 
 
-@dataclass(frozen=True, slots=True)
-class LinkNames:
-    """What an error calls each part of the link: the device's nucleus.yaml keys by default, or a
-    command line's flags (``nucleus fleet``), so that both say which of their own settings to fix."""
-
-    url: str = "mqtt.url"
-    ca_file: str = "mqtt.ca_file"
-    cert_file: str = "mqtt.cert_file"
-    key_file: str = "mqtt.key_file"
-    username: str = "mqtt.username"
-    password: str = "mqtt.password"
-
-    @property
-    def tls(self) -> tuple[str, str, str]:
-        """(CA of the broker, client certificate, its key), as :func:`tls_context` takes them."""
-        return self.ca_file, self.cert_file, self.key_file
-
-
-SETTINGS_NAMES = LinkNames()
 TLS_SETTINGS = SETTINGS_NAMES.tls
 # X509 verification results that are about the broker's certificate itself, not about whom it is signed by
 _X509_NOT_YET_VALID, _X509_EXPIRED, _X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH = 9, 10, 62, 64

@@ -173,11 +173,12 @@ async def test_refused_password_is_reported_then_right_password_delivers_everyth
 
 
 @pytest.mark.parametrize(("section", "words"), [
-    ({"url": "mqtts://device:pw@broker:8883"}, "url must not carry credentials"),
-    ({"url": "mqtt://broker", "ca_file": "ca.crt"}, "ca_file set but url 'mqtt://broker' is not TLS"),
-    ({"url": "mqtts://broker", "key_file": "k.pem"}, "key_file is set without cert_file"),
+    ({"url": "mqtts://device:pw@broker:8883"}, "mqtt.url must not carry credentials (user:password@): give "
+                                               "mqtt.username and mqtt.password instead"),
+    ({"url": "mqtt://broker", "ca_file": "ca.crt"}, "mqtt.ca_file set but mqtt.url mqtt://broker is not TLS"),
+    ({"url": "mqtts://broker", "key_file": "k.pem"}, "mqtt.key_file is set without mqtt.cert_file"),
     ({"url": "mqtts://broker", "password": 123}, "must be a string"),
-    ({"url": "mqtts://broker", "password": "pw"}, "password is set without username"),
+    ({"url": "mqtts://broker", "password": "pw"}, "mqtt.password is set without mqtt.username"),
     ({"url": "http://broker"}, "must be mqtt://host[:port] or mqtts://host[:port]"),
 ])
 def test_link_settings_that_would_be_ignored_are_refused(section: dict[str, Any], words: str) -> None:

@@ -137,13 +137,13 @@ def test_credentials_in_the_broker_url_are_refused_without_echoing_them(tmp_path
 # the password in the environment
 IGNORED: dict[str, tuple[Callable[[Mosquitto, Certs], list[str]], str]] = {
     "tls_files_with_a_plain_url": (lambda b, c: ["--broker", b.url, "--username", "op", "--ca", str(c.ca)],
-                                   "--ca given but --broker mqtt://127.0.0.1:{port} is not TLS: use mqtts://"),
+                                   "--ca set but --broker mqtt://127.0.0.1:{port} is not TLS: use mqtts://"),
     "key_without_cert": (lambda b, c: ["--broker", b.url.replace("mqtt://", "mqtts://"), "--ca", str(c.ca),
                                        "--key", str(c.client_key)],
-                         "--key is given without --cert: the client certificate goes in --cert"),
+                         "--key is set without --cert: the client certificate goes in --cert"),
     "password_without_username": (lambda b, c: ["--broker", b.url],
-                                  "a password is given (NUCLEUS_FLEET_PASSWORD) without --username: the broker "
-                                  "would never receive it"),
+                                  "password (NUCLEUS_FLEET_PASSWORD) is set without --username: MQTT sends a "
+                                  "password only with a user name"),
 }
 
 
