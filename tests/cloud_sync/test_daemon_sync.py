@@ -99,7 +99,8 @@ def test_sync_status_shows_a_refused_password_once_with_its_count(daemon_factory
 
 
 @pytest.mark.parametrize(("mqtt", "words"), [
-    ({"url": "mqtt://127.0.0.1", "ca_file": "ca.crt"}, "mqtt: mqtt.ca_file set but mqtt.url mqtt://127.0.0.1 is not TLS"),
+    ({"url": "mqtt://127.0.0.1", "ca_file": "ca.crt"},
+     "mqtt: mqtt.ca_file set but mqtt.url mqtt://127.0.0.1 is not TLS"),
     ({"url": "mqtts://127.0.0.1", "ca_path": "ca.crt"}, "mqtt.ca_path: unknown key"),
     ({"url": "mqtts://127.0.0.1", "password": 1234}, "mqtt.password: must be a string"),
 ])

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,28 @@ from ipc import protocol as P
 from ipc.core import Principal
 from ipc.errors import Unauthenticated
 from ipc.topics import matches
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def devserver_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """A real ``python -m ipc.devserver`` process with ``args``, once it has said READY; stopped after."""
+    proc = subprocess.Popen([sys.executable, "-m", "ipc.devserver", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until READY (or EOF if it died)
+        assert line.startswith("READY"), f"devserver did not start: {line!r}"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-eve": "eve"}
 

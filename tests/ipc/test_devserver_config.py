@@ -4,17 +4,16 @@ and watched with the same SDK calls it makes under the nucleus, and the file rea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from ipc_testkit import devserver_process
 
 from ipc import Client, IpcError
 
@@ -23,37 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 
-def devserver_cmd(sock: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ipc.devserver", "--socket", str(sock), "--trim-interval", "0",
-            "--token", "me=T-me", "--token", "other=T-other", "--allow", "me:#", *extra]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="ipcc"))
-    try:
-        yield d
-    finally:
-        for f in d.iterdir():
-            f.unlink()
-        d.rmdir()
-
-
-@contextlib.contextmanager
-def running(cmd: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until READY (or EOF if it died)
-        assert line.startswith("READY"), f"devserver did not start: {line!r}"
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def devserver_args(sock: Path, *extra: str) -> list[str]:
+    return ["--socket", str(sock), "--trim-interval", "0", "--token", "me=T-me", "--token", "other=T-other",
+            "--allow", "me:#", *extra]
 
 
 async def watching(me: Client, it: AsyncIterator[dict[str, Any]]) -> None:
@@ -78,10 +49,10 @@ async def notified_until(me: Client, it: AsyncIterator[dict[str, Any]], threshol
                 return
 
 
-async def test_configuration_from_a_file_is_read_updated_and_watched(workdir: Path) -> None:
-    sock, cfg = workdir / "bus.sock", workdir / "me.yaml"
+async def test_configuration_from_a_file_is_read_updated_and_watched(short_tmp: Path) -> None:
+    sock, cfg = short_tmp / "bus.sock", short_tmp / "me.yaml"
     cfg.write_text("Threshold: 30\nTopic: thermo\n")
-    with running(devserver_cmd(sock, "--config", f"me={cfg}")) as proc:
+    with devserver_process(*devserver_args(sock, "--config", f"me={cfg}")) as proc:
         async with Client(sock, "T-me") as me, Client(sock, "T-other") as other:
             assert await me.get_configuration() == {"Threshold": 30, "Topic": "thermo"}
             assert await me.get_configuration(["Threshold"]) == 30
@@ -110,10 +81,10 @@ async def test_configuration_from_a_file_is_read_updated_and_watched(workdir: Pa
             assert await me.call("config.update", {"key_path": ["Threshold"], "value": 5}) == {"changed": []}
 
 
-async def test_configuration_changes_yields_each_new_configuration(workdir: Path) -> None:
-    sock, cfg = workdir / "bus.sock", workdir / "me.json"
+async def test_configuration_changes_yields_each_new_configuration(short_tmp: Path) -> None:
+    sock, cfg = short_tmp / "bus.sock", short_tmp / "me.json"
     cfg.write_text('{"Threshold": 30}')
-    with running(devserver_cmd(sock, "--config", f"me={cfg}")):
+    with devserver_process(*devserver_args(sock, "--config", f"me={cfg}")):
         async with Client(sock, "T-me") as me:
             seen = cast(AsyncGenerator[dict[str, Any], None],
                         me.configuration_changes(dict, errors=(ValueError,), rejected=lambda exc: None))
@@ -133,10 +104,11 @@ async def test_configuration_changes_yields_each_new_configuration(workdir: Path
     ("me={file}", "{not json", "me.json: "),
     ("{file}", "{}", "expected NAME=FILE"),
 ])
-def test_bad_config_file_is_one_error_line_and_exit_2(workdir: Path, spec: str, content: str, expected: str) -> None:
-    file = workdir / "me.json"
+def test_bad_config_file_is_one_error_line_and_exit_2(short_tmp: Path, spec: str, content: str, expected: str) -> None:
+    file = short_tmp / "me.json"
     file.write_text(content)
-    proc = subprocess.run(devserver_cmd(workdir / "bus.sock", "--config", spec.format(file=file)),
+    proc = subprocess.run([sys.executable, "-m", "ipc.devserver",
+                           *devserver_args(short_tmp / "bus.sock", "--config", spec.format(file=file))],
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and proc.stdout == ""
     assert expected in proc.stderr.strip().splitlines()[-1]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from ipc_testkit import RawConn
+from ipc_testkit import RawConn, devserver_process
 
 from ipc import Client
 from ipc import protocol as P
@@ -28,23 +27,12 @@ RSS_GROWTH_LIMIT = 50 * 1024 * 1024
 def devserver() -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="ipcf"))
     sock = d / "bus.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ipc.devserver", "--socket", str(sock),
-         "--token", "pub=T-pub", "--token", "fast=T-fast", "--token", "slow=T-slow",
-         "--allow", "pub:flow/#", "--allow", "fast:flow/#", "--allow", "slow:flow/#"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until READY (or EOF if it died)
-        assert line.startswith("READY"), f"devserver did not start: {line!r}"
-        yield sock, proc
+        with devserver_process("--socket", str(sock), "--token", "pub=T-pub", "--token", "fast=T-fast", "--token",
+                       "slow=T-slow", "--allow", "pub:flow/#", "--allow", "fast:flow/#", "--allow",
+                       "slow:flow/#") as proc:
+            yield sock, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
         with contextlib.suppress(OSError):
             sock.unlink()
         with contextlib.suppress(OSError):
