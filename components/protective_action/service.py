@@ -109,8 +109,8 @@ class ActionService:
         """A new configuration: policies keep their state, timers and last windows (judged again under
         the new rule); assets come and go.
 
-        The nucleus notifies once per changed key, so one deployment arrives as several changes to
-        the same configuration: only the first is applied."""
+        The configuration already running is not applied again (the first one the SDK yields may be the
+        one read at start)."""
         if cfg == self.cfg:
             return
         if cfg.audit_path != self.cfg.audit_path:

@@ -197,8 +197,8 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
     A change that keeps the asset keeps the sequencer, ``stream`` included: the numbering carries on, so
     the detector sees one stream and no restart (a new ``stream`` would make it discard its partial
     window, as after an ingest restart). A "change" to the configuration already running restarts
-    nothing: the nucleus notifies once per changed key, so a deployment that sets five keys arrives as
-    five changes to the same new configuration, and each restart would reconnect the MQTT source.
+    nothing (each restart would reconnect the MQTT source): the SDK yields one configuration per
+    deployment however many keys it set, but the first one it yields may be the one read at start.
     """
     watching = cfg is None
     if cfg is None:
