@@ -85,7 +85,7 @@ class ActionService:
         self.clocks = clocks or Clocks()
         self.stats = Stats()
         self._lock = asyncio.Lock()
-        self._keepalive_failing = False
+        self._keepalive_failing: set[str] = set()  # assets whose last keepalive failed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
         restored = audit.last_states()
@@ -305,11 +305,12 @@ class ActionService:
             self.stats.keepalives += 1
             if not outcome.ok:
                 self.stats.keepalive_failures += 1
-                if not self._keepalive_failing:
+                if asset not in self._keepalive_failing:
                     log.error("action.keepalive_failed", asset=asset, detail=outcome.detail)
-            elif self._keepalive_failing:
+                self._keepalive_failing.add(asset)
+            elif asset in self._keepalive_failing:
                 log.info("action.keepalive_recovered", asset=asset)
-            self._keepalive_failing = not outcome.ok
+                self._keepalive_failing.discard(asset)
 
     async def _keepalives(self) -> None:
         while True:

@@ -203,14 +203,21 @@ async def test_keepalive_refreshes_a_dead_man_timer_only_while_protection_works(
         actuator.calls.clear()
         await service.keepalive()
         assert [r.asset for r, _ in actuator.calls] == ["t1"]
-    failing = load_config({**FAST, "actuator": {"kind": "command", "keepaliveS": 1, "commands": {
-        "engage_brake": "/bin/true", "pitch_to_feather": "/bin/true", "keepalive": "/bin/false"}}})
+    # t2's timer does not answer: logged once when it starts failing, per asset (t1's successes in between
+    # are no recovery of t2's)
+    relay = short_tmp / "refresh.sh"
+    relay.write_text('#!/bin/sh\n[ "$NUCLEUS_ASSET" = t1 ]\n')
+    relay.chmod(0o755)
+    failing = load_config({**FAST, "assets": ["t1", "t2"], "actuator": {"kind": "command", "keepaliveS": 1,
+                           "commands": {"engage_brake": "/bin/true", "pitch_to_feather": "/bin/true",
+                                        "keepalive": str(relay)}}})
     with capture_logs() as logs:
         async with running(short_tmp / "f", failing, make_actuator(failing.actuator)) as (service, _):
             await service.keepalive()
             await service.keepalive()
-    assert service.stats.keepalives == 2 and service.stats.keepalive_failures == 2
-    assert [e["event"] for e in logs if e["event"].startswith("action.keepalive")] == ["action.keepalive_failed"]
+    assert service.stats.keepalives == 4 and service.stats.keepalive_failures == 2
+    assert [(e["event"], e["asset"]) for e in logs if e["event"].startswith("action.keepalive")] == [
+        ("action.keepalive_failed", "t2")]
 
 
 def test_a_command_keepalive_needs_its_command() -> None:
