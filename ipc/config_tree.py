@@ -9,11 +9,26 @@ because the devserver may not import the nucleus (the dependency runs nucleus ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 KeyPath = tuple[str, ...]
 MISSING: Final = object()
+
+
+def format_pointer(key_path: Iterable[str]) -> str:
+    """The JSON pointer of a key path, for messages (``()`` is ``""``)."""
+    return "".join("/" + k.replace("~", "~0").replace("/", "~1") for k in key_path)
+
+
+def watched(prefix: KeyPath, path: KeyPath) -> KeyPath | None:
+    """What a watch of ``prefix`` reports for a change at ``path``: the path itself at or below the
+    watched key, the watched key when an ancestor of it changed, else nothing."""
+    if path[: len(prefix)] == prefix:
+        return path
+    if prefix[: len(path)] == path:
+        return prefix
+    return None
 
 
 def lookup(doc: Any, key_path: Sequence[str]) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from ipc.config_tree import MISSING, KeyPath, diff_paths, lookup, merge_at
+from ipc.config_tree import MISSING, KeyPath, diff_paths, format_pointer, lookup, merge_at, watched
 from ipc.core import CallContext, IpcCore, Principal
 from ipc.errors import InvalidArguments, Unauthenticated, UnknownOperation
 from ipc.memory import trim_forever
@@ -149,7 +149,7 @@ class Configurations:
         target, key_path = self._target(ctx, args)
         value = lookup(self.docs[target], key_path)
         if value is MISSING:
-            pointer = "".join(f"/{k}" for k in key_path)
+            pointer = format_pointer(key_path)
             raise InvalidArguments(f"{target}: no configuration value at {pointer!r}",
                                    {"component": target, "field": pointer})
         return copy.deepcopy(value)
@@ -187,12 +187,9 @@ class Configurations:
         for watch in self._watches:
             if watch.component != component:
                 continue
-            n = len(watch.prefix)
             for path in changed:
-                if path[:n] == watch.prefix:
-                    watch.pending[path] = None
-                elif watch.prefix[:len(path)] == path:  # an ancestor of the watched key changed
-                    watch.pending[watch.prefix] = None
+                if (hit := watched(watch.prefix, path)) is not None:
+                    watch.pending[hit] = None
             if watch.pending:
                 watch.event.set()
         return changed

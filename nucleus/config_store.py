@@ -21,13 +21,13 @@ import asyncio
 import copy
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
 import structlog
 
-from ipc.config_tree import MISSING, KeyPath, diff_paths, lookup, merge_at, set_at
+from ipc.config_tree import MISSING, KeyPath, diff_paths, format_pointer, lookup, merge_at, set_at, watched
 from nucleus.durable import write_atomic
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
@@ -49,11 +49,6 @@ def parse_pointer(pointer: str) -> KeyPath:
             field="reset",
         )
     return tuple(tok.replace("~1", "/").replace("~0", "~") for tok in pointer[1:].split("/"))
-
-
-def format_pointer(key_path: Iterable[str]) -> str:
-    """The JSON pointer of a key path, for messages (``()`` is ``""``)."""
-    return "".join("/" + k.replace("~", "~0").replace("/", "~1") for k in key_path)
 
 
 def _delete(doc: dict[str, Any], key_path: Sequence[str]) -> None:
@@ -134,12 +129,7 @@ class _Watcher:
         self._event = asyncio.Event()
 
     def relevant(self, path: KeyPath) -> KeyPath | None:
-        n = len(self.prefix)
-        if path[:n] == self.prefix:
-            return path
-        if self.prefix[: len(path)] == path:
-            return self.prefix  # an ancestor of the watched key changed
-        return None
+        return watched(self.prefix, path)
 
     def offer(self, path: KeyPath) -> None:
         if path not in self._pending and len(self._pending) >= self.limit:
