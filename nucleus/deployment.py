@@ -427,7 +427,7 @@ class DeploymentEngine:
                 )
             del roots[name]
         groups = {g: r for g, r in groups.items() if r}
-        resolution = resolve(groups, self._store)
+        resolution = resolve(groups, self._store, prefer=previous.components)
         target = ActiveSet(
             groups=groups,
             components={n: str(r.version) for n, r in resolution.components.items()},

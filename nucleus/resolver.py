@@ -10,6 +10,11 @@ few dozen components, so a plain depth-first search with a step budget is enough
 Both HARD and SOFT dependencies are resolved, as Greengrass does: the type only changes how a
 dependency's state changes affect the dependent at run time.
 
+A version already deployed (``prefer``) is tried first when it still satisfies every requirement,
+as the Java nucleus's ``findLocalBestCandidate`` keeps the active version. Without that, a
+deployment of anything would move a dependency nobody named to the newest recipe in the store,
+including one a failed deployment left there, and fail again on it.
+
 A failure names the whole chain so that an operator can see which group or component to
 change: ``A 1.0.0 needs C ^1.0.0, B 2.0.0 needs C ^2.0.0; have C 1.4.0, 2.1.0``. A component
 that depends on itself (seen in the Greengrass test corpus) is a one-member cycle.
@@ -101,6 +106,7 @@ def _root_label(group: str) -> str:
 @dataclass(slots=True)
 class _Search:
     catalog: Catalog
+    prefer: Mapping[str, Version] = field(default_factory=dict)
     steps: int = 0
     failure: ResolutionError | None = None
     _versions: dict[str, list[Version]] = field(default_factory=dict)
@@ -143,6 +149,10 @@ class _Search:
         if not candidates:
             self.fail(self.conflict(name, needs[name]))
             return None
+        active = self.prefer.get(name)
+        if active in candidates:
+            candidates.remove(active)
+            candidates.insert(0, active)
         for version in candidates:
             recipe = self.catalog.recipe(name, version)
             label = f"{name} {version}"
@@ -169,8 +179,13 @@ class _Search:
         return None
 
 
-def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog) -> Resolution:
-    """Versions for every root of every group and all their dependencies, dependencies first."""
+def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog,
+            prefer: Mapping[str, Version | str] | None = None) -> Resolution:
+    """Versions for every root of every group and all their dependencies, dependencies first.
+
+    ``prefer`` holds the versions deployed now: each is kept while it satisfies every requirement
+    on it; otherwise (or for a component not deployed) the highest version that does is chosen.
+    """
     needs: dict[str, list[_Need]] = {}
     via: dict[str, tuple[str, ...]] = {}
     for group in sorted(roots):
@@ -182,7 +197,13 @@ def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog) -> Resolut
                                    component=name) from exc
             needs.setdefault(name, []).append(_Need(_root_label(group), req))
             via.setdefault(name, (_root_label(group),))
-    search = _Search(catalog)
+    preferred: dict[str, Version] = {}
+    for name, version in (prefer or {}).items():
+        try:
+            preferred[name] = version if isinstance(version, Version) else Version.parse(version)
+        except VersionError:
+            continue  # a version the store could not hold either: nothing to keep
+    search = _Search(catalog, preferred)
     chosen = search.solve({}, needs, via)
     if chosen is None:
         assert search.failure is not None

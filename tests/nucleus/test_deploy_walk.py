@@ -1,0 +1,63 @@
+"""Deployments walked as an operator would: multi-component stacks on a real daemon.
+
+Each test here comes from a defect found by running `nucleus deploy` against `nucleus run` the way
+docs/recipes.md and docs/architecture.md describe it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_daemon import write_recipe
+
+from nucleus.recipe import parse_recipe
+from nucleus.resolver import MemoryCatalog, resolve
+
+SLEEP = "exec sleep 600"
+
+
+def _recipe(name: str, version: str, deps: dict[str, str] | None = None) -> Any:
+    doc: dict[str, Any] = {"RecipeFormatVersion": "2020-01-25", "ComponentName": name, "ComponentVersion": version}
+    if deps:
+        doc["ComponentDependencies"] = {d: {"VersionRequirement": r} for d, r in deps.items()}
+    return parse_recipe(doc, source=f"{name}-{version}")
+
+
+def test_resolver_keeps_the_deployed_version_while_it_satisfies_every_requirement() -> None:
+    catalog = MemoryCatalog([_recipe("A", "1.0.0", {"B": ">=1.0.0 <2.0.0"}), _recipe("C", "1.0.0", {"B": "~1.2"}),
+                             *(_recipe("B", v) for v in ("1.2.5", "1.2.9", "1.2.10", "1.3.0"))])
+    roots = {"g": {"A": "=1.0.0", "C": "=1.0.0"}}
+    assert str(resolve(roots, catalog).version("B")) == "1.2.10"  # nothing deployed: the highest
+    assert str(resolve(roots, catalog, prefer={"B": "1.2.9"}).version("B")) == "1.2.9"
+    # The deployed version no longer satisfies (C now needs ~1.3): the highest that does.
+    catalog.add(_recipe("C", "2.0.0", {"B": "~1.3"}))
+    moved = resolve({"g": {"A": "=1.0.0", "C": "=2.0.0"}}, catalog, prefer={"B": "1.2.9"})
+    assert str(moved.version("B")) == "1.3.0"
+
+
+@pytest.mark.slow
+def test_a_rolled_back_dependency_version_is_not_picked_by_the_next_unrelated_deployment(
+        daemon: Any, short_tmp: Path) -> None:
+    """B 1.1.0 failed and was rolled back, but its recipe stays in the store until the next success.
+    Deploying an unrelated E used to re-resolve B to that newest recipe, restart A and B on it, fail
+    and roll back again: no deployment could succeed any more. Greengrass keeps the active version."""
+    deps = short_tmp / "deps"
+    write_recipe(deps, "test.B", "1.0.0", run=SLEEP)
+    a = write_recipe(short_tmp / "r", "test.A", "1.0.0", run=SLEEP,
+                     deps={"test.B": {"VersionRequirement": ">=1.0.0 <2.0.0", "DependencyType": "HARD"}})
+    daemon.cli("deploy", "--recipe-dir", str(deps), str(a))
+    before = daemon.components()
+    bad = write_recipe(short_tmp / "bad", "test.B", "1.1.0", run="exit 4")
+    out = daemon.cli("deploy", str(bad), check=False)
+    assert "FAILED_ROLLBACK_COMPLETE" in out.stderr, out.stdout + out.stderr
+    b_pid = daemon.wait_state("test.B", {"RUNNING"})["pids"]
+    a_pid = daemon.wait_state("test.A", {"RUNNING"})["pids"]
+
+    out = daemon.cli("deploy", str(write_recipe(short_tmp / "e", "test.E", "1.0.0", run=SLEEP)), check=False)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
+    after = daemon.components()
+    assert after["test.B"]["version"] == before["test.B"]["version"] == "1.0.0"
+    assert after["test.B"]["pids"] == b_pid and after["test.A"]["pids"] == a_pid  # neither touched
+    assert "stopping" not in out.stdout, out.stdout
