@@ -191,8 +191,9 @@ def fetch(
         return hasher.digest()
     where = ", ".join(str(Path(d) / component / version) for d in artifact_dirs)
     where = where or "no --artifacts directory given"
+    kind = f"{scheme}: URIs are" if scheme else "a URI without a scheme (use file:///absolute/path) is"
     raise ArtifactError(
-        f"artifact {uri}: {scheme or 'this'}: URIs are not fetched by the nucleus; supply the file "
+        f"artifact {uri}: {kind} not fetched by the nucleus; supply the file "
         f"from a local artifact directory as <dir>/{component}/{version}/{artifact.file_name} "
         f"(looked in: {where})",
         component=component, field="Uri",

@@ -61,3 +61,19 @@ def test_a_rolled_back_dependency_version_is_not_picked_by_the_next_unrelated_de
     assert after["test.B"]["version"] == before["test.B"]["version"] == "1.0.0"
     assert after["test.B"]["pids"] == b_pid and after["test.A"]["pids"] == a_pid  # neither touched
     assert "stopping" not in out.stdout, out.stdout
+
+
+def test_an_artifact_uri_without_a_scheme_is_refused_in_plain_words(short_tmp: Path) -> None:
+    """A recipe author who writes a bare path got 'this: URIs are not fetched by the nucleus'."""
+    from nucleus.artifacts import fetch
+    from nucleus.errors import ArtifactError
+    from nucleus.recipe import Artifact
+
+    source = short_tmp / "app.zip"
+    source.write_bytes(b"x")
+    with pytest.raises(ArtifactError) as caught:
+        fetch(Artifact(uri=str(source).lstrip("/")), short_tmp / "out" / "app.zip", component="com.example.App",
+              version="1.0.0")
+    text = str(caught.value)
+    assert "a URI without a scheme (use file:///absolute/path) is not fetched" in text, text
+    assert "this:" not in text
