@@ -23,6 +23,8 @@
    onnxruntime scoring of the same IsolationForest(100).
 4. **RSS** of each component (psutil on the PIDs of ``nucleus list --json``), and whether the
    detector process has scikit-learn or scipy mapped.
+5. **A detector update's blind gap.** A new detector version deployed alone restarts the detector;
+   the longest time without a scored window, beside the action's default ``heartbeatTimeoutS``.
 
     .venv/bin/python benchmarks/pipeline.py [--duration 60] [--window 1024 --hop 256]
 """
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import psutil  # type: ignore[import-untyped]
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -86,9 +89,12 @@ class Seen:
     events: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     bench_events: list[float] = field(default_factory=list)  # receive times of bench-asset events
+    asset_events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (receive time, event), always
+    states: list[tuple[float, str]] = field(default_factory=list)  # (receive time, state) of every decision
     heartbeat: dict[str, Any] = field(default_factory=dict)
     recording: bool = False
     bench_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    asset_signal: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def watch(client: Client, seen: Seen) -> None:
@@ -106,12 +112,16 @@ async def watch(client: Client, seen: Seen) -> None:
                 if m.topic.endswith(BENCH_ASSET):
                     seen.bench_events.append(time.monotonic())
                     seen.bench_signal.set()
-                elif seen.recording:
-                    seen.events.append(m.payload)
+                else:
+                    seen.asset_events.append((time.monotonic(), m.payload))
+                    seen.asset_signal.set()
+                    if seen.recording:
+                        seen.events.append(m.payload)
 
     async def actions() -> None:
         async with client.subscribe(f"actions/{ASSET}", queue_size=10_000, policy="block") as msgs:
             async for m in msgs:
+                seen.states.append((time.monotonic(), str(m.payload.get("state"))))
                 if seen.recording:
                     seen.actions.append(m.payload)
 
@@ -253,8 +263,48 @@ async def live(root: Path, token: str, args: argparse.Namespace, recording: Path
                 psutil.Process(pid).cpu_affinity([cores[-1]])
         out["throughput"], out["bench_batches"] = await saturate(client, seen, recording, args.hop, args.saturate_s)
         out["rss_after_saturation"] = rss_mb(pids[DETECTOR])
+        out["update"] = await detector_update(root, seen)
         watcher.cancel()
     return out
+
+
+async def detector_update(root: Path, seen: Seen) -> dict[str, Any]:
+    """Deploy a new detector version alone and measure the turbine's blind gap.
+
+    A new detector version restarts the detector, and windows that complete meanwhile are not
+    scored. The action's ``policy.heartbeatTimeoutS`` (left at its default here) must be longer
+    than this gap, or every detector update puts the turbine in its safe state. The figure is what
+    an operator compares that setting with; on a slower device it is longer."""
+    await asyncio.sleep(2.0)  # the saturation backlog has drained into events
+    doc = yaml.safe_load((REPO / "recipes" / f"{DETECTOR}-1.0.0.yaml").read_text())
+    doc["ComponentVersion"] = "1.0.1"
+    recipe = root.parent / f"{DETECTOR}-1.0.1.yaml"
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    print("  deploying a new detector version (1.0.1) alone ...", flush=True)
+    t0 = time.monotonic()
+    n_states = len(seen.states)
+    await asyncio.to_thread(cli, root, "deploy", str(recipe), "--settle", "1")
+    deploy_s = time.monotonic() - t0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not seen.asset_events or seen.asset_events[-1][0] < t0 + deploy_s):
+        seen.asset_signal.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(seen.asset_signal.wait(), 1.0)
+    await asyncio.sleep(1.0)
+    stamps = [t0, *(t for t, _ in seen.asset_events if t >= t0)]
+    gap = max((b - a for a, b in itertools.pairwise(stamps)), default=float("nan"))
+    return {"gap_s": gap, "deploy_s": deploy_s, "states": [s for _, s in seen.states[n_states:]]}
+
+
+def report_update(u: dict[str, Any]) -> None:
+    timeout = 3.0  # policy.heartbeatTimeoutS's default (docs/components.md)
+    print("\n== A new detector version, deployed alone ==")
+    print(f"  nucleus deploy returned after {u['deploy_s']:.2f} s (settle 1 s)")
+    print(f"  blind gap: longest time without a scored window of the turbine {u['gap_s']:.2f} s "
+          f"= {u['gap_s'] / timeout:.2f} x the action's default heartbeatTimeoutS ({timeout:g} s)")
+    safe = "safe_state" in u["states"]
+    print(f"  the action went to its safe state during the update: {'YES' if safe else 'no'}"
+          f"{' (heartbeatTimeoutS is shorter than the gap)' if safe else ''}")
 
 
 def report_live(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -440,6 +490,7 @@ def main() -> int:
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait(timeout=10)
     report_live(result, args)
+    report_update(result["update"])
     costs(build, recording, pub, args)
     shutil.rmtree(work, ignore_errors=True)
     return 0
