@@ -35,7 +35,13 @@ def _client(root: Path) -> Any:
     paths = Paths.at(root)
     sock = paths.ipc_socket
     hint = f"start one with: nucleus run --root {root}"
-    if not sock.exists():
+    try:
+        present = sock.exists()
+    except PermissionError:  # a root that is not ours: say so, not "no daemon" or a traceback
+        raise DaemonNotRunningError(
+            f"cannot reach {sock}: permission denied (run as the daemon's user)"
+        ) from None
+    if not present:
         raise DaemonNotRunningError(f"no nucleus daemon: no socket at {sock}; {hint}")
     try:
         token = paths.cli_token.read_text().strip()
@@ -83,7 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.thing_name:
         overrides["thing_name"] = args.thing_name
+    from nucleus import users
+
+    users.check_root_access(_root(args))  # a line naming the path and both users, not a traceback
     settings = load_settings(_root(args), **overrides)
+    if settings.ipc.socket_group is not None:
+        users.socket_group_id(settings.ipc.socket_group)
     from ipc.listener import check_socket_path
 
     try:  # found before anything starts, not as a traceback from the listener

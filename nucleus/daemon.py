@@ -26,7 +26,7 @@ from ipc.core import IpcCore
 from ipc.greengrass.server import GreengrassServer
 from ipc.memory import release_periodically
 from ipc.server import IpcServer
-from nucleus import __version__, authz, component_python, logconfig
+from nucleus import __version__, authz, component_python, logconfig, users
 from nucleus.config_store import ConfigStore
 from nucleus.config_validation import ConfigValidators
 from nucleus.control import Control
@@ -124,6 +124,8 @@ class Daemon:
     async def run(self) -> None:
         paths = self.paths
         paths.ensure()
+        if self.settings.ipc.socket_group is not None:  # its members must reach the sockets in the root
+            users.open_root_to_group(paths.root, users.socket_group_id(self.settings.ipc.socket_group))
         logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log)
         self._claim_root()
         records = ProcessRecords(paths.pid_file)

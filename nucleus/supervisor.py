@@ -41,6 +41,8 @@ from typing import IO, Any, NamedTuple, Protocol
 
 import structlog
 
+from nucleus.users import user_name
+
 log = structlog.get_logger("nucleus.supervisor")
 
 _READ_CHUNK = 64 * 1024
@@ -412,8 +414,13 @@ class Supervisor:
         """Launch ``sh -c script`` in a new session; raises OSError if it cannot start."""
         sink = log_sink or (self._sink_factory(name) if self._sink_factory else _NullSink())
         if requires_privilege and hasattr(os, "geteuid") and os.geteuid() != 0:
-            log.warning("component.privilege_unavailable", component=name, step=step,
+            # Said in the component's own log too: that is where an operator looks when the step then
+            # fails with "Permission denied", and the daemon's log is not.
+            user = user_name(os.geteuid())
+            log.warning("component.privilege_unavailable", component=name, step=step, user=user,
                         detail="RequiresPrivilege: running as the nucleus user")
+            sink.write(f"RequiresPrivilege: the nucleus is not root, so step {step} runs as {user}",
+                       stream="nucleus", step=step)
         guard = parent_guard(os.getpid()) if self._prefix[:1] and self._prefix[0].endswith("setpriv") else ""
         argv = [*self._prefix, "/bin/sh", "-c", guard + script]
         loop = asyncio.get_running_loop()
