@@ -287,6 +287,13 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
 
         await client.subscribe(STATUS_FILTER, qos=1)
         await _drain_until_ping(client, take, broker.timeout_s)
+        # Before any wait: devices report only what was retained for them, so an id that is neither the
+        # retained document nor in any device's report cannot turn up later. Waiting --wait-s on a
+        # mistyped id would only delay the error.
+        if deployment_id is not None and not result.known:
+            current = f"the current one is {doc.deployment_id}" if doc is not None else "none is retained"
+            raise FleetError(f"deployment {deployment_id} is unknown for {target.type} {target.name}: it is not "
+                             f"the retained document ({current}) and no device has reported it")
         deadline = time.monotonic() + wait_s
 
         def done() -> bool:
@@ -300,10 +307,6 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
                         take(m)
                         if done():
                             break
-    if deployment_id is not None and not result.known:
-        current = f"the current one is {doc.deployment_id}" if doc is not None else "none is retained"
-        raise FleetError(f"deployment {deployment_id} is unknown for {target.type} {target.name}: it is not the "
-                         f"retained document ({current}) and no device has reported it")
     return result
 
 

@@ -248,3 +248,7 @@ def test_fleet_cli_deploys_and_shows_status_without_a_daemon(broker: Mosquitto, 
         assert unknown.stderr == (f"nucleus fleet: deployment no-such-id is unknown for group {GROUP}: it is not the "
                                   f"retained document (the current one is {info['deployment_id']}) and no device "
                                   "has reported it\n")
+        # ... at once, also when asked to wait: no device can report an id that was never retained for it.
+        waited = nucleus("status", "--broker", broker.url, "--group", GROUP, "--deployment", "no-such-id",
+                         "--wait-s", "600")  # fleet_cli gives up after 60 s
+        assert waited.returncode == 1 and waited.stderr == unknown.stderr
