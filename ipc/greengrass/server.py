@@ -55,6 +55,7 @@ FLUSH_AT = 64 * 1024
 _UCRED = struct.Struct("3i")
 _PUB_CACHE_MAX = 4096
 _WIRE_KEY = "greengrass"
+_END: Any = object()  # end of a core stream, for anext()
 
 
 def _model_headers(shape: str) -> bytes:
@@ -473,17 +474,32 @@ class _Connection(asyncio.Protocol):
             return
         agen = cast(AsyncGenerator[Any, None], self.core.stream(session, plan.op, plan.args))
         event_headers = _model_headers(spec.stream_shape)
+        # The core's stream handlers make their checks (authorization, that the component exists,
+        # that the caller is a component) before they first wait. Run the handler up to that wait
+        # before answering, so a refusal fails the call, as on Greengrass, instead of arriving
+        # after a successful response as the stream's error. One loop turn is enough: the task's
+        # first step is queued before this coroutine resumes.
+        first: asyncio.Future[Any] = asyncio.ensure_future(agen.__anext__())
         try:
+            await asyncio.sleep(0)
+            if first.done() and first.exception() is not None and not isinstance(
+                    first.exception(), StopAsyncIteration):
+                first.result()  # raises: the error below answers the call, no response is sent
             self.rpc.send(sid, headers=_model_headers(spec.response_shape), payload=ops.dumps(plan.response))
             self._schedule_flush()
-            async for item in agen:
+            try:
+                item = await first
+            except StopAsyncIteration:
+                item = _END
+            while item is not _END:
                 if self.paused:
                     await self._writable.wait()
                 if self.closing:
                     return
                 self.rpc.send(sid, headers=event_headers, payload=ops.dumps(plan.event(item)))
                 self._schedule_flush()
-            # the core ended the stream (e.g. the component was removed): tell the client
+                item = await anext(agen, _END)
+            # the core ended the stream: tell the client
             self.rpc.send(sid, MessageType.APPLICATION_MESSAGE, terminate_stream=True)
             self._schedule_flush()
         except StreamClosedError:
@@ -494,6 +510,11 @@ class _Connection(asyncio.Protocol):
             log.exception("greengrass.stream_failed", operation=op, principal=session.principal.name)
             self._send_error(sid, ServiceError(f"{op} failed: {type(exc).__name__}: {exc}"))
         finally:
+            if not first.done():  # cancelled before the handler's first step finished
+                first.cancel()
+                await asyncio.wait({first})
+            if not first.cancelled():
+                first.exception()  # retrieved, so asyncio does not log it as lost
             await agen.aclose()
 
 

@@ -1,0 +1,95 @@
+"""awsiotsdk programs against a real daemon's Greengrass socket, as the docs' walk-through found them.
+
+A declared client (``nucleus client add``) connects to ``<root>/gg.sock`` with its token, as a
+component connects with ``SVCUID``; no deployment is needed, so each check takes a moment. Each
+test is a defect the walk of docs/greengrass-ipc.md turned up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
+
+pytestmark = pytest.mark.slow
+
+
+def _root_conftest() -> Any:
+    """tests/conftest.py by path: ``import conftest`` finds tests/ipc/conftest.py here."""
+    spec = importlib.util.spec_from_file_location("_nucleus_tests_conftest_walk",
+                                                  Path(__file__).resolve().parents[1] / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _root_conftest()
+
+
+@pytest.fixture(scope="module")
+def gg_daemon() -> Iterator[Any]:
+    root = Path(tempfile.mkdtemp(prefix="ggw-", dir="/tmp"))
+    d = _conftest.Daemon(root / "d", _conftest.FAST_SETTINGS)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.stop()
+        _conftest.kill_component_processes(d.root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def gg_client(daemon: Any, name: str, policy: dict[str, Any]) -> Any:
+    """An awsiotsdk GreengrassCoreIPCClientV2 on the daemon's Greengrass socket, as declared client NAME."""
+    from awsiot.greengrasscoreipc import connect  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2  # type: ignore[import-untyped]
+
+    policy_file = daemon.root.parent / f"{name}.json"
+    policy_file.write_text(json.dumps(policy))
+    token = daemon.cli("client", "add", name, "--policy", str(policy_file)).stdout.strip().splitlines()[-1]
+    return GreengrassCoreIPCClientV2(client=connect(ipc_socket=str(daemon.root / "gg.sock"), authtoken=token,
+                                                    timeout=10))
+
+
+def test_refused_subscription_fails_the_call_instead_of_succeeding(gg_daemon: Any) -> None:
+    """A subscription the nucleus refuses raises from the call, as on Greengrass.
+
+    Before, the response went out first and the refusal came later as the stream's error, so
+    ``subscribe_to_configuration_update`` returned as if subscribed.
+    """
+    from awsiot.greengrasscoreipc.model import (  # type: ignore[import-untyped]
+        InvalidArgumentsError,
+        ResourceNotFoundError,
+    )
+
+    client = gg_client(gg_daemon, "walk-refused", {"aws.greengrass.ipc.config": {"c": {
+        "operations": ["aws.greengrass#SubscribeToConfigurationUpdate"], "resources": ["*"]}}})
+    stream_errors: list[Any] = []
+
+    def on_error(exc: Exception) -> bool:
+        stream_errors.append(exc)
+        return True
+
+    try:
+        with pytest.raises(ResourceNotFoundError) as missing:
+            client.subscribe_to_configuration_update(component_name="no.Such", key_path=["a"],
+                                                     on_stream_event=print, on_stream_error=on_error)
+        assert "no.Such" in missing.value.message
+        with pytest.raises(InvalidArgumentsError) as not_component:  # only components validate
+            client.subscribe_to_validate_configuration_updates(on_stream_event=print, on_stream_error=on_error)
+        assert "only components" in not_component.value.message
+        # the connection still works (a declared client has no configuration of its own)
+        with pytest.raises(ResourceNotFoundError):
+            client.subscribe_to_configuration_update(key_path=[], on_stream_event=print, on_stream_error=on_error)
+        assert stream_errors == []  # nothing arrived as a stream error as well
+    finally:
+        client.close()
