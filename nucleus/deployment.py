@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +88,8 @@ class _Plan:
     restart: list[str]  # untouched themselves, but HARD-depend on something changed or removed
     recipes: dict[str, Recipe]
     configs: dict[str, dict[str, Any]]  # the new configuration documents to write
+    # roots this deployment removed that stay because other components still depend on them
+    kept: dict[str, list[str]] = field(default_factory=dict)
 
     def journal_form(self) -> dict[str, Any]:
         return {"active": self.target.to_json(), "changed": self.changed, "removed": self.removed,
@@ -347,6 +349,9 @@ class DeploymentEngine:
             except NucleusError as exc:
                 self._finish_no_change(did, str(exc))
                 return
+        for name, users in plan.kept.items():
+            self._progress(did, f"{name} is no longer a root component of group {req.group} but stays: "
+                           f"needed by {', '.join(users)}")
         if not changed and not removed and not req.config_updates:
             self._journal.finish(
                 did, DeploymentStatus.SUCCEEDED, reason="nothing to change", active=target,
@@ -421,7 +426,9 @@ class DeploymentEngine:
         for name in req.remove:
             if name not in roots:
                 where = [g for g, r in groups.items() if name in r]
-                hint = f" (it belongs to group {where[0]})" if where else ""
+                users = self._users_of(name, previous)
+                hint = (f" (it belongs to group {where[0]})" if where
+                        else f" (it runs as a dependency of {', '.join(users)})" if users else "")
                 raise UnknownComponentError(
                     f"cannot remove {name}: not a root component of group {req.group}{hint}", component=name
                 )
@@ -462,7 +469,14 @@ class DeploymentEngine:
             n for n in self._orch.hard_dependents_closure([*changed, *removed])
             if n in target.components and n not in changed
         )
-        return _Plan(target, changed, removed, restart, recipes, configs)
+        kept = {n: [f"{u} {recipes[u].version}" for u in resolution.order if n in recipes[u].dependencies]
+                for n in req.remove if n in target.components}
+        return _Plan(target, changed, removed, restart, recipes, configs, kept)
+
+    def _users_of(self, name: str, active: ActiveSet) -> list[str]:
+        """Deployed components whose recipes depend on ``name``, as "A 1.0.0"."""
+        recipes = self._recipes_for(active)
+        return [f"{u} {r.version}" for u, r in sorted(recipes.items()) if name in r.dependencies]
 
     def _new_config(self, req: DeploymentRequest, recipe: Recipe) -> dict[str, Any]:
         defaults = recipe.default_configuration

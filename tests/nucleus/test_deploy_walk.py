@@ -77,3 +77,22 @@ def test_an_artifact_uri_without_a_scheme_is_refused_in_plain_words(short_tmp: P
     text = str(caught.value)
     assert "a URI without a scheme (use file:///absolute/path) is not fetched" in text, text
     assert "this:" not in text
+
+
+@pytest.mark.slow
+def test_removing_a_root_that_others_still_need_says_why_it_stays(daemon: Any, short_tmp: Path) -> None:
+    """`--remove B` of a root B that A depends on reported only 'nothing to change'; `--remove B`
+    again (B now only a dependency) said 'not a root component' without saying who keeps it."""
+    b = write_recipe(short_tmp / "r", "test.B", "1.0.0", run=SLEEP)
+    a = write_recipe(short_tmp / "r", "test.A", "1.0.0", run=SLEEP,
+                     deps={"test.B": {"VersionRequirement": "^1.0.0"}})
+    daemon.cli("deploy", str(b), str(a))
+    pid = daemon.components()["test.B"]["pids"]
+    out = daemon.cli("deploy", "--remove", "test.B")
+    assert "test.B is no longer a root component of group LOCAL_DEPLOYMENT but stays: needed by test.A 1.0.0" \
+        in out.stdout, out.stdout
+    assert daemon.components()["test.B"]["pids"] == pid
+    out = daemon.cli("deploy", "--remove", "test.B", check=False)
+    assert out.returncode == 1
+    assert "cannot remove test.B: not a root component of group LOCAL_DEPLOYMENT (it runs as a dependency of " \
+        "test.A 1.0.0)" in out.stdout, out.stdout
