@@ -281,7 +281,9 @@ async def fleet_status(broker: Broker, target: Target, *, deployment_id: str | N
                 return
             entry = dict(entry or {"status": "NOT_RECEIVED"})
             if wanted is not None and entry.get("deployment_id") != wanted:
-                older = [r for r in report.get("recent") or [] if r.get("deployment_id") == wanted]
+                # The same id may have been used for another of the device's groups: match the target too.
+                older = [r for r in report.get("recent") or []
+                         if r.get("deployment_id") == wanted and r.get("target") == target.key]
                 entry = dict(older[0]) if older else {"deployment_id": wanted, "status": "NOT_RECEIVED"}
             result.things[report["thing"]] = {**entry, "reported_at": report.get("ts")}
 

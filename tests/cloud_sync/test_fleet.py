@@ -119,7 +119,7 @@ async def test_offline_device_applies_on_connect_and_never_twice(broker: Mosquit
 async def test_newer_deployment_supersedes_one_waiting_for_its_rollout_slot(broker: Mosquitto,
                                                                             short_tmp: Path) -> None:
     with ArtifactServer(short_tmp / "artifacts") as server:
-        device = LightDaemon(short_tmp / "sup", daemon_settings("sup-1", broker.url, [GROUP]))
+        device = LightDaemon(short_tmp / "sup", daemon_settings("sup-1", broker.url, [GROUP, "spares"]))
         device.start()
         try:
             await retained(broker.port, "nucleus/things/sup-1/deployments/status", until=bool)
@@ -152,6 +152,11 @@ async def test_newer_deployment_supersedes_one_waiting_for_its_rollout_slot(brok
                             f"(not the current deployment: the current one is {new.deployment_id})")
             listed = await asyncio.to_thread(device.cli, "deployments")
             assert old.deployment_id not in listed and new.deployment_id in listed
+            # The device is in a second group too: the id it remembers for GROUP is not a deployment of that
+            # group (it was matched on its id alone and shown as SUPERSEDED there).
+            with pytest.raises(fleet.FleetError, match=f"deployment {old.deployment_id} is unknown for group spares"):
+                await fleet.fleet_status(fleet.Broker(broker.url), Target(type="group", name="spares"),
+                                         deployment_id=old.deployment_id)
         finally:
             device.stop()
 
