@@ -338,7 +338,7 @@ class DeploymentEngine:
             recipe = recipes[name]
             manifest = recipe.select(self._platform)
             if manifest is None:
-                self._finish_no_change(did, f"{name}: no manifest matches this platform")
+                self._finish_no_change(did, _no_manifest(recipe, self._platform))
                 return
             if manifest.artifacts:
                 self._progress(did, f"fetching {len(manifest.artifacts)} artifact(s)", name)
@@ -666,6 +666,16 @@ class DeploymentEngine:
         self._journal.finish(did, status, reason=reason, active=previous,
                              components=self._component_report(previous, []))
         log.warning("deployment.failed", deployment_id=did, status=str(status), reason=reason)
+
+
+def _no_manifest(recipe: Recipe, platform: Mapping[str, str]) -> str:
+    """Why a recipe cannot run here: this device's platform next to what each manifest asks for."""
+    device = ", ".join(f"{k}={v}" for k, v in sorted(platform.items()))
+    wanted = "; ".join(
+        ", ".join(f"{k}={v}" for k, v in (m.platform or {}).items()) or "any" for m in recipe.manifests
+    )
+    return (f"{recipe.name} {recipe.version}: no manifest matches this platform ({device}); "
+            f"the recipe's manifests are for: {wanted or 'none'}")
 
 
 def _pydantic_reason(exc: ValidationError) -> str:

@@ -96,3 +96,16 @@ def test_removing_a_root_that_others_still_need_says_why_it_stays(daemon: Any, s
     assert out.returncode == 1
     assert "cannot remove test.B: not a root component of group LOCAL_DEPLOYMENT (it runs as a dependency of " \
         "test.A 1.0.0)" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_a_recipe_for_other_platforms_is_refused_naming_both_platforms(daemon: Any, short_tmp: Path) -> None:
+    """It said only 'W: no manifest matches this platform': not which platform, nor what W wants."""
+    path = short_tmp / "W-1.0.0.yaml"
+    path.write_text('RecipeFormatVersion: "2020-01-25"\nComponentName: W\nComponentVersion: "1.0.0"\n'
+                    "Manifests:\n  - Platform: {os: windows}\n    Lifecycle: {Run: echo win}\n"
+                    "  - Platform: {os: darwin, architecture: amd64}\n    Lifecycle: {Run: echo mac}\n")
+    out = daemon.cli("deploy", str(path), check=False)
+    assert out.returncode == 1 and "FAILED_NO_STATE_CHANGE" in out.stderr, out.stdout + out.stderr
+    assert "W 1.0.0: no manifest matches this platform (" in out.stderr and "os=linux" in out.stderr, out.stderr
+    assert "the recipe's manifests are for: os=windows; os=darwin, architecture=amd64" in out.stderr, out.stderr
