@@ -125,8 +125,14 @@ class Daemon:
         paths = self.paths
         paths.ensure()
         if self.settings.ipc.socket_group is not None:  # its members must reach the sockets in the root
-            users.open_root_to_group(paths.root, users.socket_group_id(self.settings.ipc.socket_group))
+            tightened = users.open_root_to_group(paths.root, users.socket_group_id(self.settings.ipc.socket_group),
+                                                 (paths.ipc_socket, paths.gg_socket))
+        else:
+            tightened = []
         logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log)
+        if tightened:  # said once the log is set up
+            log.info("nucleus.root_entries_made_private", entries=[p.name for p in tightened],
+                     reason="ipc.socket_group lets its members into the root")
         self._claim_root()
         records = ProcessRecords(paths.pid_file)
         orphans = records.previous()

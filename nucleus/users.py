@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -99,12 +100,26 @@ def socket_group_id(name: str) -> int:
     return gid
 
 
-def open_root_to_group(root: Path, gid: int) -> None:
-    """Let the socket group reach ``<root>/ipc.sock`` and ``gg.sock``: group ``gid``, mode 0710.
+def open_root_to_group(root: Path, gid: int, sockets: Iterable[Path]) -> list[Path]:
+    """Let the socket group reach ``sockets`` in ``root`` (group ``gid``, mode 0710) and nothing else.
 
     A socket's own 0660 is not enough: connecting needs search permission on every directory
     above it, and the root is owner-only. Search without read lets members reach a name they
-    know without listing the root; the private folders inside stay 0700.
+    know without listing the root; but every name in it is well known, and ``logs/``,
+    ``packages/``, ``work/`` (0755) and ``nucleus.yaml`` (which may hold the broker password) are
+    readable by others when created with the usual umask: behind a 0700 root that did not matter.
+    So every other entry of the root loses its group and other permissions. Returns those changed.
     """
+    keep = {Path(s).name for s in sockets}
+    tightened: list[Path] = []
+    for entry in root.iterdir():
+        if entry.name in keep:
+            continue
+        st = entry.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_IMODE(st.st_mode) & 0o077:
+            continue
+        entry.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+        tightened.append(entry)
     os.chown(root, -1, gid)
     root.chmod(ROOT_MODE_WITH_SOCKET_GROUP)
+    return tightened

@@ -179,6 +179,13 @@ def test_members_of_the_socket_group_reach_both_sockets_and_others_do_not(daemon
     assert oct(d.root.stat().st_mode & 0o777) == oct(0o710)
     assert oct((d.root / "run").stat().st_mode & 0o777) == oct(0o700)
     assert as_user(lambda: [p.name for p in d.root.iterdir()], groups=(NOBODY,))["error"].startswith("PermissionError")
+    # Every name in a root is well known: a member reaches the sockets and nothing else, not the
+    # logs (components print what they print), the recipes, the work folders or nucleus.yaml.
+    for known in ("logs", "packages/recipes", "work"):
+        seen = as_user(lambda known=known: [p.name for p in (d.root / known).iterdir()], groups=(NOBODY,))
+        assert seen.get("error", "").startswith("PermissionError"), (known, seen)
+    settings = as_user((d.root / "nucleus.yaml").read_text, groups=(NOBODY,))
+    assert settings.get("error", "").startswith("PermissionError"), settings
 
 
 class _Lines:
