@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.settings import SyncSettings
 from nucleus.errors import ConfigurationError
@@ -23,33 +23,49 @@ from nucleus.paths import Paths
 SETTINGS_FILE = "nucleus.yaml"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _check_topic_level(name: str) -> None:
+    if not name or any(c in name for c in "/+#") or any(c.isspace() for c in name):
+        raise ValueError("must be a non-empty name without '/', '+', '#' or spaces: it is one level of MQTT topics")
+
+
 class RestartPolicy(BaseModel):
     """Restart behaviour of a component whose run step fails (ERRORED)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    backoff_multiplier: float = 2.0
+    backoff_initial_s: float = Field(1.0, ge=0.0)
+    backoff_max_s: float = Field(60.0, ge=0.0)
+    backoff_multiplier: float = Field(2.0, ge=1.0, description="below 1 the delays would shrink")
     backoff_jitter: float = Field(0.2, ge=0.0, le=1.0, description="± fraction of the delay")
     max_errors: int = Field(3, ge=1, description="errors within error_window_s that make it BROKEN")
-    error_window_s: float = 3600.0
+    error_window_s: float = Field(3600.0, gt=0.0)
 
 
 class LogSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_bytes_per_file: int = 10 * 1024 * 1024
+    max_bytes_per_file: int = Field(10 * 1024 * 1024, ge=64, description="the component log writer's minimum")
     backup_count: int = Field(4, ge=0, description="rotated files kept per component")
-    level: str = "info"
+    level: str = Field("info", description="debug, info, warning, error or critical")
     format: str = Field("console", pattern="^(console|json)$")
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        """A misspelt level (``warn``, ``verbose``) would otherwise log at info without a word."""
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
 
 class DeploymentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     settle_time_s: float = Field(5.0, ge=0.0, description="RUNNING this long before success")
-    default_timeout_s: float = 600.0
+    default_timeout_s: float = Field(600.0, gt=0.0)
     keep_versions: int = Field(1, ge=0, description="previous versions kept per component")
     allow_reboot: bool = False
 
@@ -58,8 +74,8 @@ class IpcSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     socket_group: str | None = None
-    max_frame_bytes: int = 16 * 1024 * 1024
-    handshake_timeout_s: float = 5.0
+    max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="smaller would refuse every request")
+    handshake_timeout_s: float = Field(5.0, gt=0.0)
     check_peer_pid: bool = True
     greengrass_socket: bool = True
 
@@ -68,7 +84,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: Path
-    thing_name: str = Field(default_factory=lambda: socket.gethostname() or "nucleus")
+    thing_name: str = Field(default_factory=lambda: socket.gethostname() or "nucleus",
+                            description="the {thing} of every MQTT topic")
     thing_groups: list[str] = Field(default_factory=list)
     platform: dict[str, str] = Field(default_factory=dict, description="extra platform attributes")
     restart: RestartPolicy = RestartPolicy()
@@ -76,7 +93,22 @@ class Settings(BaseModel):
     deployments: DeploymentSettings = DeploymentSettings()
     ipc: IpcSettings = IpcSettings()
     mqtt: SyncSettings = Field(default_factory=SyncSettings, description="cloud link + spool: docs/cloud-sync.md")
-    stop_grace_s: float = Field(5.0, description="SIGTERM → SIGKILL grace after a shutdown step")
+    stop_grace_s: float = Field(5.0, ge=0.0, description="SIGTERM → SIGKILL grace after a shutdown step")
+
+    @field_validator("thing_name")
+    @classmethod
+    def _topic_level_name(cls, value: str) -> str:
+        """The thing name is one level of MQTT topics (``nucleus/things/{thing}/…``): empty, or with
+        ``/``, ``+``, ``#`` in it, the device would publish and subscribe where nobody expects."""
+        _check_topic_level(value)
+        return value
+
+    @field_validator("thing_groups")
+    @classmethod
+    def _topic_level_names(cls, value: list[str]) -> list[str]:
+        for group in value:
+            _check_topic_level(group)
+        return value
 
     @property
     def paths(self) -> Paths:
@@ -90,7 +122,11 @@ def _env_overrides() -> dict[str, Any]:
     if url := os.environ.get("NUCLEUS_MQTT_URL"):
         out.setdefault("mqtt", {})["url"] = url
     if settle := os.environ.get("NUCLEUS_SETTLE_TIME_S"):
-        out.setdefault("deployments", {})["settle_time_s"] = float(settle)
+        try:
+            out.setdefault("deployments", {})["settle_time_s"] = float(settle)
+        except ValueError:
+            raise ConfigurationError(f"NUCLEUS_SETTLE_TIME_S (in the environment): must be a number of seconds, "
+                                     f"not {settle!r}") from None
     return out
 
 
@@ -110,9 +146,13 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
     file = root / SETTINGS_FILE
     if file.exists():
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigurationError(f"cannot be read: {exc.strerror or exc}", path=file) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigurationError(f"is not UTF-8 text (byte {exc.start})", path=file) from None
         except yaml.YAMLError as exc:
-            raise ConfigurationError(f"not valid YAML: {exc}", path=file) from exc
+            raise ConfigurationError(f"not valid YAML: {_yaml_problem(exc)}", path=file) from None
         if not isinstance(loaded, dict):
             raise ConfigurationError("must be a mapping", path=file)
         data = loaded
@@ -125,6 +165,18 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
         raise ConfigurationError("; ".join(_problem(e) for e in exc.errors()), path=file) from None
     settings.mqtt = settings.mqtt.with_paths_under(root)
     return settings
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one line with the line and column of the file: its own text spans several
+    lines (and quotes the file as ``<unicode string>``), which the one-line error must not."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = ": ".join(p for p in (exc.context, exc.problem) if p)
+        if mark is not None:
+            return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+        return what
+    return " ".join(str(exc).split())
 
 
 def _problem(error: Any) -> str:

@@ -1,0 +1,69 @@
+"""nucleus.yaml as an operator gets it wrong: every mistake stops `nucleus run` at once with one
+line naming the file and the key (docs/configuration.md, "Daemon settings"), never a traceback
+and never a daemon that starts with a value it cannot honour.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES: list[tuple[bytes, str]] = [
+    # YAML mistakes: one line with the place, not PyYAML's multi-line report
+    (b"mqtt: {url: [1}\n", "not valid YAML: line 1, column "),
+    (b"a: b\n  c: d\n", "not valid YAML: line 2, column "),
+    (b"\xff\xfe: 1\n", "is not UTF-8 text"),
+    # values the daemon accepted and then could not honour (or honoured in a way nobody meant)
+    (b"logs: {level: loud}\n", "logs.level: must be one of debug, info, warning, error, critical"),
+    (b"logs: {max_bytes_per_file: 10}\n", "logs.max_bytes_per_file: Input should be greater than or equal to 64"),
+    (b"stop_grace_s: -1\n", "stop_grace_s: Input should be greater than or equal to 0"),
+    (b"restart: {backoff_initial_s: -5}\n", "restart.backoff_initial_s: Input should be greater than or equal"),
+    (b"restart: {backoff_multiplier: 0.5}\n", "restart.backoff_multiplier: Input should be greater than or equal"),
+    (b"deployments: {default_timeout_s: 0}\n", "deployments.default_timeout_s: Input should be greater than 0"),
+    (b"ipc: {max_frame_bytes: 0}\n", "ipc.max_frame_bytes: Input should be greater than or equal to 1024"),
+    (b"ipc: {handshake_timeout_s: 0}\n", "ipc.handshake_timeout_s: Input should be greater than 0"),
+    (b'thing_name: ""\n', "thing_name: must be a non-empty name without '/'"),
+    (b"thing_name: site/7\n", "thing_name: must be a non-empty name without '/'"),
+    (b'thing_groups: [turbines, "north#"]\n', "thing_groups: must be a non-empty name without '/'"),
+    # what was refused before, kept refused
+    (b"restart: {max_errrors: 2}\n", "restart.max_errrors: unknown key"),
+    (b"- a\n", "must be a mapping"),
+]
+
+
+def _run(root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+    return subprocess.run([sys.executable, "-m", "nucleus", "--root", str(root), "run"], capture_output=True,
+                          text=True, timeout=30, env={**base, **(env or {})})
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("text", "words"), CASES, ids=[c[0].decode(errors="replace")[:30] for c in CASES])
+def test_bad_settings_stop_the_daemon_in_one_line(short_tmp: Path, text: bytes, words: str) -> None:
+    (short_tmp / "nucleus.yaml").write_bytes(text)
+    line = _one_line(_run(short_tmp))
+    assert line.startswith(f"nucleus: {short_tmp / 'nucleus.yaml'}: {words}"), line
+    assert not (short_tmp / "ipc.sock").exists()
+
+
+def test_unreadable_settings_file_is_named(short_tmp: Path) -> None:
+    """A nucleus.yaml that cannot be read (here a directory; as root, mode 000 is readable) was a
+    traceback."""
+    (short_tmp / "nucleus.yaml").mkdir()
+    line = _one_line(_run(short_tmp))
+    assert line == f"nucleus: {short_tmp / 'nucleus.yaml'}: cannot be read: Is a directory", line
+
+
+def test_bad_environment_override_is_named(short_tmp: Path) -> None:
+    line = _one_line(_run(short_tmp, {"NUCLEUS_SETTLE_TIME_S": "five"}))
+    assert line == "nucleus: NUCLEUS_SETTLE_TIME_S (in the environment): must be a number of seconds, not 'five'"
