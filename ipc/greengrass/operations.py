@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def error_shape(exc: IpcError) -> tuple[str, str, dict[str, Any]]:
         return INVALID_ARGUMENTS_ERROR, exc.message, {}
     if isinstance(exc, ResourceNotFound):
         fields: dict[str, Any] = {}
-        for key, kind in (("component", "component"), ("deployment_id", "deployment"), ("topic", "topic")):
+        for key, kind in (("component", "component"), ("deployment_id", "LocalDeployment"), ("topic", "topic")):
             value = exc.details.get(key)
             if isinstance(value, str):
                 fields = {"resourceType": kind, "resourceName": value}
@@ -434,13 +435,28 @@ _DETAILED: Final = {
 }
 
 
+CREATED_ON_FORMAT: Final = "%d-%m-%Y %H:%M:%S UTC"
+"""The Greengrass CLI's ``createdOn``: ``dd-MM-uuuu HH:mm:ss z`` in UTC, e.g. ``25-11-2026 06:09:44 UTC``."""
+
+
+def created_on(created_at: Any) -> str:
+    """``createdOn`` as Greengrass writes it, from the journal's seconds since the epoch.
+
+    A component that parses the Greengrass form must not meet ``1795586984.27``; a value that is not
+    a number (an older journal) is passed on as text rather than failing the listing.
+    """
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float) or not math.isfinite(created_at):
+        return "" if created_at is None else str(created_at)
+    return time.strftime(CREATED_ON_FORMAT, time.gmtime(created_at))
+
+
 def local_deployment(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A LocalDeployment shape from a journal summary (FAILED_* statuses collapse to FAILED)."""
     status = str(summary.get("status"))
     out: dict[str, Any] = {
         "deploymentId": summary.get("id"),
         "status": "FAILED" if status.startswith("FAILED") else status,
-        "createdOn": str(summary.get("created_at")),
+        "createdOn": created_on(summary.get("created_at")),
     }
     detailed = _DETAILED.get(status)
     if detailed is not None:
@@ -452,7 +468,14 @@ def local_deployment(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _get_local_deployment_status(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
-    summary = await core.call(s, "deployments.get", {"id": _str(req, "deploymentId")})
+    deployment_id = _str(req, "deploymentId")
+    try:
+        summary = await core.call(s, "deployments.get", {"id": deployment_id})
+    except ResourceNotFound as exc:
+        if "deployment_id" in exc.details:
+            raise
+        # name it, as the Greengrass CLI does (resourceType LocalDeployment, resourceName the id)
+        raise ResourceNotFound(exc.message, {**exc.details, "deployment_id": deployment_id}) from exc
     return {"deployment": local_deployment(summary)}
 
 

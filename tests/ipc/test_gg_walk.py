@@ -93,3 +93,35 @@ def test_refused_subscription_fails_the_call_instead_of_succeeding(gg_daemon: An
         assert stream_errors == []  # nothing arrived as a stream error as well
     finally:
         client.close()
+
+
+def test_local_deployments_read_as_the_greengrass_cli_writes_them(gg_daemon: Any) -> None:
+    """createdOn is ``dd-MM-yyyy HH:mm:ss UTC`` and an unknown id names itself in the error.
+
+    Before, createdOn was the journal's float seconds as text (``'1795586984.2721686'``), which a
+    component parsing the Greengrass form fails on, and ResourceNotFoundError had no resource.
+    """
+    import datetime
+    import time
+
+    from awsiot.greengrasscoreipc.model import ResourceNotFoundError
+
+    client = gg_client(gg_daemon, "walk-cli", {"aws.greengrass.Cli": {"c": {"operations": ["*"], "resources": ["*"]}}})
+    try:
+        before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        did = client.create_local_deployment(root_component_versions_to_add={"walk.NoSuch": "1.0.0"}).deployment_id
+        listed = {d.deployment_id: d for d in client.list_local_deployments().local_deployments}
+        status = client.get_local_deployment_status(deployment_id=did).deployment
+        for shown in (listed[did].created_on, status.created_on):
+            when = datetime.datetime.strptime(shown, "%d-%m-%Y %H:%M:%S %Z").replace(tzinfo=datetime.UTC)
+            assert before <= when <= datetime.datetime.now(datetime.UTC), shown
+        with pytest.raises(ResourceNotFoundError) as missing:
+            client.get_local_deployment_status(deployment_id="0f0f0f0f-0000-4000-8000-000000000000")
+        assert (missing.value.resource_type, missing.value.resource_name) == (
+            "LocalDeployment", "0f0f0f0f-0000-4000-8000-000000000000")
+        for _ in range(100):  # let the deployment end before the daemon stops (bounded: 10 s)
+            if client.get_local_deployment_status(deployment_id=did).deployment.status not in ("QUEUED", "IN_PROGRESS"):
+                break
+            time.sleep(0.1)
+    finally:
+        client.close()
