@@ -286,6 +286,10 @@ class CloudSync:
                 self._ready.set()
                 await self._stop.wait()
                 return
+            if (moved := self.spool.quarantined) is not None:
+                self._record_error({"ts": self._clock(), "code": "SPOOL_ERROR", "path": str(self.spool.path),
+                                    "message": f"the spool file {self.spool.path} was corrupt ({moved[1]}): moved "
+                                               f"to {moved[0]} and a new spool started"})
             self._ready.set()
             tasks = [asyncio.create_task(self.uplink.run(), name="uplink"),
                      asyncio.create_task(self.forwarder.run(), name="forwarder"),

@@ -90,6 +90,8 @@ class SpoolStats:
 AppendResult = str | SpoolFullError
 
 _SCHEMA_VERSION = "1"
+# What SQLite says of a file that is not (or no longer) a spool database: moved aside, not fatal.
+_CORRUPT = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 
 
 class SpoolStore:
@@ -102,26 +104,63 @@ class SpoolStore:
         self._clock = clock
         self._last_eviction_log = -EVICTION_LOG_INTERVAL_S
         self._unlogged_evictions = 0
+        self.quarantined: tuple[Path, str] | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            sync = "FULL" if limits.durability == "full" else "NORMAL"
-            self._conn.execute(f"PRAGMA synchronous={sync}")
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._db = Database(self._conn)
-            self._create()
-            self.spool_id = self._meta("spool_id")
-            self.counters = dict.fromkeys(COUNTERS, 0)
-            self.counters.update({str(k): int(v) for k, v in self._conn.execute("SELECT name, value FROM counters")})
-            row = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
-        except sqlite3.Error as exc:
-            raise SpoolError(f"cannot open the spool: {exc}", path=self.path) from exc
+            row = self._open()
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode not in _CORRUPT:
+                raise SpoolError(f"cannot open the spool {self.path}: {exc}", path=self.path) from exc
+            with contextlib.suppress(sqlite3.Error, AttributeError):
+                self._conn.close()
+            self.quarantined = (self._quarantine(), str(exc))
+            try:
+                row = self._open()
+            except sqlite3.Error as again:
+                raise SpoolError(f"cannot open the spool {self.path}: {again}", path=self.path) from again
         self.count = int(row[0])
         self.bytes = int(row[1])
         self._reserve = self.path.with_name(self.path.name + ".reserve")
         self._reserve_checked = -RESERVE_CHECK_INTERVAL_S
         self._ensure_reserve()
+
+    def _open(self) -> tuple[int, int]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        sync = "FULL" if self.limits.durability == "full" else "NORMAL"
+        self._conn.execute(f"PRAGMA synchronous={sync}")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._db = Database(self._conn)
+        self._create()
+        self.spool_id = self._meta("spool_id")
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counters.update({str(k): int(v) for k, v in self._conn.execute("SELECT name, value FROM counters")})
+        count, nbytes = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+        return int(count), int(nbytes)
+
+    def _quarantine(self) -> Path:
+        """Move a corrupt spool file (with its WAL) aside, so that a new spool can start.
+
+        Refusing to start would silence the device for good: no uplink, no device status, no fleet
+        deployment to repair it, and every new message for the cloud refused. The old file is kept
+        whole, for ``sqlite3 FILE .recover``, and the move is logged and reported as SPOOL_ERROR."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(target.with_name(target.name + suffix))
+            self.path.rename(target)
+        except OSError as exc:
+            raise SpoolError(f"the spool file is corrupt and cannot be moved aside: {exc.strerror or exc}",
+                             path=self.path) from exc
+        log.error("spool.quarantined", path=str(self.path), moved_to=str(target))
+        return target
 
     # --- the disk reserve ---------------------------------------------------------------------------------
     # On a full disk SQLite cannot even record a deletion (the WAL must grow), so a spool that filled
@@ -457,6 +496,11 @@ class Spool:
     @property
     def spool_id(self) -> str:
         return self._require().spool_id
+
+    @property
+    def quarantined(self) -> tuple[Path, str] | None:
+        """(where a corrupt spool file was moved, what SQLite said of it) if open() had to move one."""
+        return self._store.quarantined if self._store is not None else None
 
     def _require(self) -> SpoolStore:
         if self._store is None or self._closed:

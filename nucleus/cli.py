@@ -338,17 +338,23 @@ async def _deployments(args: argparse.Namespace) -> int:
 
 def _fmt_sync(info: dict[str, Any]) -> str:
     spool, link = info.get("spool", {}), info.get("link", {})
-    lines = [
-        f"link      {link.get('state')}  broker={link.get('broker') or '-'}"
-        + (f"  next attempt in {link['next_attempt_in_s']:.1f}s" if link.get("next_attempt_in_s") is not None else ""),
-        f"backlog   {spool.get('messages')} messages, {spool.get('bytes')} bytes"
-        f"  (max {spool.get('max_messages')} / {spool.get('max_bytes')} B, overflow {spool.get('overflow')})",
-        f"sent      {spool.get('delivered')} delivered since the spool was created; "
-        f"{link.get('published_messages')} MQTT messages since the daemon started",
-        f"dropped   overflow={spool.get('dropped_overflow')} expired={spool.get('dropped_expired')}"
-        f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
-        f"status    {info.get('status_topic')}",
-    ]
+    link_line = (f"link      {link.get('state')}  broker={link.get('broker') or '-'}"
+                 + (f"  next attempt in {link['next_attempt_in_s']:.1f}s"
+                    if link.get("next_attempt_in_s") is not None else ""))
+    if spool.get("messages") is None:  # the spool could not be opened: no figures, not "None messages"
+        lines = [link_line, f"backlog   unavailable: {spool.get('error') or 'the spool is not open'}",
+                 f"status    {info.get('status_topic')}"]
+    else:
+        lines = [
+            link_line,
+            f"backlog   {spool.get('messages')} messages, {spool.get('bytes')} bytes"
+            f"  (max {spool.get('max_messages')} / {spool.get('max_bytes')} B, overflow {spool.get('overflow')})",
+            f"sent      {spool.get('delivered')} delivered since the spool was created; "
+            f"{link.get('published_messages')} MQTT messages since the daemon started",
+            f"dropped   overflow={spool.get('dropped_overflow')} expired={spool.get('dropped_expired')}"
+            f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
+            f"status    {info.get('status_topic')}",
+        ]
     lines += [f"error     {e.get('code')}: {e.get('message')}" + _repeated(e) for e in info.get("errors", [])[-5:]]
     return "\n".join(lines)
 
