@@ -52,7 +52,7 @@ from nucleus.lifecycle import (
 from nucleus.recipe import parse_skipif
 from nucleus.settings import RestartPolicy
 from nucleus.states import State, can_transition
-from nucleus.supervisor import Supervisor
+from nucleus.supervisor import Supervisor, process_user
 
 _log = structlog.get_logger("nucleus.runner")
 
@@ -352,7 +352,11 @@ class ComponentRunner:
 
     async def _kill_all(self, gen: int) -> None:
         try:
-            await self._supervisor.kill_all(self.name)
+            survivors = await self._supervisor.kill_all(self.name)
+            if survivors:  # said where the operator looks: the state will read FINISHED or ERRORED anyway
+                listed = ", ".join(f"{pid} ({process_user(pid)})" for pid in survivors)
+                self._clog.write(f"processes left running, which the nucleus may not signal: {listed}",
+                                 stream="nucleus", step="lifecycle")
         finally:
             if not self._closed:
                 self._feed(KillCompleted(gen))

@@ -107,6 +107,17 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
+def process_user(pid: int) -> str:
+    """The user a process runs as (its real uid, what kill(2) checks), or ``?`` if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return user_name(int(line.split()[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return "?"
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group.
 
@@ -540,19 +551,31 @@ class Supervisor:
         return StepResult(code, False, time.monotonic() - started)
 
     # --- killing -----------------------------------------------------------------------
-    async def kill_all(self, component: str, grace_s: float | None = None) -> None:
-        """End every process group the component still has: SIGTERM, grace, SIGKILL."""
+    async def kill_all(self, component: str, grace_s: float | None = None) -> list[int]:
+        """End every process group the component still has: SIGTERM, grace, SIGKILL.
+
+        Returns the processes still alive after SIGKILL: members the daemon may not signal (a
+        non-root daemon, a step that ran ``sudo``). They are logged, with their users, as
+        ``component.processes_survived``, and the groups stay listed (``nucleus status``).
+        """
         self._prune(component)
         pgids = self.pgids(component)
         if pgids:
             await self._end_groups(pgids, self.stop_grace_s if grace_s is None else grace_s)
-            log.info("component.processes_killed", component=component, groups=len(pgids))
         # give the loop a moment to reap the leaders we just killed, then forget them
         for _ in range(50):
             if not any(g.leader_alive for g in self._groups.get(component, {}).values()):
                 break
             await asyncio.sleep(0.01)
         self._prune(component)
+        survivors = sorted(pid for pgid in self.pgids(component) for pid in group_members(pgid))
+        if survivors:
+            log.warning("component.processes_survived", component=component, pids=survivors,
+                        users=sorted({process_user(pid) for pid in survivors}),
+                        nucleus_user=user_name(os.geteuid()))
+        elif pgids:
+            log.info("component.processes_killed", component=component, groups=len(pgids))
+        return survivors
 
     async def _end_groups(self, pgids: list[int], grace_s: float) -> None:
         alive = [p for p in pgids if _signal_group(p, signal.SIGTERM)]

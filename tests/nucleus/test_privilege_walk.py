@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +29,12 @@ import ipc  # imported before the fork: the child cannot read the interpreter's 
 import ipc.errors  # noqa: F401
 import nucleus.daemon  # noqa: F401
 from nucleus import cli, logconfig  # noqa: F401
-from nucleus.supervisor import Supervisor
+from nucleus.clock import SystemClock
+from nucleus.component_logs import ComponentLog
+from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
+from nucleus.settings import RestartPolicy
+from nucleus.states import State
+from nucleus.supervisor import Supervisor, group_members
 
 NOBODY = 65534
 
@@ -224,3 +230,67 @@ def test_requires_privilege_on_a_non_root_nucleus_is_said_in_the_component_log(s
     assert ["stdout", "install", str(NOBODY)] in value["lines"]
     assert ["nucleus", "install",
             "RequiresPrivilege: the nucleus is not root, so step install runs as nobody"] in value["lines"]
+
+
+def _setuid_escalator(directory: Path) -> Path | None:
+    """A setuid-root copy of setpriv: what ``sudo`` is to a step, without a sudoers file. None where
+    it does not work (no setpriv, a nosuid mount)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    copy = directory / "escalate"
+    shutil.copy(setpriv, copy)
+    copy.chmod(0o4755)
+    def uid_after_escalating() -> str:
+        argv = [str(copy), "--reuid=0", "--regid=0", "--clear-groups", "id", "-u"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+
+    probe = as_user(uid_after_escalating)
+    return copy if probe.get("value") == "0" else None
+
+
+def test_a_stop_that_leaves_a_process_the_nucleus_may_not_signal_says_so(short_tmp: Path) -> None:
+    reachable(short_tmp)
+    escalate = _setuid_escalator(short_tmp)
+    if escalate is None:
+        pytest.skip("no setuid helper possible here (setpriv missing or a nosuid /tmp)")
+    work = short_tmp / "work"
+    work.mkdir()
+    logs = short_tmp / "logs"
+    logs.mkdir()
+    for d in (work, logs):
+        os.chown(d, NOBODY, NOBODY)
+    script = f"{escalate} --reuid=0 --regid=0 --clear-groups sleep 30 & exec sleep 31"
+
+    def stop_it() -> Any:
+        async def run() -> list[int]:
+            spec = ComponentSpec(name="com.example.Sudo", version="1.0.0", steps={"run": StepSpec(script)},
+                                 env={"PATH": "/usr/bin:/bin"}, work_dir=work)
+            supervisor = Supervisor(stop_grace_s=0.2)
+            runner = ComponentRunner(spec, supervisor, ComponentLog(logs / "c.log", max_bytes=1 << 20, backup_count=1),
+                                     RestartPolicy(), clock=SystemClock())
+            await runner.start()
+            await runner.wait_for({State.RUNNING}, timeout=10)
+            for _ in range(200):  # the root process is up once the group has two members
+                if len(group_members(supervisor.pgids(spec.name)[0])) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            await runner.stop()
+            left = [pid for pgid in supervisor.pgids(spec.name) for pid in group_members(pgid)]
+            await runner.close()
+            return left
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            left = asyncio.run(run())
+        return {"left": left, "log": (logs / "c.log").read_text()}
+
+    result = as_user(stop_it)
+    value = result.get("value")
+    assert value is not None, result
+    try:
+        assert len(value["left"]) == 1, value  # the root sleep: the nucleus (nobody) cannot end it
+        assert f"processes left running, which the nucleus may not signal: {value['left'][0]} (root)" in value["log"]
+    finally:
+        for pid in value["left"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
