@@ -458,12 +458,14 @@ class DeploymentEngine:
         removed = [n for n in previous.components if n not in target.components]
         configs = {name: self._new_config(req, recipes[name]) for name in {*changed, *req.config_updates}}
         # A configuration change that alters the resolved lifecycle (a script using
-        # {configuration:/x}) needs a restart to take effect, as in Greengrass.
+        # {configuration:/x}, or {Dep:configuration:/x} / {Dep:artifacts:path} of a dependency this
+        # deployment reconfigures or replaces) needs a restart to take effect, as in Greengrass.
+        planned = {n: (target.components[n], doc) for n, doc in configs.items()}
         for name in resolution.order:
             entry = self._orch.get(name)
-            if name in changed or name not in configs or entry is None:
+            if name in changed or entry is None or not ({name, *recipes[name].dependencies} & planned.keys()):
                 continue
-            if self._orch.lifecycle_of(recipes[name], configs[name]) != entry.lifecycle:
+            if self._orch.lifecycle_of(recipes[name], configs.get(name), planned=planned) != entry.lifecycle:
                 changed.append(name)
         restart = sorted(
             n for n in self._orch.hard_dependents_closure([*changed, *removed])

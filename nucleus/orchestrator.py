@@ -164,11 +164,18 @@ class Orchestrator:
             self._on_spawn_listener(component, pid, pgid)
 
     def interpolation_context(
-        self, recipe: Recipe, configuration: Mapping[str, Any] | None = None
+        self, recipe: Recipe, configuration: Mapping[str, Any] | None = None, *,
+        planned: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
     ) -> InterpolationContext:
+        """``planned`` ({name: (version, configuration)}) stands in for what a deployment is about to
+        write, so that a dependent's ``{Dep:configuration:/x}`` is previewed with Dep's new values."""
+        planned = planned or {}
+
         def ctx_of(name: str, version: str) -> ComponentContext:
             if name == recipe.name and configuration is not None:
                 own: Mapping[str, Any] = configuration
+            elif name in planned:
+                version, own = planned[name]
             else:
                 own = self._config.document(name) if self._config.has(name) else {}
             return ComponentContext(
@@ -182,7 +189,9 @@ class Orchestrator:
         deps: dict[str, ComponentContext] = {}
         for dep in recipe.dependencies:
             entry = self._entries.get(dep)
-            if entry is not None:
+            if dep in planned:
+                deps[dep] = ctx_of(dep, planned[dep][0])
+            elif entry is not None:
                 deps[dep] = ctx_of(dep, str(entry.recipe.version))
         return InterpolationContext(
             component=ctx_of(recipe.name, str(recipe.version)),
@@ -191,9 +200,13 @@ class Orchestrator:
             dependencies=deps,
         )
 
-    def lifecycle_of(self, recipe: Recipe, configuration: Mapping[str, Any] | None = None) -> Lifecycle:
+    def lifecycle_of(
+        self, recipe: Recipe, configuration: Mapping[str, Any] | None = None, *,
+        planned: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+    ) -> Lifecycle:
         """The manifest's lifecycle for this platform, variables resolved (with ``configuration``
-        standing in for the component's own, to preview a configuration change)."""
+        standing in for the component's own, and ``planned`` for other components', to preview a
+        deployment)."""
         manifest = recipe.select(self._platform)
         if manifest is None:
             raise RecipeError(
@@ -207,7 +220,7 @@ class Orchestrator:
         def warn(variable: str) -> None:
             log.warning("recipe.variable_unresolved", component=component, variable=variable)
 
-        ctx = self.interpolation_context(recipe, configuration)
+        ctx = self.interpolation_context(recipe, configuration, planned=planned)
         return interpolate_lifecycle(manifest.lifecycle, ctx, warn=warn)
 
     def base_env(self, recipe: Recipe, lifecycle: Lifecycle) -> dict[str, str]:

@@ -6,6 +6,7 @@ docs/recipes.md and docs/architecture.md describe it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,26 @@ def test_a_recipe_for_other_platforms_is_refused_naming_both_platforms(daemon: A
     assert out.returncode == 1 and "FAILED_NO_STATE_CHANGE" in out.stderr, out.stdout + out.stderr
     assert "W 1.0.0: no manifest matches this platform (" in out.stderr and "os=linux" in out.stderr, out.stderr
     assert "the recipe's manifests are for: os=windows; os=darwin, architecture=amd64" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_dependents_cross_component_variable_follows_its_dependencys_new_configuration(
+        daemon: Any, short_tmp: Path) -> None:
+    """R's Run uses {test.Q:configuration:/greeting}. Changing Q's greeting restarted Q but left R
+    running on the old text, and even `nucleus restart test.R` kept it: R's lifecycle was only ever
+    compared with its own configuration."""
+    q = write_recipe(short_tmp / "r", "test.Q", "1.0.0", run="echo Q {configuration:/greeting}; " + SLEEP,
+                     config={"greeting": "hello"})
+    r = write_recipe(short_tmp / "r", "test.R", "1.0.0", run="echo R sees {test.Q:configuration:/greeting}; " + SLEEP,
+                     deps={"test.Q": {"VersionRequirement": "^1.0.0", "DependencyType": "SOFT"}})
+    daemon.cli("deploy", str(q), str(r))
+    out = daemon.cli("deploy", "--update-config", '{"test.Q": {"MERGE": {"greeting": "bonjour"}}}')
+    assert "test.R" in out.stdout, out.stdout  # stopped and started again
+    daemon.wait_state("test.R", {"RUNNING"})
+    log = ""
+    for _ in range(50):  # the run step's first line reaches the log a moment after RUNNING
+        log = daemon.cli("logs", "test.R", "-n", "50").stdout
+        if "R sees bonjour" in log:
+            break
+        time.sleep(0.1)
+    assert "R sees bonjour" in log, log
