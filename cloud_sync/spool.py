@@ -119,6 +119,7 @@ class SpoolStore:
                 raise SpoolError(f"cannot open the spool {self.path}: {again}", path=self.path) from again
         self.count = int(row[0])
         self.bytes = int(row[1])
+        self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._reserve = self.path.with_name(self.path.name + ".reserve")
         self._reserve_checked = -RESERVE_CHECK_INTERVAL_S
         self._ensure_reserve()
@@ -191,9 +192,19 @@ class SpoolStore:
         if floor <= 0:
             return False
         try:
-            return shutil.disk_usage(self.path.parent).free < floor
+            free = shutil.disk_usage(self.path.parent).free
         except OSError:
             return False
+        if free >= floor:
+            return False
+        # SQLite keeps the file's size after deletions and fills its free pages before it grows the
+        # file: those pages are room too. Without them, a spool that filled the disk during an outage
+        # refused every new message for good, even once its backlog was delivered.
+        try:
+            pages = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
+        except sqlite3.Error:
+            return True
+        return free + pages * self._page_size < floor
 
     def _release_reserve(self) -> bool:
         try:

@@ -3,13 +3,18 @@ spool file"): a spool file that is not a database any more must not silence the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_sync.spool import NewMessage, SpoolStore
+from cloud_sync.errors import SpoolFullError
+from cloud_sync.spool import NewMessage, SpoolLimits, SpoolStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,3 +76,47 @@ def test_daemon_with_an_unopenable_spool_names_the_file(daemon_factory: Any) -> 
     text = d.cli("sync", "status").stdout
     assert f"backlog   unavailable: cannot open the spool {d.root / 'db' / 'spool.db'}:" in text, text
     assert "None" not in text
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 6 MiB filesystem (tmpfs), so that 'disk full' is the kernel's, not a simulation."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True,
+                          timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_a_spool_that_filled_the_disk_takes_messages_again_once_drained(small_fs: Path) -> None:
+    """The spool itself filled the disk (an outage): once the backlog is delivered, it must take new
+    messages. It refused them for good: SQLite keeps the file's size after deletions, so the free
+    space of the filesystem stayed under spool_min_free_bytes although the spool was empty."""
+    limits = SpoolLimits(durability="normal", reserve_bytes=256 * 1024, min_free_bytes=1024 * 1024)
+    store = SpoolStore(small_fs / "spool.db", limits)
+    accepted: list[str] = []
+    refused: SpoolFullError | None = None
+    for i in range(2000):  # bounded: 6 MiB holds far fewer than 2000 messages of 4 KiB
+        [result] = store.apply([NewMessage("t", str(i).encode().ljust(4096, b"."), "t")])
+        if isinstance(result, SpoolFullError):
+            refused = result
+            break
+        accepted.append(result)
+    assert refused is not None and refused.reason == "disk_full" and len(accepted) > 100
+    for _ in range(100):  # bounded drain, as the uplink does it: deliveries in batches
+        batch = [r.seq for r in store.peek(0, 200)]
+        if not batch:
+            break
+        store.apply([], batch)
+    assert store.count == 0
+    again = store.apply([NewMessage("t", b"after the outage".ljust(4096, b"."), "t") for _ in range(50)])
+    assert all(isinstance(r, str) for r in again), again[:1]
+    store.close()
