@@ -204,6 +204,7 @@ class Daemon:
                 "pid": os.getpid(),
                 "root": str(paths.root),
                 "thing_name": self.settings.thing_name,
+                "user": users.user_name(os.geteuid()),  # every component step runs as this user
                 "uptime_s": time.time() - self._started,
                 "components": len(orchestrator.names()),
                 "current_deployment": engine.current,

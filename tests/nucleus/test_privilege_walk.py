@@ -174,6 +174,7 @@ def test_members_of_the_socket_group_reach_both_sockets_and_others_do_not(daemon
     group = "nogroup"  # gid 65534 on Debian
     d = daemon_factory(settings={"ipc": {"socket_group": group}, "stop_grace_s": 1.0})
     assert oct(d.socket.stat().st_mode & 0o777) == oct(0o660)
+    assert json.loads(d.cli("status").stdout)["user"] == "root"  # who every step runs as
 
     member = as_user(lambda: [_connect(d.root / "ipc.sock"), _connect(d.root / "gg.sock")],
                      gid=NOBODY, groups=(NOBODY,))
