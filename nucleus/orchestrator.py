@@ -480,8 +480,7 @@ class Orchestrator:
             if not pending:
                 return True, ""
             if now >= deadline:
-                states = ", ".join(f"{n}={self.state(n)}" for n in pending)
-                return False, f"timed out waiting for {states}"
+                return False, "timed out waiting for " + "; ".join(self._waiting_for(n, settle_s) for n in pending)
             wake = deadline - now
             for name in pending:
                 if name in running_since:
@@ -489,6 +488,20 @@ class Orchestrator:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=max(0.01, min(wake, 1.0)))
+
+    def _waiting_for(self, name: str, settle_s: float) -> str:
+        """What a deployment that ran out of time was still waiting for, in an operator's words."""
+        entry = self._entries[name]
+        state = entry.runner.state
+        what = {
+            State.NEW: "not installed yet (install step still running)",
+            State.INSTALLED: "installed, waiting for its HARD dependencies to start",
+            State.STARTING: "starting (startup step still running, or not yet RUNNING)",
+            State.RUNNING: f"RUNNING for less than the settle time ({settle_s:g} s)",
+            State.ERRORED: f"ERRORED, waiting to restart: {entry.runner.last_error or 'no reason recorded'}",
+            State.STOPPING: "stopping",
+        }.get(state, str(state))
+        return f"{name} {entry.recipe.version}, {state}: {what}"
 
     async def close(self) -> None:
         """Stop everything in reverse dependency order, then cancel housekeeping tasks."""

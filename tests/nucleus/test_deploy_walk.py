@@ -133,3 +133,14 @@ def test_a_dependents_cross_component_variable_follows_its_dependencys_new_confi
             break
         time.sleep(0.1)
     assert "R sees bonjour" in log, log
+
+
+@pytest.mark.slow
+def test_a_deployment_timeout_says_what_it_was_still_waiting_for(daemon: Any, short_tmp: Path) -> None:
+    """`--timeout 2` over a 30 s install said 'timed out waiting for test.Slow=NEW'."""
+    slow = write_recipe(short_tmp / "r", "test.Slow", "1.0.0", install="sleep 30", run=SLEEP)
+    out = daemon.cli("deploy", str(slow), "--timeout", "2", check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "timed out waiting for test.Slow 1.0.0, NEW: not installed yet (install step still running)" \
+        in out.stderr, out.stdout + out.stderr
+    assert "test.Slow" not in daemon.components()
