@@ -373,6 +373,14 @@ class ComponentRunner:
         except ValueError as exc:
             self._logger.warning("component.skipif_invalid", step=step, error=str(exc))
             return False
+        except OSError as exc:
+            # `exists` of a path this user may not stat (a non-root nucleus, a 0700 folder): escaping
+            # here left the component in NEW and its deployment waiting for its timeout. As Greengrass
+            # (Java's Files.exists), a file that cannot be seen does not exist: the step runs.
+            self._logger.warning("component.skipif_unchecked", step=step, skipif=spec.skipif, error=str(exc))
+            self._clog.write(f"Skipif {spec.skipif!r} cannot be checked ({exc.strerror or exc}); the step runs",
+                             stream="nucleus", step=step)
+            return False
         if skip:
             self._clog.write(f"step {step} skipped ({spec.skipif})", stream="nucleus", step=step)
         return skip

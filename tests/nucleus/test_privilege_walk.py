@@ -295,3 +295,43 @@ def test_a_stop_that_leaves_a_process_the_nucleus_may_not_signal_says_so(short_t
         for pid in value["left"]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+
+
+def test_a_skipif_path_the_nucleus_may_not_stat_runs_the_step_and_says_why(short_tmp: Path) -> None:
+    reachable(short_tmp)
+    private = short_tmp / "private"
+    private.mkdir(mode=0o700)  # root's: nobody may not look inside
+    work = short_tmp / "work"
+    logs = short_tmp / "logs"
+    for d in (work, logs):
+        d.mkdir()
+        os.chown(d, NOBODY, NOBODY)
+    skipif = f"exists {private / 'installed'}"
+
+    def install() -> Any:
+        async def run() -> str:
+            spec = ComponentSpec(name="com.example.Skip", version="1.0.0",
+                                 steps={"install": StepSpec("echo installing", skipif=skipif)},
+                                 env={"PATH": "/usr/bin:/bin"}, work_dir=work)
+            runner = ComponentRunner(spec, Supervisor(stop_grace_s=0.2),
+                                     ComponentLog(logs / "c.log", max_bytes=1 << 20, backup_count=1),
+                                     RestartPolicy(), clock=SystemClock())
+            try:
+                async with asyncio.timeout(10):
+                    await runner.install()
+            finally:
+                state = str(runner.state)
+                await runner.close()
+            return state
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = asyncio.run(run())
+        return {"state": state, "log": (logs / "c.log").read_text()}
+
+    result = as_user(install)
+
+    value = result.get("value")
+    assert value is not None, result  # without the fix: PermissionError out of install(), the component in NEW
+    assert value["state"] == "INSTALLED"
+    assert f"Skipif {skipif!r} cannot be checked (Permission denied); the step runs" in value["log"]
+    assert "installing" in value["log"]
