@@ -263,11 +263,31 @@ async def _get_configuration(core: IpcCore, s: Session, req: dict[str, Any]) -> 
     return {"componentName": component, "value": _wrap_leaf(key_path, value)}
 
 
+RESTRICTED_CONFIGURATION: Final = ("accessControl",)
+"""Keys a component may not write over IPC, as on Greengrass: its policies come from deployments only."""
+
+
+def _check_restricted(key_path: list[str], value: Mapping[str, Any]) -> None:
+    """Refuse an update of ``accessControl``, at its key path or inside a merge at the root.
+
+    Stored policies are loaded at the next start or deployment, so a component that could write
+    its own ``accessControl`` would grant itself any operation. The Java nucleus refuses with this
+    InvalidArgumentsError text.
+    """
+    touched = key_path[:1] if key_path else list(value)
+    if any(k in RESTRICTED_CONFIGURATION for k in touched):
+        raise InvalidArguments("Config update is not allowed for following fields "
+                               f"[{', '.join(RESTRICTED_CONFIGURATION)}]: a component's accessControl "
+                               "comes from its deployments, not from UpdateConfiguration",
+                               {"argument": "keyPath" if key_path else "valueToMerge"})
+
+
 async def _update_configuration(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
     key_path = _key_path(req)
     value = req.get("valueToMerge")
     if not isinstance(value, dict):
         raise InvalidArguments("valueToMerge must be an object", {"argument": "valueToMerge"})
+    _check_restricted(key_path, value)
     ts = req.get("timestamp")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
         raise InvalidArguments("timestamp must be a number of seconds since the epoch", {"argument": "timestamp"})

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,6 @@ def test_local_deployments_read_as_the_greengrass_cli_writes_them(gg_daemon: Any
     component parsing the Greengrass form fails on, and ResourceNotFoundError had no resource.
     """
     import datetime
-    import time
 
     from awsiot.greengrasscoreipc.model import ResourceNotFoundError
 
@@ -125,3 +125,50 @@ def test_local_deployments_read_as_the_greengrass_cli_writes_them(gg_daemon: Any
             time.sleep(0.1)
     finally:
         client.close()
+
+
+ACL_WRITER = """
+import datetime, json
+from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+client = GreengrassCoreIPCClientV2()
+grant = {"aws.greengrass.ipc.pubsub": {"mine": {"operations": ["*"], "resources": ["*"]}}}
+results = {}
+for name, key_path, value in (("at_key", ["accessControl"], grant), ("at_root", [], {"accessControl": grant}),
+                              ("other_key", ["note"], {"x": 1})):
+    try:
+        client.update_configuration(key_path=key_path, value_to_merge=value, timestamp=datetime.datetime.now())
+        results[name] = "updated"
+    except Exception as exc:
+        results[name] = [type(exc).__name__, getattr(exc, "message", "")]
+open(OUT, "w").write(json.dumps(results))
+"""
+
+
+def test_component_cannot_grant_itself_policies_over_ipc(gg_daemon: Any) -> None:
+    """UpdateConfiguration of ``accessControl`` is refused, as Greengrass refuses it.
+
+    Before, both forms were written to the component's configuration, which the nucleus loads as
+    its policies at the next start or deployment: a component with no policy got ``*``.
+    """
+    work = gg_daemon.root.parent / "acl"
+    out = work / "acl.json"
+    art = work / "artifacts" / "walk.AclWriter" / "1.0.0"
+    art.mkdir(parents=True)
+    (art / "main.py").write_text(f"OUT = {str(out)!r}\n" + ACL_WRITER)
+    recipe = work / "walk.AclWriter-1.0.0.json"
+    recipe.write_text(json.dumps({
+        "RecipeFormatVersion": "2020-01-25", "ComponentName": "walk.AclWriter", "ComponentVersion": "1.0.0",
+        "Manifests": [{"Platform": {"os": "linux"}, "Artifacts": [{"URI": "s3://bucket/main.py"}],
+                       "Lifecycle": {"Run": "python3 -u {artifacts:path}/main.py"}}]}))
+    gg_daemon.cli("deploy", "--settle", "0", "--artifacts", str(work / "artifacts"), str(recipe))
+    for _ in range(300):  # bounded: 30 s
+        if out.exists() and out.read_text():
+            break
+        time.sleep(0.1)
+    results = json.loads(out.read_text())
+    for form in ("at_key", "at_root"):
+        assert results[form][0] == "InvalidArgumentsError", results
+        assert "accessControl" in results[form][1]
+    assert results["other_key"] == "updated"  # the rest of its own configuration stays writable
+    configuration = json.loads(gg_daemon.cli("status", "walk.AclWriter").stdout)["configuration"]
+    assert "accessControl" not in configuration and configuration["note"] == {"x": 1}
