@@ -144,3 +144,37 @@ def test_a_deployment_timeout_says_what_it_was_still_waiting_for(daemon: Any, sh
     assert "timed out waiting for test.Slow 1.0.0, NEW: not installed yet (install step still running)" \
         in out.stderr, out.stdout + out.stderr
     assert "test.Slow" not in daemon.components()
+
+
+@pytest.mark.slow
+def test_upgrading_a_shared_dependency_restarts_hard_dependents_only(daemon: Any, short_tmp: Path) -> None:
+    """A needs B '>=1.0.0 <2.0.0' (HARD), C needs B '~1.2' (SOFT): B resolves to the highest both
+    allow; a conflicting D changes nothing; B's upgrade restarts A (after B) and leaves C alone."""
+    deps = short_tmp / "deps"
+    for version in ("1.0.0", "1.2.5", "1.3.0", "2.0.0"):
+        write_recipe(deps, "test.B", version, run=SLEEP)
+    r = short_tmp / "r"
+    a = write_recipe(r, "test.A", "1.0.0", run=SLEEP,
+                     deps={"test.B": {"VersionRequirement": ">=1.0.0 <2.0.0", "DependencyType": "HARD"}})
+    c = write_recipe(r, "test.C", "1.0.0", run=SLEEP,
+                     deps={"test.B": {"VersionRequirement": "~1.2", "DependencyType": "SOFT"}})
+    daemon.cli("deploy", "--recipe-dir", str(deps), str(a), str(c))
+    before = daemon.components()
+    assert before["test.B"]["version"] == "1.2.5"
+    d = write_recipe(r, "test.D", "1.0.0", run=SLEEP, deps={"test.B": {"VersionRequirement": ">=2.0.0"}})
+    out = daemon.cli("deploy", "--recipe-dir", str(deps), str(d), check=False)
+    assert "FAILED_NO_STATE_CHANGE: test.A 1.0.0 needs test.B >=1.0.0 <2.0.0, test.C 1.0.0 needs test.B ~1.2, " \
+        "test.D 1.0.0 needs test.B >=2.0.0" in out.stderr, out.stderr
+    assert {n: c["pids"] for n, c in daemon.components().items()} == {n: c["pids"] for n, c in before.items()}
+
+    out = daemon.cli("deploy", str(write_recipe(r, "test.B", "1.2.9", run=SLEEP)))
+    assert "stopping test.B (and HARD dependents test.A)" in out.stdout, out.stdout
+    after = daemon.components()
+    assert after["test.B"]["version"] == "1.2.9"
+    assert after["test.A"]["pids"] != before["test.A"]["pids"]
+    assert after["test.C"]["pids"] == before["test.C"]["pids"]
+    a_log = daemon.cli("logs", "test.A", "-n", "20").stdout
+    b_log = daemon.cli("logs", "test.B", "-n", "20").stdout
+    stamp = [line.split()[0] for line in a_log.splitlines() if "STARTING -> RUNNING" in line][-1]
+    b_up = [line.split()[0] for line in b_log.splitlines() if "STARTING -> RUNNING" in line][-1]
+    assert b_up <= stamp  # ISO timestamps: B was up before A started again
