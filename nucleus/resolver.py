@@ -126,7 +126,13 @@ class _Search:
         have = sorted(self.versions(name))
         if not have:
             askers = ", ".join(n.who for n in needs)
-            return UnknownComponentError(f"no component {name} in the catalog (needed by {askers})",
+            hint = ""
+            if name.lower().startswith("aws.greengrass."):
+                # Real recipes gate on aws.greengrass.Nucleus (or need TokenExchangeService, ...).
+                hint = ("; it is a component AWS provides to Greengrass devices and nucleus has no copy of it: "
+                        "deploy a recipe named so (with --recipe-dir) if the dependency is only a version "
+                        "gate, or drop the dependency")
+            return UnknownComponentError(f"no component {name} in the catalog (needed by {askers}){hint}",
                                          component=name)
         reasons = ", ".join(n.describe(name) for n in needs)
         # Say how a non-root requirer got into the set; a root's own group is already named.

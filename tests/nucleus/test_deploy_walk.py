@@ -178,3 +178,16 @@ def test_upgrading_a_shared_dependency_restarts_hard_dependents_only(daemon: Any
     stamp = [line.split()[0] for line in a_log.splitlines() if "STARTING -> RUNNING" in line][-1]
     b_up = [line.split()[0] for line in b_log.splitlines() if "STARTING -> RUNNING" in line][-1]
     assert b_up <= stamp  # ISO timestamps: B was up before A started again
+
+
+def test_a_missing_aws_component_dependency_says_what_to_do() -> None:
+    """Real recipes depend on aws.greengrass.Nucleus '>=2.4.0'; the error only said it was missing."""
+    from nucleus.errors import UnknownComponentError
+
+    catalog = MemoryCatalog([_recipe("com.example.App", "1.0.0", {"aws.greengrass.Nucleus": ">=2.4.0"})])
+    with pytest.raises(UnknownComponentError) as caught:
+        resolve({"g": {"com.example.App": "=1.0.0"}}, catalog)
+    text = str(caught.value)
+    assert text.startswith("no component aws.greengrass.Nucleus in the catalog (needed by com.example.App 1.0.0); "
+                           "it is a component AWS provides to Greengrass devices"), text
+    assert "--recipe-dir" in text
