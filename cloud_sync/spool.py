@@ -309,7 +309,13 @@ class SpoolStore:
             inserted: dict[int, int] = {}  # seq -> index in results
             for msg in appends:
                 size = msg.size
-                if size > limits.max_bytes or (limits.overflow == "reject_new" and (
+                if size > limits.max_bytes:  # no eviction could make room: say so, not "spool full (0 messages)"
+                    results.append(SpoolFullError(
+                        f"message of {size} bytes (payload and topic) is larger than the whole spool "
+                        f"(spool_max_bytes {limits.max_bytes})", path=self.path, topic=msg.topic, reason="spool_full"))
+                    delta["rejected_full"] = delta.get("rejected_full", 0) + 1
+                    continue
+                if (limits.overflow == "reject_new" and (
                         count + 1 > limits.max_messages or nbytes + size > limits.max_bytes)):
                     results.append(SpoolFullError(
                         f"spool full ({count} messages, {nbytes} bytes; overflow policy {limits.overflow})",

@@ -120,3 +120,15 @@ def test_a_spool_that_filled_the_disk_takes_messages_again_once_drained(small_fs
     again = store.apply([NewMessage("t", b"after the outage".ljust(4096, b"."), "t") for _ in range(50)])
     assert all(isinstance(r, str) for r in again), again[:1]
     store.close()
+
+
+def test_a_message_larger_than_the_spool_says_so(tmp_path: Path) -> None:
+    """It was refused as 'spool full (0 messages, 0 bytes ...)', which sends an operator looking for a
+    backlog that does not exist."""
+    store = SpoolStore(tmp_path / "spool.db", SpoolLimits(max_bytes=4096))
+    [refused] = store.apply([NewMessage("t", b"x" * 5000, "t")])
+    assert isinstance(refused, SpoolFullError) and refused.reason == "spool_full"
+    assert refused.message == ("message of 5001 bytes (payload and topic) is larger than the whole spool "
+                               "(spool_max_bytes 4096)")
+    assert store.counters["rejected_full"] == 1
+    store.close()
