@@ -39,7 +39,7 @@ from nucleus.orchestrator import Orchestrator
 from nucleus.platforms import current_platform
 from nucleus.settings import Settings
 from nucleus.store import ComponentStore
-from nucleus.supervisor import OrphanRecord, kill_orphans, process_start_time
+from nucleus.supervisor import OrphanRecord, kill_orphans, process_start_time, process_user
 from nucleus.update_policy import UpdateNotifier
 
 log = structlog.get_logger("nucleus.daemon")
@@ -103,6 +103,13 @@ class Daemon:
         return self._restart
 
     def _claim_root(self) -> None:
+        self._refuse_if_running()
+        self.paths.daemon_pid_file.write_text(f"{os.getpid()}\n")
+
+    def _refuse_if_running(self) -> None:
+        """AlreadyRunning if another daemon serves this root. Called first of all too, before this
+        start changes anything in the root (modes, the log file): one of another user, say, whose
+        log file this user may not open."""
         pid_file = self.paths.daemon_pid_file
         try:
             other = int(pid_file.read_text().strip())
@@ -115,14 +122,21 @@ class Daemon:
                 raise AlreadyRunning(
                     f"a nucleus (pid {other}) is already running with this root", path=self.paths.root
                 )
+            except PermissionError:
+                # Its socket is another user's (a root daemon in a service user's root, started with
+                # sudo): it is running all the same. Going on ended in a traceback at the pid file.
+                raise AlreadyRunning(
+                    f"a nucleus (pid {other}, user {process_user(other)}) is already running with this root",
+                    path=self.paths.root,
+                ) from None
             except OSError:
                 pass
             finally:
                 sock.close()
-        pid_file.write_text(f"{os.getpid()}\n")
 
     async def run(self) -> None:
         paths = self.paths
+        self._refuse_if_running()
         paths.ensure()
         if self.settings.ipc.socket_group is not None:  # its members must reach the sockets in the root
             tightened = users.open_root_to_group(paths.root, users.socket_group_id(self.settings.ipc.socket_group),

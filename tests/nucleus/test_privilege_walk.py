@@ -31,6 +31,7 @@ import nucleus.daemon  # noqa: F401
 from nucleus import cli, logconfig  # noqa: F401
 from nucleus.clock import SystemClock
 from nucleus.component_logs import ComponentLog
+from nucleus.paths import Paths
 from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
 from nucleus.settings import RestartPolicy
 from nucleus.states import State
@@ -335,3 +336,20 @@ def test_a_skipif_path_the_nucleus_may_not_stat_runs_the_step_and_says_why(short
     assert value["state"] == "INSTALLED"
     assert f"Skipif {skipif!r} cannot be checked (Permission denied); the step runs" in value["log"]
     assert "installing" in value["log"]
+
+
+def test_a_second_daemon_of_another_user_on_a_running_root_is_refused(daemon_factory: Any,
+                                                                       short_tmp: Path) -> None:
+    reachable(short_tmp)
+    root = short_tmp / "root"
+    Paths.at(root).ensure()  # a service user's root...
+    for path in (root, *root.rglob("*")):
+        os.chown(path, NOBODY, NOBODY)
+    d = daemon_factory(settings={"stop_grace_s": 1.0})  # ...in which root started a daemon (sudo)
+
+    result = as_user(lambda: cli.main(["--root", str(root), "run"]), timeout=60)
+
+    assert result.get("value") == 1, result  # without the fix: PermissionError at run/nucleus.pid
+    assert "Traceback" not in result["stderr"]
+    assert f"a nucleus (pid {d.proc.pid}, user root) is already running with this root" in result["stderr"]
+    assert d.cli("status").returncode == 0
