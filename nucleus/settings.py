@@ -115,6 +115,11 @@ class Settings(BaseModel):
         return Paths.at(self.root)
 
 
+# The settings the environment can set, by the variable that sets them.
+ENV_NAMES = {"thing_name": "NUCLEUS_THING_NAME", "mqtt.url": "NUCLEUS_MQTT_URL",
+             "deployments.settle_time_s": "NUCLEUS_SETTLE_TIME_S"}
+
+
 def _env_overrides() -> dict[str, Any]:
     out: dict[str, Any] = {}
     if name := os.environ.get("NUCLEUS_THING_NAME"):
@@ -156,13 +161,22 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
         if not isinstance(loaded, dict):
             raise ConfigurationError("must be a mapping", path=file)
         data = loaded
-    _merge(data, _env_overrides())
+    env = _env_overrides()
+    _merge(data, env)
     _merge(data, overrides)
     data["root"] = root
+    # Where a value came from when it is not the file: its error must send the operator to the
+    # variable or the flag, not to a nucleus.yaml that does not say it.
+    sources = {key: var for key, var in ENV_NAMES.items() if _dotted(env, key)}
+    sources.update({key: f"--{key.replace('_', '-')}" for key in overrides})
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigurationError("; ".join(_problem(e) for e in exc.errors()), path=file) from None
+        problems = [_problem(e, sources) for e in exc.errors()]
+        text = "; ".join(p for p, _ in problems)
+        if all(from_elsewhere for _, from_elsewhere in problems):
+            raise ConfigurationError(text) from None
+        raise ConfigurationError(text, path=file) from None
     settings.mqtt = settings.mqtt.with_paths_under(root)
     return settings
 
@@ -179,12 +193,24 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(str(exc).split())
 
 
-def _problem(error: Any) -> str:
+def _dotted(data: dict[str, Any], key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _problem(error: Any, sources: dict[str, str]) -> tuple[str, bool]:
     """One pydantic error as ``key.path: reason``, without the input value: a mistyped
-    ``mqtt.password`` (a YAML number, say) must not end up in a log or on a terminal."""
+    ``mqtt.password`` (a YAML number, say) must not end up in a log or on a terminal. The flag is
+    whether the value came from the environment or a flag (``sources``) rather than the file."""
     where = ".".join(str(part) for part in error["loc"])
     reason = "unknown key" if error["type"] == "extra_forbidden" else str(error["msg"]).removeprefix("Value error, ")
-    return f"{where}: {reason}" if where else reason
+    source = next((src for key, src in sources.items() if where == key or where.startswith(key + ".")), None)
+    if source is not None:
+        return f"{source}: {reason}", True
+    return (f"{where}: {reason}" if where else reason), False
 
 
 def machine_architecture() -> str:

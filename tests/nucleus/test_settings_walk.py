@@ -67,3 +67,18 @@ def test_unreadable_settings_file_is_named(short_tmp: Path) -> None:
 def test_bad_environment_override_is_named(short_tmp: Path) -> None:
     line = _one_line(_run(short_tmp, {"NUCLEUS_SETTLE_TIME_S": "five"}))
     assert line == "nucleus: NUCLEUS_SETTLE_TIME_S (in the environment): must be a number of seconds, not 'five'"
+
+
+@pytest.mark.parametrize(("env", "flags", "line"), [
+    ({"NUCLEUS_THING_NAME": "site/7"}, [], "nucleus: NUCLEUS_THING_NAME: must be a non-empty name without '/'"),
+    ({"NUCLEUS_SETTLE_TIME_S": "-1"}, [], "nucleus: NUCLEUS_SETTLE_TIME_S: Input should be greater than or equal to 0"),
+    ({}, ["--thing-name", "a b"], "nucleus: --thing-name: must be a non-empty name without '/'"),
+])
+def test_a_bad_value_from_the_environment_or_a_flag_names_it(short_tmp: Path, env: dict[str, str],
+                                                             flags: list[str], line: str) -> None:
+    """These were reported as mistakes of nucleus.yaml, a file that does not hold them (or does not exist)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+    proc = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp), "run", *flags],
+                          capture_output=True, text=True, timeout=30, env={**base, **env})
+    assert _one_line(proc).startswith(line), proc.stderr
+    assert "nucleus.yaml" not in proc.stderr
