@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nucleus.config_store import ConfigStore, apply_update
 from nucleus.config_validation import ConfigValidators
-from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError
+from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError, VersionError
 from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
 from nucleus.orchestrator import Orchestrator
 from nucleus.recipe import Recipe, parse_recipe
@@ -36,6 +36,7 @@ from nucleus.settings import Settings
 from nucleus.states import State
 from nucleus.store import ComponentStore
 from nucleus.update_policy import UpdateNotifier
+from nucleus.versions import Version
 
 log = structlog.get_logger("nucleus.deployment")
 
@@ -412,8 +413,18 @@ class DeploymentEngine:
         await self._start_and_settle(did, req, target, changed, restart=plan.restart, deadline=deadline)
 
     def _resolve(self, req: DeploymentRequest, previous: ActiveSet) -> _Plan:
+        # Which version to try first for each component: the highest this deployment brings (its
+        # files, --recipe-dir, a fleet document's recipes: what the operator sent), else the one
+        # deployed now. Never whatever else lies in the store, such as a version an earlier,
+        # rolled-back deployment left there (see nucleus.resolver).
+        prefer: dict[str, Version] = {}
+        for name, version in previous.components.items():
+            with contextlib.suppress(VersionError):
+                prefer[name] = Version.parse(version)
+        offered: dict[str, Version] = {}
         for src in req.recipes:
             recipe = parse_recipe(src.text, source=src.source, fmt=src.format)
+            offered[recipe.name] = max(recipe.version, offered.get(recipe.name, recipe.version))
             key = f"{recipe.name}@{recipe.version}"
             if recipe.version in self._store.versions(recipe.name) and key not in self._replaced:
                 old = self._store.recipe(recipe.name, recipe.version).to_document()
@@ -434,7 +445,7 @@ class DeploymentEngine:
                 )
             del roots[name]
         groups = {g: r for g, r in groups.items() if r}
-        resolution = resolve(groups, self._store, prefer=previous.components)
+        resolution = resolve(groups, self._store, prefer={**prefer, **offered})
         target = ActiveSet(
             groups=groups,
             components={n: str(r.version) for n, r in resolution.components.items()},

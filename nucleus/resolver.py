@@ -10,10 +10,10 @@ few dozen components, so a plain depth-first search with a step budget is enough
 Both HARD and SOFT dependencies are resolved, as Greengrass does: the type only changes how a
 dependency's state changes affect the dependent at run time.
 
-A version already deployed (``prefer``) is tried first when it still satisfies every requirement,
-as the Java nucleus's ``findLocalBestCandidate`` keeps the active version. Without that, a
-deployment of anything would move a dependency nobody named to the newest recipe in the store,
-including one a failed deployment left there, and fail again on it.
+A preferred version (``prefer``: what the deployment brings, else what is deployed now) is tried
+first when it satisfies every requirement, as the Java nucleus's ``findLocalBestCandidate`` keeps
+the active version. Without that, a deployment of anything would move a dependency nobody named to
+the newest recipe in the store, including one a failed deployment left there, and fail again on it.
 
 A failure names the whole chain so that an operator can see which group or component to
 change: ``A 1.0.0 needs C ^1.0.0, B 2.0.0 needs C ^2.0.0; have C 1.4.0, 2.1.0``. A component
@@ -189,8 +189,9 @@ def resolve(roots: Mapping[str, Mapping[str, str]], catalog: Catalog,
             prefer: Mapping[str, Version | str] | None = None) -> Resolution:
     """Versions for every root of every group and all their dependencies, dependencies first.
 
-    ``prefer`` holds the versions deployed now: each is kept while it satisfies every requirement
-    on it; otherwise (or for a component not deployed) the highest version that does is chosen.
+    ``prefer`` holds a version to try first per component (the deployment engine passes what the
+    deployment brings, else what is deployed now); it is kept while it satisfies every requirement
+    on it, otherwise (or with no preference) the highest version that does is chosen.
     """
     needs: dict[str, list[_Need]] = {}
     via: dict[str, tuple[str, ...]] = {}

@@ -63,6 +63,12 @@ def test_a_rolled_back_dependency_version_is_not_picked_by_the_next_unrelated_de
     assert after["test.B"]["pids"] == b_pid and after["test.A"]["pids"] == a_pid  # neither touched
     assert "stopping" not in out.stdout, out.stdout
 
+    # A dependency version the deployment brings is used: B 1.0.1 from --recipe-dir, not the stale 1.1.0.
+    write_recipe(short_tmp / "deps2", "test.B", "1.0.1", run=SLEEP)
+    out = daemon.cli("deploy", "--recipe-dir", str(short_tmp / "deps2"), str(a), check=False)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
+    assert daemon.components()["test.B"]["version"] == "1.0.1"
+
 
 def test_an_artifact_uri_without_a_scheme_is_refused_in_plain_words(short_tmp: Path) -> None:
     """A recipe author who writes a bare path got 'this: URIs are not fetched by the nucleus'."""
