@@ -15,6 +15,19 @@ from typing import Any, Final
 KeyPath = tuple[str, ...]
 MISSING: Final = object()
 
+RESTRICTED_KEYS: Final = ("accessControl",)
+"""Top-level keys no component may write at run time, as on Greengrass. A component's policies are
+read from its configuration's ``accessControl`` at the next start or deployment, so a component that
+could write it (its own, or another's it may update) would grant itself any operation. Only
+deployments set it."""
+
+
+def restricted_keys(key_path: Sequence[str], value: Any) -> list[str]:
+    """The restricted keys an update at ``key_path`` writes: its first key, or, for a merge at the
+    root, the merged document's top-level keys."""
+    touched = list(key_path[:1]) if key_path else list(value) if isinstance(value, Mapping) else []
+    return [k for k in touched if k in RESTRICTED_KEYS]
+
 
 def format_pointer(key_path: Iterable[str]) -> str:
     """The JSON pointer of a key path, for messages (``()`` is ``""``)."""

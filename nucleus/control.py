@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from ipc import config_tree
 from ipc.core import CallContext, IpcCore
 from ipc.errors import InvalidArguments, IpcError, ResourceNotFound, ServiceError, Unauthorized
 from nucleus import authz
@@ -176,6 +177,9 @@ class Control:
         key_path = _key_path(args)
         if not key_path:
             raise InvalidArguments("key_path must name at least one key")
+        if config_tree.restricted_keys(key_path, None):
+            raise InvalidArguments(f"{key_path[0]} may not be updated at run time: a component's policies come "
+                                   "from its deployments (docs/configuration.md)", {"argument": "key_path"})
         changed = self._config.update(target, key_path, args.get("value"), timestamp=args.get("timestamp"))
         return {"changed": changed}
 

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import msgpack
 
-from ipc import codec
+from ipc import codec, config_tree
 from ipc.core import IpcCore, Session
 from ipc.errors import (
     Conflict,
@@ -263,21 +263,13 @@ async def _get_configuration(core: IpcCore, s: Session, req: dict[str, Any]) -> 
     return {"componentName": component, "value": _wrap_leaf(key_path, value)}
 
 
-RESTRICTED_CONFIGURATION: Final = ("accessControl",)
-"""Keys a component may not write over IPC, as on Greengrass: its policies come from deployments only."""
-
-
 def _check_restricted(key_path: list[str], value: Mapping[str, Any]) -> None:
-    """Refuse an update of ``accessControl``, at its key path or inside a merge at the root.
-
-    Stored policies are loaded at the next start or deployment, so a component that could write
-    its own ``accessControl`` would grant itself any operation. The Java nucleus refuses with this
-    InvalidArgumentsError text.
-    """
-    touched = key_path[:1] if key_path else list(value)
-    if any(k in RESTRICTED_CONFIGURATION for k in touched):
+    """Refuse an update of ``accessControl`` (``config_tree.RESTRICTED_KEYS``), at its key path or
+    inside a merge at the root, before any part of the merge is written. The Java nucleus refuses
+    with this InvalidArgumentsError text."""
+    if config_tree.restricted_keys(key_path, value):
         raise InvalidArguments("Config update is not allowed for following fields "
-                               f"[{', '.join(RESTRICTED_CONFIGURATION)}]: a component's accessControl "
+                               f"[{', '.join(config_tree.RESTRICTED_KEYS)}]: a component's accessControl "
                                "comes from its deployments, not from UpdateConfiguration",
                                {"argument": "keyPath" if key_path else "valueToMerge"})
 

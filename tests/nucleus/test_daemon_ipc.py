@@ -129,6 +129,11 @@ CONFIG_COMPONENT = """
         async with Client.from_env() as c:
             log({{"initial": await c.get_configuration(["threshold"])}})
             await c.update_configuration(["seen"], True)
+            try:
+                await c.update_configuration(["accessControl"], {{"ipc.pubsub": {{"p": {{"operations": ["*"]}}}}}})
+                log({{"accessControl": "updated"}})
+            except Exception as exc:
+                log({{"accessControl": [type(exc).__name__, str(exc)]}})
             async with c.watch_configuration(["threshold"]) as changes:
                 log({{"watching": True}})
                 async for changed in changes:
@@ -144,8 +149,12 @@ def test_component_configuration_get_update_watch(daemon: Any, short_tmp: Path) 
     daemon.cli("deploy", "--artifacts", str(art), str(recipe))
     wait_file(out, contains="watching")
     assert json.loads(out.read_text().splitlines()[0]) == {"initial": 0.5}
+    # Its own policies are not its to write: stored, they would be loaded at the next start (Greengrass
+    # refuses this too).
+    refused = json.loads(out.read_text().splitlines()[1])["accessControl"]
+    assert refused[0] == "InvalidArguments" and "accessControl may not be updated at run time" in refused[1]
     status = json.loads(daemon.cli("status", "test.Cfg").stdout)
-    assert status["configuration"]["seen"] is True
+    assert status["configuration"]["seen"] is True and "accessControl" not in status["configuration"]
     pid = status["pids"]
     daemon.cli("deploy", "--update-config", json.dumps({"test.Cfg": {"MERGE": {"threshold": 0.9}}}))
     text = wait_file(out, contains="changed")
