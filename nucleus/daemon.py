@@ -143,7 +143,9 @@ class Daemon:
                                                  (paths.ipc_socket, paths.gg_socket))
         else:
             tightened = []
-        logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log)
+        logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log,
+                            max_bytes=self.settings.logs.max_bytes_per_file,
+                            backup_count=self.settings.logs.backup_count)
         if tightened:  # said once the log is set up
             log.info("nucleus.root_entries_made_private", entries=[p.name for p in tightened],
                      reason="ipc.socket_group lets its members into the root")

@@ -15,13 +15,19 @@ import structlog
 
 
 def configure(level: str = "info", fmt: str = "console", file: Path | None = None,
-              stream: TextIO | None = None) -> None:
-    """Configure structlog for the daemon (file + stderr) or a CLI (stderr only)."""
+              stream: TextIO | None = None, *, max_bytes: int | None = None, backup_count: int = 0) -> None:
+    """Configure structlog for the daemon (file + stderr) or a CLI (stderr only).
+
+    With ``max_bytes`` the file rotates as the components' logs do (``logs.max_bytes_per_file``,
+    ``logs.backup_count``): the daemon's own log must not be the one file that grows without bound.
+    """
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     out: Any = stream or sys.stderr
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        out = _Tee(out, file.open("a", buffering=1, encoding="utf-8"))
+        sink: Any = (_RotatingFile(file, max_bytes, backup_count) if max_bytes is not None
+                     else file.open("a", buffering=1, encoding="utf-8"))
+        out = _Tee(out, sink)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -62,3 +68,47 @@ class _Tee:
                 s.flush()
             except (OSError, ValueError):
                 continue
+
+
+class _RotatingFile:
+    """The daemon's log file, rotated at ``max_bytes`` into ``x.log.1`` (newest) .. ``x.log.N``.
+
+    structlog prints a record and then its newline (two writes): the file rotates only between
+    records, so a record never straddles two files (a file may pass the cap by that newline). Errors
+    (a full disk) propagate to :class:`_Tee`, which drops the record rather than stop the daemon."""
+
+    def __init__(self, path: Path, max_bytes: int, backup_count: int) -> None:
+        self._path = path
+        self._max = max(64, max_bytes)
+        self._backups = max(0, backup_count)
+        self._fh: TextIO | None = None
+        self._size = 0
+        self._at_record_start = True
+
+    def _open(self) -> TextIO:
+        if self._fh is None:
+            self._fh = self._path.open("a", buffering=1, encoding="utf-8")
+            self._size = self._path.stat().st_size
+        return self._fh
+
+    def write(self, data: str) -> int:
+        size = len(data.encode("utf-8", errors="replace"))
+        fh = self._open()
+        if self._at_record_start and self._size > 0 and self._size + size > self._max:
+            fh.close()
+            self._fh = None
+            if self._backups == 0:
+                self._path.unlink(missing_ok=True)
+            for index in range(self._backups - 1, -1, -1):
+                src = self._path if index == 0 else self._path.with_name(f"{self._path.name}.{index}")
+                if src.exists():
+                    src.replace(self._path.with_name(f"{self._path.name}.{index + 1}"))
+            fh = self._open()
+        fh.write(data)
+        self._size += size
+        self._at_record_start = data.endswith("\n")
+        return len(data)
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,24 @@ def test_a_bad_value_from_the_environment_or_a_flag_names_it(short_tmp: Path, en
                           capture_output=True, text=True, timeout=30, env={**base, **env})
     assert _one_line(proc).startswith(line), proc.stderr
     assert "nucleus.yaml" not in proc.stderr
+
+
+def test_the_daemon_log_rotates_as_the_logs_settings_say(daemon_factory: Any) -> None:
+    """logs.max_bytes_per_file and logs.backup_count bounded the components' logs only: the
+    daemon's own logs/nucleus.log grew without bound (every CLI call adds two lines)."""
+    d = daemon_factory("rot", {"logs": {"max_bytes_per_file": 1500, "backup_count": 1},
+                               "deployments": {"settle_time_s": 0.2}})
+    log = d.root / "logs" / "nucleus.log"
+    for _ in range(40):  # bounded: each call logs a session opened and closed (~300 bytes)
+        d.cli("status")
+        if (d.root / "logs" / "nucleus.log.1").exists() and log.stat().st_size > 600:
+            break
+    d.cli("status")
+    assert (d.root / "logs" / "nucleus.log.1").exists()
+    assert not (d.root / "logs" / "nucleus.log.2").exists()
+    for path in (log, d.root / "logs" / "nucleus.log.1"):
+        text = path.read_text()
+        assert path.stat().st_size <= 1501, path
+        assert text.endswith("\n") and not text.startswith("\n"), path  # whole records only
+    assert "ipc.session" in log.read_text()
+    assert "ipc.session" in d.cli("logs", "nucleus").stdout  # `nucleus logs nucleus` still reads it
