@@ -234,8 +234,6 @@ class Orchestrator:
             {
                 "SVCUID": self._identities.component_token(recipe.name),
                 "NUCLEUS_IPC_SOCKET": str(self._paths.ipc_socket),
-                "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT": str(self._paths.gg_socket),
-                "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH": str(self._paths.gg_socket),
                 "AWS_IOT_THING_NAME": self._settings.thing_name,
                 "NUCLEUS_COMPONENT_NAME": recipe.name,
                 "NUCLEUS_COMPONENT_VERSION": str(recipe.version),
@@ -244,6 +242,11 @@ class Orchestrator:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self._settings.ipc.greengrass_socket:
+            # Only when the socket exists: without these variables awsiotsdk fails naming the missing
+            # variable, with them it fails with AWS_ERROR_FILE_INVALID_PATH, which says nothing.
+            env["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"] = str(self._paths.gg_socket)
+            env["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH"] = str(self._paths.gg_socket)
         env.update({k: str(v) for k, v in lifecycle.setenv.items()})
         return env
 

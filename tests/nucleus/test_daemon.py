@@ -70,20 +70,32 @@ def test_deploy_runs_component_and_list_shows_it(daemon: Any, short_tmp: Path) -
     assert status["configuration"] == {"tag": "v1"}
 
 
-def test_component_environment_carries_ipc_socket_and_token(daemon: Any, short_tmp: Path) -> None:
+def _component_env(daemon: Any, short_tmp: Path) -> dict[str, str]:
     script = "env > {work:path}/env.txt; exec sleep 600"
     daemon.cli("deploy", str(write_recipe(short_tmp / "r", "test.Env", "1.0.0", run=script)))
     deadline = time.monotonic() + 10
     env_file = daemon.root / "work" / "test.Env" / "env.txt"
     while not env_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    return dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+
+
+def test_component_environment_carries_ipc_socket_and_token(daemon: Any, short_tmp: Path) -> None:
+    env = _component_env(daemon, short_tmp)
     assert env["AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"].startswith(str(daemon.root))
     assert env["NUCLEUS_IPC_SOCKET"] == str(daemon.root / "ipc.sock")
     assert len(env["SVCUID"]) >= 32
     assert env["AWS_IOT_THING_NAME"]
     # The token is never written to the daemon's log.
     assert env["SVCUID"] not in (daemon.root / "logs" / "nucleus.log").read_text()
+
+
+def test_without_the_greengrass_socket_components_are_not_told_of_one(daemon_factory: Any, short_tmp: Path) -> None:
+    """With ``ipc.greengrass_socket: false`` an awsiotsdk component then fails naming the missing
+    variable, not with AWS_ERROR_FILE_INVALID_PATH for a path that was never a socket."""
+    env = _component_env(daemon_factory(settings={"ipc": {"greengrass_socket": False}}), short_tmp)
+    assert not {k for k in env if k.startswith("AWS_GG_NUCLEUS_DOMAIN_SOCKET")}
+    assert env["NUCLEUS_IPC_SOCKET"] and env["SVCUID"]  # the native socket is still there
 
 
 def test_failed_update_rolls_back_to_previous_version(daemon: Any, short_tmp: Path) -> None:
