@@ -352,7 +352,9 @@ def _fmt_sync(info: dict[str, Any]) -> str:
             f"sent      {spool.get('delivered')} delivered since the spool was created; "
             f"{link.get('published_messages')} MQTT messages since the daemon started",
             f"dropped   overflow={spool.get('dropped_overflow')} expired={spool.get('dropped_expired')}"
-            f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}",
+            f" refused_full={spool.get('rejected_full')} refused_disk_full={spool.get('rejected_disk_full')}"
+            # lost before the spool: a forward rule's local queue overflowed (drop-oldest)
+            f" forward_queue={info.get('forwarder', {}).get('local_dropped', 0)}",
             f"status    {info.get('status_topic')}",
         ]
     lines += [f"error     {e.get('code')}: {e.get('message')}" + _repeated(e) for e in info.get("errors", [])[-5:]]

@@ -132,3 +132,16 @@ def test_a_message_larger_than_the_spool_says_so(tmp_path: Path) -> None:
                                "(spool_max_bytes 4096)")
     assert store.counters["rejected_full"] == 1
     store.close()
+
+
+def test_sync_status_prints_the_forwarders_local_drops(daemon_factory: Any) -> None:
+    """The doc promises that `nucleus sync status` prints every drop counter; messages a forward
+    rule's local queue dropped (never spooled) were only in --json."""
+    from nucleus.cli import _fmt_sync
+
+    d = daemon_factory("drops")
+    info = _sync_status(d)
+    assert info["forwarder"]["local_dropped"] == 0
+    assert "forward_queue=0" in d.cli("sync", "status").stdout
+    info["forwarder"]["local_dropped"] = 7  # what a flooded rule reports; the printing is the point
+    assert "forward_queue=7" in _fmt_sync(info)
