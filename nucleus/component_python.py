@@ -42,24 +42,35 @@ def _identity() -> dict[str, object]:
     return {"base": sys.base_prefix, "version": list(sys.version_info[:3]), "daemon_sites": site.getsitepackages()}
 
 
-def ensure(prefix: Path | None = None) -> Path | None:
+def ensure(prefix: Path | None = None, *, fallback: Path | None = None) -> Path | None:
     """The ``bin`` directory of the components' Python (made if missing or stale), or None when the
     daemon runs on a system interpreter or the environment cannot be made (logged; components then get
-    the daemon's interpreter, as before)."""
+    the daemon's interpreter, as before).
+
+    ``fallback`` (the daemon passes its root) is where the environment is made when the daemon's
+    virtual environment is not writable: a daemon run as a service user from a virtual environment
+    root installed. An environment that is already current is used without writing anything (not
+    even the lock), so one made by root serves such a daemon too.
+    """
     if sys.prefix == sys.base_prefix:
         return None
-    home = (prefix or Path(sys.prefix)) / DIR_NAME
-    try:
-        home.parent.mkdir(parents=True, exist_ok=True)
-        with open(home.parent / f".{DIR_NAME}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if _current(home):
-                return home / "bin"
-            _make(home)
+    homes = [(prefix or Path(sys.prefix)) / DIR_NAME, *([fallback / DIR_NAME] if fallback is not None else [])]
+    for home in homes:
+        if _current(home):
             return home / "bin"
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # read-only, no ensurepip
-        log.warning("nucleus.component_python_unavailable", path=str(home), error=str(exc)[:300])
-        return None
+    problems: list[str] = []
+    for home in homes:
+        try:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            with open(home.parent / f".{DIR_NAME}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not _current(home):
+                    _make(home)
+                return home / "bin"
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:  # read-only, no ensurepip
+            problems.append(f"{home}: {str(exc)[:300]}")
+    log.warning("nucleus.component_python_unavailable", path=str(homes[-1]), error="; ".join(problems))
+    return None
 
 
 def _current(home: Path) -> bool:

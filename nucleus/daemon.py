@@ -200,7 +200,7 @@ class Daemon:
             except (ValueError, ConfigurationError) as exc:
                 log.error("authz.client_policy_invalid", client=name, error=str(exc))  # noqa: TRY400
 
-        python_bin = await asyncio.to_thread(component_python.ensure)  # ≈ 3 s the first time only
+        python_bin = await asyncio.to_thread(component_python.ensure, fallback=paths.root)  # ≈ 3 s the first time
         orchestrator = Orchestrator(
             self.settings, store, config, identities, platform=platform,
             on_spawn=records.spawned, on_exit=records.exited,

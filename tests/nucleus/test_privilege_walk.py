@@ -28,7 +28,7 @@ import yaml
 import ipc  # imported before the fork: the child cannot read the interpreter's files
 import ipc.errors  # noqa: F401
 import nucleus.daemon  # noqa: F401
-from nucleus import cli, logconfig  # noqa: F401
+from nucleus import cli, component_python, logconfig  # noqa: F401
 from nucleus.clock import SystemClock
 from nucleus.component_logs import ComponentLog
 from nucleus.paths import Paths
@@ -353,3 +353,45 @@ def test_a_second_daemon_of_another_user_on_a_running_root_is_refused(daemon_fac
     assert "Traceback" not in result["stderr"]
     assert f"a nucleus (pid {d.proc.pid}, user root) is already running with this root" in result["stderr"]
     assert d.cli("status").returncode == 0
+
+
+def _interpreter_usable_by_nobody() -> bool:
+    real = os.path.realpath(sys.executable)
+    return as_user(lambda: os.access(real, os.X_OK)).get("value") is True
+
+
+needs_venv_and_reachable_python = pytest.mark.skipif(
+    sys.prefix == sys.base_prefix, reason="the daemon runs on a system interpreter: no components' Python")
+
+
+@needs_venv_and_reachable_python
+def test_a_service_user_daemon_uses_the_components_python_root_made(short_tmp: Path) -> None:
+    if not _interpreter_usable_by_nobody():
+        pytest.skip("this interpreter is not usable by other users here (a virtualenv under a 0700 home)")
+    reachable(short_tmp)
+    venv = short_tmp / "venv"  # the daemon's virtualenv, installed by root
+    venv.mkdir()
+    made = component_python.ensure(venv)
+    assert made == venv / "component-python" / "bin"
+
+    seen = as_user(lambda: str(component_python.ensure(venv)), timeout=60)
+
+    assert seen.get("value") == str(made), seen  # without the fix: None (the lock file is root's)
+
+
+@needs_venv_and_reachable_python
+def test_a_service_user_daemon_makes_the_components_python_in_its_root(short_tmp: Path) -> None:
+    if not _interpreter_usable_by_nobody():
+        pytest.skip("this interpreter is not usable by other users here (a virtualenv under a 0700 home)")
+    reachable(short_tmp)
+    venv = short_tmp / "venv"  # root's, and nobody made the environment in it yet
+    venv.mkdir()
+    root = short_tmp / "root"
+    root.mkdir()
+    os.chown(root, NOBODY, NOBODY)
+
+    seen = as_user(lambda: str(component_python.ensure(venv, fallback=root)), timeout=120)
+
+    assert seen.get("value") == str(root / "component-python" / "bin"), seen
+    assert (root / "component-python" / "bin" / "python3").exists()
+    assert (root / "component-python").stat().st_uid == NOBODY
