@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import difflib
 import json
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -148,6 +149,8 @@ class DeploymentEngine:
         self._current: str | None = None
         # stored recipes the current deployment replaced under the same version: {name@version: document}
         self._replaced: dict[str, dict[str, Any]] = {}
+        # their artifact folders, set aside before the new ones were fetched: [(live, backup)]
+        self._set_aside: list[tuple[str, str]] = []
         self._listeners: list[ProgressListener] = []
 
     # --- public API -----------------------------------------------------------------------
@@ -220,6 +223,7 @@ class DeploymentEngine:
                 self._journal.add_event(record.id, "nucleus restarted before changes; re-queued")
                 continue
             self._restore_recipes(record.previous.get("recipes", {}))
+            _restore_artifacts(record.previous.get("artifacts", []))
             self._config.restore(record.previous.get("configs", {}))
             reason = f"nucleus restarted during stage {record.stage}; previous components restored"
             self._journal.finish(record.id, DeploymentStatus.FAILED_ROLLBACK_COMPLETE, reason=reason)
@@ -325,6 +329,7 @@ class DeploymentEngine:
 
         # RESOLVING ------------------------------------------------------------------------
         self._replaced = {}
+        self._set_aside = []
         self._journal.update(did, stage=Stage.RESOLVING)
         try:
             plan = self._resolve(req, previous)
@@ -344,6 +349,8 @@ class DeploymentEngine:
             if manifest.artifacts:
                 self._progress(did, f"fetching {len(manifest.artifacts)} artifact(s)", name)
             try:
+                if f"{name}@{recipe.version}" in self._replaced:
+                    self._set_aside_artifacts(name, str(recipe.version))
                 await self._store.prepare(
                     recipe, manifest.artifacts, artifact_dirs=[Path(d) for d in req.artifact_dirs]
                 )
@@ -385,7 +392,8 @@ class DeploymentEngine:
             )
 
         # APPLYING: write ahead the snapshot, then touch things --------------------------
-        snapshot = {"active": previous.to_json(), "configs": self._config.snapshot(), "recipes": dict(self._replaced)}
+        snapshot = {"active": previous.to_json(), "configs": self._config.snapshot(), "recipes": dict(self._replaced),
+                    "artifacts": list(self._set_aside)}
         self._journal.update(
             did,
             stage=Stage.APPLYING,
@@ -588,6 +596,9 @@ class DeploymentEngine:
         self._journal.finish(did, DeploymentStatus.SUCCEEDED, active=target, components=report)
         self._progress(did, "succeeded")
         self._notifier.post_update(did, changed)
+        for _live, backup in self._set_aside:
+            _remove_tree(Path(backup))
+        self._set_aside = []
         await self._cleanup(target)
 
     async def _cleanup(self, target: ActiveSet) -> None:
@@ -621,9 +632,24 @@ class DeploymentEngine:
             except NucleusError as exc:
                 log.error("deployment.recipe_not_restored", recipe=key, error=str(exc))  # noqa: TRY400
 
+    def _set_aside_artifacts(self, name: str, version: str) -> None:
+        """Move the artifact folders of a deployed version aside before an edited recipe of the same
+        version fetches its own into the same place, so that a failure can put them back: without
+        this, a rollback restored the old recipe over the new artifacts and the old component ran
+        the new (failing) code."""
+        for live in (self._store.artifacts_path(name, version), self._store.decompressed_path(name, version)):
+            if not live.exists():
+                continue
+            backup = live.with_name(f".{live.name}.rollback")
+            _remove_tree(backup)
+            live.rename(backup)
+            self._set_aside.append((str(live), str(backup)))
+
     def _finish_no_change(self, did: str, reason: str) -> None:
         self._restore_recipes(self._replaced)
         self._replaced = {}
+        _restore_artifacts(self._set_aside)
+        self._set_aside = []
         self._journal.finish(did, DeploymentStatus.FAILED_NO_STATE_CHANGE, reason=reason)
         self._progress(did, f"failed, nothing changed: {reason}")
         log.warning("deployment.failed", deployment_id=did, status="FAILED_NO_STATE_CHANGE", reason=reason)
@@ -653,6 +679,8 @@ class DeploymentEngine:
             undo = [n for n in changed if self._orch.get(n) is not None]
             await self._orch.remove(undo, reason=f"rollback of {did}")
             self._restore_recipes(record.previous.get("recipes", {}))
+            _restore_artifacts(record.previous.get("artifacts", []))
+            self._set_aside = []
             self._config.restore(record.previous.get("configs", {}))
             for name in changed:
                 if name not in previous.components:
@@ -679,6 +707,33 @@ class DeploymentEngine:
         self._journal.finish(did, status, reason=reason, active=previous,
                              components=self._component_report(previous, []))
         log.warning("deployment.failed", deployment_id=did, status=str(status), reason=reason)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that copes with the read-only folders and files artifacts are stored as."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+
+    def on_error(func: Callable[[str], object], failed: str, _exc: object) -> None:
+        Path(failed).parent.chmod(0o755)
+        func(failed)
+
+    shutil.rmtree(path, onerror=on_error)
+
+
+def _restore_artifacts(moved: list[Any]) -> None:
+    """Put artifact folders set aside by ``_set_aside_artifacts`` back in place of the new ones."""
+    for live, backup in moved:
+        if not Path(backup).exists():
+            continue  # already restored (a crash after the rename) or removed after success
+        try:
+            _remove_tree(Path(live))
+            Path(backup).rename(live)
+        except OSError as exc:
+            log.error("deployment.artifacts_not_restored", folder=live, error=str(exc))  # noqa: TRY400
 
 
 def _no_manifest(recipe: Recipe, platform: Mapping[str, str]) -> str:

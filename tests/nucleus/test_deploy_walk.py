@@ -197,3 +197,62 @@ def test_a_missing_aws_component_dependency_says_what_to_do() -> None:
     assert text.startswith("no component aws.greengrass.Nucleus in the catalog (needed by com.example.App 1.0.0); "
                            "it is a component AWS provides to Greengrass devices"), text
     assert "--recipe-dir" in text
+
+
+@pytest.mark.slow
+def test_rolling_back_an_edited_same_version_recipe_puts_its_artifacts_back(daemon: Any, short_tmp: Path) -> None:
+    """H 1.0.0 redeployed (same version, as docs/architecture.md allows) with a new artifact that
+    fails: the rollback restored the old recipe but left the new artifact in place, so the 'rolled
+    back' H ran the new code, failed, and ended BROKEN while the deployment said ROLLBACK_COMPLETE."""
+    import hashlib
+
+    paths = []
+    for i, body in ((1, "echo payload v1"), (2, "echo payload v2; exit 5")):
+        src = short_tmp / f"src{i}" / "payload.sh"
+        src.parent.mkdir()
+        src.write_text(body + "\n")
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        paths.append(write_recipe(short_tmp / f"r{i}", "test.H", "1.0.0",
+                                  run="sh {artifacts:path}/payload.sh && " + SLEEP,
+                                  artifacts=[{"Uri": f"file://{src}", "Digest": digest}]))
+    daemon.cli("deploy", str(paths[0]))
+    out = daemon.cli("deploy", str(paths[1]), check=False)
+    assert "FAILED_ROLLBACK_COMPLETE" in out.stderr, out.stdout + out.stderr
+    stored = daemon.root / "packages" / "artifacts" / "test.H" / "1.0.0" / "payload.sh"
+    assert stored.read_text() == "echo payload v1\n"
+    assert not list(stored.parent.parent.glob(".*"))  # the set-aside copy went back
+    comp = daemon.wait_state("test.H", {"RUNNING"})
+    time.sleep(1.0)  # a failing v2 would have exited by now (it exits at once)
+    assert daemon.components()["test.H"]["pids"] == comp["pids"]
+    assert daemon.cli("logs", "test.H", "-n", "3").stdout.count("payload v1") == 1
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_edited_same_version_install_puts_its_artifacts_back(daemon: Any, short_tmp: Path) -> None:
+    """The same, with the daemon killed while the edited H installs: the next start restores the
+    old recipe and the old artifact together."""
+    import hashlib
+
+    paths = []
+    for i, install in ((1, None), (2, "sleep 30")):
+        src = short_tmp / f"src{i}" / "payload.sh"
+        src.parent.mkdir()
+        src.write_text(f"echo payload v{i}\n")
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        paths.append(write_recipe(short_tmp / f"r{i}", "test.H", "1.0.0", install=install,
+                                  run="sh {artifacts:path}/payload.sh && " + SLEEP,
+                                  artifacts=[{"Uri": f"file://{src}", "Digest": digest}]))
+    daemon.cli("deploy", str(paths[0]))
+    daemon.cli("deploy", "--no-wait", str(paths[1]))
+    stored = daemon.root / "packages" / "artifacts" / "test.H" / "1.0.0" / "payload.sh"
+    log = daemon.root / "logs" / "test.H.log"
+    for _ in range(200):  # until the edited version's install runs (after APPLYING wrote its snapshot)
+        if log.exists() and "step install starting" in log.read_text():  # v1 has no install step
+            break
+        time.sleep(0.05)
+    assert stored.read_text() == "echo payload v2\n"
+    daemon.kill9()
+    daemon.start()
+    daemon.wait_state("test.H", {"RUNNING"})
+    assert stored.read_text() == "echo payload v1\n"
+    assert "FAILED_ROLLBACK_COMPLETE" in daemon.cli("deployments").stdout
