@@ -7,6 +7,7 @@ grow its section (or embed this model) without cloud_sync importing nucleus.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,35 @@ def parse_url(url: str) -> BrokerAddress:
     return BrokerAddress(parts.hostname, port, tls)
 
 
+def check_topic_template(template: str, fields: tuple[str, ...]) -> str:
+    """A topic to publish to, with ``{name}`` fields: only the given names, and no MQTT wildcard or
+    empty topic (a broker refuses to take a PUBLISH on ``a/+/b``, so every message would fail)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a topic template ({exc})") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in fields:
+            raise ValueError(f"unknown field {{{name}}}: the fields are {', '.join('{' + f + '}' for f in fields)}")
+        if spec or conversion:
+            raise ValueError(f"{{{name}}} takes no conversion or format")
+    literal = template.format(**dict.fromkeys(fields, "x"))
+    if not literal or "+" in literal or "#" in literal:
+        raise ValueError("must be a topic to publish to: not empty, without the wildcards + and #")
+    return template
+
+
+def check_topic_filter(value: str) -> str:
+    """An MQTT topic filter: '+' and '#' only as whole levels, '#' only last."""
+    levels = value.split("/")
+    if not value or any(("+" in lv and lv != "+") or ("#" in lv and lv != "#") for lv in levels) or \
+            "#" in levels[:-1]:
+        raise ValueError("must be an MQTT topic filter: not empty, + and # only as whole levels, # only last")
+    return value
+
+
 class ForwardRule(BaseModel):
     """Forward local bus messages matching ``filter`` to the cloud (bus → spool → broker)."""
 
@@ -106,6 +136,16 @@ class ForwardRule(BaseModel):
     queue_size: int = Field(10_000, ge=1, description="local subscription queue (drop-oldest, counted)")
     when: dict[str, Any] | None = Field(
         None, description="forward only messages whose payload is a map with these top-level values")
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        return check_topic_filter(value)
+
+    @field_validator("cloud_topic")
+    @classmethod
+    def _cloud_topic(cls, value: str) -> str:
+        return check_topic_template(value, ("topic", "thing"))
 
 
 # What leaves the device without any configuration (``forward_defaults``): protective-action
@@ -130,7 +170,7 @@ class SyncSettings(BaseModel):
     key_file: Path | None = None
     username: str | None = None
     password: str | None = None
-    client_id: str | None = Field(None, description="MQTT client id; default: the thing name")
+    client_id: str | None = Field(None, min_length=1, description="MQTT client id; default: the thing name")
     mqtt_version: Literal["5", "3.1.1"] = Field("5", description="5 carries message ids in raw mode")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="broker keeps cloud subscriptions offline")
     keepalive_s: int = Field(30, ge=5)
@@ -202,6 +242,12 @@ class SyncSettings(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return self
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, value: str) -> str:
+        """``s/{thin}`` was a traceback when the daemon started, ``s/#`` a status never published."""
+        return check_topic_template(value, ("thing",))
 
     @field_validator("username", "password", mode="before")
     @classmethod

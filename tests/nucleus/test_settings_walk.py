@@ -30,6 +30,16 @@ CASES: list[tuple[bytes, str]] = [
     (b'thing_name: ""\n', "thing_name: must be a non-empty name without '/'"),
     (b"thing_name: site/7\n", "thing_name: must be a non-empty name without '/'"),
     (b'thing_groups: [turbines, "north#"]\n', "thing_groups: must be a non-empty name without '/'"),
+    # mqtt: topics the daemon could never use (a traceback at start, or every message failing later)
+    (b'mqtt: {status_topic: "s/{thin}"}\n', "mqtt.status_topic: unknown field {thin}: the fields are {thing}"),
+    (b'mqtt: {status_topic: "s/#"}\n', "mqtt.status_topic: must be a topic to publish to"),
+    (b'mqtt: {forward: [{filter: ""}]}\n', "mqtt.forward.0.filter: must be an MQTT topic filter"),
+    (b'mqtt: {forward: [{filter: "a/#/b"}]}\n', "mqtt.forward.0.filter: must be an MQTT topic filter"),
+    (b'mqtt: {forward: [{filter: "a/#", cloud_topic: "x/{bogus}"}]}\n',
+     "mqtt.forward.0.cloud_topic: unknown field {bogus}: the fields are {topic}, {thing}"),
+    (b'mqtt: {forward: [{filter: "a/#", cloud_topic: "x/+/y"}]}\n',
+     "mqtt.forward.0.cloud_topic: must be a topic to publish to"),
+    (b'mqtt: {client_id: ""}\n', "mqtt.client_id: String should have at least 1 character"),
     # what was refused before, kept refused
     (b"restart: {max_errrors: 2}\n", "restart.max_errrors: unknown key"),
     (b"- a\n", "must be a mapping"),
