@@ -60,7 +60,7 @@ def check_root_access(root: Path) -> None:
             continue
         except PermissionError:
             raise NucleusError(
-                f"this daemon would run as {_who(euid)}, which cannot reach this file; run it as the "
+                f"this daemon would run as {_who(euid)}, which may not reach it; run it as the "
                 f"root's owner or choose another --root", path=part,
             ) from None
         if owner != euid:
