@@ -151,7 +151,7 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
     file = root / SETTINGS_FILE
     if file.exists():
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_Loader) or {}  # a SafeLoader
         except OSError as exc:
             raise ConfigurationError(f"cannot be read: {exc.strerror or exc}", path=file) from None
         except UnicodeDecodeError as exc:
@@ -160,7 +160,9 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
             raise ConfigurationError(f"not valid YAML: {_yaml_problem(exc)}", path=file) from None
         if not isinstance(loaded, dict):
             raise ConfigurationError("must be a mapping", path=file)
-        data = loaded
+        # A section left with every key commented out (`mqtt:` and nothing under it) is YAML's null:
+        # it means "the defaults", as an empty file does, not a type error naming a pydantic class.
+        data = {k: v for k, v in loaded.items() if not (v is None and k in _SECTIONS)}
     env = _env_overrides()
     _merge(data, env)
     _merge(data, overrides)
@@ -179,6 +181,27 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
         raise ConfigurationError(text, path=file) from None
     settings.mqtt = settings.mqtt.with_paths_under(root)
     return settings
+
+
+_SECTIONS = frozenset({"restart", "logs", "deployments", "ipc", "mqtt", "platform", "thing_groups"})
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML parsers keep the last one
+    silently, so a second ``mqtt:`` section would drop every key of the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: overriding it is the point
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (the second would silently replace the first)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -206,7 +229,9 @@ def _problem(error: Any, sources: dict[str, str]) -> tuple[str, bool]:
     ``mqtt.password`` (a YAML number, say) must not end up in a log or on a terminal. The flag is
     whether the value came from the environment or a flag (``sources``) rather than the file."""
     where = ".".join(str(part) for part in error["loc"])
-    reason = "unknown key" if error["type"] == "extra_forbidden" else str(error["msg"]).removeprefix("Value error, ")
+    reason = {"extra_forbidden": "unknown key",
+              "string_type": "must be a string (YAML read it as another type: put it in quotes)"}.get(
+        error["type"], str(error["msg"]).removeprefix("Value error, "))
     source = next((src for key, src in sources.items() if where == key or where.startswith(key + ".")), None)
     if source is not None:
         return f"{source}: {reason}", True

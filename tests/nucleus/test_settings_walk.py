@@ -18,6 +18,10 @@ CASES: list[tuple[bytes, str]] = [
     (b"mqtt: {url: [1}\n", "not valid YAML: line 1, column "),
     (b"a: b\n  c: d\n", "not valid YAML: line 2, column "),
     (b"\xff\xfe: 1\n", "is not UTF-8 text"),
+    (b"thing_name: a\nthing_name: b\n", "not valid YAML: line 2, column 1: key 'thing_name' is given twice"),
+    (b"mqtt:\n  url: mqtt://127.0.0.1\nthing_name: x\nmqtt:\n  keepalive_s: 60\n",
+     "not valid YAML: line 4, column 1: key 'mqtt' is given twice"),
+    (b"thing_name: 12345\n", "thing_name: must be a string (YAML read it as another type: put it in quotes)"),
     # values the daemon accepted and then could not honour (or honoured in a way nobody meant)
     (b"logs: {level: loud}\n", "logs.level: must be one of debug, info, warning, error, critical"),
     (b"logs: {max_bytes_per_file: 10}\n", "logs.max_bytes_per_file: Input should be greater than or equal to 64"),
@@ -114,3 +118,18 @@ def test_the_daemon_log_rotates_as_the_logs_settings_say(daemon_factory: Any) ->
         assert text.endswith("\n") and not text.startswith("\n"), path  # whole records only
     assert "ipc.session" in log.read_text()
     assert "ipc.session" in d.cli("logs", "nucleus").stdout  # `nucleus logs nucleus` still reads it
+
+
+def test_a_section_with_every_key_commented_out_means_the_defaults(daemon_factory: Any) -> None:
+    """`mqtt:` with nothing under it (YAML's null) was refused as 'Input should be a valid dictionary
+    or instance of SyncSettings'; an empty file means the defaults, and so does an empty section.
+    YAML merge keys still work with the duplicate-key check."""
+    d = daemon_factory("sections", start=False)
+    (d.root / "nucleus.yaml").write_text(
+        "mqtt:\n#  url: mqtts://broker:8883\nthing_groups:\nfast: &fast {backoff_initial_s: 0.1}\n"
+        "restart: {<<: *fast, backoff_initial_s: 0.2}\n".replace("fast: &fast", "x-fast: &fast"))
+    proc = _run(d.root)
+    assert "x-fast: unknown key" in proc.stderr  # the anchor's own key is still an unknown key
+    (d.root / "nucleus.yaml").write_text("mqtt:\n#  url: mqtts://broker:8883\nthing_groups:\nlogs:\n")
+    d.start()
+    assert "link      disabled" in d.cli("sync", "status").stdout
