@@ -399,7 +399,7 @@ class ComponentRunner:
                 self.name, step, spec.script, env, cwd, timeout, self._clog,
                 requires_privilege=spec.requires_privilege,
             )
-        except OSError as exc:
+        except Exception as exc:  # any launch failure, see _launch_failed
             self._launch_failed(step, gen, exc)
             return
         if result.timed_out:
@@ -418,7 +418,7 @@ class ComponentRunner:
                 self.name, "run", spec.script, env, cwd, self._clog,
                 requires_privilege=spec.requires_privilege,
             )
-        except OSError as exc:
+        except Exception as exc:  # any launch failure, see _launch_failed
             self._launch_failed("run", gen, exc)
             return
         self._feed(RunLaunched(gen))
@@ -437,8 +437,14 @@ class ComponentRunner:
         self._clog.write(f"step run exited with code {code}", stream="nucleus", step="run")
         self._feed(RunExited(code, gen, self._clock.now()))
 
-    def _launch_failed(self, step: StepName, gen: int, exc: OSError) -> None:
-        self._logger.warning("component.step_launch_failed", step=step, error=str(exc))
+    def _launch_failed(self, step: StepName, gen: int, exc: Exception) -> None:
+        """Any failure to launch is the step's failure, told to the machine: ValueError too (a NUL byte
+        in an environment value or the script). Escaping, it left the component in INSTALLING or
+        STARTING until its deployment timed out."""
+        if isinstance(exc, OSError):
+            self._logger.warning("component.step_launch_failed", step=step, error=str(exc))
+        else:  # not an environment problem: keep the traceback for whoever reads the daemon's log
+            self._logger.exception("component.step_launch_failed", step=step, error=str(exc))
         self._clog.write(f"step {step} could not be launched: {exc}", stream="nucleus", step=step)
         self._feed(StepLaunchFailed(step, gen, str(exc), self._clock.now()))
 

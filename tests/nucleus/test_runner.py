@@ -146,6 +146,21 @@ async def test_env_cwd_and_setenv_precedence(h: Harness) -> None:
     assert f"foo=from-step bar=base-only cwd={h.work}" in h.log_text()
 
 
+async def test_a_step_that_cannot_be_launched_for_any_reason_errors_instead_of_hanging(h: Harness) -> None:
+    """A NUL byte in an environment value (JSON recipes can carry one) makes the spawn raise
+    ValueError, not OSError. It escaped as a logged task failure and the machine never heard of it:
+    the component stayed INSTALLING / STARTING until its deployment timed out."""
+    install = h.runner({"install": step("true", setenv={"BAD": "a\x00b"})})  # retried, then BROKEN
+    await asyncio.wait_for(install.install(), WAIT)
+    assert install.state is State.BROKEN
+    assert "install could not be launched" in (install.last_error or "") and "null" in (install.last_error or "")
+    run = h.runner({"run": step("sleep 60", setenv={"BAD": "a\x00b"})},
+                   restart=policy(backoff_initial_s=60, backoff_max_s=60))
+    await run.start()
+    assert await run.wait_for({State.ERRORED}, WAIT) is State.ERRORED
+    assert "run could not be launched" in (run.last_error or "")
+
+
 # --- skipif -------------------------------------------------------------------------------
 async def test_skipif_onpath_skips_install(h: Harness) -> None:
     r = h.runner({"install": step("exit 1", skipif="onpath sh")})
