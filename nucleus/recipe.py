@@ -438,8 +438,14 @@ def _str_map(ctx: _Ctx, value: Any, fld: str) -> dict[str, str]:
         raise ctx.error(fld, f"must be a mapping of names to strings, got {_type_name(value)}")
     out: dict[str, str] = {}
     for k, v in value.items():
-        text = _opt_str(ctx, v, _join(fld, str(k)))
-        out[str(k)] = "" if text is None else text
+        name = str(k)
+        # What the kernel cannot put in an environment would only fail at the step's launch.
+        if not name or "=" in name or "\0" in name:
+            raise ctx.error(_join(fld, name), "is not a valid environment variable name (empty, or holds '=' or a NUL)")
+        text = _opt_str(ctx, v, _join(fld, name))
+        if text is not None and "\0" in text:
+            raise ctx.error(_join(fld, name), "holds a NUL character, which no environment value can carry")
+        out[name] = "" if text is None else text
     return out
 
 
