@@ -289,7 +289,8 @@ class CloudSync:
             if (moved := self.spool.quarantined) is not None:
                 self._record_error({"ts": self._clock(), "code": "SPOOL_ERROR", "path": str(self.spool.path),
                                     "message": f"the spool file {self.spool.path} was corrupt ({moved[1]}): moved "
-                                               f"to {moved[0]} and a new spool started"})
+                                               f"to {moved[0]} and a new spool started with the "
+                                               f"{self.spool.salvaged} messages that could still be read"})
             self._ready.set()
             tasks = [asyncio.create_task(self.uplink.run(), name="uplink"),
                      asyncio.create_task(self.forwarder.run(), name="forwarder"),

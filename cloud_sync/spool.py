@@ -92,6 +92,7 @@ AppendResult = str | SpoolFullError
 _SCHEMA_VERSION = "1"
 # What SQLite says of a file that is not (or no longer) a spool database: moved aside, not fatal.
 _CORRUPT = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
+_SALVAGE_PROBES = 24  # attempts to read on past unreadable pages of a corrupt spool
 
 
 class SpoolStore:
@@ -105,6 +106,7 @@ class SpoolStore:
         self._last_eviction_log = -EVICTION_LOG_INTERVAL_S
         self._unlogged_evictions = 0
         self.quarantined: tuple[Path, str] | None = None
+        self.salvaged = 0
         try:
             row = self._open()
         except sqlite3.DatabaseError as exc:
@@ -112,9 +114,12 @@ class SpoolStore:
                 raise SpoolError(f"cannot open the spool {self.path}: {exc}", path=self.path) from exc
             with contextlib.suppress(sqlite3.Error, AttributeError):
                 self._conn.close()
-            self.quarantined = (self._quarantine(), str(exc))
+            moved = self._quarantine()
+            self.quarantined = (moved, str(exc))
             try:
-                row = self._open()
+                self._open()
+                self.salvaged = self._salvage(moved)
+                row = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
             except sqlite3.Error as again:
                 raise SpoolError(f"cannot open the spool {self.path}: {again}", path=self.path) from again
         self.count = int(row[0])
@@ -162,6 +167,67 @@ class SpoolStore:
                              path=self.path) from exc
         log.error("spool.quarantined", path=str(self.path), moved_to=str(target))
         return target
+
+    def _salvage(self, old: Path) -> int:
+        """Copy the messages that can still be read from a corrupt spool into the new one.
+
+        They keep their seq, and the new spool takes the old spool id, so their ids do not change:
+        the cloud still drops a copy it had received before the corruption. Reading stops at a page
+        SQLite cannot read and resumes past it (a few probes further on); what is left unread stays
+        in the moved file. Best effort: a file whose header is gone gives nothing."""
+        try:
+            src = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return 0
+        rows: list[tuple[Any, ...]] = []
+        spool_id: str | None = None
+        seq_high = 0
+        try:
+            with contextlib.suppress(sqlite3.Error):
+                found = src.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+                high = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+                # The old id is kept only with the highest seq it handed out: a new message must never
+                # get the id of an unreadable one the cloud may have received (it would be dropped there).
+                if found and high:
+                    spool_id, seq_high = str(found[0]), int(high[0])
+            last, probes = 0, 0
+            while probes < _SALVAGE_PROBES:
+                try:
+                    cur = src.execute(
+                        "SELECT seq, topic, payload, kind, qos, retain, priority, created, expires, size"
+                        " FROM messages WHERE seq > ? ORDER BY seq", (last,))
+                    for r in cur:
+                        rows.append(tuple(r))
+                        last = int(r[0])
+                    break
+                except sqlite3.Error:
+                    probes += 1
+                    last += 2 ** probes  # past the page that failed, further each time
+        finally:
+            src.close()
+        if not rows and spool_id is None:
+            return 0
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if spool_id is None:  # new ids for what was read: the old ones cannot be told apart safely
+                rows = [(None, *r[1:]) for r in rows]
+            self._conn.executemany(
+                "INSERT INTO messages(seq, topic, payload, kind, qos, retain, priority, created, expires, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            if spool_id is not None:
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'spool_id'", (spool_id,))
+                self._conn.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+                self._conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)",
+                                   (max([seq_high, *(int(r[0]) for r in rows)]),))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        if spool_id is not None:
+            self.spool_id = spool_id
+        log.warning("spool.salvaged", messages=len(rows), path=str(self.path), source=str(old),
+                    spool_id=self.spool_id)
+        return len(rows)
 
     # --- the disk reserve ---------------------------------------------------------------------------------
     # On a full disk SQLite cannot even record a deletion (the WAL must grow), so a spool that filled
@@ -513,6 +579,11 @@ class Spool:
     @property
     def spool_id(self) -> str:
         return self._require().spool_id
+
+    @property
+    def salvaged(self) -> int:
+        """How many messages were read back from a corrupt spool file (see ``quarantined``)."""
+        return self._store.salvaged if self._store is not None else 0
 
     @property
     def quarantined(self) -> tuple[Path, str] | None:

@@ -48,6 +48,28 @@ def test_corrupt_spool_is_moved_aside_and_a_new_one_starts(tmp_path: Path) -> No
     reopened.close()
 
 
+def test_the_readable_part_of_a_corrupt_spool_is_kept_with_its_ids(tmp_path: Path) -> None:
+    """A damaged page in the middle: the messages before and after it are read back into the new
+    spool with the same ids, and a new message never takes the id of one that was lost."""
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path)
+    ids = store.apply([NewMessage("t", f"m{i}".encode().ljust(300, b"."), "t") for i in range(1000)])
+    spool_id = store.spool_id
+    store.close()
+    with path.open("r+b") as f:
+        f.seek(4096 * 20)
+        f.write(b"\xa5" * 4096)  # one leaf of the messages table
+    store = SpoolStore(path)
+    assert store.quarantined is not None and "malformed" in store.quarantined[1]
+    assert store.spool_id == spool_id
+    kept = store.all_ids()
+    assert store.salvaged == len(kept) == store.count and 900 < len(kept) < 1000
+    assert set(kept) < set(ids) and kept[0] == ids[0] and kept[-1] == ids[-1]
+    [new] = store.apply([NewMessage("t", b"after", "t")])
+    assert isinstance(new, str) and new not in ids
+    store.close()
+
+
 def _sync_status(d: Any) -> dict[str, Any]:
     return json.loads(d.cli("sync", "status", "--json").stdout)  # type: ignore[no-any-return]
 
@@ -63,7 +85,7 @@ def test_daemon_with_a_corrupt_spool_keeps_spooling_and_says_so(daemon_factory: 
     assert info["spool"]["messages"] == 0
     [error] = [e for e in info["errors"] if e["code"] == "SPOOL_ERROR"]
     assert f"the spool file {d.root / 'db' / 'spool.db'} was corrupt" in error["message"]
-    assert "moved to" in error["message"]
+    assert "moved to" in error["message"] and "with the 0 messages that could still be read" in error["message"]
     assert list((d.root / "db").glob("spool.db.corrupt-*"))
     text = d.cli("sync", "status").stdout
     assert "backlog   0 messages" in text and "SPOOL_ERROR: the spool file" in text
