@@ -93,6 +93,7 @@ _SCHEMA_VERSION = "1"
 # What SQLite says of a file that is not (or no longer) a spool database: moved aside, not fatal.
 _CORRUPT = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 _SALVAGE_PROBES = 24  # attempts to read on past unreadable pages of a corrupt spool
+_SALVAGE_CHUNK = 1000
 
 
 class SpoolStore:
@@ -174,14 +175,16 @@ class SpoolStore:
         They keep their seq, and the new spool takes the old spool id, so their ids do not change:
         the cloud still drops a copy it had received before the corruption. Reading stops at a page
         SQLite cannot read and resumes past it (a few probes further on); what is left unread stays
-        in the moved file. Best effort: a file whose header is gone gives nothing."""
+        in the moved file. Best effort: a file whose header is gone gives nothing. Rows are copied
+        in chunks, so a spool of hundreds of MB is never held in memory."""
         try:
             src = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
         except sqlite3.Error:
             return 0
-        rows: list[tuple[Any, ...]] = []
         spool_id: str | None = None
-        seq_high = 0
+        seq_high = copied = 0
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
             with contextlib.suppress(sqlite3.Error):
                 found = src.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
@@ -190,44 +193,47 @@ class SpoolStore:
                 # get the id of an unreadable one the cloud may have received (it would be dropped there).
                 if found and high:
                     spool_id, seq_high = str(found[0]), int(high[0])
-            last, probes = 0, 0
+            insert = ("INSERT INTO messages(seq, topic, payload, kind, qos, retain, priority, created, expires,"
+                      " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            buffer: list[tuple[Any, ...]] = []
+
+            def flush() -> None:
+                # new ids when the old ones cannot be told apart safely from lost ones
+                conn.executemany(insert, buffer if spool_id is not None else [(None, *r[1:]) for r in buffer])
+                buffer.clear()
+
+            read = start = probes = 0
             while probes < _SALVAGE_PROBES:
                 try:
-                    cur = src.execute(
-                        "SELECT seq, topic, payload, kind, qos, retain, priority, created, expires, size"
-                        " FROM messages WHERE seq > ? ORDER BY seq", (last,))
-                    for r in cur:
-                        rows.append(tuple(r))
-                        last = int(r[0])
+                    for r in src.execute(
+                            "SELECT seq, topic, payload, kind, qos, retain, priority, created, expires, size"
+                            " FROM messages WHERE seq > ? ORDER BY seq", (start,)):
+                        buffer.append(tuple(r))
+                        read = start = int(r[0])
+                        copied += 1
+                        if len(buffer) >= _SALVAGE_CHUNK:
+                            flush()
                     break
                 except sqlite3.Error:
                     probes += 1
-                    last += 2 ** probes  # past the page that failed, further each time
+                    start += 2 ** probes  # past the page that failed, further each time
+            flush()
+            if spool_id is not None:
+                seq_high = max(seq_high, read)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'spool_id'", (spool_id,))
+                conn.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+                conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)", (seq_high,))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
         finally:
             src.close()
-        if not rows and spool_id is None:
-            return 0
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            if spool_id is None:  # new ids for what was read: the old ones cannot be told apart safely
-                rows = [(None, *r[1:]) for r in rows]
-            self._conn.executemany(
-                "INSERT INTO messages(seq, topic, payload, kind, qos, retain, priority, created, expires, size)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            if spool_id is not None:
-                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'spool_id'", (spool_id,))
-                self._conn.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
-                self._conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)",
-                                   (max([seq_high, *(int(r[0]) for r in rows)]),))
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
         if spool_id is not None:
             self.spool_id = spool_id
-        log.warning("spool.salvaged", messages=len(rows), path=str(self.path), source=str(old),
-                    spool_id=self.spool_id)
-        return len(rows)
+        log.warning("spool.salvaged", messages=copied, path=str(self.path), source=str(old), spool_id=self.spool_id)
+        return copied
 
     # --- the disk reserve ---------------------------------------------------------------------------------
     # On a full disk SQLite cannot even record a deletion (the WAL must grow), so a spool that filled
