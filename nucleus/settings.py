@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cloud_sync.settings import SyncSettings
+from cloud_sync.settings import LinkNames, SyncSettings, link_problem
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
 
@@ -80,6 +80,26 @@ class IpcSettings(BaseModel):
     greengrass_socket: bool = True
 
 
+class RunWithDefault(BaseModel):
+    """Greengrass's ``runWithDefault``: the user components run as under a root nucleus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    posix_user: str | None = Field(None, description="user or user:group; unset: the nucleus's own user")
+
+    @field_validator("posix_user")
+    @classmethod
+    def _user_and_group(cls, value: str | None) -> str | None:
+        """Only the form is checked here: whether the user and group exist is a question for the
+        device the daemon starts on (nucleus/users.py), not for whoever reads the file."""
+        if value is None:
+            return None
+        user, sep, group = value.partition(":")
+        if not user or (sep and not group) or ":" in group or any(c.isspace() for c in value):
+            raise ValueError("must be 'user' or 'user:group' (names or numeric ids, no spaces)")
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +112,7 @@ class Settings(BaseModel):
     logs: LogSettings = LogSettings()
     deployments: DeploymentSettings = DeploymentSettings()
     ipc: IpcSettings = IpcSettings()
+    run_with_default: RunWithDefault = RunWithDefault()
     mqtt: SyncSettings = Field(default_factory=SyncSettings, description="cloud link + spool: docs/cloud-sync.md")
     stop_grace_s: float = Field(5.0, ge=0.0, description="SIGTERM → SIGKILL grace after a shutdown step")
 
@@ -125,6 +146,11 @@ def _env_overrides() -> dict[str, Any]:
     if name := os.environ.get("NUCLEUS_THING_NAME"):
         out["thing_name"] = name
     if url := os.environ.get("NUCLEUS_MQTT_URL"):
+        # Checked here, alone: the section's own check would blame nucleus.yaml for it.
+        problem = link_problem(url, (None, None, None), None, None, LinkNames(url="NUCLEUS_MQTT_URL"))
+        if problem is not None:
+            raise ConfigurationError(problem if problem.startswith("NUCLEUS_MQTT_URL")
+                                     else f"NUCLEUS_MQTT_URL (in the environment): {problem}")
         out.setdefault("mqtt", {})["url"] = url
     if settle := os.environ.get("NUCLEUS_SETTLE_TIME_S"):
         try:
@@ -183,7 +209,8 @@ def load_settings(root: Path, **overrides: Any) -> Settings:
     return settings
 
 
-_SECTIONS = frozenset({"restart", "logs", "deployments", "ipc", "mqtt", "platform", "thing_groups"})
+_SECTIONS = frozenset({"restart", "logs", "deployments", "ipc", "mqtt", "platform", "thing_groups",
+                       "run_with_default"})
 
 
 class _Loader(yaml.SafeLoader):

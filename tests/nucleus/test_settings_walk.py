@@ -88,6 +88,9 @@ def test_bad_environment_override_is_named(short_tmp: Path) -> None:
     ({"NUCLEUS_THING_NAME": "site/7"}, [], "nucleus: NUCLEUS_THING_NAME: must be a non-empty name without '/'"),
     ({"NUCLEUS_SETTLE_TIME_S": "-1"}, [], "nucleus: NUCLEUS_SETTLE_TIME_S: Input should be greater than or equal to 0"),
     ({}, ["--thing-name", "a b"], "nucleus: --thing-name: must be a non-empty name without '/'"),
+    ({"NUCLEUS_MQTT_URL": "http://broker"}, [],
+     "nucleus: NUCLEUS_MQTT_URL (in the environment): broker url 'http://broker' must be mqtt://host[:port]"),
+    ({"NUCLEUS_MQTT_URL": "mqtt://dev:s3cret@broker"}, [], "nucleus: NUCLEUS_MQTT_URL must not carry credentials"),
 ])
 def test_a_bad_value_from_the_environment_or_a_flag_names_it(short_tmp: Path, env: dict[str, str],
                                                              flags: list[str], line: str) -> None:
@@ -96,7 +99,7 @@ def test_a_bad_value_from_the_environment_or_a_flag_names_it(short_tmp: Path, en
     proc = subprocess.run([sys.executable, "-m", "nucleus", "--root", str(short_tmp), "run", *flags],
                           capture_output=True, text=True, timeout=30, env={**base, **env})
     assert _one_line(proc).startswith(line), proc.stderr
-    assert "nucleus.yaml" not in proc.stderr
+    assert "nucleus.yaml" not in proc.stderr and "s3cret" not in proc.stderr
 
 
 def test_the_daemon_log_rotates_as_the_logs_settings_say(daemon_factory: Any) -> None:
