@@ -301,8 +301,10 @@ class Orchestrator:
     def _state_changed(self, component: str, old: State, new: State, reason: str) -> None:
         if self._on_state_listener is not None:
             self._on_state_listener(component, old, new, reason)
-        if new is State.ERRORED and old in SETTLED and component not in self._stopping_on_purpose:
-            self._spawn(self._restart_dependents(component))
+        # The error that exhausts the budget goes RUNNING -> BROKEN directly: dependents must go
+        # down then too, not keep running on top of a dependency that will not come back.
+        if new in (State.ERRORED, State.BROKEN) and old in SETTLED and component not in self._stopping_on_purpose:
+            self._spawn(self._restart_dependents(component, broken=new is State.BROKEN))
         self._spawn(self._notify())
 
     async def _notify(self) -> None:
@@ -333,13 +335,17 @@ class Orchestrator:
             if name in e.recipe.dependencies and e.recipe.dependencies[name].type == "HARD"
         ]
 
-    async def _restart_dependents(self, name: str) -> None:
-        """A HARD dependency went down: take its dependents down and bring them back after it."""
+    async def _restart_dependents(self, name: str, *, broken: bool = False) -> None:
+        """A HARD dependency went down: take its dependents down and bring them back after it
+        (not while it is BROKEN: `nucleus restart NAME --force` of it starts them again)."""
         dependents = [d for d in self.hard_dependents(name) if self.state(d) in SETTLED | {State.STARTING}]
         if not dependents:
             return
-        log.info("component.dependents_restarting", component=name, dependents=dependents)
-        await self.stop(dependents, reason=f"HARD dependency {name} restarting")
+        log.info("component.dependents_restarting", component=name, dependents=dependents, broken=broken)
+        why = f"HARD dependency {name} is BROKEN" if broken else f"HARD dependency {name} restarting"
+        await self.stop(dependents, reason=why)
+        if broken:
+            return
         entry = self._entries.get(name)
         if entry is None:
             return

@@ -256,3 +256,31 @@ def test_kill_9_during_an_edited_same_version_install_puts_its_artifacts_back(da
     daemon.wait_state("test.H", {"RUNNING"})
     assert stored.read_text() == "echo payload v1\n"
     assert "FAILED_ROLLBACK_COMPLETE" in daemon.cli("deployments").stdout
+
+
+@pytest.mark.slow
+def test_a_hard_dependent_stops_when_its_dependency_goes_broken(daemon: Any, short_tmp: Path) -> None:
+    """The error that exhausts B's budget goes RUNNING -> BROKEN directly, and only ERRORED took
+    HARD dependents down: A kept RUNNING on top of a BROKEN B. `restart --force` brings both back."""
+    import os
+    import signal
+
+    b = write_recipe(short_tmp / "r", "test.B", "1.0.0", run=SLEEP)
+    a = write_recipe(short_tmp / "r", "test.A", "1.0.0", run=SLEEP,
+                     deps={"test.B": {"VersionRequirement": "^1.0.0", "DependencyType": "HARD"}})
+    daemon.cli("deploy", str(b), str(a))
+    for _ in range(3):  # FAST_SETTINGS: 3 errors within 60 s -> BROKEN
+        pid = daemon.wait_state("test.B", {"RUNNING"})["pids"][0]
+        daemon.wait_state("test.A", {"RUNNING"})
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if daemon.components()["test.B"]["pids"] != [pid]:
+                break
+            time.sleep(0.05)
+    daemon.wait_state("test.B", {"BROKEN"})
+    stopped = daemon.wait_state("test.A", {"FINISHED"}, timeout=10)
+    assert stopped["pids"] == []
+    assert "HARD dependency test.B is BROKEN" in daemon.cli("logs", "test.A", "-n", "5").stdout
+    daemon.cli("restart", "test.B", "--force")
+    daemon.wait_state("test.B", {"RUNNING"})
+    daemon.wait_state("test.A", {"RUNNING"})
