@@ -101,11 +101,25 @@ class DeploymentRecord:
 
 _SCHEMA_VERSION = 1
 
+# Finished deployments kept, with their events: ``nucleus deployments`` shows the newest 50, the
+# store's cleanup looks back 20, and a fleet deployment id is remembered by cloud_sync for 256
+# (``KEEP_DEPLOYMENTS``), so the journal's "was this id applied?" backstop reaches as far.
+# Greengrass keeps a bounded local history too (ListLocalDeployments: the last 10).
+KEEP_FINISHED = 256
+
 
 class Journal:
-    """Sole owner of ``db/nucleus.db``. Thread-safe: the daemon calls it from worker threads."""
+    """Sole owner of ``db/nucleus.db``. Thread-safe: the daemon calls it from worker threads.
 
-    def __init__(self, path: Path) -> None:
+    Every finished deployment beyond the newest ``keep_finished`` is deleted with its events when
+    another one finishes: a device deployed to daily for years must not carry every request (recipe
+    texts included) it ever got. Queued and in-progress deployments are never pruned.
+    """
+
+    def __init__(self, path: Path, *, keep_finished: int = KEEP_FINISHED) -> None:
+        if keep_finished < 1:
+            raise ValueError("keep_finished must be at least 1")
+        self._keep_finished = keep_finished
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db = sqlite_utils.Database(conn)
@@ -263,6 +277,19 @@ class Journal:
             db.execute(f"update deployments set {sets} where id = ?", [*values.values(), deployment_id])
             if active is not None:
                 self._set_active(db, active)
+            self._prune(db)
+
+    def _prune(self, db: Database) -> None:
+        """Delete the finished deployments older than the newest ``keep_finished``, and their events."""
+        unfinished = ("QUEUED", "IN_PROGRESS")
+        old = [r[0] for r in db.execute(
+            "select id from deployments where status not in (?, ?) order by seq desc limit -1 offset ?",
+            [*unfinished, self._keep_finished]).fetchall()]
+        for start in range(0, len(old), 500):  # SQLite's limit on bound parameters
+            chunk = old[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            db.execute(f"delete from events where deployment_id in ({marks})", chunk)
+            db.execute(f"delete from deployments where id in ({marks})", chunk)
 
     # --- progress events -----------------------------------------------------------------
     def add_event(self, deployment_id: str, message: str, component: str | None = None) -> None:
