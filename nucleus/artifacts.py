@@ -283,6 +283,28 @@ def apply_tree_permission(root: Path, permission: Permission) -> None:
     root.chmod(DIR_MODE)
 
 
+def share_with_group(root: Path, gid: int) -> None:
+    """Give a version's artifact tree to the component user's group, read-only.
+
+    Under a component user (``run_with_default``), ``Permission`` OWNER means that user, as in
+    Greengrass; the files stay the daemon's so that the component can neither write them nor
+    chmod them writable, and the group gets what the owner has (read, execute, never write).
+    """
+    if not root.is_dir():
+        return
+    for dirpath, _dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        os.chown(base, -1, gid)
+        base.chmod(0o750)
+        for name in filenames:
+            p = base / name
+            if p.is_symlink():
+                continue
+            os.chown(p, -1, gid)
+            mode = stat.S_IMODE(p.stat().st_mode) & 0o555
+            p.chmod(mode | (mode & 0o500) >> 3)
+
+
 # --- unarchiving --------------------------------------------------------------------------------
 
 def _entry_parts(entry: str, *, component: str, uri: str) -> list[str]:

@@ -137,10 +137,16 @@ class Daemon:
     async def run(self) -> None:
         paths = self.paths
         self._refuse_if_running()
+        # run_with_default: refused before anything changes if the user is unknown or this is not root
+        component_user = users.component_user(self.settings.run_with_default.posix_user)
+        socket_group = users.socket_group_for(self.settings.ipc.socket_group, component_user)
         paths.ensure()
-        if self.settings.ipc.socket_group is not None:  # its members must reach the sockets in the root
-            tightened = users.open_root_to_group(paths.root, users.socket_group_id(self.settings.ipc.socket_group),
-                                                 (paths.ipc_socket, paths.gg_socket))
+        if socket_group is not None:  # its members (and the component user) must reach the sockets in the root
+            shared = (paths.packages_dir, paths.work_dir) if component_user is not None else ()
+            tightened = users.open_root_to_group(paths.root, users.socket_group_id(socket_group),
+                                                 (paths.ipc_socket, paths.gg_socket), shared)
+            if component_user is not None:
+                users.open_to_component_user(paths, component_user)
         else:
             tightened = []
         logconfig.configure(self.settings.logs.level, self.settings.logs.format, file=paths.nucleus_log,
@@ -148,7 +154,7 @@ class Daemon:
                             backup_count=self.settings.logs.backup_count)
         if tightened:  # said once the log is set up
             log.info("nucleus.root_entries_made_private", entries=[p.name for p in tightened],
-                     reason="ipc.socket_group lets its members into the root")
+                     reason="ipc.socket_group or run_with_default lets a group into the root")
         self._claim_root()
         records = ProcessRecords(paths.pid_file)
         orphans = records.previous()
@@ -204,7 +210,7 @@ class Daemon:
         orchestrator = Orchestrator(
             self.settings, store, config, identities, platform=platform,
             on_spawn=records.spawned, on_exit=records.exited,
-            on_removed=core.close_sessions_of, python_bin=python_bin,
+            on_removed=core.close_sessions_of, python_bin=python_bin, component_user=component_user,
         )
         notifier = UpdateNotifier()
         validators = ConfigValidators()
@@ -220,7 +226,9 @@ class Daemon:
                 "pid": os.getpid(),
                 "root": str(paths.root),
                 "thing_name": self.settings.thing_name,
-                "user": users.user_name(os.geteuid()),  # every component step runs as this user
+                "user": users.user_name(os.geteuid()),
+                # who steps run as (RequiresPrivilege ones excepted): run_with_default, else the daemon's user
+                "component_user": str(component_user) if component_user else users.user_name(os.geteuid()),
                 "uptime_s": time.time() - self._started,
                 "components": len(orchestrator.names()),
                 "current_deployment": engine.current,
@@ -262,7 +270,7 @@ class Daemon:
         server = IpcServer(
             core,
             paths.ipc_socket,
-            group=self.settings.ipc.socket_group,
+            group=socket_group,
             max_frame=self.settings.ipc.max_frame_bytes,
             handshake_timeout=self.settings.ipc.handshake_timeout_s,
         )
@@ -272,7 +280,7 @@ class Daemon:
             gg_server = GreengrassServer(
                 core,
                 paths.gg_socket,
-                group=self.settings.ipc.socket_group,
+                group=socket_group,
                 max_message_size=self.settings.ipc.max_frame_bytes,
                 handshake_timeout=self.settings.ipc.handshake_timeout_s,
             )

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from nucleus.artifacts import share_with_group
 from nucleus.clock import Clock, SystemClock
 from nucleus.component_logs import ComponentLog
 from nucleus.config_store import ConfigStore
@@ -37,6 +38,7 @@ from nucleus.settings import Settings
 from nucleus.states import State
 from nucleus.store import ComponentStore
 from nucleus.supervisor import Supervisor
+from nucleus.users import ComponentUser, give_work_folder
 
 log = structlog.get_logger("nucleus.orchestrator")
 
@@ -90,8 +92,10 @@ class Orchestrator:
         on_exit: Callable[[str, int, int], None] | None = None,
         on_removed: Callable[[str], Awaitable[None]] | None = None,
         python_bin: Path | None = None,
+        component_user: ComponentUser | None = None,
     ) -> None:
         self._settings = settings
+        self._component_user = component_user  # run_with_default: who steps run as (a root daemon)
         self._python_bin = python_bin  # components' own Python (nucleus.component_python), first on PATH
         self._paths: Paths = settings.paths
         self._store = store
@@ -103,7 +107,8 @@ class Orchestrator:
         self._on_spawn_listener = on_spawn
         self._on_removed = on_removed
         self._entries: dict[str, Entry] = {}
-        self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned, on_exit=on_exit)
+        self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned, on_exit=on_exit,
+                                      run_as=component_user)
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping_on_purpose: set[str] = set()
@@ -265,6 +270,11 @@ class Orchestrator:
             )
         work = self._paths.work(recipe.name)
         work.mkdir(parents=True, exist_ok=True)
+        if self._component_user is not None:  # its work folder is its own, its artifacts read-only
+            give_work_folder(work, self._component_user)
+            for tree in (self._store.artifacts_path(recipe.name, recipe.version),
+                         self._store.decompressed_path(recipe.name, recipe.version)):
+                share_with_group(tree, self._component_user.gid)
         return ComponentSpec(
             name=recipe.name,
             version=str(recipe.version),

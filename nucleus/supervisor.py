@@ -41,7 +41,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 import structlog
 
-from nucleus.users import user_name
+from nucleus.users import ComponentUser, user_name
 
 log = structlog.get_logger("nucleus.supervisor")
 
@@ -367,12 +367,23 @@ class Supervisor:
         on_spawn: ProcessCallback | None = None,
         on_exit: ProcessCallback | None = None,
         pdeathsig: bool = True,
+        run_as: ComponentUser | None = None,
     ) -> None:
         self._sink_factory = log_sink_factory
         self.stop_grace_s = stop_grace_s
         self._on_spawn = on_spawn
         self._on_exit = on_exit
         self._prefix = _pdeathsig_prefix() if pdeathsig else []
+        # A root daemon's component user (run_with_default): every step but RequiresPrivilege ones
+        # runs as it, switched by setpriv in the same exec that arms PDEATHSIG (which survives it).
+        self._run_as = run_as
+        self._as_user_prefix: list[str] = []
+        if run_as is not None:
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                raise OSError("setpriv (util-linux) is needed to run components as another user")
+            self._as_user_prefix = [setpriv, *(["--pdeathsig", "KILL"] if self._prefix else []),
+                                    f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--init-groups", "--"]
         self._groups: dict[str, dict[int, _Group]] = {}
         self._handles: set[ProcessHandle] = set()
         self._waiters: set[asyncio.Future[int]] = set()
@@ -432,8 +443,13 @@ class Supervisor:
                         detail="RequiresPrivilege: running as the nucleus user")
             sink.write(f"RequiresPrivilege: the nucleus is not root, so step {step} runs as {user}",
                        stream="nucleus", step=step)
-        guard = parent_guard(os.getpid()) if self._prefix[:1] and self._prefix[0].endswith("setpriv") else ""
-        argv = [*self._prefix, "/bin/sh", "-c", guard + script]
+        prefix = self._prefix
+        if self._run_as is not None and not requires_privilege:
+            prefix = self._as_user_prefix
+            # Its own HOME (pip install --user, dotfiles), as sudo -H gives it under Greengrass.
+            env = {**env, "HOME": self._run_as.home, "USER": self._run_as.user, "LOGNAME": self._run_as.user}
+        guard = parent_guard(os.getpid()) if "--pdeathsig" in prefix and prefix[0].endswith("setpriv") else ""
+        argv = [*prefix, "/bin/sh", "-c", guard + script]
         loop = asyncio.get_running_loop()
         popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec is quick; the wait is async
             argv,

@@ -1,10 +1,12 @@
-"""Who the daemon runs as, and who may reach it: checks made before anything starts.
+"""Who the daemon runs as, who its components run as, and who may reach it.
 
-nucleus has no component users (Greengrass's ``runWith``/``posixUser``): every step runs as the
-daemon's own user. So the two questions an operator running it as a non-root user meets are
-"may this user run a daemon at this root?" and "may the daemon give its sockets to
-``ipc.socket_group``?". Both are answered here with one line naming the path or the setting,
-instead of a ``PermissionError`` traceback from deep inside the start-up.
+By default every step runs as the daemon's own user. A root daemon may instead run components
+as a component user (``run_with_default.posix_user``, Greengrass's ``runWithDefault.posixUser``):
+then that user must reach its work folder, its artifacts and the sockets, and nothing else of
+the root. The questions an operator meets ("may this user run a daemon at this root?", "may the
+daemon give its sockets to ``ipc.socket_group``?", "does that component user exist?") are
+answered here with one line naming the path or the setting, instead of a ``PermissionError``
+traceback from deep inside the start-up.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from nucleus.errors import NucleusError
@@ -100,7 +104,7 @@ def socket_group_id(name: str) -> int:
     return gid
 
 
-def open_root_to_group(root: Path, gid: int, sockets: Iterable[Path]) -> list[Path]:
+def open_root_to_group(root: Path, gid: int, sockets: Iterable[Path], shared: Iterable[Path] = ()) -> list[Path]:
     """Let the socket group reach ``sockets`` in ``root`` (group ``gid``, mode 0710) and nothing else.
 
     A socket's own 0660 is not enough: connecting needs search permission on every directory
@@ -108,9 +112,10 @@ def open_root_to_group(root: Path, gid: int, sockets: Iterable[Path]) -> list[Pa
     know without listing the root; but every name in it is well known, and ``logs/``,
     ``packages/``, ``work/`` (0755) and ``nucleus.yaml`` (which may hold the broker password) are
     readable by others when created with the usual umask: behind a 0700 root that did not matter.
-    So every other entry of the root loses its group and other permissions. Returns those changed.
+    So every other entry of the root loses its group and other permissions, except ``shared``
+    ones, whose modes the caller sets (:func:`open_to_component_user`). Returns those changed.
     """
-    keep = {Path(s).name for s in sockets}
+    keep = {Path(s).name for s in (*sockets, *shared)}
     tightened: list[Path] = []
     for entry in root.iterdir():
         if entry.name in keep:
@@ -123,3 +128,120 @@ def open_root_to_group(root: Path, gid: int, sockets: Iterable[Path]) -> list[Pa
     os.chown(root, -1, gid)
     root.chmod(ROOT_MODE_WITH_SOCKET_GROUP)
     return tightened
+
+
+# --- the component user (run_with_default.posix_user) ---------------------------------------
+POSIX_USER_FIELD = "run_with_default.posix_user"
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentUser:
+    """The user and group a root daemon runs (unprivileged) steps as."""
+
+    user: str
+    uid: int
+    group: str
+    gid: int
+    home: str
+
+    def in_group(self, gid: int) -> bool:
+        """Whether its steps carry ``gid``: the run group, or one of the user's groups (steps get
+        them with ``setpriv --init-groups``, as ``sudo -u`` gives them under Greengrass)."""
+        if gid in (self.gid, pwd.getpwuid(self.uid).pw_gid):
+            return True
+        try:
+            return self.user in grp.getgrgid(gid).gr_mem
+        except KeyError:
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.user}:{self.group}"
+
+
+def _lookup_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except KeyError:
+        raise NucleusError(f"no user {name!r} on this device (create it, e.g. useradd --system {name}, "
+                           "or name another)", field=POSIX_USER_FIELD) from None
+
+
+def _lookup_group(name: str) -> grp.struct_group:
+    try:
+        return grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
+    except KeyError:
+        raise NucleusError(f"no group {name!r} on this device (create it, e.g. groupadd --system {name}, "
+                           "or name another)", field=POSIX_USER_FIELD) from None
+
+
+def component_user(posix_user: str | None) -> ComponentUser | None:
+    """The component user ``posix_user`` (``user`` or ``user:group``) names; None when unset.
+
+    NucleusError naming the setting when the user or group does not exist, when this daemon is
+    not root (only root may switch users: a service-user daemon would run every step as itself
+    anyway, which the operator did not ask for), or when ``setpriv`` is missing (it switches).
+    """
+    if posix_user is None:
+        return None
+    euid = os.geteuid()
+    if euid != 0:
+        raise NucleusError(
+            f"this daemon runs as {_who(euid)}, not root, so it cannot run components as another user; "
+            "remove the setting (components then run as the daemon's user) or start the daemon as root",
+            field=POSIX_USER_FIELD,
+        )
+    user_part, _, group_part = posix_user.partition(":")
+    entry = _lookup_user(user_part)
+    group = _lookup_group(group_part) if group_part else grp.getgrgid(entry.pw_gid)
+    if shutil.which("setpriv") is None:
+        raise NucleusError("setpriv (util-linux) is needed to run components as another user and is not "
+                           "on PATH", field=POSIX_USER_FIELD)
+    return ComponentUser(entry.pw_name, entry.pw_uid, group.gr_name, group.gr_gid, entry.pw_dir)
+
+
+def socket_group_for(socket_group: str | None, user: ComponentUser | None) -> str | None:
+    """The group the sockets (and the root) are given: ``ipc.socket_group``, else the component
+    user's group, whose steps must connect. NucleusError if the component user is not in the
+    socket group: its components could not reach the bus."""
+    if user is None or socket_group is None:
+        return socket_group if user is None else user.group
+    gid = socket_group_id(socket_group)
+    if not user.in_group(gid):
+        raise NucleusError(
+            f"components run as {user.user}, which is not a member of ipc.socket_group {socket_group!r}, so "
+            f"they could not reach the IPC sockets; add it (usermod -aG {socket_group} {user.user}) or "
+            f"use {socket_group!r} as its group ({user.user}:{socket_group})", field=POSIX_USER_FIELD,
+        )
+    return socket_group
+
+
+def open_to_component_user(paths: Paths, user: ComponentUser) -> None:
+    """Let the component group reach ``packages/`` (artifacts only) and ``work/``, search only.
+
+    Called after :func:`open_root_to_group` made the root 0710: the component user gets through
+    the root as a member of its group, and through these two with its own group. Recipes and the
+    staging folder become owner-only: a member could read them otherwise.
+    """
+    for shared in (paths.packages_dir, paths.artifacts_dir, paths.unarchived_dir, paths.work_dir):
+        shared.mkdir(parents=True, exist_ok=True)
+        os.chown(shared, 0, user.gid)
+        shared.chmod(ROOT_MODE_WITH_SOCKET_GROUP)
+    for private in (paths.recipes_dir, paths.staging_dir):
+        private.mkdir(parents=True, exist_ok=True)
+        private.chmod(ROOT_MODE)
+    for entry in paths.packages_dir.iterdir():  # anything else a later layout adds stays closed
+        if entry not in (paths.artifacts_dir, paths.unarchived_dir) and not entry.is_symlink():
+            entry.chmod(stat.S_IMODE(entry.lstat().st_mode) & 0o700)
+
+
+def give_work_folder(work: Path, user: ComponentUser) -> None:
+    """The component's work folder is its user's (0700). A folder a root-run component filled
+    before the setting was turned on is handed over whole, or the component could not write in it."""
+    work.mkdir(parents=True, exist_ok=True)
+    st = work.stat()
+    if st.st_uid != user.uid or st.st_gid != user.gid:
+        for dirpath, dirnames, filenames in os.walk(work):
+            for name in (*dirnames, *filenames):
+                os.lchown(Path(dirpath) / name, user.uid, user.gid)
+        os.chown(work, user.uid, user.gid)
+    work.chmod(0o700)
