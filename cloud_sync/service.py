@@ -66,7 +66,7 @@ class CloudSync:
         self._clock = clock
         limits = SpoolLimits(s.spool_max_bytes, s.spool_max_messages, s.overflow, s.durability,
                              s.spool_reserve_bytes, s.spool_min_free_bytes)
-        self.spool = Spool(spool_path, limits, clock=clock)
+        self.spool = Spool(spool_path, limits, clock=clock, on_quarantine=self._spool_quarantined)
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
         self.uplink = Uplink(s, self.spool, thing_name=thing_name, on_error=self._record_error)
         self.forwarder = Forwarder(core, self.spool, s.forward_rules, thing_name=thing_name)
@@ -212,6 +212,11 @@ class CloudSync:
             "errors": list(self.errors),
         }
 
+    def _spool_quarantined(self, moved: Path, why: str, kept: int) -> None:
+        self._record_error({"ts": self._clock(), "code": "SPOOL_ERROR", "path": str(self.spool.path),
+                            "message": f"the spool file {self.spool.path} was corrupt ({why}): moved to {moved} "
+                                       f"and a new spool started with the {kept} messages that could still be read"})
+
     def _record_error(self, entry: dict[str, Any]) -> None:
         if entry.get("code") == "INBOUND_OVERSIZED" and self._deployments_attached:
             self.deployments.inbound_dropped(entry)
@@ -286,11 +291,6 @@ class CloudSync:
                 self._ready.set()
                 await self._stop.wait()
                 return
-            if (moved := self.spool.quarantined) is not None:
-                self._record_error({"ts": self._clock(), "code": "SPOOL_ERROR", "path": str(self.spool.path),
-                                    "message": f"the spool file {self.spool.path} was corrupt ({moved[1]}): moved "
-                                               f"to {moved[0]} and a new spool started with the "
-                                               f"{self.spool.salvaged} messages that could still be read"})
             self._ready.set()
             tasks = [asyncio.create_task(self.uplink.run(), name="uplink"),
                      asyncio.create_task(self.forwarder.run(), name="forwarder"),

@@ -107,28 +107,48 @@ class SpoolStore:
         self._last_eviction_log = -EVICTION_LOG_INTERVAL_S
         self._unlogged_evictions = 0
         self.quarantined: tuple[Path, str] | None = None
+        self.quarantines = 0  # how many times this process moved a corrupt file aside
+        self._seq_high = 0  # the highest seq handed out (AUTOINCREMENT's high mark)
         self.salvaged = 0
         try:
             row = self._open()
         except sqlite3.DatabaseError as exc:
             if exc.sqlite_errorcode not in _CORRUPT:
                 raise SpoolError(f"cannot open the spool {self.path}: {exc}", path=self.path) from exc
-            with contextlib.suppress(sqlite3.Error, AttributeError):
-                self._conn.close()
-            moved = self._quarantine()
-            self.quarantined = (moved, str(exc))
-            try:
-                self._open()
-                self.salvaged = self._salvage(moved)
-                row = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
-            except sqlite3.Error as again:
-                raise SpoolError(f"cannot open the spool {self.path}: {again}", path=self.path) from again
+            row = self._recover(exc, at_start=True)
         self.count = int(row[0])
         self.bytes = int(row[1])
         self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._reserve = self.path.with_name(self.path.name + ".reserve")
         self._reserve_checked = -RESERVE_CHECK_INTERVAL_S
         self._ensure_reserve()
+
+    def _recover(self, exc: sqlite3.DatabaseError, *, at_start: bool = False) -> tuple[int, int]:
+        """The spool file is corrupt: move it aside, start a new one with what can still be read.
+
+        At start, or when a read or write finds a damaged page the open did not touch (an index
+        page, say): a spool that fails every write would otherwise refuse every message, and leave
+        its publishers waiting, until someone deletes the file."""
+        log.error("spool.corrupt", path=str(self.path), error=str(exc), at_start=at_start)
+        counted = dict(getattr(self, "counters", {}))
+        with contextlib.suppress(sqlite3.Error, AttributeError):
+            self._conn.close()
+        moved = self._quarantine()
+        try:
+            floor = 0 if at_start else self._seq_high
+            self._open()
+            self.salvaged = self._salvage(moved, floor)
+            if not at_start:  # what this process counted is the truth; the old file's may be unreadable
+                self.counters = counted
+                self._conn.executemany(
+                    "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = ?",
+                    [(k, v, v) for k, v in counted.items()])
+            count, nbytes = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+        except sqlite3.Error as again:
+            raise SpoolError(f"cannot open the spool {self.path}: {again}", path=self.path) from again
+        self.quarantined = (moved, str(exc))
+        self.quarantines += 1
+        return int(count), int(nbytes)
 
     def _open(self) -> tuple[int, int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +163,8 @@ class SpoolStore:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.counters.update({str(k): int(v) for k, v in self._conn.execute("SELECT name, value FROM counters")})
         count, nbytes = self._conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+        self._seq_high = int(self._conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'messages'").fetchone()[0])
         return int(count), int(nbytes)
 
     def _quarantine(self) -> Path:
@@ -169,14 +191,16 @@ class SpoolStore:
         log.error("spool.quarantined", path=str(self.path), moved_to=str(target))
         return target
 
-    def _salvage(self, old: Path) -> int:
+    def _salvage(self, old: Path, floor: int = 0) -> int:
         """Copy the messages that can still be read from a corrupt spool into the new one.
 
         They keep their seq, and the new spool takes the old spool id, so their ids do not change:
         the cloud still drops a copy it had received before the corruption. Reading stops at a page
         SQLite cannot read and resumes past it (a few probes further on); what is left unread stays
         in the moved file. Best effort: a file whose header is gone gives nothing. Rows are copied
-        in chunks, so a spool of hundreds of MB is never held in memory."""
+        in chunks, so a spool of hundreds of MB is never held in memory. ``floor``: the highest seq
+        this process handed out; new seqs start above it, so that a PUBACK of an old message in
+        flight can never delete a salvaged one that took its seq."""
         try:
             src = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
         except sqlite3.Error:
@@ -193,6 +217,8 @@ class SpoolStore:
                 # get the id of an unreadable one the cloud may have received (it would be dropped there).
                 if found and high:
                     spool_id, seq_high = str(found[0]), int(high[0])
+            if spool_id is None and floor:
+                conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('messages', ?)", (floor,))
             insert = ("INSERT INTO messages(seq, topic, payload, kind, qos, retain, priority, created, expires,"
                       " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
             buffer: list[tuple[Any, ...]] = []
@@ -232,6 +258,8 @@ class SpoolStore:
             src.close()
         if spool_id is not None:
             self.spool_id = spool_id
+        self._seq_high = max(floor, seq_high, int(conn.execute(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'messages'").fetchone()[0]))
         log.warning("spool.salvaged", messages=copied, path=str(self.path), source=str(old), spool_id=self.spool_id)
         return copied
 
@@ -325,7 +353,7 @@ class SpoolStore:
         """
         if not (appends and self._disk_low()):
             try:
-                results = self._apply(appends, acks)
+                results = self._apply_or_recover(appends, acks)
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
                     raise SpoolError(f"spool write failed: {exc}", path=self.path) from exc
@@ -354,6 +382,22 @@ class SpoolStore:
             except SpoolError as exc:
                 log.error("spool.ack_failed", path=str(self.path), error=str(exc))  # noqa: TRY400
         return [refused] * len(appends)
+
+    def _apply_or_recover(self, appends: Sequence[NewMessage], acks: Sequence[int]) -> list[AppendResult]:
+        try:
+            return self._apply(appends, acks)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode not in _CORRUPT:
+                raise SpoolError(f"spool write failed: {exc}", path=self.path) from exc
+            self.count, self.bytes = self._recover(exc)
+        try:  # once, on the new file
+            return self._apply(appends, acks)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"spool write failed: {exc}", path=self.path) from exc
 
     def _bump(self, delta: dict[str, int]) -> None:
         """Count outside a failed transaction (best effort: the disk may still be full)."""
@@ -400,6 +444,7 @@ class SpoolStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (msg.topic, msg.payload, msg.kind, msg.qos, int(msg.retain), msg.priority, now, expires, size))
                 seq = int(cur.lastrowid or 0)
+                self._seq_high = max(self._seq_high, seq)
                 inserted[seq] = len(results)
                 results.append(self.message_id(seq))
                 count += 1
@@ -497,9 +542,18 @@ class SpoolStore:
     def peek(self, after_seq: int, limit: int) -> list[Record]:
         """Up to ``limit`` live messages with seq > after_seq, oldest first; expired ones are purged."""
         now = self._clock()
-        rows = self._conn.execute(
-            "SELECT seq, topic, payload, kind, qos, retain, priority, created, expires FROM messages"
-            " WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        query = ("SELECT seq, topic, payload, kind, qos, retain, priority, created, expires FROM messages"
+                 " WHERE seq > ? ORDER BY seq LIMIT ?")
+        try:
+            rows = self._conn.execute(query, (after_seq, limit)).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode not in _CORRUPT:
+                raise SpoolError(f"spool read failed: {exc}", path=self.path) from exc
+            self.count, self.bytes = self._recover(exc)
+            try:
+                rows = self._conn.execute(query, (after_seq, limit)).fetchall()
+            except sqlite3.Error as again:
+                raise SpoolError(f"spool read failed: {again}", path=self.path) from again
         out: list[Record] = []
         expired: list[int] = []
         for seq, topic, payload, kind, qos, retain, priority, created, expires in rows:
@@ -560,9 +614,12 @@ class Spool:
     """
 
     def __init__(self, path: Path, limits: SpoolLimits = SpoolLimits(), *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_quarantine: Callable[[Path, str, int], None] | None = None) -> None:
         self.path = Path(path)
         self._limits = limits
+        self._on_quarantine = on_quarantine  # (where the corrupt file went, why, messages kept)
+        self._quarantines_told = 0
         self._clock = clock
         self._exec = ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._store: SpoolStore | None = None
@@ -576,6 +633,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         self._store = await loop.run_in_executor(self._exec, lambda: SpoolStore(self.path, self._limits,
                                                                                   clock=self._clock))
+        self._check_quarantine(self._store)
         self._stats = await loop.run_in_executor(self._exec, self._store.stats)
         if self._stats.messages:
             self.appended.set()
@@ -585,6 +643,13 @@ class Spool:
     @property
     def spool_id(self) -> str:
         return self._require().spool_id
+
+    def _check_quarantine(self, store: SpoolStore) -> None:
+        """Tell ``on_quarantine`` once per corrupt file this process moved aside."""
+        if store.quarantines > self._quarantines_told and store.quarantined is not None:
+            self._quarantines_told = store.quarantines
+            if self._on_quarantine is not None:
+                self._on_quarantine(store.quarantined[0], store.quarantined[1], store.salvaged)
 
     @property
     def salvaged(self) -> int:
@@ -625,7 +690,10 @@ class Spool:
 
     async def peek(self, after_seq: int, limit: int) -> list[Record]:
         store = self._require()
-        records = await asyncio.get_running_loop().run_in_executor(self._exec, store.peek, after_seq, limit)
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(self._exec, store.peek, after_seq, limit)
+        finally:
+            self._check_quarantine(store)
         self._stats = replace(self._stats or store.stats(), messages=store.count, bytes=store.bytes,
                               counters=dict(store.counters))
         return records
@@ -652,7 +720,10 @@ class Spool:
             messages = [m for m, _ in batch.appends]
             try:
                 results = await loop.run_in_executor(self._exec, store.apply, messages, batch.acks)
-            except SpoolError as exc:
+            except Exception as caught:  # every publisher must get an answer, never wait forever
+                exc = caught if isinstance(caught, SpoolError) else SpoolError(
+                    f"spool write failed: {caught}", path=self.path)
+                self._check_quarantine(store)
                 for _, fut in batch.appends:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -660,6 +731,7 @@ class Spool:
                     if not w.done():
                         w.set_exception(exc)
                 continue
+            self._check_quarantine(store)
             for (_, fut), result in zip(batch.appends, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

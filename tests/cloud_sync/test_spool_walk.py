@@ -3,10 +3,13 @@ spool file"): a spool file that is not a database any more must not silence the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 
 from cloud_sync.errors import SpoolFullError
-from cloud_sync.spool import NewMessage, SpoolLimits, SpoolStore
+from cloud_sync.spool import NewMessage, Spool, SpoolLimits, SpoolStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,3 +170,81 @@ def test_sync_status_prints_the_forwarders_local_drops(daemon_factory: Any) -> N
     assert "forward_queue=0" in d.cli("sync", "status").stdout
     info["forwarder"]["local_dropped"] = 7  # what a flooded rule reports; the printing is the point
     assert "forward_queue=7" in _fmt_sync(info)
+
+
+def _corrupt_index(path: Path) -> None:
+    """Overwrite the root page of the priority index: the open (which reads the table) does not see
+    it, the next write does."""
+    con = sqlite3.connect(path)
+    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages_by_priority'").fetchall()
+    [(page_size,)] = con.execute("PRAGMA page_size").fetchall()
+    con.close()
+    with path.open("r+b") as f:
+        f.seek((int(root) - 1) * int(page_size))
+        f.write(b"\xa5" * int(page_size))
+
+
+async def test_corruption_found_by_a_write_moves_the_spool_aside_and_the_publisher_gets_its_id(
+        tmp_path: Path) -> None:
+    """A damaged page the open did not read (an index) made every write fail with SQLite's raw
+    error: the group-commit task died on it, and the publishers of that batch waited forever."""
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path)
+    ids = store.apply([NewMessage("t", f"m{i}".encode().ljust(300, b"."), "t") for i in range(500)])
+    store.close()
+    _corrupt_index(path)
+    spool = Spool(path)
+    await spool.open()
+    assert spool.quarantined is None  # the open did not notice
+    new = await asyncio.wait_for(spool.append(NewMessage("t", b"after", "t")), 10)
+    assert new not in ids
+    assert spool.quarantined is not None and "malformed" in spool.quarantined[1] and spool.salvaged == 500
+    assert (await spool.refresh_stats()).messages == 501
+    assert spool.stats().counters["accepted"] == 501  # the counters of this process carried over
+    await spool.close()
+    reopened = SpoolStore(path)
+    assert reopened.all_ids() == [*ids, new] and reopened.quarantined is None
+    reopened.close()
+
+
+async def test_the_service_hears_of_every_corrupt_file_moved_aside(tmp_path: Path) -> None:
+    """The SPOOL_ERROR entry of the device status comes from this callback, at start and later."""
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path)
+    store.apply([NewMessage("t", b"x" * 300, "t") for _ in range(200)])
+    store.close()
+    _corrupt_index(path)
+    told: list[tuple[Path, str, int]] = []
+    spool = Spool(path, on_quarantine=lambda moved, why, kept: told.append((moved, why, kept)))
+    await spool.open()
+    assert told == []
+    await asyncio.wait_for(spool.append(NewMessage("t", b"after", "t")), 10)
+    [(moved, why, kept)] = told
+    assert moved.name.startswith("spool.db.corrupt-") and "malformed" in why and kept == 200
+    await spool.close()
+
+
+def test_runtime_recovery_without_the_old_spool_id_never_reuses_a_seq_in_flight(tmp_path: Path) -> None:
+    """When the old spool id cannot be read, the salvaged messages get new ids; those must start
+    above every seq this process handed out, or a PUBACK of an old message still in flight
+    (acked by seq) would delete a salvaged message that took its seq before it was ever sent."""
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path)
+    store.apply([NewMessage("t", f"m{i}".encode(), "t") for i in range(300)])
+    con = sqlite3.connect(path)
+    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'meta'").fetchall()
+    con.close()
+    store.close()
+    with path.open("r+b") as f:
+        f.seek((int(root) - 1) * 4096)
+        f.write(b"\xa5" * 4096)
+    store = SpoolStore.__new__(SpoolStore)  # as the running process had it: seq 300 handed out
+    store.path, store.limits, store._clock = path, SpoolLimits(), time.time
+    store.counters, store.quarantines, store._seq_high, store.salvaged = {}, 0, 300, 0
+    store._conn = sqlite3.connect(":memory:")
+    store.count, store.bytes = store._recover(sqlite3.DatabaseError("database disk image is malformed"))
+    seqs = [r.seq for r in store.peek(0, 1000)]
+    assert store.salvaged == len(seqs) == 300 and min(seqs) > 300
+    store._apply((), list(range(1, 301)))  # the PUBACKs of the old messages in flight
+    assert store.count == 300
+    store.close()
