@@ -346,6 +346,13 @@ class DeploymentEngine:
             if manifest is None:
                 self._finish_no_change(did, _no_manifest(recipe, self._platform))
                 return
+            if (previous.components.get(name) == str(recipe.version) and self._orch.get(name) is not None
+                    and f"{name}@{recipe.version}" not in self._replaced
+                    and self._store.has_artifacts(recipe, self._platform)):
+                # Same version, same recipe: it restarts for a new configuration (its own, or a
+                # dependency's); its artifacts are in place. Fetching them again failed a plain
+                # --update-config for an artifact that came from an --artifacts directory.
+                continue
             if manifest.artifacts:
                 self._progress(did, f"fetching {len(manifest.artifacts)} artifact(s)", name)
             try:

@@ -284,3 +284,24 @@ def test_a_hard_dependent_stops_when_its_dependency_goes_broken(daemon: Any, sho
     daemon.cli("restart", "test.B", "--force")
     daemon.wait_state("test.B", {"RUNNING"})
     daemon.wait_state("test.A", {"RUNNING"})
+
+
+@pytest.mark.slow
+def test_a_configuration_update_does_not_fetch_installed_artifacts_again(daemon: Any, short_tmp: Path) -> None:
+    """K's artifact (no digest) came from an --artifacts directory; `--update-config` of a key its
+    Run uses restarts K, and used to fetch the artifact again, without that directory: it failed."""
+    art = short_tmp / "art" / "test.K" / "1.0.0"
+    art.mkdir(parents=True)
+    (art / "k.sh").write_text("echo from-artifact\n")
+    k = write_recipe(short_tmp / "r", "test.K", "1.0.0", run="sh {artifacts:path}/k.sh; echo x={configuration:/x}; "
+                     + SLEEP, config={"x": 1}, artifacts=[{"Uri": "s3://bucket/k.sh"}])
+    daemon.cli("deploy", "--artifacts", str(short_tmp / "art"), str(k))
+    out = daemon.cli("deploy", "--update-config", '{"test.K": {"MERGE": {"x": 2}}}', check=False)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
+    log = ""
+    for _ in range(50):
+        log = daemon.cli("logs", "test.K", "-n", "20").stdout
+        if "x=2" in log:
+            break
+        time.sleep(0.1)
+    assert "x=2" in log, log
