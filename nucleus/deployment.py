@@ -497,7 +497,8 @@ class DeploymentEngine:
             n for n in self._orch.hard_dependents_closure([*changed, *removed])
             if n in target.components and n not in changed
         )
-        kept = {n: [f"{u} {recipes[u].version}" for u in resolution.order if n in recipes[u].dependencies]
+        kept = {n: [*(f"{u} {recipes[u].version}" for u in resolution.order if n in recipes[u].dependencies),
+                    *(f"group {g}" for g, r in sorted(groups.items()) if n in r)]
                 for n in req.remove if n in target.components}
         return _Plan(target, changed, removed, restart, recipes, configs, kept)
 

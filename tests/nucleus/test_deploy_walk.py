@@ -305,3 +305,15 @@ def test_a_configuration_update_does_not_fetch_installed_artifacts_again(daemon:
             break
         time.sleep(0.1)
     assert "x=2" in log, log
+
+
+@pytest.mark.slow
+def test_removing_a_root_another_group_also_deploys_names_that_group(daemon: Any, short_tmp: Path) -> None:
+    """The 'stays' message of a removed root that group g2 also deploys read 'needed by ' (empty)."""
+    b = write_recipe(short_tmp / "r", "test.B", "1.0.0", run=SLEEP)
+    daemon.cli("deploy", str(b))
+    daemon.cli("deploy", "--group", "g2", str(b))
+    out = daemon.cli("deploy", "--remove", "test.B")
+    assert "test.B is no longer a root component of group LOCAL_DEPLOYMENT but stays: needed by group g2" \
+        in out.stdout, out.stdout
+    assert daemon.components()["test.B"]["state"] == "RUNNING"
