@@ -41,9 +41,19 @@ FAST = {
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _delete(command: str, name: str) -> None:
+    """userdel refuses a user that still has processes (a component the daemon is stopping)."""
+    for _ in range(50):
+        if subprocess.run([command, name], capture_output=True, timeout=30, check=False).returncode in (0, 6):
+            return  # 6: no such user/group
+        time.sleep(0.1)
+    raise AssertionError(f"{command} {name} kept failing: remove it by hand")
+
+
 @pytest.fixture
 def account() -> Iterator[tuple[str, str]]:
-    """A fresh system user in a fresh group, both gone after the test."""
+    """A fresh system user in a fresh group, both gone after the test. Ask for it before
+    daemon_factory, so that the daemon (and every process of that user) is gone first."""
     suffix = secrets.token_hex(3)
     user, group = f"nucu{suffix}", f"nucg{suffix}"
     subprocess.run(["groupadd", "--system", group], check=True, capture_output=True, timeout=30)
@@ -53,9 +63,9 @@ def account() -> Iterator[tuple[str, str]]:
         try:
             yield user, group
         finally:
-            subprocess.run(["userdel", user], capture_output=True, timeout=30, check=False)
+            _delete("userdel", user)
     finally:
-        subprocess.run(["groupdel", group], capture_output=True, timeout=30, check=False)
+        _delete("groupdel", group)
 
 
 def _reachable(path: Path) -> None:
@@ -123,7 +133,7 @@ def _wait_file(path: Path, timeout: float = 30.0) -> str:
 
 
 def test_components_run_as_the_component_user_with_their_own_work_folder_and_read_only_artifacts(
-        daemon_factory: Any, short_tmp: Path, account: tuple[str, str]) -> None:
+        account: tuple[str, str], daemon_factory: Any, short_tmp: Path) -> None:
     user, group = account
     uid, gid = pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
     _reachable(short_tmp)
@@ -211,8 +221,8 @@ def _refused(root: Path, settings: dict[str, Any]) -> str:
     return proc.stderr
 
 
-def test_a_component_user_or_group_that_does_not_exist_is_refused_at_start(short_tmp: Path,
-                                                                            account: tuple[str, str]) -> None:
+def test_a_component_user_or_group_that_does_not_exist_is_refused_at_start(account: tuple[str, str],
+                                                                            short_tmp: Path) -> None:
     user, _group = account
     out = _refused(short_tmp / "a", {"run_with_default": {"posix_user": "no-such-user-nucleus"}})
     assert "run_with_default.posix_user: no user 'no-such-user-nucleus' on this device" in out
@@ -220,8 +230,8 @@ def test_a_component_user_or_group_that_does_not_exist_is_refused_at_start(short
     assert "run_with_default.posix_user: no group 'no-such-group-nucleus' on this device" in out
 
 
-def test_a_component_user_outside_the_socket_group_is_refused_at_start(short_tmp: Path,
-                                                                        account: tuple[str, str]) -> None:
+def test_a_component_user_outside_the_socket_group_is_refused_at_start(account: tuple[str, str],
+                                                                        short_tmp: Path) -> None:
     user, group = account
     out = _refused(short_tmp / "a", {"run_with_default": {"posix_user": f"{user}:{group}"},
                                      "ipc": {"socket_group": "nogroup"}})
@@ -229,8 +239,8 @@ def test_a_component_user_outside_the_socket_group_is_refused_at_start(short_tmp
            "ipc.socket_group 'nogroup'" in out
 
 
-def test_a_non_root_daemon_with_a_component_user_is_refused_at_start(short_tmp: Path,
-                                                                     account: tuple[str, str]) -> None:
+def test_a_non_root_daemon_with_a_component_user_is_refused_at_start(account: tuple[str, str],
+                                                                     short_tmp: Path) -> None:
     user, _group = account
     _reachable(short_tmp)
     root = short_tmp / "root"
