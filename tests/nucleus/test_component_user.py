@@ -148,7 +148,9 @@ def test_components_run_as_the_component_user_with_their_own_work_folder_and_rea
     if sdk is not None:
         argv, env = sdk
         (src / "sdk.py").write_text(SDK_SCRIPT)
-        sdk_line = f"{env} {' '.join(argv)} {src / 'sdk.py'} $W/sdk 2> $W/sdk.err"
+        gg = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        sdk_line = (f"{env} {' '.join(argv)} {src / 'sdk.py'} $W/sdk 2> $W/sdk.err; "
+                    f"if {' '.join(argv)} -c '{gg}' {root}/gg.sock; then echo connected; else echo refused; fi > $W/gg")
     else:
         sdk_line = ": no interpreter"
     d.cli("deploy", str(_recipe(short_tmp / "r", "test.Other",
@@ -208,6 +210,7 @@ def test_components_run_as_the_component_user_with_their_own_work_folder_and_rea
     if sdk is None:
         pytest.skip("no interpreter the component user may run imports the SDK here; the rest passed")
     assert seen("sdk") == "connected v1", (work / "sdk.err").read_text()  # Client.from_env() as that user
+    assert seen("gg") == "connected"  # the Greengrass socket (awsiotsdk) too
 
 
 def _refused(root: Path, settings: dict[str, Any]) -> str:
