@@ -493,6 +493,14 @@ class DeploymentEngine:
                 continue
             if self._orch.lifecycle_of(recipes[name], configs.get(name), planned=planned) != entry.lifecycle:
                 changed.append(name)
+        # A BROKEN component this deployment names (a root component of the request, or one whose
+        # configuration it updates) starts afresh, as a Greengrass deployment takes a component out of
+        # BROKEN: the deployment is the operator's fix, and settling then says whether it worked.
+        # Left alone, a configuration-only deployment said SUCCEEDED over a component still BROKEN.
+        for name in resolution.order:
+            if name not in changed and (name in req.root_components or name in req.config_updates) \
+                    and self._orch.state(name) is State.BROKEN:
+                changed.append(name)
         restart = sorted(
             n for n in self._orch.hard_dependents_closure([*changed, *removed])
             if n in target.components and n not in changed

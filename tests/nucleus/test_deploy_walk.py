@@ -317,3 +317,38 @@ def test_removing_a_root_another_group_also_deploys_names_that_group(daemon: Any
     assert "test.B is no longer a root component of group LOCAL_DEPLOYMENT but stays: needed by group g2" \
         in out.stdout, out.stdout
     assert daemon.components()["test.B"]["state"] == "RUNNING"
+
+
+def test_a_deployment_that_names_a_broken_component_starts_it_afresh(daemon: Any, short_tmp: Path) -> None:
+    """Greengrass leaves BROKEN with a new deployment. Here a configuration-only deployment to a
+    BROKEN component said SUCCEEDED and left it BROKEN, and deploying its recipe again said "nothing
+    to change": the operator's fix never reached it. A deployment that does not name it leaves it be."""
+    import os
+    import signal
+
+    ready = short_tmp / "ready"
+    ready.write_text("")
+    c = write_recipe(short_tmp / "r", "test.C", "1.0.0", run=f"test -f {ready} || exit 3; {SLEEP}",
+                     config={"note": 0})
+    daemon.cli("deploy", str(c))
+
+    def break_it() -> None:
+        pid = daemon.wait_state("test.C", {"RUNNING"})["pids"][0]
+        ready.unlink()
+        os.kill(pid, signal.SIGKILL)  # then 'exit 3' twice: 3 errors (FAST_SETTINGS) -> BROKEN
+        daemon.wait_state("test.C", {"BROKEN"})
+        ready.write_text("")  # the operator fixes the cause
+
+    break_it()
+    out = daemon.cli("deploy", "--update-config", '{"test.C": {"MERGE": {"note": 1}}}', check=False)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
+    assert daemon.components()["test.C"]["state"] == "RUNNING"
+
+    break_it()
+    out = daemon.cli("deploy", str(c), check=False)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout and "nothing to change" not in out.stdout, out.stdout
+    assert daemon.components()["test.C"]["state"] == "RUNNING"
+
+    break_it()
+    daemon.cli("deploy", str(write_recipe(short_tmp / "e", "test.E", "1.0.0", run=SLEEP)))
+    assert daemon.components()["test.C"]["state"] == "BROKEN"
