@@ -30,7 +30,7 @@ from nucleus.config_store import ConfigStore, apply_update
 from nucleus.config_validation import ConfigValidators
 from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError, VersionError
 from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
-from nucleus.orchestrator import Orchestrator
+from nucleus.orchestrator import Orchestrator, truthy
 from nucleus.recipe import Recipe, parse_recipe
 from nucleus.resolver import resolve
 from nucleus.settings import Settings
@@ -549,6 +549,7 @@ class DeploymentEngine:
                 spec.work_dir,
                 float(step.timeout) if isinstance(step.timeout, int | float) else 120.0,
                 log_sink=self._orch.get(name).log,  # type: ignore[union-attr]
+                requires_privilege=truthy(step.requires_privilege),
             )
             code = result.exit_code
             if result.timed_out:

@@ -59,7 +59,8 @@ class Entry:
     sessions: deque[int] = field(default_factory=lambda: deque(maxlen=128))
 
 
-def _truthy(value: object) -> bool:
+def truthy(value: object) -> bool:
+    """A recipe's ``RequiresPrivilege`` after interpolation (a bool, or text such as "true")."""
     if isinstance(value, bool):
         return value
     return str(value).strip().lower() in {"true", "yes", "1"}
@@ -266,7 +267,7 @@ class Orchestrator:
                 timeout_s=_timeout(step.timeout, step_name, recipe.name),
                 setenv={k: str(v) for k, v in step.setenv.items()},
                 skipif=step.skipif,
-                requires_privilege=_truthy(step.requires_privilege),
+                requires_privilege=truthy(step.requires_privilege),
             )
         work = self._paths.work(recipe.name)
         work.mkdir(parents=True, exist_ok=True)

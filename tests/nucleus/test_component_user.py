@@ -174,7 +174,8 @@ def test_components_run_as_the_component_user_with_their_own_work_folder_and_rea
         "echo done > $W/done",
         "exec sleep 600",
     ])
-    lifecycle = {"Install": {"Script": "id -u > {work:path}/install_uid", "RequiresPrivilege": True}, "Run": run}
+    lifecycle = {"Install": {"Script": "id -u > {work:path}/install_uid", "RequiresPrivilege": True},
+                 "Bootstrap": {"Script": "id -u > {work:path}/bootstrap_uid", "RequiresPrivilege": True}, "Run": run}
     recipe = _recipe(short_tmp / "r", "test.User", lifecycle, config={"tag": "v1"},
                      artifacts=[_artifact(src / "payload.txt"), _artifact(src / "bundle.zip", Unarchive="ZIP")])
     assert "SUCCEEDED" in d.cli("deploy", str(recipe)).stdout
@@ -186,6 +187,7 @@ def test_components_run_as_the_component_user_with_their_own_work_folder_and_rea
 
     assert seen("uid") == str(uid) and seen("gid") == str(gid)
     assert seen("install_uid") == "0"  # RequiresPrivilege: root
+    assert seen("bootstrap_uid") == "0"  # the deployment runs Bootstrap, and it obeys RequiresPrivilege too
     assert (work / "touched").stat().st_uid == uid
     assert work.stat().st_uid == uid and oct(work.stat().st_mode & 0o777) == oct(0o700)
     assert seen("artifact_write") == "denied"
