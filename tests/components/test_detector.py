@@ -404,8 +404,11 @@ def test_detector_with_an_unknown_key_fails_to_start_naming_it(packages: dict[st
     model = model_recipe_from(packages["v1"], short_tmp / "recipes")
     typo = json.dumps({COMPONENT: {"MERGE": {"topContributor": 5}}})
     daemon = daemon_factory()
-    out = daemon.cli("deploy", "--failure-policy", "do-nothing", "--artifacts", str(packages["out"] / "artifacts"),
-                     "--update-config", typo, str(model), str(DETECTOR_RECIPE), check=False)
+    # A settle time longer than three crashes take on a loaded machine: the deployment's outcome then does not
+    # depend on whether the first crash comes within the default 0.5 s (it ends at BROKEN, not after 30 s).
+    out = daemon.cli("deploy", "--failure-policy", "do-nothing", "--settle", "30", "--artifacts",
+                     str(packages["out"] / "artifacts"), "--update-config", typo, str(model), str(DETECTOR_RECIPE),
+                     check=False)
     assert out.returncode == 1, out.stdout + out.stderr
     daemon.wait_state(COMPONENT, {"BROKEN"}, timeout=60)
     logs = daemon.cli("logs", COMPONENT, "-n", "400").stdout

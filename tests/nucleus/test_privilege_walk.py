@@ -273,7 +273,7 @@ def test_a_stop_that_leaves_a_process_the_nucleus_may_not_signal_says_so(short_t
                                      RestartPolicy(), clock=SystemClock())
             await runner.start()
             await runner.wait_for({State.RUNNING}, timeout=10)
-            for _ in range(200):  # the root process is up once the group has two members
+            for _ in range(1500):  # bounded, 30 s: the root process is up once the group has two members
                 if len(group_members(supervisor.pgids(spec.name)[0])) == 2:
                     break
                 await asyncio.sleep(0.02)
