@@ -318,6 +318,12 @@ def _tls_failure(exc: BaseException, address: BrokerAddress, ca_file: Path | Non
     return f"the TLS handshake with the broker failed ({text})", names.url
 
 
+def _closed_after_handshake(exc: BaseException, address: BrokerAddress) -> bool:
+    """A TLS connection the broker closed before the CONNACK without a word: an unexpected EOF."""
+    return address.tls and isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
+        and "EOF occurred in violation of protocol" in exc.socket_error
+
+
 class _LinkLost(Exception):
     """A publish failed: the session ends and the connection loop reconnects."""
 
@@ -486,6 +492,13 @@ class Uplink:
         s = self._settings
         code, message, fields = connect_failure(exc, address, ca_file=s.ca_file, cert_file=s.cert_file,
                                                 username=s.username)
+        last = self.errors[-1] if self.errors else None
+        if code == "CONNECT_FAILED" and last is not None and last["code"] == "TLS_FAILED" \
+                and _closed_after_handshake(exc, address):
+            # TLS 1.3: a broker refuses the client certificate after the handshake, with an alert and a
+            # close that race; when the close wins, the client reads only an EOF. It is the refusal the
+            # previous attempt named, counted on its entry, not a new "cannot reach the broker".
+            code, message, fields = "TLS_FAILED", last["message"], {"setting": last.get("setting")}
         self._error(code, message, **fields)
         level, event = _CONNECT_FAILURE_LOG[code]
         getattr(self._log, level)(event, error=message, **fields)
