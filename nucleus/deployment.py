@@ -312,6 +312,11 @@ class DeploymentEngine:
             self._current = None
             self._emit(deployment_id)
             await self._notify_watchers()
+        # A failed deployment's versions (fetched, never kept) go as a success's old ones do: a device
+        # that is sent failing versions and never a good one filled its disk with their artifacts.
+        done = self._journal.get(deployment_id)
+        if done is not None and done.status in _CLEANED_AFTER_FAILURE:
+            await self._cleanup(self._journal.active())
 
     async def _apply(
         self, record: DeploymentRecord, req: DeploymentRequest, deadline: float, *, resumed: bool
@@ -621,7 +626,8 @@ class DeploymentEngine:
     async def _cleanup(self, target: ActiveSet) -> None:
         keep = {(n, v) for n, v in target.components.items()}
         # Keep the versions a rollback of recent deployments needs.
-        recent = [r for r in self._journal.recent(limit=20) if r.previous]
+        # Only deployments that changed the set count: a rolled-back one's "previous" is what runs now.
+        recent = [r for r in self._journal.recent(limit=20) if r.previous and r.status in _CHANGED_THE_SET]
         for record in recent[: self._settings.deployments.keep_versions]:
             prev = ActiveSet.from_json(record.previous["active"]) if record.previous else ActiveSet()
             keep.update(prev.components.items())
@@ -724,6 +730,11 @@ class DeploymentEngine:
         self._journal.finish(did, status, reason=reason, active=previous,
                              components=self._component_report(previous, []))
         log.warning("deployment.failed", deployment_id=did, status=str(status), reason=reason)
+
+
+_CLEANED_AFTER_FAILURE = frozenset({DeploymentStatus.FAILED_NO_STATE_CHANGE, DeploymentStatus.FAILED_ROLLBACK_COMPLETE,
+                                    DeploymentStatus.FAILED_ROLLBACK_NOT_REQUESTED})
+_CHANGED_THE_SET = frozenset({DeploymentStatus.SUCCEEDED, DeploymentStatus.FAILED_ROLLBACK_NOT_REQUESTED})
 
 
 def _remove_tree(path: Path) -> None:

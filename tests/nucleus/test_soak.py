@@ -3,8 +3,15 @@ with a small count and a small retention instead of a long soak."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+from test_daemon import write_recipe
 
 from nucleus.journal import KEEP_FINISHED, ActiveSet, DeploymentStatus, Journal
 
@@ -53,3 +60,47 @@ def test_the_daemon_default_history_bound_holds(tmp_path: Path) -> None:
     finally:
         journal.close()
     assert _rows(db)[0] == KEEP_FINISHED
+
+
+def _artifact(directory: Path, name: str) -> list[dict[str, Any]]:
+    file = directory / name
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(name.encode() * 1000)
+    return [{"URI": file.as_uri(), "Digest": base64.b64encode(hashlib.sha256(file.read_bytes()).digest()).decode()}]
+
+
+def _stored_versions(root: Path, name: str, expected: set[str]) -> set[str]:
+    """The versions with artifacts in the store, once they are ``expected`` (the cleanup follows the
+    outcome the CLI prints) or after a bounded wait."""
+    folder = root / "packages" / "artifacts" / name
+    found: set[str] = set()
+    for _ in range(100):
+        found = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        if found == expected:
+            break
+        time.sleep(0.1)
+    return found
+
+
+@pytest.mark.slow
+def test_failed_versions_do_not_pile_up_in_the_store(daemon: Any, short_tmp: Path) -> None:
+    """Each failing version's artifacts were kept until some later deployment succeeded: a device sent
+    failing versions (a bad rollout, retried with new builds) kept every one of them on disk."""
+    d = short_tmp / "r"
+    run = "exec sleep 600"
+    for version in ("1.0.0", "1.0.1"):  # keep_versions 1: 1.0.0 is kept for a rollback of 1.0.1
+        daemon.cli("deploy", str(write_recipe(d, "test.App", version, run=run, artifacts=_artifact(d, f"a-{version}"))))
+    for i in range(1, 5):  # rolled back at install
+        bad = write_recipe(d, "test.App", f"2.0.{i}", run=run, install="exit 3", artifacts=_artifact(d, f"a-2.0.{i}"))
+        assert daemon.cli("deploy", str(bad), check=False).returncode == 1
+    # A rolled-back deployment does not count as one of the kept ones: its "previous" is what runs.
+    assert _stored_versions(daemon.root, "test.App", {"1.0.0", "1.0.1"}) == {"1.0.0", "1.0.1"}
+    # Fails before anything changes (a dependency nobody has): its fetched artifacts go too.
+    missing = write_recipe(d, "test.App", "3.0.0", run=run, artifacts=_artifact(d, "a-3.0.0"),
+                           deps={"test.Nowhere": {"VersionRequirement": ">=1.0.0"}})
+    assert daemon.cli("deploy", str(missing), check=False).returncode == 1
+    # Kept as asked (do-nothing): the failed version runs, and the one before stays for a rollback.
+    kept = write_recipe(d, "test.App", "4.0.0", run="exit 3", artifacts=_artifact(d, "a-4.0.0"))
+    assert daemon.cli("deploy", "--failure-policy", "do-nothing", str(kept), check=False).returncode == 1
+    assert _stored_versions(daemon.root, "test.App", {"1.0.1", "4.0.0"}) == {"1.0.1", "4.0.0"}
+    assert daemon.components()["test.App"]["version"] == "4.0.0"
