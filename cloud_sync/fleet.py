@@ -44,6 +44,7 @@ from cloud_sync.deployment_document import (
 from cloud_sync.errors import LinkError, SyncError
 from cloud_sync.settings import LinkNames, link_problem, parse_url
 from cloud_sync.uplink import (
+    closed_after_handshake,
     connect_failure,
     fail_connect_on_close,
     ignore_closed_socket_watch,
@@ -59,6 +60,7 @@ _RECIPE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
 FLAGS = LinkNames(url="--broker", ca_file="--ca", cert_file="--cert", key_file="--key", username="--username",
                   password="password")
 log = structlog.get_logger("cloud_sync.fleet")
+TLS_EOF_ATTEMPTS = 3  # connects tried when a TLS broker closes without a reason (see connect)
 PASSWORD_ENV = "NUCLEUS_FLEET_PASSWORD"  # the password out of `ps` and the shell history (or --password-file)
 
 
@@ -104,23 +106,32 @@ async def connect(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
     address = parse_url(broker.url)
     tls = tls_context(broker.ca_file, broker.cert_file, broker.key_file, names=FLAGS.tls) if address.tls else None
     v5 = broker.mqtt_version == "5"
-    client = aiomqtt.Client(
-        address.host, address.port, identifier=f"nucleus-fleet-{uuid.uuid4().hex[:12]}",
-        username=broker.username, password=broker.password,
-        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-        clean_session=None if v5 else True, timeout=broker.timeout_s, tls_context=tls)
-    fail_connect_on_close(client, log)  # a refused client certificate fails at once, not after the timeout
-    connected = False
+    for attempt in range(1, TLS_EOF_ATTEMPTS + 1):
+        client = aiomqtt.Client(
+            address.host, address.port, identifier=f"nucleus-fleet-{uuid.uuid4().hex[:12]}",
+            username=broker.username, password=broker.password,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else True, timeout=broker.timeout_s, tls_context=tls)
+        fail_connect_on_close(client, log)  # a refused client certificate fails at once, not after the timeout
+        try:
+            await client.__aenter__()
+            break
+        except aiomqtt.MqttError as exc:
+            if attempt < TLS_EOF_ATTEMPTS and closed_after_handshake(exc, address):
+                # The broker's reason (an alert) lost the race with its close: the next attempt
+                # usually reads it. The device's link learns it over its retries; this is one run.
+                continue
+            code, message, fields = connect_failure(exc, address, ca_file=broker.ca_file,
+                                                    cert_file=broker.cert_file, username=broker.username,
+                                                    names=broker.names)
+            raise LinkError(f"broker {address}: {message}", reason=code.lower(), **fields) from exc
     try:
-        async with client:
-            connected = True
-            yield client
+        yield client
     except aiomqtt.MqttError as exc:
-        if connected:
-            raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
-        code, message, fields = connect_failure(exc, address, ca_file=broker.ca_file, cert_file=broker.cert_file,
-                                                username=broker.username, names=broker.names)
-        raise LinkError(f"broker {address}: {message}", reason=code.lower(), **fields) from exc
+        raise LinkError(f"broker {address}: {exc}", reason="broker") from exc
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
 
 
 def read_recipes(paths: Sequence[Path | str], *,

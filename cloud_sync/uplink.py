@@ -275,6 +275,10 @@ def connect_failure(exc: BaseException, address: BrokerAddress, *, ca_file: Path
     if not address.tls and isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
             and "reset by peer" in exc.socket_error:
         hint = f" (a TLS listener resets a plain connection: if it is one, {names.url} must be mqtts://)"
+    if closed_after_handshake(exc, address):
+        cert = f" {names.cert_file} {cert_file}" if cert_file is not None else ""
+        hint = (" (the broker ended the TLS connection without giving a reason, as a TLS 1.3 broker can when "
+                f"it refuses the client certificate{cert}: check that certificate and the broker's log)")
     return "CONNECT_FAILED", f"cannot reach the broker: {exc}{hint}", {}
 
 
@@ -318,10 +322,18 @@ def _tls_failure(exc: BaseException, address: BrokerAddress, ca_file: Path | Non
     return f"the TLS handshake with the broker failed ({text})", names.url
 
 
-def _closed_after_handshake(exc: BaseException, address: BrokerAddress) -> bool:
-    """A TLS connection the broker closed before the CONNACK without a word: an unexpected EOF."""
-    return address.tls and isinstance(exc, ClosedBeforeConnack) and exc.socket_error is not None \
-        and "EOF occurred in violation of protocol" in exc.socket_error
+def closed_after_handshake(exc: BaseException, address: BrokerAddress) -> bool:
+    """A TLS connection the broker closed before the CONNACK without a word: a plain close, or an
+    unexpected EOF.
+
+    With TLS 1.3 a broker refuses a client certificate after the handshake, by an alert and a close
+    that race (the CONNECT it has not read can turn the close into a reset, which discards the
+    alert): when the close wins, this is all the client sees of the refusal. Python reads an EOF
+    without close_notify as a plain close (``suppress_ragged_eofs``); paho's write of the CONNECT
+    reports it as the EOF error."""
+    if not (address.tls and isinstance(exc, ClosedBeforeConnack)):
+        return False
+    return exc.socket_error is None or "EOF occurred in violation of protocol" in exc.socket_error
 
 
 class _LinkLost(Exception):
@@ -494,7 +506,7 @@ class Uplink:
                                                 username=s.username)
         last = self.errors[-1] if self.errors else None
         if code == "CONNECT_FAILED" and last is not None and last["code"] == "TLS_FAILED" \
-                and _closed_after_handshake(exc, address):
+                and closed_after_handshake(exc, address):
             # TLS 1.3: a broker refuses the client certificate after the handshake, with an alert and a
             # close that race; when the close wins, the client reads only an EOF. It is the refusal the
             # previous attempt named, counted on its entry, not a new "cannot reach the broker".
