@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,29 +155,12 @@ def test_page_limit_full_refuses_new_messages_and_keeps_old_ones(tmp_path: Path)
     store.close()
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (the page-limit test covers the same path)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True,
-                          timeout=30)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-
-
-def test_real_full_filesystem(tiny_fs: Path) -> None:
+def test_real_full_filesystem(small_fs: Path) -> None:
     """Another file fills the disk: new messages are refused, old ones kept, deliveries recorded, then it resumes."""
-    filler = tiny_fs / "other-process.log"
+    filler = small_fs / "other-process.log"
     filler.write_bytes(b"x" * (3 * 1024 * 1024))
     limits = SpoolLimits(durability="normal", reserve_bytes=256 * 1024, min_free_bytes=1024 * 1024)
-    store = SpoolStore(tiny_fs / "s.db", limits)
+    store = SpoolStore(small_fs / "s.db", limits)
     accepted = _fill_until_refused(store)
     delivered = [r.seq for r in store.peek(0, 200)]
     store.apply([], delivered)  # the floor left room to record deliveries
@@ -189,6 +168,6 @@ def test_real_full_filesystem(tiny_fs: Path) -> None:
     filler.unlink()
     assert isinstance(store.apply([m(1, size=100)])[0], str)
     store.close()
-    reopened = SpoolStore(tiny_fs / "s.db", limits)
+    reopened = SpoolStore(small_fs / "s.db", limits)
     assert reopened.count == len(reopened.all_ids()) == len(accepted) - len(delivered) + 1
     reopened.close()

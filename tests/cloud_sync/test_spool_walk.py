@@ -4,13 +4,9 @@ spool file"): a spool file that is not a database any more must not silence the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import sqlite3
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,24 +97,6 @@ def test_daemon_with_an_unopenable_spool_names_the_file(daemon_factory: Any) -> 
     text = d.cli("sync", "status").stdout
     assert f"backlog   unavailable: cannot open the spool {d.root / 'db' / 'spool.db'}:" in text, text
     assert "None" not in text
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 6 MiB filesystem (tmpfs), so that 'disk full' is the kernel's, not a simulation."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True,
-                          timeout=30)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 def test_a_spool_that_filled_the_disk_takes_messages_again_once_drained(small_fs: Path) -> None:
