@@ -160,3 +160,18 @@ def daemon_factory(short_tmp: Path) -> Iterator[Any]:
 @pytest.fixture
 def daemon(daemon_factory: Any) -> Daemon:
     return daemon_factory()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def gg_daemon() -> Iterator[Daemon]:
+    """One daemon for a whole test module, for tests that only add components and clients to it
+    (the Greengrass IPC tests: starting a daemon per test would cost most of their time)."""
+    root = Path(tempfile.mkdtemp(prefix="gg-", dir="/tmp"))
+    d = Daemon(root / "d", FAST_SETTINGS)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.stop()
+        kill_component_processes(d.root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -7,13 +7,8 @@ test is a defect the walk of docs/greengrass-ipc.md turned up.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,32 +16,6 @@ import pytest
 pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
 
 pytestmark = pytest.mark.slow
-
-
-def _root_conftest() -> Any:
-    """tests/conftest.py by path: ``import conftest`` finds tests/ipc/conftest.py here."""
-    spec = importlib.util.spec_from_file_location("_nucleus_tests_conftest_walk",
-                                                  Path(__file__).resolve().parents[1] / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _root_conftest()
-
-
-@pytest.fixture(scope="module")
-def gg_daemon() -> Iterator[Any]:
-    root = Path(tempfile.mkdtemp(prefix="ggw-", dir="/tmp"))
-    d = _conftest.Daemon(root / "d", _conftest.FAST_SETTINGS)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
-        _conftest.kill_component_processes(d.root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def gg_client(daemon: Any, name: str, policy: dict[str, Any]) -> Any:

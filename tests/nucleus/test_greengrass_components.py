@@ -10,49 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_daemon_ipc import client_for, component, wait_file
 
-
-def _root_conftest() -> Any:
-    """tests/conftest.py by path: ``import conftest`` may find tests/ipc/conftest.py first."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_nucleus_tests_conftest",
-                                                  Path(__file__).resolve().parents[1] / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _root_conftest()
-
 pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
 
 pytestmark = pytest.mark.slow
 
 N = 10_000
-
-
-@pytest.fixture(scope="module")
-def gg_daemon() -> Iterator[Any]:
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="gg-", dir="/tmp"))
-    d = _conftest.Daemon(root / "d", _conftest.FAST_SETTINGS)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.stop()
-        _conftest.kill_component_processes(d.root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
