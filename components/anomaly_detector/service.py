@@ -36,7 +36,7 @@ from components.anomaly.errors import AnomalyError
 from components.anomaly_detector import knn_store, memory
 from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
-from components.anomaly_detector.config import RESTART_KEYS, DetectorConfig, load_config
+from components.anomaly_detector.config import COMPONENT, RESTART_KEYS, DetectorConfig, load_config
 from components.anomaly_detector.scoring import LoadedModel, load_model
 from components.anomaly_detector.windowing import Window, Windower
 from components.configuration import config_changes
@@ -50,6 +50,11 @@ class _Pending:
     asset: str
     window: Window
     model: LoadedModel
+
+
+def component_name() -> str:
+    """The name this process runs under (a renamed copy of the recipe names itself in its errors)."""
+    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 
 
 def asset_of(topic: str) -> str:
@@ -69,6 +74,12 @@ class Detector:
         self.skipped: Counter[str] = Counter()  # counts not tied to an asset's windower
         self.windows_scored = 0
         self.anomalies = 0
+        # Per asset: windows scored, anomalous ones, and when a batch / a scored window last came (monotonic).
+        # The totals cannot say which of several assets is not being watched (heartbeat ``per_asset``).
+        self.asset_windows: Counter[str] = Counter()
+        self.asset_anomalies: Counter[str] = Counter()
+        self.last_batch: dict[str, float] = {}
+        self.last_window: dict[str, float] = {}
         self.captured = 0
         self.lag_s: float | None = None
         self.rejected: dict[tuple[str, str], dict[str, Any]] = {}
@@ -147,6 +158,7 @@ class Detector:
         model = self.model
         asset = payload.get("asset") if isinstance(payload, dict) else None
         asset = asset if isinstance(asset, str) and asset else asset_of(topic)
+        self.last_batch[asset] = time.monotonic()
         if model is None:
             self.skipped["no_model"] += 1
             return
@@ -226,6 +238,9 @@ class Detector:
             await self.client.publish(f"{self.config.anomaly_topic_prefix}/{p.asset}", event)
             self.windows_scored += 1
             self.anomalies += int(is_anomaly)
+            self.asset_windows[p.asset] += 1
+            self.asset_anomalies[p.asset] += int(is_anomaly)
+            self.last_window[p.asset] = time.monotonic()
             self.alarms_raised += int(decision.alarm)
             self.lag_s = now - p.window.t_end
             kind = self.capture.decide(is_anomaly=is_anomaly, confidence=confidence, now=now)
@@ -276,7 +291,8 @@ class Detector:
         nucleus's validation of proposed configurations with the same parser."""
 
         with contextlib.suppress(IpcError):
-            async for new in config_changes(self.client, load_config, "detector.config_rejected"):
+            async for new in config_changes(self.client, lambda doc: load_config(doc, component_name()),
+                                          "detector.config_rejected"):
                 self._apply_config(new)
 
     def _apply_config(self, new: DetectorConfig) -> None:
@@ -367,7 +383,24 @@ class Detector:
                 "windows": self.windows_scored, "anomalies": self.anomalies, "alarms": self.alarms_raised,
                 "captured": self.captured,
                 "skipped": dict(skipped), "lag_s": self.lag_s, "pending": self.queue.qsize(),
-                "assets": sorted(self.windowers), "model_rejected": self.last_rejection}
+                "assets": sorted(self.windowers), "model_rejected": self.last_rejection,
+                "per_asset": self.per_asset()}
+
+    def per_asset(self) -> dict[str, dict[str, Any]]:
+        """Each asset seen on the sensor topic: what was scored, what was skipped and why, and how long
+        ago its last batch and its last scored window were (None: never). An asset whose batches keep
+        coming while no window is scored (a channel the model needs is missing, another sample rate) is
+        an asset nobody watches: the totals beside hide it behind the other assets' windows."""
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        for asset in sorted(self.last_batch.keys() | self.windowers.keys()):
+            w = self.windowers.get(asset)
+            batch, window = self.last_batch.get(asset), self.last_window.get(asset)
+            out[asset] = {"windows": self.asset_windows[asset], "anomalies": self.asset_anomalies[asset],
+                          "skipped": dict(w.skipped) if w is not None else {},
+                          "batch_age_s": None if batch is None else round(now - batch, 3),
+                          "window_age_s": None if window is None else round(now - window, 3)}
+        return out
 
     async def _heartbeat(self) -> None:
         while True:
@@ -378,4 +411,4 @@ class Detector:
 async def main(client: Client) -> None:
     """An invalid configuration (an unknown key too) ends the detector here with ConfigError, which
     ipc.run_component logs (``component.failed``) and reports ERRORED, as the other components do."""
-    await Detector(client, load_config(await client.get_configuration())).run()
+    await Detector(client, load_config(await client.get_configuration(), component_name())).run()

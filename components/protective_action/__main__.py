@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from components.protective_action.config import load_config
-from components.protective_action.service import COMPONENT, run
+from components.protective_action.service import component_name, run
 from ipc import run_component
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = None
     if args.config is not None:
         text = args.config.read_text()
-        cfg = load_config(json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text), COMPONENT)
+        cfg = load_config(json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text), component_name())
     run_component(functools.partial(run, cfg=cfg, audit_dir=args.audit_dir))
 
 

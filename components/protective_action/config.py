@@ -58,7 +58,10 @@ class PolicyConfig(_Model):
     action_cooldown_s: dict[str, float] = Field(default_factory=dict)  # per action, overrides cooldownS
     heartbeat_timeout_s: float = Field(3.0, gt=0)  # no detector heartbeat this long: safe state
     sensor_timeout_s: float = Field(2.0, gt=0)  # no sensors/<asset>/raw batch this long: safe state
-    startup_grace_s: float = Field(15.0, ge=0)  # before the first heartbeat/batch is ever seen
+    # No scored window (anomaly/<asset>) this long: safe state; 0 = off. The heartbeat says the detector
+    # runs, not that it scores this asset: its batches may all be dropped (a missing channel, another rate).
+    window_timeout_s: float = Field(0.0, ge=0)
+    startup_grace_s: float = Field(15.0, ge=0)  # before the first heartbeat/batch/window is ever seen
     safe_state_actions: tuple[ActionName, ...] = ("pitch_to_feather", "engage_brake")
     max_consecutive_invalid: int = Field(50, ge=0)  # that many bad events in a row: safe state (0: never)
 

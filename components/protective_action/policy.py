@@ -110,6 +110,7 @@ class AssetPolicy:
     _below_run: int = 0
     _last_heartbeat: float | None = None
     _last_sensor: float | None = None
+    _last_window: float | None = None  # last valid scored window (policy.windowTimeoutS)
     _last_action: dict[str, float] = field(default_factory=dict)
     _invalid_run: int = 0
     _seen_ids: deque[str] = field(default_factory=lambda: deque(maxlen=256))
@@ -139,6 +140,7 @@ class AssetPolicy:
             return None
         self._remember(obs.event_id)
         self._invalid_run = 0
+        self._last_window = now
         w = self._judge(obs.event_id, obs.score, obs.threshold, obs.is_anomaly)
         assert w is not None  # a missing verdict under trigger is_anomaly was refused above
         self._recent.append(w)
@@ -165,6 +167,7 @@ class AssetPolicy:
         nothing to count. A window that cannot be judged under the new rule (no verdict, for trigger
         is_anomaly) is left out rather than guessed."""
         self._last_heartbeat, self._last_sensor = old._last_heartbeat, old._last_sensor
+        self._last_window = old._last_window
         self._last_action = dict(old._last_action)
         self._invalid_run = old._invalid_run
         self._seen_ids, self._seen_set, self.duplicates = old._seen_ids, old._seen_set, old.duplicates
@@ -188,10 +191,16 @@ class AssetPolicy:
         return None
 
     def stale(self, now: float) -> str | None:
-        """Why the inputs count as stopped, or None while both are alive."""
+        """Why the inputs count as stopped, or None while they are alive.
+
+        With ``windowTimeoutS`` the asset's own scored windows count too: the detector heartbeat is one
+        for all assets and says the detector runs, not that it scores this asset's windows."""
         c = self.cfg
-        for name, last, timeout in (("detector heartbeat", self._last_heartbeat, c.heartbeat_timeout_s),
-                                    ("sensor stream", self._last_sensor, c.sensor_timeout_s)):
+        inputs = [("detector heartbeat", self._last_heartbeat, c.heartbeat_timeout_s),
+                  ("sensor stream", self._last_sensor, c.sensor_timeout_s)]
+        if c.window_timeout_s > 0:
+            inputs.append((f"scored windows of {self.asset}", self._last_window, c.window_timeout_s))
+        for name, last, timeout in inputs:
             if last is None:
                 if now - self.started > max(c.startup_grace_s, timeout):
                     return f"no {name} since start ({now - self.started:.1f} s)"

@@ -22,6 +22,7 @@ the heartbeats.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,12 @@ from ipc import Client, IpcError
 log = structlog.get_logger(__name__)
 
 COMPONENT = "com.nucleus.ProtectiveAction"
+
+
+def component_name() -> str:
+    """The name this process runs under: a copy of the recipe under another name (one ingest per asset)
+    must name itself, not the built-in, in a refused configuration."""
+    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 HEARTBEAT_TOPIC = "heartbeat/anomaly_detector"
 
 
@@ -330,14 +337,14 @@ class ActionService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
-    return config_changes(client, lambda doc: load_config(doc, COMPONENT), "action.config_rejected")
+    return config_changes(client, lambda doc: load_config(doc, component_name()), "action.config_rejected")
 
 
 async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:
     """The component. ``cfg`` given: fixed configuration (development against ``ipc.devserver``)."""
     watching = cfg is None
     if cfg is None:
-        cfg = load_config(await client.get_configuration(), COMPONENT)
+        cfg = load_config(await client.get_configuration(), component_name())
     path = cfg.audit_path if cfg.audit_path.is_absolute() else (audit_dir or Path.cwd()) / cfg.audit_path
     audit = AuditLog(path)
     service = ActionService(client, cfg, audit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from ipc import Client, IpcError
 log = structlog.get_logger(__name__)
 
 COMPONENT = "com.nucleus.SensorIngest"
+
+
+def component_name() -> str:
+    """The name this process runs under: a copy of the recipe under another name (one ingest per asset)
+    must name itself, not the built-in, in a refused configuration."""
+    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 
 
 @dataclass(slots=True)
@@ -186,7 +193,7 @@ class IngestService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
-    return config_changes(client, lambda doc: load_config(doc, COMPONENT), "ingest.config_rejected")
+    return config_changes(client, lambda doc: load_config(doc, component_name()), "ingest.config_rejected")
 
 
 async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | None = None) -> None:
@@ -202,7 +209,7 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
     """
     watching = cfg is None
     if cfg is None:
-        cfg = load_config(await client.get_configuration(), COMPONENT)
+        cfg = load_config(await client.get_configuration(), component_name())
     changes = _config_changes(client) if watching else None
 
     async def next_change() -> IngestConfig | None:

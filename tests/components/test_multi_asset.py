@@ -1,0 +1,216 @@
+"""Three turbines on one device: one SensorIngest per asset (the built-in recipe for turbine-1, copies of
+it under other component names for turbine-2 and turbine-3, as docs/components.md says), one model, one
+detector on ``sensors/+/raw`` and one ProtectiveAction with ``assets: [turbine-1, turbine-2, turbine-3]``,
+all real processes under a real daemon.
+
+What the multi-asset walk found, each checked here:
+
+* a copy of the ingest recipe named the built-in (``com.nucleus.SensorIngest: invalid configuration``)
+  in its refusal of a bad configuration, so the deployment's error named two components;
+* an asset whose batches all reach the detector but are all dropped (here: turbine-3's ingest
+  publishes two channels of the model's four) was never scored, and its protective action stayed
+  ``normal`` for good: the detector heartbeat (one for all assets) and turbine-3's own sensor stream were
+  both alive. ``policy.windowTimeoutS`` now puts that asset alone in its safe state;
+* the detector heartbeat's totals could not say which asset that was: ``per_asset`` now does.
+
+The rest is the multi-asset contract, asserted on the same run: windows are cut per asset (no sample of
+one turbine in another's window, window ends step by exactly one hop per asset), and a fault injected on
+turbine-2 trips turbine-2 alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from test_pipeline_updates import HOP, RATE, build_model
+
+from components.protective_action.config import PolicyConfig
+from components.protective_action.policy import AssetPolicy, State
+from ipc import Client
+
+REPO = Path(__file__).resolve().parents[2]
+INGEST, DETECTOR, ACTION = "com.nucleus.SensorIngest", "com.nucleus.AnomalyDetector", "com.nucleus.ProtectiveAction"
+ASSETS = ("turbine-1", "turbine-2", "turbine-3")
+
+
+def ingest_copy(asset: str, directory: Path) -> tuple[str, Path]:
+    """The built-in ingest recipe under another component name, for another asset (and noise seed)."""
+    doc = yaml.safe_load((REPO / "recipes" / f"{INGEST}-1.0.0.yaml").read_text())
+    name = f"com.farm.SensorIngest-{asset}"
+    doc["ComponentName"] = name
+    doc["ComponentConfiguration"]["DefaultConfiguration"]["asset"] = asset
+    doc["ComponentConfiguration"]["DefaultConfiguration"]["simulator"]["seed"] = int(asset.rsplit("-", 1)[1])
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-1.0.0.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return name, path
+
+
+class Farm:
+    """A declared local client that sees every asset's windows, decisions and the detector heartbeat."""
+
+    def __init__(self, daemon: Any, tmp: Path) -> None:
+        policy = {"aws.greengrass.ipc.pubsub": {
+            "watch": {"operations": ["aws.greengrass#SubscribeToTopic"],
+                      "resources": ["anomaly/+", "actions/+", "heartbeat/anomaly_detector"]},
+            "control": {"operations": ["aws.greengrass#PublishToTopic"], "resources": ["control/+/fault"]}}}
+        (tmp / "farm-policy.json").write_text(json.dumps(policy))
+        token = daemon.cli("client", "add", "test.farm", "--policy", str(tmp / "farm-policy.json")).stdout
+        self.client = Client(daemon.socket, token.strip().splitlines()[-1], name="test.farm")
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.subscribed = 0
+
+    async def collect(self, topic: str, into: list[Any], with_topic: bool = False) -> None:
+        async with self.client.subscribe(topic, queue_size=100_000, policy="block") as msgs:
+            self.subscribed += 1
+            async for m in msgs:
+                into.append((m.topic, m.payload) if with_topic else m.payload)
+
+    def windows(self, asset: str) -> list[dict[str, Any]]:
+        return [p for t, p in self.events if t == f"anomaly/{asset}"]
+
+    async def until(self, pred: Any, within_s: float, what: str) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            await asyncio.sleep(0.05)
+        hb = self.heartbeats[-1] if self.heartbeats else None
+        decided = [(a["asset"], a["state"]) for a in self.actions]
+        raise AssertionError(f"timed out waiting for {what}; decisions {decided}; last heartbeat {hb}")
+
+
+@pytest.mark.timeout(120)
+def test_three_turbines_one_detector_one_action(daemon_factory: Any, short_tmp: Path) -> None:
+    out = short_tmp / "out"
+    model = build_model(out, "1.0.0", "isolation_forest", seed=0)
+    model2 = build_model(out, "2.0.0", "pca", seed=1)
+    copies = dict(ingest_copy(a, short_tmp / "recipes") for a in ASSETS[1:])
+    name_of = {"turbine-1": INGEST, **{a: f"com.farm.SensorIngest-{a}" for a in ASSETS[1:]}}
+    config = {
+        DETECTOR: {"MERGE": {"trustedKeys": [model.public_key], "heartbeatIntervalS": 0.2}},
+        ACTION: {"MERGE": {"assets": list(ASSETS),
+                           "policy": {"cooldownS": 0, "heartbeatTimeoutS": 5, "sensorTimeoutS": 2,
+                                      "windowTimeoutS": 2, "startupGraceS": 20}}},
+    }
+    daemon = daemon_factory()
+    farm = Farm(daemon, short_tmp)
+    marks: dict[str, int] = {}
+    spans: dict[str, list[dict[str, Any]]] = {}
+
+    async def scenario() -> None:
+        async with farm.client, asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(farm.collect("anomaly/+", farm.events, with_topic=True)),
+                     tg.create_task(farm.collect("actions/+", farm.actions)),
+                     tg.create_task(farm.collect("heartbeat/anomaly_detector", farm.heartbeats))]
+            await farm.until(lambda: farm.subscribed == 3, 10, "subscriptions")
+            builtins = (str(REPO / "recipes" / f"{n}-1.0.0.yaml") for n in (INGEST, DETECTOR, ACTION))
+            stack = [str(model.recipe), *builtins, *(str(p) for p in copies.values())]
+            await asyncio.to_thread(daemon.cli, "deploy", *stack, "--artifacts", str(out / "artifacts"),
+                                    "--update-config", json.dumps(config))
+            await farm.until(lambda: all(len(farm.windows(a)) >= 8 for a in ASSETS), 40, "windows of every asset")
+
+            # A fault on turbine-2 trips turbine-2, and only it.
+            fault = {"fault": "bearing_outer_race", "severity": 1.0}
+            reply = await farm.client.request("control/turbine-2/fault", fault)
+            assert reply["ok"], reply
+            await farm.until(lambda: any(a["asset"] == "turbine-2" for a in farm.actions), 15, "turbine-2's trip")
+            await farm.client.request("control/turbine-2/fault", {"action": "clear_all"})
+
+            # A new model version alone swaps for every asset, none losing a window.
+            marks.update({a: len(farm.windows(a)) for a in ASSETS})
+            await asyncio.to_thread(daemon.cli, "deploy", str(model2.recipe), "--artifacts", str(out / "artifacts"))
+            await farm.until(lambda: all(sum(e["model"]["version"] == "2.0.0" for e in farm.windows(a)) >= 4
+                                         for a in ASSETS), 20, "windows of every asset scored by model 2.0.0")
+            spans.update({a: farm.windows(a)[marks[a] - 4:] for a in ASSETS})
+
+            # A bad key for turbine-3's copy: the refusal names that copy, not the built-in it was made from.
+            bad = await asyncio.to_thread(daemon.cli, "deploy", "--update-config",
+                                          json.dumps({name_of["turbine-3"]: {"MERGE": {"batchSise": 50}}}), check=False)
+            refusal = bad.stdout + bad.stderr
+            assert "batchSise" in refusal and name_of["turbine-3"] in refusal, refusal
+            assert f"{INGEST}:" not in refusal, f"a copy's refusal names the built-in ingest: {refusal}"
+
+            # turbine-3's ingest now publishes two of the model's four channels: every batch arrives, none is scored.
+            await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(
+                {name_of["turbine-3"]: {"MERGE": {"simulator": {"channels": ["vib_x", "vib_y"]}}}}))
+            await farm.until(lambda: any(a["asset"] == "turbine-3" for a in farm.actions), 20,
+                             "turbine-3's safe state: its windows are no longer scored")
+            t1_windows = len(farm.windows("turbine-1"))
+            await farm.until(lambda: len(farm.windows("turbine-1")) >= t1_windows + 4, 10, "turbine-1 still scored")
+            for t in tasks:
+                t.cancel()
+
+    asyncio.run(scenario())
+
+    per_asset = farm.heartbeats[-1]["per_asset"]
+    # Windows per asset: each event on its own asset's topic; no batch of another asset in its stream (which
+    # the windower would count as duplicate, out of order or a restart); across the swap, window ends one
+    # hop apart, the old model's windows then the new one's.
+    for asset in ASSETS:
+        assert {e["asset"] for e in farm.windows(asset)} == {asset}
+        mixed = {k: v for k, v in per_asset[asset]["skipped"].items() if k in ("duplicate", "out_of_order", "restart")}
+        assert not mixed, f"{asset}: {mixed}"
+        versions = [e["model"]["version"] for e in spans[asset]]
+        assert versions == sorted(versions) and versions[0] == "1.0.0" and versions[-1] == "2.0.0", versions
+        steps = set(np.round(np.diff([e["window"]["t_end"] for e in spans[asset]]) * RATE).astype(int).tolist())
+        assert steps == {HOP}, f"{asset}: window ends step by {steps} across the model swap, not one hop ({HOP})"
+    # Decisions: turbine-2 latched by its fault, turbine-3 in its safe state for its unscored windows, turbine-1 none.
+    by_asset = {a: [(d["state"], d["reason"]) for d in farm.actions if d["asset"] == a] for a in ASSETS}
+    assert by_asset["turbine-1"] == [], by_asset
+    assert [s for s, _ in by_asset["turbine-2"]] == ["latched"], by_asset
+    trip = next(d for d in farm.actions if d["asset"] == "turbine-2")
+    assert trip["timing"]["event_to_actuator_ms"] >= 0 and all(o["ok"] for o in trip["outcomes"]), trip
+    (state, reason), = by_asset["turbine-3"]
+    assert state == "safe_state" and "scored windows of turbine-3" in reason, by_asset
+    # The heartbeat names the asset that is not watched, and why.
+    assert set(per_asset) == set(ASSETS), per_asset
+    t3 = per_asset["turbine-3"]
+    assert t3["skipped"].get("missing_channel", 0) > 0 and t3["batch_age_s"] < 1.0 and t3["window_age_s"] > 1.0, t3
+    for asset in ("turbine-1", "turbine-2"):
+        assert per_asset[asset]["windows"] >= 8 and per_asset[asset]["window_age_s"] < 1.0, per_asset[asset]
+    print(f"turbine-2 trip timing {trip['timing']}; heartbeat per_asset {per_asset}")
+
+
+def _policy(**kw: Any) -> AssetPolicy:
+    cfg = PolicyConfig(heartbeat_timeout_s=1.0, sensor_timeout_s=1.0, startup_grace_s=5.0, **kw)
+    return AssetPolicy("turbine-3", cfg, started=0.0)
+
+
+def test_window_timeout_puts_an_unscored_asset_in_its_safe_state() -> None:
+    """Detector heartbeat and sensor stream alive, no scored window for this asset: the safe state,
+    naming the asset's windows; and never with windowTimeoutS 0 (the default, as before)."""
+    from components.protective_action.events import Observation
+
+    watched, unwatched = _policy(window_timeout_s=1.5), _policy()
+    for p in (watched, unwatched):
+        p.on_heartbeat(0.0)
+        p.on_sensor(0.0)
+        p.on_event(Observation("e1", "turbine-3", 0.1, 1.0, 0.0, None, None), 0.0, 1000.0)
+    for t in np.arange(0.1, 3.0, 0.1):  # heartbeat and batches keep coming, windows do not
+        for p in (watched, unwatched):
+            p.on_heartbeat(float(t))
+            p.on_sensor(float(t))
+        assert unwatched.on_tick(float(t), 1000.0 + t) is None
+        d = watched.on_tick(float(t), 1000.0 + t)
+        if d is not None:
+            assert t > 1.5 and d.state is State.SAFE_STATE, (t, d)
+            assert d.reason.startswith("fail-safe: scored windows of turbine-3 silent for"), d.reason
+            break
+    else:
+        raise AssertionError("no safe state although no window was scored for 3 s")
+    # Never a window since start: after the startup grace, as for the other inputs.
+    fresh = _policy(window_timeout_s=1.5)
+    fresh.on_heartbeat(5.5)
+    fresh.on_sensor(5.5)
+    d = fresh.on_tick(5.6, 1005.6)
+    assert d is not None and "no scored windows of turbine-3 since start" in d.reason, d
