@@ -9,6 +9,9 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
   earlier one). The partial window is discarded and numbering follows the new stream; without
   this a restarted ingest's batches were all dropped as ``out_of_order`` until its ``seq`` caught up,
   while the stream looked alive to the fail-safe.
+* ``interleaved`` -- a restart back to the stream the last restart left: two producers publish for
+  this asset (two ingests configured with the same ``asset``). Handled as a restart, so no window
+  ever completes; counted apart because no real restart goes back to an old stream id.
 * ``gap`` -- ``seq`` jumped: samples are missing, so the partial window is discarded (a window never
   spans missing data) and windowing restarts with this batch. The count is the number of missing
   batches.
@@ -58,6 +61,7 @@ class Windower:
     skipped: Counter[str] = field(default_factory=Counter)
     last_seq: int | None = None
     last_stream: str | None = None
+    replaced_stream: str | None = None  # the stream the last restart left (a return to it: ``interleaved``)
     last_t0: float | None = None
     _buf: npt.NDArray[np.float32] = field(init=False)
     _base: int = 0  # global index of _buf[:, 0]
@@ -96,7 +100,9 @@ class Windower:
         if self.last_seq is not None and (
                 (stream is not None and self.last_stream is not None and stream != self.last_stream)
                 or (stream is None and seq < self.last_seq and self.last_t0 is not None and t0 > self.last_t0)):
-            self.skipped["restart"] += 1
+            back = stream is not None and stream == self.replaced_stream
+            self.skipped["interleaved" if back else "restart"] += 1
+            self.replaced_stream = self.last_stream
             self.last_seq = None
             self.reset()
         self.last_stream = stream

@@ -214,3 +214,25 @@ def test_window_timeout_puts_an_unscored_asset_in_its_safe_state() -> None:
     fresh.on_sensor(5.5)
     d = fresh.on_tick(5.6, 1005.6)
     assert d is not None and "no scored windows of turbine-3 since start" in d.reason, d
+
+
+def test_two_ingests_on_one_asset_are_named_interleaved_not_restarts() -> None:
+    """A copy of the ingest recipe left on the built-in's asset: two streams alternate on one topic. Every
+    batch restarts the window, so the asset is never scored; the count says why (a real restart never goes
+    back to the stream it left)."""
+    from components.anomaly_detector.windowing import Windower
+
+    w = Windower(["vib_x"], 256, 128, RATE)
+    data = np.zeros((1, 100), np.float32)
+    windows = []
+    for i in range(12):  # ingest A and its copy B, both asset turbine-1, each with its own numbering
+        stream, seq = ("A", i // 2) if i % 2 == 0 else ("B", 1000 + i // 2)
+        windows += w.push({"seq": seq, "stream": stream, "t0": i / 10, "rate_hz": RATE, "channels": ["vib_x"],
+                           "data": data})
+    assert windows == [] and w.skipped["interleaved"] == 10 and w.skipped["restart"] == 1, w.skipped
+    # A genuine restart (a new stream id each time) stays a restart, and is followed.
+    w = Windower(["vib_x"], 256, 128, RATE)
+    for i, stream in enumerate(["A", "A", "B", "B", "B", "C", "C", "C"]):
+        windows += w.push({"seq": i, "stream": stream, "t0": i / 10, "rate_hz": RATE, "channels": ["vib_x"],
+                           "data": data})
+    assert w.skipped == {"restart": 2} and len(windows) == 2, (w.skipped, len(windows))
