@@ -275,6 +275,12 @@ class Journal:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._tx() as db:
             db.execute(f"update deployments set {sets} where id = ?", [*values.values(), deployment_id])
+            # The snapshot taken at APPLYING (every component's configuration, replaced recipes) is what
+            # a recovery or a rollback of this deployment restores; once it is finished only the set it
+            # replaced is read again (the store's cleanup). Kept whole, every row of the history carried
+            # a copy of the device's whole configuration.
+            db.execute("update deployments set previous = json_object('active', json_extract(previous, '$.active')) "
+                       "where id = ? and previous is not null", [deployment_id])
             if active is not None:
                 self._set_active(db, active)
             self._prune(db)
