@@ -8,13 +8,17 @@ drives it through the SDK (the CLI token), in phases:
            rolls back, removals and re-adds (each version carries a small artifact)
   ipc      connections that call and close, clients killed mid-request, subscriptions
            abandoned without unsubscribing (child processes killed with SIGKILL)
+  gg       awsiotsdk clients on the Greengrass socket: subscribe, publish, then close or SIGKILL
   logs     a component that prints fast, past several rotations (cap = (backup_count+1) * max_bytes)
   crash    a component that crash-loops to BROKEN and is redeployed
+  names    components with new names deployed and removed (what each name leaves behind)
+  restarts the daemon stopped and killed -9 in turn, and started again
 
 After every chunk it samples the daemon: RSS, open fds, threads, asyncio tasks (a thread in the
 daemon process writes their count), child and zombie processes, the size of every top-level
 folder under the root, and the rows of the journal's tables. It prints one line per sample
-and no verdict: a figure that climbs chunk after chunk is the thing to look at.
+and no verdict: a figure that climbs chunk after chunk is the thing to look at. After each
+phase it prints which kinds of live objects grew in the daemon over it (after a full collection).
 
     .venv/bin/python benchmarks/soak.py                      # all phases, default counts
     .venv/bin/python benchmarks/soak.py --phases deploy --deployments 400
@@ -44,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ipc import Client  # noqa: E402
+from ipc.errors import IpcError  # noqa: E402
 
 # Runs `nucleus run` with a sampler thread that writes the asyncio task count (and the most common
 # coroutines) next to the root once a second; asyncio.tasks._all_tasks holds C tasks too on 3.11.
@@ -171,7 +176,7 @@ class Soak:
                 try:
                     asyncio.run(self._ping())
                     return
-                except OSError:
+                except (OSError, IpcError):  # the socket a killed daemon left, or one still starting
                     pass
             if self.proc.poll() is not None:
                 raise RuntimeError("daemon exited at start")
@@ -322,6 +327,20 @@ class Soak:
                 for d in ("config", "work", "logs", "clients", "packages/recipes") if (self.root / d).is_dir()}
         print(f"  left behind by removed components (first 3 each): {left}")
 
+    def phase_restarts(self, count: int, every: int) -> None:
+        """The daemon stopped (SIGTERM) and killed (SIGKILL), alternately, and started again."""
+        for i in range(1, count + 1):
+            assert self.proc is not None
+            if i % 2:
+                self.stop()
+            else:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.start()
+            if i % every == 0:
+                time.sleep(1.0)
+                self.sample(f"restart {i}")
+
     # --- IPC churn ---------------------------------------------------------------------------------
     async def phase_ipc(self, count: int, every: int) -> None:
         killer = self.work / "killed_client.py"
@@ -466,9 +485,10 @@ class Soak:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phases", default="deploy,ipc,gg,logs,crash")
+    ap.add_argument("--phases", default="deploy,ipc,gg,logs,crash,names,restarts")
     ap.add_argument("--deployments", type=int, default=250)
     ap.add_argument("--clients", type=int, default=1200)
+    ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--names", type=int, default=50)
     ap.add_argument("--gg-clients", type=int, default=200)
     ap.add_argument("--crash-cycles", type=int, default=50)
@@ -485,6 +505,7 @@ def main() -> int:
     phases: dict[str, Callable[[], Any]] = {
         "deploy": lambda: soak.phase_deploy(args.deployments, max(1, args.deployments // 10)),
         "ipc": lambda: soak.phase_ipc(args.clients, max(1, args.clients // 10)),
+        "restarts": lambda: asyncio.to_thread(soak.phase_restarts, args.restarts, max(1, args.restarts // 5)),
         "names": lambda: soak.phase_names(args.names, max(1, args.names // 5)),
         "gg": lambda: soak.phase_gg(args.gg_clients, max(1, args.gg_clients // 10)),
         "logs": lambda: soak.phase_logs(args.log_mb, max_bytes, backups),
