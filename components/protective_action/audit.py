@@ -9,7 +9,9 @@ seen acknowledged is in this file. The one exception is the write-ahead *intent*
 outcome's commit right after the action, before anything is acknowledged. Automatic checkpoints
 are off (one could land on the fast intent write and fsync there); :meth:`record_outcomes` and
 durable :meth:`record` calls checkpoint every ``CHECKPOINT_EVERY`` commits instead, on the audit
-worker. One connection, used by one thread at a time, hence ``check_same_thread`` off.
+worker. One connection, used by one thread at a time, hence ``check_same_thread`` off; since the
+assets' decisions are applied side by side (the intent on the event loop, outcomes on the audit
+worker), a lock makes "one at a time" hold.
 
 sqlite-utils creates the schema and serves the reads; the two hot inserts are plain SQL because
 sqlite-utils' ``insert`` introspects the table on every call, which costs more than the insert.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,7 @@ CHECKPOINT_EVERY = 256
 class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()  # one statement sequence on the connection at a time
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -87,8 +91,9 @@ class AuditLog:
         self._db = db
 
     def close(self) -> None:
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        self._conn.close()
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._conn.close()
 
     def _sync(self, full: bool) -> None:
         if full != self._full:
@@ -102,6 +107,10 @@ class AuditLog:
         intent) returns once the commit is written to the OS — it survives ``kill -9`` of this
         process, not a power cut — and the next durable commit fsyncs it along with its own rows.
         """
+        with self._lock:
+            self._record(d, outcomes, durable)
+
+    def _record(self, d: Decision, outcomes: Sequence[Outcome], durable: bool) -> None:
         self._sync(durable)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
@@ -127,16 +136,17 @@ class AuditLog:
 
     def record_outcomes(self, decision_id: str, outcomes: Sequence[Outcome]) -> None:
         """Commit outcomes durably (and with them every earlier non-durable commit)."""
-        self._sync(True)
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert_outcomes(decision_id, outcomes)
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        c.execute("COMMIT")
-        self._after_durable_commit()
+        with self._lock:
+            self._sync(True)
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._insert_outcomes(decision_id, outcomes)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+            self._after_durable_commit()
 
     def _insert_outcomes(self, decision_id: str, outcomes: Sequence[Outcome]) -> None:
         self._conn.executemany(
@@ -147,7 +157,8 @@ class AuditLog:
     # --- reads ----------------------------------------------------------------------------------
     def decisions(self, asset: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("asset = ?", [asset]) if asset is not None else (None, [])
-        rows = self._db["decisions"].rows_where(where, args, order_by="rowid desc", limit=limit)
+        with self._lock:
+            rows = list(self._db["decisions"].rows_where(where, args, order_by="rowid desc", limit=limit))
         out = []
         for r in rows:
             for key in ("actions", "suppressed", "event_ids", "scores"):
@@ -157,10 +168,13 @@ class AuditLog:
         return out
 
     def outcomes(self, decision_id: str) -> list[dict[str, Any]]:
-        return list(self._db["outcomes"].rows_where("decision_id = ?", [decision_id]))
+        with self._lock:
+            return list(self._db["outcomes"].rows_where("decision_id = ?", [decision_id]))
 
     def last_states(self) -> dict[str, State]:
         """The state each asset was left in: a latch or a safe state survives a restart."""
-        rows = self._conn.execute(
-            "SELECT asset, state FROM decisions WHERE rowid IN (SELECT max(rowid) FROM decisions GROUP BY asset)")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT asset, state FROM decisions WHERE rowid IN (SELECT max(rowid) FROM decisions GROUP BY asset)"
+            ).fetchall()
         return {asset: State(state) for asset, state in rows}

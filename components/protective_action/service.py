@@ -1,7 +1,8 @@
 """The protective action's I/O: bus subscriptions, the audit worker, the actuator, the fail-safe tick.
 
 The order of one decision is the guarantee the issue asks for, so it lives in one method
-(:meth:`ActionService.apply`), serialised by one lock:
+(:meth:`ActionService.apply`), serialised per asset (one lock each: an asset's decisions are acted
+on in the order they were taken, and one asset's slow actuator never holds back another's):
 
 * ``write_ahead`` (default): commit the decision without waiting for the fsync (it is in the OS:
   it survives ``kill -9``) → call the actuator → commit the outcome with fsync (which makes both
@@ -91,7 +92,8 @@ class ActionService:
         self._check_actuator()
         self.clocks = clocks or Clocks()
         self.stats = Stats()
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}  # per asset: its decisions in order, others not waiting
+        self._tasks: asyncio.TaskGroup | None = None  # serve()'s: where decisions are applied off the loops
         self._keepalive_failing: set[str] = set()  # assets whose last keepalive failed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
@@ -168,7 +170,7 @@ class ActionService:
 
     async def apply(self, d: Decision, received: float | None = None, published_at: float | None = None) -> bool:
         """Audit, act, acknowledge — in the configured order. True if acknowledged."""
-        async with self._lock:
+        async with self._locks.setdefault(d.asset, asyncio.Lock()):
             self.stats.decisions += 1
             if self.cfg.audit_order == "write_ahead" and d.actions:
                 # The intent: written to the OS on the loop (tens of microseconds, no fsync) so it
@@ -204,7 +206,24 @@ class ActionService:
             await self.client.publish(f"actions/{d.asset}", payload)
             return True
 
+    def _spawn(self, coro: Any) -> None:
+        """Apply off the bus loop that decided it, so the next message (another asset's) is judged and
+        acted on meanwhile; per asset the lock in :meth:`apply` keeps the order (tasks start in the order
+        they are made, and an asyncio lock is first come, first served)."""
+        if self._tasks is None:
+            raise RuntimeError("decisions are spawned only while serving")
+        self._tasks.create_task(coro)
+
     async def on_anomaly(self, topic: str, payload: Any, received: float) -> Decision | None:
+        """Judge one event and apply its decision (awaited: for callers outside :meth:`serve`)."""
+        decision, valid, published_at = self.judge_anomaly(topic, payload)
+        if decision is not None:
+            await self.apply(decision, received if valid else None, published_at)
+        return decision
+
+    def judge_anomaly(self, topic: str, payload: Any) -> tuple[Decision | None, bool, float | None]:
+        """The decision one event leads to (None: none), taken now; whether the event was valid (the
+        decision of an invalid one carries no latency figures) and its ``published_at``."""
         self.stats.events += 1
         asset = topic.split("/", 1)[1] if "/" in topic else ""
         policy = self.policies.get(asset)
@@ -213,7 +232,7 @@ class ActionService:
             if self.stats.unknown_assets[asset] in (1, 10, 100, 1000) or self.stats.unknown_assets[asset] % 10000 == 0:
                 log.warning("action.unknown_asset", asset=asset, count=self.stats.unknown_assets[asset],
                             configured=list(self.policies))
-            return None
+            return None, False, None
         now, wall = self.clocks.monotonic(), self.clocks.wall()
         try:
             obs = parse_event(payload, asset, policy.cfg.trigger)
@@ -222,21 +241,17 @@ class ActionService:
             n = self.stats.bad_events[exc.reason]
             if n in (1, 10, 100, 1000) or n % 10000 == 0:
                 log.warning("action.bad_event", asset=asset, reason=exc.reason, detail=exc.detail, count=n)
-            decision = policy.on_invalid(now, wall, exc.reason)
-            if decision is not None:
-                await self.apply(decision)
-            return decision
-        decision = policy.on_event(obs, now, wall)
-        if decision is not None:
-            await self.apply(decision, received, obs.published_at)
-        return decision
+            return policy.on_invalid(now, wall, exc.reason), False, None
+        return policy.on_event(obs, now, wall), True, obs.published_at
+
+    def due(self) -> list[Decision]:
+        """The fail-safe decisions due now, one per asset at most (the state changes as they are taken)."""
+        now, wall = self.clocks.monotonic(), self.clocks.wall()
+        return [d for policy in list(self.policies.values()) if (d := policy.on_tick(now, wall)) is not None]
 
     async def tick(self) -> None:
-        now, wall = self.clocks.monotonic(), self.clocks.wall()
-        for policy in list(self.policies.values()):
-            decision = policy.on_tick(now, wall)
-            if decision is not None:
-                await self.apply(decision)
+        """Apply what is due now, the assets side by side (for callers outside :meth:`serve`)."""
+        await asyncio.gather(*(self.apply(d) for d in self.due()))
 
     async def on_reset(self, asset: str, request: Any, sender: str | None) -> dict[str, Any]:
         policy = self.policies.get(asset)
@@ -264,7 +279,9 @@ class ActionService:
                     payload = m.payload
                 except IpcError:
                     payload = None  # undecodable: counted by parse_event as not_a_map
-                await self.on_anomaly(m.topic, payload, received)
+                decision, valid, published_at = self.judge_anomaly(m.topic, payload)
+                if decision is not None:
+                    self._spawn(self.apply(decision, received if valid else None, published_at))
 
     async def _heartbeats(self) -> None:
         async with self.client.subscribe(HEARTBEAT_TOPIC, queue_size=64) as messages:
@@ -289,14 +306,18 @@ class ActionService:
                     request = m.payload
                 except IpcError:
                     request = None
-                reply = await self.on_reset(m.topic.split("/")[1], request, m.sender)
-                if m.reply_to is not None:
-                    await m.reply(reply)
+                self._spawn(self._answer_reset(m, request))
+
+    async def _answer_reset(self, m: Any, request: Any) -> None:
+        reply = await self.on_reset(m.topic.split("/")[1], request, m.sender)
+        if m.reply_to is not None:
+            await m.reply(reply)
 
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.check_interval_s)
-            await self.tick()
+            for d in self.due():
+                self._spawn(self.apply(d))
 
     async def keepalive(self) -> None:
         """One round of the dead-man refresh: each asset whose protection is working, and only those.
@@ -328,6 +349,7 @@ class ActionService:
 
     async def serve(self, changes: AsyncIterator[ActionConfig] | None = None) -> None:
         async with asyncio.TaskGroup() as tg:
+            self._tasks = tg
             for loop in (self._anomalies, self._heartbeats, self._sensors, self._resets, self._ticks,
                          self._keepalives):
                 tg.create_task(loop())

@@ -21,6 +21,7 @@ turbine-2 trips turbine-2 alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -236,3 +237,97 @@ def test_two_ingests_on_one_asset_are_named_interleaved_not_restarts() -> None:
         windows += w.push({"seq": i, "stream": stream, "t0": i / 10, "rate_hz": RATE, "channels": ["vib_x"],
                            "data": data})
     assert w.skipped == {"restart": 2} and len(windows) == 2, (w.skipped, len(windows))
+
+
+async def test_a_slow_actuator_of_one_asset_does_not_hold_back_another_assets_trip(short_tmp: Path) -> None:
+    """One action process for two assets, a command actuator whose brake takes long for t2 only (it ends
+    when the test lets it). t1's trip, decided while t2's brake is still running, is acted on and
+    acknowledged at once: before, every decision waited behind the one being actuated, whatever its
+    asset, so one turbine's slow relay delayed another's protection by up to ``actuator.timeoutS``."""
+    import uuid
+
+    from ingest_action_kit import action_component, bus_server, client
+
+    started, release = short_tmp / "t2-started", short_tmp / "t2-release"
+    script = short_tmp / "brake.sh"
+    script.write_text(f'#!/bin/sh\nif [ "$NUCLEUS_ASSET" = t2 ]; then\n  touch {started}\n  i=0\n'
+                      f'  while [ ! -e {release} ] && [ $i -lt 400 ]; do sleep 0.02; i=$((i+1)); done\nfi\n')
+    script.chmod(0o755)
+    config = {"assets": ["t1", "t2"], "checkIntervalS": 0.02,
+              "policy": {"k": 1, "n": 1, "cooldownS": 0, "heartbeatTimeoutS": 60, "sensorTimeoutS": 60,
+                         "startupGraceS": 60, "tripActions": ["engage_brake"], "safeStateActions": ["engage_brake"]},
+              "actuator": {"kind": "command", "timeoutS": 20, "commands": {"engage_brake": str(script)}}}
+
+    def event(asset: str) -> dict[str, Any]:
+        return {"event_id": uuid.uuid4().hex, "asset": asset, "ts": time.time(), "score": 2.0, "threshold": 1.0,
+                "is_anomaly": True, "published_at": time.time()}
+
+    async with bus_server(short_tmp) as server, action_component(server, config, short_tmp), \
+            client(server.socket_path) as tc, tc.subscribe("actions/+") as actions:
+        await tc.publish("anomaly/t2", event("t2"))
+        for _ in range(500):  # bounded: t2's brake command starts within milliseconds
+            if started.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert started.exists(), "t2's brake command did not start"
+        await tc.publish("anomaly/t1", event("t1"))
+        try:
+            async with asyncio.timeout(5):  # t2's command runs until released (or 8 s): t1 must not wait for it
+                first = (await anext(actions)).payload
+        finally:
+            release.touch()
+        async with asyncio.timeout(20):
+            second = (await anext(actions)).payload
+    assert (first["asset"], first["state"]) == ("t1", "latched"), first
+    assert (second["asset"], second["state"]) == ("t2", "latched"), second
+    assert all(o["ok"] for o in first["outcomes"] + second["outcomes"]), (first, second)
+
+
+async def test_decisions_of_many_assets_side_by_side_are_all_audited(short_tmp: Path) -> None:
+    """Decisions of different assets are applied concurrently (the test above), so the audit log's one
+    SQLite connection is used from the event loop (each write-ahead intent) and the audit worker (each
+    durable outcome) at once. Without the audit log's lock, transactions interleaved: 'cannot start a
+    transaction within a transaction', 'Safety level may not be changed inside a transaction', and
+    decisions acted on but never recorded."""
+    import sqlite3
+    import uuid
+
+    from ingest_action_kit import bus, client
+
+    from components.protective_action.actuators import SimulatedActuator
+    from components.protective_action.audit import AuditLog
+    from components.protective_action.config import load_config
+    from components.protective_action.service import ActionService
+
+    assets = [f"a{i}" for i in range(6)]
+    cfg = load_config({"assets": assets, "policy": {
+        "k": 1, "n": 1, "latch": False, "releaseCount": 1, "releaseRatio": 1.0, "cooldownS": 0,
+        "heartbeatTimeoutS": 60, "sensorTimeoutS": 60, "startupGraceS": 60}})
+    flips = 60
+    async with bus(short_tmp) as path, client(path, "action") as ac, client(path) as tc, \
+            tc.subscribe("actions/+", queue_size=10_000, policy="block") as acks:
+        audit = AuditLog(short_tmp / "audit.db")
+        service = ActionService(ac, cfg, audit, actuator=SimulatedActuator())
+        task = asyncio.create_task(service.serve())
+        try:
+            await asyncio.sleep(0.1)  # subscriptions in place
+            for i in range(flips):  # every event flips its asset: tripped, normal, tripped, ...
+                for a in assets:
+                    await tc.publish(f"anomaly/{a}", {"event_id": uuid.uuid4().hex, "asset": a, "ts": time.time(),
+                                                      "score": 2.0 if i % 2 == 0 else 0.1, "threshold": 1.0})
+            acked = 0  # a decision whose audit failed is never acknowledged: wait for the others, bounded
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while acked < flips * len(assets):
+                        await anext(acks)
+                        acked += 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            service.close()
+            audit.close()
+    with sqlite3.connect(short_tmp / "audit.db") as conn:
+        recorded = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+    assert service.stats.audit_failures == 0, service.stats.audit_failures
+    assert recorded == acked == flips * len(assets), (recorded, acked)
