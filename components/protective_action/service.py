@@ -324,28 +324,46 @@ class ActionService:
 
         An asset in the safe state or with a silent detector or sensor stream gets none, so its
         external timer runs out as well (the same verdict twice, in hardware). A failed call is logged
-        when the calls start or stop failing, not every time."""
+        when the calls start or stop failing, not every time. The assets' calls run side by side."""
+        await asyncio.gather(*(self._keepalive_one(asset) for asset in self._keepalive_due()))
+
+    def _keepalive_due(self) -> list[str]:
         now = self.clocks.monotonic()
-        for asset, policy in list(self.policies.items()):
-            if policy.state is State.SAFE_STATE or policy.stale(now) is not None:
-                continue
-            outcome = await self.actuator.execute(ActionRequest("keepalive", asset, "", "keepalive"))
-            self.stats.keepalives += 1
-            if not outcome.ok:
-                self.stats.keepalive_failures += 1
-                if asset not in self._keepalive_failing:
-                    log.error("action.keepalive_failed", asset=asset, detail=outcome.detail)
-                self._keepalive_failing.add(asset)
-            elif asset in self._keepalive_failing:
-                log.info("action.keepalive_recovered", asset=asset)
-                self._keepalive_failing.discard(asset)
+        return [asset for asset, policy in list(self.policies.items())
+                if policy.state is not State.SAFE_STATE and policy.stale(now) is None]
+
+    async def _keepalive_one(self, asset: str) -> None:
+        outcome = await self.actuator.execute(ActionRequest("keepalive", asset, "", "keepalive"))
+        self.stats.keepalives += 1
+        if not outcome.ok:
+            self.stats.keepalive_failures += 1
+            if asset not in self._keepalive_failing:
+                log.error("action.keepalive_failed", asset=asset, detail=outcome.detail)
+            self._keepalive_failing.add(asset)
+        elif asset in self._keepalive_failing:
+            log.info("action.keepalive_recovered", asset=asset)
+            self._keepalive_failing.discard(asset)
 
     async def _keepalives(self) -> None:
+        """Each asset's refresh on its own: one asset's keepalive program that hangs (until its
+        ``timeoutS``) must not let another asset's external timer run out. An asset whose call is
+        still running skips the round."""
+        running: set[str] = set()
+
+        async def one(asset: str) -> None:
+            try:
+                await self._keepalive_one(asset)
+            finally:
+                running.discard(asset)
+
         while True:
             every = self.cfg.actuator.keepalive_s
             await asyncio.sleep(every or 1.0)  # off: look again in a second (a new configuration may turn it on)
             if every:
-                await self.keepalive()
+                for asset in self._keepalive_due():
+                    if asset not in running:
+                        running.add(asset)
+                        self._spawn(one(asset))
 
     async def serve(self, changes: AsyncIterator[ActionConfig] | None = None) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -331,3 +331,41 @@ async def test_decisions_of_many_assets_side_by_side_are_all_audited(short_tmp: 
         recorded = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
     assert service.stats.audit_failures == 0, service.stats.audit_failures
     assert recorded == acked == flips * len(assets), (recorded, acked)
+
+
+async def test_a_hung_keepalive_of_one_asset_does_not_starve_another_assets_dead_man_timer(short_tmp: Path) -> None:
+    """actuator.keepaliveS with a command: t2's keepalive program hangs (until the test releases it), t1's
+    returns at once. t1's external timer must keep being refreshed meanwhile; before, the assets were
+    refreshed one after the other, so t1's refresh waited for t2's program (up to timeoutS) and t1's
+    dead-man timer could run out although t1's protection was working."""
+    from ingest_action_kit import action_component, bus_server, client
+
+    t1_log, release = short_tmp / "t1-keepalives", short_tmp / "t2-release"
+    script = short_tmp / "keepalive.sh"
+    script.write_text(f'#!/bin/sh\nif [ "$NUCLEUS_ASSET" = t2 ]; then\n  i=0\n'
+                      f'  while [ ! -e {release} ] && [ $i -lt 400 ]; do sleep 0.02; i=$((i+1)); done\n'
+                      f'else\n  echo . >> {t1_log}\nfi\n')
+    script.chmod(0o755)
+    config = {"assets": ["t1", "t2"], "checkIntervalS": 0.02,
+              "policy": {"heartbeatTimeoutS": 60, "sensorTimeoutS": 60, "startupGraceS": 60},
+              "actuator": {"kind": "command", "timeoutS": 20, "keepaliveS": 0.1,
+                           "commands": {"engage_brake": "/bin/true", "pitch_to_feather": "/bin/true",
+                                        "keepalive": str(script)}}}
+
+    def refreshes() -> int:
+        return len(t1_log.read_text().splitlines()) if t1_log.exists() else 0
+
+    async with bus_server(short_tmp) as server, action_component(server, config, short_tmp), \
+            client(server.socket_path) as tc:
+        await tc.publish("heartbeat/anomaly_detector", {})
+        await tc.publish("sensors/t1/raw", {})
+        await tc.publish("sensors/t2/raw", {})
+        try:
+            for _ in range(400):  # bounded (4 s): t2's program hangs for 8 s unless released
+                if refreshes() >= 5:
+                    break
+                await asyncio.sleep(0.01)
+            seen = refreshes()
+        finally:
+            release.touch()
+    assert seen >= 5, f"t1 refreshed {seen} times in 4 s while t2's keepalive hung (keepaliveS 0.1)"
