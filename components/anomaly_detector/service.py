@@ -156,8 +156,12 @@ class Detector:
 
     def _on_batch(self, topic: str, payload: Any) -> None:
         model = self.model
-        asset = payload.get("asset") if isinstance(payload, dict) else None
-        asset = asset if isinstance(asset, str) and asset else asset_of(topic)
+        claimed = payload.get("asset") if isinstance(payload, dict) else None
+        # The batch's own asset names it (a sensorTopic of another shape may put it at another level), but
+        # only if the topic carries it too: publishing is authorized per topic, and a batch on
+        # sensors/turbine-3/raw that says turbine-1 must not add samples to turbine-1's windows.
+        mismatch = isinstance(claimed, str) and bool(claimed) and claimed not in topic.split("/")
+        asset = claimed if isinstance(claimed, str) and claimed and not mismatch else asset_of(topic)
         self.last_batch[asset] = time.monotonic()
         if model is None:
             self.skipped["no_model"] += 1
@@ -169,6 +173,10 @@ class Detector:
         if w is None:
             card = model.card
             w = self.windowers[asset] = Windower(list(card.channels), card.window, card.hop, card.sample_rate_hz)
+        if mismatch:
+            w.skipped["asset_mismatch"] += 1
+            self._log_skips(asset, w)
+            return
         before = sum(w.skipped.values())
         windows = w.push(payload)
         if sum(w.skipped.values()) != before:

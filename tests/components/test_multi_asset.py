@@ -369,3 +369,35 @@ async def test_a_hung_keepalive_of_one_asset_does_not_starve_another_assets_dead
         finally:
             release.touch()
     assert seen >= 5, f"t1 refreshed {seen} times in 4 s while t2's keepalive hung (keepaliveS 0.1)"
+
+
+def test_a_batch_on_one_assets_topic_never_joins_another_assets_windows(tmp_path: Path) -> None:
+    """Publishing is authorized per topic: a producer allowed sensors/turbine-3/raw that says
+    ``asset: turbine-1`` in its batch fed turbine-1's windows (and turbine-1's scored windows went out on
+    anomaly/turbine-1), so one asset's samples were mixed into another's. Now the batch's own asset
+    counts only if the topic carries it; otherwise the batch is dropped and counted under the topic's
+    asset as ``asset_mismatch``."""
+    from anomaly_models import BATCH, build, healthy
+    from anomaly_models import batch as sensor_batch
+
+    from components.anomaly import signing
+    from components.anomaly_detector.config import load_config
+    from components.anomaly_detector.scoring import load_model
+    from components.anomaly_detector.service import Detector
+
+    pkg = build(tmp_path, "1.0.0")
+    detector = Detector(None, load_config({"trustedKeys": [pkg.public_key]}))  # type: ignore[arg-type]
+    detector.model = load_model(pkg.model_dir, component="com.nucleus.TurbineModel", version="1.0.0",
+                                trusted=signing.trusted_key_map([pkg.public_key]))
+    for seq in range(4):  # turbine-1's own stream, and turbine-3's producer claiming turbine-1
+        data = healthy(BATCH, start=seq * BATCH)
+        detector._on_batch("sensors/turbine-1/raw", sensor_batch(seq, data, asset="turbine-1"))
+        detector._on_batch("sensors/turbine-3/raw", sensor_batch(100 + seq, data * 50, asset="turbine-1"))
+    per_asset = detector.per_asset()
+    assert per_asset["turbine-1"]["skipped"] == {}, per_asset  # one stream, in order: nothing else got in
+    assert per_asset["turbine-3"]["skipped"] == {"asset_mismatch": 4}, per_asset
+    assert {p.asset for p in list(detector.queue._queue)} == {"turbine-1"}  # type: ignore[attr-defined]
+    assert detector.queue.qsize() == (4 * BATCH - 128) // 64 + 1  # turbine-1's windows only (window 128, hop 64)
+    # A sensorTopic of another shape: the batch's asset is one of the topic's levels, and is used.
+    detector._on_batch("plant/north/turbine-7/raw", sensor_batch(0, healthy(BATCH), asset="turbine-7"))
+    assert "turbine-7" in detector.windowers and "north" not in detector.windowers
