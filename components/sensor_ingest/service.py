@@ -111,7 +111,9 @@ class IngestService:
             if step.delay_s > 0:
                 await asyncio.sleep(step.delay_s)
             t0 = epoch + sim.sample_index / cfg.rate_hz
-            yield Batch(t0, cfg.rate_hz, sim.channels, sim.generate(n))
+            # After a skipped backlog the samples jump while seq does not: say so, or a consumer's window
+            # would join both sides of the jump.
+            yield Batch(t0, cfg.rate_hz, sim.channels, sim.generate(n), follows_gap=step.skipped > 0)
 
     async def _csv_batches(self, pacer: Pacer) -> AsyncIterator[Batch]:
         cfg = self.cfg

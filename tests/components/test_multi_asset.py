@@ -401,3 +401,28 @@ def test_a_batch_on_one_assets_topic_never_joins_another_assets_windows(tmp_path
     # A sensorTopic of another shape: the batch's asset is one of the topic's levels, and is used.
     detector._on_batch("plant/north/turbine-7/raw", sensor_batch(0, healthy(BATCH), asset="turbine-7"))
     assert "turbine-7" in detector.windowers and "north" not in detector.windowers
+
+
+async def test_a_skipped_simulator_backlog_is_marked_as_a_gap() -> None:
+    """On a busy box (three ingests, a detector and an action on two cores) an ingest can stall past
+    ``maxBurst``. The simulator then skips the backlog in whole batches, so the next batch's samples
+    start later, but its ``seq`` is the next one: without ``follows_gap`` the detector joined the two
+    sides of the jump into one window, and the asset's heartbeat counted no gap at all."""
+    from components.sensor_ingest.batch import Sequencer
+    from components.sensor_ingest.config import load_config as ingest_config
+    from components.sensor_ingest.pacing import Pacer
+    from components.sensor_ingest.service import Clocks, IngestService
+
+    now = [0.0]
+    cfg = ingest_config({"asset": "turbine-2", "batchSize": 100, "rateHz": 1000, "maxBurst": 3})
+    service = IngestService(None, cfg, Clocks(monotonic=lambda: now[0], wall=lambda: 1000.0))  # type: ignore[arg-type]
+    batches = service._sim_batches(Pacer(cfg.max_burst))
+    sequencer = Sequencer(cfg.asset, "sim")
+    payloads = [sequencer.payload(await anext(batches))]  # the schedule's anchor: sleeps one period (0.1 s)
+    now[0] = 5.0  # the ingest stalled for ~5 s: 3 batches of burst, then the backlog is skipped
+    payloads += [sequencer.payload(await anext(batches)) for _ in range(6)]
+    await batches.aclose()
+    jumps = [i for i in range(1, len(payloads)) if payloads[i]["t0"] - payloads[i - 1]["t0"] > 0.1 + 1e-6]
+    assert len(jumps) == 1 and service.skipped_batches > 0, (jumps, service.skipped_batches)
+    assert [bool(p.get("follows_gap")) for p in payloads] == [i in jumps for i in range(len(payloads))]
+    assert [p["seq"] for p in payloads] == list(range(len(payloads)))  # seq stays consecutive: the flag says it
