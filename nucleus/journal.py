@@ -281,6 +281,11 @@ class Journal:
             # a copy of the device's whole configuration.
             db.execute("update deployments set previous = json_object('active', json_extract(previous, '$.active')) "
                        "where id = ? and previous is not null", [deployment_id])
+            # Likewise the recipe texts of the request: read to run it, never once it has ended (the store
+            # holds the recipes of what runs); the source names stay, for whoever reads the history.
+            row = db.execute("select request from deployments where id = ?", [deployment_id]).fetchone()
+            if row is not None and (trimmed := _without_recipe_texts(row[0])) is not None:
+                db.execute("update deployments set request = ? where id = ?", [trimmed, deployment_id])
             if active is not None:
                 self._set_active(db, active)
             self._prune(db)
@@ -313,6 +318,16 @@ class Journal:
                     [deployment_id, after_seq],
                 )
             )
+
+
+def _without_recipe_texts(request: str | None) -> str | None:
+    """The request JSON with each recipe's ``text`` dropped, or None if it has none to drop."""
+    data = _loads(request)
+    recipes = data.get("recipes") if isinstance(data, dict) else None
+    if not isinstance(recipes, list) or not any(isinstance(r, dict) and "text" in r for r in recipes):
+        return None
+    data["recipes"] = [{k: v for k, v in r.items() if k != "text"} if isinstance(r, dict) else r for r in recipes]
+    return json.dumps(data)
 
 
 def _loads(text: str | None) -> Any:

@@ -106,28 +106,32 @@ def test_failed_versions_do_not_pile_up_in_the_store(daemon: Any, short_tmp: Pat
     assert daemon.components()["test.App"]["version"] == "4.0.0"
 
 
-def test_a_finished_deployment_keeps_only_the_set_it_replaced_not_the_configuration_snapshot(tmp_path: Path) -> None:
-    """The snapshot a rollback restores held every component's configuration; kept in every finished row
-    of the history, 256 deployments of a device with 200 KB of configuration would hold 50 MB."""
+def test_a_finished_deployment_keeps_neither_the_configuration_snapshot_nor_the_recipe_texts(tmp_path: Path) -> None:
+    """The snapshot a rollback restores held every component's configuration, and the request every recipe's
+    text; kept in every finished row of the history, 256 deployments of a device with 200 KB of
+    configuration would hold 50 MB."""
     db = tmp_path / "nucleus.db"
     journal = Journal(db)
     try:
         before = ActiveSet(components={"A": "1.0.0", "B": "1.0.0"})
         snapshot = {"active": before.to_json(), "configs": {"A": {"table": "x" * 100_000}},
                     "recipes": {"A@1.0.0": {"ComponentName": "A"}}, "artifacts": []}
+        request = {"group": "g", "recipes": [{"source": "/r/A-1.0.0.yaml", "format": "yaml", "text": "y" * 50_000}]}
         for did in ("running", "done"):
-            journal.enqueue(did, "g", {})
+            journal.enqueue(did, "g", request)
             journal.update(did, previous=snapshot)
         journal.finish("done", DeploymentStatus.FAILED_ROLLBACK_COMPLETE, active=before)
         done = journal.get("done")
         assert done is not None and done.previous == {"active": before.to_json()}
         assert ActiveSet.from_json(done.previous["active"]).components == before.components
-        running = journal.get("running")  # still in progress: a restart restores from it
-        assert running is not None and running.previous == snapshot
+        assert done.request == {"group": "g", "recipes": [{"source": "/r/A-1.0.0.yaml", "format": "yaml"}]}
+        running = journal.get("running")  # still in progress: a restart restores from it and re-reads its recipes
+        assert running is not None and running.previous == snapshot and running.request == request
     finally:
         journal.close()
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("select length(previous) from deployments where id = 'done'").fetchone()[0] < 200
+        sizes = conn.execute("select length(previous), length(request) from deployments where id = 'done'").fetchone()
+        assert sizes[0] < 200 and sizes[1] < 200
     finally:
         conn.close()
