@@ -90,6 +90,7 @@ class Farm:
         raise AssertionError(f"timed out waiting for {what}; decisions {decided}; last heartbeat {hb}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_three_turbines_one_detector_one_action(daemon_factory: Any, short_tmp: Path) -> None:
     out = short_tmp / "out"
