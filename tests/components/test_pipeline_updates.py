@@ -162,7 +162,8 @@ def test_model_then_detector_update_alone_keep_the_others_running_and_miss_no_de
         DETECTOR: {"MERGE": {"trustedKeys": [v1.public_key], "heartbeatIntervalS": 0.2, "modelPollIntervalS": 1.0}},
         ACTION: {"MERGE": {"policy": {"k": 1, "n": 1, "latch": False, "tripRatio": 1.0, "releaseRatio": 1.0,
                                       "releaseCount": 1, "cooldownS": 0, "tripActions": ["engage_brake"],
-                                      "heartbeatTimeoutS": HEARTBEAT_TIMEOUT_S, "sensorTimeoutS": 5}}},
+                                      "heartbeatTimeoutS": HEARTBEAT_TIMEOUT_S, "windowTimeoutS": HEARTBEAT_TIMEOUT_S,
+                                      "sensorTimeoutS": 5}}},
     }
     daemon = daemon_factory()
     watch = Watch(daemon, short_tmp)

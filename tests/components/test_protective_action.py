@@ -371,9 +371,10 @@ async def test_a_likelihood_stream_trips_the_action_process_only_with_the_is_ano
 
 # --- under a real daemon, killed with SIGKILL mid-burst -------------------------------------------
 
+# No detector and no ingest here (the test publishes the events): every input timeout off or far away.
 BURST_CONFIG = {"assets": ["wt-1"], "policy": {
     "k": 1, "n": 1, "releaseCount": 1, "latch": False, "cooldownS": 0, "heartbeatTimeoutS": 600,
-    "sensorTimeoutS": 600, "startupGraceS": 600, "tripActions": ["engage_brake"]}}
+    "sensorTimeoutS": 600, "windowTimeoutS": 0, "startupGraceS": 600, "tripActions": ["engage_brake"]}}
 
 
 @pytest.mark.slow
