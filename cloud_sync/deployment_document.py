@@ -144,6 +144,24 @@ def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def combine_config_updates(texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Several ``--update-config`` documents (the option given more than once) as one.
+
+    With a plain option the last one silently replaced the others, dropping, say, the detector's
+    trusted keys from a first document. Each component may appear in one document only: two updates
+    of one component would need an order nobody wrote down. Raises ValueError naming it.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, str] = {}
+    for text in texts or []:
+        for name, update in parse_config_updates(text).items():
+            if name in out:
+                raise ValueError(f"{name} is updated by two documents ({seen[name]} and {text[:60]}): put its "
+                                 "MERGE and RESET in one")
+            out[name], seen[name] = update, text[:60]
+    return out
+
+
 class Rollout(BaseModel):
     """How the start of a deployment is spread over the fleet (see :func:`start_delay`).
 

@@ -36,9 +36,9 @@ from cloud_sync.deployment_document import (
     RecipeText,
     Rollout,
     Target,
+    combine_config_updates,
     new_document,
     parse,
-    parse_config_updates,
     to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
@@ -419,11 +419,9 @@ def _target(args: argparse.Namespace) -> Target:
         raise FleetError(f"--group/--thing: {exc}") from exc
 
 
-def _config_updates(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
+def _config_updates(texts: list[str] | None) -> dict[str, Any]:
     try:
-        return parse_config_updates(text)
+        return combine_config_updates(texts)
     except ValueError as exc:
         raise FleetError(f"--update-config: {exc}") from exc
 
@@ -522,7 +520,9 @@ def build_parser(validate_recipe: Callable[[Path], object] | None = None) -> arg
     d.add_argument("--artifacts-url", metavar="BASE",
                    help="devices fetch non-http artifacts from BASE/<component>/<version>/<file>")
     d.add_argument("--recipe-dir", action="append", metavar="DIR", help="more recipes (dependencies), not roots")
-    d.add_argument("--update-config", metavar="JSON", help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file')
+    d.add_argument("--update-config", action="append", metavar="JSON",
+                   help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file; may be given again for other '
+                   "components")
     d.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
     d.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
     d.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success")

@@ -105,13 +105,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def _parse_config_update(text: str | None) -> dict[str, dict[str, Any]]:
-    from cloud_sync.deployment_document import parse_config_updates
+def _parse_config_update(texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    from cloud_sync.deployment_document import combine_config_updates
 
-    if not text:
-        return {}
     try:
-        return parse_config_updates(text)
+        return combine_config_updates(texts)
     except ValueError as exc:
         raise NucleusError(str(exc), field="--update-config") from exc
 
@@ -471,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="RECIPE_OR_DIR")
     p.add_argument("--artifacts", action="append", metavar="DIR",
                    help="artifact directory laid out as DIR/<name>/<version>/<file>")
-    p.add_argument("--update-config", metavar="JSON",
-                   help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json')
+    p.add_argument("--update-config", action="append", metavar="JSON",
+                   help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json; may be given again for other '
+                   "components")
     p.add_argument("--recipe-dir", action="append", metavar="DIR",
                    help="add these recipes to the local store without making them roots (for this deployment's "
                    "resolution: versions no deployment uses are removed after the next successful one)")

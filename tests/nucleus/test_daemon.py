@@ -265,6 +265,16 @@ def test_update_config_reset_then_merge(daemon: Any, short_tmp: Path) -> None:
     daemon.cli("deploy", "--update-config", json.dumps(reset))
     cfg = json.loads(daemon.cli("status", "test.Cfg").stdout)["configuration"]
     assert cfg == {"tag": "v1", "nested": {"a": 1, "b": [1, 2]}}
+    # --update-config given twice, for two components: both apply (the second replaced the first).
+    other = write_recipe(short_tmp / "r", "test.Cfg2", "1.0.0", run=SLEEPER, config={"x": 0})
+    daemon.cli("deploy", str(other), "--update-config", json.dumps({"test.Cfg": {"MERGE": {"tag": "v2"}}}),
+               "--update-config", json.dumps({"test.Cfg2": {"MERGE": {"x": 1}}}))
+    assert json.loads(daemon.cli("status", "test.Cfg").stdout)["configuration"]["tag"] == "v2"
+    assert json.loads(daemon.cli("status", "test.Cfg2").stdout)["configuration"]["x"] == 1
+    twice = daemon.cli("deploy", "--update-config", json.dumps({"test.Cfg": {"MERGE": {"tag": "v3"}}}),
+                       "--update-config", json.dumps({"test.Cfg": {"RESET": ["/tag"]}}), check=False)
+    assert twice.returncode == 1 and "test.Cfg is updated by two documents" in twice.stderr, twice.stderr
+    assert json.loads(daemon.cli("status", "test.Cfg").stdout)["configuration"]["tag"] == "v2"  # nothing sent
 
 
 def test_second_deploy_is_queued_and_cli_says_so(daemon: Any, short_tmp: Path) -> None:
