@@ -201,6 +201,7 @@ class IpcCore:
         self._authz_gen = 0
         self._denials: dict[tuple[str, str, str], float] = {}
         self._replies: dict[str, asyncio.Future[bytes]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.register("pubsub.publish", self._op_publish)
         self.register("pubsub.request", self._op_request)
         self.register("pubsub.reply", self._op_reply)
@@ -255,11 +256,26 @@ class IpcCore:
     def sessions(self) -> list[SessionInfo]:
         return [s.info() for s in self._sessions.values()]
 
-    async def close_sessions_of(self, principal_name: str) -> None:
-        for s in [s for s in self._sessions.values() if s.principal.name == principal_name]:
+    async def close_sessions_of(self, principal_name: str, *, kind: str | None = None) -> None:
+        """End the live sessions of a principal (of one ``kind`` only, when given), connections too."""
+        for s in [s for s in self._sessions.values()
+                  if s.principal.name == principal_name and (kind is None or s.principal.kind == kind)]:
             if s.closer is not None:
                 await s.closer()
             self.end_session(s)
+
+    def revoke_sessions(self, principal_name: str, kind: str) -> None:
+        """:meth:`close_sessions_of` for synchronous callers (a token rotated or removed): a session
+        authenticated with a token that no longer exists must not outlive it. Its subscriptions end
+        now; its connections close on the next turn of the loop."""
+        doomed = [s for s in self._sessions.values() if s.principal.name == principal_name and s.principal.kind == kind]
+        for s in doomed:
+            closer = s.closer
+            self.end_session(s)
+            if closer is not None:
+                task = asyncio.ensure_future(closer())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     # --- authorization ------------------------------------------------------------------------------
     @property
@@ -279,12 +295,14 @@ class IpcCore:
         key = (service, operation, resource)
         if cache is not None:
             session = self._sessions.get(ctx.session_id)
-            if session is not None:
-                now = self.clock()
-                if session.authz_gen != self._authz_gen or now - session.authz_since > self.authz_cache_ttl:
-                    cache.clear()
-                    session.authz_gen = self._authz_gen
-                    session.authz_since = now
+            if session is None:
+                # Ended (token revoked, component removed) while its connection is still draining.
+                raise Unauthenticated("the session was closed by the nucleus")
+            now = self.clock()
+            if session.authz_gen != self._authz_gen or now - session.authz_since > self.authz_cache_ttl:
+                cache.clear()
+                session.authz_gen = self._authz_gen
+                session.authz_since = now
             allowed = cache.get(key)
             if allowed is None:
                 allowed = bool(self.authorizer.is_authorized(principal, service, operation, resource))

@@ -15,7 +15,9 @@ MQTT-flavoured services (local pub/sub and the IoT Core proxy) ``+`` matches one
 a trailing ``/#`` any number of levels (``a/#`` also matches ``a``) when they are used as MQTT
 wildcards (a whole level), otherwise they are plain characters; ``${c}`` escapes a character
 (``${*}`` is a literal star). The resource checked for a subscription is the subscribed filter
-itself, so ``sensors/#`` allows subscribing to ``sensors/+/raw`` but ``sensors/a/raw`` does not.
+itself, so ``sensors/#`` allows subscribing to ``sensors/+/raw`` but ``sensors/a/raw`` does not, and
+a policy's ``+`` level admits a filter's ``+`` but not its ``#`` (``sensors/+`` does not allow
+``sensors/#``; the Java nucleus's trie lets that one through).
 
 The bus asks for every publish, so decisions are cached per principal and invalidated when that
 principal's policies change; each per-principal cache is bounded.
@@ -238,7 +240,10 @@ def resource_regex(resource: str, *, mqtt: bool) -> str:
     for i, level in enumerate(levels):
         last = i == len(levels) - 1
         if level == "+":
-            piece = "[^/]*"
+            # One level of a topic, or a "+" of a subscribed filter, never its "#": "sensors/+" must
+            # not let a component subscribe to "sensors/#" and receive every level below. ("#" is
+            # in no valid topic, and in a valid filter only as a whole last level.)
+            piece = "[^/#]*"
         elif level == "#" and last:
             # "a/#" matches "a", "a/" and "a/x/y": the separator belongs to the wildcard.
             parts.append("(?:/.*)?" if i > 0 else ".*")

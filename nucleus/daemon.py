@@ -174,6 +174,7 @@ class Daemon:
         identities = Identities(paths, check_peer_pid=self.settings.ipc.check_peer_pid)
         variables = {"iot:thingName": self.settings.thing_name}
         core = IpcCore(identities, authorizer)
+        identities.on_client_revoked = lambda name: core.revoke_sessions(name, "client")
 
         def apply_policies(component: str, doc: Any) -> None:
             _set_policies(component, doc)

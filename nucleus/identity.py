@@ -78,6 +78,9 @@ class Identities:
         self._component_tokens: dict[str, str] = {}
         self._component_pids = component_pids
         self._check_peer_pid = check_peer_pid and Path("/proc/self/stat").exists()
+        #: Called with a declared client's name when its token is rotated or removed, so that the
+        #: sessions opened with the old token end with it (the daemon ends them in the IPC core).
+        self.on_client_revoked: Callable[[str], None] | None = None
         self.cli_token = _new_token()
         self._by_token[self.cli_token] = Principal(CLI_PRINCIPAL, "nucleus")
         _write_private(paths.cli_token, self.cli_token)
@@ -116,10 +119,11 @@ class Identities:
                 self._by_token[token] = Principal(file.stem, "client")
 
     def add_client(self, name: str) -> str:
-        """Create (or rotate) a declared client's token; stored owner-only, returned once."""
-        for token, principal in list(self._by_token.items()):
-            if principal.kind == "client" and principal.name == name:
-                del self._by_token[token]
+        """Create (or rotate) a declared client's token; stored owner-only, returned once.
+
+        Rotating ends the sessions of the old token: rotation is how a leaked token is revoked."""
+        if self._drop_client_tokens(name) and self.on_client_revoked is not None:
+            self.on_client_revoked(name)
         token = _new_token()
         _write_private(self._paths.client_token(name), token + "\n")
         self._by_token[token] = Principal(name, "client")
@@ -137,10 +141,18 @@ class Identities:
         self.add_client(name)
         return True
 
-    def remove_client(self, name: str) -> None:
+    def _drop_client_tokens(self, name: str) -> bool:
+        dropped = False
         for token, principal in list(self._by_token.items()):
             if principal.kind == "client" and principal.name == name:
                 del self._by_token[token]
+                dropped = True
+        return dropped
+
+    def remove_client(self, name: str) -> None:
+        """Forget a declared client's token and end its live sessions."""
+        if self._drop_client_tokens(name) and self.on_client_revoked is not None:
+            self.on_client_revoked(name)
         with contextlib.suppress(FileNotFoundError):
             self._paths.client_token(name).unlink()
 

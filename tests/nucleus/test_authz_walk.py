@@ -1,0 +1,113 @@
+"""A hostile local client against a real daemon's authorization (docs/configuration.md "Access
+control"), on both sockets: each test is a hole the security walk found, checked the way an
+attacker would try it.
+
+Declared clients (``nucleus client add``) stand for components here: they are the same kind of
+principal for the authorizer, and need no deployment, so each check takes a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipc import Client
+from ipc.errors import ConnectionClosed, IpcError, Unauthenticated, Unauthorized
+
+pytestmark = pytest.mark.slow
+
+ALL_PUBSUB = {"aws.greengrass.ipc.pubsub": {"all": {"operations": ["*"], "resources": ["*"]}}}
+
+
+def add_client(daemon: Any, name: str, policy: dict[str, Any]) -> str:
+    """Declare (or rotate) client NAME with POLICY; its token."""
+    policy_file = daemon.root.parent / f"{name}.json"
+    policy_file.write_text(json.dumps(policy))
+    return str(daemon.cli("client", "add", name, "--policy", str(policy_file)).stdout.strip().splitlines()[-1])
+
+
+def connect(daemon: Any, name: str, token: str) -> Client:
+    return Client(Path(daemon.root) / "ipc.sock", token, name=name)
+
+
+async def first_topic(sub: Any, timeout: float = 1.0) -> str | None:
+    try:
+        msg = await asyncio.wait_for(sub.__anext__(), timeout)
+    except TimeoutError:
+        return None
+    return str(msg.topic)
+
+
+def test_a_one_level_grant_does_not_allow_subscribing_to_every_level(gg_daemon: Any) -> None:
+    """A policy ``sensors/+`` allowed subscribing to ``sensors/#``: the policy's ``+`` matched the
+    filter's ``#`` as one level's text, and the subscriber then received ``sensors/a/secret``, a
+    topic its policy does not cover. ``sensors/+`` itself stays allowed."""
+    evil = add_client(gg_daemon, "walk-evil-plus", {"aws.greengrass.ipc.pubsub": {"p": {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["sensors/+", "cmd/+/now"]}}})
+    pub = add_client(gg_daemon, "walk-pub-plus", ALL_PUBSUB)
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk-evil-plus", evil) as e, connect(gg_daemon, "walk-pub-plus", pub) as p:
+            for refused in ("sensors/#", "cmd/#", "cmd/+/#", "#"):
+                with pytest.raises(Unauthorized, match="SubscribeToTopic"):
+                    async with e.subscribe(refused):
+                        pass
+            async with e.subscribe("sensors/+") as sub:
+                await p.publish("sensors/a/secret", b"x", confirm=True)
+                await p.publish("sensors/a", b"x", confirm=True)
+                assert await first_topic(sub) == "sensors/a"
+
+    asyncio.run(main())
+
+
+def test_a_one_level_grant_does_not_allow_every_level_on_the_greengrass_socket(gg_daemon: Any) -> None:
+    """The same hole through awsiotsdk's SubscribeToTopic on gg.sock."""
+    pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
+    from awsiot.greengrasscoreipc import connect as gg_connect  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.model import UnauthorizedError  # type: ignore[import-untyped]
+
+    token = add_client(gg_daemon, "walk-gg-plus", {"aws.greengrass.ipc.pubsub": {"p": {
+        "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["sensors/+"]}}})
+    client = GreengrassCoreIPCClientV2(client=gg_connect(ipc_socket=str(gg_daemon.root / "gg.sock"),
+                                                         authtoken=token, timeout=10))
+    try:
+        with pytest.raises(UnauthorizedError):
+            client.subscribe_to_topic(topic="sensors/#", on_stream_event=print)
+        _, op = client.subscribe_to_topic(topic="sensors/+", on_stream_event=print)
+        op.close()
+    finally:
+        client.close()
+
+
+def test_rotating_a_client_token_ends_the_sessions_of_the_old_one(gg_daemon: Any) -> None:
+    """``nucleus client add NAME`` again rotates the token (how a leaked one is revoked), but a
+    session opened with the old token went on publishing and receiving: the old token was only
+    dropped from the table that new connections are checked against. Now its sessions end, and the
+    old token opens no new one; the new token works."""
+    old = add_client(gg_daemon, "walk-rotated", ALL_PUBSUB)
+    pub = add_client(gg_daemon, "walk-pub-rot", ALL_PUBSUB)
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk-rotated", old) as e, connect(gg_daemon, "walk-pub-rot", pub) as p, \
+                e.subscribe("rot/#") as sub:
+            await p.publish("rot/before", b"x", confirm=True)
+            assert await first_topic(sub) == "rot/before"
+            new = add_client(gg_daemon, "walk-rotated", ALL_PUBSUB)
+            with pytest.raises((ConnectionClosed, Unauthenticated)):
+                for _ in range(50):  # bounded: the session ends within a moment of the rotation
+                    await e.publish("rot/mine", b"x", confirm=True)
+                    await asyncio.sleep(0.05)
+            with pytest.raises(IpcError):
+                await first_topic(sub)
+        with pytest.raises(Unauthenticated):
+            async with connect(gg_daemon, "walk-rotated", old):
+                pass
+        async with connect(gg_daemon, "walk-rotated", new) as fresh:
+            await fresh.publish("rot/new", b"x", confirm=True)
+
+    asyncio.run(main())
