@@ -270,12 +270,15 @@ class IpcCore:
         now; its connections close on the next turn of the loop."""
         doomed = [s for s in self._sessions.values() if s.principal.name == principal_name and s.principal.kind == kind]
         for s in doomed:
-            closer = s.closer
-            self.end_session(s)
-            if closer is not None:
-                task = asyncio.ensure_future(closer())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+            self._revoke(s)
+
+    def _revoke(self, session: Session) -> None:
+        closer = session.closer
+        self.end_session(session)
+        if closer is not None:
+            task = asyncio.ensure_future(closer())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # --- authorization ------------------------------------------------------------------------------
     @property
@@ -284,8 +287,25 @@ class IpcCore:
         return self._authz_gen
 
     def policies_changed(self) -> None:
-        """Drop cached decisions now (they also expire after ``authz_cache_ttl`` seconds on their own)."""
+        """Drop cached decisions now (they also expire after ``authz_cache_ttl`` seconds on their own),
+        and end the sessions holding a subscription the new policies no longer allow.
+
+        A subscription is authorized once, when it is made; without this one made under a policy a
+        deployment has since narrowed or removed would go on receiving what the policy now denies.
+        The whole session ends (as for a revoked token), so the client sees it and any subscription it
+        makes again is checked against the new policies.
+        """
         self._authz_gen += 1
+        for session in list(self._sessions.values()):
+            principal = session.principal
+            if principal.kind == "nucleus" or not session.subscriptions:
+                continue
+            denied = [sub.filter for sub in session.subscriptions.values()
+                      if not self.authorizer.is_authorized(principal, PUBSUB, OP_SUBSCRIBE, sub.filter)]
+            if denied:
+                log.warning("ipc.session_revoked_by_policy", session_id=session.id, principal=principal.name,
+                            filters=denied[:10])
+                self._revoke(session)
 
     def check(self, ctx: CallContext, service: str, operation: str, resource: str) -> None:
         principal = ctx.principal

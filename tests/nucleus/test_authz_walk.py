@@ -111,3 +111,42 @@ def test_rotating_a_client_token_ends_the_sessions_of_the_old_one(gg_daemon: Any
             await fresh.publish("rot/new", b"x", confirm=True)
 
     asyncio.run(main())
+
+
+def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon: Any, short_tmp: Path) -> None:
+    """A subscription was authorized once, when made: after a deployment narrowed the principal's
+    policy from ``news/#`` to ``news/public``, the live ``news/#`` subscription went on receiving
+    ``news/secret``. Now the session holding it ends (the client sees the connection closed), and
+    subscribing again is checked against the new policy."""
+    from test_daemon import write_recipe
+
+    def grant(resource: str) -> dict[str, Any]:
+        return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
+                                                   "resources": [resource]}}}
+
+    # a recipe without lifecycle: a declared client whose policy deployments manage
+    recipe = write_recipe(short_tmp / "recipes", "walk.Narrowed", "1.0.0", config={"accessControl": grant("news/#")})
+    gg_daemon.cli("deploy", str(recipe))
+    token = (Path(gg_daemon.root) / "clients" / "walk.Narrowed.token").read_text().strip()
+    pub = add_client(gg_daemon, "walk-pub-narrow", ALL_PUBSUB)
+    narrow = json.dumps({"walk.Narrowed": {"MERGE": {"accessControl": grant("news/public")}}})
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk.Narrowed", token) as c, connect(gg_daemon, "walk-pub-narrow", pub) as p, \
+                c.subscribe("news/#") as sub:
+            await p.publish("news/secret", b"x", confirm=True)
+            assert await first_topic(sub) == "news/secret"
+            await asyncio.to_thread(gg_daemon.cli, "deploy", "--update-config", narrow)
+            await p.publish("news/secret", b"x", confirm=True)
+            with pytest.raises(ConnectionClosed):
+                for _ in range(20):  # bounded; without the fix it receives every one
+                    got = await first_topic(sub, 0.5)
+                    assert got != "news/secret", "a narrowed policy still delivers news/secret"
+        async with connect(gg_daemon, "walk.Narrowed", token) as again:
+            with pytest.raises(Unauthorized):
+                async with again.subscribe("news/#"):
+                    pass
+            async with again.subscribe("news/public"):
+                pass
+
+    asyncio.run(main())
