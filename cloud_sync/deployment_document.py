@@ -15,7 +15,10 @@ Checks that make a device refuse a document (status ``REJECTED``, nothing change
 * a target that is not this device or one of its groups, or that is not the topic's (``WRONG_TARGET``);
 * a root component without a recipe for exactly that version in the document, or a
   configuration update for a component the deployment does not name (``UNKNOWN_COMPONENT``);
-* a recipe that is not a mapping with a name and a version (``RECIPE_INVALID``);
+* a recipe that is not a mapping with a name and a version, or that is nested deeper than
+  :data:`MAX_DEPTH` or holds more than :data:`MAX_VALUES` values once its YAML aliases are
+  expanded (an "alias bomb" of a few hundred bytes is a billion values) (``RECIPE_INVALID``);
+* a document nested deeper than :data:`MAX_DEPTH` (``SCHEMA``);
 * an artifact without a digest, with an unsupported algorithm or a digest that is neither hex nor
   base64 of the right size (``BAD_DIGEST``);
 * an artifact the device could not fetch: a ``file:`` URI, or an ``s3:``-style URI without an
@@ -52,6 +55,11 @@ _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # thing and group names: one MQTT topic level
 _DIGEST_SIZES = {"SHA-1": 20, "SHA-224": 28, "SHA-256": 32, "SHA-384": 48, "SHA-512": 64}
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+# Bounds on what a document from the broker may make the device build. Real documents and recipes
+# nest less than 15 levels; a 128 KiB document holds at most ~64 000 values unless YAML aliases
+# repeat them. Both are checked without recursion, before anything recursive sees the data.
+MAX_DEPTH = 64
+MAX_VALUES = 250_000
 
 
 class DocumentRejected(SyncError):
@@ -281,12 +289,36 @@ def _key(mapping: Mapping[str, Any], key: str) -> str:
     return next((k for k in mapping if isinstance(k, str) and k.lower() == low), key)
 
 
+def check_shape(value: Any, *, what: str, reason: str) -> None:
+    """Refuse data nested deeper than MAX_DEPTH or with more than MAX_VALUES values, counting a
+    value each time it is reached (a YAML alias as often as it is used). Iterative, and stops at
+    the first excess: what comes from the broker must not exhaust the stack, memory or the event
+    loop of the device (``json.dumps`` of a 1 KiB alias bomb builds gigabytes)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise DocumentRejected(f"{what} holds more than {MAX_VALUES} values (YAML aliases count each time "
+                                   "they are used)", reason=reason)
+        if depth > MAX_DEPTH:
+            raise DocumentRejected(f"{what} is nested deeper than {MAX_DEPTH} levels", reason=reason)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
 def inspect_recipe(recipe: RecipeText) -> RecipeInfo:
     where = recipe.source or "recipe"
     try:
         doc = json.loads(recipe.text) if recipe.format == "json" else yaml.safe_load(recipe.text)
     except (ValueError, yaml.YAMLError) as exc:
         raise DocumentRejected(f"{where}: not valid {recipe.format.upper()}: {exc}", reason="RECIPE_INVALID") from exc
+    except RecursionError as exc:
+        raise DocumentRejected(f"{where}: nested deeper than {MAX_DEPTH} levels", reason="RECIPE_INVALID") from exc
+    check_shape(doc, what=where, reason="RECIPE_INVALID")
     if not isinstance(doc, dict):
         raise DocumentRejected(f"{where}: a recipe must be a mapping", reason="RECIPE_INVALID")
     name, version = _get(doc, "ComponentName"), _get(doc, "ComponentVersion")
@@ -348,6 +380,9 @@ def parse(data: bytes) -> DeploymentDocument:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DocumentRejected(f"not JSON: {exc}", reason="SCHEMA") from exc
+    except RecursionError as exc:  # json's C parser gives up near 1000 levels: a ~2 KiB document
+        raise DocumentRejected(f"nested deeper than {MAX_DEPTH} levels", reason="SCHEMA") from exc
+    check_shape(raw, what="the document", reason="SCHEMA")
     try:
         return DeploymentDocument.model_validate(raw)
     except ValidationError as exc:

@@ -70,6 +70,7 @@ UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
 STATE_VERSION = 1
 KEEP_DEPLOYMENTS = 256
 KEEP_REJECTED_DIGESTS = 64
+_PRIVATE = ("submitted", "digest")  # kept in the state file, not reported
 
 
 @dataclass(slots=True)
@@ -178,13 +179,13 @@ class FleetDeployments:
             last = target.get("last")
             if isinstance(last, str) and last in self._deployments:
                 entry = self._deployments[last]
-                latest[key] = {"deployment_id": last, **{k: v for k, v in entry.items() if k != "submitted"}}
+                latest[key] = {"deployment_id": last, **{k: v for k, v in entry.items() if k not in _PRIVATE}}
         return latest
 
     def _recent(self, n: int = 10) -> list[dict[str, Any]]:
         """The last deployments seen, any target (a superseded or stale one shows here)."""
         items = list(self._deployments.items())[-n:]
-        return [{"deployment_id": i, **{k: v for k, v in e.items() if k not in ("submitted", "components")}}
+        return [{"deployment_id": i, **{k: v for k, v in e.items() if k not in (*_PRIVATE, "components")}}
                 for i, e in reversed(items)]
 
     def status_document(self) -> dict[str, Any]:
@@ -207,15 +208,16 @@ class FleetDeployments:
                             "reason": code})
 
     def _record(self, deployment_id: str, key: str, *, status: str, reason: str | None, sequence: int | None,
-                components: dict[str, str], latest: bool = True) -> None:
+                components: dict[str, str], latest: bool = True, digest: str | None = None) -> None:
         self._deployments[deployment_id] = {"target": key, "sequence": sequence, "status": status, "reason": reason,
-                                            "ts": self._clock(), "components": components, "submitted": False}
+                                            "ts": self._clock(), "components": components, "submitted": False,
+                                            "digest": digest}
         self._deployments.move_to_end(deployment_id)
         if latest:
             self._targets.setdefault(key, {})["last"] = deployment_id
 
     def reject(self, topic: str, code: str, message: str, *, deployment_id: str | None = None,
-               payload: bytes | None = None) -> None:
+               payload: bytes | None = None, record: bool = True) -> None:
         """A document refused before anything changed: REJECTED on the status topic, an error, a log line."""
         if payload is not None:
             digest = hashlib.sha256(payload).hexdigest()
@@ -228,10 +230,12 @@ class FleetDeployments:
         did = deployment_id or f"rejected:{hashlib.sha256(payload or topic.encode()).hexdigest()[:16]}"
         log.error("fleet.deployment_rejected", topic=topic, deployment_id=did, code=code, error=message)
         self._error(code, message, topic=topic, deployment_id=did)
-        if deployment_id is not None and self._deployments.get(deployment_id, {}).get("status") not in (None, REJECTED):
+        if not record or (deployment_id is not None
+                          and self._deployments.get(deployment_id, {}).get("status") not in (None, REJECTED)):
             self._report()  # never overwrite what a real deployment with this id did
             return
-        self._record(did, key, status=REJECTED, reason=f"{code}: {message}", sequence=None, components={})
+        self._record(did, key, status=REJECTED, reason=f"{code}: {message}", sequence=None, components={},
+                     digest=hashlib.sha256(payload).hexdigest() if payload is not None else None)
         self._changed()
 
     def inbound_dropped(self, entry: dict[str, Any]) -> None:
@@ -253,7 +257,14 @@ class FleetDeployments:
             self.reject(topic, exc.reason or "SCHEMA", exc.message, payload=payload)
             return
         did, key = doc.deployment_id, doc.target.key
+        digest = hashlib.sha256(payload).hexdigest()
         known = self._deployments.get(did)
+        if known is not None and known.get("digest") not in (None, digest):
+            # An id names one document: another one under it is never applied (nor silently dropped).
+            self.reject(topic, "DUPLICATE_ID", f"deployment id {did} was already used by another document "
+                        f"({known['status']}); nothing of this one is applied: publish it with a new id",
+                        deployment_id=did, payload=payload, record=False)
+            return
         if known is not None and (known["submitted"] or known["status"] not in UNFINISHED
                                   or did in {p.doc.deployment_id for p in self._pending.values()}):
             self.counters["duplicates"] += 1
@@ -272,7 +283,7 @@ class FleetDeployments:
             reason = f"older than deployment {target.get('accepted')} (sequence {doc.sequence} <= {newest})"
             log.warning("fleet.deployment_superseded", deployment_id=did, target=key, reason=reason)
             self._record(did, key, status=SUPERSEDED, reason=reason, sequence=doc.sequence,
-                         components=doc.components, latest=False)
+                         components=doc.components, latest=False, digest=digest)
             self._changed()
             return
         # Accepted: everything of this target not handed to the engine yet is superseded.
@@ -285,7 +296,7 @@ class FleetDeployments:
         target.update(sequence=max(doc.sequence, newest or 0), accepted=did)
         delay = dd.start_delay(doc, self._thing, self._clock())
         self._pending[key] = _Pending(doc, time.monotonic() + delay)
-        self._record(did, key, status=QUEUED, sequence=doc.sequence, components=doc.components,
+        self._record(did, key, status=QUEUED, sequence=doc.sequence, components=doc.components, digest=digest,
                      reason=f"starts in {delay:.1f} s (rollout window)" if delay > 0 else None)
         log.info("fleet.deployment_accepted", deployment_id=did, target=key, sequence=doc.sequence,
                  start_delay_s=round(delay, 3))
@@ -380,7 +391,13 @@ class FleetDeployments:
             async for message, dropped in messages:
                 if dropped:
                     log.warning("fleet.documents_dropped", topic=topic, count=dropped)
-                self.receive(message.topic, message.payload)
+                try:
+                    self.receive(message.topic, message.payload)
+                except Exception as exc:  # one message must never end the subscription (nor go unreported)
+                    log.exception("fleet.document_check_failed", topic=message.topic)
+                    with contextlib.suppress(Exception):
+                        self.reject(message.topic, "CHECK_FAILED", f"the device could not check this document: "
+                                    f"{type(exc).__name__}: {exc}"[:500], payload=message.payload)
 
     async def run(self) -> None:
         """Subscribe to the deployment topics and hand documents to the engine, until cancelled."""

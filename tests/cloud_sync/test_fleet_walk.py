@@ -1,0 +1,113 @@
+"""An operator's attack walk on fleet deployments: hostile documents published by hand on a real
+daemon's deployment topic (real Mosquitto, real `nucleus run`, artifacts over real HTTP).
+
+Each one must be refused and reported on the device's deployment status topic naming the reason,
+nothing running changes, and the device keeps accepting the next good deployment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from fleet_kit import COMPONENT, ArtifactServer, LightDaemon, daemon_settings, recipe, retained
+from sync_testkit import Mosquitto
+
+from cloud_sync import fleet
+from cloud_sync.deployment_document import MAX_VALUES, RecipeText, Target, new_document
+
+GROUP = "walkers"
+TARGET = Target(type="group", name=GROUP)
+THING = "walk-1"
+STATUS = f"nucleus/things/{THING}/deployments/status"
+
+
+def _entry(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    doc = docs.get(STATUS) or {}
+    return doc.get("deployments", {}).get(TARGET.key) or {}
+
+
+def _has_error(code: str) -> Any:
+    return lambda docs: any(e.get("code") == code for e in (docs.get(STATUS) or {}).get("errors", []))
+
+
+async def _publish_raw(port: int, payload: bytes) -> None:
+    async with aiomqtt.Client("127.0.0.1", port) as cloud:
+        await cloud.publish(TARGET.topic, payload, qos=1, retain=True)
+
+
+def _alias_bomb(version: str, digest: str, levels: int) -> RecipeText:
+    """A recipe of a few hundred bytes whose configuration is 10**(levels+1) values once its YAML
+    aliases are expanded (the billion-laughs shape, kept small enough to be harmless unfixed)."""
+    anchors = ["    a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    text = recipe(version, digest=digest).text.replace("    greeting: hi\n", "    greeting: hi\n"
+                                                      + "\n".join(anchors) + "\n")
+    return RecipeText(text=text, format="yaml", source=f"bomb-{version}.yaml")
+
+
+@pytest.mark.timeout(120)
+async def test_hostile_documents_are_refused_reported_and_the_device_keeps_listening(
+        broker: Mosquitto, short_tmp: Path) -> None:
+    with ArtifactServer(short_tmp / "artifacts") as server:
+        device = LightDaemon(short_tmp / "dev", daemon_settings(THING, broker.url, [GROUP]))
+        device.start()
+        try:
+            first = new_document([recipe("1.0.0", digest=server.add(COMPONENT, "1.0.0", "hello.txt", b"one\n"))],
+                                 target=TARGET, artifacts_base_url=server.url)
+            first = await fleet.publish(fleet.Broker(broker.url), first)
+            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == first.deployment_id
+                           and _entry(d).get("status") == "SUCCEEDED")
+
+            # 1. ~10 KiB of nested brackets: json's parser raised RecursionError, which ended the
+            # device's subscription task silently; every later deployment was ignored.
+            await _publish_raw(broker.port, b'{"v": 1, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+            docs = await retained(broker.port, STATUS, until=lambda d: _entry(d).get("status") == "REJECTED",
+                                  timeout=20)
+            assert _entry(docs)["reason"].startswith("SCHEMA: nested deeper than"), _entry(docs)
+
+            # 2. The operator's own tool reads that retained document back before publishing (for
+            # the sequence): it crashed with the same RecursionError; it is "not one of ours" now.
+            async with fleet.connect(fleet.Broker(broker.url)) as client:
+                assert await fleet.current_document(client, TARGET) is None
+            digest = server.add(COMPONENT, "1.0.1", "hello.txt", b"two\n")
+            # 3. A YAML alias bomb in a recipe: 10**6 values from ~500 bytes. Unchecked, the device
+            # expanded it in its event loop (and a billion-value one would exhaust its memory).
+            bomb = new_document([_alias_bomb("1.0.1", digest, levels=5)], target=TARGET, artifacts_base_url=server.url,
+                                components={COMPONENT: "1.0.1"}, sequence=first.sequence + 1)
+            assert MAX_VALUES < 10**6 and len(bomb.encode()) < 4096
+            await _publish_raw(broker.port, bomb.encode())
+            docs = await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id")
+                                  == bomb.deployment_id, timeout=20)
+            assert _entry(docs)["status"] == "REJECTED", _entry(docs)
+            assert _entry(docs)["reason"].startswith("RECIPE_INVALID:") and "values" in _entry(docs)["reason"]
+
+            # 4. The id of the applied deployment with other content (another version): refused
+            # and reported, not silently dropped; what the id did stays as it was.
+            imposter = new_document([recipe("1.0.1", digest=digest)], target=TARGET, artifacts_base_url=server.url,
+                                    deployment_id=first.deployment_id, sequence=first.sequence + 10**6)
+            await _publish_raw(broker.port, imposter.encode())
+            docs = await retained(broker.port, STATUS, until=_has_error("DUPLICATE_ID"), timeout=20)
+            [err] = [e for e in docs[STATUS]["errors"] if e["code"] == "DUPLICATE_ID"]
+            assert err["deployment_id"] == first.deployment_id and "another document" in err["message"]
+            recent = {r["deployment_id"]: r["status"] for r in docs[STATUS]["recent"]}
+            assert recent[first.deployment_id] == "SUCCEEDED"
+
+            # 5. A document over max_inbound_bytes is reported OVERSIZED.
+            await _publish_raw(broker.port, json.dumps({"v": 1, "pad": "x" * (129 * 1024)}).encode())
+            await retained(broker.port, STATUS, until=_has_error("OVERSIZED"), timeout=20)
+
+            # The device still listens: the next good deployment is applied.
+            second = new_document([recipe("1.0.1", digest=digest)], target=TARGET, artifacts_base_url=server.url)
+            second = await fleet.publish(fleet.Broker(broker.url), second)
+            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == second.deployment_id
+                           and _entry(d).get("status") == "SUCCEEDED", timeout=30)
+            device_docs = await retained(broker.port, f"nucleus/things/{THING}/status", until=lambda d: any(
+                ((x.get("device") or {}).get("components") or {}).get(COMPONENT, {}).get("version") == "1.0.1"
+                for x in d.values()), timeout=20)
+            assert next(iter(device_docs.values()))["device"]["components"][COMPONENT]["state"] == "RUNNING"
+        finally:
+            device.stop()
