@@ -19,8 +19,8 @@ Checks that make a device refuse a document (status ``REJECTED``, nothing change
   :data:`MAX_DEPTH` or holds more than :data:`MAX_VALUES` values once its YAML aliases are
   expanded (an "alias bomb" of a few hundred bytes is a billion values) (``RECIPE_INVALID``);
 * a document nested deeper than :data:`MAX_DEPTH` (``SCHEMA``);
-* an artifact without a digest, with an unsupported algorithm or a digest that is neither hex nor
-  base64 of the right size (``BAD_DIGEST``);
+* an artifact without a digest, with an unsupported or weak (SHA-1) algorithm or a digest that is
+  neither hex nor base64 of the right size (``BAD_DIGEST``);
 * an artifact the device could not fetch: a ``file:`` URI, or an ``s3:``-style URI without an
   artifacts base URL (``ARTIFACT_UNREACHABLE``).
 """
@@ -55,6 +55,10 @@ _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # thing and group names: one MQTT topic level
 _DIGEST_SIZES = {"SHA-1": 20, "SHA-224": 28, "SHA-256": 32, "SHA-384": 48, "SHA-512": 64}
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+# Refused from the fleet (a local `nucleus deploy` still verifies them): chosen-prefix collisions
+# are practical, so an artifact's supplier can hand over a benign file whose SHA-1 a harmful twin
+# shares. Greengrass's cloud computes SHA-256 digests itself.
+_WEAK_DIGESTS = frozenset({"SHA-1"})
 # Bounds on what a document from the broker may make the device build. Real documents and recipes
 # nest less than 15 levels; a 128 KiB document holds at most ~64 000 values unless YAML aliases
 # repeat them. Both are checked without recursion, before anything recursive sees the data.
@@ -351,6 +355,10 @@ def check_digest(ref: ArtifactRef, *, component: str) -> None:
         algorithm = "SHA-" + algorithm[3:]
     size = _DIGEST_SIZES.get(algorithm)
     prefix = f"{component}: {ref.where} ({ref.uri})"
+    if algorithm in _WEAK_DIGESTS:
+        raise DocumentRejected(f"{prefix}: digest algorithm {ref.algorithm!r} is not collision resistant: whoever "
+                               "made the artifact could have made a second one with the same digest; use SHA-256",
+                               reason="BAD_DIGEST")
     if size is None:
         raise DocumentRejected(f"{prefix}: unsupported digest algorithm {ref.algorithm!r}", reason="BAD_DIGEST")
     text = (ref.digest or "").strip()

@@ -7,6 +7,7 @@ nothing running changes, and the device keeps accepting the next good deployment
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,20 @@ async def test_hostile_documents_are_refused_reported_and_the_device_keeps_liste
             recent = {r["deployment_id"]: r["status"] for r in docs[STATUS]["recent"]}
             assert recent[first.deployment_id] == "SUCCEEDED"
 
-            # 5. A document over max_inbound_bytes is reported OVERSIZED.
+            # 5. A digest algorithm downgrade: the right SHA-1 of the artifact is still refused.
+            sha1 = hashlib.sha1(b"two\n").hexdigest()
+            weak = recipe("1.0.1", digest=sha1)
+            weak = RecipeText(text=weak.text.replace("        Digest:", "        Algorithm: SHA-1\n        Digest:"),
+                              format="yaml", source="weak.yaml")
+            weak_doc = new_document([weak], target=TARGET, artifacts_base_url=server.url,
+                                    components={COMPONENT: "1.0.1"}, sequence=first.sequence + 2)
+            await _publish_raw(broker.port, weak_doc.encode())
+            docs = await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id")
+                                  == weak_doc.deployment_id, timeout=20)
+            assert _entry(docs)["status"] == "REJECTED", _entry(docs)
+            assert _entry(docs)["reason"].startswith("BAD_DIGEST:") and "SHA-1" in _entry(docs)["reason"]
+
+            # 6. A document over max_inbound_bytes is reported OVERSIZED.
             await _publish_raw(broker.port, json.dumps({"v": 1, "pad": "x" * (129 * 1024)}).encode())
             await retained(broker.port, STATUS, until=_has_error("OVERSIZED"), timeout=20)
 
