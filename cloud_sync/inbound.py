@@ -141,12 +141,18 @@ class FleetDeployments:
             self._targets = dict(data.get("targets") or {})
             self._deployments = OrderedDict(data.get("deployments") or {})
 
-    def _save(self) -> None:
+    def _trim(self) -> None:
+        """Keep KEEP_DEPLOYMENTS records: refused documents go first, so that a flood of bad ones
+        cannot push out what the targets applied (their status would vanish from the reports)."""
         while len(self._deployments) > KEEP_DEPLOYMENTS:
-            oldest = next((k for k, v in self._deployments.items() if v["status"] not in UNFINISHED), None)
-            if oldest is None:
+            finished = [k for k, v in self._deployments.items() if v["status"] not in UNFINISHED]
+            if not finished:
                 break
-            del self._deployments[oldest]
+            del self._deployments[next((k for k in finished if self._deployments[k]["status"] == REJECTED),
+                                       finished[0])]
+
+    def _save(self) -> None:
+        self._trim()
         data = json.dumps({"v": STATE_VERSION, "targets": self._targets, "deployments": self._deployments},
                           default=str).encode()
         tmp = self._path.with_name(self._path.name + ".tmp")
@@ -236,7 +242,10 @@ class FleetDeployments:
             return
         self._record(did, key, status=REJECTED, reason=f"{code}: {message}", sequence=None, components={},
                      digest=hashlib.sha256(payload).hexdigest() if payload is not None else None)
-        self._changed()
+        # Reported, not written: a refusal changes nothing on the device, and a flood of bad documents
+        # must not cost an fsync each in the event loop (the next real change writes the record).
+        self._trim()
+        self._report()
 
     def inbound_dropped(self, entry: dict[str, Any]) -> None:
         """The uplink dropped a cloud message (oversized); report it if it was one of ours."""

@@ -19,6 +19,7 @@ from sync_testkit import Mosquitto
 
 from cloud_sync import fleet
 from cloud_sync.deployment_document import MAX_VALUES, RecipeText, Target, new_document
+from cloud_sync.inbound import KEEP_DEPLOYMENTS
 
 GROUP = "walkers"
 TARGET = Target(type="group", name=GROUP)
@@ -123,5 +124,43 @@ async def test_hostile_documents_are_refused_reported_and_the_device_keeps_liste
                 ((x.get("device") or {}).get("components") or {}).get(COMPONENT, {}).get("version") == "1.0.1"
                 for x in d.values()), timeout=20)
             assert next(iter(device_docs.values()))["device"]["components"][COMPONENT]["state"] == "RUNNING"
+        finally:
+            device.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_bad_documents_writes_nothing_and_pushes_out_no_applied_deployment(
+        broker: Mosquitto, short_tmp: Path) -> None:
+    flood = KEEP_DEPLOYMENTS + 44
+    with ArtifactServer(short_tmp / "artifacts") as server:
+        device = LightDaemon(short_tmp / "dev", daemon_settings(THING, broker.url, [GROUP]))
+        device.start()
+        try:
+            first = new_document([recipe("1.0.0", digest=server.add(COMPONENT, "1.0.0", "hello.txt", b"one\n"))],
+                                 target=TARGET, artifacts_base_url=server.url)
+            first = await fleet.publish(fleet.Broker(broker.url), first)
+            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == first.deployment_id
+                           and _entry(d).get("status") == "SUCCEEDED")
+            state = device.root / "db" / "fleet-deployments.json"
+            before = state.stat()
+            payloads = [json.dumps({"v": 1, "junk": i}).encode() for i in range(flood)]
+            async with aiomqtt.Client("127.0.0.1", broker.port) as cloud:
+                for payload in payloads:
+                    await cloud.publish(TARGET.topic, payload, qos=1, retain=True)
+            last_id = f"rejected:{hashlib.sha256(payloads[-1]).hexdigest()[:16]}"
+            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == last_id, timeout=60)
+            # Every refusal was reported; none was written (an fsync each, in the event loop, before).
+            after = state.stat()
+            assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+            # The next real change writes the records: the applied deployment is still among them
+            # (the refused ones went first), so its target's report does not lose it.
+            second = new_document([recipe("1.0.1", digest=server.add(COMPONENT, "1.0.1", "hello.txt", b"two\n"))],
+                                  target=TARGET, artifacts_base_url=server.url)
+            second = await fleet.publish(fleet.Broker(broker.url), second)
+            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == second.deployment_id
+                           and _entry(d).get("status") == "SUCCEEDED", timeout=30)
+            records = device.fleet_state()["deployments"]
+            assert len(records) <= KEEP_DEPLOYMENTS
+            assert records[first.deployment_id]["status"] == "SUCCEEDED"
         finally:
             device.stop()
