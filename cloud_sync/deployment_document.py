@@ -11,7 +11,8 @@ recipe validation happens in the deployment engine, which reports its errors on 
 
 Checks that make a device refuse a document (status ``REJECTED``, nothing changes):
 
-* not JSON, or not this schema (``SCHEMA``);
+* not JSON (``NaN`` and ``Infinity`` are not), or not this schema, e.g. a ``timeout_s`` or
+  ``settle_time_s`` over 7 days (``SCHEMA``);
 * a target that is not this device or one of its groups, or that is not the topic's (``WRONG_TARGET``);
 * a root component without a recipe for exactly that version in the document, or a
   configuration update for a component the deployment does not name (``UNKNOWN_COMPONENT``);
@@ -212,8 +213,8 @@ class DeploymentDocument(BaseModel):
     artifacts_base_url: str | None = None
     config_updates: dict[str, ConfigUpdate] = Field(default_factory=dict)
     failure_policy: Literal["ROLLBACK", "DO_NOTHING"] = "ROLLBACK"
-    timeout_s: float | None = Field(None, gt=0)
-    settle_time_s: float | None = Field(None, ge=0)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_ROLLOUT_WINDOW_S)
+    settle_time_s: float | None = Field(None, ge=0, le=MAX_ROLLOUT_WINDOW_S)
     rollout: Rollout = Field(default_factory=Rollout)
 
     @field_validator("deployment_id")
@@ -383,9 +384,15 @@ def artifact_url(base: str, component: str, version: str, uri: str) -> str:
 
 
 # --- the device side ---------------------------------------------------------------------------------------
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse(data: bytes) -> DeploymentDocument:
     try:
-        raw = json.loads(data)
+        # NaN and Infinity are Python's, not JSON's: an infinite settle_time_s kept the deployment
+        # (and every fleet deployment after it) IN_PROGRESS for ever.
+        raw = json.loads(data, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DocumentRejected(f"not JSON: {exc}", reason="SCHEMA") from exc
     except RecursionError as exc:  # json's C parser gives up near 1000 levels: a ~2 KiB document

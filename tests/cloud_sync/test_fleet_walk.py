@@ -111,7 +111,19 @@ async def test_hostile_documents_are_refused_reported_and_the_device_keeps_liste
             assert _entry(docs)["status"] == "REJECTED", _entry(docs)
             assert _entry(docs)["reason"].startswith("BAD_DIGEST:") and "SHA-1" in _entry(docs)["reason"]
 
-            # 6. A document over max_inbound_bytes is reported OVERSIZED.
+            # 6. An infinite settle time (Python's json writes and reads "Infinity"; JSON has no such
+            # number): accepted, it kept the deployment, and every fleet deployment after it,
+            # IN_PROGRESS for ever.
+            stuck = json.loads(new_document([recipe("1.0.1", digest=digest)], target=TARGET,
+                                            artifacts_base_url=server.url, sequence=first.sequence + 3).encode())
+            stuck["settle_time_s"] = float("inf")
+            await _publish_raw(broker.port, json.dumps(stuck).encode())
+            docs = await retained(broker.port, STATUS, until=lambda d: any(
+                e["code"] == "SCHEMA" and "Infinity" in e["message"]
+                for e in (d.get(STATUS) or {}).get("errors", [])), timeout=20)
+            assert _entry(docs)["status"] == "REJECTED", _entry(docs)
+
+            # 7. A document over max_inbound_bytes is reported OVERSIZED.
             await _publish_raw(broker.port, json.dumps({"v": 1, "pad": "x" * (129 * 1024)}).encode())
             await retained(broker.port, STATUS, until=_has_error("OVERSIZED"), timeout=20)
 
