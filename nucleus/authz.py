@@ -230,28 +230,49 @@ def _literal(text: str) -> str:
 
 
 def resource_regex(resource: str, *, mqtt: bool) -> str:
-    """Translate one policy resource into a regular expression (to be full-matched)."""
+    """Translate one policy resource into a regular expression (to be full-matched).
+
+    The text between globs (``*``) is a chunk; the regex is ``chunk0 (?>.*?chunk1) ... .*chunkN``.
+    Each middle chunk is matched at its first occurrence and that choice is final (an atomic group):
+    taking the earliest occurrence never loses a match, because the rest only needs to start after it
+    (and a chunk has a single way to match from a given start, its ``+`` levels running to the next
+    ``/``). The plain translation (``.*`` per glob) lets the regex engine retry every split of the
+    topic: with ``a*b*c*d`` a 16 KB topic took 100 s of the daemon's event loop to deny, and any
+    principal holding such a policy could send one.
+    """
     if resource == ANY or (mqtt and resource == "#"):
         return ".*"
+    chunks: list[list[str]] = [[]]
+
+    def add_text(text: str) -> None:
+        for j, piece in enumerate(_split_glob(text)):
+            if j:
+                chunks.append([])
+            chunks[-1].append(_literal(piece))
+
     if not mqtt:
-        return ".*".join(_literal(part) for part in _split_glob(resource))
-    levels = resource.split("/")
-    parts: list[str] = []
-    for i, level in enumerate(levels):
-        last = i == len(levels) - 1
-        if level == "+":
-            # One level of a topic, or a "+" of a subscribed filter, never its "#": "sensors/+" must
-            # not let a component subscribe to "sensors/#" and receive every level below. ("#" is
-            # in no valid topic, and in a valid filter only as a whole last level.)
-            piece = "[^/#]*"
-        elif level == "#" and last:
-            # "a/#" matches "a", "a/" and "a/x/y": the separator belongs to the wildcard.
-            parts.append("(?:/.*)?" if i > 0 else ".*")
-            break
-        else:
-            piece = ".*".join(_literal(p) for p in _split_glob(level))
-        parts.append(piece if i == 0 else "/" + piece)
-    return "".join(parts)
+        add_text(resource)
+    else:
+        levels = resource.split("/")
+        for i, level in enumerate(levels):
+            last = i == len(levels) - 1
+            if i > 0:
+                chunks[-1].append("/")
+            if level == "+":
+                # One level of a topic, or a "+" of a subscribed filter, never its "#": "sensors/+"
+                # must not let a component subscribe to "sensors/#" and receive every level below.
+                # ("#" is in no valid topic, and in a valid filter only as a whole last level.)
+                chunks[-1].append("[^/#]*")
+            elif level == "#" and last:
+                # "a/#" matches "a", "a/" and "a/x/y": the separator belongs to the wildcard.
+                chunks[-1][-1] = "(?:/.*)?"
+                break
+            else:
+                add_text(level)
+    if len(chunks) == 1:
+        return "".join(chunks[0])
+    middle = "".join(f"(?>.*?{''.join(c)})" for c in chunks[1:-1])
+    return "".join(chunks[0]) + middle + ".*" + "".join(chunks[-1])
 
 
 def _split_glob(text: str) -> list[str]:

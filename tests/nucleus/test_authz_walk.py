@@ -150,3 +150,25 @@ def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon:
                 pass
 
     asyncio.run(main())
+
+
+def test_a_long_topic_against_a_many_glob_policy_is_decided_at_once(gg_daemon: Any) -> None:
+    """Each ``*`` of a policy was a ``.*`` of one regex, and Python's engine retried every split of
+    the topic among them: a publisher whose policy is ``a*b*c*d*e`` froze the daemon's event loop
+    (every component's IPC, deployments, the CLI) for hours with one 16 KB topic it is denied. The
+    denial now comes at once; the wait below is only a bound for the failing case."""
+    token = add_client(gg_daemon, "walk-globs", {"aws.greengrass.ipc.pubsub": {"p": {
+        "operations": ["aws.greengrass#PublishToTopic", "aws.greengrass#SubscribeToTopic"],
+        "resources": ["a*b*c*d*e"]}}})
+    topic = "a" + "bc" * 8000 + "d"
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk-globs", token) as c:
+            with pytest.raises(Unauthorized):
+                await asyncio.wait_for(c.publish(topic, b"x", confirm=True), 60)
+            with pytest.raises(Unauthorized):
+                async with c.subscribe(topic + "/+"):
+                    pass
+            await c.publish("abcde", b"x", confirm=True)  # what the policy allows still is
+
+    asyncio.run(main())
