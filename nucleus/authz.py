@@ -110,10 +110,20 @@ class Policy:
 
 
 def substitute_variables(text: str, variables: Mapping[str, str]) -> str:
-    """Replace ``{iot:thingName}``-style variables that are known; leave the others as written."""
+    """Replace ``{iot:thingName}``-style variables that are known; leave the others as written.
+
+    A value is substituted as literal text: a thing name holding ``*`` (or ``${…}``) would otherwise
+    turn ``things/{iot:thingName}/#`` into a grant over every thing's topics."""
     if "{" not in text:
         return text
-    return _VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
+
+    def literal(m: re.Match[str]) -> str:
+        value = variables.get(m.group(1))
+        if value is None:
+            return m.group(0)
+        return "".join("${" + ch + "}" if ch in "*$" else ch for ch in value)
+
+    return _VARIABLE.sub(literal, text)
 
 
 def parse_access_control(

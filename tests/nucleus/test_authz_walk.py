@@ -172,3 +172,20 @@ def test_a_long_topic_against_a_many_glob_policy_is_decided_at_once(gg_daemon: A
             await c.publish("abcde", b"x", confirm=True)  # what the policy allows still is
 
     asyncio.run(main())
+
+
+def test_a_thing_name_is_substituted_into_policies_as_literal_text(daemon_factory: Any) -> None:
+    """``{iot:thingName}`` was pasted into the resource as pattern text: on a device named ``dev*``
+    (the settings refuse only ``/``, ``+``, ``#`` and spaces) a policy for ``things/{iot:thingName}/#``
+    allowed ``things/dev-2/x`` too."""
+    d = daemon_factory(settings={"thing_name": "dev*"})
+    token = add_client(d, "walk-thing", {"aws.greengrass.ipc.pubsub": {"p": {
+        "operations": ["aws.greengrass#PublishToTopic"], "resources": ["things/{iot:thingName}/#"]}}})
+
+    async def main() -> None:
+        async with connect(d, "walk-thing", token) as c:
+            await c.publish("things/dev*/x", b"x", confirm=True)
+            with pytest.raises(Unauthorized):
+                await c.publish("things/dev-2/x", b"x", confirm=True)
+
+    asyncio.run(main())
