@@ -405,6 +405,12 @@ def parse(data: bytes) -> DeploymentDocument:
         raise DocumentRejected("not a v1 deployment document: " + "; ".join(parts), reason="SCHEMA") from exc
 
 
+def is_deployment_topic(topic: str) -> bool:
+    """A topic devices read deployment documents from (any thing or group name): reserved for operators."""
+    parts = topic.split("/")
+    return len(parts) == 4 and parts[0] == "nucleus" and parts[1] in ("things", "groups") and parts[3] == "deployments"
+
+
 def target_of_topic(topic: str) -> Target | None:
     parts = topic.split("/")
     if len(parts) == 4 and parts[0] == "nucleus" and parts[3] == "deployments":

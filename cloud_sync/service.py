@@ -32,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from cloud_sync.deployment_document import is_deployment_topic
 from cloud_sync.envelope import encode_payload
 from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
 from cloud_sync.forwarder import Forwarder
@@ -173,6 +174,12 @@ class CloudSync:
 
     async def _op_publish(self, ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
         topic = validate_topic(args.get("topic"))
+        if is_deployment_topic(topic):
+            # Whatever the policy says ("*" included): a document published there through this
+            # device's link comes back as a fleet deployment, to this device or its whole group,
+            # and runs what it names with the daemon's rights.
+            raise self._reject(f"{topic} is a fleet deployment topic: only an operator publishes deployment "
+                               "documents (nucleus fleet deploy), never a component", argument="topic", topic=topic)
         ctx.authorize(MQTTPROXY, OP_PUBLISH_IOT, topic)
         return {"id": await self.publish(self.message_from_args(args))}
 

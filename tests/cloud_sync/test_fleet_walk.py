@@ -7,14 +7,17 @@ nothing running changes, and the device keeps accepting the next good deployment
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import pytest
-from fleet_kit import COMPONENT, ArtifactServer, LightDaemon, daemon_settings, recipe, retained
+from fleet_kit import COMPONENT, REPO, ArtifactServer, LightDaemon, _kill_components, daemon_settings, recipe, retained
 from sync_testkit import Mosquitto
 
 from cloud_sync import fleet
@@ -176,3 +179,63 @@ async def test_a_flood_of_bad_documents_writes_nothing_and_pushes_out_no_applied
             assert records[first.deployment_id]["status"] == "SUCCEEDED"
         finally:
             device.stop()
+
+
+def _escalating_component(thing: str, evil_doc: bytes) -> RecipeText:
+    """A component allowed to publish to the cloud on any topic ("*", as Greengrass examples grant)
+    that tries to deploy to its own device through the device's link."""
+    script = (
+        "import asyncio, json, os, sys\n"
+        "from ipc import Client\n"
+        "async def main():\n"
+        "    async with Client.from_env() as c:\n"
+        "        try:\n"
+        f"            r = await c.call('cloud.publish', {{'topic': 'nucleus/things/{thing}/deployments',\n"
+        f"                                               'payload': {evil_doc.decode()!r}, 'retain': True}})\n"
+        "        except Exception as exc:\n"
+        "            r = {'refused': getattr(exc, 'code', type(exc).__name__), 'message': str(exc)}\n"
+        "    with open(os.path.join(os.getcwd(), 'result.json'), 'w') as f:\n"
+        "        json.dump(r, f)\n"
+        "asyncio.run(main())\n")
+    recipe_doc = {
+        "RecipeFormatVersion": "2020-01-25", "ComponentName": "com.example.Escalator", "ComponentVersion": "1.0.0",
+        "ComponentConfiguration": {"DefaultConfiguration": {"accessControl": {"aws.greengrass.ipc.mqttproxy": {
+            "com.example.Escalator:mqttproxy:1": {"operations": ["aws.greengrass#PublishToIoTCore"],
+                                                  "resources": ["*"]}}}}},
+        "Manifests": [{"Platform": {"os": "linux"}, "Lifecycle": {
+            "Setenv": {"PYTHONPATH": str(REPO)},
+            "Run": f"cd {{work:path}} && {sys.executable} -c {shlex.quote(script)} && exec sleep 600"}}]}
+    return RecipeText(text=json.dumps(recipe_doc), format="json", source="escalator.json")
+
+
+@pytest.mark.timeout(120)
+async def test_a_component_cannot_publish_a_deployment_document_through_the_devices_link(
+        broker: Mosquitto, short_tmp: Path) -> None:
+    thing = "walk-2"
+    settings = daemon_settings(thing, broker.url, [GROUP])
+    settings["mqtt"]["envelope"] = "raw"  # payloads go out as given: a document stays a document
+    device = LightDaemon(short_tmp / "dev", settings)
+    device.start()
+    target = Target(type="thing", name=thing)
+    evil = new_document([RecipeText(text=json.dumps({
+        "RecipeFormatVersion": "2020-01-25", "ComponentName": "com.example.Evil", "ComponentVersion": "1.0.0",
+        "Manifests": [{"Lifecycle": {"Run": "exec sleep 600"}}]}), format="json")], target=target)
+    try:
+        doc = new_document([_escalating_component(thing, evil.encode())], target=TARGET)
+        doc = await fleet.publish(fleet.Broker(broker.url), doc)
+        status = f"nucleus/things/{thing}/deployments/status"
+        await retained(broker.port, status, until=lambda d: (d.get(status, {}).get("deployments", {}).get(
+            TARGET.key) or {}).get("status") == "SUCCEEDED")
+        result = device.root / "work" / "com.example.Escalator" / "result.json"
+        for _ in range(100):  # the component writes it right after starting
+            if result.exists() and result.read_text():
+                break
+            await asyncio.sleep(0.1)
+        outcome = json.loads(result.read_text())
+        assert outcome.get("refused") == "INVALID_ARGUMENTS", outcome
+        assert "deployment topic" in outcome["message"]
+        async with fleet.connect(fleet.Broker(broker.url)) as client:
+            assert await fleet.current_document(client, target) is None  # nothing reached the broker
+    finally:
+        device.stop()
+        _kill_components(device.root)
