@@ -184,6 +184,7 @@ class IpcCore:
     def __init__(self, authenticator: Authenticator, authorizer: Authorizer, *,
                  clock: Callable[[], float] = time.monotonic,
                  max_subscriptions_per_session: int = 1000,
+                 max_sessions_per_principal: int = 256,
                  request_timeout_max: float = 300.0,
                  authz_cache_ttl: float = 2.0,
                  max_queue_bytes: int = 4 * 1024 * 1024) -> None:
@@ -192,6 +193,7 @@ class IpcCore:
         self.clock = clock
         self.bus = Bus(max_queue_bytes=max_queue_bytes)
         self.max_subscriptions_per_session = max_subscriptions_per_session
+        self.max_sessions_per_principal = max_sessions_per_principal
         self.request_timeout_max = request_timeout_max
         self.authz_cache_ttl = authz_cache_ttl
         self._handlers: dict[str, Handler] = {}
@@ -234,6 +236,13 @@ class IpcCore:
         if not isinstance(token, str) or not token:
             raise Unauthenticated("missing token")
         principal = self.authenticator.authenticate(token, peer_pid)
+        if principal.kind != "nucleus":
+            # One principal must not take the servers' connection slots (and, at 1000 subscriptions
+            # each, the memory) that every other component and the CLI share.
+            held = sum(1 for s in self._sessions.values() if s.principal == principal)
+            if held >= self.max_sessions_per_principal:
+                raise LimitExceeded(f"{principal.name} already holds {held} sessions, the most one principal may "
+                                    "open", {"limit": self.max_sessions_per_principal, "principal": principal.name})
         sid = next(self._ids)
         ctx = CallContext(principal, sid, self, {})
         session = Session(sid, principal, peer_pid, name, front_end, time.time(), closer, ctx,

@@ -203,6 +203,7 @@ def raise_fd_limit(need: int) -> None:
 async def test_thousand_connections_at_once(server: IpcServer) -> None:
     n = 1000
     raise_fd_limit(2 * n + 256)  # both ends live in this process
+    server.core.max_sessions_per_principal = n  # the server's capacity, not the per-principal bound
     clients = [Client(server.socket_path, "tok-alice" if i % 2 else "tok-bob", name=f"c{i}")
                for i in range(n)]
     try:

@@ -189,3 +189,44 @@ def test_a_thing_name_is_substituted_into_policies_as_literal_text(daemon_factor
                 await c.publish("things/dev-2/x", b"x", confirm=True)
 
     asyncio.run(main())
+
+
+def test_one_principal_cannot_take_every_connection_slot(gg_daemon: Any) -> None:
+    """Sessions were bounded only by the servers' shared connection limit (10,000, each session up
+    to 1,000 subscriptions): one hostile principal could hold them all, and then no component and
+    not even the CLI (``nucleus deploy --remove`` of the culprit) could connect. Now one principal
+    holds at most 256 sessions; others, and the CLI, still connect."""
+    from ipc.errors import LimitExceeded
+
+    token = add_client(gg_daemon, "walk-hog", {})
+    other = add_client(gg_daemon, "walk-bystander", ALL_PUBSUB)
+
+    async def main() -> None:
+        held: list[Client] = []
+        try:
+            with pytest.raises(LimitExceeded, match="walk-hog"):
+                for _ in range(300):  # bounded: the limit is 256
+                    c = connect(gg_daemon, "walk-hog", token)
+                    await c.connect()
+                    held.append(c)
+            assert len(held) == 256
+            async with connect(gg_daemon, "walk-bystander", other) as b:
+                await b.publish("still/here", b"x", confirm=True)
+            await asyncio.to_thread(gg_daemon.cli, "list")
+            await held.pop().close()
+            for _ in range(50):  # bounded: the server notices the closed connection within a moment
+                again = connect(gg_daemon, "walk-hog", token)
+                try:
+                    await again.connect()
+                except LimitExceeded:
+                    await asyncio.sleep(0.05)
+                    continue
+                held.append(again)
+                break
+            else:
+                raise AssertionError("a session freed by closing one was never available again")
+        finally:
+            for c in held:
+                await c.close()
+
+    asyncio.run(main())
