@@ -148,6 +148,12 @@ def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon:
                     pass
             async with again.subscribe("news/public"):
                 pass
+            # removing the declared client's recipe ends its live sessions with its token
+            await asyncio.to_thread(gg_daemon.cli, "deploy", "--remove", "walk.Narrowed")
+            with pytest.raises(ConnectionClosed):
+                for _ in range(50):  # bounded: the session ends with the deployment
+                    await again.call("nucleus.status")
+                    await asyncio.sleep(0.05)
 
     asyncio.run(main())
 
