@@ -56,9 +56,14 @@ def safe_file_name(artifact: Artifact, *, component: str) -> str:
 
 
 def archive_folder(file_name: str) -> str:
-    """Greengrass unpacks ``my_archive.zip`` into a folder named ``my_archive``."""
+    """Greengrass unpacks ``my_archive.zip`` into a folder named ``my_archive``.
+
+    ``...zip`` and ``..zip`` have the stems ``..`` and ``.``: path syntax, not a folder (the first
+    named the component's folder of all versions, the second the version's own); they keep their
+    whole file name.
+    """
     stem = PurePosixPath(file_name).stem
-    return stem or file_name
+    return stem if stem not in ("", ".", "..") else file_name
 
 
 def _hash_name(algorithm: str, *, component: str, uri: str) -> str:

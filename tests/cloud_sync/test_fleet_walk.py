@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import shlex
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +241,30 @@ async def test_a_component_cannot_publish_a_deployment_document_through_the_devi
     finally:
         device.stop()
         _kill_components(device.root)
+
+
+@pytest.mark.timeout(120)
+async def test_an_archive_named_dot_dot_zip_unpacks_into_its_own_folder(broker: Mosquitto, short_tmp: Path) -> None:
+    """``...zip``'s stem is ``..``: its folder was the component's folder of all versions (the move
+    into the store failed with EBUSY); ``..zip``'s is ``.``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("planted.txt", b"inside\n")
+    with ArtifactServer(short_tmp / "artifacts") as server:
+        device = LightDaemon(short_tmp / "dev", daemon_settings(THING, broker.url, [GROUP]))
+        device.start()
+        try:
+            for version, name in (("2.0.0", "...zip"), ("2.0.1", "..zip")):
+                r = recipe(version, digest=server.add(COMPONENT, version, name, buf.getvalue()), uri=f"s3://b/{name}",
+                           run="exec sleep 600")
+                r = RecipeText(text=r.text.replace("        Digest:", "        Unarchive: ZIP\n        Digest:"),
+                               format="yaml", source=f"{version}.yaml")
+                doc = await fleet.publish(fleet.Broker(broker.url), new_document([r], target=TARGET,
+                                                                                  artifacts_base_url=server.url))
+                docs = await retained(broker.port, STATUS, until=lambda d, i=doc.deployment_id: _entry(d).get(
+                    "deployment_id") == i and _entry(d).get("status") in fleet.FINAL)
+                assert _entry(docs)["status"] == "SUCCEEDED", _entry(docs)
+                folder = device.root / "packages" / "artifacts-unarchived" / COMPONENT / version / name
+                assert (folder / "planted.txt").read_bytes() == b"inside\n"
+        finally:
+            device.stop()
