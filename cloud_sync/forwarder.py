@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import structlog
 
+from cloud_sync.deployment_document import is_deployment_topic
 from cloud_sync.envelope import KIND_BYTES, encode_payload
 from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
 from cloud_sync.settings import ForwardRule
@@ -90,8 +91,16 @@ class Forwarder:
                 if rule.when is not None and not matches_condition(msg.data, rule.when):
                     self.counters["filtered"] += 1
                     continue
-                payload, kind = to_cloud_payload(msg.data)
                 topic = rule.cloud_topic.format(topic=msg.topic, thing=self._thing)
+                if is_deployment_topic(topic):
+                    # A rule whose template turns a local topic into a fleet deployment topic (a "#"
+                    # rule to "{topic}") would let any component that may publish locally deploy to
+                    # this device or its group: cloud.publish refuses these topics, and so does this.
+                    self.counters["refused"] += 1
+                    log.error("forwarder.deployment_topic_refused", filter=rule.filter, local_topic=msg.topic,
+                              cloud_topic=topic)
+                    continue
+                payload, kind = to_cloud_payload(msg.data)
                 await self._slots.acquire()
                 task = asyncio.create_task(self._append(NewMessage(topic, payload, kind, priority=rule.priority,
                                                                    ttl_s=rule.ttl_s)))

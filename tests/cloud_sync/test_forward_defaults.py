@@ -90,3 +90,22 @@ async def test_defaults_can_be_turned_off_and_rules_added(broker: Mosquitto, tmp
         await asyncio.sleep(0.2)
         assert list(collector.by_topic) == ["raw/dev-1/sensors/pump-1/raw"]
     await collector.stop()
+
+
+async def test_a_rule_that_would_forward_onto_a_deployment_topic_drops_the_message(broker: Mosquitto,
+                                                                                   tmp_path: Path) -> None:
+    """A "#" rule to "{topic}" made any local publisher a fleet operator: a component publishing on the
+    local topic nucleus/things/dev-1/deployments deployed to its own device (cloud.publish already
+    refuses that topic). The message is refused and counted; the rest of the rule still forwards."""
+    collector = Collector(broker.port, topic_filter="#")
+    await collector.start()
+    rules = [{"filter": "#", "cloud_topic": "{topic}"}]
+    async with device(tmp_path, broker.url, forward_defaults=False, forward=rules) as sync:
+        await sync._core.publish(NUCLEUS, "nucleus/things/dev-1/deployments", {"deployment_id": "evil"})
+        await sync._core.publish(NUCLEUS, "nucleus/groups/turbines/deployments", {"deployment_id": "evil"})
+        await sync._core.publish(NUCLEUS, "site/notes", {"n": 1})
+        await wait_for(lambda: len(collector.ids) == 1, what="the allowed message")
+        await asyncio.sleep(0.2)
+        assert list(collector.by_topic) == ["site/notes"]
+        assert sync.forwarder.counters["refused"] == 2
+    await collector.stop()
