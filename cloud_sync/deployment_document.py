@@ -45,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.errors import SyncError
+from ipc import config_tree
 
 DOCUMENT_VERSION = 1
 THING_TOPIC = "nucleus/things/{thing}/deployments"
@@ -295,24 +296,12 @@ def _key(mapping: Mapping[str, Any], key: str) -> str:
 
 
 def check_shape(value: Any, *, what: str, reason: str) -> None:
-    """Refuse data nested deeper than MAX_DEPTH or with more than MAX_VALUES values, counting a
-    value each time it is reached (a YAML alias as often as it is used). Iterative, and stops at
-    the first excess: what comes from the broker must not exhaust the stack, memory or the event
-    loop of the device (``json.dumps`` of a 1 KiB alias bomb builds gigabytes)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    count = 0
-    while stack:
-        item, depth = stack.pop()
-        count += 1
-        if count > MAX_VALUES:
-            raise DocumentRejected(f"{what} holds more than {MAX_VALUES} values (YAML aliases count each time "
-                                   "they are used)", reason=reason)
-        if depth > MAX_DEPTH:
-            raise DocumentRejected(f"{what} is nested deeper than {MAX_DEPTH} levels", reason=reason)
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+    """Refuse data nested deeper than MAX_DEPTH or with more than MAX_VALUES values
+    (``config_tree.shape_problem``): what comes from the broker must not exhaust the stack, memory or
+    the event loop of the device (``json.dumps`` of a 1 KiB alias bomb builds gigabytes)."""
+    problem = config_tree.shape_problem(value, max_depth=MAX_DEPTH, max_values=MAX_VALUES)
+    if problem is not None:
+        raise DocumentRejected(f"{what} {problem}", reason=reason)
 
 
 def inspect_recipe(recipe: RecipeText) -> RecipeInfo:

@@ -107,3 +107,27 @@ def diff_paths(old: Any, new: Any, prefix: KeyPath = ()) -> list[KeyPath]:
     if old is MISSING or new is MISSING or old != new or type(old) is not type(new):
         return [prefix]
     return []
+
+
+def shape_problem(value: Any, *, max_depth: int, max_values: int) -> str | None:
+    """Why a loaded document is too deep or too large to walk, or None.
+
+    A value counts each time it is reached, so a YAML alias counts as often as it is used: an
+    "alias bomb" of a few hundred bytes loads cheaply (aliases share one object) and is a billion
+    values to whatever walks it. Iterative, and stops at the first excess. One owner for the
+    recipe loader (nucleus) and the fleet document checks (cloud_sync).
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > max_values:
+            return f"holds more than {max_values} values (YAML aliases count each time they are used)"
+        if depth > max_depth:
+            return f"is nested deeper than {max_depth} levels"
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return None

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast, get_args
 import structlog
 import yaml
 
+from ipc import config_tree
 from nucleus.errors import RecipeError, VersionError
 from nucleus.platforms import WILDCARDS, current_platform, platform_matches
 from nucleus.versions import Requirement, Version
@@ -861,6 +862,10 @@ def _load_text(ctx: _Ctx, text: str, fmt: Literal["yaml", "json"] | None) -> Any
         raise ctx.error("(document)", f"YAML syntax error{where}: {problem}") from exc
 
 
+MAX_DEPTH = 64  # real recipes nest less than 15 levels
+MAX_VALUES = 250_000  # values once YAML aliases are expanded; real recipes hold a few hundred
+
+
 def parse_recipe(
     data: str | bytes | Mapping[str, Any],
     *,
@@ -870,7 +875,18 @@ def parse_recipe(
     """A recipe from text (YAML or JSON; guessed when ``fmt`` is None) or an already-loaded
     mapping. ``source`` names the file in errors and logs."""
     ctx = _Ctx(source)
-    doc: Any = data if isinstance(data, Mapping) else _load_text(ctx, _decode(ctx, data), fmt)
+    if isinstance(data, Mapping):
+        doc: Any = data
+    else:
+        try:
+            doc = _load_text(ctx, _decode(ctx, data), fmt)
+        except RecursionError as exc:
+            raise ctx.error("(document)", f"is nested deeper than {MAX_DEPTH} levels") from exc
+    # Before anything walks it: a YAML "alias bomb" of a few hundred bytes is a billion values to
+    # the builder, and a recipe also reaches the daemon from IPC (CreateLocalDeployment).
+    problem = config_tree.shape_problem(doc, max_depth=MAX_DEPTH, max_values=MAX_VALUES)
+    if problem is not None:
+        raise ctx.error("(document)", problem)
     return _build(ctx, doc)
 
 

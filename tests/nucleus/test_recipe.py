@@ -583,3 +583,19 @@ def test_to_document_round_trips() -> None:
     assert doc["Manifests"][0]["Lifecycle"]["Run"]["Timeout"] == 1.5
     assert doc["ComponentDependencies"] == {"d": {"VersionRequirement": "^1.0.0", "DependencyType": "SOFT"}}
     assert parse_recipe(json.loads(json.dumps(doc)), source="test.yaml") == full
+
+
+def test_a_yaml_alias_bomb_or_deep_nesting_is_refused_before_it_is_walked() -> None:
+    """A few hundred bytes of YAML aliases are a billion values to the recipe builder, which hung on
+    them (a recipe also reaches the daemon over IPC, by CreateLocalDeployment)."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    bomb = MINIMAL + "ComponentConfiguration:\n  DefaultConfiguration:\n" + "".join(f"    {line}\n" for line in lines)
+    with pytest.raises(RecipeError, match="holds more than 250000 values") as info:
+        y(bomb, source="recipes/bomb.yaml")
+    assert info.value.path == "recipes/bomb.yaml"
+    deep = '{"RecipeFormatVersion": "2020-01-25", "ComponentName": "a", "ComponentVersion": "1.0.0", "x": ' + \
+        "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(RecipeError, match="nested deeper than 64 levels"):
+        parse_recipe(deep, source="deep.json", fmt="json")
