@@ -334,6 +334,16 @@ class Control:
         if ctx.principal.kind != "nucleus":
             raise Unauthorized("clients.add is reserved to the nucleus CLI")
         name = _str_arg(args, "name")
+        if "/" in name or "\0" in name or name.startswith(".") or name != name.strip():
+            # The name becomes clients/NAME.token and clients/NAME.policy.json.
+            raise InvalidArguments(f"client name {name!r} must be one path segment: no '/', no leading '.', "
+                                   "no surrounding spaces", {"argument": "name"})
+        entry = self._orch.get(name)
+        if entry is not None and entry.runner.spec.steps:
+            # Policies are per name: a client called like a component would replace that component's
+            # policies with its own, and could read and change its configuration without a policy.
+            raise InvalidArguments(f"{name} is a deployed component; a declared client needs a name of its own",
+                                   {"argument": "name", "component": name})
         policy = args.get("policy")
         try:
             self._set_client_policies(name, policy)

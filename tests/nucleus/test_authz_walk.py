@@ -236,3 +236,26 @@ def test_one_principal_cannot_take_every_connection_slot(gg_daemon: Any) -> None
                 await c.close()
 
     asyncio.run(main())
+
+
+def test_a_client_cannot_be_declared_under_a_component_s_name_or_a_path(gg_daemon: Any, short_tmp: Path) -> None:
+    """``nucleus client add`` took any name. Policies are kept per name, so a client named like a
+    deployed component replaced that component's policies with its own (the component lost its
+    grants) and, as "itself", could read and change the component's configuration with no policy; a
+    name with '/' or '..' put the token file outside clients/. Both are refused now, naming the name."""
+    from test_daemon import write_recipe
+
+    recipe = write_recipe(short_tmp / "recipes", "walk.Running", "1.0.0", run="sleep 600",
+                          config={"secret": "s3cr3t"})
+    gg_daemon.cli("deploy", str(recipe))
+    policy = Path(gg_daemon.root).parent / "empty.json"
+    policy.write_text("{}")
+    taken = gg_daemon.cli("client", "add", "walk.Running", "--policy", str(policy), check=False)
+    assert taken.returncode != 0
+    assert "walk.Running is a deployed component" in taken.stdout + taken.stderr
+    for bad in ("../escape", "a/b", ".hidden"):
+        refused = gg_daemon.cli("client", "add", bad, "--policy", str(policy), check=False)
+        assert refused.returncode != 0
+        assert "one path segment" in refused.stdout + refused.stderr
+    assert not (Path(gg_daemon.root) / "escape.token").exists()
+    gg_daemon.cli("deploy", "--remove", "walk.Running")
