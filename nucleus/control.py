@@ -187,6 +187,9 @@ class Control:
         target = self._target_component(ctx, args, "SubscribeToConfigurationUpdate")
         async with self._config.watch(target, _key_path(args)) as changes:
             async for changed in changes:
+                # Checked again at every change (a cached decision): a deployment that took the policy
+                # away ends the watch with Unauthorized instead of leaving it reporting.
+                ctx.authorize(authz.CONFIG, "aws.greengrass#SubscribeToConfigurationUpdate", target)
                 yield {"component": target, "key_path": changed}
 
     # --- lifecycle -----------------------------------------------------------------------------

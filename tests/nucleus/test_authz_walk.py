@@ -259,3 +259,38 @@ def test_a_client_cannot_be_declared_under_a_component_s_name_or_a_path(gg_daemo
         assert "one path segment" in refused.stdout + refused.stderr
     assert not (Path(gg_daemon.root) / "escape.token").exists()
     gg_daemon.cli("deploy", "--remove", "walk.Running")
+
+
+def test_a_watch_of_another_component_ends_when_its_policy_is_taken_away(gg_daemon: Any, short_tmp: Path) -> None:
+    """SubscribeToConfigurationUpdate on another component was authorized once, when opened: after a
+    deployment took the watcher's policy away, the watch went on reporting the other component's
+    changes. Each change is now checked again, and the watch ends with Unauthorized instead."""
+    from test_daemon import write_recipe
+
+    def grant(target: str) -> dict[str, Any]:
+        return {"aws.greengrass.ipc.config": {"c": {
+            "operations": ["aws.greengrass#SubscribeToConfigurationUpdate"], "resources": [target]}}}
+
+    watched = write_recipe(short_tmp / "recipes", "walk.Watched", "1.0.0", config={"mode": "a"})
+    watcher = write_recipe(short_tmp / "recipes", "walk.Watcher", "1.0.0",
+                           config={"accessControl": grant("walk.Watched")})
+    gg_daemon.cli("deploy", str(watched), str(watcher))
+    token = (Path(gg_daemon.root) / "clients" / "walk.Watcher.token").read_text().strip()
+
+    def update(component: str, merge: dict[str, Any]) -> None:
+        gg_daemon.cli("deploy", "--update-config", json.dumps({component: {"MERGE": merge}}))
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk.Watcher", token) as c, \
+                c.watch_configuration(["mode"], component="walk.Watched") as changes:
+            await asyncio.to_thread(update, "walk.Watched", {"mode": "b"})
+            first = await asyncio.wait_for(anext(aiter(changes)), 30)
+            assert first["component"] == "walk.Watched"
+            await asyncio.to_thread(update, "walk.Watcher", {"accessControl": grant("walk.Other")})
+            await asyncio.to_thread(update, "walk.Watched", {"mode": "c"})
+            with pytest.raises(Unauthorized, match="SubscribeToConfigurationUpdate"):
+                change = await asyncio.wait_for(anext(aiter(changes)), 30)
+                raise AssertionError(f"the watch still reports {change} without a policy")
+
+    asyncio.run(main())
+    gg_daemon.cli("deploy", "--remove", "walk.Watched", "--remove", "walk.Watcher")
