@@ -356,6 +356,7 @@ class Uplink:
         self._filters: dict[str, int] = {}
         self.state = "disabled" if settings.url is None else "connecting"
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
+        self._unexplained_close: dict[str, Any] | None = None  # a TLS close without a reason (see _lost)
         self.connected_since: float | None = None
         self.next_attempt_at: float | None = None
         self.counters = {"connects": 0, "disconnects": 0, "published_messages": 0, "published_records": 0,
@@ -505,13 +506,19 @@ class Uplink:
         code, message, fields = connect_failure(exc, address, ca_file=s.ca_file, cert_file=s.cert_file,
                                                 username=s.username)
         last = self.errors[-1] if self.errors else None
-        if code == "CONNECT_FAILED" and last is not None and last["code"] == "TLS_FAILED" \
-                and closed_after_handshake(exc, address):
+        unexplained = closed_after_handshake(exc, address)
+        if code == "CONNECT_FAILED" and last is not None and last["code"] == "TLS_FAILED" and unexplained:
             # TLS 1.3: a broker refuses the client certificate after the handshake, with an alert and a
             # close that race; when the close wins, the client reads only an EOF. It is the refusal the
             # previous attempt named, counted on its entry, not a new "cannot reach the broker".
             code, message, fields = "TLS_FAILED", last["message"], {"setting": last.get("setting")}
+        elif code == "TLS_FAILED" and last is not None and last is self._unexplained_close \
+                and last.get("count", 1) == 1:
+            # The same race, lost on the first attempt: that closed connection was this refusal.
+            self.errors.pop()
+            fields = {**fields, "count": 2, "since": last["ts"]}
         self._error(code, message, **fields)
+        self._unexplained_close = self.errors[-1] if code == "CONNECT_FAILED" and unexplained else None
         level, event = _CONNECT_FAILURE_LOG[code]
         getattr(self._log, level)(event, error=message, **fields)
 

@@ -33,3 +33,17 @@ def test_a_bare_eof_alone_is_still_a_connect_failure(tmp_path: Path) -> None:
     uplink._lost(ClosedBeforeConnack(7, EOF_ONLY), parse_url(url))
     [entry] = uplink.errors
     assert entry["code"] == "CONNECT_FAILED" and "cannot reach the broker" in entry["message"]
+
+
+def test_a_refused_client_certificate_stays_one_entry_when_the_first_alert_is_lost(tmp_path: Path) -> None:
+    """The same race lost on the very first attempt (seen in a CI run of test_broker_auth): the first
+    entry said "cannot reach the broker", the second named the certificate. The closed connection
+    was that refusal: one entry, counted twice."""
+    url = "mqtts://127.0.0.1:8883"
+    uplink = Uplink(SyncSettings(url=url), Spool(tmp_path / "spool.db"), thing_name="dev")
+    address = parse_url(url)
+    for socket_error in (None, REFUSED, EOF_ONLY, REFUSED):
+        uplink._lost(ClosedBeforeConnack(7, socket_error), address)
+    [entry] = uplink.errors
+    assert entry["code"] == "TLS_FAILED" and entry["setting"] == "mqtt.cert_file" and entry["count"] == 4
+    assert "since" in entry
