@@ -72,7 +72,8 @@ def test_deploy_runs_component_and_list_shows_it(daemon: Any, short_tmp: Path) -
 
 def _component_env(daemon: Any, short_tmp: Path) -> dict[str, str]:
     script = "env > {work:path}/env.txt; exec sleep 600"
-    daemon.cli("deploy", str(write_recipe(short_tmp / "r", "test.Env", "1.0.0", run=script)))
+    # --settle 0: a daemon with its own settings has the default settle time; the file is waited for below
+    daemon.cli("deploy", "--settle", "0", str(write_recipe(short_tmp / "r", "test.Env", "1.0.0", run=script)))
     deadline = time.monotonic() + 10
     env_file = daemon.root / "work" / "test.Env" / "env.txt"
     while not env_file.exists() and time.monotonic() < deadline:
