@@ -37,6 +37,19 @@ def rotated(path: Path, index: int) -> Path:
     return path if index == 0 else path.with_name(f"{path.name}.{index}")
 
 
+def shift_rotated(path: Path, backup_count: int) -> None:
+    """Make room for a new ``path``: ``x.log`` becomes ``x.log.1`` (newest) and so on, the oldest
+    beyond ``backup_count`` is replaced; with no backups the file is just removed. One rule for the
+    components' logs and the daemon's own (``nucleus.logconfig``)."""
+    if backup_count <= 0:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    for index in range(backup_count - 1, -1, -1):
+        with contextlib.suppress(FileNotFoundError):
+            rotated(path, index).replace(rotated(path, index + 1))
+
+
 def _timestamp(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -100,13 +113,7 @@ class ComponentLog:
 
     def _rotate(self) -> None:
         self.close()
-        if self.backup_count == 0:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        else:
-            for index in range(self.backup_count - 1, -1, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    rotated(self.path, index).replace(rotated(self.path, index + 1))
+        shift_rotated(self.path, self.backup_count)
         self._size = 0
 
     def _failed(self, exc: OSError) -> None:

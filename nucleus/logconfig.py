@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from nucleus.component_logs import shift_rotated
+
 
 def configure(level: str = "info", fmt: str = "console", file: Path | None = None,
               stream: TextIO | None = None, *, max_bytes: int | None = None, backup_count: int = 0) -> None:
@@ -97,12 +99,7 @@ class _RotatingFile:
         if self._at_record_start and self._size > 0 and self._size + size > self._max:
             fh.close()
             self._fh = None
-            if self._backups == 0:
-                self._path.unlink(missing_ok=True)
-            for index in range(self._backups - 1, -1, -1):
-                src = self._path if index == 0 else self._path.with_name(f"{self._path.name}.{index}")
-                if src.exists():
-                    src.replace(self._path.with_name(f"{self._path.name}.{index + 1}"))
+            shift_rotated(self._path, self._backups)
             fh = self._open()
         fh.write(data)
         self._size += size
