@@ -72,6 +72,8 @@ class CallContext:
     session_id: int
     _core: IpcCore | None = field(default=None, repr=False, compare=False)
     _cache: dict[tuple[str, str, str], bool] | None = field(default=None, repr=False, compare=False)
+    #: A stream's context: the grants its handler was given (re-checked when policies change).
+    _stream: StreamState | None = field(default=None, repr=False, compare=False)
 
     def authorize(self, service: str, operation: str, resource: str) -> None:
         """Raise Unauthorized naming operation and resource unless a policy allows it."""
@@ -82,6 +84,28 @@ class CallContext:
 
 Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
 StreamHandler = Callable[[CallContext, dict[str, Any]], AsyncIterator[Any]]
+
+
+@dataclass(slots=True, eq=False)
+class StreamState:
+    """One running stream op of a session, as :meth:`IpcCore.policies_changed` sees it.
+
+    ``grants`` are the (service, operation, resource) its handler was authorized for; a policy change
+    that denies one of them ends the stream with the Unauthorized a new call would get. ``task`` is the
+    task running the handler's step while it waits for its next item (None between items)."""
+
+    op: str
+    grants: dict[tuple[str, str, str], None] = field(default_factory=dict)
+    denied: Unauthorized | None = None
+    task: asyncio.Task[Any] | None = None
+    cancelled: bool = False
+
+    def raise_if_denied(self) -> None:
+        if self.denied is not None:
+            raise self.denied
+
+
+MAX_GRANTS_PER_STREAM = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +131,7 @@ class Session:
     closer: Callable[[], Awaitable[None]] | None
     ctx: CallContext
     subscriptions: dict[int, Subscription] = field(default_factory=dict)
+    streams: dict[StreamState, None] = field(default_factory=dict)
     authz_gen: int = 0
     authz_since: float = 0.0
     closed: bool = False
@@ -260,6 +285,7 @@ class IpcCore:
         for sub in list(session.subscriptions.values()):
             self.bus.unsubscribe(sub)
         session.subscriptions.clear()
+        session.streams.clear()
         log.info("ipc.session_closed", session_id=session.id, principal=session.principal.name)
 
     def sessions(self) -> list[SessionInfo]:
@@ -297,24 +323,46 @@ class IpcCore:
 
     def policies_changed(self) -> None:
         """Drop cached decisions now (they also expire after ``authz_cache_ttl`` seconds on their own),
-        and end the sessions holding a subscription the new policies no longer allow.
+        and end what is open that the new policies no longer allow.
 
-        A subscription is authorized once, when it is made; without this one made under a policy a
-        deployment has since narrowed or removed would go on receiving what the policy now denies.
-        The whole session ends (as for a revoked token), so the client sees it and any subscription it
-        makes again is checked against the new policies.
+        A subscription or a stream is authorized once, when it is made; without this one made under a
+        policy a deployment has since narrowed or removed would go on receiving what the policy now
+        denies. A session holding a denied local subscription ends (as for a revoked token), so the
+        client sees it and any subscription it makes again is checked against the new policies. A
+        denied stream op (SubscribeToIoTCore, deployments.watch, a watch of another component's
+        configuration...) ends alone, with the Unauthorized a new call would get; the session's other
+        streams go on.
         """
         self._authz_gen += 1
         for session in list(self._sessions.values()):
             principal = session.principal
-            if principal.kind == "nucleus" or not session.subscriptions:
+            if principal.kind == "nucleus":
                 continue
-            denied = [sub.filter for sub in session.subscriptions.values()
-                      if not self.authorizer.is_authorized(principal, PUBSUB, OP_SUBSCRIBE, sub.filter)]
-            if denied:
-                log.warning("ipc.session_revoked_by_policy", session_id=session.id, principal=principal.name,
-                            filters=denied[:10])
-                self._revoke(session)
+            if session.subscriptions:
+                denied = [sub.filter for sub in session.subscriptions.values()
+                          if not self.authorizer.is_authorized(principal, PUBSUB, OP_SUBSCRIBE, sub.filter)]
+                if denied:
+                    log.warning("ipc.session_revoked_by_policy", session_id=session.id,
+                                principal=principal.name, filters=denied[:10])
+                    self._revoke(session)
+                    continue
+            for stream in list(session.streams):
+                if stream.denied is not None:
+                    continue
+                for service, operation, resource in stream.grants:
+                    if not self.authorizer.is_authorized(principal, service, operation, resource):
+                        self._end_stream(session, stream, service, operation, resource)
+                        break
+
+    def _end_stream(self, session: Session, stream: StreamState, service: str, operation: str,
+                    resource: str) -> None:
+        stream.denied = self._denial(session.principal, service, operation, resource)
+        log.warning("ipc.stream_ended_by_policy", session_id=session.id, principal=session.principal.name,
+                    op=stream.op, operation=operation, resource=resource)
+        task = stream.task
+        if task is not None and not task.done():
+            stream.cancelled = True
+            task.cancel()  # waiting in the handler: IpcCore.stream turns this into the denial
 
     def check(self, ctx: CallContext, service: str, operation: str, resource: str) -> None:
         principal = ctx.principal
@@ -341,9 +389,13 @@ class IpcCore:
         else:
             allowed = bool(self.authorizer.is_authorized(principal, service, operation, resource))
         if not allowed:
-            self._deny(principal, service, operation, resource)
+            raise self._denial(principal, service, operation, resource)
+        stream = ctx._stream
+        if stream is not None and key not in stream.grants and len(stream.grants) < MAX_GRANTS_PER_STREAM:
+            stream.grants[key] = None
 
-    def _deny(self, principal: Principal, service: str, operation: str, resource: str) -> None:
+    def _denial(self, principal: Principal, service: str, operation: str, resource: str) -> Unauthorized:
+        """The Unauthorized naming operation and resource (logged once a minute per principal, op, resource)."""
         now = self.clock()
         key = (principal.name, operation, resource)
         last = self._denials.get(key)
@@ -353,7 +405,7 @@ class IpcCore:
             self._denials[key] = now
             log.warning("ipc.denied", principal=principal.name, service=service, operation=operation,
                         resource=resource)
-        raise Unauthorized(f"{principal.name} is not authorized to perform {operation} on {resource!r}",
+        return Unauthorized(f"{principal.name} is not authorized to perform {operation} on {resource!r}",
                            {"principal": principal.name, "service": service, "operation": operation,
                             "resource": resource})
 
@@ -372,15 +424,41 @@ class IpcCore:
             raise ServiceError(f"{op} failed: {type(exc).__name__}: {exc}", {"op": op}) from exc
 
     async def stream(self, session: Session, op: str, args: dict[str, Any]) -> AsyncIterator[Any]:
-        """Run a stream op; the caller owns iteration and must ``aclose()`` on cancel/disconnect."""
+        """Run a stream op; the caller owns iteration and must ``aclose()`` on cancel/disconnect.
+
+        The handler runs with a context of its own that records what it was authorized for: when
+        policies change and one of those grants is gone, the stream raises that Unauthorized (at once
+        if the handler is waiting for its next item, else before the next item is handed out)."""
         handler = self._streams.get(op)
         if handler is None:
             if not self.is_stream(op):
                 raise InvalidArguments(f"operation {op!r} is unary; call it", {"op": op})
             raise UnknownOperation(f"unknown operation {op!r}", {"op": op})
-        gen = handler(session.ctx, args)
+        state = StreamState(op)
+        base = session.ctx
+        ctx = CallContext(base.principal, base.session_id, base._core, base._cache, state)
+        if not session.closed:
+            session.streams[state] = None
+        gen = handler(ctx, args)
         try:
-            async for item in gen:
+            while True:
+                state.raise_if_denied()
+                state.task = asyncio.current_task()
+                try:
+                    item = await gen.__anext__()
+                except (Exception, asyncio.CancelledError) as exc:
+                    task, state.task = state.task, None
+                    if state.cancelled and task is not None:
+                        # Our own cancel (policies_changed), however the handler ended on it.
+                        state.cancelled = False
+                        task.uncancel()
+                        state.raise_if_denied()
+                    if isinstance(exc, StopAsyncIteration):
+                        return
+                    raise
+                finally:
+                    state.task = None
+                state.raise_if_denied()
                 yield item
         except (IpcError, asyncio.CancelledError, GeneratorExit):
             raise
@@ -388,6 +466,7 @@ class IpcCore:
             log.exception("ipc.handler_failed", op=op, principal=session.principal.name)
             raise ServiceError(f"{op} failed: {type(exc).__name__}: {exc}", {"op": op}) from exc
         finally:
+            session.streams.pop(state, None)
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()
