@@ -14,6 +14,11 @@ The envelope is JSON, so that cloud rule engines can read it::
 
 JSON payloads are embedded as JSON (no re-encoding: the spool stores the JSON text), text as a
 JSON string, bytes as base64 in ``payload_b64``.
+
+A message spooled as ``verbatim`` (Greengrass's PublishToIoTCore, or ``cloud.publish`` with
+``raw: true``) always travels alone with its bytes unchanged, whatever the device's envelope: a
+component written for Greengrass publishes what the cloud's rules already parse, and wrapping it
+would silently change the data contract with the cloud side.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ ENVELOPE_VERSION = 1
 CONTENT_TYPE_BATCH = "application/vnd.nucleus.batch+json"
 ID_PROPERTY = "nucleus-id"
 
-Kind = Literal["j", "t", "b"]
+Kind = Literal["j", "t", "b", "v"]
 KIND_JSON: Kind = "j"
 KIND_TEXT: Kind = "t"
 KIND_BYTES: Kind = "b"
+KIND_VERBATIM: Kind = "v"  # bytes published as they are, never inside an envelope
 
 
 def encode_payload(value: Any) -> tuple[bytes, Kind]:

@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from cloud_sync.deployment_document import is_deployment_topic
-from cloud_sync.envelope import encode_payload
+from cloud_sync.envelope import KIND_JSON, KIND_VERBATIM, encode_payload
 from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
 from cloud_sync.forwarder import Forwarder
 from cloud_sync.inbound import FleetDeployments, Lookup, Submit
@@ -142,10 +142,17 @@ class CloudSync:
         retain = args.get("retain", False)
         if not isinstance(retain, bool):
             raise self._reject("retain must be a boolean", argument="retain")
+        raw = args.get("raw", False)
+        if not isinstance(raw, bool):
+            raise self._reject("raw must be a boolean", argument="raw")
         try:
             payload, kind = encode_payload(args.get("payload"))
         except MessageRejected as exc:
             raise self._reject(exc.message, argument="payload") from exc
+        if raw:  # sent alone and unchanged, whatever mqtt.envelope says (Greengrass's PublishToIoTCore)
+            if kind == KIND_JSON:
+                raise self._reject("a raw payload must be bytes or text (it is sent as it is)", argument="payload")
+            kind = KIND_VERBATIM
         limit = self.settings.max_payload_bytes
         if len(payload) > limit:
             raise self._reject(f"payload of {len(payload)} B exceeds the limit of {limit} B",

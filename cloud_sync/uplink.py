@@ -583,7 +583,7 @@ class Uplink:
         out: list[list[Record]] = []
         open_: dict[tuple[str, int], tuple[list[Record], int]] = {}
         for r in records:
-            if r.retain:  # a retained message is one status document, never a batch
+            if r.retain or r.kind == envelope.KIND_VERBATIM:  # one status document, or bytes sent as they are
                 out.append([r])
                 continue
             key = (r.topic, r.qos)
@@ -647,7 +647,7 @@ class Uplink:
         first = batch[0]
         props: Properties | None = None
         v5 = s.mqtt_version == "5"
-        if s.envelope == "batch":
+        if s.envelope == "batch" and first.kind != envelope.KIND_VERBATIM:
             payload = envelope.batch(self._thing, batch)
             if v5:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

@@ -534,7 +534,7 @@ def _qos(req: Mapping[str, Any]) -> int:
 async def _publish_to_iot_core(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
     retain = req.get("retain", False)
     await core.call(s, "cloud.publish", {"topic": _str(req, "topicName"), "payload": _b64(req, "payload"),
-                                         "qos": _qos(req), "retain": bool(retain)})
+                                         "qos": _qos(req), "retain": bool(retain), "raw": True})
     return {}
 
 

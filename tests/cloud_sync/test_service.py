@@ -67,6 +67,21 @@ async def test_publish_to_cloud_through_ipc_arrives_with_its_id(broker: Mosquitt
     await collector.stop()
 
 
+async def test_a_raw_publish_leaves_the_batch_envelope_alone(broker: Mosquitto, tmp_path: Path) -> None:
+    collector = Collector(broker.port)
+    await collector.start()
+    async with stack(tmp_path, broker.url) as (_sync, client):  # the device's envelope: batch
+        await client.publish_to_cloud("fleet/dev-1/alarm", b"\x00plain", raw=True)
+        enveloped = await client.publish_to_cloud("fleet/dev-1/alarm", "text")
+        def alarms() -> list[tuple[str, bytes, bool]]:  # the device's retained status shares the broker
+            return [r for r in collector.raw if r[0] == "fleet/dev-1/alarm"]
+
+        await wait_for(lambda: len(alarms()) == 2, what="2 deliveries")
+        assert alarms()[0] == ("fleet/dev-1/alarm", b"\x00plain", False)
+        assert collector.ids == [enveloped]
+    await collector.stop()
+
+
 async def test_publish_and_subscribe_are_governed_by_policy(tmp_path: Path) -> None:
     async with stack(tmp_path, None) as (sync, client):
         with pytest.raises(Unauthorized) as denied:
@@ -87,6 +102,8 @@ async def test_publish_and_subscribe_are_governed_by_policy(tmp_path: Path) -> N
     ({"topic": "fleet/dev-1/alarm", "payload": 1, "retain": "yes"}, "retain"),
     ({"topic": "fleet/dev-1/alarm", "payload": "x" * 2000}, "payload"),
     ({"topic": "fleet/dev-1/alarm", "payload": float("nan")}, "payload"),
+    ({"topic": "fleet/dev-1/alarm", "payload": {"level": 3}, "raw": True}, "payload"),  # raw: bytes or text
+    ({"topic": "fleet/dev-1/alarm", "payload": "x", "raw": "yes"}, "raw"),
 ])
 async def test_bad_arguments_are_refused_naming_the_argument(tmp_path: Path, args: dict[str, Any],
                                                               argument: str) -> None:
