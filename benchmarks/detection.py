@@ -252,7 +252,7 @@ def stream_file(values: np.ndarray, card_model: object, alarm: object, rate_hz: 
                       "data": x[i:i + 1].reshape(1, 1)})
         for win in out:
             scored = card_model.score(win.data[None], np.array([win.t_end]))
-            judged = alarm.judge(float(scored.scores[0]), scored.features[0])
+            judged = alarm.judge(float(scored.scores[0]), scored.features[0], win.data)
             decision = judged.decision
             flags[i] = decision.alarm
             if scores is not None:
@@ -342,8 +342,11 @@ def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.n
     return stream_file(values, loaded, AssetState.start(loaded), rate_hz, tails, times, scores)
 
 
-def knn_model(values: np.ndarray, probation: int, times: np.ndarray) -> LoadedModel:
-    """The declared knn setup's model for one series, built by the builder from its probationary rows."""
+def knn_model(values: np.ndarray, probation: int, times: np.ndarray,
+              shift: tuple[int, int, float] | None = None) -> LoadedModel:
+    """The declared knn setup's model for one series, built by the builder from its probationary rows.
+    ``shift`` = (recent, history, tail): a variant with the level/spread-change stage (off in the declared
+    setup; compared on the development set by benchmarks/nab_dev_variants.py)."""
     from components.anomaly.features import shape_spec
     from components.anomaly_detector.scoring import LoadedModel
     from components.model_builder.package import make_card
@@ -359,7 +362,8 @@ def knn_model(values: np.ndarray, probation: int, times: np.ndarray) -> LoadedMo
     model = train(fx.extract(train_windows, times[KNN_WINDOW - 1:probation]), TrainParams(
         kind="knn", seed=0, alarm_mode="likelihood", tail_probability=KNN_TAIL, holdoff_windows=KNN_WINDOW,
         averaging_windows=KNN_AVERAGING, online=True, online_exclude_windows=KNN_WINDOW - 1,
-        online_merge_fraction=KNN_MERGE, unscaled=tuple(spec.unscaled())))
+        online_merge_fraction=KNN_MERGE, unscaled=tuple(spec.unscaled()),
+        shift=None if shift is None else shift[:2], shift_tail=1e-7 if shift is None else shift[2]))
     card = make_card(model, component="bench.Nab", version="1.0.0", channels=["value"], spec=spec, window=KNN_WINDOW,
                      hop=1, rate_hz=1.0 / step_s, sources=["nab"], rows=probation)
     return LoadedModel(card, session(model.proto), "bench", Path("nab"))

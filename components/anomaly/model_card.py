@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.anomaly import alarm
+from components.anomaly import shift as shift_stage
 from components.anomaly.errors import ModelCardError
 from components.anomaly.features import FeatureSpec
 
@@ -103,6 +104,18 @@ class OnlineSpec(_Strict):
     merge_radius: float = Field(default=0.0, ge=0)
 
 
+class ShiftSpec(_Strict):
+    """A second alarm statistic next to the model's score (``components/anomaly/shift.py``): the newest
+    ``recent`` samples of ``channel`` (None = the first channel) against the ``history`` samples before
+    them, in mean and spread, judged by its own likelihood stage at ``tail_probability``. Absent = the
+    model's score alone decides. The detector raises one alarm for either, with the card's hold-off."""
+
+    channel: str | None = None
+    recent: int = Field(default=shift_stage.RECENT, ge=2)
+    history: int = Field(default=shift_stage.HISTORY, ge=2)
+    tail_probability: float = Field(default=shift_stage.TAIL_PROBABILITY, gt=0, lt=1)
+
+
 class FeatureStats(_Strict):
     """Training mean and spread per feature, exactly as the model standardizes them (a constant feature's
     spread is 1; calendar features are taken as they are: mean 0, spread 1). Used for contributions
@@ -144,6 +157,7 @@ class ModelCard(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict)
     alarm: AlarmSpec = Field(default_factory=AlarmSpec)
     online: OnlineSpec | None = None
+    shift: ShiftSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -161,6 +175,10 @@ class ModelCard(_Strict):
             raise ValueError("hop larger than window would skip samples")
         if self.online is not None and self.kind != "knn":
             raise ValueError(f"online learning needs a knn model, not {self.kind}")
+        if self.shift is not None and self.shift.channel is not None and self.shift.channel not in self.channels:
+            raise ValueError(f"shift.channel {self.shift.channel!r} is not in channels")
+        if self.shift is not None and self.alarm.mode != "likelihood":
+            raise ValueError("a shift stage needs alarm mode likelihood (it is judged the same way)")
         return self
 
     def confidence(self, score: float) -> float:

@@ -1,6 +1,7 @@
-"""One asset's judgement state under one model: the alarm policy and, for a learning ``knn`` model,
-the run-time memory. Both belong to the model they were started with: a swapped-in model starts
-fresh (its scores are in other units, and what the old model's memory learnt is not in the new card).
+"""One asset's judgement state under one model: the alarm policy, for a learning ``knn`` model the
+run-time memory, and for a card with a ``shift`` section the level/spread-change stage. All belong to
+the model they were started with: a swapped-in model starts fresh (its scores are in other units, and
+what the old model's memory learnt is not in the new card).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from components.anomaly.alarm import AlarmMode, AlarmState, Decision
+from components.anomaly.alarm import AlarmMode, AlarmParams, AlarmState, Decision
 from components.anomaly.novelty import OnlineMemory
+from components.anomaly.shift import ShiftStage
 from components.anomaly_detector.scoring import LoadedModel
 
 
@@ -29,6 +31,9 @@ class AssetState:
     model: LoadedModel
     alarm: AlarmState
     memory: OnlineMemory | None
+    shift: ShiftStage | None = None
+    shift_channel: int = 0
+    _since_alarm: int = -1  # windows since the last alarm of either stage (with a shift stage); -1 = none
 
     @classmethod
     def start(cls, model: LoadedModel, *, mode: AlarmMode | None = None, holdoff_windows: int | None = None,
@@ -36,11 +41,21 @@ class AssetState:
         params = model.alarm_params(mode=mode, holdoff_windows=holdoff_windows, tail_probability=tail_probability)
         online = model.card.online
         memory = OnlineMemory(online, model.extractor.n_features) if online is not None else None
-        return cls(model, AlarmState(params), memory)
+        spec = model.card.shift
+        if spec is None or params.mode != "likelihood":  # a threshold override turns the stage off with the likelihood
+            return cls(model, AlarmState(params), memory)
+        channel = model.card.channels.index(spec.channel) if spec.channel is not None else 0
+        stage = ShiftStage(spec.recent, spec.history, AlarmParams(
+            mode="likelihood", holdoff_windows=params.holdoff_windows, tail_probability=spec.tail_probability,
+            averaging_windows=1, history_windows=params.history_windows, estimation_windows=params.estimation_windows,
+            reestimation_windows=params.reestimation_windows))
+        return cls(model, AlarmState(params), memory, stage, channel)
 
-    def judge(self, score: float, features: npt.NDArray[np.float32]) -> Judged:
+    def judge(self, score: float, features: npt.NDArray[np.float32],
+              window: npt.NDArray[np.floating] | None = None) -> Judged:
         """The window's final score (the model's, or its distance to the nearest remembered window if
-        that is nearer) and the alarm decision on it; then the window is remembered."""
+        that is nearer) and the alarm decision on it; then the window is remembered. ``window`` (channels
+        x samples, the raw window) feeds the shift stage, if the card has one (it needs the samples)."""
         residual = None
         if self.memory is not None:
             z = self.model.standardize(features)
@@ -48,4 +63,20 @@ class AssetState:
             if remembered < score and diff is not None:
                 score, residual = remembered, diff * diff
             self.memory.observe(z)
-        return Judged(score, self.alarm.update(score), residual)
+        decision = self.alarm.update(score)
+        if self.shift is None:
+            return Judged(score, decision, residual)
+        if window is None:
+            raise ValueError(f"model {self.model.component} has a shift stage: judge() needs the window's samples")
+        row = np.asarray(window)[self.shift_channel]
+        # The first window's samples are all new; after it, each window adds ``hop`` samples.
+        shifted = self.shift.push(row[-self.model.card.hop:] if self.shift.started else row)
+        fired = decision.alarm or (shifted is not None and shifted.alarm)
+        # One event, one alarm: either stage's alarm starts the same hold-off for both.
+        alarm = fired and not (0 <= self._since_alarm < self.alarm.params.holdoff_windows)
+        if alarm:
+            self._since_alarm = 0
+        elif self._since_alarm >= 0:
+            self._since_alarm += 1
+        anomalous = decision.is_anomaly or (shifted is not None and shifted.is_anomaly)
+        return Judged(score, Decision(anomalous, alarm, decision.tail), residual)

@@ -227,7 +227,8 @@ class Detector:
             if not finite[i]:
                 self.skipped["nonfinite_features"] += 1
                 continue
-            judged = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i])
+            judged = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i],
+                                                             p.window.data)
             score, decision = judged.score, judged.decision
             shares = scored.shares[i]
             if judged.contributions is not None:  # the score came from the run-time memory: explain that

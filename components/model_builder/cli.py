@@ -29,6 +29,9 @@ from components.anomaly.features import (
     univariate_spec,
 )
 from components.anomaly.model_card import ONLINE_CAPACITY, load_card
+from components.anomaly.shift import HISTORY as SHIFT_HISTORY
+from components.anomaly.shift import RECENT as SHIFT_RECENT
+from components.anomaly.shift import TAIL_PROBABILITY as SHIFT_TAIL
 from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
 from components.model_builder.training import (
@@ -108,6 +111,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 POSITIVE = _real(above=0)
+
+
+def _shift_pair(text: str) -> tuple[int, int]:
+    """--shift RECENT,HISTORY: two whole numbers of samples, each at least 2."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give RECENT,HISTORY as two whole numbers >= 2, e.g. 16,400")
+    return int(parts[0]), int(parts[1])
 FRACTION = _real(above=0, below=1)
 
 
@@ -170,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--online-merge", type=_real(at_least=0), default=None,
                    help="knn --online: a window nearer than this x the median held-out distance to a remembered one "
                    f"is not stored (default {ONLINE_MERGE_FRACTION:g})")
+    b.add_argument("--shift", type=_shift_pair, default=None, metavar="RECENT,HISTORY",
+                   help="with --alarm likelihood: a second alarm stage on the first channel, the newest RECENT "
+                   "samples against the HISTORY before them in mean and spread (docs/anomaly.md; dev-set choice "
+                   f"{SHIFT_RECENT},{SHIFT_HISTORY}); off by default")
+    b.add_argument("--shift-tail", type=FRACTION, default=None,
+                   help=f"--shift: its alarm level (default {SHIFT_TAIL:g})")
     b.add_argument("--calibration-fraction", type=FRACTION, default=0.25,
                    help="held-out tail for the threshold, between 0 and 1")
     b.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0)
@@ -290,6 +307,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         raise TrainingError("--normal-value needs --label-column (the column holding the labels)")
     if args.hidden is not None and args.kind != "autoencoder":
         raise TrainingError(f"--hidden is for --kind autoencoder; --kind {args.kind} would ignore it")
+    if args.shift_tail is not None and args.shift is None:
+        raise TrainingError("--shift-tail is for --shift; without --shift it would be ignored")
+    if args.shift is not None and args.alarm != "likelihood":
+        raise TrainingError("--shift is judged like the likelihood alarm: it needs --alarm likelihood", field="shift")
     for flag, value in (("--online-capacity", args.online_capacity), ("--online-merge", args.online_merge)):
         if value is not None and not args.online:
             raise TrainingError(f"{flag} is for --online (a learning knn model); without --online it would be ignored")
@@ -331,7 +352,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                          online_merge_fraction=(ONLINE_MERGE_FRACTION if args.online_merge is None
                                                 else args.online_merge),
                          # windows that share a sample with the newest one never count as "seen before"
-                         online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()))
+                         online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()),
+                         shift=args.shift, shift_tail=SHIFT_TAIL if args.shift_tail is None else args.shift_tail)
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
     # The detector drops every batch that lacks a channel the card lists (windowing.py, missing_channel),

@@ -57,7 +57,7 @@ def make_card(model: TrainedModel, *, component: str, version: str, channels: li
                                  fit_windows=model.fit_windows, calibration_windows=model.calibration_windows,
                                  seed=model.params.seed, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                                  label_filter=label_filter, params=model.params.summary()),
-        metrics=model.metrics, alarm=model.alarm, online=model.online,
+        metrics=model.metrics, alarm=model.alarm, online=model.online, shift=model.shift,
     )
 
 

@@ -35,8 +35,10 @@ from components.anomaly.model_card import (
     OnlineSpec,
     OnnxIO,
     ScoreScale,
+    ShiftSpec,
     Threshold,
 )
+from components.anomaly.shift import TAIL_PROBABILITY as SHIFT_TAIL
 from components.model_builder import onnx_export
 
 Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
@@ -82,6 +84,10 @@ class TrainParams:
     history_windows: int = alarms.HISTORY_WINDOWS
     estimation_windows: int = alarms.ESTIMATION_WINDOWS
     reestimation_windows: int = alarms.REESTIMATION_WINDOWS
+    # A level/spread-change stage next to the score (model card "shift", components/anomaly/shift.py):
+    # None = off (the default); else (recent, history) samples, judged at shift_tail. Needs likelihood.
+    shift: tuple[int, int] | None = None
+    shift_tail: float = SHIFT_TAIL
 
     def summary(self) -> dict[str, Any]:
         base: dict[str, Any] = {"kind": self.kind, "calibration_fraction": self.calibration_fraction}
@@ -113,6 +119,7 @@ class TrainedModel:
     estimator: Any
     params: TrainParams
     calibration_scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    shift: ShiftSpec | None = None
 
 
 def _scale(x: npt.NDArray[np.float64], unscaled: tuple[int, ...] = ()) -> tuple[npt.NDArray[np.float64],
@@ -213,6 +220,9 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         raise TrainingError("training features contain NaN or inf")
     if params.online and params.kind != "knn":
         raise TrainingError("online learning needs --kind knn", field="kind")
+    if params.shift is not None and params.alarm_mode != "likelihood":
+        raise TrainingError("a shift stage is judged like the likelihood alarm: it needs --alarm likelihood",
+                            field="shift")
     n = features.shape[0]
     n_cal = max(1, round(n * params.calibration_fraction))
     if n - n_cal < MIN_FIT_WINDOWS:
@@ -275,4 +285,6 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                  "onnx_bytes": float(proto.ByteSize())} | _training_metrics(estimator, params),
         alarm=alarm, online=online, fit_windows=len(fit), calibration_windows=len(cal), reference=reference,
         estimator=estimator, params=params, calibration_scores=cal_scores,
+        shift=None if params.shift is None else ShiftSpec(recent=params.shift[0], history=params.shift[1],
+                                                          tail_probability=params.shift_tail),
     )
