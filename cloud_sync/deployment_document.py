@@ -42,7 +42,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud_sync.errors import SyncError
 from ipc import config_tree
@@ -176,6 +176,71 @@ def combine_config_updates(texts: list[str] | None) -> dict[str, dict[str, Any]]
     return out
 
 
+RUN_WITH_FIELDS = ("posixUser", "memory", "cpus", "systemResourceLimits")
+
+
+def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``--run-with`` options as Greengrass ``runWith`` objects per component.
+
+    Each option is ``NAME:FIELD=VALUE`` with FIELD ``posixUser`` (``user`` or ``user:group``),
+    ``memory`` (KB) or ``cpus`` (cores, 0.5 = half of one); an empty VALUE clears the field (the
+    component goes back to run_with_default), and ``NAME:systemResourceLimits=`` clears both limits.
+    Or a JSON document ``{"NAME": {"posixUser": ..., "systemResourceLimits": {...}}}`` (``@file.json``).
+    The value ranges are the device's to check; this only reads. Raises ValueError naming the option.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for text in texts or []:
+        if text.startswith(("{", "@")):
+            document = text
+            if text.startswith("@"):
+                try:
+                    document = Path(text[1:]).read_text()
+                except OSError as exc:
+                    raise ValueError(f"cannot read {text[1:]}: {exc.strerror or exc}") from exc
+            try:
+                data = json.loads(document)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+            if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+                raise ValueError('must map component names to {"posixUser": ..., "systemResourceLimits": {...}}')
+            for name, run_with in data.items():
+                if name in out:
+                    raise ValueError(f"{name}: runWith given twice")
+                out[name] = dict(run_with)
+            continue
+        left, sep, value = text.partition("=")
+        name, colon, field = left.rpartition(":")
+        if not sep or not colon or not name or field not in RUN_WITH_FIELDS:
+            raise ValueError(f"{text!r}: expected NAME:FIELD=VALUE with FIELD one of {', '.join(RUN_WITH_FIELDS)}")
+        entry = out.setdefault(name, {})
+        if field == "posixUser":
+            _set_once(entry, "posixUser", value or None, text)
+        elif field == "systemResourceLimits":
+            if value:
+                raise ValueError(f"{text!r}: only NAME:systemResourceLimits= (clear) is allowed; set memory and cpus")
+            _set_once(entry, "systemResourceLimits", None, text)
+        else:
+            limits = entry.setdefault("systemResourceLimits", {})
+            if limits is None:
+                raise ValueError(f"{text!r}: {name}'s systemResourceLimits are also cleared by another --run-with")
+            if field in limits:
+                raise ValueError(f"{text!r}: {name}:{field} given twice")
+            try:
+                limits[field] = (int(value) if field == "memory" else float(value)) if value else None
+            except ValueError:
+                kind = "whole number of KB" if field == "memory" else "number"
+                raise ValueError(f"{text!r}: {field} must be a {kind}") from None
+            if limits[field] is None:
+                del limits[field]
+    return out
+
+
+def _set_once(entry: dict[str, Any], key: str, value: Any, text: str) -> None:
+    if key in entry:
+        raise ValueError(f"{text!r}: {key} of this component given twice")
+    entry[key] = value
+
+
 class Rollout(BaseModel):
     """How the start of a deployment is spread over the fleet (see :func:`start_delay`).
 
@@ -199,10 +264,59 @@ class Rollout(BaseModel):
         return 0.0
 
 
-class DeploymentDocument(BaseModel):
-    """Version 1 of the fleet deployment document (``v``); unknown keys are refused."""
+class ResourceLimits(BaseModel):
+    """Greengrass's ``systemResourceLimits``: memory in KB, cpus in cores (the device enforces them)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    memory: int | None = Field(None, gt=0)
+    cpus: float | None = Field(None, gt=0)
+
+
+class RunWith(BaseModel):
+    """Greengrass's ``runWith`` of one component; a field given as null clears what an earlier
+    deployment set (the component goes back to the device's run_with_default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    posixUser: str | None = None
+    systemResourceLimits: ResourceLimits | None = None
+
+
+_COMPONENT_KEYS = ("componentVersion", "runWith")
+
+
+class DeploymentDocument(BaseModel):
+    """Version 1 of the fleet deployment document (``v``); unknown keys are refused.
+
+    ``components`` maps a root component to its version, or, as Greengrass's CreateDeployment does,
+    to ``{"componentVersion": "1.0.0", "runWith": {"posixUser": ..., "systemResourceLimits": {...}}}``;
+    the runWith objects are kept apart in ``run_with`` (and written back in Greengrass's shape).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _greengrass_components(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("components"), dict):
+            return data
+        versions: dict[str, Any] = {}
+        run_with: dict[str, Any] = dict(data.get("run_with") or {})
+        for name, spec in data["components"].items():
+            if not isinstance(spec, dict):
+                versions[name] = spec
+                continue
+            unknown = sorted(str(k) for k in spec if k not in _COMPONENT_KEYS)
+            if unknown or "componentVersion" not in spec:
+                what = f"unknown field(s) {', '.join(unknown)}" if unknown else "no componentVersion"
+                raise ValueError(f"components.{name}: {what}: a component is a version or "
+                                 '{"componentVersion": ..., "runWith": {"posixUser": ..., "systemResourceLimits": '
+                                 '{"memory": KB, "cpus": N}}}')
+            versions[name] = spec["componentVersion"]
+            if "runWith" in spec:
+                run_with[name] = spec["runWith"]
+        return {**data, "components": versions, **({"run_with": run_with} if run_with else {})}
 
     v: Literal[1] = 1
     deployment_id: str
@@ -217,6 +331,7 @@ class DeploymentDocument(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=MAX_ROLLOUT_WINDOW_S)
     settle_time_s: float | None = Field(None, ge=0, le=MAX_ROLLOUT_WINDOW_S)
     rollout: Rollout = Field(default_factory=Rollout)
+    run_with: dict[str, RunWith] = Field(default_factory=dict, description="written inside components")
 
     @field_validator("deployment_id")
     @classmethod
@@ -235,7 +350,13 @@ class DeploymentDocument(BaseModel):
         return value
 
     def encode(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        if not self.run_with:
+            return self.model_dump_json(exclude_none=True, exclude={"run_with"}).encode()
+        data = json.loads(self.model_dump_json(exclude_none=True, exclude={"run_with"}))
+        for name, run_with in self.run_with.items():  # nulls kept: they clear a field on the device
+            data["components"][name] = {"componentVersion": self.components.get(name),
+                                        "runWith": run_with.model_dump(mode="json", exclude_unset=True)}
+        return json.dumps(data).encode()
 
 
 def new_document(recipes: Sequence[RecipeText], *, target: Target, components: Mapping[str, str] | None = None,
@@ -437,6 +558,10 @@ def to_request(doc: DeploymentDocument, *, remove: Sequence[str] = ()) -> dict[s
         if name not in doc.components and name not in names:
             raise DocumentRejected(f"configuration update for {name}, which the deployment does not name",
                                    reason="UNKNOWN_COMPONENT", component=name)
+    for name in doc.run_with:
+        if name not in doc.components:
+            raise DocumentRejected(f"runWith for {name}, which is not a component of the deployment",
+                                   reason="UNKNOWN_COMPONENT", component=name)
     recipes: list[dict[str, Any]] = []
     for src, info in infos:
         rewritten = False
@@ -467,6 +592,8 @@ def to_request(doc: DeploymentDocument, *, remove: Sequence[str] = ()) -> dict[s
         "config_updates": {n: u.model_dump() for n, u in doc.config_updates.items()},
         "failure_policy": doc.failure_policy,
     }
+    if doc.run_with:
+        request["run_with"] = {n: rw.model_dump(mode="json", exclude_unset=True) for n, rw in doc.run_with.items()}
     if doc.timeout_s is not None:
         request["timeout_s"] = doc.timeout_s
     if doc.settle_time_s is not None:

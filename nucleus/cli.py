@@ -114,6 +114,15 @@ def _parse_config_update(texts: list[str] | None) -> dict[str, dict[str, Any]]:
         raise NucleusError(str(exc), field="--update-config") from exc
 
 
+def _parse_run_with(texts: list[str] | None) -> dict[str, dict[str, Any]]:
+    from cloud_sync.deployment_document import parse_run_with
+
+    try:
+        return parse_run_with(texts)
+    except ValueError as exc:
+        raise NucleusError(str(exc), field="--run-with") from exc
+
+
 def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
     from nucleus.recipe import find_recipes, load_recipe
     from nucleus.versions import Version
@@ -160,6 +169,7 @@ def build_deploy_request(args: argparse.Namespace) -> dict[str, Any]:
         "remove": list(args.remove or []),
         "artifact_dirs": artifact_dirs,
         "config_updates": _parse_config_update(args.update_config),
+        "run_with": _parse_run_with(args.run_with),
         "failure_policy": "DO_NOTHING" if args.failure_policy == "do-nothing" else "ROLLBACK",
     }
     if args.timeout:
@@ -189,8 +199,8 @@ def _print_declared_clients(root: Path, components: dict[str, Any]) -> None:
 
 async def _deploy(args: argparse.Namespace) -> int:
     request = build_deploy_request(args)
-    if not request["root_components"] and not request["remove"] and not request["config_updates"]:
-        print("nucleus deploy: nothing to deploy (give recipe files, --remove or --update-config)",
+    if not any(request[k] for k in ("root_components", "remove", "config_updates", "run_with")):
+        print("nucleus deploy: nothing to deploy (give recipe files, --remove, --update-config or --run-with)",
               file=sys.stderr)
         return EXIT_USAGE
     client = await _connect(_root(args))
@@ -472,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-config", action="append", metavar="JSON",
                    help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file.json; may be given again for other '
                    "components")
+    p.add_argument("--run-with", action="append", metavar="NAME:FIELD=VALUE",
+                   help="Greengrass runWith for a component, kept by later deployments: FIELD posixUser "
+                   "(user[:group]), memory (KB, hard limit) or cpus (cores, e.g. 0.5); an empty VALUE clears it, "
+                   "NAME:systemResourceLimits= clears both limits; or a JSON {NAME: {posixUser, "
+                   "systemResourceLimits}} / @file.json; may be given again")
     p.add_argument("--recipe-dir", action="append", metavar="DIR",
                    help="add these recipes to the local store without making them roots (for this deployment's "
                    "resolution: versions no deployment uses are removed after the next successful one)")

@@ -27,6 +27,8 @@ from ipc.greengrass.server import GreengrassServer
 from ipc.memory import release_periodically
 from ipc.server import IpcServer
 from nucleus import __version__, authz, component_python, logconfig, users
+from nucleus import run_with as runwith
+from nucleus.cgroups import Cgroups
 from nucleus.config_store import ConfigStore
 from nucleus.config_validation import ConfigValidators
 from nucleus.control import Control
@@ -140,6 +142,12 @@ class Daemon:
         # run_with_default: refused before anything changes if the user is unknown or this is not root
         component_user = users.component_user(self.settings.run_with_default.posix_user)
         socket_group = users.socket_group_for(self.settings.ipc.socket_group, component_user)
+        # run_with_default.system_resource_limits: refused here too if this device cannot enforce them
+        cgroups = Cgroups(record=paths.run_dir / "cgroups.json")
+        default_limits = runwith.limits_of(None, self.settings)
+        if (problem := cgroups.problem(default_limits)) is not None:
+            raise ConfigurationError(f"limits ({default_limits.describe()}) cannot be enforced: {problem}",
+                                     field="run_with_default.system_resource_limits")
         paths.ensure()
         if socket_group is not None:  # its members (and the component user) must reach the sockets in the root
             shared = (paths.packages_dir, paths.work_dir) if component_user is not None else ()
@@ -166,6 +174,9 @@ class Daemon:
             )
             if killed:  # every step gone with the daemon (the usual case after a kill -9) is no warning
                 log.warning("nucleus.orphans_killed", groups=killed)
+        stale = cgroups.remove_stale()  # the component groups a crashed run of this root left
+        if stale:
+            log.info("nucleus.stale_cgroups_removed", groups=stale)
         platform = current_platform(self.settings.platform)
         journal = Journal(paths.database)
         store = ComponentStore(paths)
@@ -212,6 +223,7 @@ class Daemon:
             self.settings, store, config, identities, platform=platform,
             on_spawn=records.spawned, on_exit=records.exited,
             on_removed=core.close_sessions_of, python_bin=python_bin, component_user=component_user,
+            cgroups=cgroups,
         )
         notifier = UpdateNotifier()
         validators = ConfigValidators()

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nucleus import run_with as runwith
 from nucleus.config_store import ConfigStore, apply_update
 from nucleus.config_validation import ConfigValidators
 from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, UnknownComponentError, VersionError
@@ -72,6 +73,8 @@ class DeploymentRequest(BaseModel):
     remove: list[str] = Field(default_factory=list)
     artifact_dirs: list[str] = Field(default_factory=list)
     config_updates: dict[str, ConfigUpdate] = Field(default_factory=dict)
+    # Greengrass's per-component runWith; kept by later deployments until one changes it (run_with.py)
+    run_with: dict[str, runwith.ComponentRunWith] = Field(default_factory=dict)
     failure_policy: Literal["ROLLBACK", "DO_NOTHING"] = "ROLLBACK"
     timeout_s: float | None = Field(None, gt=0)
     settle_time_s: float | None = Field(None, ge=0)
@@ -171,6 +174,10 @@ class DeploymentEngine:
         # Parse recipes now too, so that the CLI gets file/field errors before queueing.
         for src in req.recipes:
             parse_recipe(src.text, source=src.source, fmt=src.format)
+        # runWith this device cannot honour (an unknown user, limits without cgroups): refused now, queued
+        # never; checked again when it runs, with what earlier deployments set.
+        for name, update in req.run_with.items():
+            runwith.check(name, runwith.merged(None, update), self._settings, self._orch.cgroups)
         deployment_id = req.deployment_id or str(uuid.uuid4())
         if self._journal.get(deployment_id) is not None:
             raise DeploymentError(f"deployment {deployment_id} already exists")
@@ -237,6 +244,7 @@ class DeploymentEngine:
         recipes = self._recipes_for(active)
         for name, recipe in recipes.items():
             self._apply_policies(name, self._config_or_none(name) or recipe.default_configuration)
+        self._orch.set_run_with(active.run_with)
         self._orch.load(recipes)
         await self._orch.install_and_start(list(recipes))
         return resume
@@ -372,7 +380,7 @@ class DeploymentEngine:
         for name, users in plan.kept.items():
             self._progress(did, f"{name} is no longer a root component of group {req.group} but stays: "
                            f"needed by {', '.join(users)}")
-        if not changed and not removed and not req.config_updates:
+        if not changed and not removed and not req.config_updates and target.run_with == previous.run_with:
             self._journal.finish(
                 did, DeploymentStatus.SUCCEEDED, reason="nothing to change", active=target,
                 components=self._component_report(target, []),
@@ -412,6 +420,7 @@ class DeploymentEngine:
             previous=snapshot,
             target=plan.journal_form(),
         )
+        self._orch.set_run_with(target.run_with)
         try:
             stop = [n for n in [*removed, *changed] if self._orch.get(n) is not None]
             if stop:
@@ -466,25 +475,33 @@ class DeploymentEngine:
             del roots[name]
         groups = {g: r for g, r in groups.items() if r}
         resolution = resolve(groups, self._store, prefer={**prefer, **offered})
-        target = ActiveSet(
-            groups=groups,
-            components={n: str(r.version) for n, r in resolution.components.items()},
-        )
-        for name in req.config_updates:
-            if name not in target.components:
+        components = {n: str(r.version) for n, r in resolution.components.items()}
+        for name, what in ([(n, "configuration update") for n in req.config_updates]
+                           + [(n, "runWith") for n in req.run_with]):
+            if name not in components:
                 # Most often a typo: name what is there, and the nearest name if one is close.
-                close = difflib.get_close_matches(name, list(target.components), n=1)
+                close = difflib.get_close_matches(name, list(components), n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 raise UnknownComponentError(
-                    f"configuration update for {name}, which is neither deployed nor in this deployment ({hint}"
-                    f"the components after it would be: {', '.join(sorted(target.components)) or 'none'})",
+                    f"{what} for {name}, which is neither deployed nor in this deployment ({hint}"
+                    f"the components after it would be: {', '.join(sorted(components)) or 'none'})",
                     component=name,
                 )
+        # runWith sticks to a component (removed components lose it); this deployment's fields replace
+        stored = {n: rw for n, rw in previous.run_with.items() if n in components}
+        for name, update in req.run_with.items():
+            stored[name] = runwith.merged(stored.get(name), update)
+        stored = {n: rw for n, rw in stored.items() if rw}
+        for name in components:
+            runwith.check(name, stored.get(name), self._settings, self._orch.cgroups)
+        target = ActiveSet(groups=groups, components=components, run_with=stored)
         recipes = dict(resolution.components)
         changed = [
             n for n in resolution.order
             if previous.components.get(n) != target.components[n] or self._orch.get(n) is None
             or self._orch.recipes()[n].to_document() != recipes[n].to_document()
+            # another user or other limits: its processes start again under them
+            or previous.run_with.get(n) != target.run_with.get(n)
         ]
         removed = [n for n in previous.components if n not in target.components]
         configs = {name: self._new_config(req, recipes[name]) for name in {*changed, *req.config_updates}}
@@ -584,6 +601,7 @@ class DeploymentEngine:
     ) -> None:
         self._journal.update(did, stage=Stage.STARTING)
         recipes = self._recipes_for(target)
+        self._orch.set_run_with(target.run_with)
         try:
             self._orch.load({n: recipes[n] for n in changed})
         except NucleusError as exc:
@@ -709,6 +727,7 @@ class DeploymentEngine:
                 if name not in previous.components:
                     self._apply_policies(name, None)
             recipes = self._recipes_for(previous)
+            self._orch.set_run_with(previous.run_with)
             back = [n for n in recipes if n in changed or n in removed or n in collateral]
             for name in back:
                 self._apply_policies(name, self._config_or_none(name))

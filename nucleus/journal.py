@@ -60,16 +60,22 @@ class ActiveSet:
 
     groups: dict[str, dict[str, str]] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
+    # per component, the runWith deployments set ({posixUser, systemResourceLimits}; nucleus/run_with.py)
+    run_with: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"groups": self.groups, "components": self.components}, sort_keys=True)
+        data: dict[str, Any] = {"groups": self.groups, "components": self.components}
+        if self.run_with:
+            data["run_with"] = self.run_with
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None) -> ActiveSet:
         if not text:
             return cls()
         data = json.loads(text)
-        return cls(groups=dict(data.get("groups", {})), components=dict(data.get("components", {})))
+        return cls(groups=dict(data.get("groups", {})), components=dict(data.get("components", {})),
+                   run_with=dict(data.get("run_with", {})))
 
 
 @dataclass(slots=True)

@@ -86,6 +86,7 @@ class StepExited:
     code: int
     generation: int
     now: float
+    cause: str = ""  # why it died when the code does not say (its memory limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class RunExited:
     code: int
     generation: int
     now: float
+    cause: str = ""  # why it died when the code does not say (its memory limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,10 +297,10 @@ class Lifecycle:
                 if gen != self.generation or self.phase is not Phase.RUN or self.state is not State.STARTING:
                     return []
                 return self._enter(State.RUNNING, "run step launched")
-            case RunExited(code=code, generation=gen, now=now):
-                return self._on_step_result("run", gen, now, code=code)
-            case StepExited(step=step, code=code, generation=gen, now=now):
-                return self._on_step_result(step, gen, now, code=code)
+            case RunExited(code=code, generation=gen, now=now, cause=cause):
+                return self._on_step_result("run", gen, now, code=code, cause=cause)
+            case StepExited(step=step, code=code, generation=gen, now=now, cause=cause):
+                return self._on_step_result(step, gen, now, code=code, cause=cause)
             case StepTimedOut(step=step, generation=gen, now=now):
                 return self._on_step_result(step, gen, now, failure="timed out")
             case StepLaunchFailed(step=step, generation=gen, reason=why, now=now):
@@ -473,12 +475,15 @@ class Lifecycle:
 
     # --- step results -------------------------------------------------------------------
     def _on_step_result(
-        self, step: str, gen: int, now: float, *, code: int | None = None, failure: str | None = None
+        self, step: str, gen: int, now: float, *, code: int | None = None, failure: str | None = None,
+        cause: str = "",
     ) -> list[Effect]:
         if gen != self.generation:
             return []
         ok = failure is None and code == 0
         what = f"{step} {failure}" if failure is not None else f"{step} exited with code {code}"
+        if cause:
+            what = f"{what} ({cause})"
         if step == "install" and self.phase is Phase.INSTALL:
             return self._installed(what) if ok else self._error(now, what, retry="install")
         if step == "startup" and self.phase is Phase.STARTUP:

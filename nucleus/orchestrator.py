@@ -22,11 +22,13 @@ from typing import Any
 
 import structlog
 
+from nucleus import run_with as run_with_mod
 from nucleus.artifacts import share_with_group
+from nucleus.cgroups import Cgroups
 from nucleus.clock import Clock, SystemClock
 from nucleus.component_logs import ComponentLog
 from nucleus.config_store import ConfigStore
-from nucleus.errors import LifecycleError, RecipeError
+from nucleus.errors import LifecycleError, NucleusError, RecipeError
 from nucleus.identity import Identities
 from nucleus.interpolation import ComponentContext, InterpolationContext, interpolate_lifecycle
 from nucleus.lifecycle import DEFAULT_TIMEOUTS
@@ -37,8 +39,8 @@ from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
 from nucleus.settings import Settings
 from nucleus.states import State
 from nucleus.store import ComponentStore
-from nucleus.supervisor import Supervisor
-from nucleus.users import ComponentUser, give_work_folder
+from nucleus.supervisor import Placement, Supervisor
+from nucleus.users import ComponentUser, give_work_folder, user_name
 
 log = structlog.get_logger("nucleus.orchestrator")
 
@@ -94,9 +96,14 @@ class Orchestrator:
         on_removed: Callable[[str], Awaitable[None]] | None = None,
         python_bin: Path | None = None,
         component_user: ComponentUser | None = None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self._settings = settings
         self._component_user = component_user  # run_with_default: who steps run as (a root daemon)
+        self.cgroups = cgroups or Cgroups()
+        # per component, what deployments set in runWith (nucleus.run_with); see set_run_with
+        self._run_with: dict[str, dict[str, Any]] = {}
+        self._users: dict[str, ComponentUser | None] = {}
         self._python_bin = python_bin  # components' own Python (nucleus.component_python), first on PATH
         self._paths: Paths = settings.paths
         self._store = store
@@ -109,7 +116,7 @@ class Orchestrator:
         self._on_removed = on_removed
         self._entries: dict[str, Entry] = {}
         self._supervisor = Supervisor(stop_grace_s=settings.stop_grace_s, on_spawn=self._spawned, on_exit=on_exit,
-                                      run_as=component_user)
+                                      run_as=component_user, placement=self.placement)
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping_on_purpose: set[str] = set()
@@ -158,7 +165,75 @@ class Orchestrator:
             "artifacts_path": str(self._store.artifacts_path(name, str(entry.recipe.version))),
             "decompressed_path": str(self._store.decompressed_path(name, str(entry.recipe.version))),
             "work_path": str(self._paths.work(name)),
+            "run_with": self._effective_run_with(name),
         }
+
+    def _effective_run_with(self, name: str) -> dict[str, Any]:
+        """What the component runs with now, and where it came from (``nucleus status NAME``)."""
+        stored = self._run_with.get(name, {})
+        try:
+            user = self.user_of(name)
+        except NucleusError as exc:
+            who = f"? ({exc.message})"
+        else:
+            who = str(user) if user is not None else user_name(os.geteuid())
+        limits = run_with_mod.limits_of(stored, self._settings)
+        return {
+            "posixUser": who, "posixUser_from": "deployment" if stored.get("posixUser") else "run_with_default",
+            "systemResourceLimits": {k: v for k, v in (("memory", limits.memory_kb), ("cpus", limits.cpus))
+                                     if v is not None},
+            "systemResourceLimits_from": "deployment" if "systemResourceLimits" in stored else "run_with_default",
+            "cgroups": [str(g) for g in self.cgroups.groups(name, limits)] if limits else [],
+        }
+
+    # --- runWith ----------------------------------------------------------------------------
+    def set_run_with(self, run_with: Mapping[str, Mapping[str, Any]]) -> None:
+        """What deployments set in runWith, per component (the journal's active set keeps it). Read
+        when a runner is built (work folder owner) and at every step launch (user, cgroups)."""
+        self._run_with = {n: dict(v) for n, v in run_with.items()}
+        self._users = {}
+
+    def run_with_of(self, name: str) -> dict[str, Any]:
+        return dict(self._run_with.get(name, {}))
+
+    def user_of(self, name: str) -> ComponentUser | None:
+        """Who the component's unprivileged steps run as (None: the daemon's user)."""
+        if name not in self._users:
+            stored = self._run_with.get(name)
+            self._users[name] = run_with_mod.user_of(name, stored, self._settings) \
+                if (stored or {}).get("posixUser") else self._component_user
+        return self._users[name]
+
+    def placement(self, name: str) -> Placement:
+        """The supervisor's question at every launch: the step's user, and the cgroups it joins
+        (made, or made again with new limits, here: nothing touches cgroups without limits)."""
+        user = self.user_of(name)
+        limits = run_with_mod.limits_of(self._run_with.get(name), self._settings)
+        if not limits:
+            if self.cgroups.limits_of(name) is not None:  # limits cleared since the group was made
+                self.cgroups.remove(name)
+            return user, []
+        problem = self.cgroups.problem(limits)
+        if problem is not None:
+            raise LifecycleError(f"its system resource limits ({limits.describe()}) cannot be enforced: {problem}",
+                                 component=name, field=run_with_mod.LIMITS)
+        return user, self.cgroups.apply(name, limits)
+
+    def memory_limit_hit(self, name: str, kills_before: int) -> str | None:
+        """Why the component's process died, if the kernel OOM-killed in its group since
+        ``kills_before`` (:meth:`oom_kills`): its memory limit, named."""
+        limits = self.cgroups.limits_of(name)
+        if limits is None or limits.memory_kb is None or self.cgroups.oom_kills(name) <= kills_before:
+            return None
+        return f"killed by the kernel: memory limit of {limits.memory_kb} KB reached (runWith.systemResourceLimits)"
+
+    def oom_kills(self, name: str) -> int:
+        return self.cgroups.oom_kills(name) if self.cgroups.limits_of(name) is not None else 0
+
+    def _drop_cgroups(self, names: Iterable[str]) -> None:
+        for name in names:
+            if self.cgroups.limits_of(name) is not None:  # only groups this daemon made
+                self.cgroups.remove(name)
 
     # --- building runners -------------------------------------------------------------------
     def _spawned(self, component: str, pid: int, pgid: int) -> None:
@@ -271,11 +346,16 @@ class Orchestrator:
             )
         work = self._paths.work(recipe.name)
         work.mkdir(parents=True, exist_ok=True)
-        if self._component_user is not None:  # its work folder is its own, its artifacts read-only
-            give_work_folder(work, self._component_user)
+        try:
+            user = self.user_of(recipe.name)
+        except NucleusError as exc:  # its user went away since it was deployed: every launch fails, saying why
+            log.error("component.user_unavailable", component=recipe.name, error=str(exc))  # noqa: TRY400
+            user = None
+        if user is not None:  # its work folder is its own, its artifacts read-only
+            give_work_folder(work, user)
             for tree in (self._store.artifacts_path(recipe.name, recipe.version),
                          self._store.decompressed_path(recipe.name, recipe.version)):
-                share_with_group(tree, self._component_user.gid)
+                share_with_group(tree, user.gid)
         return ComponentSpec(
             name=recipe.name,
             version=str(recipe.version),
@@ -299,8 +379,15 @@ class Orchestrator:
             self._settings.restart,
             clock=self._clock,
             on_state=self._state_changed,
+            exit_cause=self._exit_cause,
         )
         return Entry(recipe=recipe, runner=runner, lifecycle=lifecycle, log=clog)
+
+    def _exit_cause(self, name: str) -> Callable[[], str | None]:
+        """Called before a step starts: its returned callable says, once the step died, whether the
+        memory limit killed it."""
+        before = self.oom_kills(name)
+        return lambda: self.memory_limit_hit(name, before)
 
     def step_env(self, name: str) -> tuple[ComponentSpec, Lifecycle] | None:
         entry = self._entries.get(name)
@@ -426,6 +513,7 @@ class Orchestrator:
             async with asyncio.TaskGroup() as tg:
                 for name in level:
                     tg.create_task(self._entries[name].runner.stop(reason=reason))
+        self._drop_cgroups(wanted)  # stopped: their groups go (a start makes them again)
 
     async def remove(self, names: Iterable[str], *, reason: str = "removed") -> None:
         names = [n for n in names if n in self._entries]
@@ -528,6 +616,7 @@ class Orchestrator:
         await self.stop(list(self._entries), reason="nucleus shutting down")
         for entry in self._entries.values():
             await entry.runner.close()
+        self._drop_cgroups(list(self._entries))
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

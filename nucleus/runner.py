@@ -145,8 +145,12 @@ class ComponentRunner:
         clock: Clock,
         on_state: StateCallback | None = None,
         rng: random.Random | None = None,
+        exit_cause: Callable[[str], Callable[[], str | None]] | None = None,
     ) -> None:
         self.name = spec.name
+        # Asked before a step launches; what it returns says, after a failed exit, why the process
+        # died when the exit code cannot (the kernel's OOM kill at the component's memory limit).
+        self._exit_cause = exit_cause
         self.spec = spec
         self._supervisor = supervisor
         self._clog = log
@@ -394,6 +398,7 @@ class ComponentRunner:
         if step == "run":
             await self._run_long(spec, env, cwd, timeout, gen)
             return
+        cause = self._exit_cause(self.name) if self._exit_cause is not None else None
         try:
             result = await self._supervisor.run_step(
                 self.name, step, spec.script, env, cwd, timeout, self._clog,
@@ -407,12 +412,14 @@ class ComponentRunner:
             self._feed(StepTimedOut(step, gen, self._clock.now()))
         else:
             code = result.exit_code if result.exit_code is not None else -1
-            self._clog.write(f"step {step} exited with code {code}", stream="nucleus", step=step)
-            self._feed(StepExited(step, code, gen, self._clock.now()))
+            why = self._why(step, code, cause)
+            self._clog.write(f"step {step} exited with code {code}{why and f' ({why})'}", stream="nucleus", step=step)
+            self._feed(StepExited(step, code, gen, self._clock.now(), cause=why))
 
     async def _run_long(
         self, spec: StepSpec, env: Mapping[str, str], cwd: Path, limit_s: float | None, gen: int
     ) -> None:
+        cause = self._exit_cause(self.name) if self._exit_cause is not None else None
         try:
             handle = await self._supervisor.spawn(
                 self.name, "run", spec.script, env, cwd, self._clog,
@@ -434,8 +441,16 @@ class ComponentRunner:
             handle.kill_now()
             raise
         await handle.drain()
-        self._clog.write(f"step run exited with code {code}", stream="nucleus", step="run")
-        self._feed(RunExited(code, gen, self._clock.now()))
+        why = self._why("run", code, cause)
+        self._clog.write(f"step run exited with code {code}{why and f' ({why})'}", stream="nucleus", step="run")
+        self._feed(RunExited(code, gen, self._clock.now(), cause=why))
+
+    def _why(self, step: str, code: int, cause: Callable[[], str | None] | None) -> str:
+        """Why a step that failed died, when its exit code does not say (empty: it does)."""
+        why = cause() if cause is not None and code != 0 else None
+        if why:
+            self._logger.warning("component.memory_limit_reached", step=step, exit_code=code, detail=why)
+        return why or ""
 
     def _launch_failed(self, step: StepName, gen: int, exc: Exception) -> None:
         """Any failure to launch is the step's failure, told to the machine: ValueError too (a NUL byte

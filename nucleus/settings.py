@@ -80,24 +80,37 @@ class IpcSettings(BaseModel):
     greengrass_socket: bool = True
 
 
+def check_posix_user(value: str) -> str:
+    """The form of a ``posixUser`` (``user`` or ``user:group``). Only the form: whether the user and
+    group exist is a question for the device the daemon runs on (nucleus/users.py)."""
+    user, sep, group = value.partition(":")
+    if not user or (sep and not group) or ":" in group or any(c.isspace() for c in value):
+        raise ValueError("must be 'user' or 'user:group' (names or numeric ids, no spaces)")
+    return value
+
+
+class SystemResourceLimits(BaseModel):
+    """Greengrass's ``systemResourceLimits``: enforced with cgroups (nucleus/cgroups.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: int | None = Field(None, gt=0, description="KB, a hard limit on the component's processes together")
+    cpus: float | None = Field(None, gt=0, description="CPU time in cores (0.5: half of one core)")
+
+
 class RunWithDefault(BaseModel):
-    """Greengrass's ``runWithDefault``: the user components run as under a root nucleus."""
+    """Greengrass's ``runWithDefault``: the user components run as under a root nucleus, and the
+    limits of components whose deployment set none."""
 
     model_config = ConfigDict(extra="forbid")
 
     posix_user: str | None = Field(None, description="user or user:group; unset: the nucleus's own user")
+    system_resource_limits: SystemResourceLimits = SystemResourceLimits()
 
     @field_validator("posix_user")
     @classmethod
     def _user_and_group(cls, value: str | None) -> str | None:
-        """Only the form is checked here: whether the user and group exist is a question for the
-        device the daemon starts on (nucleus/users.py), not for whoever reads the file."""
-        if value is None:
-            return None
-        user, sep, group = value.partition(":")
-        if not user or (sep and not group) or ":" in group or any(c.isspace() for c in value):
-            raise ValueError("must be 'user' or 'user:group' (names or numeric ids, no spaces)")
-        return value
+        return None if value is None else check_posix_user(value)
 
 
 class Settings(BaseModel):

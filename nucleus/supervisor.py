@@ -41,6 +41,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 import structlog
 
+from nucleus.cgroups import join_prefix
 from nucleus.users import ComponentUser, user_name
 
 log = structlog.get_logger("nucleus.supervisor")
@@ -69,6 +70,8 @@ class _NullSink:
 
 
 ProcessCallback = Callable[[str, int, int], None]
+# Who a component's steps run as (None: the daemon's user) and the cgroup.procs files they join.
+Placement = tuple[ComponentUser | None, list[Path]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +371,7 @@ class Supervisor:
         on_exit: ProcessCallback | None = None,
         pdeathsig: bool = True,
         run_as: ComponentUser | None = None,
+        placement: Callable[[str], Placement] | None = None,
     ) -> None:
         self._sink_factory = log_sink_factory
         self.stop_grace_s = stop_grace_s
@@ -376,17 +380,22 @@ class Supervisor:
         self._prefix = _pdeathsig_prefix() if pdeathsig else []
         # A root daemon's component user (run_with_default): every step but RequiresPrivilege ones
         # runs as it, switched by setpriv in the same exec that arms PDEATHSIG (which survives it).
+        # ``placement`` answers per component instead (runWith.posixUser, and the cgroups of its
+        # systemResourceLimits): it may raise NucleusError, which fails the launch like an OSError.
         self._run_as = run_as
-        self._as_user_prefix: list[str] = []
+        self._placement = placement
         if run_as is not None:
-            setpriv = shutil.which("setpriv")
-            if setpriv is None:
-                raise OSError("setpriv (util-linux) is needed to run components as another user")
-            self._as_user_prefix = [setpriv, *(["--pdeathsig", "KILL"] if self._prefix else []),
-                                    f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--init-groups", "--"]
+            self._as_user_prefix(run_as)
         self._groups: dict[str, dict[int, _Group]] = {}
         self._handles: set[ProcessHandle] = set()
         self._waiters: set[asyncio.Future[int]] = set()
+
+    def _as_user_prefix(self, user: ComponentUser) -> list[str]:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise OSError("setpriv (util-linux) is needed to run components as another user")
+        return [setpriv, *(["--pdeathsig", "KILL"] if self._prefix else []),
+                f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--"]
 
     # --- queries -----------------------------------------------------------------------
     def pids(self, component: str) -> list[int]:
@@ -443,13 +452,16 @@ class Supervisor:
                         detail="RequiresPrivilege: running as the nucleus user")
             sink.write(f"RequiresPrivilege: the nucleus is not root, so step {step} runs as {user}",
                        stream="nucleus", step=step)
+        run_as, cgroup_procs = self._placement(name) if self._placement is not None else (self._run_as, [])
         prefix = self._prefix
-        if self._run_as is not None and not requires_privilege:
-            prefix = self._as_user_prefix
+        if run_as is not None and not requires_privilege:
+            prefix = self._as_user_prefix(run_as)
             # Its own HOME (pip install --user, dotfiles), as sudo -H gives it under Greengrass.
-            env = {**env, "HOME": self._run_as.home, "USER": self._run_as.user, "LOGNAME": self._run_as.user}
+            env = {**env, "HOME": run_as.home, "USER": run_as.user, "LOGNAME": run_as.user}
         guard = parent_guard(os.getpid()) if "--pdeathsig" in prefix and prefix[0].endswith("setpriv") else ""
-        argv = [*prefix, "/bin/sh", "-c", guard + script]
+        # A step's cgroups (systemResourceLimits) are joined before the step runs, as root: every
+        # process of the step is in them, and a RequiresPrivilege step is limited too.
+        argv = [*join_prefix(cgroup_procs), *prefix, "/bin/sh", "-c", guard + script]
         loop = asyncio.get_running_loop()
         popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec is quick; the wait is async
             argv,

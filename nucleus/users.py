@@ -158,23 +158,23 @@ class ComponentUser:
         return f"{self.user}:{self.group}"
 
 
-def _lookup_user(name: str) -> pwd.struct_passwd:
+def _lookup_user(name: str, field: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except KeyError:
         raise NucleusError(f"no user {name!r} on this device (create it, e.g. useradd --system {name}, "
-                           "or name another)", field=POSIX_USER_FIELD) from None
+                           "or name another)", field=field) from None
 
 
-def _lookup_group(name: str) -> grp.struct_group:
+def _lookup_group(name: str, field: str) -> grp.struct_group:
     try:
         return grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
     except KeyError:
         raise NucleusError(f"no group {name!r} on this device (create it, e.g. groupadd --system {name}, "
-                           "or name another)", field=POSIX_USER_FIELD) from None
+                           "or name another)", field=field) from None
 
 
-def component_user(posix_user: str | None) -> ComponentUser | None:
+def component_user(posix_user: str | None, *, field: str = POSIX_USER_FIELD) -> ComponentUser | None:
     """The component user ``posix_user`` (``user`` or ``user:group``) names; None when unset.
 
     NucleusError naming the setting when the user or group does not exist, when this daemon is
@@ -188,14 +188,14 @@ def component_user(posix_user: str | None) -> ComponentUser | None:
         raise NucleusError(
             f"this daemon runs as {_who(euid)}, not root, so it cannot run components as another user; "
             "remove the setting (components then run as the daemon's user) or start the daemon as root",
-            field=POSIX_USER_FIELD,
+            field=field,
         )
     user_part, _, group_part = posix_user.partition(":")
-    entry = _lookup_user(user_part)
-    group = _lookup_group(group_part) if group_part else grp.getgrgid(entry.pw_gid)
+    entry = _lookup_user(user_part, field)
+    group = _lookup_group(group_part, field) if group_part else grp.getgrgid(entry.pw_gid)
     if shutil.which("setpriv") is None:
         raise NucleusError("setpriv (util-linux) is needed to run components as another user and is not "
-                           "on PATH", field=POSIX_USER_FIELD)
+                           "on PATH", field=field)
     return ComponentUser(entry.pw_name, entry.pw_uid, group.gr_name, group.gr_gid, entry.pw_dir)
 
 
@@ -245,3 +245,26 @@ def give_work_folder(work: Path, user: ComponentUser) -> None:
                 os.lchown(Path(dirpath) / name, user.uid, user.gid)
         os.chown(work, user.uid, user.gid)
     work.chmod(0o700)
+
+
+def can_search(user: ComponentUser, path: Path) -> bool:
+    """Whether ``user`` (its run group and its groups) may pass through the folder ``path``."""
+    st = path.stat()
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if user.in_group(st.st_gid):
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def unreachable(user: ComponentUser, paths: Paths) -> Path | None:
+    """The first folder on the way to a component's work folder and artifacts (and the sockets)
+    that ``user`` may not pass through; None if it reaches them all. A per-component user must reach
+    what the device's component user reaches: the root opens only to that user's group."""
+    for folder in (paths.root, paths.work_dir, paths.packages_dir, paths.artifacts_dir, paths.unarchived_dir):
+        try:
+            if not can_search(user, folder):
+                return folder
+        except FileNotFoundError:
+            continue
+    return None

@@ -1,0 +1,255 @@
+"""Per-component runWith (posixUser, systemResourceLimits) on a real root daemon, enforced by the kernel.
+
+The limits are real cgroups (v1 here: /sys/fs/cgroup/{memory,cpu}; v2 where the device has it): a
+component that allocates past its memory limit is OOM-killed by the kernel, one that burns CPU gets
+its quota. Users are created with useradd and removed after each test, as in test_component_user.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nucleus.cgroups import Cgroups, Limits
+
+FAST = {
+    "restart": {"backoff_initial_s": 0.1, "backoff_max_s": 0.2, "max_errors": 2, "error_window_s": 60},
+    "deployments": {"settle_time_s": 0.3, "default_timeout_s": 60},
+    "stop_grace_s": 1.0,
+}
+
+_PROBLEM = Cgroups().problem(Limits(memory_kb=1024, cpus=0.5))
+needs_cgroups = pytest.mark.skipif(_PROBLEM is not None, reason=f"cgroups not writable here: {_PROBLEM}")
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                                reason="needs root and useradd to create component users")
+
+
+def _recipe(directory: Path, name: str, run: str, version: str = "1.0.0") -> Path:
+    doc = {"RecipeFormatVersion": "2020-01-25", "ComponentName": name, "ComponentVersion": version,
+           "Manifests": [{"Platform": {"os": "linux"}, "Lifecycle": {"Run": run}}]}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{version}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _status(d: Any, name: str) -> dict[str, Any]:
+    return json.loads(d.cli("status", name).stdout)  # type: ignore[no-any-return]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+@needs_cgroups
+def test_a_component_past_its_memory_limit_is_killed_by_the_kernel_and_its_neighbour_keeps_running(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    d = daemon_factory(settings=FAST)
+    name = f"test.Hog{secrets.token_hex(2)}"
+    d.cli("deploy", "--settle", "0", str(_recipe(short_tmp / "r", "test.Neighbour", "exec sleep 600")))
+    neighbour = d.wait_state("test.Neighbour", {"RUNNING"})["pids"]
+    # 100 MB written (so resident) against a 20 MB hard limit
+    hog = _recipe(short_tmp / "r", name, "exec python3 -c \"b = b'x' * (100 * 1024 * 1024); import time; "
+                  "time.sleep(600)\"")
+    out = d.cli("deploy", str(hog), "--run-with", f"{name}:memory=20480", "--failure-policy", "do-nothing",
+                check=False)
+    assert out.returncode != 0, out.stdout
+    state = d.wait_state(name, {"BROKEN"})
+    assert "memory limit of 20480 KB" in (state.get("last_error") or ""), state
+    log = d.cli("logs", name, "-n", "50").stdout
+    assert "killed by the kernel: memory limit of 20480 KB reached" in log, log
+    assert "memory limit" in out.stdout + out.stderr  # the deployment's reason says it too
+    assert d.wait_state("test.Neighbour", {"RUNNING"})["pids"] == neighbour  # untouched, same process
+    groups = [Path(g) for g in _status(d, name)["run_with"]["cgroups"]]
+    assert groups and all(g.is_dir() for g in groups)
+    limit_files = [g / f for g in groups for f in ("memory.limit_in_bytes", "memory.max") if (g / f).exists()]
+    assert [f.read_text().strip() for f in limit_files] == [str(20480 * 1024)]
+    d.cli("deploy", "--remove", name, "--settle", "0")
+    assert not any(g.exists() for g in groups)  # removed with the component
+
+
+@needs_cgroups
+def test_a_cpu_limit_holds_a_busy_component_to_its_share_and_sticks_until_cleared(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    d = daemon_factory(settings=FAST)
+    name = f"test.Burn{secrets.token_hex(2)}"
+    recipe = _recipe(short_tmp / "r", name, "exec python3 -c 'while True: pass'")
+    d.cli("deploy", str(recipe), "--run-with", f"{name}:cpus=0.2", "--settle", "0")
+    [pid] = d.wait_state(name, {"RUNNING"})["pids"]
+    _wait(lambda: Path(f"/proc/{pid}/stat").exists(), "the burner runs")
+    ticks, started = _cpu_ticks(pid), time.monotonic()
+    time.sleep(1.5)
+    used = (_cpu_ticks(pid) - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started)
+    assert used < 0.5, f"{used:.0%} of a core with cpus 0.2"
+    status = _status(d, name)["run_with"]
+    assert status["systemResourceLimits"] == {"cpus": 0.2} and status["systemResourceLimits_from"] == "deployment"
+    groups = [Path(g) for g in status["cgroups"]]
+    # A later deployment that does not mention runWith keeps it (Greengrass: it sticks)
+    d.cli("deploy", "--update-config", json.dumps({name: {"MERGE": {"x": 1}}}), "--settle", "0")
+    assert _status(d, name)["run_with"]["systemResourceLimits"] == {"cpus": 0.2}
+    # ... until one clears it: the component restarts without limits, its groups go
+    d.cli("deploy", "--run-with", f"{name}:systemResourceLimits=", "--settle", "0")
+    status = _status(d, name)["run_with"]
+    assert status["systemResourceLimits"] == {} and status["systemResourceLimits_from"] == "run_with_default"
+    assert d.wait_state(name, {"RUNNING"})["pids"] != [pid]
+    assert not any(g.exists() for g in groups)
+
+
+@needs_cgroups
+def test_the_device_default_limits_apply_to_components_without_their_own(daemon_factory: Any,
+                                                                          short_tmp: Path) -> None:
+    d = daemon_factory(settings={**FAST, "run_with_default": {"system_resource_limits": {"memory": 65536}}})
+    own, default = f"test.Own{secrets.token_hex(2)}", f"test.Dflt{secrets.token_hex(2)}"
+    for name in (own, default):
+        d.cli("deploy", str(_recipe(short_tmp / "r", name, "exec sleep 600")), "--settle", "0",
+              *(["--run-with", f"{name}:cpus=0.5"] if name == own else []))
+    assert _status(d, default)["run_with"]["systemResourceLimits"] == {"memory": 65536}
+    assert _status(d, own)["run_with"]["systemResourceLimits"] == {"cpus": 0.5}  # its own, as a whole
+    groups = [Path(g) for n in (own, default) for g in _status(d, n)["run_with"]["cgroups"]]
+    [pid] = d.components()[default]["pids"]
+    member_of = Path(f"/proc/{pid}/cgroup").read_text()
+    assert f"/nucleus/{default}" in member_of, member_of
+    d.stop()
+    assert not any(g.exists() for g in groups)  # gone with the daemon
+
+
+@pytest.fixture
+def two_accounts() -> Iterator[tuple[str, str, str]]:
+    """The device's component user (user:group) and a second user in that group; gone afterwards."""
+    suffix = secrets.token_hex(3)
+    group, user, other = f"nrwg{suffix}", f"nrwa{suffix}", f"nrwb{suffix}"
+    subprocess.run(["groupadd", "--system", group], check=True, capture_output=True, timeout=30)
+    made: list[str] = []
+    try:
+        for name in (user, other):
+            subprocess.run(["useradd", "--system", "--no-create-home", "--gid", group, "--shell",
+                            "/usr/sbin/nologin", name], check=True, capture_output=True, timeout=30)
+            made.append(name)
+        yield user, group, other
+    finally:
+        for name in made:
+            for _ in range(50):
+                if subprocess.run(["userdel", name], capture_output=True, timeout=30).returncode in (0, 6):
+                    break
+                time.sleep(0.1)
+        subprocess.run(["groupdel", group], capture_output=True, timeout=30)
+
+
+@needs_root
+def test_a_component_runs_as_its_own_posix_user_while_another_runs_as_the_default(
+        two_accounts: tuple[str, str, str], daemon_factory: Any, short_tmp: Path) -> None:
+    user, group, other = two_accounts
+    short_tmp.chmod(0o755)
+    d = daemon_factory(settings={**FAST, "run_with_default": {"posix_user": f"{user}:{group}"}})
+    script = "id -un > {work:path}/who; exec sleep 600"
+    d.cli("deploy", str(_recipe(short_tmp / "r", "test.Default", script)), "--settle", "0")
+    d.cli("deploy", str(_recipe(short_tmp / "r", "test.Own", script)), "--run-with", f"test.Own:posixUser={other}",
+          "--settle", "0")
+    who = {n: d.root / "work" / n / "who" for n in ("test.Default", "test.Own")}
+    _wait(lambda: all(p.exists() and p.read_text().strip() for p in who.values()), "both wrote who they are")
+    assert who["test.Default"].read_text().strip() == user
+    assert who["test.Own"].read_text().strip() == other
+    assert _status(d, "test.Own")["run_with"]["posixUser"] == f"{other}:{group}"
+    # cleared: back to the default user
+    who["test.Own"].unlink()
+    d.cli("deploy", "--run-with", "test.Own:posixUser=", "--settle", "0")
+    _wait(lambda: who["test.Own"].exists() and who["test.Own"].read_text().strip() == user, "back to the default")
+
+
+@needs_root
+def test_bad_run_with_values_are_refused_naming_the_field_and_component_and_change_nothing(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    d = daemon_factory(settings=FAST)
+    recipe = _recipe(short_tmp / "r", "test.Keep", "exec sleep 600")
+    d.cli("deploy", str(recipe), "--settle", "0")
+    [pid] = d.wait_state("test.Keep", {"RUNNING"})["pids"]
+    before = d.cli("deployments").stdout
+    cases = {
+        "test.Keep:memory=-5": "run_with.test.Keep.systemResourceLimits.memory",
+        "test.Keep:cpus=0": "run_with.test.Keep.systemResourceLimits.cpus",
+        "test.Keep:posixUser=no-such-user-nucleus": "test.Keep",
+        json.dumps({"test.Keep": {"posixUser": "nobody", "windowsUser": "x"}}): "run_with.test.Keep.windowsUser",
+        "test.Keep:memroy=5": "--run-with",
+    }
+    for option, named in cases.items():
+        out = d.cli("deploy", "--run-with", option, check=False)
+        assert out.returncode != 0, option
+        text = out.stdout + out.stderr
+        assert named in text, (option, text)
+        assert "Traceback" not in text
+    unknown_user = d.cli("deploy", "--run-with", "test.Keep:posixUser=no-such-user-nucleus", check=False)
+    assert "runWith.posixUser" in unknown_user.stderr + unknown_user.stdout
+    assert "no user 'no-such-user-nucleus'" in unknown_user.stderr + unknown_user.stdout
+    assert d.cli("deployments").stdout == before  # none queued
+    assert d.wait_state("test.Keep", {"RUNNING"})["pids"] == [pid]
+
+
+@needs_cgroups
+def test_groups_a_killed_daemon_left_are_removed_at_its_next_start(daemon_factory: Any, short_tmp: Path) -> None:
+    d = daemon_factory(settings=FAST)
+    name = f"test.Left{secrets.token_hex(2)}"
+    d.cli("deploy", str(_recipe(short_tmp / "r", name, "exec sleep 600")), "--run-with", f"{name}:cpus=0.5",
+          "--settle", "0")
+    groups = [Path(g) for g in _status(d, name)["run_with"]["cgroups"]]
+    assert d.proc is not None
+    d.proc.kill()
+    d.proc.wait(timeout=30)
+    _wait(lambda: all(not (g / "cgroup.procs").read_text().strip() for g in groups), "its steps died with it")
+    assert all(g.is_dir() for g in groups)  # left behind
+    d.start()
+    _wait(lambda: "stale_cgroups_removed" in d.log_text(), "the stale groups are removed")
+    d.wait_state(name, {"RUNNING"})  # and made again for the component the restart starts
+
+
+def test_limits_a_device_cannot_enforce_are_named_with_the_reason(tmp_path: Path) -> None:
+    """Without a cgroup file system (an empty folder stands in for /sys/fs/cgroup), or without the
+    controller a limit needs, the reason is said; no limits need nothing."""
+    none = Cgroups(mount=tmp_path)
+    assert none.problem(Limits()) is None
+    assert "no cgroup file system" in (none.problem(Limits(memory_kb=1024)) or "")
+    (tmp_path / "cpu").mkdir()
+    v1 = Cgroups(mount=tmp_path)
+    assert v1.problem(Limits(cpus=0.5)) is None
+    assert "no cgroup v1 memory controller" in (v1.problem(Limits(memory_kb=1024)) or "")
+    (tmp_path / "cpu").rmdir()
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    v2 = Cgroups(mount=tmp_path)
+    assert v2.version == 2
+    assert "has no memory controller" in (v2.problem(Limits(memory_kb=1024)) or "")
+
+
+def test_cgroup_v2_groups_get_memory_max_and_cpu_max(tmp_path: Path) -> None:
+    """The v2 writes, on a folder laid out as a unified hierarchy (files the kernel would make are
+    made by hand): the controllers enabled on the way, memory.max, no swap, cpu.max."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory io\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    group = tmp_path / "nucleus" / "test.V2"
+    group.mkdir(parents=True)
+    (tmp_path / "nucleus" / "cgroup.subtree_control").write_text("")
+    for f in ("memory.max", "memory.swap.max", "cpu.max", "cgroup.procs"):
+        (group / f).write_text("")
+    cg = Cgroups(mount=tmp_path)
+    assert cg.apply("test.V2", Limits(memory_kb=2048, cpus=0.25)) == [group / "cgroup.procs"]
+    assert (group / "memory.max").read_text() == str(2048 * 1024)
+    assert (group / "memory.swap.max").read_text() == "0"
+    assert (group / "cpu.max").read_text() == "25000 100000"
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +cpu"
