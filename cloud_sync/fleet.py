@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import aiomqtt
 import structlog
+from pydantic import ValidationError
 
 from cloud_sync.deployment_document import (
     DeploymentDocument,
@@ -39,6 +40,7 @@ from cloud_sync.deployment_document import (
     combine_config_updates,
     new_document,
     parse,
+    parse_run_with,
     to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
@@ -426,6 +428,13 @@ def _config_updates(texts: list[str] | None) -> dict[str, Any]:
         raise FleetError(f"--update-config: {exc}") from exc
 
 
+def _run_with(texts: list[str] | None) -> dict[str, Any]:
+    try:
+        return parse_run_with(texts)
+    except ValueError as exc:
+        raise FleetError(f"--run-with: {exc}") from exc
+
+
 def document_from_args(args: argparse.Namespace, *,
                        validate: Callable[[Path], object] | None = None) -> DeploymentDocument:
     roots = read_recipes(args.paths, validate=validate)
@@ -438,10 +447,13 @@ def document_from_args(args: argparse.Namespace, *,
     fields: dict[str, Any] = {
         "artifacts_base_url": args.artifacts_url, "failure_policy": args.failure_policy.upper().replace("-", "_"),
         "timeout_s": args.timeout, "settle_time_s": args.settle, "rollout": rollout,
-        "config_updates": _config_updates(args.update_config)}
+        "config_updates": _config_updates(args.update_config), "run_with": _run_with(args.run_with)}
     try:
         doc = new_document([*roots, *extra], target=base.target, components=base.components,
                            deployment_id=args.deployment_id, **fields)
+    except ValidationError as exc:  # one line per problem, named by its field (pydantic's own text spans lines)
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise FleetError(f"invalid deployment: {problems}") from exc
     except ValueError as exc:
         raise FleetError(f"invalid deployment: {exc}") from exc
     try:  # the checks every device makes before it changes anything: refuse here, not on every device
@@ -456,7 +468,7 @@ def document_from_args(args: argparse.Namespace, *,
 async def cmd_deploy(args: argparse.Namespace) -> int:
     doc = document_from_args(args, validate=args.validate_recipe)
     if args.dry_run:
-        print(json.dumps(doc.model_dump(mode="json", exclude_none=True), indent=2))
+        print(json.dumps(json.loads(doc.encode()), indent=2))  # as published: runWith inside components
         return 0
     broker = _broker(args)
     doc = await publish(broker, doc, max_bytes=args.max_bytes)
@@ -523,6 +535,9 @@ def build_parser(validate_recipe: Callable[[Path], object] | None = None) -> arg
     d.add_argument("--update-config", action="append", metavar="JSON",
                    help='{"Name": {"MERGE": {...}, "RESET": ["/ptr"]}} or @file; may be given again for other '
                    "components")
+    d.add_argument("--run-with", action="append", metavar="NAME:FIELD=VALUE",
+                   help="Greengrass runWith of a root component, as `nucleus deploy --run-with`: posixUser, memory "
+                   "(KB), cpus; an empty VALUE clears it on the devices; or JSON / @file")
     d.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
     d.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
     d.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success")

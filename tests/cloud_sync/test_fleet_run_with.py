@@ -66,3 +66,22 @@ async def test_a_fleet_document_with_run_with_applies_it_and_a_bad_one_is_refuse
             assert json.loads(device.cli("status", COMPONENT))["run_with"]["systemResourceLimits"] == {"cpus": 0.5}
         finally:
             device.stop()
+
+
+def test_fleet_deploy_run_with_writes_greengrass_components_and_refuses_a_bad_one(short_tmp: Path) -> None:
+    from fleet_kit import fleet_cli
+
+    (short_tmp / "app.yaml").write_text(
+        "RecipeFormatVersion: '2020-01-25'\nComponentName: com.example.App\nComponentVersion: 1.0.0\n"
+        "Manifests:\n  - Platform: {os: linux}\n    Lifecycle: {Run: 'exec sleep 600'}\n")
+    out = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1", "--dry-run",
+                    "--run-with", "com.example.App:memory=262144", "--run-with", "com.example.App:posixUser=")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["components"] == {"com.example.App": {
+        "componentVersion": "1.0.0", "runWith": {"posixUser": None, "systemResourceLimits": {"memory": 262144}}}}
+    bad = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1", "--dry-run",
+                    "--run-with", "com.example.App:cpus=0")
+    assert bad.returncode != 0 and "run_with.com.example.App.systemResourceLimits.cpus" in bad.stderr, bad.stderr
+    other = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1", "--dry-run",
+                      "--run-with", "com.example.Other:cpus=1")
+    assert other.returncode != 0 and "runWith for com.example.Other" in other.stderr, other.stderr
