@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from ipc import codec
+from ipc.admission import Admission
 from ipc.bus import Bus, BusMessage, Policy, Subscription
 from ipc.errors import (
     InvalidArguments,
@@ -221,6 +222,8 @@ class IpcCore:
         self.max_sessions_per_principal = max_sessions_per_principal
         self.request_timeout_max = request_timeout_max
         self.authz_cache_ttl = authz_cache_ttl
+        #: connections still in their handshake, on every front end of this core (ipc/admission.py)
+        self.admission = Admission()
         self._handlers: dict[str, Handler] = {}
         self._streams: dict[str, StreamHandler] = {}
         self._sessions: dict[int, Session] = {}

@@ -17,8 +17,6 @@ gets an ERROR frame and/or a closed socket, one log line, and nobody else notice
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -28,10 +26,12 @@ import msgpack
 import structlog
 
 from ipc import protocol as P
+from ipc.admission import MAX_ANONYMOUS_FRAME, has_pending_bytes, peer_credentials
 from ipc.bus import BusMessage, Subscription
 from ipc.core import IpcCore, Session
 from ipc.errors import (
     ConnectionClosed,
+    FrameTooLarge,
     InvalidArguments,
     IpcError,
     LimitExceeded,
@@ -45,21 +45,9 @@ log = structlog.get_logger("ipc.server")
 FLUSH_AT = 64 * 1024
 BATCH_MAX = FLUSH_AT  # a delivery that would take an open batch past this starts a new frame
 DRAIN_CHUNK = 256  # queued messages taken from one subscription before the next gets its turn
-_UCRED = struct.Struct("3i")
 _HDR = P.HEADER.pack
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _PUB_CACHE_MAX = 4096
-
-
-def _peer_pid(sock: socket.socket | None) -> int | None:
-    if sock is None or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return None
-    pid = _UCRED.unpack(raw)[0]
-    return pid or None
 
 
 class _SubOut:
@@ -98,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = P.FrameDecoder(server.max_frame)
         self.session: Session | None = None
         self.pid: int | None = None
+        self.uid: int | None = None
         self.closing = False
         self.paused = False
         self._out: list[bytes] = []
@@ -125,16 +114,22 @@ class _Connection(asyncio.Protocol):
         server = self.server
         server._conns.add(self)
         transport.set_write_buffer_limits(high=server.write_buffer_high)
-        self.pid = _peer_pid(transport.get_extra_info("socket"))
+        self.pid, self.uid = peer_credentials(transport.get_extra_info("socket"))
         if len(server._conns) > server.max_connections:
             self._fail(LimitExceeded(f"the server accepts at most {server.max_connections} connections",
                                      {"limit": server.max_connections}))
+            return
+        # Anonymous until HELLO: a slot of its own bound (ipc/admission.py).
+        self.core.admission.admit(self, self.uid, self.pid)
+        if self.closing:
             return
         self._hs_timer = self.loop.call_later(server.handshake_timeout, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server._conns.discard(self)
+        if self.session is None:
+            self.core.admission.done(self, self.uid)
         if self._hs_timer is not None:
             self._hs_timer.cancel()
         if self._flush_handle is not None:
@@ -214,6 +209,11 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(ProtocolError(f"unexpected frame type {t} from a client", {"frame_type": t}))
                 return
+        if self.session is None and self.decoder.buffered > MAX_ANONYMOUS_FRAME:
+            # A HELLO is a token and a name: an anonymous peer does not get to buffer a 16 MiB frame.
+            self._fail(FrameTooLarge(f"a HELLO frame is at most {MAX_ANONYMOUS_FRAME} bytes",
+                                     {"limit": MAX_ANONYMOUS_FRAME}))
+            return
         if self._out:
             self._flush()
 
@@ -248,13 +248,15 @@ class _Connection(asyncio.Protocol):
         self._out_bytes = 0
         self.transport.write(data)
 
-    def _fail(self, err: IpcError, req_id: int | None = None) -> None:
-        """Tell the client why (one ERROR frame), log once, close only this connection."""
+    def _fail(self, err: IpcError, req_id: int | None = None, *, quiet: bool = False) -> None:
+        """Tell the client why (one ERROR frame), log once (unless ``quiet``: admission logs a burst
+        of them as one), close only this connection."""
         if self.closing or self.transport is None:
             return
         self.close_reason = err.code
-        log.warning("ipc.connection_rejected", pid=self.pid, code=err.code, reason=err.message,
-                    principal=self.session.principal.name if self.session else None)
+        if not quiet:
+            log.warning("ipc.connection_rejected", pid=self.pid, code=err.code, reason=err.message,
+                        principal=self.session.principal.name if self.session else None)
         if self._open:
             self._close_batches()
         self._out.append(P.error(req_id, *err.to_wire()))
@@ -475,7 +477,18 @@ class _Connection(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
         if self.session is None and not self.closing:
-            self._fail(ProtocolError(f"no HELLO within {self.server.handshake_timeout} s"))
+            timeout = self.server.handshake_timeout
+            self.core.admission.handshake_timed_out(self.uid, self.pid, timeout)
+            self._fail(ProtocolError(f"no HELLO within {timeout} s"), quiet=True)
+
+    def speaking(self) -> bool:
+        transport = self.transport
+        return bool(self.decoder.buffered) or (
+            transport is not None and has_pending_bytes(transport.get_extra_info("socket")))
+
+    def shed(self, reason: str) -> None:
+        """Admission closes this anonymous connection to make room (ipc/admission.py)."""
+        self._fail(LimitExceeded(reason, {"limit": self.core.admission.max_anonymous_per_uid}), quiet=True)
 
     def _on_hello(self, f: P.Frame) -> None:
         if f[0] != P.HELLO:
@@ -501,6 +514,7 @@ class _Connection(asyncio.Protocol):
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
+        self.core.admission.done(self, self.uid)
         srv = self.server
         self._send(P.welcome(self.session.principal.name, {
             "max_frame": srv.max_frame,

@@ -246,6 +246,8 @@ class Daemon:
                 "components": len(orchestrator.names()),
                 "current_deployment": engine.current,
                 "platform": platform,
+                # connections still in their handshake, and those closed for it (ipc/admission.py)
+                "ipc": core.admission.stats(),
             }
 
         Control(

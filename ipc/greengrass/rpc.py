@@ -476,6 +476,11 @@ class ServerConnection:
         return self._last_stream_id
 
     @property
+    def buffered(self) -> int:
+        """Bytes received but not yet a whole message."""
+        return self._decoder.buffered
+
+    @property
     def open_streams(self) -> frozenset[int]:
         return frozenset(self._open)
 

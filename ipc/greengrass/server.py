@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any, cast
 
 import structlog
 
+from ipc.admission import MAX_ANONYMOUS_FRAME, has_pending_bytes, peer_credentials
 from ipc.bus import BusMessage, Subscription
 from ipc.core import IpcCore, Session
 from ipc.errors import InvalidArguments, IpcError, LimitExceeded, ServiceError
@@ -52,7 +51,6 @@ from ipc.listener import listen_unix, shut_down
 log = structlog.get_logger("ipc.greengrass")
 
 FLUSH_AT = 64 * 1024
-_UCRED = struct.Struct("3i")
 _PUB_CACHE_MAX = 4096
 _WIRE_KEY = "greengrass"
 _END: Any = object()  # end of a core stream, for anext()
@@ -66,16 +64,6 @@ def _model_headers(shape: str) -> bytes:
 _EVENT_HEADERS = _model_headers(ops.SUBSCRIPTION_RESPONSE_MESSAGE)
 _PUBLISH_RESPONSE_HEADERS = _model_headers(ops.PUBLISH_TO_TOPIC_RESPONSE)
 _SUBSCRIBE_RESPONSE_HEADERS = _model_headers(ops.SUBSCRIBE_TO_TOPIC_RESPONSE)
-
-
-def _peer_pid(sock: socket.socket | None) -> int | None:
-    if sock is None or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except OSError:
-        return None
-    return _UCRED.unpack(raw)[0] or None
 
 
 @dataclass(slots=True, eq=False)
@@ -98,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.pid: int | None = None
+        self.uid: int | None = None
         self.closing = False
         self.paused = False
         self.reading_paused = False
@@ -123,17 +112,23 @@ class _Connection(asyncio.Protocol):
         server = self.server
         server._conns.add(self)
         transport.set_write_buffer_limits(high=server.write_buffer_high)
-        self.pid = _peer_pid(transport.get_extra_info("socket"))
+        self.pid, self.uid = peer_credentials(transport.get_extra_info("socket"))
         if len(server._conns) > server.max_connections:
             log.warning("greengrass.connection_refused", pid=self.pid, reason="too_many_connections",
                         limit=server.max_connections)
             self._abort()
+            return
+        # Anonymous until CONNECT: a slot of its own bound (ipc/admission.py).
+        self.core.admission.admit(self, self.uid, self.pid)
+        if self.closing:
             return
         self._hs_timer = self.loop.call_later(server.handshake_timeout, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server._conns.discard(self)
+        if self.session is None:
+            self.core.admission.done(self, self.uid)
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
@@ -194,6 +189,11 @@ class _Connection(asyncio.Protocol):
                 log.warning("greengrass.connect_refused", pid=self.pid, reason=event.reason,
                             detail=event.detail)
             # PingReceived: answered by the state machine; StreamMessage: no operation streams input
+        if self.session is None and rpc.buffered > MAX_ANONYMOUS_FRAME and not rpc.closed:
+            # A CONNECT is a token: an anonymous peer does not get to buffer a 16 MiB message.
+            log.warning("greengrass.connect_too_large", pid=self.pid, uid=self.uid, buffered=rpc.buffered,
+                        limit=MAX_ANONYMOUS_FRAME)
+            self.rpc.close("connect_too_large")
         self._flush()
         if rpc.closed:
             self._finish()
@@ -244,9 +244,19 @@ class _Connection(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
         if self.session is None and not self.closing:
-            log.warning("greengrass.handshake_timeout", pid=self.pid, timeout=self.server.handshake_timeout)
+            self.core.admission.handshake_timed_out(self.uid, self.pid, self.server.handshake_timeout)
             self.rpc.close("handshake_timeout")
             self._abort()
+
+    def speaking(self) -> bool:
+        transport = self.transport
+        return bool(self.rpc.buffered) or (
+            transport is not None and has_pending_bytes(transport.get_extra_info("socket")))
+
+    def shed(self, reason: str) -> None:
+        """Admission closes this anonymous connection to make room (ipc/admission.py); it logs the burst."""
+        self.rpc.close("shed")
+        self._abort()
 
     def _on_connect(self, event: ConnectRequested) -> None:
         try:
@@ -259,6 +269,7 @@ class _Connection(asyncio.Protocol):
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
+        self.core.admission.done(self, self.uid)
         self.rpc.accept()
 
     async def _revoke(self) -> None:

@@ -173,6 +173,34 @@ async def test_idle_clients_time_out_while_others_work(core: IpcCore, sock_dir: 
         assert srv.connections == 0
 
 
+async def test_an_anonymous_peer_cannot_make_the_server_buffer_a_large_frame(server: IpcServer) -> None:
+    """Before its HELLO a peer could announce a 16 MiB frame and have the server buffer it (times
+    every anonymous connection). A HELLO is a token and a name: past 16 KiB it is refused at once."""
+    from ipc.admission import MAX_ANONYMOUS_FRAME
+
+    raw = await RawConn.open(server.socket_path)
+    raw.send(struct.pack(">I", 1 << 20) + b"\x00" * (4 * MAX_ANONYMOUS_FRAME))
+    frames = await raw.frames_until_closed()
+    assert [f[2] for f in frames] == ["FRAME_TOO_LARGE"]
+    await bystander_works(server.socket_path)
+
+
+async def test_silent_peers_over_the_anonymous_bound_make_room_for_a_real_client(core: IpcCore,
+                                                                                 sock_dir: Path) -> None:
+    """Silent connections of one uid beyond its anonymous bound: the oldest silent ones are closed
+    (quietly, counted), a client that says HELLO gets in, and the rest go at the handshake timeout."""
+    core.admission.max_anonymous_per_uid = 8
+    async with IpcServer(core, sock_dir / "s.sock", handshake_timeout=0.5) as srv:
+        idle = [await RawConn.open(srv.socket_path) for _ in range(30)]
+        await bystander_works(srv.socket_path)
+        assert core.admission.counters["anonymous_shed"] >= 30 - 8
+        for raw in idle:
+            frames = await raw.frames_until_closed()
+            assert [f[2] for f in frames] in (["LIMIT_EXCEEDED"], ["PROTOCOL_ERROR"])
+        assert core.admission.anonymous == 0
+        assert core.admission.counters["handshake_timeouts"] >= 1
+
+
 async def test_connection_limit(core: IpcCore, sock_dir: Path) -> None:
     async with IpcServer(core, sock_dir / "s.sock", max_connections=3) as srv:
         clients = [Client(srv.socket_path, "tok-alice") for _ in range(3)]

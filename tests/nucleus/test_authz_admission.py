@@ -1,0 +1,103 @@
+"""Connections that never authenticate, against a real daemon's sockets.
+
+Until its HELLO (or the Greengrass CONNECT) a connection is anonymous, yet it held one of the
+servers' 10,000 connection slots for the whole handshake timeout: a local process opening sockets
+and never speaking locked every component (and the CLI) out. Anonymous connections now have a
+bound of their own per peer uid; over it the oldest is closed, so a real client, which says HELLO
+at once, still gets in. The closes are logged once per burst and counted in ``nucleus status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipc import Client
+from tests.conftest import FAST_SETTINGS
+
+pytestmark = pytest.mark.slow
+
+IDLE = 10_100  # above the native server's 10,000 connection limit
+IDLE_GG = 500  # the Greengrass server has the same bound (and its own 10,000 limit)
+HANDSHAKE_S = 8.0
+
+
+def open_idle(path: Path, n: int) -> list[socket.socket]:
+    """``n`` connections to ``path`` that never say anything (each connect bounded to 5 s)."""
+    held: list[socket.socket] = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        deadline = time.monotonic() + 5.0
+        while True:  # EAGAIN while the listen backlog is full: the daemon is accepting the ones before
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    s.close()
+                    raise
+                time.sleep(0.001)
+        held.append(s)
+    return held
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """True once the server closed ``s`` (it sends at most an ERROR frame before closing an anonymous one)."""
+    s.setblocking(False)
+    try:
+        s.recv(65536)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def test_idle_unauthenticated_connections_do_not_lock_components_out(daemon_factory: Any) -> None:
+    d = daemon_factory("adm", {**FAST_SETTINGS, "ipc": {"handshake_timeout_s": HANDSHAKE_S}})
+    policy = Path(d.root).parent / "adm.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
+    token = d.cli("client", "add", "adm-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    started = time.monotonic()
+    idle = open_idle(Path(d.root) / "gg.sock", IDLE_GG) + open_idle(Path(d.root) / "ipc.sock", IDLE)
+    try:
+        assert time.monotonic() - started < HANDSHAKE_S, "opening the idle sockets outlasted the handshake timeout"
+
+        async def real_client() -> None:
+            async with Client(Path(d.root) / "ipc.sock", token, name="adm-real") as c, c.subscribe("adm/#") as sub:
+                await c.publish("adm/x", b"x", confirm=True)
+                msg = await asyncio.wait_for(anext(aiter(sub)), 10)
+                assert msg.topic == "adm/x"
+
+        asyncio.run(real_client())
+        status = json.loads(d.cli("status").stdout)
+        assert status["ipc"]["anonymous_shed"] >= IDLE + IDLE_GG - status["ipc"]["max_anonymous_per_uid"]
+        assert status["ipc"]["anonymous"] <= status["ipc"]["max_anonymous_per_uid"]
+        log = (Path(d.root) / "daemon.out").read_text()
+        assert log.count("ipc.anonymous_connections_closed") == 1, "the closes are logged once per burst"
+        assert "uid=" in log.split("ipc.anonymous_connections_closed", 1)[1].splitlines()[0]
+        assert log.count("ipc.connection_rejected") < 10, "one log line per idle socket"
+
+        # the ones still held are closed at the handshake timeout (bounded wait)
+        still = [s for s in idle if not closed_by_server(s)]
+        assert len(still) <= status["ipc"]["max_anonymous_per_uid"]
+        deadline = time.monotonic() + HANDSHAKE_S + 10
+        while still and time.monotonic() < deadline:
+            time.sleep(0.2)
+            still = [s for s in still if not closed_by_server(s)]
+        assert not still, f"{len(still)} idle connections outlived the handshake timeout"
+        after = json.loads(d.cli("status").stdout)["ipc"]
+        assert after["anonymous"] == 0
+        assert after["handshake_timeouts"] >= 1
+    finally:
+        for s in idle:
+            with contextlib.suppress(OSError):
+                s.close()
