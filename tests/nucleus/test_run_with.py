@@ -253,3 +253,36 @@ def test_cgroup_v2_groups_get_memory_max_and_cpu_max(tmp_path: Path) -> None:
     assert (group / "memory.swap.max").read_text() == "0"
     assert (group / "cpu.max").read_text() == "25000 100000"
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +cpu"
+
+
+@needs_root
+def test_a_non_root_daemon_with_default_limits_refuses_to_start_naming_the_key(short_tmp: Path) -> None:
+    """Limits are never silently unenforced: a daemon that may not write the cgroups says so and stops."""
+    import sys
+
+    import yaml
+
+    short_tmp.chmod(0o755)
+    root = short_tmp / "root"
+    root.mkdir()
+    limits = {"run_with_default": {"system_resource_limits": {"memory": 1024}}}
+    (root / "nucleus.yaml").write_text(yaml.safe_dump(limits))
+    for path in (root, root / "nucleus.yaml"):
+        os.chown(path, 65534, 65534)
+    repo = Path(__file__).resolve().parents[2]
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    runs = None
+    for argv in ([sys.executable], ["env", f"PYTHONPATH={repo}:{site}", "/usr/bin/python3"]):
+        probe = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv, "-c", "import nucleus"]
+        if subprocess.run(probe, capture_output=True, timeout=30, check=False, cwd="/").returncode == 0:
+            runs = argv
+            break
+    if runs is None:
+        pytest.skip("no interpreter nobody may run imports nucleus here")
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *runs, "-m",
+                           "nucleus", "--root", str(root), "run"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run_with_default.system_resource_limits: limits (memory 1024 KB) cannot be enforced" in proc.stderr
+    assert "not writable by this daemon (uid 65534)" in proc.stderr
+    assert not (root / "ipc.sock").exists()
