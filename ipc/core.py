@@ -156,6 +156,13 @@ class QueueSink:
         self._ready: deque[tuple[BusMessage, int]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.sub: Subscription | None = None
+        self.denied: IpcError | None = None
+
+    def subscription_denied(self, sub: Subscription, exc: IpcError) -> None:
+        """A policy change ended the subscription: the iterator raises ``exc`` instead of ending."""
+        self.denied = exc
+        self._ready.clear()
+        self._wake()
 
     def offer(self, sub: Subscription, msg: BusMessage, dropped: int) -> bool:
         self._ready.append((msg, dropped))
@@ -176,6 +183,8 @@ class QueueSink:
     async def get(self) -> tuple[BusMessage, int]:
         while True:
             self._refill()
+            if self.denied is not None:
+                raise self.denied
             if self._ready:
                 break
             if self.sub is not None and self.sub.closed:
@@ -330,25 +339,19 @@ class IpcCore:
 
         A subscription or a stream is authorized once, when it is made; without this one made under a
         policy a deployment has since narrowed or removed would go on receiving what the policy now
-        denies. A session holding a denied local subscription ends (as for a revoked token), so the
-        client sees it and any subscription it makes again is checked against the new policies. A
-        denied stream op (SubscribeToIoTCore, deployments.watch, a watch of another component's
-        configuration...) ends alone, with the Unauthorized a new call would get; the session's other
-        streams go on.
+        denies. Each denied one ends alone, with the Unauthorized a new call would get (naming the
+        operation and the resource): a local subscription (its sink's ``subscription_denied`` tells the
+        client), a stream op (SubscribeToIoTCore, deployments.watch, a watch of another component's
+        configuration...). The session and its other subscriptions and streams go on without a gap.
         """
         self._authz_gen += 1
         for session in list(self._sessions.values()):
             principal = session.principal
             if principal.kind == "nucleus":
                 continue
-            if session.subscriptions:
-                denied = [sub.filter for sub in session.subscriptions.values()
-                          if not self.authorizer.is_authorized(principal, PUBSUB, OP_SUBSCRIBE, sub.filter)]
-                if denied:
-                    log.warning("ipc.session_revoked_by_policy", session_id=session.id,
-                                principal=principal.name, filters=denied[:10])
-                    self._revoke(session)
-                    continue
+            for sub in list(session.subscriptions.values()):
+                if not self.authorizer.is_authorized(principal, PUBSUB, OP_SUBSCRIBE, sub.filter):
+                    self._end_subscription(session, sub)
             for stream in list(session.streams):
                 if stream.denied is not None:
                     continue
@@ -356,6 +359,16 @@ class IpcCore:
                     if not self.authorizer.is_authorized(principal, service, operation, resource):
                         self._end_stream(session, stream, service, operation, resource)
                         break
+
+    def _end_subscription(self, session: Session, sub: Subscription) -> None:
+        exc = self._denial(session.principal, PUBSUB, OP_SUBSCRIBE, sub.filter)
+        log.warning("ipc.subscription_ended_by_policy", session_id=session.id, principal=session.principal.name,
+                    filter=sub.filter)
+        session.subscriptions.pop(sub.id, None)
+        self.bus.unsubscribe(sub)  # what it queued under the old policy goes with it
+        denied = getattr(sub.sink, "subscription_denied", None)
+        if denied is not None:
+            denied(sub, exc)
 
     def _end_stream(self, session: Session, stream: StreamState, service: str, operation: str,
                     resource: str) -> None:

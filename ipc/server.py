@@ -481,6 +481,12 @@ class _Connection(asyncio.Protocol):
             self.core.admission.handshake_timed_out(self.uid, self.pid, timeout)
             self._fail(ProtocolError(f"no HELLO within {timeout} s"), quiet=True)
 
+    def subscription_denied(self, sub: Subscription, exc: IpcError) -> None:
+        """The core ended ``sub`` on a policy change: its STREAM_END carries the denial."""
+        self._pending.pop(sub, None)
+        if not self.closing:
+            self._send(P.stream_end(sub.id, exc.to_wire()))
+
     def speaking(self) -> bool:
         transport = self.transport
         return bool(self.decoder.buffered) or (

@@ -248,6 +248,16 @@ class _Connection(asyncio.Protocol):
             self.rpc.close("handshake_timeout")
             self._abort()
 
+    def subscription_denied(self, sub: Subscription, exc: IpcError) -> None:
+        """The core ended ``sub`` on a policy change: its SubscribeToTopic stream ends with the denial."""
+        self._pending.pop(sub, None)
+        ts = self._topics.pop(sub.id, None)
+        if ts is None:
+            return
+        self._topic_streams.pop(ts.stream_id, None)
+        if not self.closing:
+            self._send_error(ts.stream_id, exc)
+
     def speaking(self) -> bool:
         transport = self.transport
         return bool(self.rpc.buffered) or (

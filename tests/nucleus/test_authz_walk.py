@@ -116,16 +116,18 @@ def test_rotating_a_client_token_ends_the_sessions_of_the_old_one(gg_daemon: Any
 def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon: Any, short_tmp: Path) -> None:
     """A subscription was authorized once, when made: after a deployment narrowed the principal's
     policy from ``news/#`` to ``news/public``, the live ``news/#`` subscription went on receiving
-    ``news/secret``. Now the session holding it ends (the client sees the connection closed), and
-    subscribing again is checked against the new policy."""
+    ``news/secret``. Now that subscription ends with the Unauthorized a new one gets, while the
+    ``news/public`` one on the same connection keeps receiving (98cc1db closed the whole session,
+    and with it the allowed subscription); subscribing again is checked against the new policy."""
     from test_daemon import write_recipe
 
-    def grant(resource: str) -> dict[str, Any]:
+    def grant(*resources: str) -> dict[str, Any]:
         return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
-                                                   "resources": [resource]}}}
+                                                   "resources": list(resources)}}}
 
     # a recipe without lifecycle: a declared client whose policy deployments manage
-    recipe = write_recipe(short_tmp / "recipes", "walk.Narrowed", "1.0.0", config={"accessControl": grant("news/#")})
+    recipe = write_recipe(short_tmp / "recipes", "walk.Narrowed", "1.0.0",
+                          config={"accessControl": grant("news/#", "news/public")})
     gg_daemon.cli("deploy", str(recipe))
     token = (Path(gg_daemon.root) / "clients" / "walk.Narrowed.token").read_text().strip()
     pub = add_client(gg_daemon, "walk-pub-narrow", ALL_PUBSUB)
@@ -133,29 +135,89 @@ def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon:
 
     async def main() -> None:
         async with connect(gg_daemon, "walk.Narrowed", token) as c, connect(gg_daemon, "walk-pub-narrow", pub) as p, \
-                c.subscribe("news/#") as sub:
+                c.subscribe("news/#") as sub, c.subscribe("news/public") as public:
             await p.publish("news/secret", b"x", confirm=True)
             assert await first_topic(sub) == "news/secret"
             await asyncio.to_thread(gg_daemon.cli, "deploy", "--update-config", narrow)
             await p.publish("news/secret", b"x", confirm=True)
-            with pytest.raises(ConnectionClosed):
+            with pytest.raises(Unauthorized, match=r"SubscribeToTopic on 'news/#'"):
                 for _ in range(20):  # bounded; without the fix it receives every one
                     got = await first_topic(sub, 0.5)
                     assert got != "news/secret", "a narrowed policy still delivers news/secret"
-        async with connect(gg_daemon, "walk.Narrowed", token) as again:
+            await p.publish("news/public", b"x", confirm=True)
+            assert await first_topic(public, 10) == "news/public"
             with pytest.raises(Unauthorized):
-                async with again.subscribe("news/#"):
+                async with c.subscribe("news/#"):
                     pass
-            async with again.subscribe("news/public"):
+            async with c.subscribe("news/public"):
                 pass
             # removing the declared client's recipe ends its live sessions with its token
             await asyncio.to_thread(gg_daemon.cli, "deploy", "--remove", "walk.Narrowed")
             with pytest.raises(ConnectionClosed):
                 for _ in range(50):  # bounded: the session ends with the deployment
-                    await again.call("nucleus.status")
+                    await c.call("nucleus.status")
                     await asyncio.sleep(0.05)
 
     asyncio.run(main())
+
+
+def test_a_narrowed_policy_ends_subscribe_to_topic_on_the_greengrass_socket(gg_daemon: Any,
+                                                                           short_tmp: Path) -> None:
+    """The same through awsiotsdk's SubscribeToTopic on gg.sock: the denied stream gets
+    UnauthorizedError, the allowed one on the same connection keeps receiving."""
+    pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
+    import queue
+
+    from awsiot.greengrasscoreipc import connect as gg_connect  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.model import UnauthorizedError  # type: ignore[import-untyped]
+    from test_daemon import write_recipe
+
+    def grant(*resources: str) -> dict[str, Any]:
+        return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
+                                                   "resources": list(resources)}}}
+
+    recipe = write_recipe(short_tmp / "recipes", "walk.GgNarrowed", "1.0.0",
+                          config={"accessControl": grant("gnews/#", "gnews/public")})
+    gg_daemon.cli("deploy", str(recipe))
+    token = (Path(gg_daemon.root) / "clients" / "walk.GgNarrowed.token").read_text().strip()
+    pub = add_client(gg_daemon, "walk-pub-ggnarrow", ALL_PUBSUB)
+    narrow = json.dumps({"walk.GgNarrowed": {"MERGE": {"accessControl": grant("gnews/public")}}})
+    events: dict[str, queue.Queue[Any]] = {"all": queue.Queue(), "public": queue.Queue()}
+
+    def handlers(key: str) -> dict[str, Any]:
+        return {"on_stream_event": lambda e: events[key].put(e.binary_message.context.topic),
+                "on_stream_error": lambda err: events[key].put(err) or True,
+                "on_stream_closed": lambda: None}
+
+    client = GreengrassCoreIPCClientV2(client=gg_connect(ipc_socket=str(gg_daemon.root / "gg.sock"),
+                                                         authtoken=token, timeout=10))
+
+    async def main() -> None:
+        async with connect(gg_daemon, "walk-pub-ggnarrow", pub) as p:
+            await p.publish("gnews/secret", b"x", confirm=True)
+            assert await asyncio.to_thread(events["all"].get, True, 10) == "gnews/secret"
+            await asyncio.to_thread(gg_daemon.cli, "deploy", "--update-config", narrow)
+            await p.publish("gnews/secret", b"x", confirm=True)
+            for _ in range(20):  # bounded; without the fix gnews/secret is delivered
+                got = await asyncio.to_thread(events["all"].get, True, 30)
+                assert got != "gnews/secret", "a narrowed policy still delivers gnews/secret"
+                if isinstance(got, UnauthorizedError):
+                    assert "SubscribeToTopic" in str(got.message) and "gnews/#" in str(got.message)
+                    break
+            else:
+                raise AssertionError("the denied stream never ended")
+            await p.publish("gnews/public", b"x", confirm=True)
+            got = await asyncio.to_thread(events["public"].get, True, 10)
+            assert got == "gnews/public"
+
+    try:
+        client.subscribe_to_topic(topic="gnews/#", **handlers("all"))
+        client.subscribe_to_topic(topic="gnews/public", **handlers("public"))
+        asyncio.run(main())
+    finally:
+        client.close()
+    gg_daemon.cli("deploy", "--remove", "walk.GgNarrowed")
 
 
 def test_a_long_topic_against_a_many_glob_policy_is_decided_at_once(gg_daemon: Any) -> None:
