@@ -8,7 +8,8 @@ IPC operations (registered on the core, authorized like Greengrass's MQTT proxy)
   returns once the message is durable in the spool (the id is what the cloud deduplicates on).
 * ``cloud.subscribe`` {filter, queue_size=1024} → stream of {topic, payload, dropped}
   needs ``aws.greengrass#SubscribeToIoTCore`` on the filter.
-* ``sync.status`` {} → the spool, link and forwarder figures (``nucleus sync status``).
+* ``sync.status`` {} → the spool, link and forwarder figures (``nucleus sync status``). No policy;
+  a component gets the figures only (see :data:`OPERATOR_ONLY`).
 
 Device status goes to ``status_topic`` (retained, not spooled: see Uplink.publish_latest) when
 it changes and every ``heartbeat_s``.
@@ -52,6 +53,11 @@ OP_SUBSCRIBE_IOT = "aws.greengrass#SubscribeToIoTCore"
 MAX_PRIORITY = 255
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
 READY_TIMEOUT_S = 30.0
+#: sync.status parts only the nucleus CLI sees: every component's cloud filters, the broker's
+#: address, the link's and the spool's error lines (they name topics, paths and the MQTT user) and
+#: the fleet deployments. A component, which needs no policy for sync.status, gets the link state
+#: and the counters, enough to know whether its messages are moving.
+OPERATOR_ONLY = {"link": ("broker", "subscriptions", "errors"), "": ("errors", "deployments")}
 
 
 class CloudSync:
@@ -204,7 +210,14 @@ class CloudSync:
     async def _op_status(self, ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
         if self._ready.is_set() and self._open_error is None:
             await self.spool.refresh_stats()
-        return self.status()
+        status = self.status()
+        if ctx.principal.kind != "nucleus":
+            for section, keys in OPERATOR_ONLY.items():
+                part = status.get(section) if section else status
+                if isinstance(part, dict):
+                    for key in keys:
+                        part.pop(key, None)
+        return status
 
     # --- status -----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -260,3 +260,37 @@ def test_a_narrowing_deployment_ends_deployments_watch_and_a_configuration_watch
 
     asyncio.run(main())
     d.cli("deploy", "--remove", "azs.Watched", "--remove", "azs.Watcher", "--settle", "0")
+
+
+def test_sync_status_shows_a_component_the_figures_but_not_the_others_cloud_filters(
+        linked: tuple[Daemon, Mosquitto], short_tmp: Path) -> None:
+    """``sync.status`` needs no policy, and it handed any component every other component's cloud
+    filters, the broker's address, the link's error lines (naming the MQTT user) and the fleet
+    deployments. A component now gets the link state and the counters; the CLI sees it all."""
+    d, _broker = linked
+    d.cli("deploy", str(write_declared(short_tmp / "recipes", "azs.Subscriber", iot_grant("private-plans/#"))),
+          str(write_declared(short_tmp / "recipes", "azs.Nosy", {})), "--settle", "0")
+    sub_token = (Path(d.root) / "clients" / "azs.Subscriber.token").read_text().strip()
+    nosy_token = (Path(d.root) / "clients" / "azs.Nosy.token").read_text().strip()
+
+    async def main() -> None:
+        async with Client(Path(d.root) / "ipc.sock", sub_token, name="azs.Subscriber") as s, \
+                s.subscribe_to_cloud("private-plans/#"), \
+                Client(Path(d.root) / "ipc.sock", nosy_token, name="azs.Nosy") as nosy:
+            for _ in range(100):  # bounded: the link subscribes in the background
+                full = json.loads(await asyncio.to_thread(lambda: d.cli("sync", "status", "--json").stdout))
+                if "private-plans/#" in full["link"]["subscriptions"]:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the operator's sync status never listed the subscription")
+            assert full["link"]["broker"].startswith("mqtt://")
+            seen = await nosy.call("sync.status")
+            assert seen["link"]["state"] == "connected" and "spool" in seen and "publish" in seen
+            assert "private-plans/#" not in json.dumps(seen, default=str)
+            for key in ("broker", "subscriptions", "errors"):
+                assert key not in seen["link"], key
+            assert "errors" not in seen and "deployments" not in seen
+
+    asyncio.run(main())
+    d.cli("deploy", "--remove", "azs.Subscriber", "--remove", "azs.Nosy", "--settle", "0")
