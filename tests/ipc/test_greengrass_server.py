@@ -146,6 +146,21 @@ async def test_silent_client_is_closed_after_the_handshake_timeout(gg: Greengras
     await alive(gg)
 
 
+async def test_an_anonymous_peer_cannot_make_the_server_buffer_a_large_connect(core: IpcCore,
+                                                                               sock_dir: Path) -> None:
+    """Before CONNECT a peer could announce a message up to the 16 MiB limit and have the server
+    buffer it until the handshake timeout; a CONNECT is a token, so past 16 KiB it is closed at once."""
+    from ipc.admission import MAX_ANONYMOUS_FRAME
+
+    async with GreengrassServer(core, sock_dir / "big.sock", handshake_timeout=30.0) as srv:
+        peer = await Peer.open(srv, token=None)
+        prelude = struct.pack(">II", 1 << 20, 0)
+        peer.send(prelude + struct.pack(">I", zlib.crc32(prelude)) + b"\x00" * (4 * MAX_ANONYMOUS_FRAME))
+        await peer.until_closed(timeout=5.0)  # well before the 30 s handshake timeout
+        assert core.admission.anonymous == 0
+        await alive(srv)
+
+
 # --- protocol errors, each closing only its own connection ---------------------------------------------
 
 async def test_bad_crc_closes_without_reply(gg: GreengrassServer) -> None:
