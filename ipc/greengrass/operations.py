@@ -409,6 +409,23 @@ def _config_updates(value: Any) -> dict[str, Any]:
     return out
 
 
+def _run_with(value: Any) -> dict[str, Any]:
+    """componentToRunWithInfo ``{name: {posixUser, windowsUser, systemResourceLimits}}``; the native
+    deployment validates the rest and names the field. ``windowsUser`` is dropped: like Greengrass on
+    Linux, nucleus has no use for it, and a component written for both platforms may set it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArguments("componentToRunWithInfo must be an object", {"argument": "componentToRunWithInfo"})
+    out: dict[str, Any] = {}
+    for name, info in value.items():
+        if not isinstance(info, dict):
+            raise InvalidArguments(f"componentToRunWithInfo.{name} must be an object",
+                                   {"argument": "componentToRunWithInfo"})
+        out[name] = {k: v for k, v in info.items() if k != "windowsUser"}
+    return out
+
+
 async def _create_local_deployment(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
     # Authorize before the daemon reads any directory on the caller's behalf.
     s.ctx.authorize(SVC_CLI, PREFIX + "CreateLocalDeployment", "*")
@@ -431,6 +448,9 @@ async def _create_local_deployment(core: IpcCore, s: Session, req: dict[str, Any
     updates = _config_updates(req.get("componentToConfiguration"))
     if updates:
         args["config_updates"] = updates
+    run_with = _run_with(req.get("componentToRunWithInfo"))
+    if run_with:
+        args["run_with"] = run_with
     policy = req.get("failureHandlingPolicy")
     if policy is not None:
         args["failure_policy"] = policy

@@ -141,3 +141,52 @@ def test_component_cannot_grant_itself_policies_over_ipc(gg_daemon: Any) -> None
     assert results["other_key"] == "updated"  # the rest of its own configuration stays writable
     configuration = json.loads(gg_daemon.cli("status", "walk.AclWriter").stdout)["configuration"]
     assert "accessControl" not in configuration and configuration["note"] == {"x": 1}
+
+
+def test_create_local_deployment_carries_component_to_run_with_info(gg_daemon: Any) -> None:
+    """CreateLocalDeployment's componentToRunWithInfo sets the component's runWith, as Greengrass does.
+
+    Before, the field was dropped without a word: a component deployed through the Greengrass CLI
+    API with a memory limit ran with none.
+    """
+    from awsiot.greengrasscoreipc.model import (  # type: ignore[import-untyped]
+        InvalidArgumentsError,
+        RunWithInfo,
+        SystemResourceLimits,
+    )
+
+    from nucleus.cgroups import Cgroups, Limits
+
+    problem = Cgroups().problem(Limits(memory_kb=1024, cpus=0.5))
+    if problem is not None:
+        pytest.skip(f"cgroups not writable here: {problem}")
+    recipes = gg_daemon.root.parent / "runwith-recipes"
+    recipes.mkdir()
+    (recipes / "walk.Limited-1.0.0.json").write_text(json.dumps({
+        "RecipeFormatVersion": "2020-01-25", "ComponentName": "walk.Limited", "ComponentVersion": "1.0.0",
+        "Manifests": [{"Platform": {"os": "linux"}, "Lifecycle": {"Run": "exec sleep 600"}}]}))
+    client = gg_client(gg_daemon, "walk-runwith", {"aws.greengrass.Cli": {"c": {"operations": ["*"],
+                                                                                "resources": ["*"]}}})
+    try:
+        with pytest.raises(InvalidArgumentsError) as refused:  # a bad limit names itself; nothing is queued
+            client.create_local_deployment(
+                recipe_directory_path=str(recipes), root_component_versions_to_add={"walk.Limited": "1.0.0"},
+                component_to_run_with_info={"walk.Limited": RunWithInfo(
+                    system_resource_limits=SystemResourceLimits(cpus=0.0))})
+        assert "cpus" in refused.value.message and "walk.Limited" in refused.value.message
+        limits = SystemResourceLimits(memory=65536, cpus=0.5)
+        did = client.create_local_deployment(
+            recipe_directory_path=str(recipes), root_component_versions_to_add={"walk.Limited": "1.0.0"},
+            component_to_run_with_info={"walk.Limited": RunWithInfo(windows_user="ignored-on-linux",
+                                                                    system_resource_limits=limits)}).deployment_id
+        for _ in range(300):  # bounded: 30 s
+            status = client.get_local_deployment_status(deployment_id=did).deployment.status
+            if status not in ("QUEUED", "IN_PROGRESS"):
+                break
+            time.sleep(0.1)
+        assert status == "SUCCEEDED"
+    finally:
+        client.close()
+    run_with = json.loads(gg_daemon.cli("status", "walk.Limited").stdout)["run_with"]
+    assert run_with["systemResourceLimits"] == {"memory": 65536, "cpus": 0.5}
+    gg_daemon.cli("deploy", "--settle", "0", "--remove", "walk.Limited")
