@@ -252,7 +252,7 @@ def stream_file(values: np.ndarray, card_model: object, alarm: object, rate_hz: 
                       "data": x[i:i + 1].reshape(1, 1)})
         for win in out:
             scored = card_model.score(win.data[None], np.array([win.t_end]))
-            judged = alarm.judge(float(scored.scores[0]), scored.features[0], win.data)
+            judged = alarm.judge(float(scored.scores[0]), scored.features[0], win.data, win.follows)
             decision = judged.decision
             flags[i] = decision.alarm
             if scores is not None:

@@ -63,6 +63,12 @@ class ShiftStage:
     def started(self) -> bool:
         return self._filled > 0
 
+    def restart(self) -> None:
+        """Samples are missing before the next ones (a gap, a restarted stream, a skipped window): the
+        statistic must not compare across the hole, so it waits for ``recent + history`` new samples.
+        The fitted normal of the statistic is kept: it describes the series, not the hole."""
+        self._filled = 0
+
     def push(self, samples: npt.NDArray[np.floating]) -> Decision | None:
         """Append a window's new samples (oldest first); the decision on the statistic after them, or None
         while fewer than ``recent + history`` samples have been seen (the statistic is undefined)."""

@@ -52,10 +52,11 @@ class AssetState:
         return cls(model, AlarmState(params), memory, stage, channel)
 
     def judge(self, score: float, features: npt.NDArray[np.float32],
-              window: npt.NDArray[np.floating] | None = None) -> Judged:
+              window: npt.NDArray[np.floating] | None = None, follows: bool = True) -> Judged:
         """The window's final score (the model's, or its distance to the nearest remembered window if
         that is nearer) and the alarm decision on it; then the window is remembered. ``window`` (channels
-        x samples, the raw window) feeds the shift stage, if the card has one (it needs the samples)."""
+        x samples, the raw window) feeds the shift stage, if the card has one (it needs the samples);
+        ``follows`` False says samples are missing before it (``Window.follows``)."""
         residual = None
         if self.memory is not None:
             z = self.model.standardize(features)
@@ -69,7 +70,10 @@ class AssetState:
         if window is None:
             raise ValueError(f"model {self.model.component} has a shift stage: judge() needs the window's samples")
         row = np.asarray(window)[self.shift_channel]
-        # The first window's samples are all new; after it, each window adds ``hop`` samples.
+        # The first window's samples are all new; after it, each window adds ``hop`` samples, unless
+        # samples are missing before it: then the stage starts its samples over (never across a hole).
+        if not follows:
+            self.shift.restart()
         shifted = self.shift.push(row[-self.model.card.hop:] if self.shift.started else row)
         fired = decision.alarm or (shifted is not None and shifted.alarm)
         # One event, one alarm: either stage's alarm starts the same hold-off for both.

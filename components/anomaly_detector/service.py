@@ -228,7 +228,7 @@ class Detector:
                 self.skipped["nonfinite_features"] += 1
                 continue
             judged = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i],
-                                                             p.window.data)
+                                                             p.window.data, p.window.follows)
             score, decision = judged.score, judged.decision
             shares = scored.shares[i]
             if judged.contributions is not None:  # the score came from the run-time memory: explain that

@@ -41,6 +41,8 @@ class Window:
     seq_first: int
     seq_last: int
     t_end: float  # time of the last sample
+    # its newest ``hop`` samples directly follow the previous window's (no reset, no skipped window between)
+    follows: bool = False
 
 
 @dataclass(slots=True)
@@ -65,6 +67,7 @@ class Windower:
     last_t0: float | None = None
     _buf: npt.NDArray[np.float32] = field(init=False)
     _base: int = 0  # global index of _buf[:, 0]
+    _last_end: int | None = None  # global index of the last sample of the last window handed out
     _batches: deque[_Batch] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class Windower:
         self._base += self._buf.shape[1]
         self._buf = np.zeros((len(self.channels), 0), dtype=np.float32)
         self._batches.clear()
+        self._last_end = None
 
     def reconfigure(self, channels: list[str], window: int, hop: int, rate_hz: float | None) -> None:
         """Adopt a new model's windowing; buffered samples carry over when the channels are the same, so
@@ -151,7 +155,9 @@ class Windower:
                     break
             assert first is not None and last is not None
             if np.isfinite(win).all():
-                out.append(Window(win.copy(), first.seq, last.seq, last.t0 + (g1 - last.start) / last.rate))
+                follows = self._last_end is not None and g1 - self._last_end == self.hop
+                out.append(Window(win.copy(), first.seq, last.seq, last.t0 + (g1 - last.start) / last.rate, follows))
+                self._last_end = g1
             else:
                 self.skipped["nan"] += 1
             end += self.hop

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from components.anomaly.alarm import AlarmParams
+from components.anomaly.alarm import AlarmParams, Decision
 from components.anomaly.errors import ModelCardError, TrainingError
 from components.anomaly.features import FeatureExtractor, shape_spec
 from components.anomaly.model_card import load_card, parse_card
@@ -129,3 +129,57 @@ def test_a_model_with_the_stage_needs_the_windows_samples() -> None:
     with pytest.raises(ValueError, match="shift stage"):
         state.judge(float(scored.scores[0]), scored.features[0])
     assert AssetState.start(model, mode="threshold").shift is None  # a threshold override drops it too
+
+
+def test_the_stage_never_compares_across_a_gap_in_the_stream() -> None:
+    """A window after missing samples does not follow its predecessor (``Window.follows``), and the stage
+    starts its samples over instead of comparing the new side of the hole with the old one: a sensor that
+    comes back from an outage at another operating point is the model's to judge, not a 'shift' measured
+    across time nobody saw."""
+    rng = np.random.default_rng(3)
+    before, after = 10 + rng.standard_normal(1000), 16 + rng.standard_normal(300)
+    model = learning_knn(before[:500], (16, 400))
+
+    def stage_after_the_change(gap: int) -> list[Decision | None]:
+        """The shift stage's own decisions on the windows after the change of level."""
+        state, w = AssetState.start(model), Windower(["value"], W, 1, 1.0)
+        stage = state.shift
+        assert stage is not None
+        seen: list[Decision | None] = []
+        push = stage.push
+        stage.push = lambda samples: seen.append(push(samples)) or seen[-1]  # type: ignore[method-assign]
+        first_after = None
+        for i, v in enumerate(np.concatenate([before, after]).astype(np.float32)):
+            seq = i if i < len(before) else i + gap  # gap > 0: that many batches never arrived
+            for win in w.push({"seq": seq, "t0": float(seq), "rate_hz": 1.0, "channels": ["value"],
+                               "data": np.array([[v]], np.float32)}):
+                if i >= len(before) and first_after is None:
+                    first_after = len(seen)
+                    assert win.follows is (gap == 0)
+                state.judge(float(model.score(win.data[None]).scores[0]), model.score(win.data[None]).features[0],
+                            win.data, win.follows)
+        assert first_after is not None
+        return seen[first_after:]
+
+    contiguous = stage_after_the_change(gap=0)
+    assert any(d is not None and d.alarm for d in contiguous[:40])  # the level change is a shift: it alarms
+    across = stage_after_the_change(gap=50)
+    assert all(d is None for d in across[:416 - W])  # no statistic until 416 new samples are in
+    assert not any(d is not None and d.alarm for d in across)  # and then the new level is the history
+
+
+def test_windows_say_whether_they_follow_the_previous_one() -> None:
+    w = Windower(["value"], 4, 2, 1.0)
+
+    def push(seq: int, values: list[float]) -> list[bool]:
+        batch = {"seq": seq, "t0": float(seq), "rate_hz": 1.0, "channels": ["value"],
+                 "data": np.array([values], np.float32)}
+        return [win.follows for win in w.push(batch)]
+
+    assert push(0, [1, 2, 3, 4, 5, 6]) == [False, True]  # the first window follows nothing
+    assert push(1, [7, 8]) == [True]
+    assert push(2, [float("nan"), 9]) == []  # (7, 8, nan, 9) is skipped
+    assert push(3, [10, 11]) == []  # (nan, 9, 10, 11) too
+    assert push(4, [12, 13]) == [False]  # two windows were skipped before this one
+    assert push(6, [14, 15, 16, 17]) == [False]  # seq 5 never arrived: a new start
+    assert push(7, [18, 19]) == [True]
