@@ -81,6 +81,7 @@ class Detector:
         self.last_batch: dict[str, float] = {}
         self.last_window: dict[str, float] = {}
         self.captured = 0
+        self.asset_captured: Counter[str] = Counter()
         self.lag_s: float | None = None
         self.rejected: dict[tuple[str, str], dict[str, Any]] = {}
         self.last_rejection: dict[str, Any] | None = None
@@ -252,7 +253,7 @@ class Detector:
             self.last_window[p.asset] = time.monotonic()
             self.alarms_raised += int(decision.alarm)
             self.lag_s = now - p.window.t_end
-            kind = self.capture.decide(is_anomaly=is_anomaly, confidence=confidence, now=now)
+            kind = self.capture.decide(asset=p.asset, is_anomaly=is_anomaly, confidence=confidence, now=now)
             if kind is not None:
                 sample: dict[str, Any] = {"kind": kind, "asset": p.asset, "score": score, "threshold": model.threshold,
                                           "features": scored.features[i], "feature_names": model.card.feature_names,
@@ -262,6 +263,7 @@ class Detector:
                     sample["window"] = p.window.data
                 await self.client.publish(f"{self.config.retraining_topic_prefix}/{p.asset}", sample)
                 self.captured += 1
+                self.asset_captured[p.asset] += 1
 
     def _asset_state(self, asset: str, model: LoadedModel) -> AssetState:
         held = self.alarms.get(asset)
@@ -406,6 +408,7 @@ class Detector:
             w = self.windowers.get(asset)
             batch, window = self.last_batch.get(asset), self.last_window.get(asset)
             out[asset] = {"windows": self.asset_windows[asset], "anomalies": self.asset_anomalies[asset],
+                          "captured": self.asset_captured[asset],
                           "skipped": dict(w.skipped) if w is not None else {},
                           "batch_age_s": None if batch is None else round(now - batch, 3),
                           "window_age_s": None if window is None else round(now - window, 3)}

@@ -132,9 +132,22 @@ def test_reconfigure_keeps_buffered_samples() -> None:
 
 def test_capture_policy() -> None:
     p = CapturePolicy(low_confidence_below=0.2, normal_every=3, max_per_minute=1)
-    kinds = [p.decide(is_anomaly=False, confidence=0.9, now=0.0) for _ in range(6)]
+    kinds = [p.decide(asset="t1", is_anomaly=False, confidence=0.9, now=0.0) for _ in range(6)]
     assert kinds == [None, None, "normal_sample", None, None, None]  # 2nd normal sample over budget
-    assert p.decide(is_anomaly=True, confidence=0.1, now=61.0) == "low_confidence"
+    assert p.decide(asset="t1", is_anomaly=True, confidence=0.1, now=61.0) == "low_confidence"
+
+
+def test_capture_counts_each_asset_on_its_own() -> None:
+    """Three turbines whose windows arrive in turn, one sample in three normal windows: each turbine's
+    healthy state is sampled (with one shared count every sample came from t1), and t1's unsure model
+    spending its budget does not stop the others' capture."""
+    p = CapturePolicy(low_confidence_below=0.2, normal_every=3, max_per_minute=2)
+    sampled = [asset for _ in range(3) for asset in ("t1", "t2", "t3")
+               if p.decide(asset=asset, is_anomaly=False, confidence=0.9, now=0.0) == "normal_sample"]
+    assert sampled == ["t1", "t2", "t3"]
+    unsure = [p.decide(asset="t1", is_anomaly=True, confidence=0.1, now=0.0) for _ in range(2)]
+    assert unsure == ["low_confidence", None]  # t1's minute: one normal sample and one unsure window
+    assert p.decide(asset="t2", is_anomaly=True, confidence=0.1, now=0.0) == "low_confidence"
 
 
 # --- model loading -----------------------------------------------------------------------------
