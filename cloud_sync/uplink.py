@@ -581,24 +581,27 @@ class Uplink:
         if s.envelope == "raw":
             return [[r] for r in records]
         out: list[list[Record]] = []
-        open_: dict[tuple[str, int], tuple[list[Record], int]] = {}
+        # The one open batch per topic. A record that cannot join it (sent alone, another QoS, no room)
+        # closes it: a later record of that topic joining an earlier batch would overtake this one.
+        open_: dict[str, tuple[list[Record], int]] = {}
         for r in records:
             if r.retain or r.kind == envelope.KIND_VERBATIM:  # one status document, or bytes sent as they are
+                open_.pop(r.topic, None)
                 out.append([r])
                 continue
-            key = (r.topic, r.qos)
             size = envelope.item_size(r)
-            cur = open_.get(key)
-            if cur is not None and (len(cur[0]) >= s.batch_max_messages or cur[1] + size > s.batch_max_bytes):
+            cur = open_.get(r.topic)
+            if cur is not None and (cur[0][0].qos != r.qos or len(cur[0]) >= s.batch_max_messages
+                                    or cur[1] + size > s.batch_max_bytes):
                 cur = None
             if cur is None:
                 batch: list[Record] = []
                 out.append(batch)
-                open_[key] = (batch, size)
+                open_[r.topic] = (batch, size)
                 batch.append(r)
             else:
                 cur[0].append(r)
-                open_[key] = (cur[0], cur[1] + size)
+                open_[r.topic] = (cur[0], cur[1] + size)
         return out
 
     async def _send(self, client: aiomqtt.Client) -> None:
