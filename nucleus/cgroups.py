@@ -8,12 +8,17 @@ protective-action component on a wind turbine, say) keeps its memory. CPU is a C
 
 Where the groups are, as Greengrass's ``greengrass/<component>``:
 
-* cgroup v1 (a ``memory`` and a ``cpu`` hierarchy): ``<controller>/<daemon's group>/nucleus/<component>``
+* cgroup v1 (a ``memory`` and a ``cpu`` hierarchy): ``<controller>/<daemon's group>/nucleus/<root>/<component>``
   in each, nested under the daemon's own group of that controller (``/proc/self/cgroup``), so a
   nucleus run in a service's group keeps its components inside that group's accounting;
-* cgroup v2 (one unified hierarchy): ``/sys/fs/cgroup/nucleus/<component>``, with the memory and cpu
-  controllers enabled on the way (v2 forbids processes in a group whose children have controllers,
+* cgroup v2 (one unified hierarchy): ``/sys/fs/cgroup/nucleus/<root>/<component>``, with the memory and
+  cpu controllers enabled on the way (v2 forbids processes in a group whose children have controllers,
   so the groups cannot nest under the daemon's own).
+
+``<root>`` is the daemon's root folder, escaped as ``systemd-escape --path`` does (``/var/lib/nucleus``:
+``var-lib-nucleus``): one daemon per trust domain is the documented way to separate components, and
+two daemons running a component of the same name must not share (and overwrite, and on removal kill
+the processes of) one group.
 
 A step joins its groups before anything of it runs: the command is prefixed with a tiny ``sh`` that
 writes its own pid to each group's ``cgroup.procs`` and then ``exec``s the step (as root, before
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -83,8 +89,9 @@ def _own_group(controller: str | None) -> str:
 class Cgroups:
     """The device's cgroup file system, as far as component limits need it."""
 
-    def __init__(self, mount: Path = MOUNT, record: Path | None = None) -> None:
+    def __init__(self, mount: Path = MOUNT, record: Path | None = None, instance: str | None = None) -> None:
         self.mount = mount
+        self._instance = instance  # this daemon's level under nucleus/ (instance_name), None: none
         self._record = record  # the groups this root created, for the clean-up after a crash
         if (mount / "cgroup.controllers").is_file():
             self.version: int | None = 2
@@ -98,15 +105,18 @@ class Cgroups:
     def _parents(self, limits: Limits | None = None) -> dict[str, Path]:
         """The ``nucleus`` group of each controller the limits need (all, for None)."""
         if self.version == 2:
-            return {"unified": self.mount / PARENT}
+            return {"unified": self._nucleus(self.mount)}
         parents: dict[str, Path] = {}
         for controller, wanted in (("memory", limits is None or limits.memory_kb is not None),
                                    ("cpu", limits is None or limits.cpus is not None)):
             if wanted:
                 own = _own_group(controller).strip("/")
                 base = self.mount / controller
-                parents[controller] = base / own / PARENT if own else base / PARENT
+                parents[controller] = self._nucleus(base / own if own else base)
         return parents
+
+    def _nucleus(self, base: Path) -> Path:
+        return base / PARENT / self._instance if self._instance else base / PARENT
 
     def groups(self, component: str, limits: Limits | None = None) -> list[Path]:
         return [parent / component for parent in self._parents(limits).values()]
@@ -130,7 +140,9 @@ class Cgroups:
                     return f"no cgroup v1 {controller} controller at {self.mount / controller}"
             where = self.mount / ("memory" if limits.memory_kb is not None else "cpu")
         for parent in self._parents(limits).values():
-            base = parent if parent.exists() else parent.parent
+            base = parent
+            while not base.exists() and base != base.parent:  # the nearest folder that is there
+                base = base.parent
             if not os.access(base, os.W_OK):
                 who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
                 return (f"{base} is not writable by this daemon ({who}); limits need a root daemon with the "
@@ -170,9 +182,12 @@ class Cgroups:
 
     def _enable_v2_controllers(self, limits: Limits) -> None:
         wanted = [c for c, on in (("memory", limits.memory_kb is not None), ("cpu", limits.cpus is not None)) if on]
-        parent = self.mount / PARENT
-        parent.mkdir(exist_ok=True)
-        for level in (self.mount, parent):
+        levels = [self.mount, self.mount / PARENT]
+        if self._instance:
+            levels.append(levels[-1] / self._instance)
+        for level in levels[1:]:
+            level.mkdir(exist_ok=True)
+        for level in levels:
             enabled = (level / "cgroup.subtree_control").read_text().split()
             missing = " ".join(f"+{c}" for c in wanted if c not in enabled)
             if missing:
@@ -229,8 +244,7 @@ class Cgroups:
         self._written.pop(component, None)
         for group in self.groups(component):
             _remove_group(group)
-            with contextlib.suppress(OSError):  # the last one out removes nucleus/ (busy while others are in)
-                group.parent.rmdir()
+            _remove_empty_parents(group, self._instance)
         self._forget(self.groups(component))
 
     def remove_stale(self) -> list[str]:
@@ -242,8 +256,7 @@ class Cgroups:
             if Path(group).is_dir():
                 _remove_group(Path(group))
                 removed.append(group)
-            with contextlib.suppress(OSError):
-                Path(group).parent.rmdir()
+            _remove_empty_parents(Path(group), self._instance)
         with contextlib.suppress(OSError):
             self._record.unlink()
         return removed
@@ -280,6 +293,27 @@ def _quota(cpus: float | None) -> int | None:
     if cpus is None or cpus >= (os.cpu_count() or 1):
         return None
     return max(_MIN_QUOTA_US, round(cpus * CFS_PERIOD_US))
+
+
+def instance_name(root: Path) -> str:
+    """The daemon's own level under ``nucleus/``: its root as ``systemd-escape --path`` writes it
+    (``/var/lib/nucleus`` -> ``var-lib-nucleus``, a ``-`` in a name -> ``\\x2d``), so every root has its
+    own name; a very long one is shortened to a digest (a cgroup name has at most 255 bytes)."""
+    text = str(root.resolve()).strip("/")
+    out = "".join(c if (c.isascii() and c.isalnum()) or c in "_." else "-" if c == "/"
+                  else "".join(f"\\x{b:02x}" for b in c.encode()) for c in text) or "-"
+    if out.startswith("."):
+        out = "\\x2e" + out[1:]
+    return out if len(out) <= 200 else "root-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _remove_empty_parents(group: Path, instance: str | None) -> None:
+    """The last one out removes the daemon's level and ``nucleus/`` (busy while others are in them)."""
+    for parent in (group.parent, group.parent.parent) if instance else (group.parent,):
+        try:
+            parent.rmdir()
+        except OSError:
+            return
 
 
 def _remove_group(group: Path) -> None:

@@ -28,7 +28,7 @@ from ipc.memory import release_periodically
 from ipc.server import IpcServer
 from nucleus import __version__, authz, component_python, logconfig, users
 from nucleus import run_with as runwith
-from nucleus.cgroups import Cgroups
+from nucleus.cgroups import Cgroups, instance_name
 from nucleus.config_store import ConfigStore
 from nucleus.config_validation import ConfigValidators
 from nucleus.control import Control
@@ -143,7 +143,7 @@ class Daemon:
         component_user = users.component_user(self.settings.run_with_default.posix_user)
         socket_group = users.socket_group_for(self.settings.ipc.socket_group, component_user)
         # run_with_default.system_resource_limits: refused here too if this device cannot enforce them
-        cgroups = Cgroups(record=paths.run_dir / "cgroups.json")
+        cgroups = Cgroups(record=paths.run_dir / "cgroups.json", instance=instance_name(paths.root))
         default_limits = runwith.limits_of(None, self.settings)
         if (problem := cgroups.problem(default_limits)) is not None:
             raise ConfigurationError(f"limits ({default_limits.describe()}) cannot be enforced: {problem}",

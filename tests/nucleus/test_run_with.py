@@ -127,7 +127,7 @@ def test_the_device_default_limits_apply_to_components_without_their_own(daemon_
     groups = [Path(g) for n in (own, default) for g in _status(d, n)["run_with"]["cgroups"]]
     [pid] = d.components()[default]["pids"]
     member_of = Path(f"/proc/{pid}/cgroup").read_text()
-    assert f"/nucleus/{default}" in member_of, member_of
+    assert any("/nucleus/" in line and line.endswith(f"/{default}") for line in member_of.splitlines()), member_of
     d.stop()
     assert not any(g.exists() for g in groups)  # gone with the daemon
 
@@ -286,3 +286,29 @@ def test_a_non_root_daemon_with_default_limits_refuses_to_start_naming_the_key(s
     assert "run_with_default.system_resource_limits: limits (memory 1024 KB) cannot be enforced" in proc.stderr
     assert "not writable by this daemon (uid 65534)" in proc.stderr
     assert not (root / "ipc.sock").exists()
+
+
+@needs_cgroups
+def test_two_daemons_running_a_component_of_the_same_name_each_have_their_own_groups(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    """One daemon per trust domain is the documented way to separate components: two roots with a
+    component of the same name keep their own limits, and removing it from one leaves the other's
+    processes alone (before, both used nucleus/<component>: the second deployment overwrote the
+    first's limits and the removal killed the other daemon's process in the shared group)."""
+    name = f"test.Twin{secrets.token_hex(2)}"
+    a, b = daemon_factory("a", settings=FAST), daemon_factory("b", settings=FAST)
+    recipe = _recipe(short_tmp / "r", name, "exec sleep 600")
+    a.cli("deploy", str(recipe), "--run-with", f"{name}:memory=65536", "--settle", "0")
+    b.cli("deploy", str(recipe), "--run-with", f"{name}:memory=32768", "--settle", "0")
+    [pid_a] = a.wait_state(name, {"RUNNING"})["pids"]
+    b.wait_state(name, {"RUNNING"})
+    [memory_a] = [Path(g) for g in _status(a, name)["run_with"]["cgroups"]]
+    [memory_b] = [Path(g) for g in _status(b, name)["run_with"]["cgroups"]]
+    assert memory_a != memory_b
+    assert (memory_a / "memory.limit_in_bytes").read_text().strip() == str(65536 * 1024)
+    assert str(pid_a) in (memory_a / "cgroup.procs").read_text().split()
+    b.cli("deploy", "--remove", name, "--settle", "0")
+    _wait(lambda: not memory_b.exists(), "b's group goes with its component")
+    time.sleep(0.3)
+    assert a.wait_state(name, {"RUNNING"})["pids"] == [pid_a] and Path(f"/proc/{pid_a}").exists()
+    assert (memory_a / "memory.limit_in_bytes").read_text().strip() == str(65536 * 1024)
