@@ -15,12 +15,21 @@ in its socket); a real client writes its HELLO as soon as it connects, so while 
 sockets goes on it is not the one closed, even if the daemon has not read its HELLO yet. Closes come in
 bursts; one warning starts a burst (naming the uid and pid) and one line ends it with the count.
 The totals are in :meth:`Admission.stats` (``nucleus status``, key ``ipc``).
+
+The bounds must hold below the process's descriptor limit, or they never engage: with the soft
+``RLIMIT_NOFILE`` of 1024 that most shells and systemd units give, a flood of a thousand silent
+sockets made ``accept`` fail with EMFILE before the per-uid bound of 1,024 was reached, asyncio
+logged every failed accept with a traceback (hundreds of thousands of lines a second), and real
+clients waited for the flood's handshake timeout. So the soft limit is raised to the hard one, and
+the bounds are a quarter (in all) and an eighth (per uid) of the limit when it is still low.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import resource
 import socket
 import struct
 import termios
@@ -40,6 +49,8 @@ SHED_SCAN: Final = 16
 #: so an anonymous connection buffers at most this much (not the 16 MiB an authenticated one may send).
 MAX_ANONYMOUS_FRAME: Final = 16 * 1024
 BURST_QUIET_S: Final = 10.0
+#: The bounds never go below these, however few descriptors the process has.
+MIN_ANONYMOUS: Final = 16
 _UCRED: Final = struct.Struct("3i")
 
 
@@ -69,6 +80,18 @@ def has_pending_bytes(sock: Any) -> bool:
     return int.from_bytes(raw, "little", signed=True) > 0
 
 
+def descriptor_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` after raising it to the hard limit (what a server should do: the
+    soft limit is a default for programs that do not expect many descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
 def peer_credentials(sock: socket.socket | None) -> tuple[int | None, int | None]:
     """(pid, uid) of the peer of a Unix socket, as the kernel reports them; (None, None) if unknown."""
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
@@ -84,9 +107,14 @@ def peer_credentials(sock: socket.socket | None) -> tuple[int | None, int | None
 class Admission:
     """Bounds anonymous connections per peer uid and in all; one instance serves both sockets."""
 
-    def __init__(self, *, max_anonymous: int = DEFAULT_MAX_ANONYMOUS,
-                 max_anonymous_per_uid: int = DEFAULT_MAX_ANONYMOUS_PER_UID,
+    def __init__(self, *, max_anonymous: int | None = None, max_anonymous_per_uid: int | None = None,
                  burst_quiet_s: float = BURST_QUIET_S) -> None:
+        if max_anonymous is None or max_anonymous_per_uid is None:  # below the descriptor limit (see above)
+            fds = descriptor_limit()
+            if max_anonymous is None:
+                max_anonymous = max(MIN_ANONYMOUS, min(DEFAULT_MAX_ANONYMOUS, fds // 4))
+            if max_anonymous_per_uid is None:
+                max_anonymous_per_uid = max(MIN_ANONYMOUS, min(DEFAULT_MAX_ANONYMOUS_PER_UID, fds // 8))
         self.max_anonymous = max(1, max_anonymous)
         self.max_anonymous_per_uid = max(1, min(max_anonymous_per_uid, self.max_anonymous))
         self.burst_quiet_s = burst_quiet_s

@@ -16,6 +16,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ipc.admission import descriptor_limit
+
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 
 
@@ -74,9 +76,17 @@ async def listen_unix(
     *,
     mode: int,
     group: str | None,
-    backlog: int = 4096,
+    backlog: int | None = None,
 ) -> asyncio.AbstractServer:
-    """Bind ``path`` (mode ``mode``, optional group) and serve ``protocol_factory`` connections."""
+    """Bind ``path`` (mode ``mode``, optional group) and serve ``protocol_factory`` connections.
+
+    asyncio accepts up to ``backlog`` connections in one go before any of them reaches its
+    protocol, so before admission (ipc/admission.py) can close the surplus of a flood: the default
+    backlog is a sixteenth of the descriptor limit (at most 4096), so that a burst accepted on both
+    sockets cannot run the daemon out of descriptors (EMFILE) on its own.
+    """
+    if backlog is None:
+        backlog = max(64, min(4096, descriptor_limit() // 16))
     sock = bind_unix(path, mode=mode, group=group)
     try:
         return await asyncio.get_running_loop().create_unix_server(protocol_factory, sock=sock, backlog=backlog)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 import pytest
 
 from ipc import Client
-from tests.conftest import FAST_SETTINGS
+from tests.conftest import FAST_SETTINGS, Daemon
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +105,61 @@ def test_idle_unauthenticated_connections_do_not_lock_components_out(daemon_fact
         for s in idle:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+PRLIMIT = shutil.which("prlimit")
+
+
+class LowFdDaemon(Daemon):
+    """A daemon whose descriptor limit is 1024, soft and hard (``ulimit -n 1024``, a common default)."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+
+        with self.out.open("ab") as out:  # prlimit (util-linux) sets the limit, then runs the daemon
+            self.proc = subprocess.Popen([PRLIMIT, "--nofile=1024:1024", sys.executable, "-m", "nucleus",
+                                          "--root", str(self.root), "run"],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not (self.socket.exists() and self.cli("status", check=False, timeout=10).returncode == 0):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not come up:\n{self.log_text()}")
+            time.sleep(0.05)
+
+
+def test_a_flood_under_a_low_descriptor_limit_is_shed_before_the_daemon_runs_out_of_descriptors(
+        short_tmp: Path) -> None:
+    """With 1024 descriptors, 1,500 silent sockets on the two sockets no longer exhaust the daemon.
+
+    Before, the bounds (1,024 per uid) sat above the descriptor limit and asyncio accepted up to
+    4,096 connections at once: ``accept`` failed with EMFILE, asyncio logged each failure with a
+    traceback (hundreds of thousands of lines), and a real client got in only once the flood's
+    handshake timeout (5 s) had freed descriptors. Now the bounds and the listen backlog follow the
+    limit, the flood is shed, and the client is in at once (its 3 s connect timeout would fail).
+    """
+    if PRLIMIT is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    d = LowFdDaemon(short_tmp / "lowfd", FAST_SETTINGS)
+    idle: list[socket.socket] = []
+    try:
+        d.start()
+        policy = short_tmp / "lowfd.json"
+        policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
+        token = d.cli("client", "add", "lowfd-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+        for _ in range(3):  # 1,500 in all, alternating between the sockets
+            idle += open_idle(Path(d.root) / "ipc.sock", 250) + open_idle(Path(d.root) / "gg.sock", 250)
+
+        async def real_client() -> None:
+            async with Client(Path(d.root) / "ipc.sock", token, name="lowfd-real", connect_timeout=3.0) as c:
+                await c.publish("adm/x", b"x", confirm=True)
+
+        asyncio.run(real_client())
+        assert "Too many open files" not in d.out.read_text(errors="replace")
+        ipc = json.loads(d.cli("status").stdout)["ipc"]
+        assert ipc["max_anonymous"] == 256 and ipc["max_anonymous_per_uid"] == 128
+        assert ipc["anonymous_shed"] >= len(idle) - 256
+    finally:
+        for s in idle:
+            with contextlib.suppress(OSError):
+                s.close()
+        d.stop()
