@@ -100,6 +100,7 @@ class Cgroups:
         else:
             self.version = None
         self._written: dict[str, Limits] = {}
+        self._oom_seen: dict[str, int] = {}  # the kernel's oom_kill count last taken (new_oom_kills)
 
     # --- where --------------------------------------------------------------------------------
     def _parents(self, limits: Limits | None = None) -> dict[str, Path]:
@@ -174,6 +175,8 @@ class Cgroups:
                     if attempt == 2:
                         raise
             self._remember(group)
+        if fresh:
+            self._oom_seen.pop(component, None)  # a new group counts from 0
         if fresh or self._written.get(component) != limits:
             for group in groups:
                 self._set_limits(group, limits)
@@ -234,6 +237,16 @@ class Cgroups:
                             return int(value)
         return 0
 
+    def new_oom_kills(self, component: str) -> int:
+        """The OOM kills in the component's memory group since the last call (or since the group was
+        made): each is reported once, whether the step itself died or only a child it forked."""
+        if (limits := self._written.get(component)) is None or limits.memory_kb is None:
+            return 0
+        now = self.oom_kills(component)
+        seen = self._oom_seen.get(component, 0)
+        self._oom_seen[component] = now
+        return max(0, now - seen)
+
     def limits_of(self, component: str) -> Limits | None:
         return self._written.get(component)
 
@@ -242,6 +255,7 @@ class Cgroups:
         """Remove the component's groups; what is still in them (a stray process the stop did not
         reach) is killed first, or the kernel refuses to remove the group."""
         self._written.pop(component, None)
+        self._oom_seen.pop(component, None)
         for group in self.groups(component):
             _remove_group(group)
             _remove_empty_parents(group, self._instance)

@@ -308,6 +308,8 @@ class Daemon:
         # Idle memory: trim the heap, page out start-up-only library code, and drop our mappings of
         # library pages other processes keep resident (RSS = working set; see ipc/memory.py).
         trim_task = asyncio.create_task(release_periodically(5.0, 30.0, unmap_shared=True), name="memory-release")
+        # a child a component forked, OOM-killed at its memory limit while the step lives on: said at once
+        oom_task = asyncio.create_task(orchestrator.watch_oom_kills(), name="oom-kills")
         try:
             done, _ = await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if engine_task in done and engine_task.exception() is not None:
@@ -323,6 +325,7 @@ class Daemon:
             engine_task.cancel()
             stop_task.cancel()
             trim_task.cancel()
+            oom_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await engine_task
             await orchestrator.close()

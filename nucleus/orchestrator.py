@@ -104,6 +104,7 @@ class Orchestrator:
         # per component, what deployments set in runWith (nucleus.run_with); see set_run_with
         self._run_with: dict[str, dict[str, Any]] = {}
         self._users: dict[str, ComponentUser | None] = {}
+        self._oom_total: dict[str, int] = {}  # processes the kernel killed at a memory limit, per component
         self._python_bin = python_bin  # components' own Python (nucleus.component_python), first on PATH
         self._paths: Paths = settings.paths
         self._store = store
@@ -178,12 +179,14 @@ class Orchestrator:
         else:
             who = str(user) if user is not None else user_name(os.geteuid())
         limits = run_with_mod.limits_of(stored, self._settings)
+        oom = {"oom_kills": self.report_oom_kills(name)} if limits.memory_kb is not None else {}
         return {
             "posixUser": who, "posixUser_from": "deployment" if stored.get("posixUser") else "run_with_default",
             "systemResourceLimits": {k: v for k, v in (("memory", limits.memory_kb), ("cpus", limits.cpus))
                                      if v is not None},
             "systemResourceLimits_from": "deployment" if "systemResourceLimits" in stored else "run_with_default",
             "cgroups": [str(g) for g in self.cgroups.groups(name, limits)] if limits else [],
+            **oom,
         }
 
     # --- runWith ----------------------------------------------------------------------------
@@ -211,7 +214,7 @@ class Orchestrator:
         limits = run_with_mod.limits_of(self._run_with.get(name), self._settings)
         if not limits:
             if self.cgroups.limits_of(name) is not None:  # limits cleared since the group was made
-                self.cgroups.remove(name)
+                self._drop_cgroups([name])
             return user, []
         problem = self.cgroups.problem(limits)
         if problem is not None:
@@ -233,7 +236,33 @@ class Orchestrator:
     def _drop_cgroups(self, names: Iterable[str]) -> None:
         for name in names:
             if self.cgroups.limits_of(name) is not None:  # only groups this daemon made
+                self.report_oom_kills(name)  # before the kernel's count goes with the group
                 self.cgroups.remove(name)
+
+    def report_oom_kills(self, name: str) -> int:
+        """Say so when the kernel killed processes in the component's memory group since the last
+        look: a step's own death is also told by its exit (its reason), but a child the step forked
+        dies without its parent noticing; this is the only word of it. The component's total."""
+        killed = self.cgroups.new_oom_kills(name)
+        if killed:
+            total = self._oom_total[name] = self._oom_total.get(name, 0) + killed
+            limits = self.cgroups.limits_of(name)
+            limit_kb = limits.memory_kb if limits is not None else None
+            text = (f"the kernel killed {killed} process{'es' if killed > 1 else ''} of this component: memory "
+                    f"limit of {limit_kb} KB reached (runWith.systemResourceLimits); {total} so far")
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.log.write(text, stream="nucleus", step="memory")
+            log.warning("component.oom_killed", component=name, killed=killed, total=total, memory_limit_kb=limit_kb)
+        return self._oom_total.get(name, 0)
+
+    async def watch_oom_kills(self, interval_s: float = 1.0) -> None:
+        """Look at every limited component's OOM count each ``interval_s`` (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in list(self._entries):
+                if self.cgroups.limits_of(name) is not None:
+                    self.report_oom_kills(name)
 
     # --- building runners -------------------------------------------------------------------
     def _spawned(self, component: str, pid: int, pgid: int) -> None:
@@ -520,6 +549,7 @@ class Orchestrator:
         await self.stop(names, reason=reason)
         for name in names:
             entry = self._entries.pop(name)
+            self._oom_total.pop(name, None)
             await entry.runner.close()
             self._identities.revoke_component(name)
             if self._on_removed is not None:

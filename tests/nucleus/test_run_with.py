@@ -312,3 +312,25 @@ def test_two_daemons_running_a_component_of_the_same_name_each_have_their_own_gr
     time.sleep(0.3)
     assert a.wait_state(name, {"RUNNING"})["pids"] == [pid_a] and Path(f"/proc/{pid_a}").exists()
     assert (memory_a / "memory.limit_in_bytes").read_text().strip() == str(65536 * 1024)
+
+
+@needs_cgroups
+def test_a_child_killed_at_the_memory_limit_while_its_parent_lives_on_is_reported(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    """A step that forks workers: the kernel OOM-kills a worker, the step carries on. Its exit never
+    says so, so the daemon watches the group's OOM count: a line in the component's log, a warning in
+    the daemon's, ``oom_kills`` in ``nucleus status`` (before, nothing anywhere)."""
+    d = daemon_factory(settings=FAST)
+    name = f"test.Forker{secrets.token_hex(2)}"
+    marker = short_tmp / "child-died"
+    run = (f"python3 -c \"b = b'x' * (100 * 1024 * 1024)\" || touch {marker}; exec sleep 600")
+    d.cli("deploy", str(_recipe(short_tmp / "r", name, run)), "--run-with", f"{name}:memory=30000", "--settle", "0")
+    _wait(marker.exists, "the child is killed")
+    [pid] = d.wait_state(name, {"RUNNING"})["pids"]
+    status = _status(d, name)
+    assert status["state"] == "RUNNING" and status["pids"] == [pid]
+    assert status["run_with"]["oom_kills"] == 1, status["run_with"]
+    _wait(lambda: "memory limit of 30000 KB reached" in d.cli("logs", name, "-n", "20").stdout, "the log says so")
+    log = d.cli("logs", name, "-n", "20").stdout
+    assert "the kernel killed 1 process of this component: memory limit of 30000 KB reached" in log, log
+    assert "component.oom_killed" in d.log_text()
