@@ -183,8 +183,10 @@ def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """``--run-with`` options as Greengrass ``runWith`` objects per component.
 
     Each option is ``NAME:FIELD=VALUE`` with FIELD ``posixUser`` (``user`` or ``user:group``),
-    ``memory`` (KB) or ``cpus`` (cores, 0.5 = half of one); an empty VALUE clears the field (the
-    component goes back to run_with_default), and ``NAME:systemResourceLimits=`` clears both limits.
+    ``memory`` (KB) or ``cpus`` (cores, 0.5 = half of one); ``NAME:posixUser=`` clears the user and
+    ``NAME:systemResourceLimits=`` both limits (the component goes back to run_with_default). An empty
+    ``memory`` or ``cpus`` is refused: ``systemResourceLimits`` replaces as a whole, so it could only
+    mean "no limits at all", dropping the other limit and the device default with it.
     Or a JSON document ``{"NAME": {"posixUser": ..., "systemResourceLimits": {...}}}`` (``@file.json``).
     The value ranges are the device's to check; this only reads. Raises ValueError naming the option.
     """
@@ -225,13 +227,15 @@ def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{text!r}: {name}'s systemResourceLimits are also cleared by another --run-with")
             if field in limits:
                 raise ValueError(f"{text!r}: {name}:{field} given twice")
+            if not value:
+                raise ValueError(f"{text!r}: {field} needs a value; systemResourceLimits replaces as a whole, so "
+                                 f"give the limits to keep ({name}:memory=KB, {name}:cpus=N) or clear both with "
+                                 f"{name}:systemResourceLimits= (back to run_with_default)")
             try:
-                limits[field] = (int(value) if field == "memory" else float(value)) if value else None
+                limits[field] = int(value) if field == "memory" else float(value)
             except ValueError:
                 kind = "whole number of KB" if field == "memory" else "number"
                 raise ValueError(f"{text!r}: {field} must be a {kind}") from None
-            if limits[field] is None:
-                del limits[field]
     return out
 
 

@@ -484,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "components")
     p.add_argument("--run-with", action="append", metavar="NAME:FIELD=VALUE",
                    help="Greengrass runWith for a component, kept by later deployments: FIELD posixUser "
-                   "(user[:group]), memory (KB, hard limit) or cpus (cores, e.g. 0.5); an empty VALUE clears it, "
-                   "NAME:systemResourceLimits= clears both limits; or a JSON {NAME: {posixUser, "
+                   "(user[:group]), memory (KB, hard limit) or cpus (cores, e.g. 0.5; the limits given replace the "
+                   "old ones as a whole); NAME:posixUser= clears the user, NAME:systemResourceLimits= both limits; "
+                   "or a JSON {NAME: {posixUser, "
                    "systemResourceLimits}} / @file.json; may be given again")
     p.add_argument("--recipe-dir", action="append", metavar="DIR",
                    help="add these recipes to the local store without making them roots (for this deployment's "

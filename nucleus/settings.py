@@ -95,7 +95,22 @@ class SystemResourceLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     memory: int | None = Field(None, gt=0, description="KB, a hard limit on the component's processes together")
-    cpus: float | None = Field(None, gt=0, description="CPU time in cores (0.5: half of one core)")
+    # finite: "inf" (float() reads it) would be no limit spelled as one, and Infinity is not JSON
+    cpus: float | None = Field(None, gt=0, allow_inf_nan=False, description="CPU time in cores (0.5: half of one core)")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _exponent(cls, value: Any) -> Any:
+        """``memory: 1e6`` in nucleus.yaml: YAML 1.1 reads a number with an exponent and no dot as a
+        string, which pydantic refuses as 'unable to parse string as an integer'."""
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            if number.is_integer():
+                return int(number)
+        return value
 
 
 class RunWithDefault(BaseModel):

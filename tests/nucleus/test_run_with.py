@@ -189,6 +189,10 @@ def test_bad_run_with_values_are_refused_naming_the_field_and_component_and_chan
         "test.Keep:posixUser=no-such-user-nucleus": "test.Keep",
         json.dumps({"test.Keep": {"posixUser": "nobody", "windowsUser": "x"}}): "run_with.test.Keep.windowsUser",
         "test.Keep:memroy=5": "--run-with",
+        # inf was taken (no limit spelled as one) and status printed "cpus": Infinity, which is not JSON
+        "test.Keep:cpus=inf": "run_with.test.Keep.systemResourceLimits.cpus",
+        # an empty limit sent {} (no limits at all: the other limit and the device default dropped)
+        "test.Keep:memory=": "test.Keep:systemResourceLimits=",
     }
     for option, named in cases.items():
         out = d.cli("deploy", "--run-with", option, check=False)
@@ -334,3 +338,15 @@ def test_a_child_killed_at_the_memory_limit_while_its_parent_lives_on_is_reporte
     log = d.cli("logs", name, "-n", "20").stdout
     assert "the kernel killed 1 process of this component: memory limit of 30000 KB reached" in log, log
     assert "component.oom_killed" in d.log_text()
+
+
+def test_limits_in_nucleus_yaml_may_be_written_with_an_exponent(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e6`` (no dot) as a string: it was refused as 'unable to parse string as an
+    integer' although the user wrote a number; a fraction or a word still is refused."""
+    from nucleus.settings import SystemResourceLimits, load_settings
+    (tmp_path / "nucleus.yaml").write_text("run_with_default:\n  system_resource_limits: {memory: 1e6, cpus: 5e-1}\n")
+    limits = load_settings(tmp_path).run_with_default.system_resource_limits
+    assert (limits.memory, limits.cpus) == (1_000_000, 0.5)
+    for bad in ("1.5e0", "lots", "inf"):
+        with pytest.raises(ValueError, match="memory"):
+            SystemResourceLimits.model_validate({"memory": bad})
