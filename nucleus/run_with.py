@@ -81,10 +81,15 @@ def user_of(name: str, stored: Mapping[str, Any] | None, settings: Settings) -> 
     assert user is not None
     blocked = unreachable(user, settings.paths)
     if blocked is not None:
-        raise NucleusError(
-            f"{user.user} may not pass through {blocked}, so it could not reach its work folder and artifacts; "
-            f"set run_with_default.posix_user (nucleus.yaml) to a user and group, and make {user.user} a member "
-            "of that group", component=name, field=POSIX_USER)
+        device = component_user(settings.run_with_default.posix_user)
+        if device is None:
+            fix = (f"set run_with_default.posix_user (nucleus.yaml) to a user and group, and make {user.user} a "
+                   "member of that group")
+        else:  # the root opens to that group already: the advice to set it would send the user in circles
+            fix = (f"the root opens to {device.group} (the group of run_with_default.posix_user): make {user.user} "
+                   f"a member of it (usermod -aG {device.group} {user.user}) or run it as {user.user}:{device.group}")
+        raise NucleusError(f"{user.user} may not pass through {blocked}, so it could not reach its work folder and "
+                           f"artifacts; {fix}", component=name, field=POSIX_USER)
     return user
 
 

@@ -169,6 +169,13 @@ def test_a_component_runs_as_its_own_posix_user_while_another_runs_as_the_defaul
     assert who["test.Default"].read_text().strip() == user
     assert who["test.Own"].read_text().strip() == other
     assert _status(d, "test.Own")["run_with"]["posixUser"] == f"{other}:{group}"
+    # a user outside the device group: the refusal names that group (before, it said to set
+    # run_with_default.posix_user, which is set), and the form it suggests works
+    out = d.cli("deploy", "--run-with", "test.Own:posixUser=nobody", check=False)
+    assert out.returncode != 0
+    assert f"make nobody a member of it (usermod -aG {group} nobody) or run it as nobody:{group}" in out.stderr, out
+    d.cli("deploy", "--run-with", f"test.Own:posixUser=nobody:{group}", "--settle", "0")
+    _wait(lambda: who["test.Own"].exists() and who["test.Own"].read_text().strip() == "nobody", "runs as nobody")
     # cleared: back to the default user
     who["test.Own"].unlink()
     d.cli("deploy", "--run-with", "test.Own:posixUser=", "--settle", "0")
