@@ -274,7 +274,14 @@ class ResourceLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     memory: int | None = Field(None, gt=0)
-    cpus: float | None = Field(None, gt=0)
+    cpus: float | None = Field(None, gt=0, allow_inf_nan=False)  # 1e999 in JSON is inf: no limit, and not JSON
+
+    @field_validator("memory", "cpus", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic reads true as 1: a 1 KB limit nobody meant
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class RunWith(BaseModel):

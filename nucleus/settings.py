@@ -98,11 +98,14 @@ class SystemResourceLimits(BaseModel):
     # finite: "inf" (float() reads it) would be no limit spelled as one, and Infinity is not JSON
     cpus: float | None = Field(None, gt=0, allow_inf_nan=False, description="CPU time in cores (0.5: half of one core)")
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "cpus", mode="before")
     @classmethod
-    def _exponent(cls, value: Any) -> Any:
-        """``memory: 1e6`` in nucleus.yaml: YAML 1.1 reads a number with an exponent and no dot as a
-        string, which pydantic refuses as 'unable to parse string as an integer'."""
+    def _number(cls, value: Any) -> Any:
+        """Not a boolean (pydantic reads ``true`` as 1: a 1 KB limit nobody meant). ``memory: 1e6`` in
+        nucleus.yaml: YAML 1.1 reads a number with an exponent and no dot as a string, which pydantic
+        refuses as 'unable to parse string as an integer'."""
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
         if isinstance(value, str):
             try:
                 number = float(value)

@@ -82,6 +82,12 @@ def test_fleet_deploy_run_with_writes_greengrass_components_and_refuses_a_bad_on
     bad = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1", "--dry-run",
                     "--run-with", "com.example.App:cpus=0")
     assert bad.returncode != 0 and "run_with.com.example.App.systemResourceLimits.cpus" in bad.stderr, bad.stderr
+    # JSON's 1e999 is inf (no limit, and published as Infinity, which is not JSON); true was read as 1
+    for limits, field in (('{"cpus": 1e999}', "cpus"), ('{"memory": true}', "memory")):
+        odd = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1",
+                        "--dry-run", "--run-with", f'{{"com.example.App": {{"systemResourceLimits": {limits}}}}}')
+        assert odd.returncode != 0, odd.stdout
+        assert f"run_with.com.example.App.systemResourceLimits.{field}" in odd.stderr, odd.stderr
     other = fleet_cli(short_tmp, "deploy", "app.yaml", "--thing", "t1", "--broker", "mqtt://127.0.0.1:1", "--dry-run",
                       "--run-with", "com.example.Other:cpus=1")
     assert other.returncode != 0 and "runWith for com.example.Other" in other.stderr, other.stderr

@@ -200,6 +200,9 @@ def test_bad_run_with_values_are_refused_naming_the_field_and_component_and_chan
         "test.Keep:cpus=inf": "run_with.test.Keep.systemResourceLimits.cpus",
         # an empty limit sent {} (no limits at all: the other limit and the device default dropped)
         "test.Keep:memory=": "test.Keep:systemResourceLimits=",
+        # true was read as 1: a 1 KB limit
+        json.dumps({"test.Keep": {"systemResourceLimits": {"memory": True}}}):
+            "run_with.test.Keep.systemResourceLimits.memory",
     }
     for option, named in cases.items():
         out = d.cli("deploy", "--run-with", option, check=False)
