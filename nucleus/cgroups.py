@@ -309,6 +309,18 @@ def _quota(cpus: float | None) -> int | None:
     return max(_MIN_QUOTA_US, round(cpus * CFS_PERIOD_US))
 
 
+def cpus_note(cpus: float | None) -> str | None:
+    """What a ``cpus`` value does that its number does not say (None: it is enforced as given)."""
+    quota = _quota(cpus)
+    if cpus is None:
+        return None
+    if quota is None:
+        return f"cpus {cpus:g} is at least this device's {os.cpu_count() or 1} cores: no CPU limit"
+    if quota != round(cpus * CFS_PERIOD_US):
+        return f"cpus {cpus:g} is below the kernel's smallest CFS quota: enforced as {quota / CFS_PERIOD_US:g}"
+    return None
+
+
 def instance_name(root: Path) -> str:
     """The daemon's own level under ``nucleus/``: its root as ``systemd-escape --path`` writes it
     (``/var/lib/nucleus`` -> ``var-lib-nucleus``, a ``-`` in a name -> ``\\x2d``), so every root has its

@@ -24,7 +24,7 @@ import structlog
 
 from nucleus import run_with as run_with_mod
 from nucleus.artifacts import share_with_group
-from nucleus.cgroups import Cgroups
+from nucleus.cgroups import Cgroups, cpus_note
 from nucleus.clock import Clock, SystemClock
 from nucleus.component_logs import ComponentLog
 from nucleus.config_store import ConfigStore
@@ -180,6 +180,7 @@ class Orchestrator:
             who = str(user) if user is not None else user_name(os.geteuid())
         limits = run_with_mod.limits_of(stored, self._settings)
         oom = {"oom_kills": self.report_oom_kills(name)} if limits.memory_kb is not None else {}
+        note = cpus_note(limits.cpus)  # cpus above the core count, or below the smallest quota
         return {
             "posixUser": who, "posixUser_from": "deployment" if stored.get("posixUser") else "run_with_default",
             "systemResourceLimits": {k: v for k, v in (("memory", limits.memory_kb), ("cpus", limits.cpus))
@@ -187,6 +188,7 @@ class Orchestrator:
             "systemResourceLimits_from": "deployment" if "systemResourceLimits" in stored else "run_with_default",
             "cgroups": [str(g) for g in self.cgroups.groups(name, limits)] if limits else [],
             **oom,
+            **({"note": note} if note else {}),
         }
 
     # --- runWith ----------------------------------------------------------------------------

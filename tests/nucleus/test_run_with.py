@@ -360,3 +360,21 @@ def test_limits_in_nucleus_yaml_may_be_written_with_an_exponent(tmp_path: Path) 
     for bad in ("1.5e0", "lots", "inf"):
         with pytest.raises(ValueError, match="memory"):
             SystemResourceLimits.model_validate({"memory": bad})
+
+
+@needs_cgroups
+def test_status_says_when_cpus_is_not_enforced_as_written(daemon_factory: Any, short_tmp: Path) -> None:
+    """cpus at least the core count is no limit, and below 0.01 the kernel's smallest quota (1 ms per
+    100 ms) applies: nucleus status said cpus 64 / 0.001 as if enforced."""
+    d = daemon_factory(settings=FAST)
+    name = f"test.Cpus{secrets.token_hex(2)}"
+    d.cli("deploy", str(_recipe(short_tmp / "r", name, "exec sleep 600")), "--run-with", f"{name}:cpus=0.001",
+          "--settle", "0")
+    run_with = _status(d, name)["run_with"]
+    assert run_with["note"] == "cpus 0.001 is below the kernel's smallest CFS quota: enforced as 0.01", run_with
+    [cpu] = [Path(g) for g in run_with["cgroups"]]
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "1000"
+    d.cli("deploy", "--run-with", f"{name}:cpus=4096", "--settle", "0")
+    assert f"is at least this device's {os.cpu_count()} cores: no CPU limit" in _status(d, name)["run_with"]["note"]
+    d.cli("deploy", "--run-with", f"{name}:cpus=0.5", "--settle", "0")
+    assert "note" not in _status(d, name)["run_with"]
