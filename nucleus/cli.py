@@ -272,8 +272,29 @@ async def _list(args: argparse.Namespace) -> int:
         print(json.dumps(components, indent=2))
         return EXIT_OK
     rows = [[c["name"], c["version"], c["state"], _fmt_since(c.get("since"))] for c in components]
-    print(_table(rows, ["NAME", "VERSION", "STATE", "SINCE"]) if rows else "no components")
+    run_with = [_fmt_run_with(c.get("run_with")) for c in components]
+    headers = ["NAME", "VERSION", "STATE", "SINCE"]
+    if any(run_with):  # only when some component has limits or a user of its own: the usual table otherwise
+        rows = [[*row, text or "-"] for row, text in zip(rows, run_with, strict=True)]
+        headers.append("RUN WITH")
+    print(_table(rows, headers) if rows else "no components")
     return EXIT_OK
+
+
+def _fmt_run_with(run_with: dict[str, Any] | None) -> str:
+    """A component's user (when a deployment set it) and limits, each with where it came from."""
+    if not run_with:
+        return ""
+    parts = []
+    limits = run_with.get("systemResourceLimits") or {}
+    if limits:
+        text = ", ".join(f"memory {v} KB" if k == "memory" else f"cpus {v:g}" for k, v in limits.items())
+        parts.append(f"{text} ({run_with.get('systemResourceLimits_from', '?')})")
+    if run_with.get("posixUser_from") == "deployment":
+        parts.append(f"user {run_with.get('posixUser')} (deployment)")
+    if run_with.get("oom_kills"):
+        parts.append(f"{run_with['oom_kills']} OOM-killed")
+    return "; ".join(parts)
 
 
 async def _connect_waiting(root: Path, wait_s: float) -> Any:

@@ -374,6 +374,8 @@ def test_status_says_when_cpus_is_not_enforced_as_written(daemon_factory: Any, s
     assert run_with["note"] == "cpus 0.001 is below the kernel's smallest CFS quota: enforced as 0.01", run_with
     [cpu] = [Path(g) for g in run_with["cgroups"]]
     assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "1000"
+    listing = d.cli("list").stdout
+    assert "RUN WITH" in listing and "cpus 0.001 (deployment)" in listing, listing
     d.cli("deploy", "--run-with", f"{name}:cpus=4096", "--settle", "0")
     assert f"is at least this device's {os.cpu_count()} cores: no CPU limit" in _status(d, name)["run_with"]["note"]
     d.cli("deploy", "--run-with", f"{name}:cpus=0.5", "--settle", "0")
