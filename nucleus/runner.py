@@ -24,6 +24,7 @@ import structlog
 
 from nucleus.clock import Clock
 from nucleus.component_logs import ComponentLog
+from nucleus.errors import NucleusError
 from nucleus.lifecycle import (
     DEFAULT_TIMEOUTS,
     BackoffElapsed,
@@ -456,7 +457,7 @@ class ComponentRunner:
         """Any failure to launch is the step's failure, told to the machine: ValueError too (a NUL byte
         in an environment value or the script). Escaping, it left the component in INSTALLING or
         STARTING until its deployment timed out."""
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError | NucleusError):  # the device (a user gone, limits it cannot enforce), said
             self._logger.warning("component.step_launch_failed", step=step, error=str(exc))
         else:  # not an environment problem: keep the traceback for whoever reads the daemon's log
             self._logger.exception("component.step_launch_failed", step=step, error=str(exc))

@@ -380,3 +380,22 @@ def test_status_says_when_cpus_is_not_enforced_as_written(daemon_factory: Any, s
     assert f"is at least this device's {os.cpu_count()} cores: no CPU limit" in _status(d, name)["run_with"]["note"]
     d.cli("deploy", "--run-with", f"{name}:cpus=0.5", "--settle", "0")
     assert "note" not in _status(d, name)["run_with"]
+
+
+@needs_root
+def test_a_component_whose_user_was_deleted_goes_broken_naming_it_without_a_traceback(
+        two_accounts: tuple[str, str, str], daemon_factory: Any, short_tmp: Path) -> None:
+    """The user a deployment set is deleted while the daemon is down: at the next start the component
+    fails naming the field and the user, and the daemon's log has the one line, not a traceback."""
+    user, group, other = two_accounts
+    short_tmp.chmod(0o755)
+    d = daemon_factory(settings={**FAST, "run_with_default": {"posix_user": f"{user}:{group}"}})
+    d.cli("deploy", str(_recipe(short_tmp / "r", "test.Gone", "exec sleep 600")),
+          "--run-with", f"test.Gone:posixUser={other}", "--settle", "0")
+    d.wait_state("test.Gone", {"RUNNING"})
+    d.stop()
+    subprocess.run(["userdel", other], check=True, capture_output=True, timeout=30)
+    d.start()
+    state = d.wait_state("test.Gone", {"BROKEN"})
+    assert f"runWith.posixUser [test.Gone]: no user '{other}'" in (state.get("last_error") or ""), state
+    assert "Traceback" not in d.log_text()
