@@ -565,6 +565,7 @@ class DeploymentEngine:
             assert built is not None
             spec, _ = built
             self._progress(did, "running bootstrap", name)
+            oom_before = self._orch.oom_kills(name)
             result = await self._orch.supervisor.run_step(
                 name, "bootstrap", step.script,
                 {**spec.env, **{k: str(v) for k, v in step.setenv.items()}},
@@ -587,7 +588,8 @@ class DeploymentEngine:
                         did, "bootstrap requested a reboot; not executed (deployments.allow_reboot is false)", name
                     )
             elif code != 0:
-                raise _Failed(f"{name}: bootstrap exited with {code}")
+                why = self._orch.memory_limit_hit(name, oom_before)  # its systemResourceLimits, named
+                raise _Failed(f"{name}: bootstrap exited with {code}{f' ({why})' if why else ''}")
         if restart:
             self._journal.update(did, stage=Stage.AWAITING_RESTART)
             self._progress(did, "bootstrap requested a nucleus restart")

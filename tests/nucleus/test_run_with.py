@@ -399,3 +399,21 @@ def test_a_component_whose_user_was_deleted_goes_broken_naming_it_without_a_trac
     state = d.wait_state("test.Gone", {"BROKEN"})
     assert f"runWith.posixUser [test.Gone]: no user '{other}'" in (state.get("last_error") or ""), state
     assert "Traceback" not in d.log_text()
+
+
+@needs_cgroups
+def test_a_bootstrap_step_killed_at_the_memory_limit_fails_the_deployment_saying_so(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    """Bootstrap runs in the component's groups like every step; killed there, the deployment's
+    reason said only 'bootstrap exited with -9'."""
+    d = daemon_factory(settings=FAST)
+    name = f"test.Boot{secrets.token_hex(2)}"
+    doc = {"RecipeFormatVersion": "2020-01-25", "ComponentName": name, "ComponentVersion": "1.0.0",
+           "Manifests": [{"Platform": {"os": "linux"}, "Lifecycle": {
+               "Bootstrap": "exec python3 -c \"b = b'x' * (100 * 1024 * 1024)\"", "Run": "exec sleep 600"}}]}
+    recipe = short_tmp / f"{name}.json"
+    recipe.write_text(json.dumps(doc))
+    out = d.cli("deploy", str(recipe), "--run-with", f"{name}:memory=30000", check=False)
+    assert out.returncode != 0
+    said = f"{name}: bootstrap exited with -9 (killed by the kernel: memory limit of 30000 KB reached"
+    assert said in out.stdout, out
