@@ -162,6 +162,9 @@ def _lookup_user(name: str, field: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except KeyError:
+        if name.isdigit():  # "useradd --system 4242" would make a user named 4242, with another uid
+            raise NucleusError(f"no user with uid {name} on this device (create one, e.g. useradd --system "
+                               f"--uid {name} NAME, or name another)", field=field) from None
         raise NucleusError(f"no user {name!r} on this device (create it, e.g. useradd --system {name}, "
                            "or name another)", field=field) from None
 
@@ -170,6 +173,9 @@ def _lookup_group(name: str, field: str) -> grp.struct_group:
     try:
         return grp.getgrgid(int(name)) if name.isdigit() else grp.getgrnam(name)
     except KeyError:
+        if name.isdigit():
+            raise NucleusError(f"no group with gid {name} on this device (create one, e.g. groupadd --system "
+                               f"--gid {name} NAME, or name another)", field=field) from None
         raise NucleusError(f"no group {name!r} on this device (create it, e.g. groupadd --system {name}, "
                            "or name another)", field=field) from None
 

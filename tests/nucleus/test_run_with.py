@@ -213,6 +213,10 @@ def test_bad_run_with_values_are_refused_naming_the_field_and_component_and_chan
     unknown_user = d.cli("deploy", "--run-with", "test.Keep:posixUser=no-such-user-nucleus", check=False)
     assert "runWith.posixUser" in unknown_user.stderr + unknown_user.stdout
     assert "no user 'no-such-user-nucleus'" in unknown_user.stderr + unknown_user.stdout
+    # a numeric id: the advice was "useradd --system 4242420", which makes a user named 4242420
+    unknown_uid = d.cli("deploy", "--run-with", "test.Keep:posixUser=4242420:4242421", check=False)
+    assert "no user with uid 4242420 on this device (create one, e.g. useradd --system --uid 4242420 NAME" \
+        in unknown_uid.stderr, unknown_uid
     assert d.cli("deployments").stdout == before  # none queued
     assert d.wait_state("test.Keep", {"RUNNING"})["pids"] == [pid]
 
