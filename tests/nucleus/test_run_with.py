@@ -421,3 +421,24 @@ def test_a_bootstrap_step_killed_at_the_memory_limit_fails_the_deployment_saying
     assert out.returncode != 0
     said = f"{name}: bootstrap exited with -9 (killed by the kernel: memory limit of 30000 KB reached"
     assert said in out.stdout, out
+
+
+def test_cgroup_v2_groups_of_a_daemon_root_enable_the_controllers_at_each_level(tmp_path: Path) -> None:
+    """With the daemon's level (nucleus/<root>/<component>) the controllers are enabled in nucleus/
+    and in the root's level too, or the component's group would have no memory.max (v2 gives a group
+    only the controllers its parent enables)."""
+    from nucleus.cgroups import instance_name
+    (tmp_path / "cgroup.controllers").write_text("cpu memory io\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    level = tmp_path / "nucleus" / instance_name(Path("/var/lib/nucleus"))
+    group = level / "test.V2"
+    group.mkdir(parents=True)
+    for folder in (tmp_path / "nucleus", level):
+        (folder / "cgroup.subtree_control").write_text("")
+    for f in ("memory.max", "cpu.max", "cgroup.procs"):
+        (group / f).write_text("")
+    cg = Cgroups(mount=tmp_path, instance=instance_name(Path("/var/lib/nucleus")))
+    assert level.name == "var-lib-nucleus"
+    assert cg.apply("test.V2", Limits(memory_kb=2048)) == [group / "cgroup.procs"]
+    assert all((f / "cgroup.subtree_control").read_text() == "+memory" for f in (tmp_path, tmp_path / "nucleus", level))
+    assert (group / "memory.max").read_text() == str(2048 * 1024)
