@@ -588,7 +588,7 @@ class DeploymentEngine:
                         did, "bootstrap requested a reboot; not executed (deployments.allow_reboot is false)", name
                     )
             elif code != 0:
-                why = self._orch.memory_limit_hit(name, oom_before)  # its systemResourceLimits, named
+                why = self._orch.memory_limit_hit(name, oom_before, code)  # its systemResourceLimits, named
                 raise _Failed(f"{name}: bootstrap exited with {code}{f' ({why})' if why else ''}")
         if restart:
             self._journal.update(did, stage=Stage.AWAITING_RESTART)

@@ -224,13 +224,21 @@ class Orchestrator:
                                  component=name, field=run_with_mod.LIMITS)
         return user, self.cgroups.apply(name, limits)
 
-    def memory_limit_hit(self, name: str, kills_before: int) -> str | None:
-        """Why the component's process died, if the kernel OOM-killed in its group since
-        ``kills_before`` (:meth:`oom_kills`): its memory limit, named."""
+    def memory_limit_hit(self, name: str, kills_before: int, code: int | None = None) -> str | None:
+        """Why the component's step failed with ``code``, if the kernel OOM-killed in its group since
+        ``kills_before`` (:meth:`oom_kills`): its memory limit, named. Killed itself (SIGKILL: -9, or
+        137 from a shell whose command was) the step died of it; with another code it failed after
+        the kernel killed one of its processes, which may or may not be why."""
         limits = self.cgroups.limits_of(name)
-        if limits is None or limits.memory_kb is None or self.cgroups.oom_kills(name) <= kills_before:
+        if limits is None or limits.memory_kb is None:
             return None
-        return f"killed by the kernel: memory limit of {limits.memory_kb} KB reached (runWith.systemResourceLimits)"
+        killed = self.cgroups.oom_kills(name) - kills_before
+        if killed <= 0:
+            return None
+        if code is None or code in (-9, 128 + 9):
+            return f"killed by the kernel: memory limit of {limits.memory_kb} KB reached (runWith.systemResourceLimits)"
+        return (f"after the kernel killed {killed} of its processes at its memory limit of {limits.memory_kb} KB "
+                "(runWith.systemResourceLimits)")
 
     def oom_kills(self, name: str) -> int:
         return self.cgroups.oom_kills(name) if self.cgroups.limits_of(name) is not None else 0
@@ -414,11 +422,11 @@ class Orchestrator:
         )
         return Entry(recipe=recipe, runner=runner, lifecycle=lifecycle, log=clog)
 
-    def _exit_cause(self, name: str) -> Callable[[], str | None]:
+    def _exit_cause(self, name: str) -> Callable[[int], str | None]:
         """Called before a step starts: its returned callable says, once the step died, whether the
         memory limit killed it."""
         before = self.oom_kills(name)
-        return lambda: self.memory_limit_hit(name, before)
+        return lambda code: self.memory_limit_hit(name, before, code)
 
     def step_env(self, name: str) -> tuple[ComponentSpec, Lifecycle] | None:
         entry = self._entries.get(name)

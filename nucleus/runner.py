@@ -146,7 +146,7 @@ class ComponentRunner:
         clock: Clock,
         on_state: StateCallback | None = None,
         rng: random.Random | None = None,
-        exit_cause: Callable[[str], Callable[[], str | None]] | None = None,
+        exit_cause: Callable[[str], Callable[[int], str | None]] | None = None,
     ) -> None:
         self.name = spec.name
         # Asked before a step launches; what it returns says, after a failed exit, why the process
@@ -446,9 +446,9 @@ class ComponentRunner:
         self._clog.write(f"step run exited with code {code}{why and f' ({why})'}", stream="nucleus", step="run")
         self._feed(RunExited(code, gen, self._clock.now(), cause=why))
 
-    def _why(self, step: str, code: int, cause: Callable[[], str | None] | None) -> str:
+    def _why(self, step: str, code: int, cause: Callable[[int], str | None] | None) -> str:
         """Why a step that failed died, when its exit code does not say (empty: it does)."""
-        why = cause() if cause is not None and code != 0 else None
+        why = cause(code) if cause is not None and code != 0 else None
         if why:
             self._logger.warning("component.memory_limit_reached", step=step, exit_code=code, detail=why)
         return why or ""

@@ -442,3 +442,20 @@ def test_cgroup_v2_groups_of_a_daemon_root_enable_the_controllers_at_each_level(
     assert cg.apply("test.V2", Limits(memory_kb=2048)) == [group / "cgroup.procs"]
     assert all((f / "cgroup.subtree_control").read_text() == "+memory" for f in (tmp_path, tmp_path / "nucleus", level))
     assert (group / "memory.max").read_text() == str(2048 * 1024)
+
+
+@needs_cgroups
+def test_a_step_that_fails_after_a_child_was_oom_killed_is_not_said_to_be_killed_itself(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    """The step's own code says how it ended: exit 3 after the kernel killed a child is 'exited with
+    code 3 (after the kernel killed 1 of its processes at its memory limit ...)', while a step killed
+    itself (137, -9) keeps 'killed by the kernel'. Before, any failure after a kill in the group read
+    as the step's own death."""
+    d = daemon_factory(settings=FAST)
+    name = f"test.After{secrets.token_hex(2)}"
+    run = "python3 -c \"b = b'x' * (100 * 1024 * 1024)\"; exit 3"
+    d.cli("deploy", str(_recipe(short_tmp / "r", name, run)), "--run-with", f"{name}:memory=30000",
+          "--failure-policy", "do-nothing", check=False)
+    error = d.wait_state(name, {"BROKEN"}).get("last_error") or ""
+    assert "run exited with code 3 (after the kernel killed 1 of its processes at its memory limit of 30000 KB" \
+        in error, error
