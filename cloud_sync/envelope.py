@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,11 +36,35 @@ ENVELOPE_VERSION = 1
 CONTENT_TYPE_BATCH = "application/vnd.nucleus.batch+json"
 ID_PROPERTY = "nucleus-id"
 
-Kind = Literal["j", "t", "b", "v"]
+Kind = Literal["j", "t", "b", "v", "w"]
 KIND_JSON: Kind = "j"
 KIND_TEXT: Kind = "t"
 KIND_BYTES: Kind = "b"
 KIND_VERBATIM: Kind = "v"  # bytes published as they are, never inside an envelope
+KIND_VERBATIM_PROPS: Kind = "w"  # the same, with MQTT 5 publish properties stored ahead of the bytes
+VERBATIM_KINDS: frozenset[str] = frozenset({KIND_VERBATIM, KIND_VERBATIM_PROPS})
+MAX_PROPERTIES_BYTES = 8 * 1024
+"""The stored properties of one message at most (IoT Core allows 8 KB of user properties)."""
+_HEAD = struct.Struct(">I")
+
+
+def with_properties(payload: bytes, properties: dict[str, Any]) -> bytes:
+    """A ``w`` record's spooled bytes: the properties (JSON, length first), then the payload.
+
+    Kept in the payload column so that the spool's schema (and a spool written by an older
+    daemon) stays as it is; only the uplink reads them back (:func:`verbatim_parts`).
+    """
+    head = json.dumps(properties, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _HEAD.pack(len(head)) + head + payload
+
+
+def verbatim_parts(record: Record) -> tuple[dict[str, Any], bytes]:
+    """(MQTT 5 properties, payload) of a record sent alone; no properties for other kinds."""
+    if record.kind != KIND_VERBATIM_PROPS:
+        return {}, record.payload
+    (n,) = _HEAD.unpack_from(record.payload)
+    head = json.loads(record.payload[_HEAD.size:_HEAD.size + n])
+    return (head if isinstance(head, dict) else {}), record.payload[_HEAD.size + n:]
 
 
 def encode_payload(value: Any) -> tuple[bytes, Kind]:

@@ -3,11 +3,14 @@ IPC operations through which components reach the cloud.
 
 IPC operations (registered on the core, authorized like Greengrass's MQTT proxy):
 
-* ``cloud.publish`` {topic, payload, qos=1, priority=0, ttl_s=None, retain=False} → {id}
+* ``cloud.publish`` {topic, payload, qos=1, priority=0, ttl_s=None, retain=False, raw=False,
+  properties=None} → {id}
   needs ``aws.greengrass.ipc.mqttproxy`` / ``aws.greengrass#PublishToIoTCore`` on the topic;
   returns once the message is durable in the spool (the id is what the cloud deduplicates on).
-* ``cloud.subscribe`` {filter, queue_size=1024} → stream of {topic, payload, dropped}
-  needs ``aws.greengrass#SubscribeToIoTCore`` on the filter.
+  ``properties`` (with ``raw`` only): MQTT 5 publish properties, see :data:`PROPERTY_NAMES`.
+* ``cloud.subscribe`` {filter, queue_size=1024} → stream of {topic, payload, dropped, retain,
+  properties?} needs ``aws.greengrass#SubscribeToIoTCore`` on the filter; ``properties`` only
+  when the cloud message had MQTT 5 ones (the names of :data:`PROPERTY_NAMES`).
 * ``sync.status`` {} → the spool, link and forwarder figures (``nucleus sync status``). No policy;
   a component gets the figures only (see :data:`OPERATOR_ONLY`).
 
@@ -22,6 +25,7 @@ Fleet deployments (cloud_sync.inbound) run once the daemon attaches its engine w
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -34,7 +38,14 @@ from typing import Any
 import structlog
 
 from cloud_sync.deployment_document import is_deployment_topic
-from cloud_sync.envelope import KIND_JSON, KIND_VERBATIM, encode_payload
+from cloud_sync.envelope import (
+    KIND_JSON,
+    KIND_VERBATIM,
+    KIND_VERBATIM_PROPS,
+    MAX_PROPERTIES_BYTES,
+    encode_payload,
+    with_properties,
+)
 from cloud_sync.errors import MessageRejected, SpoolError, SpoolFullError
 from cloud_sync.forwarder import Forwarder
 from cloud_sync.inbound import FleetDeployments, Lookup, Submit
@@ -53,6 +64,11 @@ OP_SUBSCRIBE_IOT = "aws.greengrass#SubscribeToIoTCore"
 MAX_PRIORITY = 255
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
 READY_TIMEOUT_S = 30.0
+#: cloud.publish ``properties`` (raw messages only): MQTT 5 publish properties, as Greengrass 2.10+
+#: carries PublishToIoTCore's userProperties, messageExpiryIntervalSeconds, correlationData,
+#: responseTopic, payloadFormat and contentType. Under MQTT 3.1.1 there is no place for them.
+PROPERTY_NAMES = frozenset({"user_properties", "message_expiry_s", "correlation_data", "response_topic",
+                            "payload_format", "content_type"})
 #: sync.status parts only the nucleus CLI sees: every component's cloud filters, the broker's
 #: address, the link's and the spool's error lines (they name topics, paths and the MQTT user) and
 #: the fleet deployments. A component, which needs no policy for sync.status, gets the link state
@@ -163,8 +179,76 @@ class CloudSync:
         if len(payload) > limit:
             raise self._reject(f"payload of {len(payload)} B exceeds the limit of {limit} B",
                                argument="payload", size=len(payload), limit=limit, topic=topic)
+        props = self._properties(args.get("properties"), raw=raw, payload=payload)
+        if props:
+            expiry = props.get("message_expiry_s")
+            if expiry is not None:  # the spool drops it once the cloud would no longer want it
+                ttl = min(float(expiry), float(ttl)) if ttl is not None else min(float(expiry), MAX_TTL_S)
+            payload, kind = with_properties(payload, props), KIND_VERBATIM_PROPS
         return NewMessage(topic, payload, kind, qos=qos, retain=retain, priority=priority,
                           ttl_s=float(ttl) if ttl is not None else None)
+
+    def _properties(self, value: Any, *, raw: bool, payload: bytes) -> dict[str, Any]:
+        """cloud.publish ``properties``: the MQTT 5 publish properties of a raw message, normalized.
+
+        Checked here, not at the broker: a property the broker refuses would end the link at every
+        attempt to send the message, and it stays first in the spool.
+        """
+        if value is None or value == {}:
+            return {}
+        if not isinstance(value, dict):
+            raise self._reject("properties must be an object", argument="properties")
+        if not raw:
+            raise self._reject("properties need raw: true (an envelope carries no per-message properties)",
+                               argument="properties")
+        unknown = sorted(set(value) - PROPERTY_NAMES)
+        if unknown:
+            raise self._reject(f"unknown properties {unknown} (known: {sorted(PROPERTY_NAMES)})",
+                               argument="properties")
+        out: dict[str, Any] = {}
+        user = value.get("user_properties")
+        if user is not None:
+            pairs = [(u.get("key"), u.get("value")) if isinstance(u, dict) else tuple(u) if isinstance(u, list | tuple)
+                     else (None, None) for u in (user if isinstance(user, list) else [None])]
+            if not all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+                raise self._reject("properties.user_properties must be a list of [key, value] strings",
+                                   argument="properties.user_properties")
+            if pairs:
+                out["user_properties"] = [list(p) for p in pairs]
+        expiry = value.get("message_expiry_s")
+        if expiry is not None:
+            if isinstance(expiry, bool) or not isinstance(expiry, int) or not 0 < expiry <= 0xFFFFFFFF:
+                raise self._reject("properties.message_expiry_s must be an integer of seconds in [1, 4294967295]",
+                                   argument="properties.message_expiry_s")
+            out["message_expiry_s"] = expiry
+        corr = value.get("correlation_data")
+        if corr is not None:
+            if not isinstance(corr, bytes | bytearray | memoryview):
+                raise self._reject("properties.correlation_data must be bytes", argument="properties.correlation_data")
+            out["correlation_data"] = base64.b64encode(bytes(corr)).decode()
+        for key in ("response_topic", "content_type"):
+            text = value.get(key)
+            if text is not None:
+                if not isinstance(text, str) or not text:
+                    raise self._reject(f"properties.{key} must be a non-empty string", argument=f"properties.{key}")
+                out[key] = validate_topic(text) if key == "response_topic" else text
+        fmt = value.get("payload_format")
+        if fmt is not None:
+            if fmt not in ("bytes", "utf8"):
+                raise self._reject("properties.payload_format must be 'bytes' or 'utf8'",
+                                   argument="properties.payload_format")
+            if fmt == "utf8":
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise self._reject(f"payload_format utf8 but the payload is not UTF-8 ({exc.reason} at byte "
+                                       f"{exc.start})", argument="properties.payload_format") from exc
+                out["payload_format"] = fmt
+        size = len(json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        if size > MAX_PROPERTIES_BYTES:
+            raise self._reject(f"properties of {size} B exceed the limit of {MAX_PROPERTIES_BYTES} B",
+                               argument="properties")
+        return out
 
     async def publish(self, message: NewMessage) -> str:
         """Spool one message (the nucleus's own path, no authorization); its id once durable."""
@@ -205,7 +289,10 @@ class CloudSync:
                                    {"argument": "queue_size"})
         async with self.uplink.subscribe(topic_filter, queue_size=queue_size) as sub:
             async for msg, dropped in sub:
-                yield {"topic": msg.topic, "payload": msg.payload, "dropped": dropped, "retain": msg.retain}
+                item = {"topic": msg.topic, "payload": msg.payload, "dropped": dropped, "retain": msg.retain}
+                if msg.properties:
+                    item["properties"] = msg.properties
+                yield item
 
     async def _op_status(self, ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
         if self._ready.is_set() and self._open_error is None:

@@ -23,6 +23,7 @@ arrive when it reconnects. Fleet deployments (cloud_sync.inbound) subscribe the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import random
@@ -158,6 +159,7 @@ class InboundMessage:
     topic: str
     payload: bytes
     retain: bool
+    properties: dict[str, Any] = field(default_factory=dict)
 
 
 class InboundSubscription:
@@ -334,6 +336,51 @@ def closed_after_handshake(exc: BaseException, address: BrokerAddress) -> bool:
     if not (address.tls and isinstance(exc, ClosedBeforeConnack)):
         return False
     return exc.socket_error is None or "EOF occurred in violation of protocol" in exc.socket_error
+
+
+def publish_properties(record: Record, extra: dict[str, Any], now: float) -> Properties:
+    """The MQTT 5 PUBLISH properties of a message sent alone: its id, and those its publisher gave.
+
+    The message expiry counts from the publish, as on Greengrass: the time the message waited in
+    the spool is taken off (the spool dropped it once it had all gone: ``ttl_s``).
+    """
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = [*(tuple(p) for p in extra.get("user_properties", ())), (envelope.ID_PROPERTY, record.id)]
+    expiry = extra.get("message_expiry_s")
+    if isinstance(expiry, int):
+        props.MessageExpiryInterval = max(1, expiry - int(max(0.0, now - record.created)))
+    if isinstance(extra.get("correlation_data"), str):
+        props.CorrelationData = base64.b64decode(extra["correlation_data"])
+    if isinstance(extra.get("response_topic"), str):
+        props.ResponseTopic = extra["response_topic"]
+    if extra.get("payload_format") == "utf8":
+        props.PayloadFormatIndicator = 1
+    if isinstance(extra.get("content_type"), str):
+        props.ContentType = extra["content_type"]
+    return props
+
+
+def received_properties(props: Any) -> dict[str, Any]:
+    """A cloud message's MQTT 5 properties in cloud.subscribe's names (``properties``); {} if none."""
+    if props is None:
+        return {}
+    out: dict[str, Any] = {}
+    user = getattr(props, "UserProperty", None)
+    if user:
+        out["user_properties"] = [[str(k), str(v)] for k, v in user]
+    expiry = getattr(props, "MessageExpiryInterval", None)
+    if isinstance(expiry, int):
+        out["message_expiry_s"] = expiry
+    corr = getattr(props, "CorrelationData", None)
+    if isinstance(corr, bytes | bytearray):
+        out["correlation_data"] = bytes(corr)
+    for attr, key in (("ResponseTopic", "response_topic"), ("ContentType", "content_type")):
+        value = getattr(props, attr, None)
+        if isinstance(value, str):
+            out[key] = value
+    if getattr(props, "PayloadFormatIndicator", None) is not None:
+        out["payload_format"] = "utf8" if props.PayloadFormatIndicator == 1 else "bytes"
+    return out
 
 
 class _LinkLost(Exception):
@@ -585,7 +632,7 @@ class Uplink:
         # closes it: a later record of that topic joining an earlier batch would overtake this one.
         open_: dict[str, tuple[list[Record], int]] = {}
         for r in records:
-            if r.retain or r.kind == envelope.KIND_VERBATIM:  # one status document, or bytes sent as they are
+            if r.retain or r.kind in envelope.VERBATIM_KINDS:  # one status document, or bytes sent as they are
                 open_.pop(r.topic, None)
                 out.append([r])
                 continue
@@ -650,16 +697,15 @@ class Uplink:
         first = batch[0]
         props: Properties | None = None
         v5 = s.mqtt_version == "5"
-        if s.envelope == "batch" and first.kind != envelope.KIND_VERBATIM:
+        if s.envelope == "batch" and first.kind not in envelope.VERBATIM_KINDS:
             payload = envelope.batch(self._thing, batch)
             if v5:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.ContentType = envelope.CONTENT_TYPE_BATCH
         else:
-            payload = first.payload
+            extra, payload = envelope.verbatim_parts(first)
             if v5:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.UserProperty = [(envelope.ID_PROPERTY, first.id)]
+                props = publish_properties(first, extra, time.time())
         self._inflight += 1
         try:
             await client.publish(first.topic, payload, qos=first.qos, retain=first.retain, properties=props,
@@ -694,7 +740,7 @@ class Uplink:
                             f"(limit {limit} B)", topic=topic, bytes=len(payload), limit=limit)
                 self._log.error("uplink.inbound_oversized", topic=topic, bytes=len(payload), limit=limit)
                 continue
-            message = InboundMessage(topic, payload, bool(m.retain))
+            message = InboundMessage(topic, payload, bool(m.retain), received_properties(m.properties))
             matched = False
             for sub in self._subs:
                 if matches(sub.filter, topic):

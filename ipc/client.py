@@ -795,18 +795,24 @@ class Client:
         await self.call("metrics.put", {"metrics": [dict(m) for m in metrics]})
 
     async def publish_to_cloud(self, topic: str, payload: Any, *, qos: int = 1, priority: int = 0,
-                               ttl_s: float | None = None, retain: bool = False, raw: bool = False) -> str:
+                               ttl_s: float | None = None, retain: bool = False, raw: bool = False,
+                               properties: dict[str, Any] | None = None) -> str:
         """Hand a message to the cloud uplink; returns once it is durable in the spool.
 
         The returned id is stable across retries and restarts: the cloud side dedupes on it.
         ``raw=True`` (bytes or text only) sends the payload alone and unchanged, outside the device's
         batch envelope, for cloud consumers that parse the payload itself (the id then travels only
-        as the MQTT 5 user property ``nucleus-id``).
+        as the MQTT 5 user property ``nucleus-id``). ``properties`` (with ``raw`` only) are the message's
+        MQTT 5 publish properties: ``user_properties`` ([[key, value], ...]), ``message_expiry_s``,
+        ``correlation_data`` (bytes), ``response_topic``, ``payload_format`` ("bytes"/"utf8"),
+        ``content_type`` (docs/cloud-sync.md, "Per message").
         """
         args = {"topic": topic, "payload": payload, "qos": qos, "priority": priority, "ttl_s": ttl_s,
                 "retain": retain}
         if raw:  # only when asked: a daemon without the argument still accepts the call
             args["raw"] = True
+        if properties:
+            args["properties"] = properties
         result = await self.call("cloud.publish", args)
         return str(result["id"]) if isinstance(result, dict) and "id" in result else ""
 

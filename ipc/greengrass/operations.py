@@ -551,11 +551,62 @@ def _qos(req: Mapping[str, Any]) -> int:
     return qos
 
 
+_PAYLOAD_FORMATS: Final = {"0": "bytes", "1": "utf8", "BYTES": "bytes", "UTF8": "utf8"}
+"""awsiotsdk's PayloadFormat enum is "0" (BYTES) / "1" (UTF8) on the wire; the names are accepted too."""
+
+
+def _mqtt5_properties(req: Mapping[str, Any]) -> dict[str, Any]:
+    """PublishToIoTCore's MQTT 5 fields (Greengrass 2.10+) as cloud.publish ``properties``."""
+    props: dict[str, Any] = {}
+    user = req.get("userProperties")
+    if user is not None:
+        if not isinstance(user, list) or not all(isinstance(u, dict) for u in user):
+            raise InvalidArguments("userProperties must be a list of {key, value}", {"argument": "userProperties"})
+        props["user_properties"] = [[u.get("key"), u.get("value")] for u in user]
+    if req.get("messageExpiryIntervalSeconds") is not None:
+        props["message_expiry_s"] = req["messageExpiryIntervalSeconds"]
+    if req.get("correlationData") is not None:
+        props["correlation_data"] = _b64(req, "correlationData")
+    for field_name, key in (("responseTopic", "response_topic"), ("contentType", "content_type")):
+        if req.get(field_name) is not None:
+            props[key] = req[field_name]
+    fmt = req.get("payloadFormat")
+    if fmt is not None:
+        if str(fmt) not in _PAYLOAD_FORMATS:
+            raise InvalidArguments("payloadFormat must be '0' (BYTES) or '1' (UTF8)", {"argument": "payloadFormat"})
+        props["payload_format"] = _PAYLOAD_FORMATS[str(fmt)]
+    return props
+
+
 async def _publish_to_iot_core(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
     retain = req.get("retain", False)
-    await core.call(s, "cloud.publish", {"topic": _str(req, "topicName"), "payload": _b64(req, "payload"),
-                                         "qos": _qos(req), "retain": bool(retain), "raw": True})
+    args: dict[str, Any] = {"topic": _str(req, "topicName"), "payload": _b64(req, "payload"), "qos": _qos(req),
+                            "retain": bool(retain), "raw": True}
+    props = _mqtt5_properties(req)
+    if props:
+        args["properties"] = props
+    await core.call(s, "cloud.publish", args)
     return {}
+
+
+def _iot_core_message(item: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
+    """An MQTTMessage shape: the cloud message and, as Greengrass 2.10+ gives them, its MQTT 5 properties."""
+    message: dict[str, Any] = {"topicName": item.get("topic"), "payload": base64.b64encode(payload).decode(),
+                               "retain": bool(item.get("retain", False))}
+    props = item.get("properties")
+    if isinstance(props, dict):
+        if props.get("user_properties"):
+            message["userProperties"] = [{"key": k, "value": v} for k, v in props["user_properties"]]
+        if props.get("message_expiry_s") is not None:
+            message["messageExpiryIntervalSeconds"] = props["message_expiry_s"]
+        if isinstance(props.get("correlation_data"), bytes | bytearray):
+            message["correlationData"] = base64.b64encode(bytes(props["correlation_data"])).decode()
+        for key, field_name in (("response_topic", "responseTopic"), ("content_type", "contentType")):
+            if props.get(key) is not None:
+                message[field_name] = props[key]
+        if props.get("payload_format") in ("bytes", "utf8"):
+            message["payloadFormat"] = "1" if props["payload_format"] == "utf8" else "0"
+    return message
 
 
 async def _subscribe_to_iot_core(core: IpcCore, s: Session, req: dict[str, Any]) -> StreamPlan:
@@ -570,8 +621,7 @@ async def _subscribe_to_iot_core(core: IpcCore, s: Session, req: dict[str, Any])
             payload = payload.encode("utf-8")
         elif not isinstance(payload, bytes | bytearray):
             payload = dumps(payload)
-        return {"message": {"topicName": item.get("topic"), "payload": base64.b64encode(bytes(payload)).decode(),
-                            "retain": bool(item.get("retain", False))}}
+        return {"message": _iot_core_message(item, bytes(payload))}
 
     return StreamPlan("cloud.subscribe", {"filter": topic_filter}, event)
 

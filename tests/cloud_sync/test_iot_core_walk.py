@@ -81,3 +81,77 @@ async def test_raw_and_enveloped_messages_on_one_topic_keep_their_order_across_a
     finally:
         cloud.cancel()
     assert received == expected
+
+
+async def test_publish_and_subscribe_to_iot_core_carry_the_mqtt5_fields(
+        daemon_factory: Any, broker: Mosquitto) -> None:
+    """userProperties, messageExpiryIntervalSeconds, correlationData, responseTopic, payloadFormat and
+    contentType reach the broker from PublishToIoTCore, and a cloud message's reach SubscribeToIoTCore,
+    as on Greengrass 2.10+. Before, both sides dropped them without a word (a request/response
+    pattern on responseTopic/correlationData got neither)."""
+    pytest.importorskip("awsiot.greengrasscoreipc.clientv2", reason="awsiotsdk is not installed")
+    from awsiot.greengrasscoreipc import connect  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2  # type: ignore[import-untyped]
+    from awsiot.greengrasscoreipc.model import (  # type: ignore[import-untyped]
+        QOS,
+        InvalidArgumentsError,
+        PayloadFormat,
+        UserProperty,
+    )
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    d = daemon_factory("m5", {**FAST_SETTINGS, "thing_name": THING,
+                              "mqtt": {"url": broker.url, "forward_defaults": False}})
+    policy = d.root.parent / "m5.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.mqttproxy": {"p": {"operations": ["*"], "resources": ["*"]}}}))
+    token = d.cli("client", "add", "m5", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    gg = GreengrassCoreIPCClientV2(client=connect(ipc_socket=str(d.root / "gg.sock"), authtoken=token, timeout=10))
+    down: asyncio.Queue[Any] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    try:
+        with pytest.raises(InvalidArgumentsError) as bad:  # the broker would refuse it at every attempt
+            gg.publish_to_iot_core(topic_name=TOPIC, qos=QOS.AT_LEAST_ONCE, payload=b"\xff\xfe",
+                                   payload_format=PayloadFormat.UTF8)
+        assert "UTF-8" in bad.value.message
+        async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as cloud:
+            await cloud.subscribe(TOPIC, qos=1)
+            await asyncio.to_thread(
+                gg.publish_to_iot_core, topic_name=TOPIC, qos=QOS.AT_LEAST_ONCE, payload=b'{"ask":1}',
+                user_properties=[UserProperty(key="k", value="v")], message_expiry_interval_seconds=600,
+                correlation_data=b"\x00corr", response_topic=f"{TOPIC}/reply", payload_format=PayloadFormat.UTF8,
+                content_type="application/json")
+            async with asyncio.timeout(20):
+                m = await anext(aiter(cloud.messages))
+            assert bytes(m.payload) == b'{"ask":1}'  # type: ignore[arg-type]
+            props = m.properties
+            assert ("k", "v") in props.UserProperty  # type: ignore[union-attr]
+            assert 590 <= props.MessageExpiryInterval <= 600  # type: ignore[union-attr]
+            assert props.CorrelationData == b"\x00corr"  # type: ignore[union-attr]
+            assert props.ResponseTopic == f"{TOPIC}/reply"  # type: ignore[union-attr]
+            assert props.PayloadFormatIndicator == 1  # type: ignore[union-attr]
+            assert props.ContentType == "application/json"  # type: ignore[union-attr]
+
+            await asyncio.to_thread(gg.subscribe_to_iot_core, topic_name="cmd/#", qos=QOS.AT_LEAST_ONCE,
+                                    on_stream_event=lambda e: loop.call_soon_threadsafe(down.put_nowait, e.message))
+            sent = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            sent.UserProperty = [("uk", "uv")]
+            sent.CorrelationData = b"cd"
+            sent.ResponseTopic = "cmd/reply"
+            sent.ContentType = "application/octet-stream"
+            got = None
+            for _ in range(40):  # bounded: the link subscribes in the background
+                await cloud.publish("cmd/x", bytes(range(256)), qos=1, properties=sent)
+                try:
+                    got = await asyncio.wait_for(down.get(), 0.5)
+                    break
+                except TimeoutError:
+                    continue
+            assert got is not None, "the cloud message never reached SubscribeToIoTCore"
+            assert got.payload == bytes(range(256))
+            assert [(u.key, u.value) for u in got.user_properties] == [("uk", "uv")]
+            assert got.correlation_data == b"cd"
+            assert got.response_topic == "cmd/reply"
+            assert got.content_type == "application/octet-stream"
+    finally:
+        gg.close()
