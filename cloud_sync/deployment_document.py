@@ -179,6 +179,9 @@ def combine_config_updates(texts: list[str] | None) -> dict[str, dict[str, Any]]
 RUN_WITH_FIELDS = ("posixUser", "memory", "cpus", "systemResourceLimits")
 
 
+MAX_MEMORY_KB = (2**63 - 1) // 1024  # bytes in a signed 64-bit word, as the kernel's limit files take them
+
+
 def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """``--run-with`` options as Greengrass ``runWith`` objects per component.
 
@@ -236,6 +239,12 @@ def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
             except ValueError:
                 kind = "whole number of KB" if field == "memory" else "number"
                 raise ValueError(f"{text!r}: {field} must be a {kind}") from None
+    for name, run_with in out.items():  # what the request cannot carry (msgpack: 64-bit integers) is said here
+        limits = run_with.get("systemResourceLimits")
+        memory = limits.get("memory") if isinstance(limits, dict) else None
+        if isinstance(memory, int) and not isinstance(memory, bool) and memory > MAX_MEMORY_KB:
+            raise ValueError(f"{name}: memory {memory} KB is more than a cgroup can be limited to "
+                             f"(at most {MAX_MEMORY_KB} KB)")
     return out
 
 
@@ -273,7 +282,7 @@ class ResourceLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    memory: int | None = Field(None, gt=0)
+    memory: int | None = Field(None, gt=0, le=MAX_MEMORY_KB)  # more does not fit a cgroup file (or msgpack)
     cpus: float | None = Field(None, gt=0, allow_inf_nan=False)  # 1e999 in JSON is inf: no limit, and not JSON
 
     @field_validator("memory", "cpus", mode="before")

@@ -89,12 +89,16 @@ def check_posix_user(value: str) -> str:
     return value
 
 
+MAX_MEMORY_KB = (2**63 - 1) // 1024  # the most a cgroup limit file takes (bytes in a signed 64-bit word)
+
+
 class SystemResourceLimits(BaseModel):
     """Greengrass's ``systemResourceLimits``: enforced with cgroups (nucleus/cgroups.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    memory: int | None = Field(None, gt=0, description="KB, a hard limit on the component's processes together")
+    memory: int | None = Field(None, gt=0, le=MAX_MEMORY_KB,
+                               description="KB, a hard limit on the component's processes together")
     # finite: "inf" (float() reads it) would be no limit spelled as one, and Infinity is not JSON
     cpus: float | None = Field(None, gt=0, allow_inf_nan=False, description="CPU time in cores (0.5: half of one core)")
 

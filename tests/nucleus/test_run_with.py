@@ -200,6 +200,8 @@ def test_bad_run_with_values_are_refused_naming_the_field_and_component_and_chan
         "test.Keep:cpus=inf": "run_with.test.Keep.systemResourceLimits.cpus",
         # an empty limit sent {} (no limits at all: the other limit and the device default dropped)
         "test.Keep:memory=": "test.Keep:systemResourceLimits=",
+        # more than a 64-bit word: the CLI died in msgpack with a traceback
+        "test.Keep:memory=100000000000000000000000": "test.Keep: memory 100000000000000000000000 KB is more than",
         # true was read as 1: a 1 KB limit
         json.dumps({"test.Keep": {"systemResourceLimits": {"memory": True}}}):
             "run_with.test.Keep.systemResourceLimits.memory",
