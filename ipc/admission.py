@@ -120,8 +120,9 @@ class Admission:
         self.burst_quiet_s = burst_quiet_s
         self._by_uid: dict[int | None, dict[Anonymous, int | None]] = {}  # oldest first; value: pid
         self._count = 0
-        self.counters = {"anonymous_shed": 0, "handshake_timeouts": 0}
+        self.counters = {"anonymous_shed": 0, "handshake_timeouts": 0, "handshakes_refused": 0}
         self._burst: dict[int | None, int] = {}
+        self._burst_refused = 0
         self._burst_end: asyncio.TimerHandle | None = None
 
     @property
@@ -152,6 +153,18 @@ class Admission:
         self.counters["handshake_timeouts"] += 1
         self._note_burst(uid, pid, f"no handshake within {timeout} s")
 
+    def refused(self, uid: int | None, pid: int | None) -> bool:
+        """A handshake refused before authentication (an unknown token, a bad HELLO or CONNECT, a
+        protocol error): counted, and True for the one refusal the caller should log, the first while
+        no burst is going on. A process trying token after token, or a flood of bad handshakes, got a
+        warning per connection (a thousand lines for a thousand connects, as fast as it could
+        connect); now the rest of a burst is in its closing line (``refused``)."""
+        self.counters["handshakes_refused"] += 1
+        first = not self._burst
+        self._burst_refused += 1
+        self._note_burst(uid, pid, "handshake refused", log_first=False)
+        return first
+
     def stats(self) -> dict[str, Any]:
         return {"anonymous": self._count, "max_anonymous": self.max_anonymous,
                 "max_anonymous_per_uid": self.max_anonymous_per_uid, **self.counters}
@@ -171,10 +184,10 @@ class Admission:
         victim.shed(f"closed before authenticating: {why} (max {self.max_anonymous_per_uid} per uid, "
                     f"{self.max_anonymous} in all)")
 
-    def _note_burst(self, uid: int | None, pid: int | None, why: str) -> None:
+    def _note_burst(self, uid: int | None, pid: int | None, why: str, *, log_first: bool = True) -> None:
         first = not self._burst
         self._burst[uid] = self._burst.get(uid, 0) + 1
-        if first:
+        if first and log_first:
             log.warning("ipc.anonymous_connections_closed", uid=uid, pid=pid, reason=why,
                         max_per_uid=self.max_anonymous_per_uid, max_total=self.max_anonymous,
                         note="further closes are counted until the burst ends")
@@ -186,7 +199,8 @@ class Admission:
     def _end_burst(self) -> None:
         self._burst_end = None
         burst, self._burst = self._burst, {}
-        log.warning("ipc.anonymous_burst_ended", closed=sum(burst.values()),
+        refused, self._burst_refused = self._burst_refused, 0
+        log.warning("ipc.anonymous_burst_ended", closed=sum(burst.values()), refused=refused,
                     by_uid={str(u): n for u, n in sorted(burst.items(), key=lambda kv: -kv[1])[:10]})
 
     def close(self) -> None:

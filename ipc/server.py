@@ -254,7 +254,7 @@ class _Connection(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.close_reason = err.code
-        if not quiet:
+        if not quiet and (self.session is not None or self.core.admission.refused(self.uid, self.pid)):
             log.warning("ipc.connection_rejected", pid=self.pid, code=err.code, reason=err.message,
                         principal=self.session.principal.name if self.session else None)
         if self._open:

@@ -182,17 +182,18 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, ConnectRequested):
                 self._on_connect(event)
             elif isinstance(event, ProtocolViolation):
-                log.warning("greengrass.protocol_error", pid=self.pid, reason=event.reason,
-                            detail=event.detail[:200],
-                            principal=self.session.principal.name if self.session else None)
-            elif isinstance(event, ConnectRefused):
-                log.warning("greengrass.connect_refused", pid=self.pid, reason=event.reason,
-                            detail=event.detail)
+                if self._log_refusal():
+                    log.warning("greengrass.protocol_error", pid=self.pid, reason=event.reason,
+                                detail=event.detail[:200],
+                                principal=self.session.principal.name if self.session else None)
+            elif isinstance(event, ConnectRefused) and self._log_refusal():
+                log.warning("greengrass.connect_refused", pid=self.pid, reason=event.reason, detail=event.detail)
             # PingReceived: answered by the state machine; StreamMessage: no operation streams input
         if self.session is None and rpc.buffered > MAX_ANONYMOUS_FRAME and not rpc.closed:
             # A CONNECT is a token: an anonymous peer does not get to buffer a 16 MiB message.
-            log.warning("greengrass.connect_too_large", pid=self.pid, uid=self.uid, buffered=rpc.buffered,
-                        limit=MAX_ANONYMOUS_FRAME)
+            if self._log_refusal():
+                log.warning("greengrass.connect_too_large", pid=self.pid, uid=self.uid, buffered=rpc.buffered,
+                            limit=MAX_ANONYMOUS_FRAME)
             self.rpc.close("connect_too_large")
         self._flush()
         if rpc.closed:
@@ -204,9 +205,14 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         for event in self.rpc.receive_eof():
-            if isinstance(event, ProtocolViolation):
+            if isinstance(event, ProtocolViolation) and self._log_refusal():
                 log.warning("greengrass.protocol_error", pid=self.pid, reason=event.reason)
         return None
+
+    def _log_refusal(self) -> bool:
+        """Whether to log a failure of this connection: always once authenticated; before, admission
+        counts it and says whether it is the first of a burst (ipc/admission.py, ``refused``)."""
+        return self.session is not None or self.core.admission.refused(self.uid, self.pid)
 
     # --- output -------------------------------------------------------------------------------------
     def _schedule_flush(self) -> None:
@@ -273,7 +279,8 @@ class _Connection(asyncio.Protocol):
             self.session = self.core.open_session(event.auth_token, self.pid, front_end="greengrass",
                                                   closer=self._revoke)
         except IpcError as exc:
-            log.warning("greengrass.connect_refused", pid=self.pid, reason=exc.code, detail=exc.message)
+            if self._log_refusal():
+                log.warning("greengrass.connect_refused", pid=self.pid, reason=exc.code, detail=exc.message)
             self.rpc.reject()
             return
         if self._hs_timer is not None:

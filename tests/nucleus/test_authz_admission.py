@@ -163,3 +163,50 @@ def test_a_flood_under_a_low_descriptor_limit_is_shed_before_the_daemon_runs_out
             with contextlib.suppress(OSError):
                 s.close()
         d.stop()
+
+
+def test_a_flood_of_refused_handshakes_is_logged_once_and_counted(daemon_factory: Any) -> None:
+    """Bad tokens on both sockets: one warning for the burst, the rest counted in ``nucleus status``.
+
+    Before, every refused HELLO or CONNECT logged its own warning, so a local process trying tokens
+    (or just connecting with garbage) wrote a line per connect, as fast as it could connect: 600
+    lines here, and the daemon's log filled at that rate. A real client still gets in meanwhile.
+    """
+    from ipc import protocol as P
+    from ipc.greengrass import rpc
+
+    d = daemon_factory("refused", FAST_SETTINGS)
+    policy = Path(d.root).parent / "refused.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
+    token = d.cli("client", "add", "refused-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    held: list[socket.socket] = []
+    try:
+        for i in range(300):  # bounded: 600 connects, each answered at once
+            for path, hello in ((Path(d.root) / "gg.sock", rpc.connect_request(f"guess-{i}")),
+                                (Path(d.root) / "ipc.sock", P.hello(f"guess-{i}", None))):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(5)
+                s.connect(str(path))
+                s.sendall(hello)
+                held.append(s)
+
+        async def real_client() -> None:
+            async with Client(Path(d.root) / "ipc.sock", token, name="refused-real") as c:
+                await c.publish("adm/x", b"x", confirm=True)
+
+        asyncio.run(real_client())
+        deadline = time.monotonic() + 20
+        ipc: dict[str, Any] = {}
+        while time.monotonic() < deadline:  # bounded: the refusals are read as the daemon gets to them
+            ipc = json.loads(d.cli("status").stdout)["ipc"]
+            if ipc.get("handshakes_refused", 0) >= 600:
+                break
+            time.sleep(0.2)
+        log = d.out.read_text(errors="replace")
+        lines = log.count("greengrass.connect_refused") + log.count("ipc.connection_rejected")
+        assert lines == 1, f"{lines} warnings for one burst of refused handshakes"
+        assert ipc["handshakes_refused"] >= 600
+    finally:
+        for s in held:
+            with contextlib.suppress(OSError):
+                s.close()
