@@ -70,10 +70,11 @@ READY_TIMEOUT_S = 30.0
 PROPERTY_NAMES = frozenset({"user_properties", "message_expiry_s", "correlation_data", "response_topic",
                             "payload_format", "content_type"})
 #: sync.status parts only the nucleus CLI sees: every component's cloud filters, the broker's
-#: address, the link's and the spool's error lines (they name topics, paths and the MQTT user) and
-#: the fleet deployments. A component, which needs no policy for sync.status, gets the link state
-#: and the counters, enough to know whether its messages are moving.
-OPERATOR_ONLY = {"link": ("broker", "subscriptions", "errors"), "": ("errors", "deployments")}
+#: address, the link's and the spool's error lines (they name topics, paths and the MQTT user), the
+#: spool's path (the daemon's root) and the fleet deployments. A component, which needs no policy
+#: for sync.status, gets the link state and the counters, enough to know whether its messages move.
+OPERATOR_ONLY = {"link": ("broker", "subscriptions", "errors"), "spool": ("path", "error"),
+                 "": ("errors", "deployments")}
 
 
 class CloudSync:

@@ -291,6 +291,9 @@ def test_sync_status_shows_a_component_the_figures_but_not_the_others_cloud_filt
             for key in ("broker", "subscriptions", "errors"):
                 assert key not in seen["link"], key
             assert "errors" not in seen and "deployments" not in seen
+            # nor where the daemon keeps its files (the spool's path names the root)
+            assert "path" not in seen["spool"] and str(d.root) not in json.dumps(seen, default=str)
+            assert "messages" in seen["spool"]
 
     asyncio.run(main())
     d.cli("deploy", "--remove", "azs.Subscriber", "--remove", "azs.Nosy", "--settle", "0")
