@@ -537,7 +537,8 @@ def build_parser(validate_recipe: Callable[[Path], object] | None = None) -> arg
                    "components")
     d.add_argument("--run-with", action="append", metavar="NAME:FIELD=VALUE",
                    help="Greengrass runWith of a root component, as `nucleus deploy --run-with`: posixUser, memory "
-                   "(KB), cpus; an empty VALUE clears it on the devices; or JSON / @file")
+                   "(KB), cpus (the limits given replace the old ones as a whole); NAME:posixUser= and "
+                   "NAME:systemResourceLimits= clear them on the devices; or JSON / @file")
     d.add_argument("--failure-policy", choices=["rollback", "do-nothing"], default="rollback")
     d.add_argument("--timeout", type=float, metavar="S", help="device-side deployment timeout")
     d.add_argument("--settle", type=float, metavar="S", help="seconds RUNNING before success")
