@@ -420,13 +420,14 @@ class DeploymentEngine:
             previous=snapshot,
             target=plan.journal_form(),
         )
-        self._orch.set_run_with(target.run_with)
         try:
             stop = [n for n in [*removed, *changed] if self._orch.get(n) is not None]
             if stop:
                 also = f" (and HARD dependents {', '.join(plan.restart)})" if plan.restart else ""
                 self._progress(did, f"stopping {', '.join(stop)}{also}")
                 await self._orch.remove(stop, reason=f"deployment {did}")
+            # only now: what stops, stops as it ran (its Shutdown as the old user, in the old limits)
+            self._orch.set_run_with(target.run_with)
             for name in removed:
                 self._config.remove(name)
                 self._apply_policies(name, None)

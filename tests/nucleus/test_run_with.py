@@ -461,3 +461,27 @@ def test_a_step_that_fails_after_a_child_was_oom_killed_is_not_said_to_be_killed
     error = d.wait_state(name, {"BROKEN"}).get("last_error") or ""
     assert "run exited with code 3 (after the kernel killed 1 of its processes at its memory limit of 30000 KB" \
         in error, error
+
+
+@needs_root
+def test_the_shutdown_of_a_component_whose_run_with_changes_runs_under_the_old_one(
+        two_accounts: tuple[str, str, str], daemon_factory: Any, short_tmp: Path) -> None:
+    """The deployment stops the component as it ran (its Shutdown step as the old user, in the old
+    limits) and starts it under the new runWith; before, the new runWith was in force from the start
+    of the stop, so the old processes' Shutdown ran as the new user (who may not own the work folder
+    yet) and in the new limits."""
+    user, group, other = two_accounts
+    short_tmp.chmod(0o755)
+    out = short_tmp / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    d = daemon_factory(settings={**FAST, "run_with_default": {"posix_user": f"{user}:{group}"}})
+    doc = {"RecipeFormatVersion": "2020-01-25", "ComponentName": "test.Shut", "ComponentVersion": "1.0.0",
+           "Manifests": [{"Platform": {"os": "linux"}, "Lifecycle": {
+               "Run": "exec sleep 600", "Shutdown": f"id -un >> {out}/shutdown"}}]}
+    recipe = short_tmp / "shut.json"
+    recipe.write_text(json.dumps(doc))
+    d.cli("deploy", str(recipe), "--settle", "0")
+    d.wait_state("test.Shut", {"RUNNING"})
+    d.cli("deploy", "--run-with", f"test.Shut:posixUser={other}", "--settle", "0")
+    assert (out / "shutdown").read_text().split() == [user]
