@@ -113,21 +113,26 @@ class ConfigUpdate(BaseModel):
     reset: list[str] = Field(default_factory=list)
 
 
-def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
-    """The Greengrass CLI's ``--update-config`` document: ``{"Name": {"MERGE": {...}, "RESET": [...]}}``.
-
-    ``@file.json`` reads a file. Keys are case-insensitive; MERGE may be a JSON string (as the
-    Greengrass CLI accepts). Raises ValueError naming the component and the problem.
-    """
+def _json_argument(text: str) -> Any:
+    """A CLI argument that is a JSON document, or ``@file.json`` naming one (ValueError saying which failed)."""
     if text.startswith("@"):
         try:
             text = Path(text[1:]).read_text()
         except OSError as exc:
             raise ValueError(f"cannot read {text[1:]}: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError as exc:
         raise ValueError(f"not valid JSON: {exc}") from exc
+
+
+def parse_config_updates(text: str) -> dict[str, dict[str, Any]]:
+    """The Greengrass CLI's ``--update-config`` document: ``{"Name": {"MERGE": {...}, "RESET": [...]}}``.
+
+    ``@file.json`` reads a file. Keys are case-insensitive; MERGE may be a JSON string (as the
+    Greengrass CLI accepts). Raises ValueError naming the component and the problem.
+    """
+    data = _json_argument(text)
     if not isinstance(data, dict):
         raise ValueError("must map component names to {MERGE, RESET}")
     out: dict[str, dict[str, Any]] = {}
@@ -196,16 +201,7 @@ def parse_run_with(texts: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for text in texts or []:
         if text.startswith(("{", "@")):
-            document = text
-            if text.startswith("@"):
-                try:
-                    document = Path(text[1:]).read_text()
-                except OSError as exc:
-                    raise ValueError(f"cannot read {text[1:]}: {exc.strerror or exc}") from exc
-            try:
-                data = json.loads(document)
-            except ValueError as exc:
-                raise ValueError(f"not valid JSON: {exc}") from exc
+            data = _json_argument(text)
             if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
                 raise ValueError('must map component names to {"posixUser": ..., "systemResourceLimits": {...}}')
             for name, run_with in data.items():
