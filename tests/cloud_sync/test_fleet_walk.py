@@ -23,7 +23,7 @@ from fleet_kit import COMPONENT, REPO, ArtifactServer, LightDaemon, _kill_compon
 from sync_testkit import Mosquitto
 
 from cloud_sync import fleet
-from cloud_sync.deployment_document import MAX_VALUES, RecipeText, Target, new_document
+from cloud_sync.deployment_document import MAX_VALUES, DeploymentDocument, RecipeText, Target, new_document
 from cloud_sync.inbound import KEEP_DEPLOYMENTS
 
 GROUP = "walkers"
@@ -39,6 +39,14 @@ def _entry(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _has_error(code: str) -> Any:
     return lambda docs: any(e.get("code") == code for e in (docs.get(STATUS) or {}).get("errors", []))
+
+
+async def _applied(broker: Mosquitto, doc: DeploymentDocument, timeout: float = 60.0) -> DeploymentDocument:
+    """``doc`` published to the fleet, once the device reports it SUCCEEDED (the document as published)."""
+    doc = await fleet.publish(fleet.Broker(broker.url), doc)
+    await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == doc.deployment_id
+                   and _entry(d).get("status") == "SUCCEEDED", timeout=timeout)
+    return doc
 
 
 async def _publish_raw(port: int, payload: bytes) -> None:
@@ -65,9 +73,7 @@ async def test_hostile_documents_are_refused_reported_and_the_device_keeps_liste
         try:
             first = new_document([recipe("1.0.0", digest=server.add(COMPONENT, "1.0.0", "hello.txt", b"one\n"))],
                                  target=TARGET, artifacts_base_url=server.url)
-            first = await fleet.publish(fleet.Broker(broker.url), first)
-            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == first.deployment_id
-                           and _entry(d).get("status") == "SUCCEEDED")
+            first = await _applied(broker, first)
 
             # 1. ~10 KiB of nested brackets: json's parser raised RecursionError, which ended the
             # device's subscription task silently; every later deployment was ignored.
@@ -134,9 +140,7 @@ async def test_hostile_documents_are_refused_reported_and_the_device_keeps_liste
 
             # The device still listens: the next good deployment is applied.
             second = new_document([recipe("1.0.1", digest=digest)], target=TARGET, artifacts_base_url=server.url)
-            second = await fleet.publish(fleet.Broker(broker.url), second)
-            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == second.deployment_id
-                           and _entry(d).get("status") == "SUCCEEDED", timeout=30)
+            second = await _applied(broker, second, timeout=30)
             device_docs = await retained(broker.port, f"nucleus/things/{THING}/status", until=lambda d: any(
                 ((x.get("device") or {}).get("components") or {}).get(COMPONENT, {}).get("version") == "1.0.1"
                 for x in d.values()), timeout=20)
@@ -155,9 +159,7 @@ async def test_a_flood_of_bad_documents_writes_nothing_and_pushes_out_no_applied
         try:
             first = new_document([recipe("1.0.0", digest=server.add(COMPONENT, "1.0.0", "hello.txt", b"one\n"))],
                                  target=TARGET, artifacts_base_url=server.url)
-            first = await fleet.publish(fleet.Broker(broker.url), first)
-            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == first.deployment_id
-                           and _entry(d).get("status") == "SUCCEEDED")
+            first = await _applied(broker, first)
             state = device.root / "db" / "fleet-deployments.json"
             before = state.stat()
             payloads = [json.dumps({"v": 1, "junk": i}).encode() for i in range(flood)]
@@ -173,9 +175,7 @@ async def test_a_flood_of_bad_documents_writes_nothing_and_pushes_out_no_applied
             # (the refused ones went first), so its target's report does not lose it.
             second = new_document([recipe("1.0.1", digest=server.add(COMPONENT, "1.0.1", "hello.txt", b"two\n"))],
                                   target=TARGET, artifacts_base_url=server.url)
-            second = await fleet.publish(fleet.Broker(broker.url), second)
-            await retained(broker.port, STATUS, until=lambda d: _entry(d).get("deployment_id") == second.deployment_id
-                           and _entry(d).get("status") == "SUCCEEDED", timeout=30)
+            second = await _applied(broker, second, timeout=30)
             records = device.fleet_state()["deployments"]
             assert len(records) <= KEEP_DEPLOYMENTS
             assert records[first.deployment_id]["status"] == "SUCCEEDED"
