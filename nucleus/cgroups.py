@@ -73,15 +73,15 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
-def _own_group(controller: str | None) -> str:
-    """The daemon's group in the hierarchy of ``controller`` (v1), or in the unified one (None)."""
+def _own_group(controller: str) -> str:
+    """The daemon's group in the v1 hierarchy of ``controller``."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return "/"
     for line in lines:
         _, names, path = line.split(":", 2)
-        if (controller is None and names == "") or (controller is not None and controller in names.split(",")):
+        if controller in names.split(","):
             return path or "/"
     return "/"
 
@@ -101,6 +101,9 @@ class Cgroups:
             self.version = None
         self._written: dict[str, Limits] = {}
         self._oom_seen: dict[str, int] = {}  # the kernel's oom_kill count last taken (new_oom_kills)
+        # the daemon's own v1 groups do not move while it runs: read once, not at every look at a group
+        # (the OOM watcher asks for each limited component's groups every second)
+        self._own = {c: _own_group(c).strip("/") for c in ("memory", "cpu")} if self.version == 1 else {}
 
     # --- where --------------------------------------------------------------------------------
     def _parents(self, limits: Limits | None = None) -> dict[str, Path]:
@@ -111,7 +114,7 @@ class Cgroups:
         for controller, wanted in (("memory", limits is None or limits.memory_kb is not None),
                                    ("cpu", limits is None or limits.cpus is not None)):
             if wanted:
-                own = _own_group(controller).strip("/")
+                own = self._own[controller]
                 base = self.mount / controller
                 parents[controller] = self._nucleus(base / own if own else base)
         return parents

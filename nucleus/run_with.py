@@ -58,10 +58,6 @@ def merged(stored: Mapping[str, Any] | None, update: ComponentRunWith) -> dict[s
     return out
 
 
-def posix_user_of(stored: Mapping[str, Any] | None, settings: Settings) -> str | None:
-    return (stored or {}).get("posixUser") or settings.run_with_default.posix_user
-
-
 def limits_of(stored: Mapping[str, Any] | None, settings: Settings) -> Limits:
     own = (stored or {}).get("systemResourceLimits")
     srl = SystemResourceLimits.model_validate(own) if own is not None else \

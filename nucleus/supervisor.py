@@ -384,6 +384,7 @@ class Supervisor:
         # systemResourceLimits): it may raise NucleusError, which fails the launch like an OSError.
         self._run_as = run_as
         self._placement = placement
+        self._setpriv: str | None = None
         if run_as is not None:
             self._as_user_prefix(run_as)
         self._groups: dict[str, dict[int, _Group]] = {}
@@ -391,7 +392,9 @@ class Supervisor:
         self._waiters: set[asyncio.Future[int]] = set()
 
     def _as_user_prefix(self, user: ComponentUser) -> list[str]:
-        setpriv = shutil.which("setpriv")
+        setpriv = self._setpriv
+        if setpriv is None:  # looked up once it is needed, not at every launch (a walk of PATH)
+            setpriv = self._setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise OSError("setpriv (util-linux) is needed to run components as another user")
         return [setpriv, *(["--pdeathsig", "KILL"] if self._prefix else []),
