@@ -14,6 +14,7 @@ The same parser serves the start (an error ends the component, which ``ipc.run_c
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("components.configuration")
 
 NUCLEUS_KEYS = frozenset({"accessControl"})
+
+
+def component_name(built_in: str) -> str:
+    """The name this process runs under (the nucleus sets ``NUCLEUS_COMPONENT_NAME``), else the
+    built-in's: a copy of a recipe under another name (one ingest per asset) must name itself, not the
+    built-in, in a refused configuration."""
+    return os.environ.get("NUCLEUS_COMPONENT_NAME") or built_in
 """Top-level keys of a component's configuration that the nucleus reads and the component ignores."""
 
 M = TypeVar("M", bound=BaseModel)

@@ -39,7 +39,7 @@ from components.anomaly_detector.capture import CapturePolicy
 from components.anomaly_detector.config import COMPONENT, RESTART_KEYS, DetectorConfig, load_config
 from components.anomaly_detector.scoring import LoadedModel, load_model
 from components.anomaly_detector.windowing import Window, Windower
-from components.configuration import config_changes
+from components.configuration import component_name, config_changes
 from ipc import Client, IpcError, ResourceNotFound
 
 log = structlog.get_logger("anomaly_detector")
@@ -51,10 +51,6 @@ class _Pending:
     window: Window
     model: LoadedModel
 
-
-def component_name() -> str:
-    """The name this process runs under (a renamed copy of the recipe names itself in its errors)."""
-    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 
 
 def asset_of(topic: str) -> str:
@@ -302,7 +298,7 @@ class Detector:
         nucleus's validation of proposed configurations with the same parser."""
 
         with contextlib.suppress(IpcError):
-            async for new in config_changes(self.client, lambda doc: load_config(doc, component_name()),
+            async for new in config_changes(self.client, lambda doc: load_config(doc, component_name(COMPONENT)),
                                           "detector.config_rejected"):
                 self._apply_config(new)
 
@@ -423,4 +419,4 @@ class Detector:
 async def main(client: Client) -> None:
     """An invalid configuration (an unknown key too) ends the detector here with ConfigError, which
     ipc.run_component logs (``component.failed``) and reports ERRORED, as the other components do."""
-    await Detector(client, load_config(await client.get_configuration(), component_name())).run()
+    await Detector(client, load_config(await client.get_configuration(), component_name(COMPONENT))).run()

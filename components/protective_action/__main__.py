@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from components.configuration import component_name
 from components.protective_action.config import load_config
-from components.protective_action.service import component_name, run
+from components.protective_action.service import COMPONENT, run
 from ipc import run_component
 
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = None
     if args.config is not None:
         text = args.config.read_text()
-        cfg = load_config(json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text), component_name())
+        raw = json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)
+        cfg = load_config(raw, component_name(COMPONENT))
     run_component(functools.partial(run, cfg=cfg, audit_dir=args.audit_dir))
 
 

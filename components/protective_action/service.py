@@ -23,7 +23,6 @@ the heartbeats.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from components.configuration import config_changes
+from components.configuration import component_name, config_changes
 from components.protective_action.actuators import ActionRequest, Actuator, CommandActuator, SimulatedActuator
 from components.protective_action.audit import AuditLog, Outcome
 from components.protective_action.config import ActionConfig, ActuatorConfig, load_config
@@ -47,10 +46,6 @@ log = structlog.get_logger(__name__)
 COMPONENT = "com.nucleus.ProtectiveAction"
 
 
-def component_name() -> str:
-    """The name this process runs under: a copy of the recipe under another name (one ingest per asset)
-    must name itself, not the built-in, in a refused configuration."""
-    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 HEARTBEAT_TOPIC = "heartbeat/anomaly_detector"
 
 
@@ -377,14 +372,14 @@ class ActionService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
-    return config_changes(client, lambda doc: load_config(doc, component_name()), "action.config_rejected")
+    return config_changes(client, lambda doc: load_config(doc, component_name(COMPONENT)), "action.config_rejected")
 
 
 async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:
     """The component. ``cfg`` given: fixed configuration (development against ``ipc.devserver``)."""
     watching = cfg is None
     if cfg is None:
-        cfg = load_config(await client.get_configuration(), component_name())
+        cfg = load_config(await client.get_configuration(), component_name(COMPONENT))
     path = cfg.audit_path if cfg.audit_path.is_absolute() else (audit_dir or Path.cwd()) / cfg.audit_path
     audit = AuditLog(path)
     service = ActionService(client, cfg, audit)

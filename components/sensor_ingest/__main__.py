@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from components.configuration import component_name
 from components.sensor_ingest.config import load_config
-from components.sensor_ingest.service import component_name, run
+from components.sensor_ingest.service import COMPONENT, run
 from ipc import run_component
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.config is not None:
         text = args.config.read_text()
         raw = json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)
-        cfg = load_config(raw, component_name())
+        cfg = load_config(raw, component_name(COMPONENT))
     run_component(functools.partial(run, cfg=cfg))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from components.configuration import config_changes
+from components.configuration import component_name, config_changes
 from components.sensor_ingest.batch import Batch, Sequencer
 from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
@@ -32,11 +31,6 @@ log = structlog.get_logger(__name__)
 
 COMPONENT = "com.nucleus.SensorIngest"
 
-
-def component_name() -> str:
-    """The name this process runs under: a copy of the recipe under another name (one ingest per asset)
-    must name itself, not the built-in, in a refused configuration."""
-    return os.environ.get("NUCLEUS_COMPONENT_NAME") or COMPONENT
 
 
 @dataclass(slots=True)
@@ -195,7 +189,7 @@ class IngestService:
 
 
 def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
-    return config_changes(client, lambda doc: load_config(doc, component_name()), "ingest.config_rejected")
+    return config_changes(client, lambda doc: load_config(doc, component_name(COMPONENT)), "ingest.config_rejected")
 
 
 async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | None = None) -> None:
@@ -211,7 +205,7 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
     """
     watching = cfg is None
     if cfg is None:
-        cfg = load_config(await client.get_configuration(), component_name())
+        cfg = load_config(await client.get_configuration(), component_name(COMPONENT))
     changes = _config_changes(client) if watching else None
 
     async def next_change() -> IngestConfig | None:
