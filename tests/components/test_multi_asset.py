@@ -293,41 +293,27 @@ async def test_decisions_of_many_assets_side_by_side_are_all_audited(short_tmp: 
     import sqlite3
     import uuid
 
-    from ingest_action_kit import bus, client
+    from test_protective_action import running
 
-    from components.protective_action.actuators import SimulatedActuator
-    from components.protective_action.audit import AuditLog
     from components.protective_action.config import load_config
-    from components.protective_action.service import ActionService
 
     assets = [f"a{i}" for i in range(6)]
     cfg = load_config({"assets": assets, "policy": {
         "k": 1, "n": 1, "latch": False, "releaseCount": 1, "releaseRatio": 1.0, "cooldownS": 0,
         "heartbeatTimeoutS": 60, "sensorTimeoutS": 60, "startupGraceS": 60}})
     flips = 60
-    async with bus(short_tmp) as path, client(path, "action") as ac, client(path) as tc, \
+    async with running(short_tmp, cfg) as (service, tc), \
             tc.subscribe("actions/+", queue_size=10_000, policy="block") as acks:
-        audit = AuditLog(short_tmp / "audit.db")
-        service = ActionService(ac, cfg, audit, actuator=SimulatedActuator())
-        task = asyncio.create_task(service.serve())
-        try:
-            await asyncio.sleep(0.1)  # subscriptions in place
-            for i in range(flips):  # every event flips its asset: tripped, normal, tripped, ...
-                for a in assets:
-                    await tc.publish(f"anomaly/{a}", {"event_id": uuid.uuid4().hex, "asset": a, "ts": time.time(),
-                                                      "score": 2.0 if i % 2 == 0 else 0.1, "threshold": 1.0})
-            acked = 0  # a decision whose audit failed is never acknowledged: wait for the others, bounded
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    while acked < flips * len(assets):
-                        await anext(acks)
-                        acked += 1
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            service.close()
-            audit.close()
+        for i in range(flips):  # every event flips its asset: tripped, normal, tripped, ...
+            for a in assets:
+                await tc.publish(f"anomaly/{a}", {"event_id": uuid.uuid4().hex, "asset": a, "ts": time.time(),
+                                                  "score": 2.0 if i % 2 == 0 else 0.1, "threshold": 1.0})
+        acked = 0  # a decision whose audit failed is never acknowledged: wait for the others, bounded
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while acked < flips * len(assets):
+                    await anext(acks)
+                    acked += 1
     with sqlite3.connect(short_tmp / "audit.db") as conn:
         recorded = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
     assert service.stats.audit_failures == 0, service.stats.audit_failures
