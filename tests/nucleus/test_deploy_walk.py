@@ -19,6 +19,18 @@ from nucleus.resolver import MemoryCatalog, resolve
 SLEEP = "exec sleep 600"
 
 
+def _log_once_it_shows(daemon: Any, name: str, text: str, lines: int) -> str:
+    """The last ``lines`` of ``nucleus logs name``, read up to 50 times 0.1 s apart until they show ``text``: a run
+    step's output reaches the log a moment after the component is RUNNING."""
+    log = ""
+    for _ in range(50):
+        log = daemon.cli("logs", name, "-n", str(lines)).stdout
+        if text in log:
+            break
+        time.sleep(0.1)
+    return log
+
+
 def _recipe(name: str, version: str, deps: dict[str, str] | None = None) -> Any:
     doc: dict[str, Any] = {"RecipeFormatVersion": "2020-01-25", "ComponentName": name, "ComponentVersion": version}
     if deps:
@@ -132,12 +144,7 @@ def test_a_dependents_cross_component_variable_follows_its_dependencys_new_confi
     out = daemon.cli("deploy", "--update-config", '{"test.Q": {"MERGE": {"greeting": "bonjour"}}}')
     assert "test.R" in out.stdout, out.stdout  # stopped and started again
     daemon.wait_state("test.R", {"RUNNING"})
-    log = ""
-    for _ in range(50):  # the run step's first line reaches the log a moment after RUNNING
-        log = daemon.cli("logs", "test.R", "-n", "50").stdout
-        if "R sees bonjour" in log:
-            break
-        time.sleep(0.1)
+    log = _log_once_it_shows(daemon, "test.R", "R sees bonjour", lines=50)
     assert "R sees bonjour" in log, log
 
 
@@ -298,12 +305,7 @@ def test_a_configuration_update_does_not_fetch_installed_artifacts_again(daemon:
     daemon.cli("deploy", "--artifacts", str(short_tmp / "art"), str(k))
     out = daemon.cli("deploy", "--update-config", '{"test.K": {"MERGE": {"x": 2}}}', check=False)
     assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out.stdout + out.stderr
-    log = ""
-    for _ in range(50):
-        log = daemon.cli("logs", "test.K", "-n", "20").stdout
-        if "x=2" in log:
-            break
-        time.sleep(0.1)
+    log = _log_once_it_shows(daemon, "test.K", "x=2", lines=20)
     assert "x=2" in log, log
 
 
