@@ -393,37 +393,34 @@ def _read_recipes(directory: str) -> list[dict[str, Any]]:
     return out
 
 
-def _config_updates(value: Any) -> dict[str, Any]:
-    """componentToConfiguration ``{name: {"MERGE": {...}, "RESET": [...]}}`` (greengrass-cli's form)."""
+def _per_component(req: Mapping[str, Any], argument: str) -> dict[str, dict[str, Any]]:
+    """A CreateLocalDeployment map ``{component name: {...}}`` (InvalidArguments naming it otherwise)."""
+    value = req.get(argument)
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidArguments("componentToConfiguration must be an object", {"argument": "componentToConfiguration"})
+        raise InvalidArguments(f"{argument} must be an object", {"argument": argument})
+    for name, entry in value.items():
+        if not isinstance(entry, dict):
+            raise InvalidArguments(f"{argument}.{name} must be an object", {"argument": argument})
+    return value
+
+
+def _config_updates(req: Mapping[str, Any]) -> dict[str, Any]:
+    """componentToConfiguration ``{name: {"MERGE": {...}, "RESET": [...]}}`` (greengrass-cli's form)."""
     out: dict[str, Any] = {}
-    for name, update in value.items():
-        if not isinstance(update, dict):
-            raise InvalidArguments(f"componentToConfiguration.{name} must be an object",
-                                   {"argument": "componentToConfiguration"})
+    for name, update in _per_component(req, "componentToConfiguration").items():
         keys = {str(k).lower(): v for k, v in update.items()}
         out[name] = {"merge": keys.get("merge") or {}, "reset": keys.get("reset") or []}
     return out
 
 
-def _run_with(value: Any) -> dict[str, Any]:
+def _run_with(req: Mapping[str, Any]) -> dict[str, Any]:
     """componentToRunWithInfo ``{name: {posixUser, windowsUser, systemResourceLimits}}``; the native
     deployment validates the rest and names the field. ``windowsUser`` is dropped: like Greengrass on
     Linux, nucleus has no use for it, and a component written for both platforms may set it."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArguments("componentToRunWithInfo must be an object", {"argument": "componentToRunWithInfo"})
-    out: dict[str, Any] = {}
-    for name, info in value.items():
-        if not isinstance(info, dict):
-            raise InvalidArguments(f"componentToRunWithInfo.{name} must be an object",
-                                   {"argument": "componentToRunWithInfo"})
-        out[name] = {k: v for k, v in info.items() if k != "windowsUser"}
-    return out
+    return {name: {k: v for k, v in info.items() if k != "windowsUser"}
+            for name, info in _per_component(req, "componentToRunWithInfo").items()}
 
 
 async def _create_local_deployment(core: IpcCore, s: Session, req: dict[str, Any]) -> Any:
@@ -445,10 +442,10 @@ async def _create_local_deployment(core: IpcCore, s: Session, req: dict[str, Any
     artifacts = _str(req, "artifactsDirectoryPath", required=False)
     if artifacts:
         args["artifact_dirs"] = [artifacts]
-    updates = _config_updates(req.get("componentToConfiguration"))
+    updates = _config_updates(req)
     if updates:
         args["config_updates"] = updates
-    run_with = _run_with(req.get("componentToRunWithInfo"))
+    run_with = _run_with(req)
     if run_with:
         args["run_with"] = run_with
     policy = req.get("failureHandlingPolicy")
