@@ -156,14 +156,15 @@ def test_the_stage_never_compares_across_a_gap_in_the_stream() -> None:
                 if i >= len(before) and first_after is None:
                     first_after = len(seen)
                     assert win.follows is (gap == 0)
-                state.judge(float(model.score(win.data[None]).scores[0]), model.score(win.data[None]).features[0],
-                            win.data, win.follows)
+                scored = model.score(win.data[None])
+                state.judge(float(scored.scores[0]), scored.features[0], win.data, win.follows)
         assert first_after is not None
         return seen[first_after:]
 
     contiguous = stage_after_the_change(gap=0)
     assert any(d is not None and d.alarm for d in contiguous[:40])  # the level change is a shift: it alarms
     across = stage_after_the_change(gap=50)
+    assert len(across) == len(after) - W + 1  # the stage was asked about every window after the hole
     assert all(d is None for d in across[:416 - W])  # no statistic until 416 new samples are in
     assert not any(d is not None and d.alarm for d in across)  # and then the new level is the history
 
