@@ -49,8 +49,11 @@ async def test_a_fleet_document_with_run_with_applies_it_and_a_bad_one_is_refuse
             assert entry["status"] == "SUCCEEDED", entry
             status = json.loads(device.cli("status", COMPONENT))["run_with"]
             assert status["systemResourceLimits"] == {"cpus": 0.5}
-            quota = [Path(g) / "cpu.cfs_quota_us" for g in status["cgroups"] if (Path(g) / "cpu.cfs_quota_us").exists()]
-            assert all(q.read_text().strip() == "50000" for q in quota)
+            assert status["cgroups"], status  # the component's CPU group (v1 cpu controller or v2 unified)
+            for group in map(Path, status["cgroups"]):
+                v1 = group / "cpu.cfs_quota_us"
+                quota = v1.read_text().strip() if v1.exists() else (group / "cpu.max").read_text().strip()
+                assert quota in ("50000", "50000 100000"), (group, quota)  # half of each 100 ms period
             # an unknown field inside runWith: refused as a whole, naming the component and the field
             bad = {**raw, "deployment_id": "rw-bad", "sequence": 2,
                    "components": {COMPONENT: {"componentVersion": "1.0.0", "runWith": {"systemResourceLimits": {
