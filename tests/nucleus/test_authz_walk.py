@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ async def first_topic(sub: Any, timeout: float = 1.0) -> str | None:
     except TimeoutError:
         return None
     return str(msg.topic)
+
+
+def subscribe_grant(*resources: str) -> dict[str, Any]:
+    return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
+                                               "resources": list(resources)}}}
+
+
+async def gg_stream_denied(events: queue.Queue[Any], secret: str, operation: str, topic_filter: str) -> None:
+    """An awsiotsdk stream (its handlers put topics and errors on ``events``) after a deployment narrowed
+    its grant: ``secret`` never arrives, and the stream ends with the UnauthorizedError a new call would
+    get, naming the operation and the filter. Bounded: 20 events, 30 s each."""
+    from awsiot.greengrasscoreipc.model import UnauthorizedError  # type: ignore[import-untyped]
+
+    for _ in range(20):  # without the fix the secret topic is delivered
+        got = await asyncio.to_thread(events.get, True, 30)
+        assert got != secret, f"a narrowed policy still delivers {secret}"
+        if isinstance(got, UnauthorizedError):
+            assert operation in str(got.message) and topic_filter in str(got.message)
+            return
+    raise AssertionError("the denied stream never ended")
 
 
 def test_a_one_level_grant_does_not_allow_subscribing_to_every_level(gg_daemon: Any) -> None:
@@ -121,17 +142,13 @@ def test_a_narrowed_policy_ends_the_subscriptions_it_no_longer_allows(gg_daemon:
     and with it the allowed subscription); subscribing again is checked against the new policy."""
     from test_daemon import write_recipe
 
-    def grant(*resources: str) -> dict[str, Any]:
-        return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
-                                                   "resources": list(resources)}}}
-
     # a recipe without lifecycle: a declared client whose policy deployments manage
     recipe = write_recipe(short_tmp / "recipes", "walk.Narrowed", "1.0.0",
-                          config={"accessControl": grant("news/#", "news/public")})
+                          config={"accessControl": subscribe_grant("news/#", "news/public")})
     gg_daemon.cli("deploy", str(recipe))
     token = (Path(gg_daemon.root) / "clients" / "walk.Narrowed.token").read_text().strip()
     pub = add_client(gg_daemon, "walk-pub-narrow", ALL_PUBSUB)
-    narrow = json.dumps({"walk.Narrowed": {"MERGE": {"accessControl": grant("news/public")}}})
+    narrow = json.dumps({"walk.Narrowed": {"MERGE": {"accessControl": subscribe_grant("news/public")}}})
 
     async def main() -> None:
         async with connect(gg_daemon, "walk.Narrowed", token) as c, connect(gg_daemon, "walk-pub-narrow", pub) as p, \
@@ -170,19 +187,14 @@ def test_a_narrowed_policy_ends_subscribe_to_topic_on_the_greengrass_socket(gg_d
 
     from awsiot.greengrasscoreipc import connect as gg_connect  # type: ignore[import-untyped]
     from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2  # type: ignore[import-untyped]
-    from awsiot.greengrasscoreipc.model import UnauthorizedError  # type: ignore[import-untyped]
     from test_daemon import write_recipe
 
-    def grant(*resources: str) -> dict[str, Any]:
-        return {"aws.greengrass.ipc.pubsub": {"p": {"operations": ["aws.greengrass#SubscribeToTopic"],
-                                                   "resources": list(resources)}}}
-
     recipe = write_recipe(short_tmp / "recipes", "walk.GgNarrowed", "1.0.0",
-                          config={"accessControl": grant("gnews/#", "gnews/public")})
+                          config={"accessControl": subscribe_grant("gnews/#", "gnews/public")})
     gg_daemon.cli("deploy", str(recipe))
     token = (Path(gg_daemon.root) / "clients" / "walk.GgNarrowed.token").read_text().strip()
     pub = add_client(gg_daemon, "walk-pub-ggnarrow", ALL_PUBSUB)
-    narrow = json.dumps({"walk.GgNarrowed": {"MERGE": {"accessControl": grant("gnews/public")}}})
+    narrow = json.dumps({"walk.GgNarrowed": {"MERGE": {"accessControl": subscribe_grant("gnews/public")}}})
     events: dict[str, queue.Queue[Any]] = {"all": queue.Queue(), "public": queue.Queue()}
 
     def handlers(key: str) -> dict[str, Any]:
@@ -199,14 +211,7 @@ def test_a_narrowed_policy_ends_subscribe_to_topic_on_the_greengrass_socket(gg_d
             assert await asyncio.to_thread(events["all"].get, True, 10) == "gnews/secret"
             await asyncio.to_thread(gg_daemon.cli, "deploy", "--update-config", narrow)
             await p.publish("gnews/secret", b"x", confirm=True)
-            for _ in range(20):  # bounded; without the fix gnews/secret is delivered
-                got = await asyncio.to_thread(events["all"].get, True, 30)
-                assert got != "gnews/secret", "a narrowed policy still delivers gnews/secret"
-                if isinstance(got, UnauthorizedError):
-                    assert "SubscribeToTopic" in str(got.message) and "gnews/#" in str(got.message)
-                    break
-            else:
-                raise AssertionError("the denied stream never ended")
+            await gg_stream_denied(events["all"], "gnews/secret", "SubscribeToTopic", "gnews/#")
             await p.publish("gnews/public", b"x", confirm=True)
             got = await asyncio.to_thread(events["public"].get, True, 10)
             assert got == "gnews/public"
