@@ -153,8 +153,13 @@ def test_sync_status_prints_the_forwarders_local_drops(daemon_factory: Any) -> N
 def _corrupt_index(path: Path) -> None:
     """Overwrite the root page of the priority index: the open (which reads the table) does not see
     it, the next write does."""
+    _corrupt_root_page(path, "messages_by_priority")
+
+
+def _corrupt_root_page(path: Path, name: str) -> None:
+    """Fill the root page of table or index ``name`` of a closed SQLite file with garbage."""
     con = sqlite3.connect(path)
-    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'messages_by_priority'").fetchall()
+    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchall()
     [(page_size,)] = con.execute("PRAGMA page_size").fetchall()
     con.close()
     with path.open("r+b") as f:
@@ -209,13 +214,8 @@ def test_runtime_recovery_without_the_old_spool_id_never_reuses_a_seq_in_flight(
     path = tmp_path / "spool.db"
     store = SpoolStore(path)
     store.apply([NewMessage("t", f"m{i}".encode(), "t") for i in range(300)])
-    con = sqlite3.connect(path)
-    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'meta'").fetchall()
-    con.close()
     store.close()
-    with path.open("r+b") as f:
-        f.seek((int(root) - 1) * 4096)
-        f.write(b"\xa5" * 4096)
+    _corrupt_root_page(path, "meta")
     store = SpoolStore.__new__(SpoolStore)  # as the running process had it: seq 300 handed out
     store.path, store.limits, store._clock = path, SpoolLimits(), time.time
     store.counters, store.quarantines, store._seq_high, store.salvaged = {}, 0, 300, 0
