@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_authz_walk import ALL_PUBSUB, add_client
 
 from ipc import Client
 from tests.conftest import FAST_SETTINGS, Daemon
@@ -67,9 +68,7 @@ def closed_by_server(s: socket.socket) -> bool:
 
 def test_idle_unauthenticated_connections_do_not_lock_components_out(daemon_factory: Any) -> None:
     d = daemon_factory("adm", {**FAST_SETTINGS, "ipc": {"handshake_timeout_s": HANDSHAKE_S}})
-    policy = Path(d.root).parent / "adm.json"
-    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
-    token = d.cli("client", "add", "adm-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    token = add_client(d, "adm-real", ALL_PUBSUB)
     started = time.monotonic()
     idle = open_idle(Path(d.root) / "gg.sock", IDLE_GG) + open_idle(Path(d.root) / "ipc.sock", IDLE)
     try:
@@ -143,9 +142,7 @@ def test_a_flood_under_a_low_descriptor_limit_is_shed_before_the_daemon_runs_out
     idle: list[socket.socket] = []
     try:
         d.start()
-        policy = short_tmp / "lowfd.json"
-        policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
-        token = d.cli("client", "add", "lowfd-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+        token = add_client(d, "lowfd-real", ALL_PUBSUB)
         for _ in range(3):  # 1,500 in all, alternating between the sockets
             idle += open_idle(Path(d.root) / "ipc.sock", 250) + open_idle(Path(d.root) / "gg.sock", 250)
 
@@ -176,9 +173,7 @@ def test_a_flood_of_refused_handshakes_is_logged_once_and_counted(daemon_factory
     from ipc.greengrass import rpc
 
     d = daemon_factory("refused", FAST_SETTINGS)
-    policy = Path(d.root).parent / "refused.json"
-    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"p": {"operations": ["*"], "resources": ["*"]}}}))
-    token = d.cli("client", "add", "refused-real", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    token = add_client(d, "refused-real", ALL_PUBSUB)
     held: list[socket.socket] = []
     try:
         for i in range(300):  # bounded: 600 connects, each answered at once
