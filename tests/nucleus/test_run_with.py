@@ -103,6 +103,7 @@ def test_a_cpu_limit_holds_a_busy_component_to_its_share_and_sticks_until_cleare
     status = _status(d, name)["run_with"]
     assert status["systemResourceLimits"] == {"cpus": 0.2} and status["systemResourceLimits_from"] == "deployment"
     groups = [Path(g) for g in status["cgroups"]]
+    assert groups and all(g.is_dir() for g in groups), status  # or 'its groups go' below would hold on nothing
     # A later deployment that does not mention runWith keeps it (Greengrass: it sticks)
     d.cli("deploy", "--update-config", json.dumps({name: {"MERGE": {"x": 1}}}), "--settle", "0")
     assert _status(d, name)["run_with"]["systemResourceLimits"] == {"cpus": 0.2}
@@ -125,6 +126,7 @@ def test_the_device_default_limits_apply_to_components_without_their_own(daemon_
     assert _status(d, default)["run_with"]["systemResourceLimits"] == {"memory": 65536}
     assert _status(d, own)["run_with"]["systemResourceLimits"] == {"cpus": 0.5}  # its own, as a whole
     groups = [Path(g) for n in (own, default) for g in _status(d, n)["run_with"]["cgroups"]]
+    assert len(groups) == 2 and all(g.is_dir() for g in groups), groups  # one each: cpu (own), memory (default)
     [pid] = d.components()[default]["pids"]
     member_of = Path(f"/proc/{pid}/cgroup").read_text()
     assert any("/nucleus/" in line and line.endswith(f"/{default}") for line in member_of.splitlines()), member_of
@@ -230,6 +232,7 @@ def test_groups_a_killed_daemon_left_are_removed_at_its_next_start(daemon_factor
     d.cli("deploy", str(_recipe(short_tmp / "r", name, "exec sleep 600")), "--run-with", f"{name}:cpus=0.5",
           "--settle", "0")
     groups = [Path(g) for g in _status(d, name)["run_with"]["cgroups"]]
+    assert groups, "no cgroup for a component with a CPU limit"  # the checks below are over these
     assert d.proc is not None
     d.proc.kill()
     d.proc.wait(timeout=30)
