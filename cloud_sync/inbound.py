@@ -70,6 +70,7 @@ UNFINISHED = frozenset({QUEUED, IN_PROGRESS})
 STATE_VERSION = 1
 KEEP_DEPLOYMENTS = 256
 KEEP_REJECTED_DIGESTS = 64
+REJECTED_SAVE_DELAY_S = 2.0  # refusals are written at most this often (one fsync for a flood of bad documents)
 _PRIVATE = ("submitted", "digest")  # kept in the state file, not reported
 
 
@@ -94,6 +95,7 @@ class FleetDeployments:
         self._pending: dict[str, _Pending] = {}
         self._wake = asyncio.Event()
         self._rejected_digests: deque[str] = deque(maxlen=KEEP_REJECTED_DIGESTS)
+        self._unsaved_since: float | None = None  # monotonic time of the oldest refusal not yet written
         self._seq = itertools.count(1)
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_KEPT)
         self.counters = {"received": 0, "duplicates": 0, "rejected": 0, "superseded": 0, "submitted": 0,
@@ -140,6 +142,10 @@ class FleetDeployments:
         if isinstance(data, dict) and data.get("v") == STATE_VERSION:
             self._targets = dict(data.get("targets") or {})
             self._deployments = OrderedDict(data.get("deployments") or {})
+            # The broker hands a retained document over again after every restart: one refused before
+            # stays refused without a second report, error and log line.
+            self._rejected_digests.extend(e["digest"] for e in self._deployments.values()
+                                          if e.get("status") == REJECTED and isinstance(e.get("digest"), str))
 
     def _trim(self) -> None:
         """Keep KEEP_DEPLOYMENTS records: refused documents go first, so that a flood of bad ones
@@ -152,6 +158,7 @@ class FleetDeployments:
                                        finished[0])]
 
     def _save(self) -> None:
+        self._unsaved_since = None
         self._trim()
         data = json.dumps({"v": STATE_VERSION, "targets": self._targets, "deployments": self._deployments},
                           default=str).encode()
@@ -242,10 +249,14 @@ class FleetDeployments:
             return
         self._record(did, key, status=REJECTED, reason=f"{code}: {message}", sequence=None, components={},
                      digest=hashlib.sha256(payload).hexdigest() if payload is not None else None)
-        # Reported, not written: a refusal changes nothing on the device, and a flood of bad documents
-        # must not cost an fsync each in the event loop (the next real change writes the record).
+        # Reported at once, written a little later: a refusal changes nothing on the device, and a flood
+        # of bad documents must not cost an fsync each in the event loop. Written it is, so that the
+        # retained copy the broker sends after a restart is known (see _load).
         self._trim()
         self._report()
+        if self._unsaved_since is None:
+            self._unsaved_since = time.monotonic()
+            self._wake.set()
 
     def inbound_dropped(self, entry: dict[str, Any]) -> None:
         """The uplink dropped a cloud message (oversized); report it if it was one of ours."""
@@ -386,12 +397,18 @@ class FleetDeployments:
         while True:
             self._wake.clear()
             timeout: float | None = None
+            if self._unsaved_since is not None:
+                timeout = self._unsaved_since + REJECTED_SAVE_DELAY_S - time.monotonic()
+                if timeout <= 0:
+                    self._save()
+                    continue
             if self._submit is not None and self._in_flight() is None and self._pending:
                 first = min(self._pending.values(), key=lambda p: p.start_at)
-                timeout = first.start_at - time.monotonic()
-                if timeout <= 0:
+                start_in = first.start_at - time.monotonic()
+                if start_in <= 0:
                     self._hand_over(first)
                     continue
+                timeout = start_in if timeout is None else min(timeout, start_in)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -412,7 +429,11 @@ class FleetDeployments:
         """Subscribe to the deployment topics and hand documents to the engine, until cancelled."""
         self._report()
         log.info("fleet.listening", topics=self.topics, status_topic=self.status_topic)
-        async with asyncio.TaskGroup() as tg:
-            for topic in self.topics:
-                tg.create_task(self._listen(topic), name=f"fleet {topic}")
-            tg.create_task(self._work(), name="fleet worker")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for topic in self.topics:
+                    tg.create_task(self._listen(topic), name=f"fleet {topic}")
+                tg.create_task(self._work(), name="fleet worker")
+        finally:
+            if self._unsaved_since is not None:  # a refusal not written yet: a stop must not forget it
+                self._save()

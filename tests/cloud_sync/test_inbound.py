@@ -237,3 +237,22 @@ async def test_bad_documents_are_reported_on_the_status_topics_and_nothing_is_su
         with contextlib.suppress(asyncio.CancelledError):
             await reader
     assert engine.requests == []
+
+
+async def test_a_refused_retained_document_is_not_reported_again_after_a_restart(
+        broker: Mosquitto, tmp_path: Path) -> None:
+    """The broker hands the retained document over at every connect: refused once is refused, not new."""
+    engine = Engine()
+    async with device(tmp_path, broker.url, engine) as sync:
+        await publish(broker.port, GROUP.topic, b"{ not json")
+        await wait_for(lambda: sync.deployments.counters["rejected"] == 1, what="refused")
+        refused = [i for i, e in sync.deployments._deployments.items() if e["status"] == "REJECTED"]
+        assert len(refused) == 1
+    async with device(tmp_path, broker.url, engine) as sync:  # restart: the retained copy arrives again
+        await wait_for(lambda: sync.deployments.counters["received"] == 1, what="retained copy received")
+        assert sync.deployments.counters["rejected"] == 0
+        assert list(sync.deployments.errors) == []
+        assert [e["code"] for e in sync.errors if e["code"] == "DEPLOYMENT_REJECTED"] == []
+        assert entry(sync, refused[0])["status"] == "REJECTED"  # still reported, from the state file
+        assert sync.deployments.status_document()["deployments"]["thinggroup/g1"]["deployment_id"] == refused[0]
+    assert engine.requests == []
