@@ -448,9 +448,39 @@ async def _client_add(args: argparse.Namespace) -> int:
     policy = _read_policy(args.policy)
     client = await _connect(_root(args))
     async with client:
-        result = await client.call("clients.add", {"name": args.name, "policy": policy})
+        result = await client.call("clients.add", {"name": args.name, "policy": policy,
+                                                   "keep_token": args.keep_token})
+    if result.get("token_kept"):
+        print(f"client {result['name']}: policy replaced; token unchanged in {result['token_file']}, "
+              "its open sessions stay")
+        return EXIT_OK
     print(f"client {result['name']} added; token (shown once, stored in {result['token_file']}):")
     print(result["token"])
+    return EXIT_OK
+
+
+async def _client_list(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        clients = await client.call("clients.list")
+    if args.json:
+        print(json.dumps(clients, indent=2))
+        return EXIT_OK
+    if not clients:
+        print("no declared clients")
+        return EXIT_OK
+    width = max(4, *(len(c["name"]) for c in clients))
+    print(f"{'NAME':<{width}}  DECLARED BY  SESSIONS  TOKEN FILE")
+    for c in clients:
+        print(f"{c['name']:<{width}}  {c['declared_by']:<11}  {c['sessions']:>8}  {c['token_file']}")
+    return EXIT_OK
+
+
+async def _client_remove(args: argparse.Namespace) -> int:
+    client = await _connect(_root(args))
+    async with client:
+        await client.call("clients.remove", {"name": args.name})
+    print(f"client {args.name} removed: its token no longer opens a session, and its open sessions ended")
     return EXIT_OK
 
 
@@ -579,7 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = csub.add_parser("add", help="declare a client and print its token once", parents=[rooted])
     a.add_argument("name")
     a.add_argument("--policy", metavar="FILE", help="accessControl policy (JSON or YAML)")
+    a.add_argument("--keep-token", action="store_true",
+                   help="replace the policy of an existing client and keep its token and open sessions "
+                        "(without it, the token is rotated and the old one's sessions end)")
     a.set_defaults(func=_client_add, is_async=True)
+    ls = csub.add_parser("list", help="declared clients, who declared them, their open sessions", parents=[rooted])
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_client_list, is_async=True)
+    rm = csub.add_parser("remove", help="forget a client's token and policy; its sessions end", parents=[rooted])
+    rm.add_argument("name")
+    rm.set_defaults(func=_client_remove, is_async=True)
     return parser
 
 

@@ -114,6 +114,7 @@ class Control:
         identities: Identities,
         authorizer: authz.Authorizer,
         set_client_policies: Callable[[str, Any], None],
+        remove_client_policies: Callable[[str], None],
         status: Callable[[], dict[str, Any]],
         validators: ConfigValidators,
     ) -> None:
@@ -127,6 +128,8 @@ class Control:
         self._identities = identities
         self._authz = authorizer
         self._set_client_policies = set_client_policies
+        self._remove_client_policies = remove_client_policies
+        self._core = core
         self._status = status
         self.metrics = Metrics()
         ops: dict[str, Handler] = {
@@ -144,6 +147,8 @@ class Control:
             "deployments.list": self.deployments_list,
             "metrics.put": self.metrics_put,
             "clients.add": self.clients_add,
+            "clients.list": self.clients_list,
+            "clients.remove": self.clients_remove,
             "nucleus.status": self.nucleus_status,
         }
         for op, handler in ops.items():
@@ -333,14 +338,21 @@ class Control:
         self.metrics.put(ctx.principal.name, metrics)
         return None
 
-    async def clients_add(self, ctx: CallContext, args: dict[str, Any]) -> Any:
+    def _client_name(self, ctx: CallContext, args: dict[str, Any], operation: str) -> str:
         if ctx.principal.kind != "nucleus":
-            raise Unauthorized("clients.add is reserved to the nucleus CLI")
+            raise Unauthorized(f"{operation} is reserved to the nucleus CLI")
         name = _str_arg(args, "name")
         if "/" in name or "\0" in name or name.startswith(".") or name != name.strip():
             # The name becomes clients/NAME.token and clients/NAME.policy.json.
             raise InvalidArguments(f"client name {name!r} must be one path segment: no '/', no leading '.', "
                                    "no surrounding spaces", {"argument": "name"})
+        return name
+
+    async def clients_add(self, ctx: CallContext, args: dict[str, Any]) -> Any:
+        name = self._client_name(ctx, args, "clients.add")
+        keep_token = args.get("keep_token", False)
+        if not isinstance(keep_token, bool):
+            raise InvalidArguments("keep_token must be true or false", {"argument": "keep_token"})
         entry = self._orch.get(name)
         if entry is not None and entry.runner.spec.steps:
             # Policies are per name: a client called like a component would replace that component's
@@ -352,8 +364,35 @@ class Control:
             self._set_client_policies(name, policy)
         except ConfigurationError as exc:
             raise InvalidArguments(str(exc), exc.to_dict()) from exc
+        token_file = str(self._paths.client_token(name))
+        if keep_token and name in self._identities.clients():
+            # A new policy for the token the application already holds: its open sessions stay, and
+            # each of their subscriptions and streams is checked against the new policy at once.
+            return {"name": name, "token": None, "token_kept": True, "token_file": token_file}
         token = self._identities.add_client(name)
-        return {"name": name, "token": token, "token_file": str(self._paths.client_token(name))}
+        return {"name": name, "token": token, "token_kept": False, "token_file": token_file}
+
+    async def clients_list(self, ctx: CallContext, args: dict[str, Any]) -> Any:
+        if ctx.principal.kind != "nucleus":
+            raise Unauthorized("clients.list is reserved to the nucleus CLI")
+        sessions: dict[str, int] = {}
+        for info in self._core.sessions():
+            if info.principal.kind == "client":
+                sessions[info.principal.name] = sessions.get(info.principal.name, 0) + 1
+        return [{"name": name, "declared_by": "recipe" if self._orch.get(name) is not None else "cli",
+                 "sessions": sessions.get(name, 0), "token_file": str(self._paths.client_token(name))}
+                for name in self._identities.clients()]
+
+    async def clients_remove(self, ctx: CallContext, args: dict[str, Any]) -> Any:
+        name = self._client_name(ctx, args, "clients.remove")
+        if self._orch.get(name) is not None:
+            raise InvalidArguments(f"client {name} is declared by a deployed recipe; a deployment that removes "
+                                   f"the component {name} removes the client", {"argument": "name", "component": name})
+        if name not in self._identities.clients():
+            raise ResourceNotFound(f"no declared client named {name}", {"argument": "name"})
+        self._identities.remove_client(name)  # its sessions end now
+        self._remove_client_policies(name)
+        return {"name": name, "removed": True}
 
     async def nucleus_status(self, ctx: CallContext, args: dict[str, Any]) -> Any:
         return self._status()

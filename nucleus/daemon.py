@@ -179,7 +179,9 @@ class Daemon:
             log.info("nucleus.stale_cgroups_removed", groups=stale)
         platform = current_platform(self.settings.platform)
         journal = Journal(paths.database)
-        store = ComponentStore(paths)
+        store = ComponentStore(paths, self.settings.deployments.artifact_limits(
+            self.settings.mqtt.spool_min_free_bytes if self.settings.mqtt.url else 0))
+        store.clear_staging()  # what a crash left mid-download would take the disk for good
         config = ConfigStore(paths)
         authorizer = authz.Authorizer()
         identities = Identities(paths, check_peer_pid=self.settings.ipc.check_peer_pid)
@@ -209,6 +211,11 @@ class Daemon:
             policy_file = paths.clients_dir / f"{name}.policy.json"
             policy_file.write_text(json.dumps(access_control or {}))
             authorizer.set_policies(name, policies)
+            core.policies_changed()
+
+        def remove_client_policies(name: str) -> None:
+            (paths.clients_dir / f"{name}.policy.json").unlink(missing_ok=True)
+            authorizer.set_policies(name, [])
             core.policies_changed()
 
         for policy_file in sorted(paths.clients_dir.glob("*.policy.json")):
@@ -253,7 +260,8 @@ class Daemon:
         Control(
             core, paths=paths, journal=journal, config=config, orchestrator=orchestrator, engine=engine,
             notifier=notifier, identities=identities, authorizer=authorizer,
-            set_client_policies=set_client_policies, status=status, validators=validators,
+            set_client_policies=set_client_policies, remove_client_policies=remove_client_policies,
+            status=status, validators=validators,
         )
         def device_status() -> dict[str, Any]:
             comps = {n: orchestrator.describe(n) for n in sorted(orchestrator.names())}
