@@ -4,7 +4,7 @@ Components import only this package (``from ipc import Client``); the nucleus bu
 :class:`ipc.core.IpcCore` and an :class:`ipc.server.IpcServer`. Nothing here imports the nucleus.
 """
 
-from ipc.client import Client, Message, SyncClient, SyncSubscription, run_component
+from ipc.client import Client, CloudMessage, Message, SyncClient, SyncSubscription, run_component
 from ipc.errors import (
     Conflict,
     ConnectionClosed,
@@ -23,6 +23,7 @@ from ipc.errors import (
 
 __all__ = [
     "Client",
+    "CloudMessage",
     "Conflict",
     "ConnectionClosed",
     "FrameTooLarge",

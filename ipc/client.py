@@ -104,6 +104,19 @@ class Message:
                 f"sender={self.sender!r})")
 
 
+class CloudMessage(Message):
+    """A message from the cloud broker: also whether the broker sent it as retained, and its MQTT 5
+    publish properties (``{}`` when it had none; names as in ``cloud_sync.service.PROPERTY_NAMES``)."""
+
+    __slots__ = ("properties", "retain")
+
+    def __init__(self, topic: str, payload: Any, *, dropped: int, retain: bool, properties: dict[str, Any],
+                 client: Client | None) -> None:
+        super().__init__(topic, b"", dropped, None, "cloud", client, payload=payload)
+        self.retain = retain
+        self.properties = properties
+
+
 class _Feed:
     """A bounded local queue behind an async iterator (subscriptions and generic streams).
 
@@ -817,14 +830,16 @@ class Client:
         return str(result["id"]) if isinstance(result, dict) and "id" in result else ""
 
     @contextlib.asynccontextmanager
-    async def subscribe_to_cloud(self, topic_filter: str) -> AsyncIterator[AsyncIterator[Message]]:
-        """Cloud messages as :class:`Message`; stream items are ``{"topic", "payload"}`` maps."""
+    async def subscribe_to_cloud(self, topic_filter: str) -> AsyncIterator[AsyncIterator[CloudMessage]]:
+        """Cloud messages as :class:`CloudMessage` (topic, payload, retain, MQTT 5 properties)."""
         async with self.stream("cloud.subscribe", {"filter": topic_filter}) as items:
-            async def messages() -> AsyncIterator[Message]:
+            async def messages() -> AsyncIterator[CloudMessage]:
                 async for item in items:
                     if isinstance(item, dict):
-                        yield Message(str(item.get("topic", "")), b"", int(item.get("dropped", 0) or 0),
-                                      None, "cloud", self, payload=item.get("payload"))
+                        props = item.get("properties")
+                        yield CloudMessage(str(item.get("topic", "")), item.get("payload"),
+                                           dropped=int(item.get("dropped", 0) or 0), retain=bool(item.get("retain")),
+                                           properties=dict(props) if isinstance(props, dict) else {}, client=self)
 
             yield messages()
 

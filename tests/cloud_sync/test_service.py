@@ -139,6 +139,36 @@ async def test_cloud_messages_reach_an_ipc_subscriber(broker: Mosquitto, tmp_pat
             async with asyncio.timeout(10):
                 m = await anext(messages)
         assert (m.topic, m.payload, m.sender) == ("fleet/dev-1/cmd/stop", b'{"now":true}', "cloud")
+        assert (m.retain, m.properties) == (False, {})
+
+
+async def test_a_cloud_subscriber_sees_retain_and_mqtt5_properties(broker: Mosquitto, tmp_path: Path) -> None:
+    """subscribe_to_cloud() gave topic and payload only: a retained command (stale by nature) looked like
+    a live one, and the MQTT 5 properties the daemon receives (a response topic to answer on, a content
+    type) were reachable only through the raw stream."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    async with stack(tmp_path, broker.url) as (sync, client):  # MQTT 5 is the default
+        await wait_for(lambda: sync.uplink.state == "connected", what="connected")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "fleet/dev-1/replies"
+        props.ContentType = "application/json"
+        props.UserProperty = [("origin", "ops")]
+        async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as cloud:
+            await cloud.publish("fleet/dev-1/cmd/old", b"{}", qos=1, retain=True)
+            async with client.subscribe_to_cloud("fleet/dev-1/cmd/#") as messages:
+                async with asyncio.timeout(10):
+                    old = await anext(messages)
+                await cloud.publish("fleet/dev-1/cmd/live", b"{}", qos=1, properties=props)
+                async with asyncio.timeout(10):
+                    live = await anext(messages)
+            await cloud.publish("fleet/dev-1/cmd/old", b"", qos=1, retain=True)  # clear the retained one
+        assert (old.topic, old.retain) == ("fleet/dev-1/cmd/old", True)
+        assert (live.topic, live.retain) == ("fleet/dev-1/cmd/live", False)
+        assert live.properties["response_topic"] == "fleet/dev-1/replies"
+        assert live.properties["content_type"] == "application/json"
+        assert ["origin", "ops"] in [list(p) for p in live.properties["user_properties"]]
 
 
 async def test_device_status_on_change_and_heartbeat_retained(broker: Mosquitto, tmp_path: Path) -> None:
