@@ -11,6 +11,12 @@ Sources, in order: a local artifact directory laid out as ``<dir>/<Component>/<V
 Digests are checked on the bytes as they are written (hashing while streaming) and compared
 before anything is used. Greengrass writes SHA-256 digests in base64; real recipes also carry hex,
 so both are accepted.
+
+The digest is only known to be right once the last byte is in, so it cannot protect the disk: a
+compromised artifact server, a wrong URL or a ZIP bomb with the right digest would fill the device
+before any check failed, and with it the cloud spool and every component's logs. So every write is
+bounded before it happens (:class:`Limits`: an artifact's size, what a ZIP unpacks to, its entry
+count) and keeps :class:`DiskSpace`'s reserve free while it happens.
 """
 
 from __future__ import annotations
@@ -18,15 +24,18 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
@@ -42,6 +51,85 @@ DIR_MODE: Final = 0o755
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 FETCHED_SCHEMES: Final = frozenset({"file", "http", "https"})
+MiB: Final = 1024 * 1024
+GiB: Final = 1024 * MiB
+BLOCK: Final = 4096  # what an unpacked file costs at least on the usual filesystems, however small
+
+
+# --- limits -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one artifact may put on the disk: ``deployments.*`` in nucleus.yaml (nucleus.settings).
+
+    The defaults fit an edge device: a model or a bundled application is well under a GiB; more is
+    a wrong URL or an attack until the operator says otherwise.
+    """
+
+    max_artifact_bytes: int = 1 * GiB
+    max_unarchived_bytes: int = 4 * GiB
+    max_archive_entries: int = 50_000
+    disk_reserve_bytes: int = 64 * MiB
+    disk_reserve_percent: float = 5.0
+
+
+def show_size(n: int) -> str:
+    """Bytes as an operator compares them with ``df -h``, with the exact count for the settings."""
+    if n >= GiB:
+        return f"{n / GiB:.1f} GiB ({n} B)"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB ({n} B)"
+    return f"{n} B"
+
+
+class DiskSpace:
+    """Free space on the store's filesystem, less the reserve a deployment must leave to the rest
+    of the device: the cloud spool, the journal, logs, the components' own files.
+
+    The reserve is ``disk_reserve_bytes`` or ``disk_reserve_percent`` of the filesystem, whichever
+    is larger. It is checked before each write from what the write will need (a file's size, a
+    ZIP's unpacked size) and again after every chunk written, for a download of unknown length and
+    for whatever else fills the disk meanwhile.
+    """
+
+    def __init__(self, where: Path, limits: Limits) -> None:
+        self.where = where
+        self.limits = limits
+
+    def _usage(self) -> tuple[int, int]:
+        usage = shutil.disk_usage(self.where)
+        reserve = max(self.limits.disk_reserve_bytes, int(usage.total * self.limits.disk_reserve_percent / 100))
+        return usage.free, reserve
+
+    def check(self, need: int, *, component: str, uri: str, what: str) -> None:
+        """Refuse to start a write of ``need`` bytes that would eat into the reserve."""
+        free, reserve = self._usage()
+        if free - need < reserve:
+            raise ArtifactError(
+                f"artifact {uri}: not enough disk space to {what}: needs {show_size(need)}, "
+                f"{show_size(free)} free on {self.where}, of which {show_size(reserve)} stay free "
+                "(deployments.disk_reserve_bytes / disk_reserve_percent); free some space or lower the reserve",
+                component=component, field="Uri")
+
+    def still_enough(self, *, component: str, uri: str, written: int) -> None:
+        """Stop a write in progress once the free space is down to the reserve."""
+        free, reserve = self._usage()
+        if free < reserve:
+            raise ArtifactError(
+                f"artifact {uri}: stopped after {show_size(written)}: only {show_size(free)} left free on "
+                f"{self.where}, below the {show_size(reserve)} kept free "
+                "(deployments.disk_reserve_bytes / disk_reserve_percent)", component=component, field="Uri")
+
+
+def _write_failed(exc: OSError, dest: Path, *, component: str, uri: str, field: str) -> ArtifactError:
+    """A failed write to the staging folder, said as such: disk full is the operator's to fix,
+    not a problem of the artifact's source. (``dest`` holds the component's name.)"""
+    why = "the disk is full" if exc.errno == errno.ENOSPC else \
+        "the file size limit of the daemon's process (ulimit -f) is reached" if exc.errno == errno.EFBIG else \
+        exc.strerror or str(exc)
+    what = "unpack into" if field == "Unarchive" else "write"
+    return ArtifactError(f"artifact {uri}: {why}: cannot {what} {dest} ([Errno {exc.errno}] {exc.strerror})",
+                         component=component, field=field)
 
 
 # --- names and digests --------------------------------------------------------------------------
@@ -169,14 +257,21 @@ def fetch(
     artifact_dirs: Sequence[Path] = (),
     timeout_s: float = 60.0,
     max_bytes: int | None = None,
+    space: DiskSpace | None = None,
 ) -> bytes:
-    """Write the artifact to ``dest`` and return the digest of exactly the bytes written."""
+    """Write the artifact to ``dest`` and return the digest of exactly the bytes written.
+
+    Nothing is written for an artifact known to be over ``max_bytes`` (a file's size, an HTTP
+    ``Content-Length``) or to need more than ``space`` has; a download without a length stops at
+    the first chunk past ``max_bytes`` or past the free space.
+    """
     uri = artifact.uri
     hasher = new_hasher(artifact, component=component)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    sink = _Sink(dest, hasher, component=component, uri=uri, max_bytes=max_bytes, space=space)
     local = locate_local(artifact, component=component, version=version, artifact_dirs=artifact_dirs)
     if local is not None:
-        _copy_file(local, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+        _copy_file(local, sink)
         log.debug("artifact.copied", component=component, uri=uri, source=str(local))
         return hasher.digest()
     parsed = urllib.parse.urlsplit(uri)
@@ -189,10 +284,10 @@ def fetch(
         if not source.is_absolute() or not source.is_file():
             raise ArtifactError(f"artifact {uri}: no such file {str(source)!r}", component=component,
                                 path=source, field="Uri")
-        _copy_file(source, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+        _copy_file(source, sink)
         return hasher.digest()
     if scheme in ("http", "https"):
-        _download(uri, dest, hasher, component=component, timeout_s=timeout_s, max_bytes=max_bytes)
+        _download(uri, sink, timeout_s=timeout_s)
         return hasher.digest()
     where = ", ".join(str(Path(d) / component / version) for d in artifact_dirs)
     where = where or "no --artifacts directory given"
@@ -205,45 +300,84 @@ def fetch(
     )
 
 
-def _copy_stream(src: BinaryIO, dest: Path, hasher: hashlib._Hash, *, component: str, uri: str,
-                 max_bytes: int | None) -> int:
-    written = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(CHUNK):
-            written += len(chunk)
-            if max_bytes is not None and written > max_bytes:
-                raise ArtifactError(f"artifact {uri}: larger than the limit of {max_bytes} bytes",
-                                    component=component, field="Uri")
-            hasher.update(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return written
+@dataclass(slots=True)
+class _Sink:
+    """Where fetched bytes go: the staging file, hashed, bounded in size and in disk space."""
+
+    dest: Path
+    hasher: hashlib._Hash
+    component: str
+    uri: str
+    max_bytes: int | None
+    space: DiskSpace | None
+
+    def expect(self, size: int, *, declared: str) -> None:
+        """Refuse before writing a byte: over the size limit, or more than the disk can spare."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise ArtifactError(
+                f"artifact {self.uri}: {declared} {show_size(size)}, over the limit of {show_size(self.max_bytes)} "
+                "(deployments.max_artifact_bytes); nothing was written", component=self.component, field="Uri")
+        if self.space is not None:
+            self.space.check(size, component=self.component, uri=self.uri, what="store it")
+
+    def copy(self, src: BinaryIO) -> int:
+        """Copy ``src`` to the staging file. Unbuffered writes: a full disk fails the write that hit
+        it, not a later close() that would hide which file it was."""
+        written = 0
+        try:
+            fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _write_failed(exc, self.dest, component=self.component, uri=self.uri, field="Uri") from exc
+        try:
+            while chunk := src.read(CHUNK):  # a read error stays an OSError: the caller names the source
+                written += len(chunk)
+                if self.max_bytes is not None and written > self.max_bytes:
+                    raise ArtifactError(
+                        f"artifact {self.uri}: larger than the limit of {show_size(self.max_bytes)} "
+                        "(deployments.max_artifact_bytes); stopped there", component=self.component, field="Uri")
+                self.hasher.update(chunk)
+                _write_all(fd, chunk, self.dest, component=self.component, uri=self.uri, field="Uri")
+                if self.space is not None:
+                    self.space.still_enough(component=self.component, uri=self.uri, written=written)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise _write_failed(exc, self.dest, component=self.component, uri=self.uri, field="Uri") from exc
+        finally:
+            os.close(fd)
+        return written
 
 
-def _copy_file(source: Path, dest: Path, hasher: hashlib._Hash, *, component: str, uri: str,
-               max_bytes: int | None) -> None:
+def _write_all(fd: int, data: bytes, dest: Path, *, component: str, uri: str, field: str) -> None:
+    view = memoryview(data)
     try:
-        with source.open("rb") as src:
-            _copy_stream(src, dest, hasher, component=component, uri=uri, max_bytes=max_bytes)
+        while view:
+            view = view[os.write(fd, view):]
     except OSError as exc:
-        raise ArtifactError(f"artifact {uri}: cannot copy {source}: {exc.strerror or exc}",
-                            component=component, path=source, field="Uri") from exc
+        raise _write_failed(exc, dest, component=component, uri=uri, field=field) from exc
 
 
-def _download(uri: str, dest: Path, hasher: hashlib._Hash, *, component: str, timeout_s: float,
-              max_bytes: int | None) -> None:
+def _copy_file(source: Path, sink: _Sink) -> None:
+    try:
+        size = source.stat().st_size
+        sink.expect(size, declared="the file is")
+        with source.open("rb") as src:
+            sink.copy(src)
+    except OSError as exc:
+        raise ArtifactError(f"artifact {sink.uri}: cannot copy {source}: {exc.strerror or exc}",
+                            component=sink.component, path=source, field="Uri") from exc
+
+
+def _download(uri: str, sink: _Sink, *, timeout_s: float) -> None:
     request = urllib.request.Request(uri, headers={"User-Agent": "nucleus-edge"})
+    component = sink.component
     try:
         # urlopen follows redirects (up to 10) and applies the timeout to every socket operation.
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length")
-            if length is not None and max_bytes is not None and int(length) > max_bytes:
-                raise ArtifactError(f"artifact {uri}: {length} bytes exceeds the limit of {max_bytes}",
-                                    component=component, field="Uri")
-            written = _copy_stream(response, dest, hasher, component=component, uri=uri,
-                                   max_bytes=max_bytes)
+            # Without a length the download is still bounded: chunk by chunk (Sink.copy).
+            sink.expect(int(length) if length is not None else 0, declared="the server announces")
+            written = sink.copy(response)
             if length is not None and written != int(length):
                 raise ArtifactError(f"artifact {uri}: connection closed after {written} of {length} bytes",
                                     component=component, field="Uri")
@@ -256,7 +390,7 @@ def _download(uri: str, dest: Path, hasher: hashlib._Hash, *, component: str, ti
     except (OSError, ValueError) as exc:  # timeouts, resets, malformed headers
         raise ArtifactError(f"artifact {uri}: download failed: {exc}", component=component,
                             field="Uri") from exc
-    log.debug("artifact.downloaded", component=component, uri=uri, bytes=dest.stat().st_size)
+    log.debug("artifact.downloaded", component=component, uri=uri, bytes=sink.dest.stat().st_size)
 
 
 # --- permissions --------------------------------------------------------------------------------
@@ -331,19 +465,62 @@ def _inside(root: Path, path: Path) -> bool:
     return path == root or root in path.parents
 
 
-def unarchive_zip(archive: Path, target: Path, *, component: str, uri: str) -> None:
+def _check_entry_count(archive: Path, limits: Limits, *, component: str, uri: str) -> None:
+    """The entry count of the end-of-central-directory record, before ZipFile builds an object per
+    entry: a 1 GiB archive of empty entries would be 20 million of them, gigabytes of memory."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:  # a Python without it: ZipFile's own parse, then check_zip
+        return
+    with archive.open("rb") as fp:
+        end = end_record(fp)
+    count = None if end is None else int(end[getattr(zipfile, "_ECD_ENTRIES_TOTAL", 4)])
+    if count is not None and count > limits.max_archive_entries:
+        raise ArtifactError(
+            f"artifact {uri}: the archive has {count} entries, over the limit of {limits.max_archive_entries} "
+            "(deployments.max_archive_entries); nothing was unpacked", component=component, field="Unarchive")
+
+
+def check_zip(zf: zipfile.ZipFile, *, limits: Limits, space: DiskSpace | None, component: str,
+              uri: str) -> None:
+    """Refuse, from the central directory alone, an archive that unpacks to too much: more entries
+    than ``max_archive_entries``, more bytes than ``max_unarchived_bytes``, or more than the disk
+    can spare (each file costs at least a block). Nothing is unpacked before this passes."""
+    infos = zf.infolist()
+    if len(infos) > limits.max_archive_entries:
+        raise ArtifactError(
+            f"artifact {uri}: the archive has {len(infos)} entries, over the limit of {limits.max_archive_entries} "
+            "(deployments.max_archive_entries); nothing was unpacked", component=component, field="Unarchive")
+    total = sum(info.file_size for info in infos)
+    if total > limits.max_unarchived_bytes:
+        raise ArtifactError(
+            f"artifact {uri}: the archive unpacks to {show_size(total)}, over the limit of "
+            f"{show_size(limits.max_unarchived_bytes)} (deployments.max_unarchived_bytes); nothing was unpacked",
+            component=component, field="Unarchive")
+    if space is not None:
+        need = sum(-(-info.file_size // BLOCK) * BLOCK or BLOCK for info in infos)
+        space.check(need, component=component, uri=uri, what="unpack it")
+
+
+def unarchive_zip(archive: Path, target: Path, *, component: str, uri: str, limits: Limits | None = None,
+                  space: DiskSpace | None = None) -> None:
     """Unpack a ZIP into ``target`` (created), refusing entries that could escape it.
 
     Refused: absolute names, ``..`` components, symlinks pointing outside ``target``, entries that
-    would be written through a symlink, and duplicate entries.
+    would be written through a symlink, and duplicate entries. An archive that would unpack to
+    more than ``limits`` (default :class:`Limits`) or ``space`` allow (:func:`check_zip`) is
+    refused before anything is written, and while unpacking no entry may write more than its
+    header declares, so a lying header cannot get past the check.
     """
+    limits = limits or Limits()
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     links: list[tuple[str, Path]] = []
     try:
+        _check_entry_count(archive, limits, component=component, uri=uri)
         with zipfile.ZipFile(archive) as zf:
+            check_zip(zf, limits=limits, space=space, component=component, uri=uri)
             for info in zf.infolist():
-                _extract_entry(zf, info, root, links, component=component, uri=uri)
+                _extract_entry(zf, info, root, links, space, component=component, uri=uri)
         # Symlinks through other symlinks can escape where the lexical check saw none
         # ("a/.." with a -> "."): once everything exists, resolve each for real.
         for entry, link_path in links:
@@ -358,13 +535,13 @@ def unarchive_zip(archive: Path, target: Path, *, component: str, uri: str) -> N
     except zipfile.BadZipFile as exc:
         raise ArtifactError(f"artifact {uri}: not a valid ZIP archive: {exc}", component=component,
                             field="Unarchive") from exc
-    except OSError as exc:
-        raise ArtifactError(f"artifact {uri}: cannot unpack: {exc}", component=component,
-                            field="Unarchive") from exc
+    except OSError as exc:  # mkdir, symlink, open in the staging folder: disk full, no inodes left
+        where = Path(exc.filename) if isinstance(exc.filename, str) else target
+        raise _write_failed(exc, where, component=component, uri=uri, field="Unarchive") from exc
 
 
-def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path,
-                   links: list[tuple[str, Path]], *, component: str, uri: str) -> None:
+def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path, links: list[tuple[str, Path]],
+                   space: DiskSpace | None, *, component: str, uri: str) -> None:
     parts = _entry_parts(info.filename, component=component, uri=uri)
     if not parts:
         return
@@ -382,6 +559,8 @@ def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path,
         raise reject("appears twice in the archive")
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
+        if info.file_size > 4096:
+            raise reject(f"is a symlink of {info.file_size} bytes, longer than any path")
         link = zf.read(info).decode("utf-8", errors="strict")
         resolved = Path(os.path.normpath(parent / link))
         if Path(link).is_absolute() or not _inside(root, resolved):
@@ -393,6 +572,15 @@ def _extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path,
         dest.mkdir(exist_ok=True)
         return
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-        while chunk := src.read(CHUNK):
-            out.write(chunk)
+    written = 0
+    try:
+        with zf.open(info) as src:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                if written > info.file_size:  # the declared sizes are what check_zip summed
+                    raise reject(f"unpacks to more than the {info.file_size} bytes its header declares")
+                _write_all(fd, chunk, dest, component=component, uri=uri, field="Unarchive")
+                if space is not None:
+                    space.still_enough(component=component, uri=uri, written=written)
+    finally:
+        os.close(fd)

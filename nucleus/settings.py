@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.settings import LinkNames, SyncSettings, link_problem
+from nucleus.artifacts import Limits
 from nucleus.errors import ConfigurationError
 from nucleus.paths import Paths
 
@@ -61,6 +62,9 @@ class LogSettings(BaseModel):
         return value.lower()
 
 
+_LIMITS = Limits()
+
+
 class DeploymentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +72,23 @@ class DeploymentSettings(BaseModel):
     default_timeout_s: float = Field(600.0, gt=0.0)
     keep_versions: int = Field(1, ge=0, description="previous versions kept per component")
     allow_reboot: bool = False
+    # What one artifact may put on the disk (nucleus.artifacts.Limits): a digest is only checked
+    # once every byte is written, so it cannot keep a wrong file or a ZIP bomb off a full disk.
+    max_artifact_bytes: int = Field(_LIMITS.max_artifact_bytes, ge=1, description="per artifact file")
+    max_unarchived_bytes: int = Field(_LIMITS.max_unarchived_bytes, ge=1, description="what one ZIP unpacks to")
+    max_archive_entries: int = Field(_LIMITS.max_archive_entries, ge=1, description="files and folders of one ZIP")
+    disk_reserve_bytes: int = Field(_LIMITS.disk_reserve_bytes, ge=0,
+                                    description="left free by artifacts, for the spool, logs, journal")
+    disk_reserve_percent: float = Field(_LIMITS.disk_reserve_percent, ge=0.0, le=90.0,
+                                        description="of the store's filesystem; the larger reserve counts")
+
+    def artifact_limits(self, spool_min_free_bytes: int = 0) -> Limits:
+        """The store's limits. The reserve is at least what the cloud spool needs free to take new
+        messages: a deployment must not silence the device's uplink by filling the disk."""
+        return Limits(max_artifact_bytes=self.max_artifact_bytes, max_unarchived_bytes=self.max_unarchived_bytes,
+                      max_archive_entries=self.max_archive_entries,
+                      disk_reserve_bytes=max(self.disk_reserve_bytes, spool_min_free_bytes),
+                      disk_reserve_percent=self.disk_reserve_percent)
 
 
 class IpcSettings(BaseModel):

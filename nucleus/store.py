@@ -62,8 +62,9 @@ def _check_name(name: str) -> None:
 class ComponentStore:
     """Recipes and artifacts on disk; also the resolver's ``Catalog``."""
 
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, paths: Paths, limits: art.Limits | None = None) -> None:
         self._paths = paths
+        self.limits = limits or art.Limits()
         self._index: dict[str, dict[Version, Path]] | None = None
         self._recipes: dict[tuple[str, Version], Recipe] = {}
 
@@ -172,7 +173,9 @@ class ComponentStore:
 
         Already-present files whose digest matches are reused. On any failure an ArtifactError
         (DigestMismatchError for a wrong digest) names the component and URI, and the store is
-        exactly as before. Runs in a worker thread: hashing and downloads must not stall the loop.
+        exactly as before, staging removed. Nothing is written past ``self.limits`` (an artifact's
+        size, what a ZIP unpacks to) or into the disk reserve they keep free for the rest of the
+        device. Runs in a worker thread: hashing and downloads must not stall the loop.
         """
         await asyncio.to_thread(
             self._prepare_blocking, recipe, list(artifacts), [Path(d) for d in artifact_dirs], http_timeout_s
@@ -186,11 +189,16 @@ class ComponentStore:
         if not artifacts:
             return
         self._paths.staging_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}@{version}.", dir=self._paths.staging_dir))
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{name}@{version}.", dir=self._paths.staging_dir))
+        except OSError as exc:  # a disk without a free inode
+            raise ArtifactError(f"cannot create a staging folder in {self._paths.staging_dir}: "
+                                f"{exc.strerror or exc}", component=name, path=self._paths.staging_dir) from exc
+        space = art.DiskSpace(self._paths.staging_dir, self.limits)
         try:
             staged = [
                 self._stage(a, staging, name=name, version=version, artifact_dirs=artifact_dirs,
-                            http_timeout_s=http_timeout_s)
+                            http_timeout_s=http_timeout_s, space=space)
                 for a in artifacts
             ]
             self._commit(staged, staging, name, version)
@@ -202,7 +210,7 @@ class ComponentStore:
         log.info("store.artifacts_ready", component=name, version=version, artifacts=len(artifacts))
 
     def _stage(self, artifact: Artifact, staging: Path, *, name: str, version: str,
-               artifact_dirs: list[Path], http_timeout_s: float) -> _Staged:
+               artifact_dirs: list[Path], http_timeout_s: float, space: art.DiskSpace) -> _Staged:
         file_name = art.safe_file_name(artifact, component=name)
         final_file = self.artifacts_path(name, version) / file_name
         staged_file: Path | None = None
@@ -211,7 +219,8 @@ class ComponentStore:
         else:
             staged_file = staging / "files" / file_name
             actual = art.fetch(artifact, staged_file, component=name, version=version,
-                               artifact_dirs=artifact_dirs, timeout_s=http_timeout_s)
+                               artifact_dirs=artifact_dirs, timeout_s=http_timeout_s,
+                               max_bytes=self.limits.max_artifact_bytes, space=space)
             art.verify(artifact, actual, component=name)
         staged_folder: Path | None = None
         if artifact.unarchive == "ZIP":
@@ -221,7 +230,8 @@ class ComponentStore:
                 staged_folder = staging / "unarchived" / folder
                 source = staged_file if staged_file is not None else final_file
                 with art.readable(source):  # an archive may be Read NONE
-                    art.unarchive_zip(source, staged_folder, component=name, uri=artifact.uri)
+                    art.unarchive_zip(source, staged_folder, component=name, uri=artifact.uri,
+                                      limits=self.limits, space=space)
                 art.apply_tree_permission(staged_folder, artifact.permission)
         if staged_file is not None:
             art.apply_permission(staged_file, artifact.permission)
