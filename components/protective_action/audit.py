@@ -86,7 +86,7 @@ class AuditLog:
                 "duration_s": float,
             }, pk=("decision_id", "action"), foreign_keys=[("decision_id", "decisions")], if_not_exists=True)
             db["decisions"].create_index(["asset", "ts"], if_not_exists=True)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
             raise AuditError(path, str(exc)) from exc
         self._db = db
 

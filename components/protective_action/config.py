@@ -65,6 +65,16 @@ class PolicyConfig(_Model):
     safe_state_actions: tuple[ActionName, ...] = ("pitch_to_feather", "engage_brake")
     max_consecutive_invalid: int = Field(50, ge=0)  # that many bad events in a row: safe state (0: never)
 
+    @field_validator("trip_actions", "safe_state_actions")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # Listed twice, an action ran twice at once (cooldown 0: two relay scripts racing on one
+        # device) or its second copy showed as suppressed, and the audit kept one outcome of the two.
+        twice = sorted({a for a in v if v.count(a) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once")
+        return v
+
     @field_validator("action_cooldown_s")
     @classmethod
     def _cooldown_actions(cls, v: dict[str, float]) -> dict[str, float]:

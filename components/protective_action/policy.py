@@ -59,6 +59,7 @@ class Decision:
     reason: str
     event_ids: tuple[str, ...] = ()
     scores: tuple[float, ...] = ()
+    decided_at: float = 0.0  # monotonic ``now`` of the decision: when its actions' cooldowns started
 
     def payload(self) -> dict[str, Any]:
         """The ``actions/<asset>`` message (the pipeline contract, plus the full action list)."""
@@ -97,6 +98,7 @@ class ResetResult:
     state: State
     reason: str
     decision: Decision | None = None
+    undo: Callable[[], None] | None = None  # puts the state back if the reset cannot be recorded
 
 
 @dataclass(slots=True)
@@ -175,6 +177,9 @@ class AssetPolicy:
             judged = self._judge(w.event_id, w.score, w.threshold, w.is_anomaly)
             if judged is not None:
                 self._recent.append(judged)
+        self._recount_below()
+
+    def _recount_below(self) -> None:
         self._below_run = 0
         for judged in reversed(self._recent):
             if not judged.below:
@@ -236,11 +241,30 @@ class AssetPolicy:
             # brake while the fault still lasted. The condition is judged on n windows, or not at all.
             return ResetResult(False, self.state, f"refused: {len(self._recent)} of the {self.cfg.n} windows "
                                                   f"needed to judge the condition seen so far")
+        before, windows, invalid_run = self.state, list(self._recent), self._invalid_run
         self._recent.clear()
         self._below_run = 0
         self._invalid_run = 0
         d = self._decide(State.NORMAL, (), now, wall, reason=f"operator reset by {operator}", windows=[])
-        return ResetResult(True, State.NORMAL, d.reason, d)
+
+        def undo() -> None:
+            # A reset is the one decision that lowers the protection, so one the audit log could not
+            # take must not hold: back to the state it left, with the windows that judged the condition
+            # (and any judged since). A state decided meanwhile (a trip, a safe state) is left alone.
+            if self.state is State.NORMAL:
+                self.state = before
+                self._recent = deque([*windows, *self._recent], maxlen=self.cfg.n)
+                self._invalid_run = max(self._invalid_run, invalid_run)
+                self._recount_below()
+
+        return ResetResult(True, State.NORMAL, d.reason, d, undo)
+
+    def action_failed(self, action: str, decided_at: float) -> None:
+        """An action the actuator reported failed does not start its cooldown: the next decision that
+        wants it (a re-trip, the safe state) runs it again instead of listing it as suppressed while
+        it was never carried out."""
+        if self._last_action.get(action) == decided_at:
+            del self._last_action[action]
 
     # --- internals ------------------------------------------------------------------------------
     def _judge(self, event_id: str, score: float, threshold: float, is_anomaly: bool | None) -> _Window | None:
@@ -285,4 +309,4 @@ class AssetPolicy:
                 self._last_action[action] = now
         previous, self.state = self.state, target
         return Decision(self.new_id(), self.asset, wall, target, previous, tuple(run), tuple(held), reason,
-                        tuple(x.event_id for x in windows), tuple(x.score for x in windows))
+                        tuple(x.event_id for x in windows), tuple(x.score for x in windows), now)

@@ -23,7 +23,10 @@ the heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +36,9 @@ from typing import Any
 
 import structlog
 
-from components.configuration import component_name, config_changes
+from components.configuration import ConfigError, component_name, config_changes
 from components.protective_action.actuators import ActionRequest, Actuator, CommandActuator, SimulatedActuator
-from components.protective_action.audit import AuditLog, Outcome
+from components.protective_action.audit import AuditError, AuditLog, Outcome
 from components.protective_action.config import ActionConfig, ActuatorConfig, load_config
 from components.protective_action.events import BadEvent, parse_event
 from components.protective_action.policy import AssetPolicy, Decision, State
@@ -122,11 +125,21 @@ class ActionService:
                         configured=str(cfg.audit_path))
         now = self.clocks.monotonic()
         policies: dict[str, AssetPolicy] = {}
+        restored: dict[str, State] | None = None
         for asset in cfg.assets:
             old = self.policies.get(asset)
-            new = AssetPolicy(asset, cfg.policy, old.started if old else now, old.state if old else State.NORMAL)
             if old is not None:
+                new = AssetPolicy(asset, cfg.policy, old.started, old.state)
                 new.carry_over(old)
+            else:
+                # An asset added (or added back) starts where the audit log left it, as at a restart:
+                # taking an asset out of the list and back in must not release its latch without a reset.
+                if restored is None:
+                    restored = self.audit.last_states()
+                new = AssetPolicy(asset, cfg.policy, now, restored.get(asset, State.NORMAL))
+                if new.state is not State.NORMAL:
+                    log.warning("action.state_restored", asset=asset, state=new.state.value,
+                                audit=str(self.audit.path))
             policies[asset] = new
         self.policies = policies
         if cfg.actuator != self.cfg.actuator:
@@ -137,13 +150,12 @@ class ActionService:
                  n=cfg.policy.n, latch=cfg.policy.latch, actuator=cfg.actuator.kind)
 
     # --- the decision path ---------------------------------------------------------------------
-    async def _audit(self, fn: Callable[..., None], *args: Any) -> bool:
+    async def _audit(self, d: Decision, fn: Callable[..., None], *args: Any) -> bool:
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
             return True
         except Exception as exc:
-            self.stats.audit_failures += 1
-            log.error("action.audit_failed", path=str(self.audit.path), error=str(exc))  # noqa: TRY400
+            self._audit_failed(d, exc)
             return False
 
     def _audit_now(self, d: Decision) -> bool:
@@ -151,9 +163,14 @@ class ActionService:
             self.audit.record(d, (), durable=False)
             return True
         except Exception as exc:
-            self.stats.audit_failures += 1
-            log.error("action.audit_failed", path=str(self.audit.path), error=str(exc))  # noqa: TRY400
+            self._audit_failed(d, exc)
             return False
+
+    def _audit_failed(self, d: Decision, exc: Exception) -> None:
+        self.stats.audit_failures += 1
+        log.error("action.audit_failed", path=str(self.audit.path), error=str(exc), asset=d.asset,
+                  decision_id=d.decision_id, state=d.state.value, actions=list(d.actions),
+                  note="the actions were carried out; the decision is not acknowledged")
 
     async def _actuate(self, d: Decision) -> list[Outcome]:
         requests = [ActionRequest(a, d.asset, d.decision_id, d.reason) for a in d.actions]
@@ -173,14 +190,14 @@ class ActionService:
                 intent = self._audit_now(d)
                 acted_at, acted_wall = self.clocks.perf(), self.clocks.wall()
                 outcomes = await self._actuate(d)
-                durable = intent and await self._audit(self.audit.record_outcomes, d.decision_id, outcomes)
+                durable = intent and await self._audit(d, self.audit.record_outcomes, d.decision_id, outcomes)
             elif self.cfg.audit_order == "write_ahead":  # nothing to actuate: one durable commit
-                durable = await self._audit(self.audit.record, d, ())
+                durable = await self._audit(d, self.audit.record, d, ())
                 acted_at, acted_wall, outcomes = self.clocks.perf(), self.clocks.wall(), []
             else:
                 acted_at, acted_wall = self.clocks.perf(), self.clocks.wall()
                 outcomes = await self._actuate(d)
-                durable = await self._audit(self.audit.record, d, outcomes)
+                durable = await self._audit(d, self.audit.record, d, outcomes)
             timing: dict[str, float] = {"actuated_at": acted_wall}
             if received is not None and d.actions:
                 latency = acted_at - received
@@ -189,6 +206,10 @@ class ActionService:
             if published_at is not None and d.actions:
                 timing["event_to_actuator_ms"] = (acted_wall - published_at) * 1e3
             failed = [o for o in outcomes if not o.ok]
+            policy = self.policies.get(d.asset)
+            if policy is not None:
+                for o in failed:
+                    policy.action_failed(o.action, d.decided_at)
             log_fn = log.error if failed else log.info
             log_fn("action.decision", asset=d.asset, decision_id=d.decision_id, state=d.state.value,
                    previous=d.previous.value, actions=list(d.actions), suppressed=list(d.suppressed),
@@ -255,9 +276,18 @@ class ActionService:
         operator = request.get("operator") if isinstance(request, dict) else None
         if not isinstance(operator, str) or not operator:
             operator = sender or "unknown"
-        result = policy.reset(self.clocks.monotonic(), self.clocks.wall(), operator[:64])
+        operator = operator[:64]
+        # The operator name is what the request says; the client is who the bus authenticated. The audit
+        # log keeps both, so a reset cannot be put on someone else's name without a trace.
+        who = operator if sender is None or sender == operator else f"{operator} (client {sender})"
+        result = policy.reset(self.clocks.monotonic(), self.clocks.wall(), who)
         if result.decision is not None and not await self.apply(result.decision):
-            return {"ok": False, "state": policy.state.value, "reason": "reset not recorded: audit log failed"}
+            if result.undo is not None:
+                result.undo()
+            log.error("action.reset_refused", asset=asset, operator=who, state=policy.state.value,
+                      reason="the reset could not be recorded in the audit log")
+            return {"ok": False, "state": policy.state.value,
+                    "reason": f"refused: the reset could not be recorded in the audit log {self.audit.path}"}
         log.info("action.reset", asset=asset, operator=operator, ok=result.ok, state=result.state.value,
                  reason=result.reason)
         return {"ok": result.ok, "state": result.state.value, "reason": result.reason}
@@ -375,15 +405,87 @@ def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:
     return config_changes(client, lambda doc: load_config(doc, component_name(COMPONENT)), "action.config_rejected")
 
 
+AUDIT_RETRY_S = 2.0  # how often an audit log that cannot be opened is tried again
+
+
+def _audit_path(cfg: ActionConfig, audit_dir: Path | None) -> Path:
+    return cfg.audit_path if cfg.audit_path.is_absolute() else (audit_dir or Path.cwd()) / cfg.audit_path
+
+
+async def _safe_state_unaudited(cfg: ActionConfig, problem: str) -> list[tuple[Decision, list[Outcome]]]:
+    """Every asset to its safe state, without a record: the audit log cannot be opened, so neither the
+    state the assets were left in (a latch) nor any decision can be kept. Protection comes first; the
+    decisions are recorded (and acknowledged) once the log opens."""
+    actuator = make_actuator(cfg.actuator)
+    reason = f"fail-safe: audit log unavailable ({problem}); the state before is unknown"
+    now, wall = time.monotonic(), time.time()
+    decisions = [Decision(uuid.uuid4().hex, asset, wall, State.SAFE_STATE, State.NORMAL,
+                          cfg.policy.safe_state_actions, (), reason, decided_at=now) for asset in cfg.assets]
+
+    async def act(d: Decision) -> list[Outcome]:
+        outcomes = list(await asyncio.gather(*(actuator.execute(ActionRequest(a, d.asset, d.decision_id, d.reason))
+                                               for a in d.actions)))
+        failed = [f"{o.action}: {o.detail}" for o in outcomes if not o.ok]
+        log.error("action.decision", asset=d.asset, decision_id=d.decision_id, state=d.state.value,
+                  actions=list(d.actions), reason=d.reason, failed=failed, durable=False)
+        return outcomes
+
+    return list(zip(decisions, await asyncio.gather(*(act(d) for d in decisions)), strict=True))
+
+
+async def _open_audit(client: Client, cfg: ActionConfig, audit_dir: Path | None, watching: bool
+                      ) -> tuple[ActionConfig, AuditLog]:
+    """The audit log, and the configuration it was opened under.
+
+    A log that cannot be opened (a read-only or full disk, a bad ``auditPath``) must not end the
+    component: it would be restarted and end again until BROKEN, with no asset moved to its safe state
+    and the cause only in a traceback. Every asset goes to its safe state at once instead (logged as
+    ``action.audit_unavailable`` and unaudited decisions), and the log is tried again every
+    ``AUDIT_RETRY_S`` seconds under the latest configuration (a deployment may fix ``auditPath``); when
+    it opens, those decisions are recorded and acknowledged, and the assets start in ``safe_state``."""
+    pending: list[tuple[Decision, list[Outcome]]] | None = None  # the unaudited safe state, once taken
+    recorded: list[tuple[Decision, list[Outcome]]] = []
+    while True:
+        path = _audit_path(cfg, audit_dir)
+        audit: AuditLog | None = None
+        try:
+            audit = AuditLog(path)
+            while pending:
+                audit.record(*pending[0])
+                recorded.append(pending.pop(0))
+        except (AuditError, sqlite3.Error) as exc:
+            if audit is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    audit.close()
+            if pending is None:
+                log.error("action.audit_unavailable", path=str(path), error=str(exc),  # noqa: TRY400
+                          assets=list(cfg.assets),
+                          note=f"every asset goes to its safe state, unaudited; retrying every {AUDIT_RETRY_S:g} s")
+                pending = await _safe_state_unaudited(cfg, str(exc))
+            await asyncio.sleep(AUDIT_RETRY_S)
+            if watching:
+                with contextlib.suppress(ConfigError, IpcError):
+                    cfg = load_config(await client.get_configuration(), component_name(COMPONENT))
+            continue
+        if recorded:
+            log.warning("action.audit_recovered", path=str(path), recorded=len(recorded))
+        for d, outcomes in recorded:
+            payload = d.payload()
+            payload["outcomes"] = [{"action": o.action, "ok": o.ok, "detail": o.detail} for o in outcomes]
+            payload["timing"] = {"actuated_at": min((o.started_at for o in outcomes), default=d.ts)}
+            with contextlib.suppress(IpcError):
+                await client.publish(f"actions/{d.asset}", payload)
+        return cfg, audit
+
+
 async def run(client: Client, cfg: ActionConfig | None = None, audit_dir: Path | None = None) -> None:
     """The component. ``cfg`` given: fixed configuration (development against ``ipc.devserver``)."""
     watching = cfg is None
     if cfg is None:
         cfg = load_config(await client.get_configuration(), component_name(COMPONENT))
-    path = cfg.audit_path if cfg.audit_path.is_absolute() else (audit_dir or Path.cwd()) / cfg.audit_path
-    audit = AuditLog(path)
+    cfg, audit = await _open_audit(client, cfg, audit_dir, watching)
     service = ActionService(client, cfg, audit)
-    log.info("action.started", assets=list(cfg.assets), audit=str(path), audit_order=cfg.audit_order,
+    log.info("action.started", assets=list(cfg.assets), audit=str(audit.path), audit_order=cfg.audit_order,
              actuator=cfg.actuator.kind, trigger=cfg.policy.trigger, k=cfg.policy.k, n=cfg.policy.n,
              latch=cfg.policy.latch)
     try:

@@ -165,7 +165,7 @@ async def test_operator_reset_over_request_reply(short_tmp: Path) -> None:
             while sum(1 for _ in service.policies["t1"]._recent if _.above) >= 2:
                 await asyncio.sleep(0.01)
         ok = await tc.request("control/t1/reset", {"operator": "alice"})
-        assert ok == {"ok": True, "state": "normal", "reason": "operator reset by alice"}
+        assert ok == {"ok": True, "state": "normal", "reason": "operator reset by alice (client test)"}
         ack = await next_action(actions)
         assert ack["state"] == "normal" and ack["previous"] == "latched" and ack["action"] is None
         unknown = await tc.request("control/t7/reset", {})

@@ -1,0 +1,172 @@
+"""A safety engineer's walk through the protective action: a reset the audit log cannot take, a failed
+action and its cooldown, an asset taken out of the configuration and back, who a reset is recorded
+under, an action listed twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ingest_action_kit import action_component, bus_server, client
+from test_protective_action import FAST, cfg_with, next_action, running
+
+from components.configuration import ConfigError
+from components.protective_action.actuators import CommandActuator
+from components.protective_action.config import load_config
+from components.protective_action.policy import State
+
+
+def event(score: float, asset: str = "t1") -> dict[str, Any]:
+    return {"event_id": uuid.uuid4().hex, "asset": asset, "ts": time.time(), "score": score, "threshold": 1.0,
+            "published_at": time.time()}
+
+
+async def test_a_reset_the_audit_log_cannot_take_does_not_release_the_latch(short_tmp: Path) -> None:
+    """The audit log's file may not grow (RLIMIT_FSIZE of the component's process, as on a full disk):
+    the reset was answered "not recorded" while the latch was released all the same, and the next reset
+    said "already normal". The latch must hold until a reset is recorded; the error names the asset."""
+    async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
+            action_component(server, FAST, short_tmp) as proc, tc.subscribe("actions/t1") as actions:
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        for _ in range(3):  # the condition is gone: a reset would be accepted
+            await tc.publish("anomaly/t1", event(0.1))
+        wal = short_tmp / "audit.db-wal"
+        size = wal.stat().st_size
+        await asyncio.sleep(0.3)  # the clear windows judged (changing nothing, they write nothing)
+        assert wal.stat().st_size == size
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        try:
+            for _ in range(2):
+                refused = await tc.request("control/t1/reset", {"operator": "alice"}, timeout=10)
+                assert refused["ok"] is False and refused["state"] == "latched", refused
+                assert "could not be recorded in the audit log" in refused["reason"]
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        ok = await tc.request("control/t1/reset", {"operator": "alice"}, timeout=10)
+        assert ok["ok"] is True and ok["state"] == "normal", ok
+        assert (await next_action(actions))["state"] == "normal"
+    with sqlite3.connect(short_tmp / "audit.db") as conn:
+        states = [r[0] for r in conn.execute("SELECT state FROM decisions ORDER BY rowid")]
+    assert states == ["latched", "normal"]
+    failed = [line for line in (short_tmp / "action.log").read_text().splitlines() if "action.audit_failed" in line]
+    assert len(failed) == 2 and all("asset=t1" in line and "state=normal" in line for line in failed), failed
+
+
+async def test_a_failed_action_does_not_start_its_cooldown(short_tmp: Path) -> None:
+    """engage_brake's relay script failed on a trip; released and tripped again within cooldownS, the
+    brake was listed as suppressed and never run: the machine was never braked. A failed action must be
+    tried again by the next decision that wants it."""
+    script = short_tmp / "relay.sh"
+    script.write_text("#!/bin/sh\nif [ -e \"$0.ok\" ]; then echo braked; else echo relay not answering; exit 2; fi\n")
+    script.chmod(0o755)
+    cfg = cfg_with(k=1, n=1, releaseCount=1, latch=False, cooldownS=30, tripActions=["engage_brake"])
+    actuator = CommandActuator({"engage_brake": (str(script),)}, timeout_s=10)
+    async with running(short_tmp, cfg, actuator) as (_service, tc), tc.subscribe("actions/t1") as actions:
+        await tc.publish("anomaly/t1", event(2.0))
+        first = await next_action(actions)
+        assert first["state"] == "tripped" and [o["ok"] for o in first["outcomes"]] == [False]
+        await tc.publish("anomaly/t1", event(0.0))
+        assert (await next_action(actions))["state"] == "normal"
+        Path(f"{script}.ok").touch()  # the relay answers again
+        await tc.publish("anomaly/t1", event(2.0))
+        again = await next_action(actions)
+        assert again["state"] == "tripped"
+        assert again["actions"] == ["engage_brake"] and again["suppressed"] == [], again
+        assert again["outcomes"] == [{"action": "engage_brake", "ok": True, "detail": "braked"}]
+        await tc.publish("anomaly/t1", event(0.0))
+        assert (await next_action(actions))["state"] == "normal"
+        await tc.publish("anomaly/t1", event(2.0))  # this one did brake: now the cooldown holds
+        third = await next_action(actions)
+        assert third["actions"] == [] and third["suppressed"] == ["engage_brake"]
+
+
+async def test_an_asset_taken_out_of_the_configuration_and_back_keeps_its_latch(short_tmp: Path) -> None:
+    """A configuration without t1 and then one with it again brought t1 back as normal, its latch
+    released with no reset, while a restart restores it from the audit log."""
+    async with running(short_tmp, cfg_with()) as (service, tc), tc.subscribe("actions/t1") as actions:
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        other = json.loads(json.dumps(FAST))
+        other["assets"] = ["t2"]
+        service.reconfigure(load_config(other))
+        service.reconfigure(cfg_with())
+        assert service.policies["t1"].state is State.LATCHED
+        refused = await tc.request("control/t1/reset", {"operator": "alice"}, timeout=10)
+        assert refused["ok"] is False and refused["state"] == "latched"
+
+
+async def test_a_reset_is_recorded_under_the_authenticated_client_too(short_tmp: Path) -> None:
+    """The audit log kept only the operator name the request carried ({"operator": "alice"}), which any
+    client allowed to reset can write; the bus authenticates the client, and the log must name it."""
+    async with running(short_tmp, cfg_with(k=1, n=1)) as (_service, tc), tc.subscribe("actions/t1") as actions:
+        await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        await tc.publish("anomaly/t1", event(0.0))
+        async with asyncio.timeout(10):
+            while (reply := await tc.request("control/t1/reset", {"operator": "alice"}))["ok"] is not True:
+                await asyncio.sleep(0.02)
+        assert reply["reason"] == "operator reset by alice (client test)"
+        ack = await next_action(actions)
+        assert ack["reason"] == "operator reset by alice (client test)"
+        await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        await tc.publish("anomaly/t1", event(0.0))
+        async with asyncio.timeout(10):  # no operator given: the client's name alone
+            while (reply := await tc.request("control/t1/reset", {}))["ok"] is not True:
+                await asyncio.sleep(0.02)
+        assert reply["reason"] == "operator reset by test"
+
+
+@pytest.mark.parametrize("key", ["tripActions", "safeStateActions"])
+def test_an_action_listed_twice_is_refused_naming_the_field(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"policy\.{key}: \['engage_brake'\] listed more than once"):
+        load_config({"policy": {key: ["engage_brake", "pitch_to_feather", "engage_brake"]}})
+
+
+async def test_an_audit_log_that_cannot_be_opened_sends_every_asset_to_its_safe_state(short_tmp: Path) -> None:
+    """auditPath under a regular file (as on a read-only or broken disk, the log cannot be opened): the
+    component exited at start with a traceback, was restarted until BROKEN, and no asset was moved to
+    its safe state. It must act first (the safe state, logged as unaudited), retry the log, and once it
+    opens record and acknowledge that safe state and protect as usual."""
+    blocker = short_tmp / "blocker"
+    blocker.write_text("not a directory")
+    config = json.loads(json.dumps(FAST))
+    config.update(assets=["t1", "t2"], auditPath="blocker/audit.db")
+    output = short_tmp / "action.log"
+
+    async def unblock_once_safe() -> None:
+        for _ in range(400):  # bounded: the safe state is taken within a second of the start
+            text = output.read_text(errors="replace") if output.exists() else ""
+            if "action.audit_unavailable" in text and text.count("ACTUATOR engage_brake") == 2:
+                blocker.unlink()
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no unaudited safe state for both assets:\n{text[-3000:]}")
+
+    async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
+            tc.subscribe("actions/+") as actions:
+        unblock = asyncio.create_task(unblock_once_safe())
+        async with action_component(server, config, short_tmp):
+            await unblock
+            acks = [await next_action(actions, timeout=20) for _ in range(2)]
+            assert {a["asset"] for a in acks} == {"t1", "t2"}
+            assert all(a["state"] == "safe_state" and "audit log unavailable" in a["reason"] for a in acks), acks
+            assert all(a["actions"] == ["pitch_to_feather", "engage_brake"] for a in acks)
+            refused = await tc.request("control/t1/reset", {"operator": "alice"}, timeout=10)
+            assert refused["ok"] is False and refused["state"] == "safe_state"  # restored from the log
+    with sqlite3.connect(short_tmp / "blocker" / "audit.db") as conn:
+        rows = {r[0]: r[1] for r in conn.execute("SELECT decision_id, state FROM decisions")}
+        outcomes = conn.execute("SELECT count(*) FROM outcomes WHERE ok = 1").fetchone()[0]
+    assert rows == {a["decision_id"]: "safe_state" for a in acks} and outcomes == 4
+    text = output.read_text(errors="replace")
+    assert "blocker/audit.db" in text and "Traceback" not in text
