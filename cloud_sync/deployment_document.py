@@ -24,6 +24,11 @@ Checks that make a device refuse a document (status ``REJECTED``, nothing change
   neither hex nor base64 of the right size (``BAD_DIGEST``);
 * an artifact the device could not fetch: a ``file:`` URI, or an ``s3:``-style URI without an
   artifacts base URL (``ARTIFACT_UNREACHABLE``).
+
+What an artifact may put on the device's disk (its size, what a ZIP unpacks to, the free space
+kept) is not a question of the document: only the device knows its disk. The engine bounds it with
+the device's ``deployments.*`` limits (nucleus.artifacts.Limits) while it fetches, and a breach is
+``FAILED_NO_STATE_CHANGE`` naming the component, the URI and the setting.
 """
 
 from __future__ import annotations
