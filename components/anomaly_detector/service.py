@@ -175,7 +175,13 @@ class Detector:
             self._log_skips(asset, w)
             return
         before = sum(w.skipped.values())
-        windows = w.push(payload)
+        try:
+            windows = w.push(payload)
+        except Exception as exc:  # a batch the Windower's checks missed must cost that batch, not the detector
+            w.skipped["malformed"] += 1
+            w.reset()
+            log.exception("input.batch_failed", asset=asset, error=str(exc)[:300])
+            windows = []
         if sum(w.skipped.values()) != before:
             self._log_skips(asset, w)
         for win in windows:

@@ -19,7 +19,13 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
   (``follows_gap: true``: the ingest saw a jump in the samples' own times, or a replay started over):
   handled as a ``gap``, one per such batch. Without it a window joined the two sides of the jump.
 * ``missing_channel`` -- the batch lacks a channel the model needs: dropped, window restarted.
-* ``malformed`` -- data is not a 2-D array matching ``channels``: dropped, window restarted.
+* ``malformed`` -- a field is missing or of the wrong type (``seq`` not a whole number; ``t0`` or
+  ``rate_hz`` not a finite number, ``rate_hz`` not positive), or data is not a 2-D array of numbers
+  (integer or float: text, complex, boolean or structured arrays are not samples) matching ``channels``
+  (names: strings):
+  dropped, window restarted. Without the checks a text array stopped the detector (one publisher's
+  bad batch ended every asset's scoring), text of digits and booleans were scored as numbers, complex
+  samples lost their imaginary part, and a NaN ``rate_hz`` passed the rate check.
 * ``rate_mismatch`` -- the batch's ``rate_hz`` differs from the model's by more than 1 %: dropped,
   window restarted (features in Hz bands would be wrong).
 * ``nan`` -- a completed window holds NaN/inf: the window is not scored.
@@ -27,12 +33,16 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+# dtype kinds that are samples: signed and unsigned integers, floats (not bool, complex, text, objects, records)
+_NUMERIC = frozenset("iuf")
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,15 +100,17 @@ class Windower:
 
     def push(self, batch: dict[str, Any]) -> list[Window]:
         try:
-            seq = int(batch["seq"])
-            t0 = float(batch["t0"])
-            rate = float(batch["rate_hz"])
+            raw_seq, t0, rate = batch["seq"], float(batch["t0"]), float(batch["rate_hz"])
             names = list(batch["channels"])
             data = batch["data"]
         except (KeyError, TypeError, ValueError):
+            raw_seq, t0, rate, names, data = None, 0.0, 0.0, [], None
+        if (isinstance(raw_seq, bool) or not isinstance(raw_seq, int | np.integer) or not math.isfinite(t0)
+                or not math.isfinite(rate) or rate <= 0):
             self.skipped["malformed"] += 1
             self.reset()
             return []
+        seq = int(raw_seq)
         stream = batch.get("stream")
         stream = str(stream) if stream is not None else None
         if self.last_seq is not None and (
@@ -121,8 +133,8 @@ class Windower:
             self.reset()
         self.last_seq = seq
         self.last_t0 = t0
-        if (not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[0] != len(names) or data.shape[1] == 0
-                or rate <= 0):
+        if (not isinstance(data, np.ndarray) or data.dtype.kind not in _NUMERIC or data.ndim != 2
+                or data.shape[0] != len(names) or data.shape[1] == 0 or not all(isinstance(n, str) for n in names)):
             self.skipped["malformed"] += 1
             self.reset()
             return []
