@@ -27,7 +27,11 @@ ModelKind = Literal["isolation_forest", "pca", "autoencoder", "knn"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; so is NaN or infinity in any number (JSON's ``NaN``/``Infinity``/``1e999``
+    parse): a card whose threshold is NaN loaded, and no score is ever >= NaN, so the model never
+    alarmed; an infinite median made every confidence 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OnnxIO(_Strict):
@@ -63,6 +67,12 @@ class ScoreScale(_Strict):
     median: float
     p99: float
     max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScoreScale:
+        if not self.median <= self.p99 <= self.max:
+            raise ValueError(f"median {self.median:g} <= p99 {self.p99:g} <= max {self.max:g} does not hold")
+        return self
 
 
 class AlarmSpec(_Strict):

@@ -112,7 +112,11 @@ def load_model(directory: Path, *, component: str, version: str, trusted: Mappin
     where = {"component": component, "version": version}
     verified = signing.verify_model(directory, component=component, version=version, trusted=trusted)
     kid = {"key_id": verified.key_id}
-    card = parse_card(verified.files[CARD_FILE], path=directory / CARD_FILE, component=component)
+    try:
+        card = parse_card(verified.files[CARD_FILE], path=directory / CARD_FILE, component=component)
+    except AnomalyError as exc:  # the card was signed: say by which key, and which version it is
+        exc.version, exc.key_id = version, verified.key_id
+        raise
     if card.component != component or card.version != version:
         raise ModelCardError(f"card describes {card.component} {card.version}", path=directory / CARD_FILE,
                              field="component", **where, **kid)

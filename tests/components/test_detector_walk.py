@@ -3,14 +3,22 @@ model cards, keys and training data the builder must name. Each test failed befo
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from anomaly_models import BATCH, CHANNELS, RATE, batch, healthy
+from anomaly_models import BATCH, CHANNELS, RATE, batch, build, healthy
 
+from components.anomaly import signing
+from components.anomaly.errors import ModelCardError
+from components.anomaly_detector.scoring import load_model
 from components.anomaly_detector.windowing import Windower
+
+NAME = "com.nucleus.TurbineModel"
 
 WINDOW, HOP = 2 * BATCH, BATCH
 
@@ -62,3 +70,55 @@ def test_integer_samples_and_numpy_integer_seq_are_still_taken() -> None:
     out = w.push(batch(np.int64(1), ints))  # type: ignore[arg-type]
     assert w.skipped == {} and len(out) == 1 and out[0].seq_last == 1
 
+
+# --- model cards that lie ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build(tmp_path_factory.mktemp("models"), "1.0.0", kind="pca")
+
+
+def resigned(pkg: Any, dest: Path, edit: Any) -> Path:
+    """A copy of the package whose card ``edit`` changed (text in, text out), signed again by the same,
+    trusted key: only the detector's own checks can catch what the card says."""
+    shutil.copytree(pkg.model_dir, dest)
+    card = dest / "model_card.json"
+    card.write_text(edit(card.read_text()))
+    key, _ = signing.load_or_create_key(pkg.model_dir.parents[2] / "keys" / "test.key")
+    signing.sign_model(dest, component=NAME, version=pkg.card.version, key=key)
+    return dest
+
+
+@pytest.mark.parametrize("value, field", [
+    ("NaN", "threshold.value"), ("Infinity", "threshold.value"), ("1e999", "threshold.value"),
+    ("-Infinity", "score_scale.median"),
+])
+def test_a_signed_card_with_a_non_finite_number_is_refused_naming_field_version_and_key(
+        v1: Any, tmp_path: Path, value: str, field: str) -> None:
+    """A threshold of NaN loaded (the model then never alarmed: no score is >= NaN)."""
+    section, name = field.split(".")
+
+    def edit(text: str) -> str:
+        card = json.loads(text)
+        card[section][name] = "@"
+        return json.dumps(card).replace('"@"', value)
+
+    d = resigned(v1, tmp_path / "m", edit)
+    with pytest.raises(ModelCardError) as info:
+        load_model(d, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
+    e = info.value
+    assert e.field == field and "finite" in e.message
+    assert (e.component, e.version, e.key_id) == (NAME, "1.0.0", v1.key_id)
+    assert e.path == str(d / "model_card.json")
+
+
+def test_a_signed_card_whose_score_scale_is_out_of_order_is_refused(v1: Any, tmp_path: Path) -> None:
+    def edit(text: str) -> str:
+        card = json.loads(text)
+        card["score_scale"]["median"] = card["score_scale"]["max"] * 10 + 1
+        return json.dumps(card)
+
+    d = resigned(v1, tmp_path / "m", edit)
+    with pytest.raises(ModelCardError, match=r"median .* <= p99") as info:
+        load_model(d, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
+    assert info.value.field == "score_scale"
