@@ -33,6 +33,7 @@ import structlog
 from components.anomaly import signing
 from components.anomaly.announce import topic_for
 from components.anomaly.errors import AnomalyError
+from components.anomaly.model_card import CARD_FILE, MODEL_FILE, SIGNATURE_FILE
 from components.anomaly_detector import knn_store, memory
 from components.anomaly_detector.asset import AssetState
 from components.anomaly_detector.capture import CapturePolicy
@@ -51,6 +52,20 @@ class _Pending:
     window: Window
     model: LoadedModel
 
+
+
+def _files_stamp(directory: Path) -> tuple[tuple[int, ...] | None, ...]:
+    """Inode, size and modification time of each model file (None: absent): changes when a deployment
+    puts other files there, so a refused version is looked at again."""
+    out: list[tuple[int, ...] | None] = []
+    for name in (MODEL_FILE, CARD_FILE, SIGNATURE_FILE):
+        try:
+            st = (directory / name).stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def asset_of(topic: str) -> str:
@@ -79,7 +94,7 @@ class Detector:
         self.captured = 0
         self.asset_captured: Counter[str] = Counter()
         self.lag_s: float | None = None
-        self.rejected: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rejected: dict[tuple[str, str, tuple[tuple[int, ...] | None, ...]], dict[str, Any]] = {}
         self.last_rejection: dict[str, Any] | None = None
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=config.max_pending_windows)
         self.capture = CapturePolicy(config.capture_low_confidence_below, config.capture_normal_every,
@@ -348,7 +363,10 @@ class Detector:
         if not path:
             root = os.environ.get("NUCLEUS_ROOT", "")
             path = str(Path(root) / "packages" / "artifacts" / name / version)
-        key = (version, str(path))
+        # The files' identity is part of the key: a version refused for its files (tampered, corrupt, a bad
+        # card) and then deployed again with good ones is tried again; by (version, path) alone it stayed
+        # refused, with the fixed model on disk, until the detector restarted.
+        key = (version, str(path), _files_stamp(Path(path)))
         if key in self.rejected:
             return
         started = time.perf_counter()
@@ -375,6 +393,8 @@ class Detector:
         for w in self.windowers.values():
             w.reconfigure(list(card.channels), card.window, card.hop, card.sample_rate_hz)
         self.model = model
+        if self.last_rejection is not None and self.last_rejection.get("version") == model.version:
+            self.last_rejection = None  # that version was deployed again and is now the model in use
         log.info("model.swapped", component=model.component, version=model.version, key_id=model.key_id,
                  previous=old.version if old else None, load_ms=round(load_ms, 1), kind=card.kind,
                  threshold=model.threshold)

@@ -3,6 +3,8 @@ model cards, keys and training data the builder must name. Each test failed befo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import shutil
@@ -11,12 +13,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from anomaly_models import BATCH, CHANNELS, RATE, batch, build, healthy
 
 from components.anomaly import signing
 from components.anomaly.errors import ModelCardError
+from components.anomaly.model_card import load_card
+from components.anomaly_detector.config import COMPONENT
 from components.anomaly_detector.scoring import load_model
 from components.anomaly_detector.windowing import Windower
+from components.model_builder.package import recipe_document
+from ipc import Client
 
 NAME = "com.nucleus.TurbineModel"
 
@@ -122,3 +129,114 @@ def test_a_signed_card_whose_score_scale_is_out_of_order_is_refused(v1: Any, tmp
     with pytest.raises(ModelCardError, match=r"median .* <= p99") as info:
         load_model(d, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
     assert info.value.field == "score_scale"
+
+
+# --- the deployed detector ------------------------------------------------------------------------------
+
+DETECTOR_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "com.nucleus.AnomalyDetector-1.0.0.yaml"
+
+
+def model_recipe(model_dir: Path, recipes: Path) -> Path:
+    """The recipe for the files as they are now (honest digests: the nucleus takes them, the detector must judge)."""
+    card = load_card(model_dir / "model_card.json")
+    recipes.mkdir(parents=True, exist_ok=True)
+    path = recipes / f"{NAME}-{card.version}.yaml"
+    path.write_text(yaml.safe_dump(recipe_document(card, model_dir), sort_keys=False))
+    return path
+
+
+class Watch:
+    """A declared client: publishes sensor batches, keeps the detector's heartbeats and events."""
+
+    def __init__(self, daemon: Any, tmp: Path) -> None:
+        policy = {"aws.greengrass.ipc.pubsub": {"p": {
+            "operations": ["aws.greengrass#PublishToTopic", "aws.greengrass#SubscribeToTopic"],
+            "resources": ["sensors/+/raw", "anomaly/+", "heartbeat/anomaly_detector"]}}}
+        (tmp / "policy.json").write_text(json.dumps(policy))
+        token = daemon.cli("client", "add", "walk.bus", "--policy", str(tmp / "policy.json")).stdout.strip()
+        self.client = Client(daemon.socket, token.splitlines()[-1], name="walk.bus")
+        self.heartbeats: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.seq = 0
+
+    async def collect(self) -> None:
+        async with (self.client.subscribe("heartbeat/anomaly_detector", queue_size=10_000) as hb,
+                    self.client.subscribe("anomaly/t1", queue_size=10_000) as ev):
+            async def pump(msgs: Any, into: list[dict[str, Any]]) -> None:
+                async for m in msgs:
+                    into.append(m.payload)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pump(hb, self.heartbeats))
+                tg.create_task(pump(ev, self.events))
+
+    def last(self) -> dict[str, Any]:
+        return self.heartbeats[-1] if self.heartbeats else {}
+
+    async def until(self, pred: Any, timeout: float, what: str) -> None:
+        for _ in range(int(timeout / 0.05)):
+            if pred():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last heartbeat {self.last()}")
+
+    async def send(self, n: int, data: np.ndarray | None = None) -> None:
+        for _ in range(n):
+            d = healthy(BATCH, seed=self.seq, start=self.seq * BATCH) if data is None else data
+            await self.client.publish("sensors/t1/raw", batch(self.seq, d))
+            self.seq += 1
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_deployed_detector_survives_a_text_batch_and_retries_a_refused_version_deployed_again_with_good_files(
+        daemon_factory: Any, short_tmp: Path) -> None:
+    """Found live. A text batch ended the detector process; and a model version refused for its files
+    (here a tampered model.onnx) stayed refused after the same version was deployed again with the
+    good files: the detector kept the old model until it was restarted."""
+    out = short_tmp / "out"
+    v1, v2 = build(out, "1.0.0"), build(out, "2.0.0", kind="pca", seed=1)
+    bad = out / "tampered" / NAME / "2.0.0"
+    shutil.copytree(v2.model_dir, bad)
+    onnx_bytes = bytearray((bad / "model.onnx").read_bytes())
+    onnx_bytes[-20] ^= 1
+    (bad / "model.onnx").write_bytes(bytes(onnx_bytes))
+    config = json.dumps({COMPONENT: {"MERGE": {"trustedKeys": [v1.public_key], "heartbeatIntervalS": 0.2,
+                                               "modelPollIntervalS": 0.3}}})
+    daemon = daemon_factory()
+    daemon.cli("deploy", "--artifacts", str(out / "artifacts"), "--update-config", config,
+               str(model_recipe(v1.model_dir, short_tmp / "r1")), str(DETECTOR_RECIPE))
+    pid = daemon.wait_state(COMPONENT, {"RUNNING"})["pids"]
+    watch = Watch(daemon, short_tmp)
+
+    async def scenario() -> None:
+        async with watch.client, asyncio.TaskGroup() as tg:
+            collector = tg.create_task(watch.collect())
+            await watch.until(lambda: watch.last().get("model_version") == "1.0.0", 60, "model 1.0.0")
+            await watch.send(3)
+            await watch.send(1, healthy(BATCH).astype("U12"))
+            await watch.send(1, np.where(healthy(BATCH) > 0, "x", "y"))
+            await watch.send(6)
+            await watch.until(lambda: watch.last().get("windows", 0) >= 2, 30, "windows after the text batches")
+            assert watch.last()["skipped"] == {"malformed": 2}
+            # the tampered 2.0.0: refused, 1.0.0 kept
+            await asyncio.to_thread(daemon.cli, "deploy", "--artifacts", str(out / "tampered"),
+                                    str(model_recipe(bad, short_tmp / "r2bad")))
+            await watch.until(lambda: (watch.last().get("model_rejected") or {}).get("version") == "2.0.0", 30,
+                              "2.0.0 refused")
+            assert watch.last()["model_rejected"]["code"] == "MODEL_DIGEST_MISMATCH"
+            assert watch.last()["model_version"] == "1.0.0"
+            # the same version again, with the builder's files: taken
+            await asyncio.to_thread(daemon.cli, "deploy", "--artifacts", str(out / "artifacts"),
+                                    str(model_recipe(v2.model_dir, short_tmp / "r2")))
+            await watch.until(lambda: watch.last().get("model_version") == "2.0.0", 30, "good 2.0.0 swapped in")
+            assert watch.last()["model_rejected"] is None  # no longer true of 2.0.0
+            await watch.send(4)
+            await watch.until(lambda: any(e["model"]["version"] == "2.0.0" for e in watch.events), 30,
+                              "a window scored by 2.0.0")
+            collector.cancel()
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(scenario())
+    assert daemon.components()[COMPONENT]["pids"] == pid  # never restarted
+    assert "input.batch_failed" not in daemon.cli("logs", COMPONENT, "-n", "500").stdout
