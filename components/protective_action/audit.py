@@ -100,23 +100,27 @@ class AuditLog:
             self._conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
             self._full = full
 
-    def record(self, d: Decision, outcomes: Sequence[Outcome] = (), *, durable: bool = True) -> None:
+    def record(self, d: Decision, outcomes: Sequence[Outcome] = (), *, durable: bool = True,
+               replace: bool = False) -> None:
         """Commit a decision (and outcomes already known).
 
         ``durable=True`` returns after the WAL is fsync'ed. ``durable=False`` (the write-ahead
         intent) returns once the commit is written to the OS — it survives ``kill -9`` of this
         process, not a power cut — and the next durable commit fsyncs it along with its own rows.
+        ``replace=True`` (a decision recorded late) replaces its intent if that one made it: the row
+        moves to the end, where a restart looks for the asset's state.
         """
         with self._lock:
-            self._record(d, outcomes, durable)
+            self._record(d, outcomes, durable, replace)
 
-    def _record(self, d: Decision, outcomes: Sequence[Outcome], durable: bool) -> None:
+    def _record(self, d: Decision, outcomes: Sequence[Outcome], durable: bool, replace: bool = False) -> None:
         self._sync(durable)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
             c.execute(
-                "INSERT INTO decisions (decision_id, asset, ts, state, previous, action, actions, suppressed, "
+                f"INSERT {'OR REPLACE ' if replace else ''}INTO decisions (decision_id, asset, ts, state, previous, "
+                "action, actions, suppressed, "
                 "reason, event_ids, scores) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (d.decision_id, d.asset, d.ts, d.state.value, d.previous.value, d.actions[0] if d.actions else None,
                  json.dumps(d.actions), json.dumps(d.suppressed), d.reason, json.dumps(d.event_ids),

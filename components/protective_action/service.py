@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 import uuid
@@ -50,6 +51,8 @@ COMPONENT = "com.nucleus.ProtectiveAction"
 
 
 HEARTBEAT_TOPIC = "heartbeat/anomaly_detector"
+UNRECORDED_RETRY_S = 1.0  # how often decisions an audit failure left out are tried again
+UNRECORDED_MAX = 10_000  # per asset: beyond this the oldest are dropped (and that is logged)
 
 
 @dataclass(slots=True)
@@ -69,6 +72,8 @@ class Stats:
     audit_failures: int = 0
     keepalives: int = 0  # keepalive calls made (actuator.keepaliveS)
     keepalive_failures: int = 0
+    recorded_late: int = 0  # decisions recorded (and acknowledged) after an audit failure
+    unrecorded_dropped: int = 0  # decisions left out for good: more than UNRECORDED_MAX waiting
     # receive of the anomaly event -> actuator call, seconds (bounded)
     receive_to_actuator: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
@@ -93,6 +98,8 @@ class ActionService:
         self._locks: dict[str, asyncio.Lock] = {}  # per asset: its decisions in order, others not waiting
         self._tasks: asyncio.TaskGroup | None = None  # serve()'s: where decisions are applied off the loops
         self._keepalive_failing: set[str] = set()  # assets whose last keepalive failed
+        # per asset: decisions acted on that the audit log could not take yet (decision, outcomes, timing)
+        self._unrecorded: dict[str, list[tuple[Decision, list[Outcome], dict[str, float]]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
         restored = audit.last_states()
@@ -166,7 +173,7 @@ class ActionService:
             self._audit_failed(d, exc)
             return False
 
-    def _audit_failed(self, d: Decision, exc: Exception) -> None:
+    def _audit_failed(self, d: Decision, exc: Exception | str) -> None:
         self.stats.audit_failures += 1
         log.error("action.audit_failed", path=str(self.audit.path), error=str(exc), asset=d.asset,
                   decision_id=d.decision_id, state=d.state.value, actions=list(d.actions),
@@ -180,11 +187,22 @@ class ActionService:
             return [await self.actuator.execute(requests[0])]
         return list(await asyncio.gather(*(self.actuator.execute(r) for r in requests)))
 
-    async def apply(self, d: Decision, received: float | None = None, published_at: float | None = None) -> bool:
-        """Audit, act, acknowledge — in the configured order. True if acknowledged."""
+    async def apply(self, d: Decision, received: float | None = None, published_at: float | None = None, *,
+                    undone_if_unrecorded: bool = False) -> bool:
+        """Audit, act, acknowledge — in the configured order. True if acknowledged.
+
+        A decision the log cannot take is kept to be recorded later, unless the caller undoes it then
+        (``undone_if_unrecorded``: a reset)."""
         async with self._locks.setdefault(d.asset, asyncio.Lock()):
             self.stats.decisions += 1
-            if self.cfg.audit_order == "write_ahead" and d.actions:
+            if self._unrecorded.get(d.asset) and not await self._record_late(d.asset):
+                # Earlier decisions of this asset are still unrecorded: this one waits behind them (the
+                # log's order is what a restart restores), and the machine is protected meanwhile.
+                acted_at, acted_wall = self.clocks.perf(), self.clocks.wall()
+                outcomes = await self._actuate(d)
+                self._audit_failed(d, "earlier decisions of this asset are not recorded yet")
+                durable = False
+            elif self.cfg.audit_order == "write_ahead" and d.actions:
                 # The intent: written to the OS on the loop (tens of microseconds, no fsync) so it
                 # survives kill -9; the outcome's commit fsyncs both before anything is acknowledged.
                 intent = self._audit_now(d)
@@ -215,12 +233,55 @@ class ActionService:
                    previous=d.previous.value, actions=list(d.actions), suppressed=list(d.suppressed),
                    reason=d.reason, failed=[f"{o.action}: {o.detail}" for o in failed], durable=durable, **timing)
             if not durable:
+                if not undone_if_unrecorded:
+                    self._keep_unrecorded(d, outcomes, timing)
                 return False
-            payload = d.payload()
-            payload["outcomes"] = [{"action": o.action, "ok": o.ok, "detail": o.detail} for o in outcomes]
-            payload["timing"] = timing
-            await self.client.publish(f"actions/{d.asset}", payload)
+            await self._acknowledge(d, outcomes, timing)
             return True
+
+    async def _acknowledge(self, d: Decision, outcomes: list[Outcome], timing: dict[str, float]) -> None:
+        payload = d.payload()
+        payload["outcomes"] = [{"action": o.action, "ok": o.ok, "detail": o.detail} for o in outcomes]
+        payload["timing"] = timing
+        await self.client.publish(f"actions/{d.asset}", payload)
+
+    def _keep_unrecorded(self, d: Decision, outcomes: list[Outcome], timing: dict[str, float]) -> None:
+        """A decision the audit log could not take, kept to be recorded (and acknowledged) when it can: it
+        was acted on, and a restart restores the state of the log's last decision, so a safe state left
+        out would come back as the state before it."""
+        pending = self._unrecorded.setdefault(d.asset, [])
+        pending.append((d, outcomes, timing))
+        if len(pending) > UNRECORDED_MAX:
+            del pending[0]
+            self.stats.unrecorded_dropped += 1
+            log.error("action.unrecorded_dropped", asset=d.asset, kept=UNRECORDED_MAX,
+                      dropped=self.stats.unrecorded_dropped)
+
+    async def _record_late(self, asset: str) -> bool:
+        """Record the asset's decisions an audit failure left out, oldest first, and acknowledge each;
+        True when none is left. Called under the asset's lock."""
+        pending = self._unrecorded.get(asset, [])
+        loop = asyncio.get_running_loop()
+        while pending:
+            d, outcomes, timing = pending[0]
+            try:  # a write-ahead intent may be in the log already: replaced, with its outcomes
+                await loop.run_in_executor(self._pool, functools.partial(self.audit.record, d, outcomes,
+                                                                         replace=True))
+            except Exception:
+                return False
+            pending.pop(0)
+            self.stats.recorded_late += 1
+            log.warning("action.recorded_late", asset=asset, decision_id=d.decision_id, state=d.state.value,
+                        left=len(pending))
+            await self._acknowledge(d, outcomes, {**timing, "recorded_late": 1.0})
+        return True
+
+    async def _retry_unrecorded(self, asset: str) -> None:
+        lock = self._locks.setdefault(asset, asyncio.Lock())
+        if lock.locked():
+            return  # a decision of this asset is being applied: it records the backlog first
+        async with lock:
+            await self._record_late(asset)
 
     def _spawn(self, coro: Any) -> None:
         """Apply off the bus loop that decided it, so the next message (another asset's) is judged and
@@ -281,7 +342,7 @@ class ActionService:
         # log keeps both, so a reset cannot be put on someone else's name without a trace.
         who = operator if sender is None or sender == operator else f"{operator} (client {sender})"
         result = policy.reset(self.clocks.monotonic(), self.clocks.wall(), who)
-        if result.decision is not None and not await self.apply(result.decision):
+        if result.decision is not None and not await self.apply(result.decision, undone_if_unrecorded=True):
             if result.undo is not None:
                 result.undo()
             log.error("action.reset_refused", asset=asset, operator=who, state=policy.state.value,
@@ -339,10 +400,15 @@ class ActionService:
             await m.reply(reply)
 
     async def _ticks(self) -> None:
+        retried = self.clocks.monotonic()
         while True:
             await asyncio.sleep(self.cfg.check_interval_s)
             for d in self.due():
                 self._spawn(self.apply(d))
+            if self.clocks.monotonic() - retried >= UNRECORDED_RETRY_S:
+                retried = self.clocks.monotonic()
+                for asset in [a for a, pending in self._unrecorded.items() if pending]:
+                    self._spawn(self._retry_unrecorded(asset))
 
     async def keepalive(self) -> None:
         """One round of the dead-man refresh: each asset whose protection is working, and only those.

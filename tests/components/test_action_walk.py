@@ -170,3 +170,59 @@ async def test_an_audit_log_that_cannot_be_opened_sends_every_asset_to_its_safe_
     assert rows == {a["decision_id"]: "safe_state" for a in acks} and outcomes == 4
     text = output.read_text(errors="replace")
     assert "blocker/audit.db" in text and "Traceback" not in text
+
+
+async def test_a_safe_state_the_audit_log_could_not_take_is_recorded_when_it_can(short_tmp: Path) -> None:
+    """The detector stops while the audit log cannot grow (a full disk): the safe state is acted on and
+    not acknowledged, as documented, but it was then lost for good: once the disk had room again the log
+    still ended on the earlier latch, which is what a restart restores. It must be recorded (and
+    acknowledged, marked late) as soon as the log takes it."""
+    config = json.loads(json.dumps(FAST))
+    config["policy"].update(heartbeatTimeoutS=0.6)
+    async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
+            tc.subscribe("actions/t1") as actions:
+        stop = asyncio.Event()
+
+        async def heartbeats() -> None:
+            while not stop.is_set():
+                await tc.publish("heartbeat/anomaly_detector", {})
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(heartbeats())
+        try:
+            async with action_component(server, config, short_tmp) as proc:
+                for _ in range(2):
+                    await tc.publish("anomaly/t1", event(2.0))
+                assert (await next_action(actions))["state"] == "latched"
+                await asyncio.sleep(0.5)  # heartbeats seen (before, the startup grace covers their absence)
+                wal = short_tmp / "audit.db-wal"
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (wal.stat().st_size, resource.RLIM_INFINITY))
+                try:
+                    stop.set()
+                    await beating
+                    log = short_tmp / "action.log"
+                    for _ in range(200):  # bounded: the heartbeat timeout is 0.6 s
+                        text = log.read_text()
+                        if "action.audit_failed" in text and text.count("ACTUATOR engage_brake") == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                    text = log.read_text()
+                    assert "action.audit_failed" in text and "state=safe_state" in text, text[-2000:]
+                    assert text.count("ACTUATOR engage_brake") == 2  # acted on, unaudited
+                    with pytest.raises(TimeoutError):  # and not acknowledged
+                        await next_action(actions, timeout=0.5)
+                finally:
+                    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                late = await next_action(actions, timeout=10)
+                assert late["state"] == "safe_state" and late["previous"] == "latched"
+                assert late["timing"]["recorded_late"] == 1.0 and "heartbeat" in late["reason"]
+                assert [o["ok"] for o in late["outcomes"]] == [True, True]
+        finally:
+            stop.set()
+            await beating
+    with sqlite3.connect(short_tmp / "audit.db") as conn:
+        rows = conn.execute("SELECT decision_id, state FROM decisions ORDER BY rowid").fetchall()
+        outcomes = conn.execute("SELECT count(*) FROM outcomes WHERE decision_id = ?", (late["decision_id"],))
+        assert outcomes.fetchone()[0] == 2
+    assert [r[1] for r in rows] == ["latched", "safe_state"] and rows[-1][0] == late["decision_id"]
