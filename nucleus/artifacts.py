@@ -123,13 +123,16 @@ class DiskSpace:
 
 def _write_failed(exc: OSError, dest: Path, *, component: str, uri: str, field: str) -> ArtifactError:
     """A failed write to the staging folder, said as such: disk full is the operator's to fix,
-    not a problem of the artifact's source. (``dest`` holds the component's name.)"""
+    not a problem of the artifact's source. The folder shown is the store's staging folder (the
+    filesystem to look at), not this deployment's temporary one, which is gone when this is read."""
     why = "the disk is full" if exc.errno == errno.ENOSPC else \
         "the file size limit of the daemon's process (ulimit -f) is reached" if exc.errno == errno.EFBIG else \
         exc.strerror or str(exc)
-    what = "unpack into" if field == "Unarchive" else "write"
-    return ArtifactError(f"artifact {uri}: {why}: cannot {what} {dest} ([Errno {exc.errno}] {exc.strerror})",
-                         component=component, field=field)
+    parts = dest.parts
+    folder = Path(*parts[: parts.index(".staging") + 1]) if ".staging" in parts[:-1] else dest.parent
+    what = "unpack" if field == "Unarchive" else "write"
+    return ArtifactError(f"artifact {uri}: {why}: cannot {what} {dest.name!r} in {folder} "
+                         f"([Errno {exc.errno}] {exc.strerror})", component=component, field=field)
 
 
 # --- names and digests --------------------------------------------------------------------------
@@ -466,17 +469,24 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 def _check_entry_count(archive: Path, limits: Limits, *, component: str, uri: str) -> None:
-    """The entry count of the end-of-central-directory record, before ZipFile builds an object per
-    entry: a 1 GiB archive of empty entries would be 20 million of them, gigabytes of memory."""
+    """The end-of-central-directory record, before ZipFile builds an object per entry: a 1 GiB
+    archive of empty entries would be 20 million of them, gigabytes of memory. ZipFile reads the
+    central directory by its size, not by the count the record states, so the size is bounded too:
+    an entry's record is 46 bytes and its name; more than 1 KiB per allowed entry is no real archive."""
     end_record = getattr(zipfile, "_EndRecData", None)
     if end_record is None:  # a Python without it: ZipFile's own parse, then check_zip
         return
     with archive.open("rb") as fp:
         end = end_record(fp)
-    count = None if end is None else int(end[getattr(zipfile, "_ECD_ENTRIES_TOTAL", 4)])
-    if count is not None and count > limits.max_archive_entries:
+    if end is None:
+        return  # not a ZIP: ZipFile says so
+    count = int(end[getattr(zipfile, "_ECD_ENTRIES_TOTAL", 4)])
+    size = int(end[getattr(zipfile, "_ECD_SIZE", 5)])
+    if count > limits.max_archive_entries or size > limits.max_archive_entries * 1024:
+        shown = f"{count} entries" if count > limits.max_archive_entries else \
+            f"a central directory of {show_size(size)} (more than 1 KiB for each entry allowed)"
         raise ArtifactError(
-            f"artifact {uri}: the archive has {count} entries, over the limit of {limits.max_archive_entries} "
+            f"artifact {uri}: the archive has {shown}, over the limit of {limits.max_archive_entries} entries "
             "(deployments.max_archive_entries); nothing was unpacked", component=component, field="Unarchive")
 
 

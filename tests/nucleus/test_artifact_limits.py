@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST_SETTINGS
 from test_daemon import write_recipe
 
 from nucleus import artifacts as art
 from nucleus.errors import ArtifactError, ConfigurationError
 from nucleus.settings import load_settings
+from tests.conftest import FAST_SETTINGS
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -249,23 +249,27 @@ def test_too_little_free_disk_fails_the_deployment_before_writing(
 
 def test_a_disk_that_fills_mid_download_fails_the_deployment_and_loses_nothing(
         daemon_factory: Any, short_tmp: Path, http_dir: tuple[str, Path]) -> None:
-    """No reserve, a 12 MiB download of unknown length onto an 8 MiB disk: the write hits ENOSPC.
-    The deployment fails saying the disk is full (not 'download failed'), staging is removed so
-    the disk is free again, the running version runs on, the daemon serves, and the journal records
-    the failure; the next good deployment succeeds."""
+    """No reserve, a 40 MiB download of unknown length onto a 24 MiB disk that holds the whole
+    root (journal, logs, sockets, store): the write hits ENOSPC. The deployment fails saying the
+    disk is full (not 'download failed: [Errno 28]'), staging is removed so the disk is free again,
+    the running version runs on, the daemon serves, the journal records the failure, and the next
+    good deployment succeeds."""
     base, www = http_dir
     daemon = daemon_factory(settings=_settings(disk_reserve_bytes=0, disk_reserve_percent=0), start=False)
-    with small_disk(daemon.root / "packages", 8) as disk:
+    settings = (daemon.root / "nucleus.yaml").read_text()
+    with small_disk(daemon.root, 24) as disk:
+        (daemon.root / "nucleus.yaml").write_text(settings)  # the mount hid it
         try:
             daemon.start()
             pids = _deploy_v1(daemon, short_tmp)
             used = shutil.disk_usage(disk).used
-            data = os.urandom(12 * MiB)
+            data = os.urandom(40 * MiB)
             (www / "fill.bin").write_bytes(data)
             uri = f"{base}/stream/fill.bin"
             recipe = write_recipe(short_tmp / "f", NAME, "2.0.0", run=RUN, artifacts=[_artifact(uri, data)])
-            _fails_cleanly(daemon, recipe, pids, NAME, uri, "the disk is full", "[Errno 28]", ".staging")
-            assert shutil.disk_usage(disk).used <= used + 64 * 1024
+            _fails_cleanly(daemon, recipe, pids, NAME, uri, "the disk is full: cannot write 'fill.bin' in",
+                           "packages/.staging ([Errno 28]")
+            assert shutil.disk_usage(disk).used <= used + MiB  # staging gone (the journal and logs grew a little)
             shown = daemon.cli("deployments").stdout
             assert "FAILED_NO_STATE_CHANGE" in shown, shown
             _good_deployment_after(daemon, short_tmp)
@@ -294,3 +298,20 @@ def test_the_limits_are_settings_and_bad_values_name_the_key(short_tmp: Path) ->
     with pytest.raises(ConfigurationError) as caught:
         load_settings(short_tmp)
     assert "deployments.max_archive_entries" in str(caught.value) and "nucleus.yaml" in str(caught.value)
+
+
+def test_an_end_record_that_understates_the_entry_count_does_not_get_the_directory_parsed(short_tmp: Path) -> None:
+    """ZipFile reads the central directory by its size, not by the count the end record states: a
+    hostile archive saying '1 entry' would still have every entry parsed into memory (20 million in
+    a 1 GiB archive). The directory's size is bounded before ZipFile is opened."""
+    archive = short_tmp / "understated.zip"
+    _zeros_zip(archive, {f"f{i}": 0 for i in range(3000)})
+    raw = bytearray(archive.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", raw, end + 8, 1, 1)  # entries on this disk, entries in all
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError) as caught:
+        art.unarchive_zip(archive, short_tmp / "out", component=NAME, uri="s3://b/understated.zip",
+                          limits=art.Limits(max_archive_entries=100))
+    assert "central directory of" in str(caught.value) and "deployments.max_archive_entries" in str(caught.value)
+    assert not any((short_tmp / "out").iterdir())
