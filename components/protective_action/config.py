@@ -110,6 +110,10 @@ class ActuatorConfig(_Model):
     # command: action -> argv (list) or a shell-free command line split on whitespace
     commands: dict[str, tuple[str, ...] | str] = Field(default_factory=dict)
     timeout_s: float = Field(5.0, gt=0)
+    # > 0: an action the actuator reported failed is run again every retryS seconds while the asset
+    # stays in the state that wanted it (latched, tripped, safe_state), each attempt a decision of its
+    # own in the audit log; 0: a failed action is not retried.
+    retry_s: float = Field(5.0, ge=0)
     record_path: Path | None = None  # simulated: also append each call as a JSON line here
     # > 0: every keepaliveS seconds, for each asset whose protection is working (not in the safe state,
     # detector and sensor stream alive), call the actuator's "keepalive": the refresh of a dead-man

@@ -259,6 +259,14 @@ class AssetPolicy:
 
         return ResetResult(True, State.NORMAL, d.reason, d, undo)
 
+    def retry(self, actions: tuple[str, ...], now: float, wall: float, failed: str) -> Decision | None:
+        """Run ``actions`` again, which failed in ``failed`` (a decision id) and are still wanted: the
+        state stays, the attempt is a decision of its own. None in ``normal``, where nothing is wanted."""
+        if self.state is State.NORMAL or not actions:
+            return None
+        reason = f"retry of {', '.join(actions)}: failed in decision {failed}, still {self.state.value}"
+        return self._decide(self.state, actions, now, wall, reason=reason, windows=[])
+
     def action_failed(self, action: str, decided_at: float) -> None:
         """An action the actuator reported failed does not start its cooldown: the next decision that
         wants it (a re-trip, the safe state) runs it again instead of listing it as suppressed while

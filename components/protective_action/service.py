@@ -100,6 +100,8 @@ class ActionService:
         self._keepalive_failing: set[str] = set()  # assets whose last keepalive failed
         # per asset: decisions acted on that the audit log could not take yet (decision, outcomes, timing)
         self._unrecorded: dict[str, list[tuple[Decision, list[Outcome], dict[str, float]]]] = {}
+        # per asset: failed actions still wanted (actuator.retryS): (actions, the decision they failed in, when next)
+        self._failed: dict[str, tuple[tuple[str, ...], str, float]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
         restored = audit.last_states()
@@ -228,6 +230,8 @@ class ActionService:
             if policy is not None:
                 for o in failed:
                     policy.action_failed(o.action, d.decided_at)
+            if durable or not undone_if_unrecorded:
+                self._note_failures(d, outcomes)
             log_fn = log.error if failed else log.info
             log_fn("action.decision", asset=d.asset, decision_id=d.decision_id, state=d.state.value,
                    previous=d.previous.value, actions=list(d.actions), suppressed=list(d.suppressed),
@@ -244,6 +248,38 @@ class ActionService:
         payload["outcomes"] = [{"action": o.action, "ok": o.ok, "detail": o.detail} for o in outcomes]
         payload["timing"] = timing
         await self.client.publish(f"actions/{d.asset}", payload)
+
+    def _note_failures(self, d: Decision, outcomes: list[Outcome]) -> None:
+        """What is left to retry for the asset: the actions that failed and were not carried out since,
+        while the asset is in a state that wants them (``normal`` wants none)."""
+        if d.state is State.NORMAL:
+            self._failed.pop(d.asset, None)
+            return
+        left = self._failed.get(d.asset, ((), "", 0.0))[0]
+        ok = {o.action for o in outcomes if o.ok}
+        failed = [o.action for o in outcomes if not o.ok]
+        actions = tuple(dict.fromkeys(a for a in (*left, *failed) if a not in ok))
+        if not actions:
+            self._failed.pop(d.asset, None)
+        elif failed or d.asset not in self._failed:
+            self._failed[d.asset] = (actions, d.decision_id, self.clocks.monotonic() + self.cfg.actuator.retry_s)
+        else:
+            self._failed[d.asset] = (actions, *self._failed[d.asset][1:])
+
+    def _retries_due(self) -> list[Decision]:
+        every = self.cfg.actuator.retry_s
+        if not every:
+            return []
+        now, wall = self.clocks.monotonic(), self.clocks.wall()
+        out = []
+        for asset, (actions, failed_in, due) in list(self._failed.items()):
+            policy = self.policies.get(asset)
+            if policy is None or now < due:
+                continue
+            self._failed[asset] = (actions, failed_in, now + every)  # not again while this one runs
+            if (d := policy.retry(actions, now, wall, failed_in)) is not None:
+                out.append(d)
+        return out
 
     def _keep_unrecorded(self, d: Decision, outcomes: list[Outcome], timing: dict[str, float]) -> None:
         """A decision the audit log could not take, kept to be recorded (and acknowledged) when it can: it
@@ -403,7 +439,7 @@ class ActionService:
         retried = self.clocks.monotonic()
         while True:
             await asyncio.sleep(self.cfg.check_interval_s)
-            for d in self.due():
+            for d in [*self.due(), *self._retries_due()]:
                 self._spawn(self.apply(d))
             if self.clocks.monotonic() - retried >= UNRECORDED_RETRY_S:
                 retried = self.clocks.monotonic()

@@ -226,3 +226,48 @@ async def test_a_safe_state_the_audit_log_could_not_take_is_recorded_when_it_can
         outcomes = conn.execute("SELECT count(*) FROM outcomes WHERE decision_id = ?", (late["decision_id"],))
         assert outcomes.fetchone()[0] == 2
     assert [r[1] for r in rows] == ["latched", "safe_state"] and rows[-1][0] == late["decision_id"]
+
+
+async def test_a_failed_action_is_retried_while_the_state_still_wants_it(short_tmp: Path) -> None:
+    """engage_brake's relay did not answer on the trip: the latch held, the failure was recorded, and
+    nothing ever ran the brake again, with the machine running while the log said latched. It must
+    be run again every actuator.retryS seconds, each attempt audited and acknowledged, until it
+    succeeds; an action that succeeded is not repeated."""
+    brake = short_tmp / "brake.sh"  # fails twice, then answers
+    brake.write_text('#!/bin/sh\nn=$(cat "$0.n" 2>/dev/null || echo 0); echo $((n + 1)) > "$0.n"\n'
+                     'if [ "$n" -lt 2 ]; then echo "relay not answering ($n)"; exit 2; fi\necho braked\n')
+    feather = short_tmp / "feather.sh"
+    feather.write_text('#!/bin/sh\necho feathered >> "$0.calls"\necho feathered\n')
+    for script in (brake, feather):
+        script.chmod(0o755)
+    raw = json.loads(json.dumps(FAST))
+    raw["actuator"] = {"kind": "command", "retryS": 0.2, "commands": {
+        "engage_brake": str(brake), "pitch_to_feather": str(feather)}}
+    cfg = load_config(raw)
+    actuator = CommandActuator({"engage_brake": (str(brake),), "pitch_to_feather": (str(feather),)}, timeout_s=10)
+    async with running(short_tmp, cfg, actuator) as (_service, tc), tc.subscribe("actions/t1") as actions:
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        trip = await next_action(actions)
+        assert trip["state"] == "latched"
+        assert {o["action"]: o["ok"] for o in trip["outcomes"]} == {"engage_brake": False, "pitch_to_feather": True}
+        retries = [await next_action(actions) for _ in range(2)]
+        for r in retries:
+            assert r["state"] == r["previous"] == "latched" and r["actions"] == ["engage_brake"], r
+            assert r["reason"].startswith("retry of engage_brake: failed in decision ")
+        assert [o["ok"] for r in retries for o in r["outcomes"]] == [False, True]
+        with pytest.raises(TimeoutError):  # it succeeded: no more attempts
+            await next_action(actions, timeout=0.8)
+    assert (short_tmp / "feather.sh.calls").read_text().count("feathered") == 1
+    with sqlite3.connect(short_tmp / "audit.db") as conn:
+        rows = conn.execute("SELECT d.state, o.action, o.ok FROM decisions d JOIN outcomes o USING (decision_id) "
+                            "ORDER BY d.rowid, o.action").fetchall()
+    assert rows == [("latched", "engage_brake", 0), ("latched", "pitch_to_feather", 1),
+                    ("latched", "engage_brake", 0), ("latched", "engage_brake", 1)]
+
+
+def test_retries_can_be_turned_off() -> None:
+    assert load_config({}).actuator.retry_s == 5.0
+    assert load_config({"actuator": {"retryS": 0}}).actuator.retry_s == 0
+    with pytest.raises(ConfigError, match=r"actuator\.retryS"):
+        load_config({"actuator": {"retryS": -1}})
