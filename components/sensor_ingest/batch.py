@@ -50,6 +50,13 @@ class Sequencer:
     source: Source
     next_seq: int = 0
     stream: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    _gap_pending: bool = False  # the next batch follows a restart of the source (mark_gap)
+
+    def mark_gap(self) -> None:
+        """The next batch, whatever its source says, does not continue the last one published (the
+        source was restarted by a configuration change while the numbering carries on)."""
+        if self.next_seq > 0:
+            self._gap_pending = True
 
     def payload(self, batch: Batch) -> dict[str, Any]:
         data = batch.data
@@ -59,6 +66,8 @@ class Sequencer:
             raise ValueError(f"batch data has shape {data.shape}, expected ({len(batch.channels)}, n)")
         seq = self.next_seq
         self.next_seq += 1
+        follows_gap = batch.follows_gap or self._gap_pending
+        self._gap_pending = False
         return {
             "asset": self.asset,
             "seq": seq,
@@ -68,5 +77,5 @@ class Sequencer:
             "channels": list(batch.channels),
             "data": data,
             "source": self.source,
-            **({"follows_gap": True} if batch.follows_gap else {}),
+            **({"follows_gap": True} if follows_gap else {}),
         }

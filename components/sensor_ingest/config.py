@@ -90,6 +90,29 @@ class MqttConfig(_Model):
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0)
 
+    @field_validator("topic")
+    @classmethod
+    def _topic_filter(cls, v: str) -> str:
+        """The MQTT rules for a topic filter, checked with the configuration: the client library refuses a
+        bad one only when it subscribes, and that crashed the ingest at every start until it was BROKEN,
+        after a deployment that said SUCCEEDED."""
+        levels = v.split("/")
+        if not v or "\0" in v or len(v.encode()) > 65535:
+            raise ValueError(f"{v!r} is not an MQTT topic filter (empty, or a NUL character, or too long)")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError(f"{v!r}: '#' must be a whole level and the last one (as in 'turbine/#')")
+            if "+" in level and level != "+":
+                raise ValueError(f"{v!r}: '+' must be a whole level (as in 'turbine/+/vibration')")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"channels must be one or more distinct names; got {list(v)}")
+        return v
+
 
 class IngestConfig(_Model):
     asset: str = "turbine-1"

@@ -30,22 +30,9 @@ import structlog
 
 from components.sensor_ingest.batch import Batch
 from components.sensor_ingest.config import MqttConfig
+from components.sensor_ingest.problems import ProblemReport, log_due
 
 log = structlog.get_logger(__name__)
-
-
-LOG_AT = (1, 10, 100, 1000)
-
-
-def log_due(old: int, new: int) -> bool:
-    """Whether a count that went from ``old`` to ``new`` passed 1, 10, 100, 1000 or a multiple of 10,000:
-    bad input is logged often enough to be seen and seldom enough that a device sending nothing else
-    cannot flood the log (the protective action counts its bad events the same way)."""
-    return any(old < t <= new for t in LOG_AT) or new // 10_000 > old // 10_000
-
-
-# reason (an AssemblerStats field), detail, count so far, MQTT topic of the message
-ProblemReport = Callable[[str, str, int, str | None], None]
 
 
 @dataclass(slots=True)
@@ -56,9 +43,10 @@ class AssemblerStats:
     rate_mismatch: int = 0  # refused: a block whose rate_hz is not the configured rateHz
     other_topic: int = 0  # refused: from another topic than the one this source takes samples from
     missing_values: int = 0  # configured channels absent from a message (NaN)
-    bad_values: int = 0  # values that were not numbers (NaN)
+    bad_values: int = 0  # values that were not finite numbers (NaN): "x", true, NaN, Infinity, 1e400
     unknown_channels: int = 0  # channels in a message that are not configured (ignored)
     gaps: int = 0  # a message's own time was not the next sample's: the batch was ended before it
+    out_of_order: int = 0  # refused: samples timed at or before one already taken (a QoS 1 duplicate, a late one)
 
 
 @dataclass(slots=True)
@@ -123,9 +111,11 @@ class SampleAssembler:
         return self._append(float(ts), [row], timed)
 
     def _number(self, name: str, v: Any) -> float:
-        if isinstance(v, int | float) and not isinstance(v, bool):
+        # json.loads takes NaN, Infinity and 1e400 (inf): no sensor measures an infinity, and a NaN the
+        # device sent is a missing value like any other, so both are NaN and counted, never passed on unseen.
+        if _finite(v):
             return float(v)
-        self._problem("bad_values", f"{name!r} is {v!r:.40}, not a number (read as NaN)")
+        self._problem("bad_values", f"{name!r} is {v!r:.40}, not a finite number (read as NaN)")
         return math.nan
 
     def _block(self, doc: dict[str, Any], arrived: float) -> list[Batch] | None:
@@ -161,15 +151,35 @@ class SampleAssembler:
         for j, name in enumerate(self.channels):
             if name in chans:
                 rows[:, j] = arr[chans.index(name)]
+        bad = int(np.count_nonzero(~np.isfinite(rows[:, [j for j, n in enumerate(self.channels) if n in chans]])))
+        if bad:
+            rows[~np.isfinite(rows)] = np.nan
+            self._problem("bad_values", f"block: {bad} value(s) not finite numbers (NaN, Infinity; read as NaN)", bad)
         return self._append(float(t0), rows.tolist(), "t0" in doc)
 
     def _append(self, t0: float, rows: list[list[float]], timed: bool) -> list[Batch]:
-        """Rows from ``t0`` on at the configured rate. A message that carries its own time (``ts``,
-        ``t0``) and is not the next sample (more than 1.5 sample periods off: lost messages, a device
-        that paused, a clock step) ends the batch first, so ``t0 + i / rate_hz`` stays true in a batch."""
+        """Rows from ``t0`` on at the configured rate, for a message that carries its own time (``ts``,
+        ``t0``) checked against the next sample's slot, to within half a sample period (one period of
+        slack would let a lost or a duplicated sample shift every later sample by a period, unseen):
+
+        * samples timed at or before one already taken (a QoS 1 redelivery, a late message) are refused
+          as ``out_of_order``: publishing them again would repeat data and run time backwards;
+        * a message further ahead (lost messages, a device that paused) or more than
+          ``CLOCK_STEP_S`` behind (the device's clock was set back) ends the batch first,
+          so ``t0 + i / rate_hz`` stays true in a batch."""
         out: list[Batch] = []
         expected = self._t0 + len(self._rows) / self.rate_hz if self._t0 is not None else self._next_t
-        if timed and rows and expected is not None and abs(t0 - expected) > 1.5 / self.rate_hz:
+        half = 0.5 / self.rate_hz
+        if timed and rows and expected is not None and -CLOCK_STEP_S <= t0 - expected < -half:
+            stale = min(len(rows), round((expected - t0) * self.rate_hz))
+            self._problem("out_of_order", f"{stale} sample(s) from {t0:.6f} are at or before the last one taken "
+                                          f"(the next is due at {expected:.6f}): refused, not published twice",
+                          stale)
+            rows = rows[stale:]
+            t0 += stale / self.rate_hz
+            if not rows:
+                return out
+        if timed and rows and expected is not None and abs(t0 - expected) > half:
             # also after a flush (the device went quiet): the next batch must not look continuous
             self._problem("gaps", f"sample time {t0:.6f} is {t0 - expected:+.6f} s off the next sample's "
                                   f"at {self.rate_hz:g} Hz: the batch ends before it")
@@ -184,6 +194,12 @@ class SampleAssembler:
             if len(self._rows) >= self.batch_size:
                 out.append(self._take())
         return out
+
+    def mark_gap(self) -> None:
+        """Samples were lost here (the broker went away): the next batch must not look continuous, even
+        when its messages carry no time of their own to show the hole."""
+        if self._rows or self._next_t is not None:
+            self._after_gap = True
 
     def flush(self) -> Batch | None:
         """The partial batch, if any (the device went quiet: don't sit on its last samples)."""
@@ -201,6 +217,8 @@ class SampleAssembler:
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
+
+CLOCK_STEP_S = 10.0  # a sample this far behind the next slot is a clock set back, not a late message
 
 MAX_EPOCH_S = 1e11  # the year 5138 in seconds, 1973 in milliseconds: above it, a time is in milliseconds
 
@@ -262,6 +280,7 @@ class MqttSource:
                 partial = self.assembler.flush()
                 if partial is not None:
                     yield partial
+                self.assembler.mark_gap()  # what devices publish meanwhile is lost (clean session)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
 

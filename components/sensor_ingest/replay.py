@@ -7,8 +7,10 @@ so a recording larger than memory replays as well as a small one.
 
 A batch is a run of rows with one regular step: a timestamp gap (a step more than 1.5x the
 batch's first step, or a step backwards) ends the batch, so a consumer that trusts
-``t0 + i / rate_hz`` is never told a wrong time. Unparseable or missing cells become NaN and are
-counted — the detector decides what a NaN window means, the replay does not invent values.
+``t0 + i / rate_hz`` is never told a wrong time. Unparseable, missing or non-finite cells (``inf``,
+``1e400``, ``NaN``) become NaN and are counted — the detector decides what a NaN window means, the
+replay does not invent values — and each count is reported (``on_problem``) when it passes 1, 10,
+100, ... with the file and line, so a bad file is seen while it loops, not only when it ends.
 Pacing (real time or accelerated) is the service's job; this module has no clock.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from components.sensor_ingest.batch import Batch
+from components.sensor_ingest.problems import ProblemReport, log_due
 
 _TIMESTAMP_NAMES = ("timestamp", "time", "ts", "datetime", "date")
 
@@ -42,8 +45,9 @@ class ReplayError(Exception):
 @dataclass(slots=True)
 class ReplayStats:
     rows: int = 0
-    bad_values: int = 0  # cells that were empty or not numbers (became NaN)
-    short_rows: int = 0  # rows with fewer cells than the header
+    bad_values: int = 0  # cells that were empty, not numbers or not finite (became NaN)
+    short_rows: int = 0  # rows with fewer cells than the header (the missing ones became NaN)
+    long_rows: int = 0  # rows with more cells than the header (the extra ones were ignored)
     bad_timestamps: int = 0  # rows skipped because their timestamp did not parse
     gaps: int = 0  # irregular steps that ended a batch early
     passes: int = 0  # completed passes over the file (loop)
@@ -54,9 +58,13 @@ def parse_timestamp(text: str) -> float:
     """Epoch seconds from a number or an ISO-8601 date-time (naive means UTC, as NAB's are)."""
     text = text.strip()
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):  # "inf", "nan": no time at all
+            raise ValueError(f"{text!r} is not a time")
+        return value
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -74,13 +82,16 @@ class CsvReplay:
 
     def __init__(self, path: Path, *, batch_size: int, rate_hz: float | None = None,
                  columns: tuple[str, ...] | None = None, channel_names: tuple[str, ...] | None = None,
-                 timestamp_column: str | None = "auto", loop: bool = False) -> None:
+                 timestamp_column: str | None = "auto", loop: bool = False,
+                 on_problem: ProblemReport | None = None) -> None:
         if not path.is_file():
-            raise ReplayError(path, "no such file")
+            raise ReplayError(path, "not a file (a directory)" if path.is_dir() else "no such file")
         self.path = path
         self.batch_size = batch_size
         self.loop = loop
         self.stats = ReplayStats()
+        self.on_problem = on_problem
+        self._line = 0  # line of the file being read (the header is line 1), for the reports
         try:
             with _open(path) as f:
                 header = next(csv.reader(f), None)
@@ -98,10 +109,19 @@ class CsvReplay:
         missing = [c for c in value_cols if c not in header]
         if missing or not value_cols:
             raise ReplayError(path, f"columns {missing or value_cols} not in header {header}")
+        # A name twice in the header is two columns under one name: reading "the" column would take the
+        # first for both channels and drop the other unseen.
+        ambiguous = sorted({c for c in [*value_cols, timestamp_column] if c is not None and header.count(c) > 1})
+        if ambiguous:
+            raise ReplayError(path, f"columns {ambiguous} appear more than once in header {header}; rename them "
+                                    "in the file (csv.channelNames renames channels, not columns)")
         self._indexes = [header.index(c) for c in value_cols]
         names = tuple(channel_names) if channel_names is not None else tuple(value_cols)
         if len(names) != len(value_cols):
             raise ReplayError(path, f"{len(names)} channel names for {len(value_cols)} columns")
+        if len(set(names)) != len(names):
+            raise ReplayError(path, f"channel names {list(names)} are not distinct (a consumer could not tell "
+                                    "the channels apart)")
         self.channels = names
         if self._ts_index is None and (rate_hz is None or rate_hz <= 0):
             raise ReplayError(path, "no timestamp column, so rateHz must say the sampling rate")
@@ -135,23 +155,30 @@ class CsvReplay:
         with _open(self.path) as f:
             reader = csv.reader(f)
             next(reader, None)
+            self._line = 1
             values: list[list[float]] = []
             times: list[float] = []
             step: float | None = None
             sample = 0
             after_gap = False  # the batch being filled starts after a gap in the timestamps
             for row in reader:
+                self._line = reader.line_num
                 if not row:
                     continue
                 self.stats.rows += 1
                 if len(row) < self._width:
-                    self.stats.short_rows += 1
+                    self._problem("short_rows", f"{len(row)} cells for {self._width} columns (missing ones read "
+                                                "as NaN)")
+                elif len(row) > self._width:
+                    self._problem("long_rows", f"{len(row)} cells for {self._width} columns (the extra ones "
+                                               "are ignored)")
                 t: float
                 if self._ts_index is not None:
                     try:
                         t = parse_timestamp(row[self._ts_index])
-                    except (ValueError, IndexError):
-                        self.stats.bad_timestamps += 1
+                    except (ValueError, IndexError, OverflowError):
+                        cell = row[self._ts_index] if self._ts_index < len(row) else None
+                        self._problem("bad_timestamps", f"timestamp {cell!r:.40} is not a time (row skipped)")
                         continue
                 else:
                     assert self.rate_hz is not None
@@ -162,7 +189,8 @@ class CsvReplay:
                     if step is None:
                         step = dt
                     if dt <= 0 or step <= 0 or not math.isclose(dt, step, rel_tol=0.5):
-                        self.stats.gaps += 1
+                        self._problem("gaps", f"time steps {dt:+g} s after a step of {step:g} s: the batch ends "
+                                              "before this row")
                         yield self._batch(times, values, step if step and step > 0 else fallback_step, after_gap)
                         values, times, step, after_gap = [], [], None, True
                 values.append(self._cells(row, n_ch))
@@ -178,10 +206,22 @@ class CsvReplay:
         out = [math.nan] * n_ch
         for j, i in enumerate(self._indexes):
             try:
-                out[j] = float(row[i])
+                v = float(row[i])
             except (ValueError, IndexError):
-                self.stats.bad_values += 1
+                v = math.nan
+            if math.isfinite(v):  # "inf", "1e400" (inf) and "NaN" are no more a reading than "x" is
+                out[j] = v
+            else:
+                cell = row[i] if i < len(row) else None
+                self._problem("bad_values", f"{self.channels[j]!r} is {cell!r:.40}, not a finite number "
+                                            "(read as NaN)")
         return out
+
+    def _problem(self, reason: str, detail: str) -> None:
+        old = getattr(self.stats, reason)
+        setattr(self.stats, reason, old + 1)
+        if self.on_problem is not None and log_due(old, old + 1):
+            self.on_problem(reason, detail, old + 1, f"{self.path}:{self._line}")
 
     def _batch(self, times: list[float], values: list[list[float]], step: float | None, after_gap: bool) -> Batch:
         if step is None or step <= 0:

@@ -24,7 +24,7 @@ from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
 from components.sensor_ingest.pacing import Pacer
 from components.sensor_ingest.replay import CsvReplay, ReplayError
-from components.sensor_ingest.simulator import Fault, FaultKind, TurbineSimulator
+from components.sensor_ingest.simulator import SENSOR_FAULTS, Fault, FaultKind, TurbineSimulator
 from ipc import Client, IpcError
 
 log = structlog.get_logger(__name__)
@@ -41,59 +41,91 @@ class Clocks:
     wall: Callable[[], float] = time.time
 
 
+_REQUEST_KEYS = ("fault", "severity", "channel", "mode", "action")
+
+
 def handle_fault_request(sim: TurbineSimulator | None, request: Any) -> dict[str, Any]:
-    """The reply to a ``control/<asset>/fault`` request; never raises on bad input."""
+    """The reply to a ``control/<asset>/fault`` request; never raises on bad input.
+
+    A key the request does not use is refused rather than ignored, as an unknown configuration key is:
+    ``{"fault": "imbalance", "sevrity": 0.2}`` would otherwise inject at full severity and say ok, and
+    a channel given for a machine fault (imbalance is the drivetrain's, not one sensor's) would be
+    dropped while the requester believes one channel has it.
+    """
     if sim is None:
         return {"ok": False, "error": "fault injection needs the simulator source (source: sim)", "active": []}
     if not isinstance(request, dict):
         return {"ok": False, "error": "request must be a map with 'fault' and 'action'", "active": sim.active()}
+
+    def refuse(error: str) -> dict[str, Any]:
+        return {"ok": False, "error": error, "active": sim.active()}
+
+    unknown = [k for k in request if k not in _REQUEST_KEYS]
+    if unknown:
+        return refuse(f"unknown key(s) {unknown}; a fault request has {list(_REQUEST_KEYS)}")
     action = request.get("action", "inject")
     if action == "clear_all":
         sim.clear_all()
+        log.info("ingest.fault_cleared", fault="all")
         return {"ok": True, "active": sim.active()}
+    if action not in ("inject", "clear"):
+        return refuse(f"action must be inject, clear or clear_all, got {action!r}")
     try:
         kind = FaultKind(str(request.get("fault")))
     except ValueError:
-        return {"ok": False, "error": f"unknown fault {request.get('fault')!r}; known: {[k.value for k in FaultKind]}",
-                "active": sim.active()}
+        return refuse(f"unknown fault {request.get('fault')!r}; known: {[k.value for k in FaultKind]}")
     channel = request.get("channel")
     if channel is not None and not isinstance(channel, str):
-        return {"ok": False, "error": "channel must be a string", "active": sim.active()}
+        return refuse("channel must be a string")
+    if channel is not None and kind not in SENSOR_FAULTS:
+        return refuse(f"channel applies to the sensor faults {sorted(k.value for k in SENSOR_FAULTS)} only; "
+                      f"{kind.value} is the machine's, on every channel")
     if action == "clear":
         cleared = sim.clear(kind, channel)
+        log.info("ingest.fault_cleared", fault=kind.value, channel=channel, was_active=cleared)
         return {"ok": True, "cleared": cleared, "active": sim.active()}
-    if action != "inject":
-        return {"ok": False, "error": f"action must be inject, clear or clear_all, got {action!r}",
-                "active": sim.active()}
     severity = request.get("severity", 1.0)
+    if not isinstance(severity, int | float) or isinstance(severity, bool):
+        return refuse(f"severity must be a number in 0..1, got {severity!r:.40}")
+    if "mode" in request and kind is not FaultKind.DROPOUT:
+        return refuse(f"mode applies to dropout only, not to {kind.value}")
     mode = request.get("mode", "nan")
-    if not isinstance(severity, int | float) or isinstance(severity, bool) or mode not in ("nan", "zero"):
-        return {"ok": False, "error": "severity must be a number in 0..1 and mode 'nan' or 'zero'",
-                "active": sim.active()}
+    if mode not in ("nan", "zero"):
+        return refuse(f"mode must be 'nan' or 'zero', got {mode!r:.40}")
     try:
         sim.inject(Fault(kind, float(severity), channel, mode))
     except ValueError as exc:
-        return {"ok": False, "error": str(exc), "active": sim.active()}
+        return refuse(str(exc))
     log.info("ingest.fault_injected", fault=kind.value, severity=severity, channel=channel)
     return {"ok": True, "active": sim.active()}
 
 
 class IngestService:
     def __init__(self, client: Client, cfg: IngestConfig, clocks: Clocks | None = None,
-                 sequencer: Sequencer | None = None) -> None:
+                 sequencer: Sequencer | None = None, faults_from: TurbineSimulator | None = None) -> None:
         self.client = client
         self.cfg = cfg
         self.clocks = clocks or Clocks()
         self.sequencer = sequencer or Sequencer(cfg.asset, cfg.source)
         self.sim: TurbineSimulator | None = None
+        self._faults_from = faults_from  # the simulator this one replaces: its injected faults carry on
         self.published = 0
         self.skipped_batches = 0
 
     # --- sources --------------------------------------------------------------------------------
     async def _sim_batches(self, pacer: Pacer) -> AsyncIterator[Batch]:
         cfg = self.cfg
-        sim = self.sim = TurbineSimulator(cfg.simulator.params(cfg.rate_hz), cfg.simulator.channels,
-                                          seed=cfg.simulator.seed)
+        sim = TurbineSimulator(cfg.simulator.params(cfg.rate_hz), cfg.simulator.channels, seed=cfg.simulator.seed)
+        if self._faults_from is not None:
+            # A configuration change (a new rate, batch size) is not a repair: the faults a test injected
+            # stay until it clears them. One on a channel the new configuration lacks cannot.
+            dropped = sim.adopt_faults(self._faults_from)
+            if self._faults_from.active():
+                log.info("ingest.faults_kept", asset=cfg.asset, active=sim.active(), dropped=dropped)
+            if dropped:
+                log.warning("ingest.faults_dropped", asset=cfg.asset, dropped=dropped,
+                            reason="their channel is not in simulator.channels any more")
+        self.sim = sim
         n, period = cfg.batch_size, cfg.batch_size / cfg.rate_hz
         epoch = self.clocks.wall()  # t0 of sample 0; every t0 after is epoch + index / rate: no drift
         while True:
@@ -115,7 +147,8 @@ class IngestService:
         c = cfg.csv
         try:
             replay = CsvReplay(c.path, batch_size=cfg.batch_size, rate_hz=cfg.rate_hz, columns=c.columns,
-                               channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop)
+                               channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop,
+                               on_problem=self._replay_problem)
         except ReplayError as exc:  # checked when the configuration was, so the file went since
             log.error("ingest.replay_failed", asset=cfg.asset, path=str(c.path), error=str(exc))  # noqa: TRY400
             return
@@ -143,7 +176,11 @@ class IngestService:
             return
         s = replay.stats
         log.info("ingest.replay_finished", asset=cfg.asset, path=str(c.path), rows=s.rows, bad_values=s.bad_values,
-                 bad_timestamps=s.bad_timestamps, gaps=s.gaps)
+                 bad_timestamps=s.bad_timestamps, short_rows=s.short_rows, long_rows=s.long_rows, gaps=s.gaps)
+
+    def _replay_problem(self, reason: str, detail: str, count: int, where: str | None) -> None:
+        event = "ingest.replay_gap" if reason == "gaps" else "ingest.replay_bad_input"
+        log.warning(event, asset=self.cfg.asset, reason=reason, detail=detail, count=count, at=where)
 
     async def _mqtt_batches(self) -> AsyncIterator[Batch]:
         source = MqttSource(self.cfg.mqtt, self.cfg.rate_hz, self.cfg.batch_size, self.clocks.wall)
@@ -215,8 +252,9 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
         return await anext(changes, None)
 
     sequencer = Sequencer(cfg.asset, cfg.source)
+    previous_sim: TurbineSimulator | None = None
     while True:
-        service = IngestService(client, cfg, clocks, sequencer)
+        service = IngestService(client, cfg, clocks, sequencer, faults_from=previous_sim)
         log.info("ingest.started", asset=cfg.asset, source=cfg.source, rate_hz=cfg.rate_hz,
                  batch_size=cfg.batch_size, topic=cfg.topic, first_seq=sequencer.next_seq)
         async with asyncio.TaskGroup() as tg:
@@ -241,4 +279,11 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
         log.info("ingest.config_changed", asset=new.asset, source=new.source)
         if new.asset != cfg.asset:
             sequencer = Sequencer(new.asset, new.source)  # another asset: its own numbering from 0
+            previous_sim = None  # another machine: its faults are not this one's
+        else:
+            # The source starts afresh (the replay from its first row, the simulator's phase from 0, the
+            # MQTT source reconnected) while seq and stream carry on: the next batch does not continue
+            # this one's samples, and must say so or the detector would join both into one window.
+            sequencer.mark_gap()
+            previous_sim = service.sim
         cfg = new

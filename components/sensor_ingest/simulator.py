@@ -206,6 +206,29 @@ class TurbineSimulator:
     def clear_all(self) -> None:
         self._faults.clear()
 
+    def adopt_faults(self, other: TurbineSimulator) -> list[dict[str, Any]]:
+        """Take over ``other``'s active faults (this simulator replaces it after a configuration change).
+
+        An over-temperature keeps how long it has been ramping (in seconds: the rate may have changed),
+        and a stuck channel the value it is stuck at. Returns the faults left behind because their
+        channel is not one of this simulator's.
+        """
+        dropped: list[dict[str, Any]] = []
+        for (kind, channel), active in other._faults.items():
+            if channel is not None and channel not in self.channels:
+                dropped.append(active.fault.describe())
+                continue
+            elapsed_s = (other._index - active.since_index) / other.params.rate_hz
+            since = self._index - round(elapsed_s * self.params.rate_hz)
+            held = None
+            if active.held is not None:
+                held = self._last.copy()
+                for row, name in enumerate(self.channels):
+                    if name in other.channels:
+                        held[row] = active.held[other.channels.index(name)]
+            self._faults[(kind, channel)] = _Active(active.fault, since, held)
+        return dropped
+
     def active(self) -> list[dict[str, Any]]:
         return [a.fault.describe() for a in self._faults.values()]
 

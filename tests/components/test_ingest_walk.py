@@ -1,0 +1,269 @@
+"""Sensor ingest as a demanding user meets it: what a walk through each source, fault request and
+configuration change found wrong (each test failed before its fix). The bad input of issue 4 point 9
+(NaN/inf, duplicated and late samples, ambiguous columns) must be refused or turned into a defined,
+counted and logged value, never a silent wrong answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ingest_action_kit import REPO, bus, client, free_port, mosquitto
+from structlog.testing import capture_logs
+
+from components.configuration import ConfigError
+from components.sensor_ingest.config import load_config
+from components.sensor_ingest.mqtt_source import SampleAssembler
+from components.sensor_ingest.replay import CsvReplay
+from components.sensor_ingest.service import IngestService, handle_fault_request
+from components.sensor_ingest.simulator import TurbineParams, TurbineSimulator
+
+INGEST = "com.nucleus.SensorIngest"
+
+# --- fault requests -------------------------------------------------------------------------------
+
+
+def test_a_fault_request_with_a_key_it_does_not_use_is_refused() -> None:
+    """``sevrity: 0.2`` used to inject at full severity and answer ok; a channel or mode given to a fault
+    that has none was dropped, the requester believing one channel had it. Each is now an error naming
+    the key, and the active faults do not change."""
+    sim = TurbineSimulator(TurbineParams())
+    assert handle_fault_request(sim, {"fault": "imbalance", "severity": 0.5})["ok"] is True
+    for bad, why in [({"fault": "imbalance", "sevrity": 0.2}, "unknown key(s) ['sevrity']"),
+                     ({"fault": "imbalance", "channel": "vib_x"}, "channel applies to the sensor faults"),
+                     ({"fault": "over_temperature", "mode": "zero"}, "mode applies to dropout only"),
+                     ({"fault": "imbalance", "severity": "0.5"}, "severity must be a number in 0..1, got '0.5'"),
+                     ({"fault": "dropout", "mode": "x"}, "mode must be 'nan' or 'zero', got 'x'")]:
+        reply = handle_fault_request(sim, bad)
+        assert reply["ok"] is False and why in reply["error"], (bad, reply)
+        assert reply["active"] == [{"fault": "imbalance", "severity": 0.5}]
+
+
+# --- CSV replay -----------------------------------------------------------------------------------
+
+
+def test_non_finite_csv_cells_are_nan_counted_and_reported_with_file_and_line(tmp_path: Path) -> None:
+    """``inf``, ``1e400`` and ``NaN`` cells were published as inf/NaN and not counted; and the counts were
+    only logged when a replay ended, which a looping replay (the default) never does."""
+    path = tmp_path / "bad.csv"
+    path.write_text("a,b\n1,2\ninf,1e400\nNaN,-inf\n3,4,5\n6\n")
+    reports: list[tuple[str, str, int, str | None]] = []
+    replay = CsvReplay(path, batch_size=5, rate_hz=10, loop=True, on_problem=lambda *r: reports.append(r))
+    first = next(replay.batches())
+    assert np.isnan(first.data).tolist() == [[False, True, True, False, False], [False, True, True, False, True]]
+    assert first.data[:, [0, 3]].tolist() == [[1, 3], [2, 4]]
+    assert (replay.stats.bad_values, replay.stats.long_rows, replay.stats.short_rows) == (5, 1, 1)
+    where = {r[0]: r[3] for r in reports}
+    assert where == {"bad_values": f"{path}:3", "long_rows": f"{path}:5", "short_rows": f"{path}:6"}
+    assert "'a' is 'inf', not a finite number" in reports[0][1]
+
+
+async def test_a_looping_replay_logs_its_bad_cells(short_tmp: Path) -> None:
+    path = short_tmp / "bad.csv"
+    path.write_text("a,b\n" + "1,2\n" * 8 + "x,inf\n")
+    cfg = load_config({"asset": "lp", "source": "csv", "rateHz": 1000, "batchSize": 3,
+                       "csv": {"path": str(path), "speed": 0, "loop": True}})
+    with capture_logs() as logs:
+        async with bus(short_tmp) as sock, client(sock, "ingest") as ic:
+            service = IngestService(ic, cfg)
+            pub = asyncio.create_task(service.publish_forever())
+            async with asyncio.timeout(10):
+                while sum(e["event"] == "ingest.replay_bad_input" for e in logs) < 2:  # the 1st and the 10th
+                    await asyncio.sleep(0.01)
+            pub.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pub
+    bad = [e for e in logs if e["event"] == "ingest.replay_bad_input"]
+    assert [(e["reason"], e["count"], e["at"]) for e in bad[:2]] == [("bad_values", 1, f"{path}:10"),
+                                                                     ("bad_values", 10, f"{path}:10")]
+    assert bad[0]["asset"] == "lp" and "'a' is 'x'" in bad[0]["detail"]
+
+
+def test_a_column_named_twice_or_channels_named_alike_are_refused(tmp_path: Path) -> None:
+    """A header ``a,a`` used to replay the first column as both channels and drop the second unseen."""
+    dup = tmp_path / "dup.csv"
+    dup.write_text("a,a,b\n1,2,3\n")
+    for csv, why in [({"path": str(dup)}, "columns ['a'] appear more than once"),
+                     ({"path": str(dup), "columns": ["a", "b"]}, "columns ['a'] appear more than once"),
+                     ({"path": str(dup), "columns": ["b"], "channelNames": ["x"]}, None),
+                     ({"path": str(dup), "columns": ["b", "b"]}, "channel names ['b', 'b'] are not distinct")]:
+        if why is None:
+            assert load_config({"source": "csv", "csv": csv}).csv is not None  # the other column is fine
+            continue
+        with pytest.raises(ConfigError, match="csv: ") as info:
+            load_config({"source": "csv", "csv": csv})
+        assert why in str(info.value) and "dup.csv" in str(info.value)
+    with pytest.raises(ConfigError, match=r"csv: .*: not a file \(a directory\)"):
+        load_config({"source": "csv", "csv": {"path": str(tmp_path)}})
+
+
+# --- MQTT -----------------------------------------------------------------------------------------
+
+
+def test_mqtt_non_finite_values_are_nan_and_counted() -> None:
+    """JSON ``NaN``, ``Infinity`` and ``1e400`` (inf) went on to the bus as they were, uncounted."""
+    a = SampleAssembler(("x", "y"), rate_hz=100.0, batch_size=100)
+    a.feed(b'{"ts": 1.0, "x": NaN, "y": Infinity}', 0.0)
+    a.feed(b'{"ts": 1.01, "x": 1e400, "y": 2}', 0.0)
+    a.feed(b'{"t0": 1.02, "channels": ["x", "y"], "data": [[3, -Infinity], [NaN, 4]]}', 0.0)
+    b = a.flush()
+    assert b is not None and np.isfinite(b.data).tolist() == [[False, False, True, False], [False, True, False, True]]
+    assert not np.isinf(b.data).any() and a.stats.bad_values == 5
+
+
+def test_mqtt_duplicated_late_and_single_lost_samples_are_never_restamped() -> None:
+    """One period of slack put a duplicated sample (a QoS 1 redelivery) in the next slot and every later
+    sample one period late, for ever; a single lost sample likewise shifted the rest one period early
+    with no gap. A sample at or before one taken is now refused (``out_of_order``), one lost is a gap."""
+    reports: list[tuple[str, str, int, str | None]] = []
+    a = SampleAssembler(("x",), rate_hz=100.0, batch_size=100, on_problem=lambda *r: reports.append(r))
+    out = []
+    for ts, x in [(50.00, 0), (50.01, 1), (50.01, 1), (50.02, 2), (50.00, 0), (50.03, 3)]:  # duplicates, a late one
+        out += a.feed(json.dumps({"ts": ts, "x": x}).encode(), 0.0)
+    out += a.feed(json.dumps({"t0": 50.02, "channels": ["x"], "data": [[2, 3, 4, 5]]}).encode(), 0.0)  # 2 taken
+    assert out == [] and (a.stats.out_of_order, a.stats.gaps) == (4, 0)
+    for ts, x in [(50.07, 7), (50.08, 8)]:  # 50.06 was lost
+        out += a.feed(json.dumps({"ts": ts, "x": x}).encode(), 0.0)
+    second = a.flush()
+    assert len(out) == 1 and second is not None
+    assert (out[0].t0, out[0].data.tolist(), out[0].follows_gap) == (50.0, [[0, 1, 2, 3, 4, 5]], False)
+    assert second.t0 == pytest.approx(50.07) and second.data.tolist() == [[7, 8]] and second.follows_gap is True
+    assert (a.stats.out_of_order, a.stats.gaps) == (4, 1)
+    assert reports[0][0] == "out_of_order" and "not published twice" in reports[0][1]
+    # A clock set back by more than CLOCK_STEP_S is a new time line (a gap), not samples to refuse.
+    assert a.feed(json.dumps({"ts": 30.0, "x": 9}).encode(), 0.0) == []
+    back = a.flush()
+    assert back is not None and back.t0 == 30.0 and back.follows_gap is True and a.stats.out_of_order == 4
+
+
+def test_an_mqtt_topic_filter_the_broker_would_refuse_is_a_configuration_error() -> None:
+    """``a/#/b`` used to be deployed (SUCCEEDED), then crash the ingest at every start with aiomqtt's
+    bare 'Invalid topic.' until it was BROKEN."""
+    for topic in ["a/#/b", "a/b+", "", "#/x"]:
+        with pytest.raises(ConfigError, match=r"mqtt\.topic") as info:
+            load_config({"source": "mqtt", "mqtt": {"topic": topic}})
+        assert info.value.component == INGEST
+    assert load_config({"mqtt": {"topic": "a/+/b/#"}}).mqtt.topic == "a/+/b/#"
+    with pytest.raises(ConfigError, match=r"mqtt\.channels"):
+        load_config({"mqtt": {"channels": ["x", "x"]}})
+
+
+async def test_the_batch_after_a_broker_outage_says_it_follows_a_gap(short_tmp: Path) -> None:
+    """Devices that send no time of their own: the samples published while the broker was down are lost,
+    and the first batch after the reconnection used to look continuous with the one before."""
+    import aiomqtt
+
+    port = free_port()
+    cfg = load_config({"asset": "ro", "source": "mqtt", "rateHz": 100, "batchSize": 3,
+                       "mqtt": {"port": port, "topic": "plant/ro/vib", "channels": ["x"], "flushAfterS": 30,
+                                "reconnectInitialS": 0.1, "reconnectMaxS": 0.2}})
+
+    async def send(n: int, until: int) -> list[dict[str, Any]]:
+        """Samples (no ts) until ``until`` batches came: the source subscribes asynchronously."""
+        got: list[dict[str, Any]] = []
+        async with aiomqtt.Client("127.0.0.1", port) as device, asyncio.timeout(10):
+            while len(got) < until:
+                for _ in range(n):
+                    await device.publish("plant/ro/vib", b'{"x": 1}')
+                with_timeout = asyncio.ensure_future(anext(batches))
+                done, _ = await asyncio.wait({with_timeout}, timeout=0.3)
+                if done:
+                    got.append(with_timeout.result().payload)
+                else:
+                    with_timeout.cancel()
+        return got
+
+    with capture_logs() as logs:
+        async with bus(short_tmp) as sock, client(sock, "ingest") as ic, client(sock) as tc, \
+                tc.subscribe("sensors/ro/raw", queue_size=100) as batches:
+            pub = asyncio.create_task(IngestService(ic, cfg).publish_forever())
+            with mosquitto(short_tmp, port):
+                before = await send(3, 1)
+            async with asyncio.timeout(10):
+                while not any(e["event"] == "ingest.mqtt_disconnected" for e in logs):
+                    await asyncio.sleep(0.05)
+            while True:  # the partial batch the outage flushed, if probes left samples over: before it too
+                try:
+                    before.append((await asyncio.wait_for(anext(batches), 1.0)).payload)
+                except TimeoutError:
+                    break
+            with mosquitto(short_tmp, port):
+                async with asyncio.timeout(10):
+                    while sum(e["event"] == "ingest.mqtt_connected" for e in logs) < 2:
+                        await asyncio.sleep(0.05)
+                after = await send(3, 1)
+            pub.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pub
+    assert after[0]["seq"] > before[-1]["seq"] and after[0]["stream"] == before[-1]["stream"]
+    assert after[0].get("follows_gap") is True
+
+
+# --- the component under a real daemon ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(daemon: Any,
+                                                                                short_tmp: Path) -> None:
+    """A rate change at run time restarts the simulator (phase from 0), and a replay's speed change
+    starts the file again (t0 went back 100 s on a walk): seq and stream carry on, so the first batch
+    after it must say ``follows_gap``; it did not. The faults injected before the change were silently
+    gone after it. A topic filter the broker refuses is refused by the deployment, naming the field."""
+    daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", f"{INGEST}=1.0.0",
+               "--update-config", json.dumps({INGEST: {"MERGE": {"asset": "wk-1", "batchSize": 50}}}))
+    policy = short_tmp / "viewer.json"
+    policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"v": {
+        "operations": ["aws.greengrass#SubscribeToTopic", "aws.greengrass#PublishToTopic"],
+        "resources": ["sensors/wk-1/raw", "control/wk-1/fault"]}}}))
+    token = daemon.cli("client", "add", "test.viewer", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+    rate = {INGEST: {"MERGE": {"rateHz": 2000, "batchSize": 100}}}
+    bad_topic = {INGEST: {"MERGE": {"source": "mqtt", "mqtt": {"topic": "plant/#/vib"}}}}
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], Any]:
+        from ipc import Client
+
+        got: list[dict[str, Any]] = []
+        async with Client(daemon.root / "ipc.sock", token, name="test.viewer") as c, \
+                c.subscribe("sensors/wk-1/raw", queue_size=10_000) as batches:
+
+            async def take_until(done: Any) -> None:
+                async with asyncio.timeout(30):
+                    while True:
+                        got.append((await anext(batches)).payload)
+                        if done(got[-1]):
+                            return
+
+            await take_until(lambda p: True)
+            injected = await c.request("control/wk-1/fault", {"fault": "stuck", "channel": "temp"})
+            await c.request("control/wk-1/fault", {"fault": "imbalance", "severity": 0.4})
+            await take_until(lambda p: np.unique(p["data"][3]).size == 1)
+            await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(rate))
+            await take_until(lambda p: p["rate_hz"] == 2000)
+            await take_until(lambda p: True)
+            refused = await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(bad_topic),
+                                              check=False)
+            active = await c.request("control/wk-1/fault", {"action": "clear", "fault": "imbalance"})
+        return got, injected, active, refused
+
+    got, injected, active, refused = asyncio.run(scenario())
+    assert injected["ok"] is True
+    seqs = [p["seq"] for p in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len({p["stream"] for p in got}) == 1
+    first_new = next(i for i, p in enumerate(got) if p["rate_hz"] == 2000)
+    assert got[first_new].get("follows_gap") is True  # the restart is marked ...
+    assert not any(p.get("follows_gap") for p in got[:first_new] + got[first_new + 1:])  # ... and only it
+    # The faults carry on: imbalance still active (cleared now), temp stuck at the value it had before.
+    assert active["ok"] is True and active["cleared"] is True
+    assert active["active"] == [{"fault": "stuck", "severity": 1.0, "channel": "temp"}]
+    stuck_before = got[first_new - 1]["data"][3][-1]
+    assert all(np.all(p["data"][3] == stuck_before) for p in got[first_new:])
+    assert refused.returncode == 1 and "FAILED_NO_STATE_CHANGE" in refused.stderr, refused.stderr
+    assert "mqtt.topic" in refused.stderr and "'#' must be a whole level and the last one" in refused.stderr
+    log = daemon.cli("logs", INGEST).stdout
+    assert "ingest.faults_kept" in log and math.isfinite(float(stuck_before))
+
