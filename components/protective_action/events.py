@@ -54,7 +54,10 @@ def parse_event(payload: Any, topic_asset: str, trigger: Trigger = "score") -> O
         raise BadEvent("not_a_map", type(payload).__name__)
     event_id = payload.get("event_id")
     if not isinstance(event_id, str) or not event_id or len(event_id) > 128:
-        raise BadEvent("no_event_id")
+        what = ("missing" if event_id is None else f"of type {type(event_id).__name__}, not a string"
+                if not isinstance(event_id, str) else "empty" if not event_id else
+                f"{len(event_id)} characters long, more than 128")
+        raise BadEvent("no_event_id", f"event_id is {what}")
     asset = payload.get("asset", topic_asset)
     if asset != topic_asset:
         raise BadEvent("asset_mismatch", f"payload asset {asset!r} on the topic of {topic_asset!r}")
@@ -63,7 +66,10 @@ def parse_event(payload: Any, topic_asset: str, trigger: Trigger = "score") -> O
     ts = payload.get("ts", 0.0)
     ts = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) and math.isfinite(ts) else 0.0
     pub = payload.get("published_at")
-    published_at = float(pub) if isinstance(pub, int | float) and not isinstance(pub, bool) else None
+    # Only for the latency figures; a NaN or infinite one would put a NaN in actions/<asset>, which
+    # strict JSON readers downstream (the cloud bridge) cannot take.
+    published_at = float(pub) if isinstance(pub, int | float) and not isinstance(pub, bool) and math.isfinite(pub) \
+        else None
     verdict = payload.get("is_anomaly")
     if not isinstance(verdict, bool):
         if trigger == "is_anomaly":

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from ingest_action_kit import action_component, bus_server, client
+from structlog.testing import capture_logs
 from test_protective_action import FAST, cfg_with, next_action, running
 
 from components.configuration import ConfigError
@@ -271,3 +272,19 @@ def test_retries_can_be_turned_off() -> None:
     assert load_config({"actuator": {"retryS": 0}}).actuator.retry_s == 0
     with pytest.raises(ConfigError, match=r"actuator\.retryS"):
         load_config({"actuator": {"retryS": -1}})
+
+
+async def test_an_event_id_refused_says_why_and_a_nan_published_at_leaves_no_nan_in_the_ack(short_tmp: Path) -> None:
+    """A 200-character event_id was logged as bad_event no_event_id with an empty detail (it was there,
+    only too long); a NaN published_at went into the ack as event_to_actuator_ms NaN, which strict JSON
+    (the cloud bridge's) cannot carry."""
+    async with running(short_tmp, cfg_with()) as (_service, tc), tc.subscribe("actions/t1") as actions:
+        with capture_logs() as logs:
+            await tc.publish("anomaly/t1", {**event(2.0), "event_id": "x" * 200})
+            for _ in range(2):
+                await tc.publish("anomaly/t1", {**event(2.0), "published_at": float("nan")})
+            ack = await next_action(actions)
+        json.dumps(ack, allow_nan=False)
+        assert ack["state"] == "latched" and "event_to_actuator_ms" not in ack["timing"]
+        (bad,) = [e for e in logs if e["event"] == "action.bad_event"]
+        assert bad["reason"] == "no_event_id" and bad["detail"] == "event_id is 200 characters long, more than 128"
