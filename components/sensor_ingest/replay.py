@@ -94,11 +94,16 @@ class CsvReplay:
         self._line = 0  # line of the file being read (the header is line 1), for the reports
         try:
             with _open(path) as f:
-                header = next(csv.reader(f), None)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:  # unreadable, not gzip, not text, ...
+                reader = csv.reader(f)
+                header = next(reader, None)
+                # A header and nothing else would be accepted and then replay nothing, for ever silent.
+                first_row = next((row for row in reader if row), None)
+        except (OSError, UnicodeDecodeError, csv.Error, EOFError) as exc:  # unreadable, not gzip, not text, ...
             raise ReplayError(path, f"cannot read the header row: {exc}") from exc
         if not header:
             raise ReplayError(path, "empty file (a header row is required)")
+        if first_row is None:
+            raise ReplayError(path, "no data rows after the header")
         header = [h.strip() for h in header]
         if timestamp_column == "auto":
             timestamp_column = next((h for h in header if h.lower() in _TIMESTAMP_NAMES), None)

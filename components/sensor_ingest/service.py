@@ -155,6 +155,7 @@ class IngestService:
         log.info("ingest.replay_started", asset=cfg.asset, path=str(c.path), channels=list(replay.channels),
                  speed=c.speed, timestamps=replay.has_timestamps)
         shift: float | None = None
+        published = 0
         try:
             for batch in replay.batches():
                 if shift is None:
@@ -167,6 +168,7 @@ class IngestService:
                     await asyncio.sleep(step.delay_s)
                 elif period == 0:
                     await asyncio.sleep(0)
+                published += 1
                 yield dataclasses.replace(batch, t0=batch.t0 + shift)
         except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # e.g. a truncated .gz, a file removed
             # One line naming the file; the ingest then waits for a new configuration rather than crash-loop
@@ -175,6 +177,10 @@ class IngestService:
                       rows=replay.stats.rows, error=f"{type(exc).__name__}: {exc}")
             return
         s = replay.stats
+        if not published:  # every row refused (no timestamp parsed, say): silence must not look like success
+            log.error("ingest.replay_failed", asset=cfg.asset, path=str(c.path), rows=s.rows,
+                      bad_timestamps=s.bad_timestamps, error="no row of the file could be replayed")
+            return
         log.info("ingest.replay_finished", asset=cfg.asset, path=str(c.path), rows=s.rows, bad_values=s.bad_values,
                  bad_timestamps=s.bad_timestamps, short_rows=s.short_rows, long_rows=s.long_rows, gaps=s.gaps)
 

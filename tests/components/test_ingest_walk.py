@@ -102,6 +102,25 @@ def test_a_column_named_twice_or_channels_named_alike_are_refused(tmp_path: Path
         load_config({"source": "csv", "csv": {"path": str(tmp_path)}})
 
 
+async def test_a_csv_with_nothing_to_replay_is_refused_or_an_error(short_tmp: Path) -> None:
+    """A header and no rows deployed SUCCEEDED and the ingest published nothing, saying only
+    ``replay_finished rows=0`` at info level; a file none of whose timestamps parse did the same."""
+    header_only = short_tmp / "header.csv"
+    header_only.write_text("timestamp,a\n\n")
+    with pytest.raises(ConfigError, match=r"header\.csv: no data rows after the header"):
+        load_config({"source": "csv", "csv": {"path": str(header_only)}})
+    no_time = short_tmp / "notime.csv"
+    no_time.write_text("timestamp,a\nsoon,1\nlater,2\n")
+    cfg = load_config({"asset": "nt", "source": "csv", "csv": {"path": str(no_time), "speed": 0}})
+    with capture_logs() as logs:
+        async with bus(short_tmp) as sock, client(sock, "ingest") as ic:
+            await asyncio.wait_for(IngestService(ic, cfg).publish_forever(), 10)
+    failed = [e for e in logs if e["event"] == "ingest.replay_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error" and failed[0]["bad_timestamps"] == 2
+    assert "no row of the file could be replayed" in failed[0]["error"]
+    assert not any(e["event"] == "ingest.replay_finished" for e in logs)
+
+
 # --- MQTT -----------------------------------------------------------------------------------------
 
 
