@@ -242,9 +242,14 @@ class AssetPolicy:
             return ResetResult(False, self.state, f"refused: {len(self._recent)} of the {self.cfg.n} windows "
                                                   f"needed to judge the condition seen so far")
         before, windows, invalid_run = self.state, list(self._recent), self._invalid_run
+        cooldowns = dict(self._last_action)
         self._recent.clear()
         self._below_run = 0
         self._invalid_run = 0
+        # A reset re-arms the protection: the first trip after it acts in full. Cooldowns are there to
+        # keep a chattering release/trip from hammering the actuator, not to hold back the first trip
+        # after an operator has put the machine back in service.
+        self._last_action.clear()
         d = self._decide(State.NORMAL, (), now, wall, reason=f"operator reset by {operator}", windows=[])
 
         def undo() -> None:
@@ -255,6 +260,7 @@ class AssetPolicy:
                 self.state = before
                 self._recent = deque([*windows, *self._recent], maxlen=self.cfg.n)
                 self._invalid_run = max(self._invalid_run, invalid_run)
+                self._last_action = {**cooldowns, **self._last_action}
                 self._recount_below()
 
         return ResetResult(True, State.NORMAL, d.reason, d, undo)

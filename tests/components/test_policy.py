@@ -275,3 +275,16 @@ def test_good_event_parses_and_non_maps_are_rejected() -> None:
     for junk in (None, b"x", [1], 3.0):
         with pytest.raises(BadEvent, match="not_a_map"):
             parse_event(junk, "t1")
+
+
+def test_a_reset_rearms_the_cooldowns() -> None:
+    """An operator reset within cooldownS of the trip left the actions in their cooldown, so a fault
+    coming back right after the reset was a trip with every action suppressed: nothing braked."""
+    p = policy(k=1, n=1, latch=True, cooldown_s=30)
+    trip = p.on_event(obs(2), 0.1, 0)
+    assert trip is not None and trip.actions == ("engage_brake", "pitch_to_feather")
+    p.on_event(obs(0), 0.5, 0)
+    reset = p.reset(0.6, 0, "alice")
+    assert reset.ok and reset.state is State.NORMAL
+    again = p.on_event(obs(2), 0.7, 0)
+    assert again is not None and again.actions == ("engage_brake", "pitch_to_feather") and again.suppressed == ()
