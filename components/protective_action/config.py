@@ -156,6 +156,20 @@ class ActionConfig(_Model):
         return v
 
     @model_validator(mode="after")
+    def _checked_often_enough(self) -> ActionConfig:
+        # The timers are looked at every checkIntervalS: a silence is noticed up to that much after its
+        # timeout, so a check slower than the shortest timeout makes that timeout a promise not kept.
+        p = self.policy
+        timeouts = {"policy.heartbeatTimeoutS": p.heartbeat_timeout_s, "policy.sensorTimeoutS": p.sensor_timeout_s}
+        if p.window_timeout_s > 0:
+            timeouts["policy.windowTimeoutS"] = p.window_timeout_s
+        name, shortest = min(timeouts.items(), key=lambda kv: kv[1])
+        if self.check_interval_s > shortest:
+            raise ValueError(f"checkIntervalS ({self.check_interval_s:g}) exceeds {name} ({shortest:g}): a silence "
+                             f"would be noticed up to {self.check_interval_s:g} s late; check at least as often")
+        return self
+
+    @model_validator(mode="after")
     def _commands_cover_actions(self) -> ActionConfig:
         if self.actuator.kind == "command":
             needed: set[str] = set(self.policy.trip_actions) | set(self.policy.safe_state_actions)

@@ -23,6 +23,7 @@ from components.sensor_ingest.batch import Batch, Sequencer
 from components.sensor_ingest.config import IngestConfig, load_config
 from components.sensor_ingest.mqtt_source import MqttSource
 from components.sensor_ingest.pacing import Pacer
+from components.sensor_ingest.problems import log_due
 from components.sensor_ingest.replay import CsvReplay, ReplayError
 from components.sensor_ingest.simulator import SENSOR_FAULTS, Fault, FaultKind, TurbineSimulator
 from ipc import Client, IpcError
@@ -111,6 +112,16 @@ class IngestService:
         self._faults_from = faults_from  # the simulator this one replaces: its injected faults carry on
         self.published = 0
         self.skipped_batches = 0
+        self.behind_events = 0  # times the pacer dropped a backlog (sim) or moved the schedule (csv)
+
+    def _behind(self, event: str, **fields: Any) -> None:
+        """Log falling behind at its 1st, 10th, 100th, ... occurrence with the totals: an ingest that
+        cannot keep up (a rate the CPU cannot sustain) falls behind hundreds of times a second, and a line
+        each time filled the log at 250 lines/s."""
+        old = self.behind_events
+        self.behind_events += 1
+        if log_due(old, self.behind_events):
+            log.warning(event, asset=self.cfg.asset, count=self.behind_events, **fields)
 
     # --- sources --------------------------------------------------------------------------------
     async def _sim_batches(self, pacer: Pacer) -> AsyncIterator[Batch]:
@@ -131,9 +142,10 @@ class IngestService:
         while True:
             step = pacer.step(self.clocks.monotonic(), period)
             if step.skipped:
-                self.skipped_batches += step.skipped
                 sim.skip(step.skipped * n)
-                log.warning("ingest.behind_skipped", asset=cfg.asset, batches=step.skipped, max_burst=pacer.max_burst)
+                self.skipped_batches += step.skipped
+                self._behind("ingest.behind_skipped", batches=step.skipped, total_batches=self.skipped_batches,
+                             max_burst=pacer.max_burst)
             if step.delay_s > 0:
                 await asyncio.sleep(step.delay_s)
             t0 = epoch + sim.sample_index / cfg.rate_hz
@@ -163,7 +175,7 @@ class IngestService:
                 period = batch.duration_s / c.speed if c.speed > 0 else 0.0
                 step = pacer.step(self.clocks.monotonic(), period)
                 if step.skipped:  # replay never drops data: the schedule moves, the data does not
-                    log.warning("ingest.behind_rescheduled", asset=cfg.asset, periods=step.skipped)
+                    self._behind("ingest.behind_rescheduled", periods=step.skipped)
                 if step.delay_s > 0:
                     await asyncio.sleep(step.delay_s)
                 elif period == 0:

@@ -288,3 +288,13 @@ async def test_an_event_id_refused_says_why_and_a_nan_published_at_leaves_no_nan
         assert ack["state"] == "latched" and "event_to_actuator_ms" not in ack["timing"]
         (bad,) = [e for e in logs if e["event"] == "action.bad_event"]
         assert bad["reason"] == "no_event_id" and bad["detail"] == "event_id is 200 characters long, more than 128"
+
+
+def test_a_fail_safe_check_slower_than_its_timeout_is_refused() -> None:
+    """checkIntervalS 2 with heartbeatTimeoutS 0.5 was accepted: a stopped detector was then noticed up to
+    2.5 s after it stopped, five times the timeout the configuration shows."""
+    with pytest.raises(ConfigError, match=r"checkIntervalS \(2\) exceeds policy\.heartbeatTimeoutS \(0\.5\)"):
+        load_config({"checkIntervalS": 2, "policy": {"heartbeatTimeoutS": 0.5}})
+    with pytest.raises(ConfigError, match=r"exceeds policy\.windowTimeoutS \(1\)"):
+        load_config({"checkIntervalS": 1.5, "policy": {"windowTimeoutS": 1}})
+    assert load_config({"checkIntervalS": 2}).check_interval_s == 2  # the default timeouts are 2 s and more

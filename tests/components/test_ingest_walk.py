@@ -19,8 +19,9 @@ from structlog.testing import capture_logs
 from components.configuration import ConfigError
 from components.sensor_ingest.config import load_config
 from components.sensor_ingest.mqtt_source import SampleAssembler
+from components.sensor_ingest.pacing import Pacer
 from components.sensor_ingest.replay import CsvReplay
-from components.sensor_ingest.service import IngestService, handle_fault_request
+from components.sensor_ingest.service import Clocks, IngestService, handle_fault_request
 from components.sensor_ingest.simulator import TurbineParams, TurbineSimulator
 
 INGEST = "com.nucleus.SensorIngest"
@@ -42,6 +43,27 @@ def test_a_fault_request_with_a_key_it_does_not_use_is_refused() -> None:
         reply = handle_fault_request(sim, bad)
         assert reply["ok"] is False and why in reply["error"], (bad, reply)
         assert reply["active"] == [{"fault": "imbalance", "severity": 0.5}]
+
+
+# --- pacing --------------------------------------------------------------------------------------
+
+
+async def test_an_ingest_that_cannot_keep_up_says_so_without_flooding_the_log() -> None:
+    """4 channels at 100 kHz in batches of 10 is more than a 2-core device publishes: the simulator skipped
+    a backlog ~250 times a second and logged a line each time (1971 lines in 8 s on a walk). Now the 1st,
+    10th, 100th, ... time, with the totals."""
+    cfg = load_config({"asset": "fast", "rateHz": 100_000, "batchSize": 10, "maxBurst": 0})
+    now = [0.0]
+    service = IngestService(None, cfg, Clocks(monotonic=lambda: now[0], wall=lambda: 1000.0))  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        batches = service._sim_batches(Pacer(cfg.max_burst))
+        for _ in range(150):
+            now[0] += 0.01  # 100 batch periods pass between two batches
+            await anext(batches)
+        await batches.aclose()
+    behind = [e for e in logs if e["event"] == "ingest.behind_skipped"]
+    assert service.behind_events >= 140 and [e["count"] for e in behind] == [1, 10, 100]
+    assert behind[-1]["total_batches"] > 90 * 100 and behind[-1]["log_level"] == "warning"
 
 
 # --- CSV replay -----------------------------------------------------------------------------------
