@@ -54,7 +54,11 @@ class _Pending:
 
 
 
-def _files_stamp(directory: Path) -> tuple[tuple[int, ...] | None, ...]:
+_Stamp = tuple[tuple[int, ...] | None, ...]
+_ModelKey = tuple[str, str, _Stamp]  # version, artifacts path, the files' stamp
+
+
+def _files_stamp(directory: Path) -> _Stamp:
     """Inode, size and modification time of each model file (None: absent): changes when a deployment
     puts other files there, so a refused version is looked at again."""
     out: list[tuple[int, ...] | None] = []
@@ -94,8 +98,9 @@ class Detector:
         self.captured = 0
         self.asset_captured: Counter[str] = Counter()
         self.lag_s: float | None = None
-        self.rejected: dict[tuple[str, str, tuple[tuple[int, ...] | None, ...]], dict[str, Any]] = {}
+        self.rejected: dict[_ModelKey, dict[str, Any]] = {}
         self.last_rejection: dict[str, Any] | None = None
+        self._loaded: _ModelKey | None = None  # the model in use: version, path, its files' stamp
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=config.max_pending_windows)
         self.capture = CapturePolicy(config.capture_low_confidence_below, config.capture_normal_every,
                                      config.capture_max_per_minute)
@@ -357,16 +362,17 @@ class Detector:
             self._once("model.lookup_failed", component=name, code=exc.code, error=str(exc))
             return
         version = str(info.get("version"))
-        if self.model is not None and self.model.version == version:
-            return
         path = info.get("artifacts_path")
         if not path:
             root = os.environ.get("NUCLEUS_ROOT", "")
             path = str(Path(root) / "packages" / "artifacts" / name / version)
         # The files' identity is part of the key: a version refused for its files (tampered, corrupt, a bad
         # card) and then deployed again with good ones is tried again; by (version, path) alone it stayed
-        # refused, with the fixed model on disk, until the detector restarted.
+        # refused, with the fixed model on disk, until the detector restarted. Likewise the version in use,
+        # deployed again with other files, is loaded again: the detector scores what is on disk.
         key = (version, str(path), _files_stamp(Path(path)))
+        if self.model is not None and self._loaded == key:
+            return
         if key in self.rejected:
             return
         started = time.perf_counter()
@@ -381,6 +387,7 @@ class Detector:
                       **fields)
             return
         self._swap(model, (time.perf_counter() - started) * 1000)
+        self._loaded = key
         if self.config.release_memory_after_load:
             released = await asyncio.to_thread(memory.release, unmap_shared=True)
             log.info("memory.released", rss_before_mb=released.rss_before_mb, rss_after_mb=released.rss_after_mb,

@@ -189,13 +189,16 @@ class Watch:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_deployed_detector_survives_a_text_batch_and_retries_a_refused_version_deployed_again_with_good_files(
+def test_deployed_detector_survives_a_text_batch_and_follows_a_version_deployed_again_with_other_files(
         daemon_factory: Any, short_tmp: Path) -> None:
-    """Found live. A text batch ended the detector process; and a model version refused for its files
-    (here a tampered model.onnx) stayed refused after the same version was deployed again with the
-    good files: the detector kept the old model until it was restarted."""
+    """Found live. A text batch ended the detector process; a model version refused for its files (here
+    a tampered model.onnx) stayed refused after the same version was deployed again with the good
+    files, and the version in use deployed again with other files was not loaded: either way the
+    detector scored with another model than the one on disk until it was restarted."""
     out = short_tmp / "out"
     v1, v2 = build(out, "1.0.0"), build(out, "2.0.0", kind="pca", seed=1)
+    rebuilt = build(out / "rebuilt", "2.0.0", kind="pca", seed=2,
+                    key=signing.load_or_create_key(out / "keys" / "test.key")[0])
     bad = out / "tampered" / NAME / "2.0.0"
     shutil.copytree(v2.model_dir, bad)
     onnx_bytes = bytearray((bad / "model.onnx").read_bytes())
@@ -234,6 +237,16 @@ def test_deployed_detector_survives_a_text_batch_and_retries_a_refused_version_d
             await watch.send(4)
             await watch.until(lambda: any(e["model"]["version"] == "2.0.0" for e in watch.events), 30,
                               "a window scored by 2.0.0")
+            # 2.0.0 rebuilt (another seed, another threshold) and deployed under the same version: the
+            # detector scores what is on disk, not the 2.0.0 it loaded before
+            assert rebuilt.card.threshold.value != v2.card.threshold.value
+            await asyncio.to_thread(daemon.cli, "deploy", "--artifacts", str(out / "rebuilt" / "artifacts"),
+                                    str(model_recipe(rebuilt.model_dir, short_tmp / "r2again")))
+            for _ in range(100):
+                await watch.send(2)
+                if watch.events and watch.events[-1]["threshold"] == pytest.approx(rebuilt.card.threshold.value):
+                    break
+            assert watch.events[-1]["threshold"] == pytest.approx(rebuilt.card.threshold.value)
             collector.cancel()
 
     with contextlib.suppress(asyncio.CancelledError):
