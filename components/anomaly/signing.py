@@ -17,6 +17,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,33 @@ def public_key_path(private_key_path: Path) -> Path:
     return private_key_path.with_name(private_key_path.name + ".pub")
 
 
+def _is_raw_public(text: bytes) -> bool:
+    """One base64 line of 32 bytes: a ``.pub`` file as the builder writes it."""
+    try:
+        return len(base64.b64decode(text.strip(), validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 def load_or_create_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     """The signing key at ``path``; generated (mode 0600, public key beside it) if the file is absent."""
     if path.exists():
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError, OSError) as exc:
-            raise SignatureError(f"signing key unreadable: {exc}", path=path) from exc
+            mode = path.stat().st_mode
+            text = path.read_bytes()
+        except OSError as exc:
+            raise SignatureError(f"signing key unreadable: {exc.strerror or exc}", path=path) from exc
+        if text.lstrip().startswith(b"-----BEGIN PUBLIC KEY") or _is_raw_public(text):
+            raise SignatureError("this is a public key; --key takes the private key (PEM), the file the .pub "
+                                 "beside it was written from", path=path, field="key")
+        if stat.S_ISREG(mode) and mode & 0o077:
+            # as ssh does: a private key others can read may already be someone else's; refuse, do not sign
+            raise SignatureError(f"signing key is accessible to other users (mode {stat.S_IMODE(mode):04o}); "
+                                 f"make it private: chmod 600 {path}", path=path, field="key")
+        try:
+            key = serialization.load_pem_private_key(text, password=None)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError(f"signing key unreadable: {str(exc).split('. See https')[0]}", path=path) from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise SignatureError("signing key is not an Ed25519 private key", path=path)
         pub = public_key_path(path)

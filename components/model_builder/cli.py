@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 from pydantic import ValidationError
 
 from components.anomaly import alarm, signing
@@ -22,6 +23,7 @@ from components.anomaly.features import (
     Calendar,
     FeatureExtractor,
     FeatureSpec,
+    channel_of,
     default_spec,
     shape_spec,
     spectral_spec,
@@ -36,6 +38,7 @@ from components.model_builder import data as datamod
 from components.model_builder.package import make_card, write_package
 from components.model_builder.training import (
     AUTOENCODER_MAX_ITER,
+    MIN_WINDOWS,
     ONLINE_MERGE_FRACTION,
     TrainParams,
     train,
@@ -298,6 +301,42 @@ def _check_rate(args: argparse.Namespace, loaded: list[datamod.Dataset]) -> None
                                 f"{d.rate_hz:g} Hz; leave --rate-hz out for recordings", path=d.sources[0])
 
 
+def _data_path(dataset: datamod.Dataset) -> str | None:
+    return dataset.sources[0] if len(dataset.sources) == 1 else None
+
+
+def _check_window_count(args: argparse.Namespace, dataset: datamod.Dataset, n: int) -> None:
+    """Too few windows, said in the terms the user can change (rows, --window, --hop), not train()'s."""
+    if n >= MIN_WINDOWS:
+        return
+    segments = len(dataset.segments)
+    longest = max((s.shape[1] for s in dataset.segments), default=0)
+    rows_needed = args.window + (MIN_WINDOWS - 1) * args.hop
+    raise TrainingError(
+        f"{dataset.rows} usable rows in {segments} contiguous stretch(es) (longest {longest}) give {n} windows of "
+        f"--window {args.window} --hop {args.hop}; at least {MIN_WINDOWS} are needed (one stretch of "
+        f"{rows_needed} rows, or a smaller --window/--hop)", path=_data_path(dataset), field="window")
+
+
+def _check_finite(features: np.ndarray, spec: FeatureSpec, dataset: datamod.Dataset) -> None:
+    """Features that overflowed (values beyond what float arithmetic holds: a unit error, a sensor's
+    error code) are named with their channels and the largest value there, instead of train()'s
+    "training features contain NaN or inf" after a page of numpy warnings."""
+    bad = ~np.isfinite(features)
+    if not bad.any():
+        return
+    names = spec.feature_names()
+    cols = [int(i) for i in np.flatnonzero(bad.any(axis=0))]
+    channels = list(dict.fromkeys(channel_of(names[i]) for i in cols))
+    largest = {c: max(float(np.abs(s[dataset.channels.index(c)]).max()) for s in dataset.segments)
+               for c in channels if c in dataset.channels}
+    shown = ", ".join(names[i] for i in cols[:6]) + (f" (and {len(cols) - 6} more)" if len(cols) > 6 else "")
+    values = ", ".join(f"{c} up to {v:.3g}" for c, v in largest.items())
+    raise TrainingError(f"features {shown} are not finite in {int(bad.any(axis=1).sum())} of {len(features)} "
+                        f"windows: the values are too large to compute with ({values}); check the channels' "
+                        "units or drop the rows", path=_data_path(dataset), field="channels")
+
+
 def build(args: argparse.Namespace) -> dict[str, object]:
     spec_file = _spec_file(args)
     # A spec file names its channels: only those are loaded (an unused column's blank or text cell
@@ -329,6 +368,15 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     dataset = datamod.merge(loaded, channels)
     rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
     spec = _spec(args, dataset.channels, spec_file)
+    warnings = _constant_channels(dataset, spec)
+    if rate is None:
+        warnings.append("no sample rate (--rate-hz): the model card states none, so the detector cannot refuse "
+                        "batches at another rate (rate_mismatch) and scores them as they come")
+    existing = args.out / "artifacts" / args.name / args.version
+    if existing.is_dir() and any(existing.iterdir()):
+        warnings.append(f"{existing} held a build of {args.name} {args.version}; it is replaced. A device that "
+                        "runs that version gets the new files only when they are deployed again: give a new "
+                        "--version to tell the models apart in events and logs")
     if args.calendar:
         try:
             spec = spec.model_copy(update={"calendar": Calendar(periods=args.calendar.split(","))})
@@ -339,7 +387,11 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         raise TrainingError("calendar features need each row's time: give --time-column for a CSV (recordings "
                             "made by `nucleus model record` carry their times)", field="calendar")
     extractor = FeatureExtractor(spec, dataset.channels, args.window)
-    features = extractor.extract(datamod.windows(dataset, args.window, args.hop), ends)
+    windows = datamod.windows(dataset, args.window, args.hop)
+    _check_window_count(args, dataset, len(windows))
+    with np.errstate(all="ignore"):  # overflow is reported below, naming the features and channels
+        features = extractor.extract(windows, ends)
+    _check_finite(features, spec, dataset)
     params = TrainParams(kind=args.kind, quantile=args.quantile, false_alarms_per_hour=args.false_alarms_per_hour,
                          margin=args.margin, spread_margin=args.spread_margin,
                          calibration_fraction=args.calibration_fraction, seed=args.seed,
@@ -376,7 +428,22 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         "artifacts": str(pkg.artifacts), "threshold": card.threshold.value, "windows": card.training.windows,
         "features": len(card.feature_names), "key": str(key_path), "key_created": created, "key_id": pkg.key_id,
         "public_key": pkg.public_key, "detector_config": str(pkg.detector_config), "metrics": card.metrics,
+        "warnings": warnings,
     }
+
+
+def _constant_channels(dataset: datamod.Dataset, spec: FeatureSpec) -> list[str]:
+    """A channel the features read that never changes in the training data (a dead or disconnected
+    sensor, a column of zeros): its features get a spread of 1 in the card, so when it comes alive the
+    model barely notices. Built anyway (a constant channel can be right), but said."""
+    used = set(spec.channels())
+    out = []
+    for i, c in enumerate(dataset.channels):
+        if c in used and dataset.segments and all(float(np.ptp(s[i])) == 0.0 for s in dataset.segments):
+            out.append(f"channel {c} is constant ({float(dataset.segments[0][i, 0]):g}) in all the training data: "
+                       "its features carry nothing, and a change there later weighs little in the score "
+                       "(a dead sensor? leave it out with --channels)")
+    return out
 
 
 def _print_build(result: dict[str, object]) -> None:
@@ -461,6 +528,8 @@ def main(argv: list[str]) -> int:
             return _record(args)
         if args.command == "build":
             result = build(args)
+            for warning in result["warnings"]:  # type: ignore[attr-defined]
+                print(f"warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:

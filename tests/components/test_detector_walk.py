@@ -22,6 +22,7 @@ from components.anomaly.model_card import load_card
 from components.anomaly_detector.config import COMPONENT
 from components.anomaly_detector.scoring import load_model
 from components.anomaly_detector.windowing import Windower
+from components.model_builder.cli import main as model_cli
 from components.model_builder.package import recipe_document
 from ipc import Client
 
@@ -253,3 +254,77 @@ def test_deployed_detector_survives_a_text_batch_and_follows_a_version_deployed_
         asyncio.run(scenario())
     assert daemon.components()[COMPONENT]["pids"] == pid  # never restarted
     assert "input.batch_failed" not in daemon.cli("logs", COMPONENT, "-n", "500").stdout
+
+
+# --- nucleus model build: data and keys a data scientist gets wrong ----------------------------------------
+
+def csv_of(path: Path, x: np.ndarray, names: list[str]) -> Path:
+    path.write_text(",".join(names) + "\n" + "\n".join(",".join(repr(float(v)) for v in row) for row in x.T) + "\n")
+    return path
+
+
+def cli_build(tmp: Path, data: Path, *extra: str) -> list[str]:
+    return ["build", "--data", str(data), "--out", str(tmp / "out"), "--window", "128", "--hop", "64",
+            "--bands", "4", "--kind", "pca", *extra]
+
+
+def one_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    rc = model_cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "Warning" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_build_with_values_too_large_names_the_features_channel_and_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said only "training features contain NaN or inf", after a page of numpy RuntimeWarnings."""
+    x = healthy(4000).astype(np.float64)
+    x[0] *= 1e300
+    data = csv_of(tmp_path / "huge.csv", x, CHANNELS)
+    line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000"))
+    assert line.startswith(f"error: {data}: channels: features vib_x.rms")
+    assert "vib_x up to" in line and "temp" not in line.split("are not finite")[1]
+
+
+def test_build_with_too_few_rows_says_which_flags_and_how_many_rows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "need at least 20 training windows, have 4", naming no file, flag or row count."""
+    data = csv_of(tmp_path / "few.csv", healthy(400), CHANNELS)
+    line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000"))
+    assert line.startswith(f"error: {data}: window: 400 usable rows")
+    assert "--window 128 --hop 64" in line and "1344 rows" in line
+
+
+def test_build_warns_of_a_constant_channel_a_missing_rate_and_a_replaced_version(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = healthy(4000)
+    x[1] = 0.0  # a dead temperature sensor
+    data = csv_of(tmp_path / "dead.csv", x, CHANNELS)
+    assert model_cli(cli_build(tmp_path, data)) == 0
+    err = capsys.readouterr().err
+    assert "warning: channel temp is constant (0) in all the training data" in err
+    assert "warning: no sample rate (--rate-hz)" in err
+    assert "held a build" not in err
+    assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000", "--channels", "vib_x")) == 0
+    err = capsys.readouterr().err
+    assert "is constant" not in err and "sample rate" not in err
+    assert f"{tmp_path / 'out' / 'artifacts' / NAME / '1.0.0'} held a build of {NAME} 1.0.0; it is replaced" in err
+
+
+def test_build_refuses_a_signing_key_others_can_read_and_a_public_key_given_as_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    key = tmp_path / "keys" / "k.key"
+    assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000", "--key", str(key))) == 0
+    capsys.readouterr()
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o644)
+    line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000", "--key", str(key), "--version", "2.0.0"))
+    assert line == f"error: {key}: key: signing key is accessible to other users (mode 0644); make it private: " \
+                   f"chmod 600 {key}"
+    pub = signing.public_key_path(key)
+    line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000", "--key", str(pub), "--version", "2.0.0"))
+    assert line.startswith(f"error: {pub}: key: this is a public key; --key takes the private key")
+    assert not (tmp_path / "out" / "artifacts" / NAME / "2.0.0").exists()
