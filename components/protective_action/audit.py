@@ -176,9 +176,12 @@ class AuditLog:
             return list(self._db["outcomes"].rows_where("decision_id = ?", [decision_id]))
 
     def last_states(self) -> dict[str, State]:
-        """The state each asset was left in: a latch or a safe state survives a restart."""
+        """The state each asset was left in: a latch or a safe state survives a restart. A state this
+        version does not know (a log written by a newer one) is read as ``safe_state``: it needs a
+        reset, the one way out that cannot be wrong."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT asset, state FROM decisions WHERE rowid IN (SELECT max(rowid) FROM decisions GROUP BY asset)"
             ).fetchall()
-        return {asset: State(state) for asset, state in rows}
+        known = {s.value for s in State}
+        return {asset: State(state) if state in known else State.SAFE_STATE for asset, state in rows}

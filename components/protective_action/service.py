@@ -552,6 +552,7 @@ async def _open_audit(client: Client, cfg: ActionConfig, audit_dir: Path | None,
         audit: AuditLog | None = None
         try:
             audit = AuditLog(path)
+            audit.last_states()  # a log that opens but cannot be read (a malformed page) is no log either
             while pending:
                 audit.record(*pending[0])
                 recorded.append(pending.pop(0))

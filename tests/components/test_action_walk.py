@@ -1,6 +1,7 @@
-"""A safety engineer's walk through the protective action: a reset the audit log cannot take, a failed
-action and its cooldown, an asset taken out of the configuration and back, who a reset is recorded
-under, an action listed twice."""
+"""A safety engineer's walk through the protective action, as real processes on a real bus: resets and
+audit failures (a real RLIMIT_FSIZE on the component, a file in the audit log's way, a malformed log),
+failed relay scripts (cooldown, retries), configuration changes (an asset out and back, duplicated
+actions, a fail-safe check slower than its timeout) and malformed events."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from test_protective_action import FAST, cfg_with, next_action, running
 
 from components.configuration import ConfigError
 from components.protective_action.actuators import CommandActuator
+from components.protective_action.audit import AuditLog
 from components.protective_action.config import load_config
-from components.protective_action.policy import State
+from components.protective_action.policy import Decision, State
 
 
 def event(score: float, asset: str = "t1") -> dict[str, Any]:
@@ -298,3 +300,41 @@ def test_a_fail_safe_check_slower_than_its_timeout_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"exceeds policy\.windowTimeoutS \(1\)"):
         load_config({"checkIntervalS": 1.5, "policy": {"windowTimeoutS": 1}})
     assert load_config({"checkIntervalS": 2}).check_interval_s == 2  # the default timeouts are 2 s and more
+
+
+async def test_a_malformed_audit_log_is_reported_and_the_assets_go_to_their_safe_state(short_tmp: Path) -> None:
+    """An audit log that opens but whose decisions table is malformed (a page overwritten) made the
+    component fail at start reading the assets' last states, with a traceback, until BROKEN, and no
+    asset reached its safe state. It is an unavailable log: safe state now, named in the log, and the
+    component runs on the log an operator puts in its place."""
+    db = short_tmp / "audit.db"
+    log = AuditLog(db)  # a real log, index and all, with the decisions of an earlier run
+    for i in range(50):
+        log.record(Decision(f"d{i}", "t1", 0.0, State.LATCHED, State.NORMAL, (), (), "r" * 300))
+    log.close()
+    with sqlite3.connect(db) as conn:
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'decisions'").fetchone()[0]
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+    with db.open("r+b") as f:
+        f.seek((root - 1) * page)
+        f.write(b"\xff" * page)
+    output = short_tmp / "action.log"
+
+    async def replace_once_safe() -> None:
+        for _ in range(400):  # bounded: the safe state is taken within a second of the start
+            text = output.read_text(errors="replace") if output.exists() else ""
+            if "action.audit_unavailable" in text and "ACTUATOR engage_brake" in text:
+                db.rename(short_tmp / "audit.db.malformed")  # what the operator does
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no unaudited safe state:\n{text[-3000:]}")
+
+    async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
+            tc.subscribe("actions/t1") as actions:
+        replace = asyncio.create_task(replace_once_safe())
+        async with action_component(server, FAST, short_tmp):
+            await replace
+            ack = await next_action(actions, timeout=20)
+            assert ack["state"] == "safe_state" and "malformed" in ack["reason"], ack
+    text = output.read_text(errors="replace")
+    assert f"path={db}" in text and "Traceback" not in text

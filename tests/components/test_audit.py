@@ -92,3 +92,14 @@ def test_nothing_acknowledged_is_lost_on_kill_9(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     missing = [a for a in acked if a and a not in stored]
     assert missing == [], json.dumps(missing[:5])
+
+
+def test_a_state_this_version_does_not_know_is_restored_as_the_safe_state(tmp_path: Path) -> None:
+    """A log written by a newer version may end on a state this one does not know: the component failed
+    at start (ValueError), until BROKEN. It is read as safe_state, which only a reset leaves."""
+    log = AuditLog(tmp_path / "audit.db")
+    log.record(decision(1, "t1"))
+    log.record(decision(2, "t2"))
+    log._conn.execute("UPDATE decisions SET state = 'maintenance' WHERE asset = 't2'")
+    assert log.last_states() == {"t1": State.LATCHED, "t2": State.SAFE_STATE}
+    log.close()
