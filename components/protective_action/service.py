@@ -370,6 +370,10 @@ class ActionService:
         policy = self.policies.get(asset)
         if policy is None:
             return {"ok": False, "state": None, "reason": f"unknown asset {asset!r}"}
+        problem = _reset_request_problem(asset, request)
+        if problem is not None:
+            log.warning("action.reset_refused", asset=asset, client=sender, reason=problem)
+            return {"ok": False, "state": policy.state.value, "reason": f"refused: {problem}"}
         operator = request.get("operator") if isinstance(request, dict) else None
         if not isinstance(operator, str) or not operator:
             operator = sender or "unknown"
@@ -426,8 +430,8 @@ class ActionService:
             async for m in messages:
                 try:
                     request = m.payload
-                except IpcError:
-                    request = None
+                except IpcError as exc:
+                    request = Undecodable(str(exc))  # refused: garbage is not a reset with no operator
                 self._spawn(self._answer_reset(m, request))
 
     async def _answer_reset(self, m: Any, request: Any) -> None:
@@ -501,6 +505,38 @@ class ActionService:
             if changes is not None:
                 async for cfg in changes:
                     self.reconfigure(cfg)
+
+
+RESET_KEYS = ("operator", "asset")
+
+
+@dataclass(slots=True, frozen=True)
+class Undecodable:
+    """A reset request whose payload could not be decoded."""
+
+    error: str
+
+
+def _reset_request_problem(asset: str, request: Any) -> str | None:
+    """What is wrong with a reset request, or None. A reset releases a brake, so a request that asks for
+    something else (one action, another asset, a misspelt operator) is refused, naming the key, rather
+    than read as a reset of the whole asset on this topic."""
+    if request is None:
+        return None
+    if isinstance(request, Undecodable):
+        return f"the reset request could not be decoded ({request.error[:200]})"
+    if not isinstance(request, dict):
+        return f"a reset request is a map such as {{\"operator\": \"alice\"}}, not {type(request).__name__}"
+    unknown = sorted(str(k) for k in request if k not in RESET_KEYS)
+    if unknown:
+        return (f"unknown key(s) {unknown} in the reset request (it takes {list(RESET_KEYS)}; a reset is of the "
+                f"whole asset {asset!r})")
+    operator = request.get("operator")
+    if operator is not None and (not isinstance(operator, str) or not operator):
+        return f"operator must be a non-empty string, not {operator!r}"[:200]
+    if "asset" in request and request["asset"] != asset:
+        return f"the request names asset {str(request['asset'])[:64]!r} on the reset topic of {asset!r}"
+    return None
 
 
 def _config_changes(client: Client) -> AsyncIterator[ActionConfig]:

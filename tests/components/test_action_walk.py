@@ -338,3 +338,30 @@ async def test_a_malformed_audit_log_is_reported_and_the_assets_go_to_their_safe
             assert ack["state"] == "safe_state" and "malformed" in ack["reason"], ack
     text = output.read_text(errors="replace")
     assert f"path={db}" in text and "Traceback" not in text
+
+
+async def test_a_reset_request_that_asks_for_something_else_is_refused_naming_the_key(short_tmp: Path) -> None:
+    """{"action": "engage_brake"} (a reset of one action), {"asset": "t2"} on t1's topic, a misspelt
+    {"operater": ...}, a bare string: each was read as a reset of the whole asset on the topic, and
+    released t1's latch. Each is refused, naming what is wrong, and the latch holds."""
+    async with running(short_tmp, cfg_with(k=1, n=1)) as (_service, tc), tc.subscribe("actions/t1") as actions:
+        await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        await tc.publish("anomaly/t1", event(0.0))
+        await asyncio.sleep(0.2)  # the clear window judged: a plain reset would be accepted now
+        wrong: list[tuple[Any, str]] = [
+            ({"operator": "alice", "action": "engage_brake"}, "unknown key(s) ['action'] in the reset request"),
+            ({"operater": "alice"}, "unknown key(s) ['operater']"),
+            ({"operator": "alice", "asset": "t2"}, "the request names asset 't2' on the reset topic of 't1'"),
+            ({"operator": 5}, "operator must be a non-empty string, not 5"),
+            ("alice", "a reset request is a map"),
+        ]
+        for request, reason in wrong:
+            reply = await tc.request("control/t1/reset", request, timeout=10)
+            assert reply["ok"] is False and reply["state"] == "latched" and reason in reply["reason"], (request, reply)
+        ok = await tc.request("control/t1/reset", {"operator": "alice", "asset": "t1"}, timeout=10)
+        assert ok["ok"] is True and ok["state"] == "normal"
+    from components.protective_action.service import Undecodable, _reset_request_problem
+
+    assert _reset_request_problem("t1", Undecodable("bad msgpack")) == \
+        "the reset request could not be decoded (bad msgpack)"
