@@ -192,6 +192,7 @@ class AssetPolicy:
         limit = self.cfg.max_consecutive_invalid
         if limit and self._invalid_run >= limit and self.state is not State.SAFE_STATE:
             why = f"{self._invalid_run} invalid anomaly events in a row (last: {reason})"
+            self._forget_windows()
             return self._decide(State.SAFE_STATE, self.cfg.safe_state_actions, now, wall, reason=why, windows=[])
         return None
 
@@ -220,8 +221,16 @@ class AssetPolicy:
         why = self.stale(now)
         if why is None:
             return None
+        self._forget_windows()
         return self._decide(State.SAFE_STATE, self.cfg.safe_state_actions, now, wall, reason=f"fail-safe: {why}",
                             windows=[])
+
+    def _forget_windows(self) -> None:
+        """The windows judged before a safe state say nothing of the machine after the outage (or the
+        broken detector) that caused it: a reset is judged on n windows seen since, as after a restart.
+        Kept, they let a reset through the moment the inputs came back, on windows from before."""
+        self._recent.clear()
+        self._below_run = 0
 
     def reset(self, now: float, wall: float, operator: str) -> ResetResult:
         """Operator reset: only when the trip condition is gone and the inputs are alive."""

@@ -288,3 +288,23 @@ def test_a_reset_rearms_the_cooldowns() -> None:
     assert reset.ok and reset.state is State.NORMAL
     again = p.on_event(obs(2), 0.7, 0)
     assert again is not None and again.actions == ("engage_brake", "pitch_to_feather") and again.suppressed == ()
+
+
+@pytest.mark.parametrize("cause", ["heartbeat", "invalid"])
+def test_after_a_safe_state_a_reset_is_judged_on_windows_seen_since(cause: str) -> None:
+    """Safe state after the detector stopped (or sent only garbage): once it was back, a reset was
+    accepted at once on the windows judged before the outage, which say nothing of the machine since."""
+    p = policy(k=2, n=3, max_consecutive_invalid=3)
+    feed(p, [0.1, 0.1, 0.1], t=0.1)
+    if cause == "heartbeat":
+        p.on_sensor(1.5)
+        d = p.on_tick(1.5, 0)
+    else:
+        d = [p.on_invalid(1.0, 0, "nan_score") for _ in range(3)][-1]
+    assert d is not None and d.state is State.SAFE_STATE
+    p.on_heartbeat(1.6)
+    p.on_sensor(1.6)
+    refused = p.reset(1.7, 0, "op")
+    assert not refused.ok and "0 of the 3 windows" in refused.reason
+    feed(p, [0.1, 0.1, 0.1], t=1.7)
+    assert p.reset(1.8, 0, "op").ok
