@@ -108,6 +108,7 @@ class Detector:
         self._backlog_drained = asyncio.Event()
         self._trusted = self._trusted_keys(config)
         self._log_times: dict[tuple[str, str], float] = {}
+        self._logged_counts: dict[tuple[str, str], int] = {}  # per (asset, kind): the total last logged
 
     @staticmethod
     def _trusted_keys(config: DetectorConfig) -> dict[str, Any]:
@@ -213,10 +214,16 @@ class Detector:
     def _log_skips(self, asset: str, w: Windower) -> None:
         now = time.monotonic()
         for kind, count in w.skipped.items():
+            # only kinds whose count moved: every kind ever seen was logged again with its old total
+            # whenever another one changed, so a new NaN read like a new duplicate and gap as well
+            if count == self._logged_counts.get((asset, kind), 0):
+                continue
             last = self._log_times.get((asset, kind), -1e9)
             if now - last >= 5.0:
                 self._log_times[(asset, kind)] = now
-                log.warning("input.skipped", asset=asset, kind=kind, total=count)
+                log.warning("input.skipped", asset=asset, kind=kind, total=count,
+                            new=count - self._logged_counts.get((asset, kind), 0))
+                self._logged_counts[(asset, kind)] = count
 
     # --- scoring -----------------------------------------------------------------------------
     async def _score_loop(self) -> None:

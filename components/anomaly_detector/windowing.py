@@ -27,7 +27,9 @@ Pure (no I/O, no clock). Defined behaviour per defect, each counted under its ke
   bad batch ended every asset's scoring), text of digits and booleans were scored as numbers, complex
   samples lost their imaginary part, and a NaN ``rate_hz`` passed the rate check.
 * ``rate_mismatch`` -- the batch's ``rate_hz`` differs from the model's by more than 1 %: dropped,
-  window restarted (features in Hz bands would be wrong).
+  window restarted (features in Hz bands would be wrong). A model whose card states no rate takes
+  any, but a batch whose rate differs from the buffered batches' is handled the same way, so a
+  window never mixes two rates (the next batch at the new rate starts a fresh window).
 * ``nan`` -- a completed window holds NaN/inf: the window is not scored.
 """
 
@@ -138,7 +140,10 @@ class Windower:
             self.skipped["malformed"] += 1
             self.reset()
             return []
-        if self.rate_hz is not None and abs(rate - self.rate_hz) > 0.01 * self.rate_hz:
+        # A model without a rate (built from a CSV without --rate-hz) takes any rate, but one window never
+        # mixes two: it used to, and its features (bands by bin, t_end) mixed two time scales unnoticed.
+        expected = self.rate_hz if self.rate_hz is not None else self._batches[-1].rate if self._batches else None
+        if expected is not None and abs(rate - expected) > 0.01 * expected:
             self.skipped["rate_mismatch"] += 1
             self.reset()
             return []

@@ -72,6 +72,26 @@ def test_a_batch_with_a_non_finite_time_or_rate_or_a_non_integer_seq_is_malforme
     assert len(out) == 1 and math.isfinite(out[0].t_end)
 
 
+def test_a_model_without_a_rate_never_gets_a_window_of_two_rates() -> None:
+    """A card with no sample_rate_hz (a CSV built without --rate-hz) took any batch: a producer switching
+    from 1 kHz to 500 Hz mid-window had both in one window, scored without a word."""
+    w = Windower(list(CHANNELS), WINDOW, HOP, None)
+    assert w.push(batch(0, healthy(BATCH))) == []
+    slow = batch(1, healthy(BATCH))
+    slow["rate_hz"] = RATE / 2
+    assert w.push(slow) == []
+    assert w.skipped == {"rate_mismatch": 1}
+    # the new rate then starts a fresh window, all of it at 500 Hz
+    later = [batch(i, healthy(BATCH)) | {"rate_hz": RATE / 2} for i in (2, 3)]
+    assert w.push(later[0]) == []
+    out = w.push(later[1])
+    assert len(out) == 1 and out[0].seq_first == 2
+    assert out[0].t_end == pytest.approx(later[1]["t0"] + (BATCH - 1) / (RATE / 2))
+    # ... and a rate that only wobbles (< 1 %) is the same rate
+    assert len(w.push(batch(4, healthy(BATCH)) | {"rate_hz": RATE / 2 * 1.005})) == 1
+    assert w.skipped == {"rate_mismatch": 1}
+
+
 def test_integer_samples_and_numpy_integer_seq_are_still_taken() -> None:
     w = fresh()
     ints = (healthy(BATCH) * 100).astype(np.int16)
@@ -328,3 +348,25 @@ def test_build_refuses_a_signing_key_others_can_read_and_a_public_key_given_as_k
     line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000", "--key", str(pub), "--version", "2.0.0"))
     assert line.startswith(f"error: {pub}: key: this is a public key; --key takes the private key")
     assert not (tmp_path / "out" / "artifacts" / NAME / "2.0.0").exists()
+
+
+def test_input_skipped_logs_only_the_kind_whose_count_moved() -> None:
+    """Each input.skipped line re-logged every kind seen before with its old total, so one duplicate
+    batch read in the log as a new NaN window, a new gap and a new missing channel too."""
+    from structlog.testing import capture_logs
+
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    detector = Detector(None, DetectorConfig())  # type: ignore[arg-type]  # no bus: only its log is used
+    w = fresh()
+    bad = healthy(BATCH)
+    bad[0, 0] = np.nan
+    with capture_logs() as logs:
+        w.push(batch(1, bad))
+        detector._log_skips("t1", w)
+        detector._log_times = {k: t - 10.0 for k, t in detector._log_times.items()}  # as if 10 s later
+        w.push(batch(1, healthy(BATCH)))  # a duplicate
+        detector._log_skips("t1", w)
+    assert [(e["kind"], e["total"]) for e in logs if e["event"] == "input.skipped"] == [("nan", 1), ("duplicate", 1)]
+    assert [e.get("new") for e in logs] == [1, 1]
