@@ -72,6 +72,8 @@ class CsvConfig(_Model):
     columns: tuple[str, ...] | None = None  # default: every column but the timestamp
     channel_names: tuple[str, ...] | None = None  # default: the column names
     timestamp_column: str | None = "auto"  # "auto": a column named timestamp/time/ts if present; None: no column
+    # of numeric timestamps; "auto": by the first row's size (epoch s, ms, µs or ns); ISO-8601 needs none
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
     speed: float = Field(1.0, ge=0)  # 1 = real time, 60 = a minute per second, 0 = as fast as the bound allows
     loop: bool = True
     shift_to_now: bool = True  # data timestamps are moved so the first row is the replay start
@@ -140,7 +142,8 @@ class IngestConfig(_Model):
         if v is not None and info.data.get("source") == "csv":
             try:
                 CsvReplay(v.path, batch_size=1, rate_hz=info.data.get("rate_hz"), columns=v.columns,
-                          channel_names=v.channel_names, timestamp_column=v.timestamp_column)
+                          channel_names=v.channel_names, timestamp_column=v.timestamp_column,
+                          timestamp_unit=v.timestamp_unit)
             except ReplayError as exc:
                 raise ValueError(str(exc)) from exc
         return v

@@ -16,6 +16,7 @@ Pacing (real time or accelerated) is the service's job; this module has no clock
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -54,8 +55,20 @@ class ReplayStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-def parse_timestamp(text: str) -> float:
-    """Epoch seconds from a number or an ISO-8601 date-time (naive means UTC, as NAB's are)."""
+UNIT_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def number_unit(value: float) -> str:
+    """The unit of an epoch number by its size: a time since 1973 is above 1e11 only in ms (to 5138),
+    above 1e14 only in µs, above 1e17 only in ns. Relative times (from 0) cannot be told apart: for
+    those the configuration says the unit."""
+    v = abs(value)
+    return "ns" if v >= 1e17 else "us" if v >= 1e14 else "ms" if v >= 1e11 else "s"
+
+
+def parse_timestamp(text: str, scale: float = 1.0) -> float:
+    """Seconds from a number (times ``scale``: 1e-3 for milliseconds) or an ISO-8601 date-time (naive
+    means UTC, as NAB's are)."""
     text = text.strip()
     try:
         value = float(text)
@@ -64,7 +77,7 @@ def parse_timestamp(text: str) -> float:
     else:
         if not math.isfinite(value):  # "inf", "nan": no time at all
             raise ValueError(f"{text!r} is not a time")
-        return value
+        return value * scale
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
@@ -82,7 +95,7 @@ class CsvReplay:
 
     def __init__(self, path: Path, *, batch_size: int, rate_hz: float | None = None,
                  columns: tuple[str, ...] | None = None, channel_names: tuple[str, ...] | None = None,
-                 timestamp_column: str | None = "auto", loop: bool = False,
+                 timestamp_column: str | None = "auto", timestamp_unit: str = "auto", loop: bool = False,
                  on_problem: ProblemReport | None = None) -> None:
         if not path.is_file():
             raise ReplayError(path, "not a file (a directory)" if path.is_dir() else "no such file")
@@ -110,6 +123,14 @@ class CsvReplay:
         if timestamp_column is not None and timestamp_column not in header:
             raise ReplayError(path, f"timestamp column {timestamp_column!r} not in header {header}")
         self._ts_index = header.index(timestamp_column) if timestamp_column is not None else None
+        # Epoch milliseconds read as seconds made a 1 kHz recording a 1 Hz one (rate_hz 1.0), silently.
+        self.timestamp_unit = "s" if timestamp_unit == "auto" else timestamp_unit
+        if timestamp_unit == "auto" and self._ts_index is not None and self._ts_index < len(first_row):
+            with contextlib.suppress(ValueError):
+                self.timestamp_unit = number_unit(float(first_row[self._ts_index]))
+        if self.timestamp_unit not in UNIT_SCALE:
+            raise ReplayError(path, f"timestamp unit {timestamp_unit!r} is not one of auto, {', '.join(UNIT_SCALE)}")
+        self._scale = UNIT_SCALE[self.timestamp_unit]
         value_cols = [h for h in header if h != timestamp_column] if columns is None else list(columns)
         missing = [c for c in value_cols if c not in header]
         if missing or not value_cols:
@@ -180,7 +201,7 @@ class CsvReplay:
                 t: float
                 if self._ts_index is not None:
                     try:
-                        t = parse_timestamp(row[self._ts_index])
+                        t = parse_timestamp(row[self._ts_index], self._scale)
                     except (ValueError, IndexError, OverflowError):
                         cell = row[self._ts_index] if self._ts_index < len(row) else None
                         self._problem("bad_timestamps", f"timestamp {cell!r:.40} is not a time (row skipped)")
@@ -229,7 +250,13 @@ class CsvReplay:
             self.on_problem(reason, detail, old + 1, f"{self.path}:{self._line}")
 
     def _batch(self, times: list[float], values: list[list[float]], step: float | None, after_gap: bool) -> Batch:
+        data = np.asarray(values, dtype=np.float32).T.copy()
+        if self._ts_index is None and self.rate_hz:  # no timestamps: the configured rate, exactly
+            return Batch(times[0], self.rate_hz, self.channels, data, follows_gap=after_gap)
+        if len(times) > 1 and times[-1] > times[0]:
+            # The mean step of the batch, not its first: epoch times near 1.7e9 s carry ~2e-7 s of float
+            # error, 0.02 % of a 1 ms step, which the first step alone passed on to rate_hz whole.
+            step = (times[-1] - times[0]) / (len(times) - 1)
         if step is None or step <= 0:
             step = 1.0  # a single row with no neighbour: any rate is as true as another
-        data = np.asarray(values, dtype=np.float32).T.copy()
         return Batch(times[0], 1.0 / step, self.channels, data, follows_gap=after_gap)

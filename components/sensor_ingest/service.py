@@ -159,13 +159,15 @@ class IngestService:
         c = cfg.csv
         try:
             replay = CsvReplay(c.path, batch_size=cfg.batch_size, rate_hz=cfg.rate_hz, columns=c.columns,
-                               channel_names=c.channel_names, timestamp_column=c.timestamp_column, loop=c.loop,
+                               channel_names=c.channel_names, timestamp_column=c.timestamp_column,
+                               timestamp_unit=c.timestamp_unit, loop=c.loop,
                                on_problem=self._replay_problem)
         except ReplayError as exc:  # checked when the configuration was, so the file went since
             log.error("ingest.replay_failed", asset=cfg.asset, path=str(c.path), error=str(exc))  # noqa: TRY400
             return
         log.info("ingest.replay_started", asset=cfg.asset, path=str(c.path), channels=list(replay.channels),
-                 speed=c.speed, timestamps=replay.has_timestamps)
+                 speed=c.speed, timestamps=replay.has_timestamps,
+                 timestamp_unit=replay.timestamp_unit if replay.has_timestamps else None)
         shift: float | None = None
         published = 0
         try:

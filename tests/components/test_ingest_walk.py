@@ -143,6 +143,29 @@ async def test_a_csv_with_nothing_to_replay_is_refused_or_an_error(short_tmp: Pa
     assert not any(e["event"] == "ingest.replay_finished" for e in logs)
 
 
+def test_csv_timestamps_in_milliseconds_are_not_taken_for_seconds(tmp_path: Path) -> None:
+    """A 1 kHz recording stamped in epoch milliseconds (a common DAQ export) replayed with rate_hz 1.0 and
+    1000 times too slowly, with no word. The unit is now told by the size of the first epoch number, or
+    configured (``csv.timestampUnit``) for times counted from 0."""
+    epoch_ms = tmp_path / "ms.csv"
+    epoch_ms.write_text("timestamp,a\n" + "".join(f"{1_700_000_000_000 + i},{i}\n" for i in range(50)))
+    replay = CsvReplay(epoch_ms, batch_size=50)
+    (batch,) = list(replay.batches())
+    assert replay.timestamp_unit == "ms" and batch.t0 == pytest.approx(1_700_000_000.0)
+    assert batch.rate_hz == pytest.approx(1000, rel=1e-5) and batch.n_samples == 50
+    epoch_us = tmp_path / "us.csv"
+    epoch_us.write_text("time,a\n" + "".join(f"{1_700_000_000_000_000 + 500 * i},{i}\n" for i in range(10)))
+    assert next(CsvReplay(epoch_us, batch_size=10).batches()).rate_hz == pytest.approx(2000, rel=1e-4)
+    relative_ms = tmp_path / "rel.csv"
+    relative_ms.write_text("ts,a\n" + "".join(f"{i * 4},{i}\n" for i in range(10)))  # 250 Hz, ms from 0
+    cfg = load_config({"source": "csv", "csv": {"path": str(relative_ms), "timestampUnit": "ms"}})
+    assert cfg.csv is not None and cfg.csv.timestamp_unit == "ms"
+    replay = CsvReplay(relative_ms, batch_size=10, timestamp_unit="ms")
+    assert next(replay.batches()).rate_hz == pytest.approx(250)
+    with pytest.raises(ConfigError, match=r"csv\.timestampUnit"):
+        load_config({"source": "csv", "csv": {"path": str(relative_ms), "timestampUnit": "minutes"}})
+
+
 # --- MQTT -----------------------------------------------------------------------------------------
 
 
