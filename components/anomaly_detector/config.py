@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from components.anomaly.errors import SignatureError
+from components.anomaly.signing import parse_public_key
 from components.configuration import parse_config
 
 COMPONENT = "com.nucleus.AnomalyDetector"
@@ -49,6 +51,18 @@ class DetectorConfig(BaseModel):
     # component's work directory) and how often it is written (0 = only when the detector stops).
     memory_dir: str = Field("knn-memory", alias="memoryDir")
     memory_save_every_s: float = Field(60.0, ge=0, alias="memorySaveEveryS")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        """A key that is not one (a truncated paste, a private key, an RSA key) was taken, logged once at
+        start and left out: the deployment succeeded and every model it signed was then 'untrusted'."""
+        for i, text in enumerate(keys):
+            try:
+                parse_public_key(text)
+            except SignatureError as exc:
+                raise ValueError(f"[{i}]: {exc.message}") from None
+        return keys
 
 
 def load_config(raw: Any, component: str = COMPONENT) -> DetectorConfig:

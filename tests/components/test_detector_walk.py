@@ -370,3 +370,20 @@ def test_input_skipped_logs_only_the_kind_whose_count_moved() -> None:
         detector._log_skips("t1", w)
     assert [(e["kind"], e["total"]) for e in logs if e["event"] == "input.skipped"] == [("nan", 1), ("duplicate", 1)]
     assert [e.get("new") for e in logs] == [1, 1]
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("AAAA", "[1]: trusted key has 3 bytes, an Ed25519 public key has 32"),
+    ("not a key!", "[1]: trusted key 'not a key!'... is neither base64 nor PEM"),
+    ("-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----", "[1]: trusted key is not a valid PEM public key"),
+])
+def test_a_trusted_key_that_is_not_one_is_refused_by_the_configuration(v1: Any, bad: str, says: str) -> None:
+    """It was taken, logged once at start (detector.trusted_key_invalid) and left out: the deployment
+    succeeded, and every model that key signed was then refused as untrusted."""
+    from components.anomaly_detector.config import load_config
+    from components.configuration import ConfigError
+
+    assert load_config({"trustedKeys": [v1.public_key]}).trusted_keys == [v1.public_key]
+    with pytest.raises(ConfigError) as info:
+        load_config({"trustedKeys": [v1.public_key, bad]})
+    assert str(info.value).startswith(f"{COMPONENT}: invalid configuration: trustedKeys: {says}"), str(info.value)
