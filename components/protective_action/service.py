@@ -460,8 +460,10 @@ class ActionService:
 
     def _keepalive_due(self) -> list[str]:
         now = self.clocks.monotonic()
+        # An asset whose protective action failed (and has not succeeded on a retry since) is not
+        # protected either: the external timer is the backstop for exactly that, so it must run out.
         return [asset for asset, policy in list(self.policies.items())
-                if policy.state is not State.SAFE_STATE and policy.stale(now) is None]
+                if policy.state is not State.SAFE_STATE and policy.stale(now) is None and asset not in self._failed]
 
     async def _keepalive_one(self, asset: str) -> None:
         outcome = await self.actuator.execute(ActionRequest("keepalive", asset, "", "keepalive"))

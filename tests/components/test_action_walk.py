@@ -24,6 +24,7 @@ from components.protective_action.actuators import CommandActuator
 from components.protective_action.audit import AuditLog
 from components.protective_action.config import load_config
 from components.protective_action.policy import Decision, State
+from components.protective_action.service import make_actuator
 
 
 def event(score: float, asset: str = "t1") -> dict[str, Any]:
@@ -365,3 +366,54 @@ async def test_a_reset_request_that_asks_for_something_else_is_refused_naming_th
 
     assert _reset_request_problem("t1", Undecodable("bad msgpack")) == \
         "the reset request could not be decoded (bad msgpack)"
+
+
+async def test_no_keepalive_while_a_protective_action_has_failed(short_tmp: Path) -> None:
+    """engage_brake's relay failed on a trip and the external dead-man timer kept being refreshed: the one
+    backstop for a protection that did not happen was told all was well. The keepalive stops while a
+    failed action has not succeeded (on a retry), and comes back when it has."""
+    brake = short_tmp / "brake.sh"  # fails until brake.sh.ok exists
+    brake.write_text('#!/bin/sh\n[ -e "$0.ok" ] || { echo relay not answering; exit 2; }\necho braked\n')
+    keepalive = short_tmp / "keepalive.sh"
+    keepalive.write_text('#!/bin/sh\necho "$NUCLEUS_ASSET" >> "$0.calls"\n')
+    for script in (brake, keepalive):
+        script.chmod(0o755)
+    raw = json.loads(json.dumps(FAST))
+    raw["actuator"] = {"kind": "command", "keepaliveS": 0.1, "retryS": 0.3, "commands": {
+        "engage_brake": str(brake), "pitch_to_feather": "/bin/true", "keepalive": str(keepalive)}}
+    cfg = load_config(raw)
+    calls = short_tmp / "keepalive.sh.calls"
+
+    def refreshed() -> int:
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    async with running(short_tmp, cfg, make_actuator(cfg.actuator)) as (service, tc), \
+            tc.subscribe("actions/t1") as actions:
+        for _ in range(2):  # inputs alive for the keepalive: heartbeat and sensor batches
+            await tc.publish("heartbeat/anomaly_detector", {})
+            await tc.publish("sensors/t1/raw", {})
+        async with asyncio.timeout(10):
+            while refreshed() < 2:
+                await asyncio.sleep(0.05)
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        trip = await next_action(actions)
+        assert {o["action"]: o["ok"] for o in trip["outcomes"]}["engage_brake"] is False
+        await asyncio.sleep(0.15)  # a keepalive already running when the trip failed may still end
+        before = refreshed()
+        for _ in range(6):  # 0.6 s, six keepalive periods: inputs alive, but no refresh
+            await tc.publish("heartbeat/anomaly_detector", {})
+            await tc.publish("sensors/t1/raw", {})
+            await asyncio.sleep(0.1)
+        assert refreshed() == before
+        Path(f"{brake}.ok").touch()
+        async with asyncio.timeout(10):
+            while not (retry := await next_action(actions))["outcomes"][0]["ok"]:
+                pass
+        assert retry["actions"] == ["engage_brake"]
+        async with asyncio.timeout(10):
+            while refreshed() == before:
+                await tc.publish("heartbeat/anomaly_detector", {})
+                await tc.publish("sensors/t1/raw", {})
+                await asyncio.sleep(0.1)
+        assert service.policies["t1"].state is State.LATCHED
