@@ -115,6 +115,13 @@ class MqttConfig(_Model):
             raise ValueError(f"channels must be one or more distinct names; got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttConfig:
+        if self.reconnect_initial_s > self.reconnect_max_s:
+            raise ValueError(f"reconnectInitialS {self.reconnect_initial_s:g} is above reconnectMaxS "
+                             f"{self.reconnect_max_s:g}: the first retry would wait longer than the longest")
+        return self
+
 
 class IngestConfig(_Model):
     asset: str = "turbine-1"

@@ -135,7 +135,7 @@ class IngestService:
                 log.info("ingest.faults_kept", asset=cfg.asset, active=sim.active(), dropped=dropped)
             if dropped:
                 log.warning("ingest.faults_dropped", asset=cfg.asset, dropped=dropped,
-                            reason="their channel is not in simulator.channels any more")
+                            reason="the channels they show on are not in simulator.channels any more")
         self.sim = sim
         n, period = cfg.batch_size, cfg.batch_size / cfg.rate_hz
         epoch = self.clocks.wall()  # t0 of sample 0; every t0 after is epoch + index / rate: no drift

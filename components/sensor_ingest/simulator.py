@@ -191,6 +191,9 @@ class TurbineSimulator:
             raise ValueError(f"severity must be within 0..1, got {fault.severity}")
         if fault.channel is not None and fault.channel not in self.channels:
             raise ValueError(f"channel {fault.channel!r} is not one of {list(self.channels)}")
+        unseen = self._unseen(fault.kind)
+        if unseen:
+            raise ValueError(unseen)
         channel = fault.channel if fault.kind in SENSOR_FAULTS else None
         fault = Fault(fault.kind, fault.severity, channel, fault.mode)
         held = None
@@ -206,6 +209,16 @@ class TurbineSimulator:
     def clear_all(self) -> None:
         self._faults.clear()
 
+    def _unseen(self, kind: FaultKind) -> str | None:
+        """Why ``kind`` would change none of this simulator's channels (None: it shows). An over-temperature
+        without the temp channel was accepted and answered ok while the stream did not change at all."""
+        if kind is FaultKind.OVER_TEMPERATURE and "temp" not in self.channels:
+            return f"{kind.value} shows on the temp channel, which is not one of {list(self.channels)}"
+        if kind not in SENSOR_FAULTS and kind is not FaultKind.OVER_TEMPERATURE and \
+                not any(c in VIBRATION_CHANNELS for c in self.channels):
+            return f"{kind.value} shows on vibration channels, and none of {list(self.channels)} is one"
+        return None
+
     def adopt_faults(self, other: TurbineSimulator) -> list[dict[str, Any]]:
         """Take over ``other``'s active faults (this simulator replaces it after a configuration change).
 
@@ -215,7 +228,7 @@ class TurbineSimulator:
         """
         dropped: list[dict[str, Any]] = []
         for (kind, channel), active in other._faults.items():
-            if channel is not None and channel not in self.channels:
+            if (channel is not None and channel not in self.channels) or self._unseen(kind):
                 dropped.append(active.fault.describe())
                 continue
             elapsed_s = (other._index - active.since_index) / other.params.rate_hz

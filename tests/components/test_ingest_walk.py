@@ -45,6 +45,26 @@ def test_a_fault_request_with_a_key_it_does_not_use_is_refused() -> None:
         assert reply["active"] == [{"fault": "imbalance", "severity": 0.5}]
 
 
+def test_a_fault_no_configured_channel_would_show_is_refused() -> None:
+    """With ``simulator.channels: [vib_x, vib_y]`` an over-temperature was injected and answered ok, and the
+    stream did not change: a test of the detector's over-temperature path passed without testing it."""
+    vib_only = TurbineSimulator(TurbineParams(), channels=("vib_x", "vib_y"))
+    reply = handle_fault_request(vib_only, {"fault": "over_temperature", "severity": 1})
+    assert reply["ok"] is False and "temp channel, which is not one of ['vib_x', 'vib_y']" in reply["error"]
+    assert handle_fault_request(vib_only, {"fault": "imbalance"})["ok"] is True
+    temp_only = TurbineSimulator(TurbineParams(), channels=("temp",))
+    reply = handle_fault_request(temp_only, {"fault": "bearing_outer_race"})
+    assert reply["ok"] is False and "vibration channels" in reply["error"] and reply["active"] == []
+    assert handle_fault_request(temp_only, {"fault": "stuck"})["ok"] is True  # a sensor fault shows anywhere
+    # A configuration change to channels a fault does not show on drops it (logged), as for its channel.
+    assert temp_only.adopt_faults(vib_only) == [{"fault": "imbalance", "severity": 1.0}]
+
+
+def test_a_reconnect_backoff_that_starts_above_its_maximum_is_refused() -> None:
+    with pytest.raises(ConfigError, match="reconnectInitialS 20 is above reconnectMaxS 10"):
+        load_config({"source": "mqtt", "mqtt": {"reconnectInitialS": 20}})
+
+
 # --- pacing --------------------------------------------------------------------------------------
 
 
