@@ -7,7 +7,9 @@ builder's own model (knn_model: same features, standardization, prototypes, prio
 the memory and the alarm stage re-implemented around it. ``declared`` reproduces the product's dev score
 exactly (63.8 on seeds 1-4, per kind and per seed). ``--product`` streams the finalists through the
 product path instead (the shift stage is product code: components/anomaly/shift.py, card section
-``shift``, builder ``--shift``). NAB's files are not read.
+``shift``, builder ``--shift``). NAB's files are not read. Later ideas (a file-relative block scale,
+re-arming only after quiet, denoising; from ARTime's public description) are in nab_dev_blocks.py, which
+reuses this file's Prepared/Memory/knn_scores/alarm machinery.
 
 Variants (why each might help a streaming detector with no labels):
 
