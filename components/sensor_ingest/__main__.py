@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from components.configuration import component_name
+from components.configuration import ConfigError, component_name
 from components.sensor_ingest.config import load_config
 from components.sensor_ingest.service import COMPONENT, run
 from ipc import run_component
@@ -25,9 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = None
     if args.config is not None:
-        text = args.config.read_text()
-        raw = json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)
-        cfg = load_config(raw, component_name(COMPONENT))
+        # One line naming the file, not a traceback: a YAML error said only "<unicode string>", line 2.
+        try:
+            text = args.config.read_text()
+            raw = json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)
+            cfg = load_config(raw, component_name(COMPONENT))
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, ConfigError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
     run_component(functools.partial(run, cfg=cfg))
 
 

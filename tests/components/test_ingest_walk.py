@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,22 @@ def test_a_fault_no_configured_channel_would_show_is_refused() -> None:
 def test_a_reconnect_backoff_that_starts_above_its_maximum_is_refused() -> None:
     with pytest.raises(ConfigError, match="reconnectInitialS 20 is above reconnectMaxS 10"):
         load_config({"source": "mqtt", "mqtt": {"reconnectInitialS": 20}})
+
+
+def test_a_bad_dev_config_file_is_one_error_line_naming_it(tmp_path: Path) -> None:
+    """``python -m components.sensor_ingest --config FILE`` (development on a bare bus) answered a broken
+    YAML file with a traceback naming "<unicode string>", and a misspelt key with a traceback too."""
+    for name, text, why in [("broken.yaml", "rateHz: [\n", "expected the node content"),
+                            ("typo.yaml", "ratehz: 5\n", "ratehz: unknown key"),
+                            ("gone.yaml", None, "No such file")]:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "components.sensor_ingest", "--config", str(path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "NUCLEUS_IPC_SOCKET": str(tmp_path / "no.sock")})
+        assert proc.returncode == 2 and f"error: --config {path}: " in proc.stderr, proc.stderr
+        assert why in proc.stderr and "Traceback" not in proc.stderr
 
 
 # --- pacing --------------------------------------------------------------------------------------
