@@ -43,9 +43,11 @@ class Dataset:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name (it was, and a card
+    # whose channel is "\ufeffvib_x" drops every bus batch as missing_channel)
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _runs(mask: npt.NDArray[np.bool_] | np.bool_) -> list[tuple[int, int]]:
@@ -82,6 +84,8 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
     if not rows:
         raise TrainingError("CSV has no data rows", path=path)
     cols = {name.strip(): i for i, name in enumerate(header)}
+    names = [h.strip() for h in header]
+    twice = {n for n in names if names.count(n) > 1}  # cols kept the last of them, dropping the other unseen
     if channels is None:
         channels = []
         for name, i in cols.items():
@@ -92,10 +96,17 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             except ValueError:
                 continue
             channels.append(name)
+    if not channels:
+        hint = (" (one column whose name holds ';' or a tab: the file is not comma-separated)"
+                if len(cols) == 1 and any(d in header[0] for d in ";\t") else "")
+        raise TrainingError(f"no numeric column in the first data row (columns {list(cols)}){hint}; name the "
+                            "channels with --channels", path=path, field="channels")
     missing = [c for c in channels if c not in cols]
-    if missing or not channels:
-        raise TrainingError(f"CSV has no columns {missing or channels} (has {list(cols)})", path=path,
-                            field="channels")
+    if missing:
+        raise TrainingError(f"CSV has no columns {missing} (has {list(cols)})", path=path, field="channels")
+    if used_twice := sorted(twice & {*channels, label_column, time_column}):
+        raise TrainingError(f"the header names {', '.join(repr(n) for n in used_twice)} more than once; rename "
+                            "the columns so each is one column", path=path, field="channels")
     data = _channel_matrix(rows, [cols[c] for c in channels], channels, path, first_row=2 + (row_range or (0, 0))[0])
     keep = np.isfinite(data).all(axis=0)
     if label_column is not None:

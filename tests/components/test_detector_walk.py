@@ -387,3 +387,35 @@ def test_a_trusted_key_that_is_not_one_is_refused_by_the_configuration(v1: Any, 
     with pytest.raises(ConfigError) as info:
         load_config({"trustedKeys": [v1.public_key, bad]})
     assert str(info.value).startswith(f"{COMPONENT}: invalid configuration: trustedKeys: {says}"), str(info.value)
+
+
+def test_a_csv_with_a_byte_order_mark_gives_the_bus_channel_names(tmp_path: Path) -> None:
+    """A spreadsheet's UTF-8 BOM became part of the first channel's name ("\\ufeffvib_x"): the card then
+    listed a channel no ingest publishes, and the detector dropped every batch as missing_channel."""
+    x = healthy(4000)
+    text = "vib_x,temp\n" + "\n".join(f"{a!r},{b!r}" for a, b in x.T.tolist()) + "\n"
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    assert model_cli(cli_build(tmp_path, tmp_path / "bom.csv", "--rate-hz", "1000")) == 0
+    card = load_card(tmp_path / "out" / "artifacts" / NAME / "1.0.0" / "model_card.json")
+    assert card.channels == CHANNELS
+
+
+def test_a_csv_naming_a_channel_twice_or_not_comma_separated_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A channel named twice trained on the last of the two columns without a word; a semicolon file
+    said "CSV has no columns []"."""
+    x = healthy(4000)
+    rows = "\n".join(f"{a!r},{a + 100!r},{b!r},note" for a, b in x.T.tolist())
+    (tmp_path / "dup.csv").write_text("vib_x,vib_x,temp,memo\n" + rows + "\n")
+    line = one_error(capsys, cli_build(tmp_path, tmp_path / "dup.csv", "--rate-hz", "1000"))
+    assert line == f"error: {tmp_path / 'dup.csv'}: channels: the header names 'vib_x' more than once; rename " \
+                   "the columns so each is one column"
+    # a name twice among columns not used is no reason to refuse
+    (tmp_path / "memo.csv").write_text("vib_x,temp,memo,memo\n" + "\n".join(
+        f"{a!r},{b!r},x,y" for a, b in x.T.tolist()) + "\n")
+    assert model_cli(cli_build(tmp_path, tmp_path / "memo.csv", "--rate-hz", "1000")) == 0
+    capsys.readouterr()
+    (tmp_path / "semi.csv").write_text("vib_x;temp\n" + "\n".join(f"{a!r};{b!r}" for a, b in x.T.tolist()))
+    line = one_error(capsys, cli_build(tmp_path, tmp_path / "semi.csv", "--rate-hz", "1000"))
+    assert "no numeric column in the first data row (columns ['vib_x;temp'])" in line
+    assert "not comma-separated" in line
