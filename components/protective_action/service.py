@@ -102,6 +102,7 @@ class ActionService:
         self._unrecorded: dict[str, list[tuple[Decision, list[Outcome], dict[str, float]]]] = {}
         # per asset: failed actions still wanted (actuator.retryS): (actions, the decision they failed in, when next)
         self._failed: dict[str, tuple[tuple[str, ...], str, float]] = {}
+        self._retrying: set[str] = set()  # assets with a retry decided and not yet applied
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         now = self.clocks.monotonic()
         restored = audit.last_states()
@@ -274,12 +275,22 @@ class ActionService:
         out = []
         for asset, (actions, failed_in, due) in list(self._failed.items()):
             policy = self.policies.get(asset)
-            if policy is None or now < due:
+            # One attempt at a time: with a program slower than retryS (a hung relay, killed at timeoutS)
+            # attempts queued up behind the asset's lock, each to run when its turn came, even after one
+            # had succeeded, and the asset's next real decision (a safe state) waited behind them all.
+            if policy is None or now < due or asset in self._retrying:
                 continue
-            self._failed[asset] = (actions, failed_in, now + every)  # not again while this one runs
+            self._failed[asset] = (actions, failed_in, now + every)
             if (d := policy.retry(actions, now, wall, failed_in)) is not None:
+                self._retrying.add(asset)
                 out.append(d)
         return out
+
+    async def _apply_retry(self, d: Decision) -> None:
+        try:
+            await self.apply(d)
+        finally:
+            self._retrying.discard(d.asset)
 
     def _keep_unrecorded(self, d: Decision, outcomes: list[Outcome], timing: dict[str, float]) -> None:
         """A decision the audit log could not take, kept to be recorded (and acknowledged) when it can: it
@@ -443,8 +454,10 @@ class ActionService:
         retried = self.clocks.monotonic()
         while True:
             await asyncio.sleep(self.cfg.check_interval_s)
-            for d in [*self.due(), *self._retries_due()]:
+            for d in self.due():
                 self._spawn(self.apply(d))
+            for d in self._retries_due():
+                self._spawn(self._apply_retry(d))
             if self.clocks.monotonic() - retried >= UNRECORDED_RETRY_S:
                 retried = self.clocks.monotonic()
                 for asset in [a for a, pending in self._unrecorded.items() if pending]:

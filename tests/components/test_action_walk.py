@@ -417,3 +417,32 @@ async def test_no_keepalive_while_a_protective_action_has_failed(short_tmp: Path
                 await tc.publish("sensors/t1/raw", {})
                 await asyncio.sleep(0.1)
         assert service.policies["t1"].state is State.LATCHED
+
+
+async def test_retries_of_a_hung_relay_do_not_queue_up(short_tmp: Path) -> None:
+    """A relay that hangs past timeoutS, retried more often than that: attempts queued up behind the
+    asset's lock, one per retryS, and kept running the brake one after another even after one had
+    succeeded. One attempt at a time; none after the success."""
+    brake = short_tmp / "brake.sh"  # hangs (killed at timeoutS) until brake.sh.ok exists
+    brake.write_text('#!/bin/sh\necho run >> "$0.runs"\n[ -e "$0.ok" ] || sleep 30\necho braked\n')
+    brake.chmod(0o755)
+    raw = json.loads(json.dumps(FAST))
+    raw["policy"]["tripActions"] = ["engage_brake"]
+    raw["actuator"] = {"kind": "command", "timeoutS": 0.3, "retryS": 0.05, "commands": {
+        "engage_brake": str(brake), "pitch_to_feather": "/bin/true"}}
+    cfg = load_config(raw)
+    async with running(short_tmp, cfg, make_actuator(cfg.actuator)) as (_service, tc), \
+            tc.subscribe("actions/t1") as actions:
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        trip = await next_action(actions)
+        assert "timed out" in trip["outcomes"][0]["detail"]
+        for _ in range(2):  # two retries timed out too (each 0.3 s; the retry period is 0.05 s)
+            assert "timed out" in (await next_action(actions))["outcomes"][0]["detail"]
+        Path(f"{brake}.ok").touch()
+        async with asyncio.timeout(10):
+            while not (await next_action(actions))["outcomes"][0]["ok"]:
+                pass
+        with pytest.raises(TimeoutError):
+            extra = await next_action(actions, timeout=1.0)
+            raise AssertionError(f"a retry after the success: {extra}")
