@@ -273,7 +273,15 @@ class ActionService:
             return []
         now, wall = self.clocks.monotonic(), self.clocks.wall()
         out = []
-        for asset, (actions, failed_in, due) in list(self._failed.items()):
+        wanted = {*self.cfg.policy.trip_actions, *self.cfg.policy.safe_state_actions}
+        for asset, (failed, failed_in, due) in list(self._failed.items()):
+            # an action a new configuration no longer lists is not retried (nor holds the keepalive back)
+            actions = tuple(a for a in failed if a in wanted)
+            if actions != failed:
+                if not actions:
+                    del self._failed[asset]
+                    continue
+                self._failed[asset] = (actions, failed_in, due)
             policy = self.policies.get(asset)
             # One attempt at a time: with a program slower than retryS (a hung relay, killed at timeoutS)
             # attempts queued up behind the asset's lock, each to run when its turn came, even after one

@@ -446,3 +446,35 @@ async def test_retries_of_a_hung_relay_do_not_queue_up(short_tmp: Path) -> None:
         with pytest.raises(TimeoutError):
             extra = await next_action(actions, timeout=1.0)
             raise AssertionError(f"a retry after the success: {extra}")
+
+
+async def test_an_action_a_new_configuration_drops_is_no_longer_retried(short_tmp: Path) -> None:
+    """disconnect_generator failed on a trip and was retried; a configuration that no longer lists it
+    (the generator is gone) left it retried for ever, failing ('no command configured'), and the asset's
+    dead-man keepalive held back for good."""
+    raw = json.loads(json.dumps(FAST))
+    raw["policy"]["tripActions"] = ["engage_brake", "disconnect_generator"]
+    raw["actuator"] = {"kind": "command", "retryS": 0.1, "keepaliveS": 0.1, "commands": {
+        "engage_brake": "/bin/true", "pitch_to_feather": "/bin/true", "disconnect_generator": "/bin/false",
+        "keepalive": "/bin/true"}}
+    cfg = load_config(raw)
+    async with running(short_tmp, cfg, make_actuator(cfg.actuator)) as (service, tc), \
+            tc.subscribe("actions/t1") as actions:
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        assert (await next_action(actions))["actions"] == ["disconnect_generator"]  # a retry
+        raw["policy"]["tripActions"] = ["engage_brake"]
+        del raw["actuator"]["commands"]["disconnect_generator"]
+        service.reconfigure(load_config(raw))
+        async with asyncio.timeout(10):  # a retry already under way may still be acknowledged
+            while "t1" in service._failed:
+                await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            while True:
+                extra = await next_action(actions, timeout=0.5)
+                assert extra["actions"] == ["disconnect_generator"]  # only one in flight at the change
+        kept = service.stats.keepalives
+        async with asyncio.timeout(10):  # and the keepalive is back
+            while service.stats.keepalives == kept:
+                await asyncio.sleep(0.05)
