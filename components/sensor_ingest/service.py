@@ -110,6 +110,7 @@ class IngestService:
         self.sequencer = sequencer or Sequencer(cfg.asset, cfg.source)
         self.sim: TurbineSimulator | None = None
         self._faults_from = faults_from  # the simulator this one replaces: its injected faults carry on
+        self.mqtt: MqttSource | None = None
         self.published = 0
         self.skipped_batches = 0
         self.behind_events = 0  # times the pacer dropped a backlog (sim) or moved the schedule (csv)
@@ -203,9 +204,19 @@ class IngestService:
         log.warning(event, asset=self.cfg.asset, reason=reason, detail=detail, count=count, at=where)
 
     async def _mqtt_batches(self) -> AsyncIterator[Batch]:
-        source = MqttSource(self.cfg.mqtt, self.cfg.rate_hz, self.cfg.batch_size, self.clocks.wall)
+        source = self.mqtt = MqttSource(self.cfg.mqtt, self.cfg.rate_hz, self.cfg.batch_size, self.clocks.wall)
         async for batch in source.batches():
             yield batch
+
+    async def publish_leftover(self) -> None:
+        """Publish the samples the MQTT source holds in a partial batch (its source was just stopped for a
+        new configuration): they were received, and dropping them lost up to a batch less one unseen."""
+        partial = self.mqtt.assembler.flush() if self.mqtt is not None else None
+        if partial is not None:
+            payload = self.sequencer.payload(partial)
+            payload["published_at"] = self.clocks.wall()
+            await self.client.publish(self.cfg.topic, payload)
+            self.published += 1
 
     def _batches(self) -> AsyncIterator[Batch]:
         pacer = Pacer(self.cfg.max_burst)
@@ -297,6 +308,10 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
         if new is None:
             return  # the nucleus closed the watch stream: we are being stopped
         log.info("ingest.config_changed", asset=new.asset, source=new.source)
+        try:
+            await service.publish_leftover()
+        except IpcError as exc:
+            log.warning("ingest.leftover_lost", asset=cfg.asset, error=str(exc))
         if new.asset != cfg.asset:
             sequencer = Sequencer(new.asset, new.source)  # another asset: its own numbering from 0
             previous_sim = None  # another machine: its faults are not this one's

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,43 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
     log = daemon.cli("logs", INGEST).stdout
     assert "ingest.faults_kept" in log and math.isfinite(float(stuck_before))
 
+
+
+@pytest.mark.slow
+def test_a_configuration_change_publishes_the_mqtt_samples_it_holds(daemon: Any, short_tmp: Path) -> None:
+    """The MQTT source re-batches: up to a batch less one sample waits for the rest. A configuration change
+    cancelled the source with them, so what the device had sent was lost although the ingest had it."""
+    import aiomqtt
+
+    with mosquitto(short_tmp) as port:
+        mqtt = {"port": port, "topic": "plant/wk-2/vib", "channels": ["x"], "flushAfterS": 30}
+        daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", f"{INGEST}=1.0.0",
+                   "--update-config", json.dumps({INGEST: {"MERGE": {
+                       "asset": "wk-2", "source": "mqtt", "rateHz": 100, "batchSize": 50, "mqtt": mqtt}}}))
+        for _ in range(300):  # bounded: the source connects within a second or two
+            if "ingest.mqtt_connected" in daemon.cli("logs", INGEST).stdout:  # logged once subscribed
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(daemon.cli("logs", INGEST).stdout)
+        policy = short_tmp / "viewer.json"
+        policy.write_text(json.dumps({"aws.greengrass.ipc.pubsub": {"v": {
+            "operations": ["aws.greengrass#SubscribeToTopic"], "resources": ["sensors/wk-2/raw"]}}}))
+        token = daemon.cli("client", "add", "test.viewer", "--policy", str(policy)).stdout.strip().splitlines()[-1]
+
+        async def scenario() -> list[dict[str, Any]]:
+            from ipc import Client
+
+            async with Client(daemon.root / "ipc.sock", token, name="test.viewer") as c, \
+                    c.subscribe("sensors/wk-2/raw", queue_size=100) as batches, \
+                    aiomqtt.Client("127.0.0.1", port) as device:
+                for i in range(5):
+                    await device.publish("plant/wk-2/vib", json.dumps({"ts": 100 + i / 100, "x": i}), qos=1)
+                await asyncio.sleep(0.5)  # delivered to the ingest (QoS 1 to the broker, then on)
+                await asyncio.to_thread(daemon.cli, "deploy", "--update-config",
+                                        json.dumps({INGEST: {"MERGE": {"batchSize": 5}}}))
+                async with asyncio.timeout(20):
+                    return [(await anext(batches)).payload]
+
+        got = asyncio.run(scenario())
+    assert got[0]["t0"] == 100.0 and got[0]["data"].tolist() == [[0, 1, 2, 3, 4]], got
