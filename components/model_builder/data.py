@@ -169,18 +169,34 @@ def save_recording(path: Path, channels: list[str], data: npt.NDArray[np.floatin
 
 
 def load_recording(path: Path) -> Dataset:
+    what = "not a nucleus recording (.npz with channels, data, rate_hz, segment_starts)"
     try:
-        with np.load(path, allow_pickle=False) as z:
+        opened = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        # np.load reads a file that is no archive at all as a pickle, and then says pickles are refused
+        raise TrainingError(f"{what}: {'not an .npz archive' if 'pickled' in str(exc) else exc}", path=path) from exc
+    if not isinstance(opened, np.lib.npyio.NpzFile):
+        raise TrainingError(f"{what}: one .npy array, not an .npz archive", path=path)
+    try:
+        with opened as z:
             channels = [str(c) for c in z["channels"]]
-            data = np.asarray(z["data"], dtype=np.float64)
+            raw = z["data"]
             rate = float(z["rate_hz"])
             starts = [int(s) for s in z["segment_starts"]]
             t0s = [float(t) for t in z["segment_t0"]] if "segment_t0" in z.files else None
-    except (OSError, KeyError, ValueError) as exc:
-        raise TrainingError(f"not a nucleus recording (.npz with channels, data, rate_hz, segment_starts): {exc}",
-                            path=path) from exc
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise TrainingError(f"{what}: {exc}", path=path) from exc
+    if raw.dtype.kind not in "iuf":  # text of digits would parse; it is not what the recorder writes
+        raise TrainingError(f"recording data are {raw.dtype} values, not numbers", path=path, field="data")
+    data = np.asarray(raw, dtype=np.float64)
     if data.ndim != 2 or data.shape[0] != len(channels):
         raise TrainingError(f"recording data shape {data.shape} does not match {len(channels)} channels", path=path)
+    if not (np.isnan(rate) or (np.isfinite(rate) and rate > 0)):
+        raise TrainingError(f"recording rate_hz {rate:g} is not a sample rate (> 0, or NaN for unknown)", path=path,
+                            field="rate_hz")
+    if bad := [s for s in starts if not 0 <= s < max(data.shape[1], 1)]:
+        raise TrainingError(f"recording segment_starts {bad} lie outside its {data.shape[1]} samples", path=path,
+                            field="segment_starts")
     timed = bool(t0s is not None and len(t0s) == len(starts) and not np.isnan(rate) and np.isfinite(t0s).all())
     first_t0 = dict(zip(starts, t0s, strict=True)) if timed and t0s is not None else {}
     bounds = [*sorted(set(starts) | {0}), data.shape[1]]

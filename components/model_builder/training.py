@@ -229,6 +229,11 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
         raise TrainingError(f"--calibration-fraction {params.calibration_fraction:g} leaves {max(0, n - n_cal)} of "
                             f"{n} windows to fit the model; at least {MIN_FIT_WINDOWS} are needed")
     fit, cal = features[: n - n_cal], features[n - n_cal:]
+    if not (fit.max(axis=0) > fit.min(axis=0)).any():
+        # Nothing varies: PCA divided by zero variance (NaN scores, reported as an ONNX mismatch), knn put
+        # its threshold at 0 (every window an alarm, the training windows too), the others fitted noise.
+        raise TrainingError(f"every one of the {fit.shape[1]} features is constant over the {len(fit)} fit windows: "
+                            "there is nothing to learn (constant or dead channels?)", field="features")
     # One standardization for the graph, the card (feature_stats) and the detector's knn memory.
     mean, scale = _scale(fit.astype(np.float64), params.unscaled)
     started = time.perf_counter()

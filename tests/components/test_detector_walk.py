@@ -419,3 +419,52 @@ def test_a_csv_naming_a_channel_twice_or_not_comma_separated_is_refused_in_one_l
     line = one_error(capsys, cli_build(tmp_path, tmp_path / "semi.csv", "--rate-hz", "1000"))
     assert "no numeric column in the first data row (columns ['vib_x;temp'])" in line
     assert "not comma-separated" in line
+
+
+def recording(path: Path, **over: Any) -> Path:
+    fields = {"channels": np.array(CHANNELS), "data": healthy(4000), "rate_hz": np.float64(RATE),
+              "segment_starts": np.array([0])} | over
+    np.savez(path, **fields)
+    return path
+
+
+@pytest.mark.parametrize("name, over, says", [
+    ("text", {"data": healthy(4000).astype("U12")}, "data: recording data are <U12 values, not numbers"),
+    ("rate0", {"rate_hz": np.float64(0)}, "rate_hz: recording rate_hz 0 is not a sample rate"),
+    ("rateinf", {"rate_hz": np.float64(np.inf)}, "rate_hz: recording rate_hz inf is not a sample rate"),
+    ("starts", {"segment_starts": np.array([0, 9000, -5])},
+     "segment_starts: recording segment_starts [9000, -5] lie outside its 4000 samples"),
+])
+def test_a_recording_with_bad_fields_is_refused_naming_file_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, over: dict[str, Any], says: str) -> None:
+    """Text of digits trained as numbers; rate_hz 0 surfaced as pydantic's "sample_rate_hz: Input should
+    be greater than 0" with no file; segment starts outside the data were taken silently."""
+    data = recording(tmp_path / f"{name}.npz", **over)
+    line = one_error(capsys, cli_build(tmp_path, data))
+    assert line == f"error: {data}: {says}" or line.startswith(f"error: {data}: {says}"), line
+
+
+def test_a_file_that_is_no_npz_archive_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A text file named .npz got numpy's advice to load it 'unsafely' with allow_pickle; a bare .npy
+    array 'does not support the context manager protocol'."""
+    (tmp_path / "notes.npz").write_text("healthy run, turbine 1\n")
+    np.save(tmp_path / "one.npy", healthy(100))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    for name, says in (("notes", "not an .npz archive"), ("one", "one .npy array, not an .npz archive")):
+        line = one_error(capsys, cli_build(tmp_path, tmp_path / f"{name}.npz"))
+        assert line == f"error: {tmp_path / name}.npz: not a nucleus recording (.npz with channels, data, rate_hz, " \
+                       f"segment_starts): {says}"
+
+
+@pytest.mark.parametrize("kind", ["isolation_forest", "pca", "autoencoder", "knn"])
+def test_training_data_where_nothing_varies_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    """Every channel constant: pca failed with 'ONNX scores differ from scikit-learn's: nan vs nan', knn
+    built a model with threshold 0 (every window an alarm), the others built models of nothing."""
+    data = recording(tmp_path / "flat.npz", data=np.ones((2, 4000), np.float32))
+    argv = [*cli_build(tmp_path, data), "--kind", kind]
+    rc = model_cli(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Warning" not in err, err
+    assert err.strip().splitlines()[-1] == ("error: features: every one of the 11 features is constant over the 46 "
+                                            "fit windows: there is nothing to learn (constant or dead channels?)")
