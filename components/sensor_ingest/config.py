@@ -166,6 +166,13 @@ class IngestConfig(_Model):
                 raise ValueError(f"simulator: {exc}") from exc
         return self
 
+    def source_settings(self) -> tuple[Any, ...]:
+        """What the running source depends on: a change elsewhere (the simulator section under the MQTT
+        source, a csv section left behind) needs no restart, which would reconnect the broker, lose what
+        devices send meanwhile and start the detector's window afresh."""
+        section = {"sim": self.simulator, "csv": self.csv, "mqtt": self.mqtt}[self.source]
+        return (self.asset, self.source, self.rate_hz, self.batch_size, self.max_burst, section)
+
     @property
     def topic(self) -> str:
         return f"sensors/{self.asset}/raw"

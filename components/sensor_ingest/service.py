@@ -301,8 +301,11 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
                         finished = True
                     await asyncio.wait({watch})
                 new = watch.result()
-                if new != cfg:
+                if new is None or new.source_settings() != cfg.source_settings():
                     break
+                if new != cfg:  # only a section this source does not read (simulator.seed under mqtt)
+                    log.info("ingest.config_changed_source_kept", asset=cfg.asset, source=cfg.source)
+                    cfg = service.cfg = new
             pub.cancel()
             faults.cancel()
         if new is None:

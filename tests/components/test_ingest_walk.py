@@ -317,7 +317,9 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
     """A rate change at run time restarts the simulator (phase from 0), and a replay's speed change
     starts the file again (t0 went back 100 s on a walk): seq and stream carry on, so the first batch
     after it must say ``follows_gap``; it did not. The faults injected before the change were silently
-    gone after it. A topic filter the broker refuses is refused by the deployment, naming the field."""
+    gone after it. A change to a section the source does not read (mqtt under the simulator) restarted
+    the source as well (an MQTT source reconnected for a new simulator seed); it now restarts nothing. A
+    topic filter the broker refuses is refused by the deployment, naming the field."""
     daemon.cli("deploy", "--recipe-dir", str(REPO / "recipes"), "--merge", f"{INGEST}=1.0.0",
                "--update-config", json.dumps({INGEST: {"MERGE": {"asset": "wk-1", "batchSize": 50}}}))
     policy = short_tmp / "viewer.json"
@@ -326,6 +328,7 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
         "resources": ["sensors/wk-1/raw", "control/wk-1/fault"]}}}))
     token = daemon.cli("client", "add", "test.viewer", "--policy", str(policy)).stdout.strip().splitlines()[-1]
     rate = {INGEST: {"MERGE": {"rateHz": 2000, "batchSize": 100}}}
+    unrelated = {INGEST: {"MERGE": {"mqtt": {"topic": "plant/wk-1/vib"}}}}  # a section the simulator ignores
     bad_topic = {INGEST: {"MERGE": {"source": "mqtt", "mqtt": {"topic": "plant/#/vib"}}}}
 
     async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], Any]:
@@ -346,6 +349,8 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
             injected = await c.request("control/wk-1/fault", {"fault": "stuck", "channel": "temp"})
             await c.request("control/wk-1/fault", {"fault": "imbalance", "severity": 0.4})
             await take_until(lambda p: np.unique(p["data"][3]).size == 1)
+            await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(unrelated))
+            await take_until(lambda p: True)
             await asyncio.to_thread(daemon.cli, "deploy", "--update-config", json.dumps(rate))
             await take_until(lambda p: p["rate_hz"] == 2000)
             await take_until(lambda p: True)
@@ -370,6 +375,8 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
     assert "mqtt.topic" in refused.stderr and "'#' must be a whole level and the last one" in refused.stderr
     log = daemon.cli("logs", INGEST).stdout
     assert "ingest.faults_kept" in log and math.isfinite(float(stuck_before))
+    # The unrelated change restarted nothing (it used to restart the source, and mark a gap, as any did).
+    assert log.count("ingest.started") == 2 and log.count("ingest.config_changed_source_kept") == 1, log
 
 
 
