@@ -146,6 +146,8 @@ class ActionConfig(_Model):
     # act_first: actuator -> one audit commit -> publish (lower latency; an action may precede its record)
     audit_order: Literal["write_ahead", "act_first"] = "write_ahead"
     check_interval_s: float = Field(0.05, gt=0, le=5)  # how often the fail-safe timers are checked
+    # how often heartbeat/protective_action carries each asset's state and the counters (0: never)
+    status_interval_s: float = Field(1.0, ge=0, le=3600)
 
     @field_validator("assets")
     @classmethod

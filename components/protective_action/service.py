@@ -51,6 +51,7 @@ COMPONENT = "com.nucleus.ProtectiveAction"
 
 
 HEARTBEAT_TOPIC = "heartbeat/anomaly_detector"
+STATUS_TOPIC = "heartbeat/protective_action"
 UNRECORDED_RETRY_S = 1.0  # how often decisions an audit failure left out are tried again
 UNRECORDED_MAX = 10_000  # per asset: beyond this the oldest are dropped (and that is logged)
 
@@ -519,11 +520,47 @@ class ActionService:
                         running.add(asset)
                         self._spawn(one(asset))
 
+    def status(self) -> dict[str, Any]:
+        """What heartbeat/protective_action carries: the counters docs/components.md names (bad events by
+        reason, audit failures, ...) were only in this process, and a log line at counts 1, 10, 100;
+        a monitor (or an operator) needs each asset's state, what failed, and whether the audit log
+        keeps up, without reading the log."""
+        now = self.clocks.monotonic()
+        st = self.stats
+        return {
+            "ts": self.clocks.wall(),
+            "audit": str(self.audit.path),
+            "assets": {asset: {"state": policy.state.value, "stale": policy.stale(now),
+                               "failed_actions": list(self._failed.get(asset, ((), "", 0.0))[0]),
+                               "unrecorded": len(self._unrecorded.get(asset, ()))}
+                       for asset, policy in self.policies.items()},
+            "events": st.events, "decisions": st.decisions, "bad_events": dict(st.bad_events),
+            "unknown_assets": dict(st.unknown_assets.most_common(10)), "dropped": st.dropped,
+            "audit_failures": st.audit_failures, "recorded_late": st.recorded_late,
+            "unrecorded_dropped": st.unrecorded_dropped, "keepalives": st.keepalives,
+            "keepalive_failures": st.keepalive_failures,
+        }
+
+    async def _statuses(self) -> None:
+        failing = False
+        while True:
+            every = self.cfg.status_interval_s
+            await asyncio.sleep(every or 1.0)  # off: look again in a second (a new configuration may turn it on)
+            if not every:
+                continue
+            try:
+                await self.client.publish(STATUS_TOPIC, self.status())
+                failing = False
+            except IpcError as exc:  # e.g. not allowed by the recipe's accessControl: logged, never fatal
+                if not failing:
+                    log.warning("action.status_not_published", topic=STATUS_TOPIC, error=str(exc))
+                failing = True
+
     async def serve(self, changes: AsyncIterator[ActionConfig] | None = None) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             for loop in (self._anomalies, self._heartbeats, self._sensors, self._resets, self._ticks,
-                         self._keepalives):
+                         self._keepalives, self._statuses):
                 tg.create_task(loop())
             if changes is not None:
                 async for cfg in changes:

@@ -478,3 +478,28 @@ async def test_an_action_a_new_configuration_drops_is_no_longer_retried(short_tm
         async with asyncio.timeout(10):  # and the keepalive is back
             while service.stats.keepalives == kept:
                 await asyncio.sleep(0.05)
+
+
+async def test_the_status_topic_carries_each_assets_state_and_the_counters(short_tmp: Path) -> None:
+    """docs/components.md counts bad events "in stats.bad_events", and audit failures, failed actions and
+    decisions waiting for the audit log were counted too, all only inside the process: nothing a
+    monitor could read. heartbeat/protective_action carries them with each asset's state."""
+    raw = json.loads(json.dumps(FAST))
+    raw.update(assets=["t1", "t2"], statusIntervalS=0.1)
+    raw["actuator"] = {"kind": "command", "retryS": 30, "commands": {
+        "engage_brake": "/bin/false", "pitch_to_feather": "/bin/true"}}
+    cfg = load_config(raw)
+    async with running(short_tmp, cfg, make_actuator(cfg.actuator)) as (_service, tc), \
+            tc.subscribe("actions/t1") as actions, tc.subscribe("heartbeat/protective_action") as statuses:
+        await tc.publish("anomaly/t1", {**event(1.0), "score": float("nan")})
+        await tc.publish("anomaly/t9", event(1.0, "t9"))
+        for _ in range(2):
+            await tc.publish("anomaly/t1", event(2.0))
+        assert (await next_action(actions))["state"] == "latched"
+        async with asyncio.timeout(10):
+            while (status := (await anext(statuses)).payload)["assets"]["t1"]["state"] != "latched":
+                pass
+        assert status["assets"]["t1"]["failed_actions"] == ["engage_brake"]
+        assert status["assets"]["t2"] == {"state": "normal", "stale": None, "failed_actions": [], "unrecorded": 0}
+        assert status["bad_events"] == {"nan_score": 1} and status["unknown_assets"] == {"t9": 1}
+        assert status["audit_failures"] == 0 and status["decisions"] == 1 and status["audit"].endswith("audit.db")
