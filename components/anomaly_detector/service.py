@@ -169,7 +169,7 @@ class Detector:
         async with self.client.subscribe(self.config.sensor_topic, queue_size=self.config.subscription_queue) as msgs:
             async for m in msgs:
                 if m.dropped:
-                    self.skipped["bus_dropped"] += m.dropped
+                    self._skip("bus_dropped", m.dropped)
                 self._on_batch(m.topic, m.payload)
 
     def _on_batch(self, topic: str, payload: Any) -> None:
@@ -182,10 +182,10 @@ class Detector:
         asset = claimed if isinstance(claimed, str) and claimed and not mismatch else asset_of(topic)
         self.last_batch[asset] = time.monotonic()
         if model is None:
-            self.skipped["no_model"] += 1
+            self._skip("no_model", 1, asset=asset)
             return
         if not isinstance(payload, dict):
-            self.skipped["malformed"] += 1
+            self._skip("malformed", 1, asset=asset)
             return
         w = self.windowers.get(asset)
         if w is None:
@@ -209,7 +209,16 @@ class Detector:
             try:
                 self.queue.put_nowait(_Pending(asset, win, model))
             except asyncio.QueueFull:
-                self.skipped["overload"] += 1
+                self._skip("overload", 1, asset=asset)
+
+    def _skip(self, kind: str, n: int, **fields: Any) -> None:
+        """Count what the detector itself skips (not a windower's defects) and log it, at most every 5 s per
+        kind: these were counted in the heartbeat only, so the log never said why windows went missing."""
+        self.skipped[kind] += n
+        now = time.monotonic()
+        if now - self._log_times.get(("", kind), -1e9) >= 5.0:
+            self._log_times[("", kind)] = now
+            log.warning("input.skipped", kind=kind, total=self.skipped[kind], **fields)
 
     def _log_skips(self, asset: str, w: Windower) -> None:
         now = time.monotonic()
@@ -255,7 +264,7 @@ class Detector:
         finite = np.isfinite(scored.scores) & np.isfinite(scored.features).all(axis=1)
         for i, p in enumerate(items):
             if not finite[i]:
-                self.skipped["nonfinite_features"] += 1
+                self._skip("nonfinite_features", 1, asset=p.asset, model_version=model.version)
                 continue
             judged = self._asset_state(p.asset, model).judge(float(scored.scores[i]), scored.features[i],
                                                              p.window.data, p.window.follows)

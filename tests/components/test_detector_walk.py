@@ -468,3 +468,20 @@ def test_training_data_where_nothing_varies_is_refused(
     assert rc == 2 and "Warning" not in err, err
     assert err.strip().splitlines()[-1] == ("error: features: every one of the 11 features is constant over the 46 "
                                             "fit windows: there is nothing to learn (constant or dead channels?)")
+
+
+def test_what_the_detector_itself_skips_is_logged_not_only_counted() -> None:
+    """Batches with no model to score them (none deployed, or every version refused) and payloads that
+    are not objects were counted in the heartbeat and never logged: the log did not say why nothing
+    was scored."""
+    from structlog.testing import capture_logs
+
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    detector = Detector(None, DetectorConfig())  # type: ignore[arg-type]  # no bus: the batch path only
+    with capture_logs() as logs:
+        for seq in range(3):
+            detector._on_batch("sensors/t1/raw", batch(seq, healthy(BATCH)))
+    assert detector.skipped == {"no_model": 3}
+    assert [(e["event"], e["kind"], e["total"], e["asset"]) for e in logs] == [("input.skipped", "no_model", 1, "t1")]
