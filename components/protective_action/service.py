@@ -14,7 +14,10 @@ on in the order they were taken, and one asset's slow actuator never holds back 
 
 Either way nothing is acknowledged (published, or answered to a reset) before it is durable. If
 the audit write fails, the actuator still runs — protecting the machine comes first — but the
-decision is not acknowledged, and the failure is logged.
+decision is not acknowledged, and the failure is logged; the decision is kept and recorded (then
+acknowledged) once the log takes it, ahead of the asset's later decisions. A reset is the exception:
+it lowers the protection, so one that cannot be recorded is undone. An action that fails is retried
+(``actuator.retryS``) while its state still wants it, and holds back the dead-man keepalive.
 
 SQLite runs on one dedicated worker thread, so an fsync never stalls the event loop that watches
 the heartbeats.
