@@ -373,7 +373,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         warnings.append("no sample rate (--rate-hz): the model card states none, so the detector cannot refuse "
                         "batches at another rate (rate_mismatch) and scores them as they come")
     existing = args.out / "artifacts" / args.name / args.version
-    if existing.is_dir() and any(existing.iterdir()):
+    replaced = existing.is_dir() and any(existing.iterdir())
+    if replaced:
         warnings.append(f"{existing} held a build of {args.name} {args.version}; it is replaced. A device that "
                         "runs that version gets the new files only when they are deployed again: give a new "
                         "--version to tell the models apart in events and logs")
@@ -416,6 +417,12 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                      channels=[c for c in dataset.channels if c in used], spec=spec,
                      window=args.window, hop=args.hop, rate_hz=rate, sources=dataset.sources, rows=dataset.rows,
                      label_filter=label_filter)
+    alarming = card.metrics.get("calibration_alarm_fraction", 0.0)
+    if alarming > 0.5:  # the threshold is below the median healthy score: the model alarms on normal operation
+        warnings.append(f"the threshold {card.threshold.value:.6g} is at or below the scores of "
+                        f"{100 * alarming:.0f}% of the held-out healthy windows (median "
+                        f"{card.score_scale.median:.6g}): deployed, it would alarm on most normal windows "
+                        "(--margin/--spread-margin/--quantile)")
     key_path = args.key or args.out / "keys" / "model-signing.key"
     try:
         key, created = signing.load_or_create_key(key_path)
@@ -492,9 +499,17 @@ def _trusted_key(value: str) -> str:
     path = Path(value).expanduser()
     if path.is_file():
         try:
-            return path.read_text().strip()
+            text = path.read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise TrainingError(f"--trusted-key {value}: cannot read the key file: {exc}") from exc
+        if "PRIVATE KEY-----" in text:
+            raise TrainingError(f"--trusted-key {value}: this is a private key; give the public key written "
+                                f"beside it ({signing.public_key_path(path).name})")
+        try:
+            signing.parse_public_key(text)
+        except SignatureError as exc:
+            raise TrainingError(f"--trusted-key {value}: {exc.message}") from exc
+        return text
     if path.exists():
         raise TrainingError(f"--trusted-key {value}: not a file")
     try:

@@ -485,3 +485,30 @@ def test_what_the_detector_itself_skips_is_logged_not_only_counted() -> None:
             detector._on_batch("sensors/t1/raw", batch(seq, healthy(BATCH)))
     assert detector.skipped == {"no_model": 3}
     assert [(e["event"], e["kind"], e["total"], e["asset"]) for e in logs] == [("input.skipped", "no_model", 1, "t1")]
+
+
+def test_build_warns_when_its_threshold_would_alarm_on_most_healthy_windows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--margin 0.1 put the threshold under every held-out healthy score (calibration_alarm_fraction 1.0 in
+    the card's metrics) and the build said nothing."""
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000")) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000", "--margin", "0.1", "--version", "2.0.0")) == 0
+    err = capsys.readouterr().err
+    assert "of 100% of the held-out healthy windows" in err and "would alarm on most normal windows" in err
+
+
+def test_verify_names_the_trusted_key_flag_for_a_private_or_broken_key_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], v1: Any) -> None:
+    """A private key file as --trusted-key gave cryptography's 'Valid PEM but no BEGIN PUBLIC KEY ...
+    Are you sure this is a public key?' under the detector's field name trustedKeys."""
+    private = v1.model_dir.parents[2] / "keys" / "test.key"
+    argv = ["verify", str(v1.model_dir), "--component", NAME, "--version", "1.0.0", "--trusted-key"]
+    line = one_error(capsys, [*argv, str(private)])
+    assert line == f"error: --trusted-key {private}: this is a private key; give the public key written beside it " \
+                   "(test.key.pub)"
+    (tmp_path / "junk.pub").write_text("x\n")
+    line = one_error(capsys, [*argv, str(tmp_path / "junk.pub")])
+    assert line == f"error: --trusted-key {tmp_path / 'junk.pub'}: trusted key 'x'... is neither base64 nor PEM"
+    assert model_cli([*argv, str(signing.public_key_path(private))]) == 0
