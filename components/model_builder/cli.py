@@ -122,6 +122,27 @@ def _shift_pair(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r}: give RECENT,HISTORY as two whole numbers >= 2, e.g. 16,400")
     return int(parts[0]), int(parts[1])
+
+
+def _rearm(text: str) -> tuple[float, int, float | None]:
+    """--rearm QUIET_TAIL,QUIET_WINDOWS[,RATIO]: a tail probability in (0, 1), a whole number >= 1, and
+    optionally a ratio above 1 (omitted: no exception while disarmed)."""
+    parts = [p.strip() for p in text.split(",")]
+    bad = argparse.ArgumentTypeError(
+        f"{text!r}: give QUIET_TAIL,QUIET_WINDOWS[,RATIO]: a tail probability between 0 and 1, a whole "
+        "number of windows >= 1 and a finite ratio above 1, e.g. 1e-3,288,2")
+    if len(parts) not in (2, 3):
+        raise bad
+    try:
+        tail, windows = float(parts[0]), int(parts[1])
+        ratio = float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise bad from None
+    if not (0 < tail < 1) or windows < 1 or (ratio is not None and not (1 < ratio < float("inf"))):
+        raise bad
+    return tail, windows, ratio
+
+
 FRACTION = _real(above=0, below=1)
 
 
@@ -190,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
                    f"{SHIFT_RECENT},{SHIFT_HISTORY}); off by default")
     b.add_argument("--shift-tail", type=FRACTION, default=None,
                    help=f"--shift: its alarm level (default {SHIFT_TAIL:g})")
+    b.add_argument("--rearm", type=_rearm, default=None, metavar="QUIET_TAIL,QUIET_WINDOWS[,RATIO]",
+                   help="with --alarm likelihood: after an alarm, none until QUIET_WINDOWS windows in a row had a "
+                   "tail probability >= QUIET_TAIL, except a red-zone window scoring above RATIO x the alarm's "
+                   "score (docs/anomaly.md, 'Re-arm after quiet'; dev-set choice 1e-3,288,2); off by default")
     b.add_argument("--calibration-fraction", type=FRACTION, default=0.25,
                    help="held-out tail for the threshold, between 0 and 1")
     b.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0)
@@ -350,6 +375,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         raise TrainingError("--shift-tail is for --shift; without --shift it would be ignored")
     if args.shift is not None and args.alarm != "likelihood":
         raise TrainingError("--shift is judged like the likelihood alarm: it needs --alarm likelihood", field="shift")
+    if args.rearm is not None and args.alarm != "likelihood":
+        raise TrainingError("--rearm judges quiet by tail probability: it needs --alarm likelihood", field="rearm")
     for flag, value in (("--online-capacity", args.online_capacity), ("--online-merge", args.online_merge)):
         if value is not None and not args.online:
             raise TrainingError(f"{flag} is for --online (a learning knn model); without --online it would be ignored")
@@ -406,7 +433,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
                                                 else args.online_merge),
                          # windows that share a sample with the newest one never count as "seen before"
                          online_exclude_windows=-(-args.window // args.hop) - 1, unscaled=tuple(spec.unscaled()),
-                         shift=args.shift, shift_tail=SHIFT_TAIL if args.shift_tail is None else args.shift_tail)
+                         shift=args.shift, shift_tail=SHIFT_TAIL if args.shift_tail is None else args.shift_tail,
+                         rearm=args.rearm)
     model = train(features, params, rate_hz=rate, hop=args.hop)
     label_filter = f"{args.label_column} in {args.normal_value or ['0']}" if args.label_column else None
     # The detector drops every batch that lacks a channel the card lists (windowing.py, missing_channel),
@@ -490,7 +518,8 @@ def _record(args: argparse.Namespace) -> int:
                             "fills them in from --root)", field="record")
     rec = asyncio.run(record(socket, token, args.topic, args.out, seconds=args.seconds, batches=args.batches))
     print(f"recorded {rec.batches} batches, {rec.samples} samples x {len(rec.channels)} channels "
-          f"({', '.join(rec.channels)}) at {rec.rate_hz:g} Hz, {rec.gaps} gap(s) -> {args.out}")
+          f"({', '.join(rec.channels)}) at {rec.rate_hz:g} Hz, {rec.gaps} gap(s)"
+          + (f", {rec.duplicates} duplicate or late batch(es) dropped" if rec.duplicates else "") + f" -> {args.out}")
     return 0
 
 

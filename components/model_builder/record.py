@@ -37,7 +37,13 @@ class Recorder:
     samples: int = 0
     batches: int = 0
     gaps: int = 0
+    # batches dropped because their seq was not after the last one of the same stream: a duplicate or a
+    # late batch is no new data (they were recorded, as a new segment, counted as a gap)
+    duplicates: int = 0
+    asset: str | None = None
     _last_seq: int | None = None
+    _last_stream: str | None = None
+    _last_t0: float | None = None
 
     def add(self, payload: Any) -> None:
         try:
@@ -51,8 +57,23 @@ class Recorder:
         if data.ndim != 2 or data.shape[0] != len(channels):
             raise TrainingError(f"batch data shape {data.shape} does not match {len(channels)} channels",
                                 field="data")
+        asset = payload.get("asset")
+        asset = str(asset) if asset is not None else None
+        if self.batches and asset != self.asset:
+            # a wildcard topic (sensors/+/raw) interleaves assets: each one's batches looked like gaps in
+            # the other's, and the recording would mix two machines
+            raise TrainingError(f"batches of asset {asset!r} after {self.asset!r}: record one asset's topic "
+                                "(sensors/<asset>/raw)", field="topic")
+        stream = payload.get("stream")
+        stream = str(stream) if stream is not None else None
+        restarted = (stream != self._last_stream if stream is not None and self._last_stream is not None
+                     else self._last_t0 is not None and t0 > self._last_t0)
+        if self._last_seq is not None and seq <= self._last_seq and not restarted:
+            self.duplicates += 1
+            return
+        self._last_stream, self._last_t0 = stream, t0
         if not self.channels:
-            self.channels, self.rate_hz = channels, rate
+            self.channels, self.rate_hz, self.asset = channels, rate, asset
         elif channels != self.channels or rate != self.rate_hz:
             raise TrainingError(f"channels/rate changed from {self.channels}@{self.rate_hz} to {channels}@{rate}; "
                                 "record one configuration at a time", field="channels")

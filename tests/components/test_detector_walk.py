@@ -512,3 +512,19 @@ def test_verify_names_the_trusted_key_flag_for_a_private_or_broken_key_file(
     line = one_error(capsys, [*argv, str(tmp_path / "junk.pub")])
     assert line == f"error: --trusted-key {tmp_path / 'junk.pub'}: trusted key 'x'... is neither base64 nor PEM"
     assert model_cli([*argv, str(signing.public_key_path(private))]) == 0
+
+
+def test_recorder_drops_duplicate_and_late_batches_and_refuses_a_second_asset() -> None:
+    """A duplicated or late batch was recorded again (as a new segment, counted as a gap): training data
+    twice. `--topic sensors/+/raw` interleaved two turbines into one recording."""
+    from components.anomaly.errors import TrainingError
+    from components.model_builder.record import Recorder
+
+    rec = Recorder()
+    for seq in (0, 1, 2, 2, 1, 3):
+        rec.add(batch(seq, healthy(BATCH, start=seq * BATCH)) | {"stream": "s1"})
+    assert (rec.batches, rec.duplicates, rec.gaps, rec.segment_starts) == (4, 2, 0, [0])
+    rec.add(batch(0, healthy(BATCH)) | {"stream": "s2"})  # a restarted ingest: new data, a new segment
+    assert (rec.batches, rec.gaps, rec.segment_starts) == (5, 1, [0, 4 * BATCH])
+    with pytest.raises(TrainingError, match="batches of asset 't2' after 't1': record one asset's topic"):
+        rec.add(batch(1, healthy(BATCH), asset="t2") | {"stream": "s2"})
