@@ -256,6 +256,15 @@ class IngestService:
                     await m.reply(reply)
 
 
+async def _save_leftover(service: IngestService) -> None:
+    """Publish the samples the stopped source still holds, within 2 s (a stop has a grace period)."""
+    try:
+        async with asyncio.timeout(2):
+            await service.publish_leftover()
+    except (IpcError, TimeoutError) as exc:
+        log.warning("ingest.leftover_lost", asset=service.cfg.asset, error=f"{type(exc).__name__}: {exc}")
+
+
 def _config_changes(client: Client) -> AsyncIterator[IngestConfig]:
     return config_changes(client, lambda doc: load_config(doc, component_name(COMPONENT)), "ingest.config_rejected")
 
@@ -288,33 +297,34 @@ async def run(client: Client, cfg: IngestConfig | None = None, clocks: Clocks | 
         service = IngestService(client, cfg, clocks, sequencer, faults_from=previous_sim)
         log.info("ingest.started", asset=cfg.asset, source=cfg.source, rate_hz=cfg.rate_hz,
                  batch_size=cfg.batch_size, topic=cfg.topic, first_seq=sequencer.next_seq)
-        async with asyncio.TaskGroup() as tg:
-            pub = tg.create_task(service.publish_forever())
-            faults = tg.create_task(service.serve_faults())
-            finished = False
-            while True:
-                watch = tg.create_task(next_change())
-                await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if not watch.done():  # a finite replay ended: keep answering, wait for a new configuration
-                    if not finished:
-                        log.info("ingest.source_finished", asset=cfg.asset, published=service.published)
-                        finished = True
-                    await asyncio.wait({watch})
-                new = watch.result()
-                if new is None or new.source_settings() != cfg.source_settings():
-                    break
-                if new != cfg:  # only a section this source does not read (simulator.seed under mqtt)
-                    log.info("ingest.config_changed_source_kept", asset=cfg.asset, source=cfg.source)
-                    cfg = service.cfg = new
-            pub.cancel()
-            faults.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                pub = tg.create_task(service.publish_forever())
+                faults = tg.create_task(service.serve_faults())
+                finished = False
+                while True:
+                    watch = tg.create_task(next_change())
+                    await asyncio.wait({pub, watch}, return_when=asyncio.FIRST_COMPLETED)
+                    if not watch.done():  # a finite replay ended: keep answering, wait for a new configuration
+                        if not finished:
+                            log.info("ingest.source_finished", asset=cfg.asset, published=service.published)
+                            finished = True
+                        await asyncio.wait({watch})
+                    new = watch.result()
+                    if new is None or new.source_settings() != cfg.source_settings():
+                        break
+                    if new != cfg:  # only a section this source does not read (simulator.seed under mqtt)
+                        log.info("ingest.config_changed_source_kept", asset=cfg.asset, source=cfg.source)
+                        cfg = service.cfg = new
+                pub.cancel()
+                faults.cancel()
+        except asyncio.CancelledError:  # SIGTERM (nucleus stop, a new version): keep what was received
+            await _save_leftover(service)
+            raise
+        await _save_leftover(service)
         if new is None:
             return  # the nucleus closed the watch stream: we are being stopped
         log.info("ingest.config_changed", asset=new.asset, source=new.source)
-        try:
-            await service.publish_leftover()
-        except IpcError as exc:
-            log.warning("ingest.leftover_lost", asset=cfg.asset, error=str(exc))
         if new.asset != cfg.asset:
             sequencer = Sequencer(new.asset, new.source)  # another asset: its own numbering from 0
             previous_sim = None  # another machine: its faults are not this one's

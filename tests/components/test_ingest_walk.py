@@ -383,7 +383,8 @@ def test_a_configuration_change_marks_the_restart_and_keeps_the_injected_faults(
 @pytest.mark.slow
 def test_a_configuration_change_publishes_the_mqtt_samples_it_holds(daemon: Any, short_tmp: Path) -> None:
     """The MQTT source re-batches: up to a batch less one sample waits for the rest. A configuration change
-    cancelled the source with them, so what the device had sent was lost although the ingest had it."""
+    cancelled the source with them, and so did ``nucleus stop``: what the device had sent was lost
+    although the ingest had it."""
     import aiomqtt
 
     with mosquitto(short_tmp) as port:
@@ -414,7 +415,15 @@ def test_a_configuration_change_publishes_the_mqtt_samples_it_holds(daemon: Any,
                 await asyncio.to_thread(daemon.cli, "deploy", "--update-config",
                                         json.dumps({INGEST: {"MERGE": {"batchSize": 5}}}))
                 async with asyncio.timeout(20):
-                    return [(await anext(batches)).payload]
+                    got = [(await anext(batches)).payload]
+                for i in range(5, 8):  # three of a batch of five, then the ingest is stopped
+                    await device.publish("plant/wk-2/vib", json.dumps({"ts": 100 + i / 100, "x": i}), qos=1)
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(daemon.cli, "stop", INGEST)
+                async with asyncio.timeout(20):
+                    got.append((await anext(batches)).payload)
+                return got
 
         got = asyncio.run(scenario())
     assert got[0]["t0"] == 100.0 and got[0]["data"].tolist() == [[0, 1, 2, 3, 4]], got
+    assert got[1]["t0"] == pytest.approx(100.05) and got[1]["data"].tolist() == [[5, 6, 7]], got
