@@ -111,6 +111,14 @@ class Windower:
                 or not math.isfinite(rate) or rate <= 0):
             self.skipped["malformed"] += 1
             self.reset()
+            # its seq, if that is sound and next, still counts as seen: the dropped batch is 'malformed',
+            # not also a one-batch 'gap' when the next one arrives
+            seq_field = batch.get("seq") if isinstance(batch, dict) else None
+            stream_field = batch.get("stream") if isinstance(batch, dict) else None
+            if (self.last_seq is not None and isinstance(seq_field, int) and not isinstance(seq_field, bool)
+                    and seq_field == self.last_seq + 1
+                    and (None if stream_field is None else str(stream_field)) == self.last_stream):
+                self.last_seq = seq_field
             return []
         seq = int(raw_seq)
         stream = batch.get("stream")
