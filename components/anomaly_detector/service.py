@@ -87,6 +87,7 @@ class Detector:
         self.alarms: dict[str, AssetState] = {}
         self.alarms_raised = 0
         self.skipped: Counter[str] = Counter()  # counts not tied to an asset's windower
+        self.asset_skipped: dict[str, Counter[str]] = {}  # the same, per asset (no_model, overload, ...)
         self.windows_scored = 0
         self.anomalies = 0
         # Per asset: windows scored, anomalous ones, and when a batch / a scored window last came (monotonic).
@@ -215,6 +216,8 @@ class Detector:
         """Count what the detector itself skips (not a windower's defects) and log it, at most every 5 s per
         kind: these were counted in the heartbeat only, so the log never said why windows went missing."""
         self.skipped[kind] += n
+        if isinstance(asset := fields.get("asset"), str):  # per_asset says it too, beside the windower's
+            self.asset_skipped.setdefault(asset, Counter())[kind] += n
         now = time.monotonic()
         if now - self._log_times.get(("", kind), -1e9) >= 5.0:
             self._log_times[("", kind)] = now
@@ -257,6 +260,8 @@ class Detector:
             scored = model.score(np.stack([p.window.data for p in items]),
                                  np.array([p.window.t_end for p in items], dtype=np.float64))
         except Exception as exc:  # never let one bad window kill the detector; count and say why
+            for p in items:
+                self.asset_skipped.setdefault(p.asset, Counter())["score_error"] += 1
             self.skipped["score_error"] += len(items)
             log.exception("window.score_failed", error=str(exc)[:300], model_version=model.version, windows=len(items))
             return
@@ -439,7 +444,7 @@ class Detector:
                 "windows": self.windows_scored, "anomalies": self.anomalies, "alarms": self.alarms_raised,
                 "captured": self.captured,
                 "skipped": dict(skipped), "lag_s": self.lag_s, "pending": self.queue.qsize(),
-                "assets": sorted(self.windowers), "model_rejected": self.last_rejection,
+                "assets": sorted(self.windowers.keys() | self.last_batch.keys()), "model_rejected": self.last_rejection,
                 "per_asset": self.per_asset()}
 
     def per_asset(self) -> dict[str, dict[str, Any]]:
@@ -454,7 +459,8 @@ class Detector:
             batch, window = self.last_batch.get(asset), self.last_window.get(asset)
             out[asset] = {"windows": self.asset_windows[asset], "anomalies": self.asset_anomalies[asset],
                           "captured": self.asset_captured[asset],
-                          "skipped": dict(w.skipped) if w is not None else {},
+                          "skipped": dict((w.skipped if w is not None else Counter())
+                                          + self.asset_skipped.get(asset, Counter())),
                           "batch_age_s": None if batch is None else round(now - batch, 3),
                           "window_age_s": None if window is None else round(now - window, 3)}
         return out

@@ -486,6 +486,9 @@ def test_what_the_detector_itself_skips_is_logged_not_only_counted() -> None:
         for seq in range(3):
             detector._on_batch("sensors/t1/raw", batch(seq, healthy(BATCH)))
     assert detector.skipped == {"no_model": 3}
+    # ... and the heartbeat's per_asset says whose batches they were (its skipped held the windower's only)
+    assert detector.per_asset()["t1"]["skipped"] == {"no_model": 3}
+    assert detector.status()["assets"] == ["t1"]  # 'every asset ever seen' (it listed assets with a windower)
     assert [(e["event"], e["kind"], e["total"], e["asset"]) for e in logs] == [("input.skipped", "no_model", 1, "t1")]
 
 
