@@ -202,9 +202,15 @@ class TurbineSimulator:
         self._faults[(fault.kind, channel)] = _Active(fault, self._index, held)
 
     def clear(self, kind: FaultKind, channel: str | None = None) -> bool:
-        """Clear one fault (for sensor faults, of that channel or the all-channel one)."""
-        key = (kind, channel if kind in SENSOR_FAULTS else None)
-        return self._faults.pop(key, None) is not None
+        """Clear a fault. For a sensor fault, ``channel`` clears that channel's; without one, every one of
+        that kind (a stuck temp cleared as ``{"fault": "stuck"}`` used to answer ok, cleared false, and
+        stay stuck)."""
+        if kind in SENSOR_FAULTS and channel is None:
+            keys = [k for k in self._faults if k[0] is kind]
+            for k in keys:
+                del self._faults[k]
+            return bool(keys)
+        return self._faults.pop((kind, channel if kind in SENSOR_FAULTS else None), None) is not None
 
     def clear_all(self) -> None:
         self._faults.clear()

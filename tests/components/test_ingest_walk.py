@@ -85,6 +85,20 @@ def test_a_bad_dev_config_file_is_one_error_line_naming_it(tmp_path: Path) -> No
         assert why in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_clearing_a_sensor_fault_without_a_channel_clears_it_on_every_channel() -> None:
+    """``{"action": "clear", "fault": "stuck"}`` after a stuck temp answered ok with cleared false, and temp
+    stayed stuck: only a fault injected without a channel was cleared that way."""
+    sim = TurbineSimulator(TurbineParams())
+    for request in ({"fault": "stuck", "channel": "temp"}, {"fault": "stuck", "channel": "vib_x"},
+                    {"fault": "dropout", "channel": "vib_y"}):
+        assert handle_fault_request(sim, request)["ok"] is True
+    reply = handle_fault_request(sim, {"action": "clear", "fault": "stuck"})
+    assert reply["cleared"] is True and reply["active"] == [{"fault": "dropout", "severity": 1.0,
+                                                             "channel": "vib_y", "mode": "nan"}]
+    reply = handle_fault_request(sim, {"action": "clear", "fault": "dropout", "channel": "vib_x"})
+    assert reply["cleared"] is False and len(reply["active"]) == 1  # another channel's stays
+
+
 # --- pacing --------------------------------------------------------------------------------------
 
 
