@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,33 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 POSITIVE = _real(above=0)
 
+# The nucleus's recipe rules (nucleus/recipe.py; components do not import the nucleus): both become
+# path parts of <out>/artifacts/<name>/<version>, which '../..' or a '/' walked out of.
+_NAME = re.compile(r"^[A-Za-z0-9\-_.]{1,128}$")
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+
+
+def _component_name(text: str) -> str:
+    if not _NAME.match(text) or set(text) == {"."}:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a component name (letters, digits, - _ . ; e.g. "
+                                         "com.example.PumpModel)")
+    return text
+
+
+def _version(text: str) -> str:
+    if not _SEMVER.match(text) or len(text) > 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.0.0)")
+    return text
+
+
+def _channel_list(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty channel name")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a channel twice")
+    return names
+
 
 def _shift_pair(text: str) -> tuple[int, int]:
     """--shift RECENT,HISTORY: two whole numbers of samples, each at least 2."""
@@ -153,11 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", action="append", required=True, type=Path,
                    help="training file: .csv/.csv.gz (numeric columns) or .npz recording; repeatable")
     b.add_argument("--out", required=True, type=Path, help="output dir: recipes/, artifacts/, detector-config.json")
-    b.add_argument("--name", default="com.nucleus.TurbineModel", help="model component name")
-    b.add_argument("--version", default="1.0.0", help="model component version")
+    b.add_argument("--name", type=_component_name, default="com.nucleus.TurbineModel", help="model component name")
+    b.add_argument("--version", type=_version, default="1.0.0", help="model component version (semver)")
     b.add_argument("--kind", choices=["isolation_forest", "pca", "autoencoder", "knn"], default="isolation_forest",
                    help="knn: distance to the nearest training window (add --online to keep learning at run time)")
-    b.add_argument("--channels", help="comma-separated channel (column) names; default: every numeric column")
+    b.add_argument("--channels", type=_channel_list,
+                   help="comma-separated channel (column) names; default: every numeric column")
     b.add_argument("--label-column", help="CSV: train only on rows whose label is a --normal-value")
     b.add_argument("--normal-value", action="append", default=None,
                    help="label value meaning normal (default 0; repeatable; needs --label-column)")
@@ -366,7 +395,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     spec_file = _spec_file(args)
     # A spec file names its channels: only those are loaded (an unused column's blank or text cell
     # would otherwise drop rows or stop the build), unless --channels says otherwise.
-    channels = args.channels.split(",") if args.channels else spec_file.channels() if spec_file else None
+    channels = args.channels if args.channels else spec_file.channels() if spec_file else None
+    if args.hop > args.window:
+        raise TrainingError(f"--hop {args.hop} is longer than --window {args.window}: the samples between windows "
+                            "would never be looked at")
     if args.normal_value and not args.label_column:
         raise TrainingError("--normal-value needs --label-column (the column holding the labels)")
     if args.hidden is not None and args.kind != "autoencoder":

@@ -533,3 +533,27 @@ def test_recorder_drops_duplicate_and_late_batches_and_refuses_a_second_asset() 
     assert (rec.batches, rec.gaps, rec.segment_starts) == (5, 1, [0, 4 * BATCH])
     with pytest.raises(TrainingError, match="batches of asset 't2' after 't1': record one asset's topic"):
         rec.add(batch(1, healthy(BATCH), asset="t2") | {"stream": "s2"})
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--version", "../../etc"], "argument --version: '../../etc' is not a semantic version"),
+    (["--name", "com/evil"], "argument --name: 'com/evil' is not a component name"),
+    (["--name", ".."], "argument --name: '..' is not a component name"),
+    (["--channels", "vib_x,vib_x,temp"], "argument --channels: 'vib_x,vib_x,temp' names a channel twice"),
+    (["--hop", "300"], "--hop 300 is longer than --window 128: the samples between windows would never be"),
+])
+def test_build_refuses_names_versions_channels_and_hops_that_make_no_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], says: str) -> None:
+    """--version ../../etc wrote model.onnx, the card and the signature to <out>/etc before failing on the
+    recipe (a '/' in --name likewise); a channel named twice was trained twice over; --hop above --window
+    got as far as the window count."""
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000", *extra))
+    assert says in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_takes_channel_names_with_spaces_after_commas(tmp_path: Path) -> None:
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000", "--channels", "vib_x, temp")) == 0
+    assert load_card(tmp_path / "out" / "artifacts" / NAME / "1.0.0" / "model_card.json").channels == CHANNELS
