@@ -343,10 +343,12 @@ def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.n
 
 
 def knn_model(values: np.ndarray, probation: int, times: np.ndarray,
-              shift: tuple[int, int, float] | None = None) -> LoadedModel:
+              shift: tuple[int, int, float] | None = None,
+              rearm: tuple[float, int, float | None] | None = None) -> LoadedModel:
     """The declared knn setup's model for one series, built by the builder from its probationary rows.
-    ``shift`` = (recent, history, tail): a variant with the level/spread-change stage (off in the declared
-    setup; compared on the development set by benchmarks/nab_dev_variants.py)."""
+    ``shift`` = (recent, history, tail): a variant with the level/spread-change stage; ``rearm`` = (quiet
+    tail, quiet windows, exception ratio): re-arm after quiet instead of the fixed hold-off alone (both
+    compared on the development set by benchmarks/nab_dev_variants.py and nab_dev_blocks.py)."""
     from components.anomaly.features import shape_spec
     from components.anomaly_detector.scoring import LoadedModel
     from components.model_builder.package import make_card
@@ -363,7 +365,7 @@ def knn_model(values: np.ndarray, probation: int, times: np.ndarray,
         kind="knn", seed=0, alarm_mode="likelihood", tail_probability=KNN_TAIL, holdoff_windows=KNN_WINDOW,
         averaging_windows=KNN_AVERAGING, online=True, online_exclude_windows=KNN_WINDOW - 1,
         online_merge_fraction=KNN_MERGE, unscaled=tuple(spec.unscaled()),
-        shift=None if shift is None else shift[:2], shift_tail=1e-7 if shift is None else shift[2]))
+        shift=None if shift is None else shift[:2], shift_tail=1e-7 if shift is None else shift[2], rearm=rearm))
     card = make_card(model, component="bench.Nab", version="1.0.0", channels=["value"], spec=spec, window=KNN_WINDOW,
                      hop=1, rate_hz=1.0 / step_s, sources=["nab"], rows=probation)
     return LoadedModel(card, session(model.proto), "bench", Path("nab"))

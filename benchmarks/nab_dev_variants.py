@@ -318,10 +318,12 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-# name: (shift stage (recent, history, tail) or None, hold-off one day of rows instead of one window)
-PRODUCT: dict[str, tuple[tuple[int, int, float] | None, bool]] = {
-    "declared": (None, False), "shift-16-400-1e-7": ((16, 400, 1e-7), False),
-    "shift-16-400-1e-7-day": ((16, 400, 1e-7), True), "holdoff-day": (None, True)}
+# name: (shift stage (recent, history, tail) or None, hold-off one day of rows instead of one window,
+# re-arm after quiet (quiet tail, quiet windows, ratio) or None: nab_dev_blocks.py's finalist)
+PRODUCT: dict[str, tuple[tuple[int, int, float] | None, bool, tuple[float, int, float | None] | None]] = {
+    "declared": (None, False, None), "shift-16-400-1e-7": ((16, 400, 1e-7), False, None),
+    "shift-16-400-1e-7-day": ((16, 400, 1e-7), True, None), "holdoff-day": (None, True, None),
+    "declared+shift-16-400-1e-7+rearm-0.001-288-2": ((16, 400, 1e-7), False, (1e-3, 288, 2.0))}
 
 
 def product_flags(seeds: tuple[int, ...], variant: str) -> list[tuple[str, np.ndarray, list[tuple[int, int]], int]]:
@@ -332,8 +334,8 @@ def product_flags(seeds: tuple[int, ...], variant: str) -> list[tuple[str, np.nd
     out = []
     for name, values, windows, probation, step in nab_dev.devset(seeds):
         times = np.arange(len(values)) * float(step)
-        shift_spec, day = PRODUCT[variant]
-        loaded = knn_model(values, probation, times, shift_spec)
+        shift_spec, day, rearm = PRODUCT[variant]
+        loaded = knn_model(values, probation, times, shift_spec, rearm)
         # the day's hold-off as the detector's configuration override would set it
         state = AssetState.start(loaded, holdoff_windows=86_400 // step if day else None)
         flags = stream_file(values, loaded, state, 1.0 / step, None, times)

@@ -25,6 +25,15 @@ for that many windows after one, so an event that flickers in and out of the red
 once. ``is_anomaly`` keeps the unfiltered per-window decision (what debounce policies downstream
 count); ``alarm`` is the filtered one.
 
+Why re-arm after quiet (:class:`Rearm`, optional, likelihood mode). A fixed hold-off is either too short
+for a noisy normal that keeps ringing after an alarm (busy CPU, keystroke timing: one event, many
+alarms) or too long for the next real event. With a re-arm policy, an alarm disarms the detector until
+the stream has been quiet (no window with a tail probability below ``rearm_quiet_tail``) for
+``rearm_quiet_windows`` windows in a row; while disarmed, only a window in the red zone whose score is
+above ``rearm_ratio`` x the score of the alarm that disarmed it alarms (something clearly worse than
+the event already reported), outside the hold-off. Chosen on the synthetic development set
+(docs/anomaly.md, "Re-arm after quiet").
+
 Pure: numpy and math only, no clock, no I/O; the detector keeps one :class:`AlarmState` per asset.
 """
 
@@ -61,6 +70,14 @@ class AlarmParams:
     reestimation_windows: int = REESTIMATION_WINDOWS
     prior_mean: float = 0.0
     prior_std: float = 1.0
+    # Re-arm after quiet (likelihood mode; None = the fixed hold-off alone). See the module docstring.
+    rearm_quiet_tail: float | None = None
+    rearm_quiet_windows: int = 0
+    rearm_ratio: float = math.inf  # inf: no exception while disarmed
+
+    @property
+    def rearms(self) -> bool:
+        return self.mode == "likelihood" and self.rearm_quiet_tail is not None
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,7 +145,7 @@ class AlarmState:
         else:
             anomalous = score >= p.threshold
         alarm = anomalous and not self._was_anomalous if p.mode == "likelihood" else anomalous
-        if alarm and 0 <= self._since_alarm < p.holdoff_windows:
+        if alarm and 0 <= self._since_alarm < p.holdoff_windows and not p.rearms:  # Rearm keeps the hold-off then
             alarm = False
         self._was_anomalous = anomalous
         if alarm:
@@ -142,3 +159,38 @@ class AlarmState:
         self._mean = float(h.mean())
         floor = max(STD_FLOOR_OF_PRIOR * self.params.prior_std, 1e-12)
         self._std = max(float(h.std()), floor)
+
+
+@dataclass(slots=True)
+class Rearm:
+    """The re-arm gate (module docstring): takes the likelihood's red-zone entries, and any other stage's
+    alarms (the shift stage), only while armed. Quiet and the exception are judged on the model's own
+    score and tail. Used with an :class:`AlarmState` of the same params (which then leaves the hold-off
+    to this gate)."""
+
+    params: AlarmParams
+    _armed: bool = True
+    _calm: int = 0
+    _reference: float = math.inf
+    _since: int = 1 << 62
+
+    def gate(self, score: float, decision: Decision, other_alarm: bool = False) -> bool:
+        p = self.params
+        assert p.rearm_quiet_tail is not None
+        self._since += 1
+        if self._armed:
+            if decision.alarm or other_alarm:
+                self._fire(score)
+                return True
+            return False
+        if decision.is_anomaly and score > p.rearm_ratio * self._reference and self._since >= p.holdoff_windows:
+            self._fire(score)
+            return True
+        tail = 1.0 if decision.tail is None else decision.tail
+        self._calm = 0 if tail < p.rearm_quiet_tail else self._calm + 1
+        if self._calm >= p.rearm_quiet_windows:
+            self._armed = True
+        return False
+
+    def _fire(self, score: float) -> None:
+        self._armed, self._calm, self._reference, self._since = False, 0, score, 0

@@ -75,6 +75,17 @@ class ScoreScale(_Strict):
         return self
 
 
+class RearmSpec(_Strict):
+    """Re-arm after quiet instead of the fixed hold-off alone (``components/anomaly/alarm.py``, Rearm):
+    after an alarm, none until ``quiet_windows`` windows in a row had a tail probability of at least
+    ``quiet_tail_probability``, except a red-zone window scoring above ``exception_ratio`` x the score of
+    the alarm that disarmed it (None: no exception)."""
+
+    quiet_tail_probability: float = Field(gt=0, lt=1)
+    quiet_windows: int = Field(ge=1)
+    exception_ratio: float | None = Field(default=None, gt=1)
+
+
 class AlarmSpec(_Strict):
     """How scores become alarms (``components/anomaly/alarm.py``). Absent from older cards, which
     therefore keep the plain threshold with no hold-off.
@@ -93,6 +104,13 @@ class AlarmSpec(_Strict):
     reestimation_windows: int = Field(default=alarm.REESTIMATION_WINDOWS, ge=1)
     prior_mean: float = 0.0
     prior_std: float = Field(default=1.0, gt=0)
+    rearm: RearmSpec | None = None
+
+    @model_validator(mode="after")
+    def _rearm_needs_likelihood(self) -> AlarmSpec:
+        if self.rearm is not None and self.mode != "likelihood":
+            raise ValueError("alarm.rearm needs alarm mode likelihood (quiet is a tail probability)")
+        return self
 
 
 ONLINE_CAPACITY = 20_000

@@ -8,6 +8,7 @@ per batch and runs inline on the event loop, where a thread hop would cost more 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,10 @@ class LoadedModel:
                            tail_probability=tail_probability or a.tail_probability,
                            averaging_windows=a.averaging_windows, history_windows=a.history_windows,
                            estimation_windows=a.estimation_windows, reestimation_windows=a.reestimation_windows,
-                           prior_mean=a.prior_mean, prior_std=a.prior_std)
+                           prior_mean=a.prior_mean, prior_std=a.prior_std,
+                           rearm_quiet_tail=a.rearm.quiet_tail_probability if a.rearm is not None else None,
+                           rearm_quiet_windows=a.rearm.quiet_windows if a.rearm is not None else 0,
+                           rearm_ratio=(a.rearm.exception_ratio or math.inf) if a.rearm is not None else math.inf)
 
     def standardize(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Features in the training set's standardized units (what ``knn`` distances are measured in)."""

@@ -34,6 +34,7 @@ from components.anomaly.model_card import (
     ModelKind,
     OnlineSpec,
     OnnxIO,
+    RearmSpec,
     ScoreScale,
     ShiftSpec,
     Threshold,
@@ -88,6 +89,9 @@ class TrainParams:
     # None = off (the default); else (recent, history) samples, judged at shift_tail. Needs likelihood.
     shift: tuple[int, int] | None = None
     shift_tail: float = SHIFT_TAIL
+    # Re-arm after quiet (model card alarm.rearm, components/anomaly/alarm.py Rearm): None = the fixed
+    # hold-off alone (the default); else (quiet tail probability, quiet windows, exception ratio or None).
+    rearm: tuple[float, int, float | None] | None = None
 
     def summary(self) -> dict[str, Any]:
         base: dict[str, Any] = {"kind": self.kind, "calibration_fraction": self.calibration_fraction}
@@ -223,6 +227,9 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
     if params.shift is not None and params.alarm_mode != "likelihood":
         raise TrainingError("a shift stage is judged like the likelihood alarm: it needs --alarm likelihood",
                             field="shift")
+    if params.rearm is not None and params.alarm_mode != "likelihood":
+        raise TrainingError("re-arm after quiet judges quiet by tail probability: it needs --alarm likelihood",
+                            field="rearm")
     n = features.shape[0]
     n_cal = max(1, round(n * params.calibration_fraction))
     if n - n_cal < MIN_FIT_WINDOWS:
@@ -270,7 +277,10 @@ def train(features: npt.NDArray[np.float32], params: TrainParams, *, rate_hz: fl
                       tail_probability=params.tail_probability, averaging_windows=params.averaging_windows,
                       history_windows=params.history_windows, estimation_windows=params.estimation_windows,
                       reestimation_windows=params.reestimation_windows, prior_mean=float(averaged.mean()),
-                      prior_std=max(float(averaged.std()), 1e-9))
+                      prior_std=max(float(averaged.std()), 1e-9),
+                      rearm=None if params.rearm is None else RearmSpec(
+                          quiet_tail_probability=params.rearm[0], quiet_windows=params.rearm[1],
+                          exception_ratio=params.rearm[2]))
     online = None
     if params.online:
         online = OnlineSpec(capacity=params.online_capacity, exclude_windows=params.online_exclude_windows,
