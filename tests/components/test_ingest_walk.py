@@ -220,6 +220,23 @@ def test_csv_timestamps_in_milliseconds_are_not_taken_for_seconds(tmp_path: Path
         load_config({"source": "csv", "csv": {"path": str(relative_ms), "timestampUnit": "minutes"}})
 
 
+def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_channel(tmp_path: Path) -> None:
+    """A CSV saved by a spreadsheet as UTF-8 starts with a byte-order mark: the first channel was published
+    as '\\ufeffvib_x', a name no model has, so the detector dropped every batch (missing_channel)."""
+    import gzip
+
+    plain, packed = tmp_path / "bom.csv", tmp_path / "bom.csv.gz"
+    text = "vib_x,temp\n1,40\n2,41\n"
+    plain.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    packed.write_bytes(gzip.compress(b"\xef\xbb\xbf" + text.encode()))
+    for path in (plain, packed):
+        replay = CsvReplay(path, batch_size=2, rate_hz=10)
+        assert replay.channels == ("vib_x", "temp")
+        assert next(replay.batches()).data.tolist() == [[1, 2], [40, 41]]
+    cfg = load_config({"source": "csv", "csv": {"path": str(plain), "columns": ["vib_x"]}})
+    assert cfg.csv is not None and cfg.csv.columns == ("vib_x",)
+
+
 # --- MQTT -----------------------------------------------------------------------------------------
 
 
