@@ -118,6 +118,9 @@ class CsvReplay:
         if first_row is None:
             raise ReplayError(path, "no data rows after the header")
         header = [h.strip() for h in header]
+        if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+            # Read as comma-separated, "a;b" is one column of text: every value would be NaN, for ever.
+            raise ReplayError(path, f"the header is one column {header[0]!r:.60}: the file is not comma-separated")
         if timestamp_column == "auto":
             timestamp_column = next((h for h in header if h.lower() in _TIMESTAMP_NAMES), None)
         if timestamp_column is not None and timestamp_column not in header:

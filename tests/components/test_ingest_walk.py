@@ -237,6 +237,17 @@ def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_channel(tmp_path
     assert cfg.csv is not None and cfg.csv.columns == ("vib_x",)
 
 
+
+def test_a_csv_that_is_not_comma_separated_is_refused(tmp_path: Path) -> None:
+    """A semicolon-separated export (a European spreadsheet's) was one column named 'vib_x;temp' whose
+    every value was NaN: deployed SUCCEEDED, then NaN for ever."""
+    for sep in (";", "\t"):
+        path = tmp_path / "semi.csv"
+        path.write_text(f"vib_x{sep}temp\n1{sep}40\n")
+        with pytest.raises(ConfigError, match="the file is not comma-separated"):
+            load_config({"source": "csv", "csv": {"path": str(path)}})
+
+
 # --- MQTT -----------------------------------------------------------------------------------------
 
 
