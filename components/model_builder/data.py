@@ -77,8 +77,12 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             reader = csv.reader(f)
             header = next(reader)
             rows = list(reader)
-    except (OSError, StopIteration, UnicodeDecodeError, csv.Error) as exc:
-        raise TrainingError(f"cannot read CSV: {exc}", path=path) from exc
+    except (OSError, StopIteration, UnicodeDecodeError, csv.Error, EOFError) as exc:
+        # EOFError: a .gz cut short (a copy that did not finish) raised it as a traceback
+        why = "the gzip stream ends early (a truncated file?)" if isinstance(exc, EOFError) else str(exc)
+        raise TrainingError(f"cannot read CSV: {why}", path=path) from exc
+    while rows and not rows[-1]:  # blank lines at the end (editors add them) are not rows of no cells
+        rows.pop()
     if row_range is not None:
         rows = rows[row_range[0]:row_range[1]]
     if not rows:

@@ -557,3 +557,18 @@ def test_build_takes_channel_names_with_spaces_after_commas(tmp_path: Path) -> N
     data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
     assert model_cli(cli_build(tmp_path, data, "--rate-hz", "1000", "--channels", "vib_x, temp")) == 0
     assert load_card(tmp_path / "out" / "artifacts" / NAME / "1.0.0" / "model_card.json").channels == CHANNELS
+
+
+def test_a_truncated_gzip_csv_is_one_line_and_trailing_blank_lines_are_not_rows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A .csv.gz cut short ended the build with an EOFError traceback; a CSV ending in a blank line (as
+    editors leave them) was refused as 'line N has 0 cells, fewer than the header'."""
+    import gzip
+
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    packed = gzip.compress(data.read_bytes())
+    (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
+    line = one_error(capsys, cli_build(tmp_path, tmp_path / "cut.csv.gz", "--rate-hz", "1000"))
+    assert line == f"error: {tmp_path / 'cut.csv.gz'}: cannot read CSV: the gzip stream ends early (a truncated file?)"
+    (tmp_path / "blank.csv").write_text(data.read_text() + "\n\n")
+    assert model_cli(cli_build(tmp_path, tmp_path / "blank.csv", "--rate-hz", "1000")) == 0
