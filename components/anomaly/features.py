@@ -63,7 +63,7 @@ class Calendar(BaseModel):
     (seconds since the epoch, UTC; a device in local time passes local seconds). Not standardized by
     the training data: a few days of training would make a week's phase look like a huge deviation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     periods: list[CalendarPeriod] = Field(min_length=1)
     weight: float = Field(default=1.0, gt=0)
@@ -77,6 +77,16 @@ class FeatureSpec(BaseModel):
     format: Literal["nucleus.features/1"] = "nucleus.features/1"
     groups: list[ChannelGroup] = Field(min_length=1)
     calendar: Calendar | None = None
+
+    @model_validator(mode="after")
+    def _each_feature_once(self) -> FeatureSpec:
+        """A feature listed twice (a channel in two groups with the same stat, or twice in one group)
+        weighed double in the model and made its name ambiguous in contributions."""
+        names = self.feature_names()
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"features {', '.join(twice)} are listed more than once")
+        return self
 
     def channels(self) -> list[str]:
         seen: dict[str, None] = {}

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from components.anomaly import alarm, signing
-from components.anomaly.errors import AnomalyError, SignatureError, TrainingError
+from components.anomaly.errors import AnomalyError, FeatureSpecError, SignatureError, TrainingError
 from components.anomaly.features import (
     Calendar,
     FeatureExtractor,
@@ -274,7 +274,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+    """pydantic's errors as 'field: message'; a whole-document check has no field, and its message is
+    the validator's own (not 'value: Value error, ...')."""
+    parts = []
+    for e in exc.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        where = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 # The flags only some presets read; giving one to a preset that ignores it is refused, not dropped.
@@ -446,7 +453,11 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     if spec.calendar is not None and ends is None:
         raise TrainingError("calendar features need each row's time: give --time-column for a CSV (recordings "
                             "made by `nucleus model record` carry their times)", field="calendar")
-    extractor = FeatureExtractor(spec, dataset.channels, args.window)
+    try:
+        extractor = FeatureExtractor(spec, dataset.channels, args.window)
+    except FeatureSpecError as exc:  # e.g. a season longer than the window allows: say which flag set it
+        where = f"{exc.field}: " if exc.field else ""
+        raise TrainingError(f"--features {args.features}: {where}{exc.message} (--window {args.window})") from exc
     windows = datamod.windows(dataset, args.window, args.hop)
     _check_window_count(args, dataset, len(windows))
     with np.errstate(all="ignore"):  # overflow is reported below, naming the features and channels

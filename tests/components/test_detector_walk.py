@@ -572,3 +572,28 @@ def test_a_truncated_gzip_csv_is_one_line_and_trailing_blank_lines_are_not_rows(
     assert line == f"error: {tmp_path / 'cut.csv.gz'}: cannot read CSV: the gzip stream ends early (a truncated file?)"
     (tmp_path / "blank.csv").write_text(data.read_text() + "\n\n")
     assert model_cli(cli_build(tmp_path, tmp_path / "blank.csv", "--rate-hz", "1000")) == 0
+
+
+def test_a_feature_spec_listing_a_feature_twice_is_refused_and_spec_errors_name_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vib_x.rms in two groups (or a channel twice in one) trained a model with that feature twice and
+    two contributions of one name; a season too long for the window was 'error: groups[0].season: ...'
+    naming neither --features nor --window."""
+    from components.anomaly.features import FeatureSpec
+
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    for i, groups in enumerate(([{"channels": ["vib_x"], "stats": ["rms"]}, {"channels": ["vib_x"], "stats": ["rms"]}],
+                                [{"channels": ["vib_x", "vib_x"], "stats": ["rms", "peak"]}])):
+        spec = tmp_path / f"twice{i}.json"
+        spec.write_text(json.dumps({"groups": groups}))
+        line = one_error(capsys, cli_build(tmp_path, data, "--rate-hz", "1000", "--features", str(spec)))
+        assert line.startswith(f"error: --features {spec}: not a JSON FeatureSpec: features vib_x."), line
+        assert line.endswith("listed more than once")
+        with pytest.raises(ValueError, match="listed more than once"):
+            FeatureSpec.model_validate({"groups": groups})
+    spec = tmp_path / "season.json"
+    spec.write_text(json.dumps({"groups": [{"channels": ["vib_x"], "stats": ["zseason"], "season": 200}]}))
+    line = one_error(capsys, ["build", "--data", str(data), "--out", str(tmp_path / "out"), "--window", "128",
+                              "--hop", "64", "--features", str(spec), "--rate-hz", "1000"])
+    assert line == f"error: --features {spec}: groups[0].season: season of 200 samples needs a window of at " \
+                   "least 208 (--window 128)"
