@@ -84,6 +84,16 @@ KNN_TAIL = NAB_TAIL  # nupic's red zone, not compared
 # probationary rows span it once. Dev, product code, seeds 1-4: without 62.2, with 63.8 (prototype:
 # weight 0 / 0.25 / 0.5 / 1 / 2 -> 64.4 / 64.1 / 66.6 / 68.0 / 63.4); held-out seeds 5-8: 64.8 -> 68.6.
 KNN_CALENDAR: tuple[CalendarPeriod, ...] = ("day", "week")
+# Third declared setup (after the second NAB run, 52.4): the second setup plus the level/spread-change
+# stage (newest 16 rows against the 400 before them, its own likelihood at tail 1e-7) and re-arm after
+# quiet instead of the one-window hold-off (after an alarm, none until 288 windows in a row had a tail
+# >= 1e-3, except a red-zone window scoring above 2 x the disarming alarm's score). Chosen on the dev set
+# only (benchmarks/nab_dev_blocks.py; of two finalists, the better on the choosing seeds 1-8: 72.4 + 73.2
+# against 71.9 + 73.1 for a quiet of one day), with the bar set before any comparison (+3 over the second
+# setup on seeds 1-4 and on held-out seeds 17-24): +8.6 on 1-4 (72.4 vs 63.8), +5.1 on 17-24 (74.2 vs
+# 69.1). Product path, seeds 1-4: 72.4, equal to the prototype per kind and per seed.
+KNN_SHIFT: tuple[int, int, float] = (16, 400, 1e-7)
+KNN_REARM: tuple[float, int, float | None] = (1e-3, 288, 2.0)
 GEAR_SPREAD_MARGIN = 10.0  # a priori "an order of magnitude beyond the healthy spread" (see docs/anomaly.md)
 GEAR_RATE_HZ = 1000.0  # ASSUMED: the data do not state a sample rate (README); only used for "per hour"
 
@@ -330,13 +340,14 @@ def run_nab_stream() -> dict[str, float]:
 
 
 def knn_flags(values: np.ndarray, probation: int, times: np.ndarray, tails: np.ndarray | None = None,
-              scores: np.ndarray | None = None) -> np.ndarray:
+              scores: np.ndarray | None = None, *, third: bool = True) -> np.ndarray:
     """One series through the builder (knn on the probationary windows, online learning on) and the
     detector's own modules, streamed row by row; the alarm flag per row (and the tails and final scores,
-    if asked). ``times``: each row's epoch seconds (the calendar features' clock)."""
+    if asked). ``times``: each row's epoch seconds (the calendar features' clock). ``third``: the third
+    declared setup (shift stage + re-arm after quiet), else the second."""
     from components.anomaly_detector.asset import AssetState
 
-    loaded = knn_model(values, probation, times)
+    loaded = knn_model(values, probation, times, KNN_SHIFT if third else None, KNN_REARM if third else None)
     rate_hz = loaded.card.sample_rate_hz
     assert rate_hz is not None  # knn_model sets it from the timestamps
     return stream_file(values, loaded, AssetState.start(loaded), rate_hz, tails, times, scores)
@@ -392,17 +403,23 @@ def tail_sweeps(recorded: list[tuple[np.ndarray, list[tuple[int, int]], int]]) -
 
 
 def run_nab_knn(dev: bool) -> float:
-    """The knn setup on the synthetic development set (dev) or on the seven NAB files."""
+    """The knn setups on the synthetic development set (dev) or on the seven NAB files: the third declared
+    setup (the headline), then the second (52.4 on NAB when it was scored; deterministic, so a check here)."""
     import benchmarks.nab_dev as nab_dev
 
     title = "synthetic development set (benchmarks/nab_dev.py)" if dev else "NAB realKnownCause subset"
     print(f"\n== {title}: knn with online learning, streamed through the detector's modules (standard profile) ==")
-    print(f"per series: features = the newest {KNN_WINDOW} values; the builder's knn model on the probationary windows "
-          "(75 % prototypes, 25 % calibration: the likelihood prior); every row in order through Windower -> features "
-          "-> ONNX distance to the nearest prototype -> min with the distance to the nearest window the detector has "
-          f"already seen (memory: a window enters {KNN_WINDOW - 1} windows later, merge radius {KNN_MERGE} x median "
-          f"calibration distance) -> likelihood alarm (averaging {KNN_AVERAGING}, tail < {KNN_TAIL:g}, hold-off "
-          f"{KNN_WINDOW} windows). All values fixed on the development set before NAB was scored.")
+    print(f"per series: features = the newest {KNN_WINDOW} values and the place in the day and week (a period only if "
+          "the probationary rows span it); the builder's knn model on the probationary windows (75 % prototypes, "
+          "25 % calibration: the likelihood prior); every row in order through Windower -> features -> ONNX distance "
+          "to the nearest prototype -> min with the distance to the nearest window the detector has already seen "
+          f"(memory: a window enters {KNN_WINDOW - 1} windows later, merge radius {KNN_MERGE} x median calibration "
+          f"distance) -> likelihood alarm (averaging {KNN_AVERAGING}, tail < {KNN_TAIL:g}).")
+    print(f"  third declared setup (PRIMARY): + shift stage (newest {KNN_SHIFT[0]} rows vs the {KNN_SHIFT[1]} before, "
+          f"tail < {KNN_SHIFT[2]:g}) + re-arm after quiet ({KNN_REARM[1]} windows with tail >= {KNN_REARM[0]:g}; "
+          f"exception above {KNN_REARM[2]:g} x the disarming score; hold-off {KNN_WINDOW} windows)")
+    print(f"  second declared setup: hold-off {KNN_WINDOW} windows, no shift stage, no re-arm")
+    print("All values fixed on the development set before NAB was scored with them.")
     series: list[tuple[str, np.ndarray, list[tuple[int, int]], int, np.ndarray]] = []
     if dev:  # synthetic rows start at the epoch, one step apart
         series = [(n, v, w, p, np.arange(len(v)) * float(st)) for n, v, w, p, st in nab_dev.devset()]
@@ -414,29 +431,34 @@ def run_nab_knn(dev: bool) -> float:
             probation = min(int(0.15 * len(values)), 750)
             times = np.array([datetime.fromisoformat(t).replace(tzinfo=UTC).timestamp() for t in stamps])
             series.append((name, values, windows, probation, times))
-    total, n_windows = 0.0, 0
+    null = -STANDARD["fn"] * sum(len(w) for _, _, w, _, _ in series)
+    perfect = STANDARD["tp"] * sum(len(w) for _, _, w, _, _ in series)
+    results: dict[str, float] = {}
     recorded: list[tuple[np.ndarray, list[tuple[int, int]], int]] = []
-    for name, values, windows, probation, times in series:
-        tails = np.full(len(values), np.nan)
-        flags = knn_flags(values, probation, times, tails)
-        assert (alarms_at(tails, KNN_TAIL, KNN_WINDOW) == flags).all()  # the replay below is faithful
-        recorded.append((tails, windows, probation))
-        total += report_file(name, flags, windows, probation)
-        n_windows += len(windows)
-    null, perfect = -STANDARD["fn"] * n_windows, STANDARD["tp"] * n_windows
-    result = 100 * (total - null) / (perfect - null)
-    print(f"  subset-normalised standard score: {result:.1f}")
+    for setup in ("third", "second"):
+        print(f"\n  {setup} declared setup{' (primary)' if setup == 'third' else ''}:")
+        total = 0.0
+        for name, values, windows, probation, times in series:
+            tails = np.full(len(values), np.nan)
+            flags = knn_flags(values, probation, times, tails, third=setup == "third")
+            if setup == "second":
+                assert (alarms_at(tails, KNN_TAIL, KNN_WINDOW) == flags).all()  # the replay below is faithful
+                recorded.append((tails, windows, probation))
+            total += report_file(name, flags, windows, probation)
+        results[setup] = 100 * (total - null) / (perfect - null)
+        print(f"  subset-normalised standard score: {results[setup]:.1f}")
     if not dev:
         lofo, swept, chosen = tail_sweeps(recorded)
         print_anchors()
-        print(f"  {'ours, knn + online learning (primary)':44s} {result:5.1f}   <- no label, no sweep")
-        print(f"  {'ours, tail level swept leave-one-file-out':44s} {lofo:5.1f}   (each file scored at the level "
+        print(f"  {'ours, third declared setup (primary)':44s} {results['third']:5.1f}   <- no label, no sweep")
+        print(f"  {'ours, second declared setup':44s} {results['second']:5.1f}   (its one NAB run gave 52.4)")
+        print(f"  {'second, tail level swept leave-one-file-out':44s} {lofo:5.1f}   (each file scored at the level "
               f"best on the other six files' labels: {', '.join(f'{c:.0e}' for c in chosen)})")
-        print(f"  {'ours, tail level swept on all seven':44s} {swept:5.1f}   (uses the scored files' own labels, as "
-              "the anchors' sweeps did; not a result, the ceiling of this detector)")
+        print(f"  {'second, tail level swept on all seven':44s} {swept:5.1f}   (uses the scored files' own labels, as "
+              "the anchors' sweeps did; not a result, the ceiling of that detector)")
         goal = ANCHORS["Numenta HTM"]
-        print(f"  goal > {goal} (Numenta HTM): {'MET' if result > goal else 'NOT MET'}")
-    return result
+        print(f"  goal > {goal} (Numenta HTM): {'MET' if results['third'] > goal else 'NOT MET'} (primary setup)")
+    return results["third"]
 
 
 # --- gearbox -----------------------------------------------------------------------------------
