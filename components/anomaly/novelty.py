@@ -100,8 +100,15 @@ class OnlineMemory:
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> bool:
         """Take over a snapshot of a memory with the same width; False (and unchanged) if it does not fit."""
-        store = np.asarray(snap["store"], dtype=np.float32)
-        pending = np.asarray(snap["pending"], dtype=np.float32)
+        raw = [np.asarray(snap[k]) for k in ("store", "pending", "next", "counts")]
+        # A file of another kind (text arrays, NaN rows, a non-scalar position) is not this memory: before,
+        # text raised out of the scoring loop and stopped the detector, and a NaN row made every later
+        # score NaN.
+        if any(a.dtype.kind not in "iuf" for a in raw) or not all(np.isfinite(a).all() for a in raw[:2]):
+            return False
+        if raw[2].size != 1 or raw[3].size < 2:
+            return False
+        store, pending = raw[0].astype(np.float32), raw[1].astype(np.float32)
         width = self._store.shape[1]
         if store.ndim != 2 or store.shape[1] != width or pending.ndim != 2 or pending.shape[1] != width:
             return False

@@ -316,10 +316,14 @@ class Detector:
                 model, mode=c.alarm_mode, holdoff_windows=c.alarm_holdoff_windows,
                 tail_probability=c.alarm_tail_probability)
             if held.memory is not None:
-                snap = knn_store.load(self._memory_path(asset, model))
+                path = self._memory_path(asset, model)
+                snap = knn_store.load(path)
                 if snap is not None and held.memory.restore(snap):
                     log.info("detector.memory_restored", asset=asset, model_version=model.version,
                              windows=len(held.memory))
+                elif snap is not None:  # it was silently dropped: say so, the memory starts empty
+                    log.warning("detector.memory_unreadable", path=str(path),
+                                error="not this model's memory (width, dtype or non-finite values)")
         return held
 
     async def _trim_memory(self) -> None:

@@ -300,3 +300,41 @@ def test_a_memory_that_cannot_be_written_leaves_the_detector_and_the_last_file_a
     detector_full.save_memories()  # the detector's own save: logged, not raised
     monkeypatch.undo()
     assert good.read_bytes() == before and not list(good.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("spoil", ["text", "nan", "position"])
+def test_a_memory_file_of_another_kind_is_ignored_not_fatal_or_poisonous(tmp_path: Path, spoil: str) -> None:
+    """'An unreadable file is logged and ignored' (docs/anomaly.md): a file whose arrays were text raised
+    out of restore() (in the scoring loop: the detector stopped), and one with a NaN row was taken, so
+    every later score of that asset was NaN."""
+    from typing import Any, cast
+
+    from structlog.testing import capture_logs
+
+    from components.anomaly_detector import knn_store
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    model = loaded_knn(series(600), online=True)
+    config = DetectorConfig.model_validate({"memoryDir": str(tmp_path / "mem")})
+    first = Detector(cast(Any, None), config)
+    state = first._asset_state("t1", model)
+    feats = shape_features(series(300, seed=4) + 4.0)
+    for f in feats:
+        state.judge(5.0, f)
+    first.save_memories()
+    saved = knn_store.path_for(tmp_path / "mem", "test.Knn", "1.0.0", "t1")
+    snap = knn_store.load(saved)
+    assert snap is not None
+    if spoil == "text":
+        snap["store"] = snap["store"].astype("U12")
+    elif spoil == "nan":
+        snap["store"][0, 0] = np.nan
+    else:
+        snap["next"] = np.array([1, 2])
+    knn_store.save(saved, snap)
+    with capture_logs() as logs:
+        again = Detector(cast(Any, None), config)._asset_state("t1", model)
+    assert again.memory is not None and len(again.memory) == 0
+    assert [e["event"] for e in logs] == ["detector.memory_unreadable"]
+    assert np.isfinite(again.judge(5.0, feats[-1]).score)
