@@ -169,3 +169,11 @@ def warm(model: LoadedModel) -> None:
                 raise ModelLoadError(f"warm-up gave scores of shape {scored.scores.shape}, expected ({batch},) finite",
                                      component=model.component, version=model.version, key_id=model.key_id,
                                      path=model.path / MODEL_FILE)
+            # one contribution per feature: another width made every scored window raise in top() (outside
+            # the scoring guard) and stopped the detector at its first window
+            width = (batch, len(model.card.feature_names))
+            if scored.shares.shape != width:
+                raise ModelLoadError(f"warm-up gave {model.card.onnx.contributions_output} of shape "
+                                     f"{scored.shares.shape}, expected {width}: one per feature of the spec",
+                                     component=model.component, version=model.version, key_id=model.key_id,
+                                     path=model.path / MODEL_FILE, field="onnx.contributions_output")

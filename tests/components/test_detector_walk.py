@@ -17,7 +17,7 @@ import yaml
 from anomaly_models import BATCH, CHANNELS, RATE, batch, build, healthy
 
 from components.anomaly import signing
-from components.anomaly.errors import ModelCardError
+from components.anomaly.errors import ModelCardError, ModelLoadError
 from components.anomaly.model_card import load_card
 from components.anomaly_detector.config import COMPONENT
 from components.anomaly_detector.scoring import load_model
@@ -597,3 +597,37 @@ def test_a_feature_spec_listing_a_feature_twice_is_refused_and_spec_errors_name_
                               "--hop", "64", "--features", str(spec), "--rate-hz", "1000"])
     assert line == f"error: --features {spec}: groups[0].season: season of 200 samples needs a window of at " \
                    "least 208 (--window 128)"
+
+
+def test_a_signed_model_whose_contributions_are_not_one_per_feature_is_refused_at_load(
+        v1: Any, tmp_path: Path) -> None:
+    """Its scores were fine, so warm-up passed; the first real window then raised in top() outside the
+    scoring guard and stopped the detector."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = len(v1.card.feature_names)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSumSquare", ["features"], ["score"], keepdims=0, axes=[1]),
+         helper.make_node("Slice", ["features", "starts", "ends", "axes"], ["head"]),
+         helper.make_node("Mul", ["head", "head"], ["contributions"])],
+        "short_contributions",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, n])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [None]),
+         helper.make_tensor_value_info("contributions", TensorProto.FLOAT, [None, n - 1])],
+        [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("ends", TensorProto.INT64, [1], [n - 1]),
+         helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(proto)
+    assert v1.card.onnx.contributions_output == "contributions"
+    d = tmp_path / "m"
+    shutil.copytree(v1.model_dir, d)
+    (d / "model.onnx").write_bytes(proto.SerializeToString())
+    key, _ = signing.load_or_create_key(v1.model_dir.parents[2] / "keys" / "test.key")
+    signing.sign_model(d, component=NAME, version="1.0.0", key=key)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(d, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
+    e = info.value
+    assert f"contributions of shape (1, {n - 1}), expected (1, {n})" in e.message
+    assert (e.field, e.key_id, e.version) == ("onnx.contributions_output", v1.key_id, "1.0.0")
