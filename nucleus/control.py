@@ -9,8 +9,10 @@ this one boundary, carrying the file, field and component in ``details``.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -43,13 +45,21 @@ log = structlog.get_logger("nucleus.control")
 Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
 
 
-def _mapped(fn: Handler) -> Handler:
+def _mapped(fn: Handler, database: Path) -> Handler:
     @functools.wraps(fn)
     async def wrapper(ctx: CallContext, args: dict[str, Any]) -> Any:
         try:
             return await fn(ctx, args)
         except IpcError:
             raise
+        except sqlite3.OperationalError as exc:
+            # SQLite says only "database or disk is full": say which file, and that nothing was changed.
+            if "full" not in str(exc) and "I/O" not in str(exc):
+                raise
+            raise ServiceError(f"the nucleus could not record this request in {database}: {exc}; nothing was "
+                               "changed (free space on that disk and try again)",
+                               {"path": str(database), "reason": "disk_full" if "full" in str(exc) else "io_error"},
+                               ) from exc
         except UnknownComponentError as exc:
             raise ResourceNotFound(str(exc), exc.to_dict()) from exc
         except (RecipeError, ConfigurationError, VersionError) as exc:
@@ -152,7 +162,7 @@ class Control:
             "nucleus.status": self.nucleus_status,
         }
         for op, handler in ops.items():
-            core.register(op, _mapped(handler))
+            core.register(op, _mapped(handler, paths.database))
         core.register_stream("config.subscribe", self.config_subscribe)
         core.register_stream("lifecycle.subscribe_updates", self.subscribe_updates)
         core.register_stream("config.validation.subscribe", self.config_validation_subscribe)

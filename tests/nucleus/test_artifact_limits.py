@@ -315,3 +315,33 @@ def test_an_end_record_that_understates_the_entry_count_does_not_get_the_directo
                           limits=art.Limits(max_archive_entries=100))
     assert "central directory of" in str(caught.value) and "deployments.max_archive_entries" in str(caught.value)
     assert not any((short_tmp / "out").iterdir())
+
+
+def test_a_disk_already_full_refuses_the_request_naming_the_database(daemon_factory: Any, short_tmp: Path) -> None:
+    """The disk holding the root is full before the deployment starts: SQLite refused the journal
+    write with 'OperationalError: database or disk is full', which named neither the file nor said
+    that nothing changed. Now the error names the journal file; the running version runs on, and once
+    space is freed the next deployment works."""
+    daemon = daemon_factory(settings=_settings(disk_reserve_bytes=0, disk_reserve_percent=0), start=False)
+    settings = (daemon.root / "nucleus.yaml").read_text()
+    with small_disk(daemon.root, 16) as disk:
+        (daemon.root / "nucleus.yaml").write_text(settings)  # the mount hid it
+        try:
+            daemon.start()
+            pids = _deploy_v1(daemon, short_tmp)
+            filler = disk / "filler"
+            with filler.open("wb") as f, contextlib.suppress(OSError):  # bounded: the disk is 16 MiB
+                for _ in range(64):
+                    f.write(b"\0" * MiB)
+                    f.flush()
+            again = write_recipe(short_tmp / "full", NAME, "2.0.0", run=RUN)
+            out = daemon.cli("deploy", str(again), check=False)
+            text = out.stdout + out.stderr
+            assert out.returncode != 0, text
+            assert str(daemon.root / "db") in text and "full" in text and "nothing was changed" in text, text
+            now = daemon.components()[NAME]
+            assert now["version"] == "1.0.0" and now["state"] == "RUNNING" and now["pids"] == pids, now
+            filler.unlink()
+            _good_deployment_after(daemon, short_tmp)
+        finally:
+            daemon.stop()
