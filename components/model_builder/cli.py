@@ -398,6 +398,20 @@ def _check_finite(features: np.ndarray, spec: FeatureSpec, dataset: datamod.Data
                         "units or drop the rows", path=_data_path(dataset), field="channels")
 
 
+def _check_rate_against_times(args: argparse.Namespace, dataset: datamod.Dataset) -> None:
+    """--rate-hz against the time column's own spacing: a rate the rows do not have made every time-based
+    figure wrong (false alarms per hour, the card's rate the detector checks batches against)."""
+    if args.rate_hz is None or args.time_column is None or dataset.times is None:
+        return
+    steps = np.concatenate([np.diff(t) for t in dataset.times if len(t) > 1] or [np.zeros(0)])
+    if not steps.size:
+        return
+    step = float(np.median(steps))
+    if not math.isclose(step * args.rate_hz, 1.0, rel_tol=0.01):
+        raise TrainingError(f"--rate-hz {args.rate_hz:g} disagrees with --time-column {args.time_column}: its rows "
+                            f"are {step:g} s apart ({1 / step:.6g} Hz)", path=_data_path(dataset), field="rate_hz")
+
+
 def build(args: argparse.Namespace) -> dict[str, object]:
     spec_file = _spec_file(args)
     # A spec file names its channels: only those are loaded (an unused column's blank or text cell
@@ -433,6 +447,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     _check_rate(args, loaded)
     dataset = datamod.merge(loaded, channels)
     rate = args.rate_hz if args.rate_hz is not None else dataset.rate_hz
+    _check_rate_against_times(args, dataset)
     spec = _spec(args, dataset.channels, spec_file)
     warnings = _constant_channels(dataset, spec)
     if rate is None:

@@ -126,7 +126,6 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
                                 path=path, field="normal_value")
         keep &= normal
     runs = _runs(keep)
-    segments = [data[:, a:b] for a, b in runs]
     times = None
     if time_column is not None:
         if time_column not in cols:
@@ -135,8 +134,32 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             stamps = np.array([_epoch(r[cols[time_column]]) for r in rows], dtype=np.float64)
         except (ValueError, IndexError) as exc:
             raise TrainingError(f"time column {time_column!r}: {exc}", path=path, field="time_column") from exc
+        runs = _split_at_time_gaps(runs, stamps, path, time_column, first_line=2 + (row_range or (0, 0))[0])
         times = [stamps[a:b] for a, b in runs]
+    segments = [data[:, a:b] for a, b in runs]
     return Dataset(list(channels), segments, None, [str(path)], times)
+
+
+def _split_at_time_gaps(runs: list[tuple[int, int]], stamps: npt.NDArray[np.float64], path: Path, column: str,
+                        first_line: int) -> list[tuple[int, int]]:
+    """Rows whose times jump (more than 1.5 steps of the file's typical spacing: rows missing, a logger
+    that stopped) end a segment, as a sequence gap ends one in a recording and a time_gap in the
+    detector: windows spanned them. Times that do not increase are refused, naming the line."""
+    steps = np.diff(stamps)
+    if (bad := np.flatnonzero(~(steps > 0))).size:  # NaN compares false too
+        i = int(bad[0]) + 1
+        raise TrainingError(f"time column {column!r} does not increase at line {first_line + i} "
+                            f"({float(stamps[i - 1])!r} then {float(stamps[i])!r}): sort the rows by time or drop "
+                            "duplicates",
+                            path=path, field="time_column")
+    if not steps.size:
+        return runs
+    breaks = set((np.flatnonzero(steps > 1.5 * float(np.median(steps))) + 1).tolist())
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        cuts = [a, *sorted(x for x in breaks if a < x < b), b]
+        out.extend(itertools.pairwise(cuts))
+    return out
 
 
 def _channel_matrix(rows: list[list[str]], idx: list[int], channels: list[str], path: Path,

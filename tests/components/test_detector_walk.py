@@ -631,3 +631,46 @@ def test_a_signed_model_whose_contributions_are_not_one_per_feature_is_refused_a
     e = info.value
     assert f"contributions of shape (1, {n - 1}), expected (1, {n})" in e.message
     assert (e.field, e.key_id, e.version) == ("onnx.contributions_output", v1.key_id, "1.0.0")
+
+
+def timed_csv(path: Path, stamps: np.ndarray, seed: int = 1) -> Path:
+    values = np.random.default_rng(seed).standard_normal(len(stamps))
+    path.write_text("timestamp,value\n" + "\n".join(f"{t!r},{v!r}" for t, v in zip(stamps.tolist(), values.tolist(),
+                                                                                 strict=True)) + "\n")
+    return path
+
+
+def timed_build(tmp: Path, data: Path, *extra: str) -> list[str]:
+    return ["build", "--data", str(data), "--out", str(tmp / "out"), "--time-column", "timestamp", "--features",
+            "univariate", "--window", "60", "--hop", "10", "--kind", "pca", *extra]
+
+
+def test_a_csv_whose_times_jump_gives_no_window_across_the_jump(tmp_path: Path) -> None:
+    """Rows a minute apart with three days missing in the middle: five windows spanned the hole (295
+    windows; two stretches of 1500 rows give 2 x 145), where a recording's sequence gap and the
+    detector's time_gap both end a segment."""
+    stamps = 1.7e9 + 60.0 * np.arange(3000)
+    stamps[1500:] += 3 * 86_400
+    data = timed_csv(tmp_path / "timed.csv", stamps)
+    assert model_cli(timed_build(tmp_path, data, "--rate-hz", str(1 / 60))) == 0
+    card = load_card(tmp_path / "out" / "artifacts" / NAME / "1.0.0" / "model_card.json")
+    assert card.training.windows == 290
+
+
+@pytest.mark.parametrize("how, rate, says", [
+    ("backwards", str(1 / 60), "does not increase at line 1002 (1700059940.0 then 1700059880.0): sort the rows"),
+    ("duplicate", str(1 / 60), "does not increase at line 1002 (1700059940.0 then 1700059940.0)"),
+    ("even", "1000", "--rate-hz 1000 disagrees with --time-column timestamp: its rows are 60 s apart (0.0166667 Hz)"),
+])
+def test_a_time_column_out_of_order_or_against_the_rate_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, rate: str, says: str) -> None:
+    """Rows out of time order or repeated were windowed as if in order; --rate-hz 1000 for rows a minute
+    apart went into the card (and false alarms per hour) unchecked."""
+    stamps = 1.7e9 + 60.0 * np.arange(3000)
+    if how == "backwards":
+        stamps[1000] -= 120
+    elif how == "duplicate":
+        stamps[1000] = stamps[999]
+    data = timed_csv(tmp_path / "t.csv", stamps)
+    line = one_error(capsys, timed_build(tmp_path, data, "--rate-hz", rate))
+    assert says in line and line.startswith(f"error: {data}: "), line
