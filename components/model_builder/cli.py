@@ -433,6 +433,14 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     for flag, value in (("--online-capacity", args.online_capacity), ("--online-merge", args.online_merge)):
         if value is not None and not args.online:
             raise TrainingError(f"{flag} is for --online (a learning knn model); without --online it would be ignored")
+    seen: dict[Path, Path] = {}
+    for path in args.data:
+        # the same file twice: its second copy is the held-out tail, windows the model was fitted on, so
+        # the threshold came from in-sample scores (too low: false alarms)
+        if (real := path.resolve()) in seen:
+            raise TrainingError(f"--data names this file twice (also as {seen[real]}); the held-out windows would "
+                                "be copies of fitted ones", path=path)
+        seen[real] = path
     loaded: list[datamod.Dataset] = []
     for path in args.data:
         if path.suffix == ".npz":

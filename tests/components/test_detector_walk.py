@@ -674,3 +674,14 @@ def test_a_time_column_out_of_order_or_against_the_rate_is_refused(
     data = timed_csv(tmp_path / "t.csv", stamps)
     line = one_error(capsys, timed_build(tmp_path, data, "--rate-hz", rate))
     assert says in line and line.startswith(f"error: {data}: "), line
+
+
+def test_build_refuses_the_same_data_file_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--data h.csv --data link-to-h.csv trained on the file and held out its copy: the threshold came
+    from windows the model had been fitted on."""
+    data = csv_of(tmp_path / "h.csv", healthy(4000), CHANNELS)
+    again = tmp_path / "link.csv"
+    again.symlink_to(data)
+    line = one_error(capsys, [*cli_build(tmp_path, data, "--rate-hz", "1000"), "--data", str(again)])
+    assert line == f"error: {again}: --data names this file twice (also as {data}); the held-out windows would be " \
+                   "copies of fitted ones"
