@@ -234,7 +234,8 @@ class Detector:
             if now - last >= 5.0:
                 self._log_times[(asset, kind)] = now
                 log.warning("input.skipped", asset=asset, kind=kind, total=count,
-                            new=count - self._logged_counts.get((asset, kind), 0))
+                            new=count - self._logged_counts.get((asset, kind), 0),
+                            **({"last": w.why[kind]} if kind in w.why else {}))
                 self._logged_counts[(asset, kind)] = count
 
     # --- scoring -----------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class Windower:
     hop: int
     rate_hz: float | None = None
     skipped: Counter[str] = field(default_factory=Counter)
+    # per kind, what the last such batch was like (logged with the count: "rate_mismatch" alone did not say
+    # which rate came, or which channel was missing)
+    why: dict[str, str] = field(default_factory=dict)
     last_seq: int | None = None
     last_stream: str | None = None
     replaced_stream: str | None = None  # the stream the last restart left (a return to it: ``interleaved``)
@@ -110,6 +113,9 @@ class Windower:
         if (isinstance(raw_seq, bool) or not isinstance(raw_seq, int | np.integer) or not math.isfinite(t0)
                 or not math.isfinite(rate) or rate <= 0):
             self.skipped["malformed"] += 1
+            self.why["malformed"] = (f"seq {repr(raw_seq)[:40]}, t0 {t0!r}, rate_hz {rate!r}: seq must be a whole "
+                                     "number, t0 finite, rate_hz finite and > 0" if raw_seq is not None else
+                                     "lacks seq, t0, rate_hz, channels or data, or one is not a number")
             self.reset()
             # its seq, if that is sound and next, still counts as seen: the dropped batch is 'malformed',
             # not also a one-batch 'gap' when the next one arrives
@@ -146,6 +152,9 @@ class Windower:
         if (not isinstance(data, np.ndarray) or data.dtype.kind not in _NUMERIC or data.ndim != 2
                 or data.shape[0] != len(names) or data.shape[1] == 0 or not all(isinstance(n, str) for n in names)):
             self.skipped["malformed"] += 1
+            self.why["malformed"] = (f"data {type(data).__name__} {getattr(data, 'dtype', '')} of shape "
+                                     f"{getattr(data, 'shape', None)} for {len(names)} channel name(s): a 2-D "
+                                     "integer or float array, one row per channel, is expected")
             self.reset()
             return []
         # A model without a rate (built from a CSV without --rate-hz) takes any rate, but one window never
@@ -153,12 +162,15 @@ class Windower:
         expected = self.rate_hz if self.rate_hz is not None else self._batches[-1].rate if self._batches else None
         if expected is not None and abs(rate - expected) > 0.01 * expected:
             self.skipped["rate_mismatch"] += 1
+            self.why["rate_mismatch"] = (f"rate_hz {rate:g}, the model's {expected:g}" if self.rate_hz is not None
+                                         else f"rate_hz {rate:g} after {expected:g} in the same window")
             self.reset()
             return []
         try:
             rows = [names.index(c) for c in self.channels]
         except ValueError:
             self.skipped["missing_channel"] += 1
+            self.why["missing_channel"] = (f"lacks {[c for c in self.channels if c not in names]} (has {names})")
             self.reset()
             return []
         block = data[rows] if rows != list(range(len(names))) else data

@@ -685,3 +685,28 @@ def test_build_refuses_the_same_data_file_twice(tmp_path: Path, capsys: pytest.C
     line = one_error(capsys, [*cli_build(tmp_path, data, "--rate-hz", "1000"), "--data", str(again)])
     assert line == f"error: {again}: --data names this file twice (also as {data}); the held-out windows would be " \
                    "copies of fitted ones"
+
+
+def test_input_skipped_says_what_the_dropped_batch_was_like() -> None:
+    """input.skipped said 'rate_mismatch' or 'missing_channel' and a count: not which rate came against
+    which, or which channel was missing, so the operator had to capture the bus to find out."""
+    from structlog.testing import capture_logs
+
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    detector = Detector(None, DetectorConfig())  # type: ignore[arg-type]
+    w = fresh()
+    with capture_logs() as logs:
+        w.push(batch(1, healthy(BATCH)) | {"rate_hz": 2000.0})
+        w.push(batch(2, healthy(BATCH)[:1], channels=["vib_x"]))
+        w.push(batch(3, healthy(BATCH).astype("U8")))
+        w.push(batch(4, healthy(BATCH)) | {"t0": math.nan})
+        detector._log_skips("t1", w)
+    said = {e["kind"]: e.get("last") for e in logs}
+    assert said["rate_mismatch"] == "rate_hz 2000, the model's 1000"
+    assert said["missing_channel"] == "lacks ['temp'] (has ['vib_x'])"
+    assert said["malformed"] == "seq 4, t0 nan, rate_hz 1000.0: seq must be a whole number, t0 finite, rate_hz " \
+                                "finite and > 0"
+    w.push(batch(5, healthy(BATCH).astype("U8")))
+    assert w.why["malformed"].startswith("data ndarray <U8 of shape (2, 64) for 2 channel name(s)")
