@@ -458,6 +458,9 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     _check_rate_against_times(args, dataset)
     spec = _spec(args, dataset.channels, spec_file)
     warnings = _constant_channels(dataset, spec)
+    if dataset.skipped_columns and not args.channels and spec_file is None:
+        warnings.append(f"CSV column(s) {', '.join(dataset.skipped_columns)} left out: not a number in the first "
+                        f"data row (channels: {', '.join(dataset.channels)}); name the channels with --channels")
     if rate is None:
         warnings.append("no sample rate (--rate-hz): the model card states none, so the detector cannot refuse "
                         "batches at another rate (rate_mismatch) and scores them as they come")
@@ -529,7 +532,7 @@ def build(args: argparse.Namespace) -> dict[str, object]:
         "artifacts": str(pkg.artifacts), "threshold": card.threshold.value, "windows": card.training.windows,
         "features": len(card.feature_names), "key": str(key_path), "key_created": created, "key_id": pkg.key_id,
         "public_key": pkg.public_key, "detector_config": str(pkg.detector_config), "metrics": card.metrics,
-        "warnings": warnings,
+        "warnings": warnings, "channels": card.channels,
     }
 
 
@@ -552,6 +555,7 @@ def _print_build(result: dict[str, object]) -> None:
     assert isinstance(m, dict)
     print(f"built {result['component']} {result['version']} ({result['kind']}): {result['windows']} windows x "
           f"{result['features']} features, threshold {result['threshold']:.6g}")
+    print(f"  channels:  {', '.join(result['channels'])}")  # type: ignore[arg-type]
     print(f"  ONNX vs scikit-learn: max |diff| {m['onnx_max_abs_diff']:.2e}, "
           f"same decision on {100 * m['onnx_label_agreement']:.2f}% of check windows")
     if m.get("training_converged") == 0.0:

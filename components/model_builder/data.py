@@ -36,6 +36,9 @@ class Dataset:
     sources: list[str]
     # Epoch seconds of each sample, per segment (calendar features need them); None = not known.
     times: list[npt.NDArray[np.float64]] | None = field(default=None)
+    # CSV columns left out because their first data cell is not a number (a blank cell there too): said
+    # by the builder, since a sensor column that starts empty was otherwise dropped without a word
+    skipped_columns: list[str] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -90,7 +93,11 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
     cols = {name.strip(): i for i, name in enumerate(header)}
     names = [h.strip() for h in header]
     twice = {n for n in names if names.count(n) > 1}  # cols kept the last of them, dropping the other unseen
+    skipped: list[str] = []
     if channels is None:
+        if len(rows[0]) < len(header):  # the cells are matched to the header by position
+            raise TrainingError(f"line {2 + (row_range or (0, 0))[0]} has {len(rows[0])} cells, fewer than the "
+                                f"header's {len(header)}", path=path)
         channels = []
         for name, i in cols.items():
             if name in (label_column, time_column):
@@ -98,6 +105,7 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
             try:
                 float(rows[0][i])
             except ValueError:
+                skipped.append(name)
                 continue
             channels.append(name)
     if not channels:
@@ -137,7 +145,7 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
         runs = _split_at_time_gaps(runs, stamps, path, time_column, first_line=2 + (row_range or (0, 0))[0])
         times = [stamps[a:b] for a, b in runs]
     segments = [data[:, a:b] for a, b in runs]
-    return Dataset(list(channels), segments, None, [str(path)], times)
+    return Dataset(list(channels), segments, None, [str(path)], times, skipped_columns=skipped)
 
 
 def _split_at_time_gaps(runs: list[tuple[int, int]], stamps: npt.NDArray[np.float64], path: Path, column: str,
@@ -258,7 +266,7 @@ def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:
     timed = all(d.times is not None for d in datasets)
     times = [t for d in datasets for t in (d.times or [])] if timed else None
     return Dataset(list(want), segments, rates.pop() if rates else None, [s for d in datasets for s in d.sources],
-                   times)
+                   times, skipped_columns=list(dict.fromkeys(c for d in datasets for c in d.skipped_columns)))
 
 
 def windows(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64]:

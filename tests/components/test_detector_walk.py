@@ -710,3 +710,22 @@ def test_input_skipped_says_what_the_dropped_batch_was_like() -> None:
                                 "finite and > 0"
     w.push(batch(5, healthy(BATCH).astype("U8")))
     assert w.why["malformed"].startswith("data ndarray <U8 of shape (2, 64) for 2 channel name(s)")
+
+
+def test_a_csv_whose_first_row_is_short_is_one_line_and_left_out_columns_are_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A first data row with fewer cells than the header ended the build with an IndexError traceback; a
+    sensor column whose first cell is blank was left out of the channels without a word (and the
+    summary never listed the channels)."""
+    x = healthy(4000).astype(np.float64)
+    rows = [f"{a!r},{b!r}" for a, b in x.T.tolist()]
+    (tmp_path / "short.csv").write_text("vib_x,temp\n" + "1.0\n" + "\n".join(rows[1:]) + "\n")
+    line = one_error(capsys, cli_build(tmp_path, tmp_path / "short.csv", "--rate-hz", "1000"))
+    assert line == f"error: {tmp_path / 'short.csv'}: line 2 has 1 cells, fewer than the header's 2"
+    (tmp_path / "late.csv").write_text("vib_x,temp,vib_y\n" + f"{rows[0]},\n" + "\n".join(
+        f"{r},1.0" for r in rows[1:]) + "\n")
+    assert model_cli(cli_build(tmp_path, tmp_path / "late.csv", "--rate-hz", "1000")) == 0
+    out = capsys.readouterr()
+    assert "warning: CSV column(s) vib_y left out: not a number in the first data row (channels: vib_x, temp)" \
+        in out.err
+    assert "  channels:  vib_x, temp" in out.out.splitlines()
