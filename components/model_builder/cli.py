@@ -284,6 +284,12 @@ def _one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Column names that usually hold labels, not measurements: taken as channels, the model would be trained on
+# the anomalous rows too, with the label as a feature (every numeric column is a channel by default).
+_LABEL_NAMES = frozenset({"label", "labels", "anomaly", "is_anomaly", "anomalous", "fault", "class", "target",
+                          "y", "outlier"})
+
+
 # The flags only some presets read; giving one to a preset that ignores it is refused, not dropped.
 _PRESET_FLAGS = {"--bands": ("bands", ("vibration", "spectral")),
                  "--slow-channels": ("slow_channels", ("vibration", "spectral")),
@@ -458,6 +464,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     _check_rate_against_times(args, dataset)
     spec = _spec(args, dataset.channels, spec_file)
     warnings = _constant_channels(dataset, spec)
+    if not args.channels and spec_file is None and (
+            labels := [c for c in dataset.channels if c.lower() in _LABEL_NAMES and c in spec.channels()]):
+        warnings.append(f"column(s) {', '.join(labels)} became channel(s), trained on as measurements: if they hold "
+                        "labels, give --label-column (and --normal-value) so only normal rows are trained on")
     if dataset.skipped_columns and not args.channels and spec_file is None:
         warnings.append(f"CSV column(s) {', '.join(dataset.skipped_columns)} left out: not a number in the first "
                         f"data row (channels: {', '.join(dataset.channels)}); name the channels with --channels")

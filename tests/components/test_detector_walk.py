@@ -729,3 +729,16 @@ def test_a_csv_whose_first_row_is_short_is_one_line_and_left_out_columns_are_sai
     assert "warning: CSV column(s) vib_y left out: not a number in the first data row (channels: vib_x, temp)" \
         in out.err
     assert "  channels:  vib_x, temp" in out.out.splitlines()
+
+
+def test_a_label_column_taken_as_a_channel_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --label-column a column 'label' of 0/1 was a channel: the model trained on the anomalous rows
+    too, with the label as a feature, and nothing said so."""
+    x = healthy(4000).astype(np.float64)
+    (tmp_path / "lab.csv").write_text("vib_x,temp,label\n" + "\n".join(
+        f"{a!r},{b!r},{1.0 if 1000 < i < 1200 else 0.0}" for i, (a, b) in enumerate(x.T.tolist())) + "\n")
+    assert model_cli(cli_build(tmp_path, tmp_path / "lab.csv", "--rate-hz", "1000")) == 0
+    assert "warning: column(s) label became channel(s), trained on as measurements" in capsys.readouterr().err
+    assert model_cli(cli_build(tmp_path, tmp_path / "lab.csv", "--rate-hz", "1000", "--label-column", "label",
+                               "--normal-value", "0.0", "--version", "2.0.0")) == 0
+    assert "warning" not in capsys.readouterr().err
