@@ -17,13 +17,13 @@ import os
 import shutil
 import struct
 import subprocess
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_artifacts import serve_directory
 from test_daemon import write_recipe
 
 from nucleus import artifacts as art
@@ -59,17 +59,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def http_dir(short_tmp: Path) -> Iterator[tuple[str, Path]]:
-    root = short_tmp / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serve_directory(short_tmp / "www", _Handler) as base:
+        yield base, short_tmp / "www"
 
 
 @contextlib.contextmanager
@@ -87,6 +78,21 @@ def small_disk(where: Path, size_mib: int) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
             subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def daemon_on_small_disk(daemon_factory: Any, size_mib: int) -> Iterator[tuple[Any, Path]]:
+    """A started daemon whose whole root (journal, logs, sockets, store) is a ``size_mib`` tmpfs, with
+    no disk reserve: the disk really fills."""
+    daemon = daemon_factory(settings=_settings(disk_reserve_bytes=0, disk_reserve_percent=0), start=False)
+    settings = (daemon.root / "nucleus.yaml").read_text()
+    with small_disk(daemon.root, size_mib) as disk:
+        (daemon.root / "nucleus.yaml").write_text(settings)  # the mount hid it
+        try:
+            daemon.start()
+            yield daemon, disk
+        finally:
+            daemon.stop()
 
 
 def _digest(data: bytes) -> str:
@@ -255,26 +261,19 @@ def test_a_disk_that_fills_mid_download_fails_the_deployment_and_loses_nothing(
     the running version runs on, the daemon serves, the journal records the failure, and the next
     good deployment succeeds."""
     base, www = http_dir
-    daemon = daemon_factory(settings=_settings(disk_reserve_bytes=0, disk_reserve_percent=0), start=False)
-    settings = (daemon.root / "nucleus.yaml").read_text()
-    with small_disk(daemon.root, 24) as disk:
-        (daemon.root / "nucleus.yaml").write_text(settings)  # the mount hid it
-        try:
-            daemon.start()
-            pids = _deploy_v1(daemon, short_tmp)
-            used = shutil.disk_usage(disk).used
-            data = os.urandom(40 * MiB)
-            (www / "fill.bin").write_bytes(data)
-            uri = f"{base}/stream/fill.bin"
-            recipe = write_recipe(short_tmp / "f", NAME, "2.0.0", run=RUN, artifacts=[_artifact(uri, data)])
-            _fails_cleanly(daemon, recipe, pids, NAME, uri, "the disk is full: cannot write 'fill.bin' in",
-                           "packages/.staging ([Errno 28]")
-            assert shutil.disk_usage(disk).used <= used + MiB  # staging gone (the journal and logs grew a little)
-            shown = daemon.cli("deployments").stdout
-            assert "FAILED_NO_STATE_CHANGE" in shown, shown
-            _good_deployment_after(daemon, short_tmp)
-        finally:
-            daemon.stop()
+    with daemon_on_small_disk(daemon_factory, 24) as (daemon, disk):
+        pids = _deploy_v1(daemon, short_tmp)
+        used = shutil.disk_usage(disk).used
+        data = os.urandom(40 * MiB)
+        (www / "fill.bin").write_bytes(data)
+        uri = f"{base}/stream/fill.bin"
+        recipe = write_recipe(short_tmp / "f", NAME, "2.0.0", run=RUN, artifacts=[_artifact(uri, data)])
+        _fails_cleanly(daemon, recipe, pids, NAME, uri, "the disk is full: cannot write 'fill.bin' in",
+                       "packages/.staging ([Errno 28]")
+        assert shutil.disk_usage(disk).used <= used + MiB  # staging gone (the journal and logs grew a little)
+        shown = daemon.cli("deployments").stdout
+        assert "FAILED_NO_STATE_CHANGE" in shown, shown
+        _good_deployment_after(daemon, short_tmp)
 
 
 def test_staging_a_crash_left_behind_is_removed_when_the_daemon_starts(daemon_factory: Any) -> None:
@@ -322,26 +321,19 @@ def test_a_disk_already_full_refuses_the_request_naming_the_database(daemon_fact
     write with 'OperationalError: database or disk is full', which named neither the file nor said
     that nothing changed. Now the error names the journal file; the running version runs on, and once
     space is freed the next deployment works."""
-    daemon = daemon_factory(settings=_settings(disk_reserve_bytes=0, disk_reserve_percent=0), start=False)
-    settings = (daemon.root / "nucleus.yaml").read_text()
-    with small_disk(daemon.root, 16) as disk:
-        (daemon.root / "nucleus.yaml").write_text(settings)  # the mount hid it
-        try:
-            daemon.start()
-            pids = _deploy_v1(daemon, short_tmp)
-            filler = disk / "filler"
-            with filler.open("wb") as f, contextlib.suppress(OSError):  # bounded: the disk is 16 MiB
-                for _ in range(64):
-                    f.write(b"\0" * MiB)
-                    f.flush()
-            again = write_recipe(short_tmp / "full", NAME, "2.0.0", run=RUN)
-            out = daemon.cli("deploy", str(again), check=False)
-            text = out.stdout + out.stderr
-            assert out.returncode != 0, text
-            assert str(daemon.root / "db") in text and "full" in text and "nothing was changed" in text, text
-            now = daemon.components()[NAME]
-            assert now["version"] == "1.0.0" and now["state"] == "RUNNING" and now["pids"] == pids, now
-            filler.unlink()
-            _good_deployment_after(daemon, short_tmp)
-        finally:
-            daemon.stop()
+    with daemon_on_small_disk(daemon_factory, 16) as (daemon, disk):
+        pids = _deploy_v1(daemon, short_tmp)
+        filler = disk / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):  # bounded: the disk is 16 MiB
+            for _ in range(64):
+                f.write(b"\0" * MiB)
+                f.flush()
+        again = write_recipe(short_tmp / "full", NAME, "2.0.0", run=RUN)
+        out = daemon.cli("deploy", str(again), check=False)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0, text
+        assert str(daemon.root / "db") in text and "full" in text and "nothing was changed" in text, text
+        now = daemon.components()[NAME]
+        assert now["version"] == "1.0.0" and now["state"] == "RUNNING" and now["pids"] == pids, now
+        filler.unlink()
+        _good_deployment_after(daemon, short_tmp)

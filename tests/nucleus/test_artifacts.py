@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import socket
@@ -38,20 +39,26 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return
 
 
-@pytest.fixture
-def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on 127.0.0.1 serving a temporary directory."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
+@contextlib.contextmanager
+def serve_directory(root: Path, handler: type[http.server.SimpleHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving ``root`` with ``handler``; its base URL."""
+    root.mkdir(exist_ok=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving a temporary directory."""
+    with serve_directory(tmp_path / "www", _Handler) as base:
+        yield base, tmp_path / "www"
 
 
 def _fetch(artifact: Artifact, dest: Path, **kw: object) -> bytes:
