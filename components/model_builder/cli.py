@@ -31,7 +31,7 @@ from components.anomaly.features import (
     surprise_spec,
     univariate_spec,
 )
-from components.anomaly.model_card import ONLINE_CAPACITY, load_card
+from components.anomaly.model_card import ONLINE_CAPACITY
 from components.anomaly.shift import HISTORY as SHIFT_HISTORY
 from components.anomaly.shift import RECENT as SHIFT_RECENT
 from components.anomaly.shift import TAIL_PROBABILITY as SHIFT_TAIL
@@ -634,11 +634,17 @@ def _verify(args: argparse.Namespace) -> int:
     if not args.model_dir.is_dir():
         what = "is not a directory" if args.model_dir.exists() else "does not exist"
         raise TrainingError(f"model directory {what}", path=args.model_dir)
+    from components.anomaly_detector.scoring import load_model  # onnxruntime: only verify needs it here
+
     keys = [_trusted_key(k) for k in args.trusted_key]
-    verified = signing.verify_model(args.model_dir, component=args.component, version=args.version,
-                                    trusted=signing.trusted_key_map(keys))
-    load_card(args.model_dir / "model_card.json", component=args.component)
-    print(f"ok: {args.component} {args.version} signed by {verified.key_id}")
+    # The detector's own load: signature, digests, card, ONNX session, input width, warm-up. Signature and
+    # card alone said 'ok' for a signed model.onnx that does not load or whose width is not the card's,
+    # which the detector then refused.
+    model = load_model(args.model_dir, component=args.component, version=args.version,
+                       trusted=signing.trusted_key_map(keys))
+    print(f"ok: {args.component} {args.version} signed by {model.key_id}: {model.card.kind}, "
+          f"{len(model.card.feature_names)} features over {', '.join(model.card.channels)}, threshold "
+          f"{model.threshold:.6g}; loads and scores as the detector will")
     return 0
 
 

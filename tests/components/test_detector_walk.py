@@ -742,3 +742,20 @@ def test_a_label_column_taken_as_a_channel_is_warned_about(tmp_path: Path, capsy
     assert model_cli(cli_build(tmp_path, tmp_path / "lab.csv", "--rate-hz", "1000", "--label-column", "label",
                                "--normal-value", "0.0", "--version", "2.0.0")) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_verify_says_ok_only_for_a_model_the_detector_would_load(
+        v1: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`nucleus model verify` checked the signature and parsed the card: a signed model.onnx that does not
+    load, or whose input width is not the card's, was 'ok' and then refused by the detector."""
+    argv = ["verify", "--component", NAME, "--version", "1.0.0", "--trusted-key", v1.public_key]
+    assert model_cli([*argv, str(v1.model_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {NAME} 1.0.0 signed by {v1.key_id}: pca, ")
+    key, _ = signing.load_or_create_key(v1.model_dir.parents[2] / "keys" / "test.key")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(v1.model_dir, corrupt)
+    (corrupt / "model.onnx").write_bytes(b"\x08\x07not an onnx graph")
+    signing.sign_model(corrupt, component=NAME, version="1.0.0", key=key)
+    assert model_cli([*argv, str(corrupt)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {corrupt / 'model.onnx'}: {v1.key_id}: model.onnx does not load"), err
