@@ -426,8 +426,10 @@ class Detector:
         for w in self.windowers.values():
             w.reconfigure(list(card.channels), card.window, card.hop, card.sample_rate_hz)
         self.model = model
-        if self.last_rejection is not None and self.last_rejection.get("version") == model.version:
-            self.last_rejection = None  # that version was deployed again and is now the model in use
+        # A rejection is about what was deployed last; once a model loads after it (that version deployed
+        # again with good files, or a newer one) it is history, kept in the log: the heartbeat went on
+        # saying a version was rejected next to the newer model_version that replaced it.
+        self.last_rejection = None
         log.info("model.swapped", component=model.component, version=model.version, key_id=model.key_id,
                  previous=old.version if old else None, load_ms=round(load_ms, 1), kind=card.kind,
                  threshold=model.threshold)

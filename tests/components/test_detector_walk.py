@@ -759,3 +759,17 @@ def test_verify_says_ok_only_for_a_model_the_detector_would_load(
     assert model_cli([*argv, str(corrupt)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {corrupt / 'model.onnx'}: {v1.key_id}: model.onnx does not load"), err
+
+
+def test_model_rejected_in_the_heartbeat_clears_when_a_later_model_loads(v1: Any) -> None:
+    """After 6.0.0 was refused and 9.0.0 then loaded, the heartbeat went on saying model_rejected 6.0.0 next
+    to model_version 9.0.0, as if the deployment in force had failed."""
+    from components.anomaly_detector.config import DetectorConfig
+    from components.anomaly_detector.service import Detector
+
+    detector = Detector(None, DetectorConfig())  # type: ignore[arg-type]
+    detector.last_rejection = {"code": "MODEL_LOAD_FAILED", "component": NAME, "version": "0.9.0"}
+    assert detector.status()["model_rejected"]["version"] == "0.9.0"
+    model = load_model(v1.model_dir, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
+    detector._swap(model, 1.0)
+    assert detector.status()["model_rejected"] is None and detector.status()["model_version"] == "1.0.0"
