@@ -464,6 +464,9 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     _check_rate_against_times(args, dataset)
     spec = _spec(args, dataset.channels, spec_file)
     warnings = _constant_channels(dataset, spec)
+    if dataset.nonfinite_rows:
+        warnings.append(f"{dataset.nonfinite_rows} row(s) left out for a missing, NaN or infinite value (no window "
+                        "spans them)")
     if not args.channels and spec_file is None and (
             labels := [c for c in dataset.channels if c.lower() in _LABEL_NAMES and c in spec.channels()]):
         warnings.append(f"column(s) {', '.join(labels)} became channel(s), trained on as measurements: if they hold "

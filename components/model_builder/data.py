@@ -17,6 +17,7 @@ import csv
 import gzip
 import io
 import itertools
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,8 @@ class Dataset:
     # CSV columns left out because their first data cell is not a number (a blank cell there too): said
     # by the builder, since a sensor column that starts empty was otherwise dropped without a word
     skipped_columns: list[str] = field(default_factory=list)
+    # rows (samples) left out for a missing or non-finite value: they end a segment; the builder says how many
+    nonfinite_rows: int = 0
 
     @property
     def rows(self) -> int:
@@ -121,6 +124,7 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
                             "the columns so each is one column", path=path, field="channels")
     data = _channel_matrix(rows, [cols[c] for c in channels], channels, path, first_row=2 + (row_range or (0, 0))[0])
     keep = np.isfinite(data).all(axis=0)
+    nonfinite = int((~keep).sum())
     if label_column is not None:
         if label_column not in cols:
             raise TrainingError(f"no label column {label_column!r}", path=path, field="label_column")
@@ -145,7 +149,8 @@ def load_csv(path: Path, channels: list[str] | None = None, *, label_column: str
         runs = _split_at_time_gaps(runs, stamps, path, time_column, first_line=2 + (row_range or (0, 0))[0])
         times = [stamps[a:b] for a, b in runs]
     segments = [data[:, a:b] for a, b in runs]
-    return Dataset(list(channels), segments, None, [str(path)], times, skipped_columns=skipped)
+    return Dataset(list(channels), segments, None, [str(path)], times, skipped_columns=skipped,
+                   nonfinite_rows=nonfinite)
 
 
 def _split_at_time_gaps(runs: list[tuple[int, int]], stamps: npt.NDArray[np.float64], path: Path, column: str,
@@ -170,6 +175,10 @@ def _split_at_time_gaps(runs: list[tuple[int, int]], stamps: npt.NDArray[np.floa
     return out
 
 
+def _cell(text: str) -> float:
+    return float(text) if text.strip() else math.nan
+
+
 def _channel_matrix(rows: list[list[str]], idx: list[int], channels: list[str], path: Path,
                     first_row: int) -> npt.NDArray[np.float64]:
     """The channels' values as floats, channel-major. A cell that is not a number names its column, its
@@ -179,12 +188,16 @@ def _channel_matrix(rows: list[list[str]], idx: list[int], channels: list[str], 
         return np.array([[float(r[i]) for i in idx] for r in rows], dtype=np.float64).T
     except (ValueError, IndexError):
         pass
+    try:  # empty cells are missing samples (NaN: the row is left out, as the ingest's replay does with them)
+        return np.array([[_cell(r[i]) for i in idx] for r in rows], dtype=np.float64).T
+    except (ValueError, IndexError):
+        pass
     for n, r in enumerate(rows):
         if len(r) <= max(idx):
             raise TrainingError(f"line {first_row + n} has {len(r)} cells, fewer than the header", path=path)
         for c, i in zip(channels, idx, strict=True):
             try:
-                float(r[i])
+                _cell(r[i])
             except ValueError:
                 raise TrainingError(f"channel column {c!r}, line {first_row + n}: {r[i]!r} is not a number "
                                     "(pick the columns with --channels)", path=path, field="channels") from None
@@ -246,7 +259,8 @@ def load_recording(path: Path) -> Dataset:
             t = first_t0.get(a, np.nan) + np.arange(b - a) / rate
             times.extend(t[x:y] for x, y in runs)
     timed = timed and all(bool(np.isfinite(t).all()) for t in times)
-    return Dataset(channels, segments, None if np.isnan(rate) else rate, [str(path)], times if timed else None)
+    return Dataset(channels, segments, None if np.isnan(rate) else rate, [str(path)], times if timed else None,
+                   nonfinite_rows=int((~np.isfinite(data).all(axis=0)).sum()))
 
 
 def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:
@@ -266,7 +280,8 @@ def merge(datasets: list[Dataset], channels: list[str] | None) -> Dataset:
     timed = all(d.times is not None for d in datasets)
     times = [t for d in datasets for t in (d.times or [])] if timed else None
     return Dataset(list(want), segments, rates.pop() if rates else None, [s for d in datasets for s in d.sources],
-                   times, skipped_columns=list(dict.fromkeys(c for d in datasets for c in d.skipped_columns)))
+                   times, skipped_columns=list(dict.fromkeys(c for d in datasets for c in d.skipped_columns)),
+                   nonfinite_rows=sum(d.nonfinite_rows for d in datasets))
 
 
 def windows(dataset: Dataset, window: int, hop: int) -> npt.NDArray[np.float64]:

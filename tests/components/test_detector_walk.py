@@ -773,3 +773,23 @@ def test_model_rejected_in_the_heartbeat_clears_when_a_later_model_loads(v1: Any
     model = load_model(v1.model_dir, component=NAME, version="1.0.0", trusted=signing.trusted_key_map([v1.public_key]))
     detector._swap(model, 1.0)
     assert detector.status()["model_rejected"] is None and detector.status()["model_version"] == "1.0.0"
+
+
+def test_empty_cells_are_missing_samples_and_left_out_rows_are_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A blank cell (a sensor dropout, which the ingest's CSV replay takes as NaN) stopped the build ("''
+    is not a number"), so a file the ingest replays could not be trained on; rows dropped for NaN or
+    inf were dropped without a word."""
+    x = healthy(4000).astype(np.float64)
+    rows = [f"{a!r},{b!r}" for a, b in x.T.tolist()]
+    rows[2000] = f"{float(x[0, 2000])!r},"
+    rows[3000] = "nan,40.0"
+    (tmp_path / "holes.csv").write_text("vib_x,temp\n" + "\n".join(rows) + "\n")
+    assert model_cli(cli_build(tmp_path, tmp_path / "holes.csv", "--rate-hz", "1000")) == 0
+    assert "warning: 2 row(s) left out for a missing, NaN or infinite value" in capsys.readouterr().err
+    card = load_card(tmp_path / "out" / "artifacts" / NAME / "1.0.0" / "model_card.json")
+    assert card.training.rows == 3998
+    rows[1000] = "n/a,40.0"  # text is still refused, naming the cell
+    (tmp_path / "text.csv").write_text("vib_x,temp\n" + "\n".join(rows) + "\n")
+    line = one_error(capsys, cli_build(tmp_path, tmp_path / "text.csv", "--rate-hz", "1000"))
+    assert line.endswith("channel column 'vib_x', line 1002: 'n/a' is not a number (pick the columns with --channels)")
