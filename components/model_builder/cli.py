@@ -589,6 +589,9 @@ def _record(args: argparse.Namespace) -> int:
 
     if args.seconds is None and args.batches is None:
         raise TrainingError("give --seconds and/or --batches", field="record")
+    if args.out.suffix != ".npz":
+        # numpy would write <out>.npz while the summary named <out>, and build reads a recording by its suffix
+        raise TrainingError(f"--out {args.out}: a recording's name ends in .npz (e.g. {args.out.name}.npz)")
     socket = args.socket or (Path(os.environ["NUCLEUS_IPC_SOCKET"]) if "NUCLEUS_IPC_SOCKET" in os.environ else None)
     token = os.environ.get("SVCUID", "")
     if args.token_file:

@@ -793,3 +793,11 @@ def test_empty_cells_are_missing_samples_and_left_out_rows_are_said(
     (tmp_path / "text.csv").write_text("vib_x,temp\n" + "\n".join(rows) + "\n")
     line = one_error(capsys, cli_build(tmp_path, tmp_path / "text.csv", "--rate-hz", "1000"))
     assert line.endswith("channel column 'vib_x', line 1002: 'n/a' is not a number (pick the columns with --channels)")
+
+
+def test_record_refuses_an_out_name_that_is_not_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out healthy wrote healthy.npz (numpy adds the suffix) while the summary said '-> healthy', and
+    build reads a file without .npz as a CSV."""
+    line = one_error(capsys, ["record", "--topic", "sensors/t1/raw", "--batches", "1", "--out",
+                              str(tmp_path / "healthy")])
+    assert line == f"error: --out {tmp_path / 'healthy'}: a recording's name ends in .npz (e.g. healthy.npz)"
