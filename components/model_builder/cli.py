@@ -568,7 +568,9 @@ def _print_build(result: dict[str, object]) -> None:
     assert isinstance(m, dict)
     print(f"built {result['component']} {result['version']} ({result['kind']}): {result['windows']} windows x "
           f"{result['features']} features, threshold {result['threshold']:.6g}")
-    print(f"  channels:  {', '.join(result['channels'])}")  # type: ignore[arg-type]
+    channels = result["channels"]
+    assert isinstance(channels, list)
+    print(f"  channels:  {', '.join(channels)}")
     print(f"  ONNX vs scikit-learn: max |diff| {m['onnx_max_abs_diff']:.2e}, "
           f"same decision on {100 * m['onnx_label_agreement']:.2f}% of check windows")
     if m.get("training_converged") == 0.0:
@@ -664,7 +666,9 @@ def main(argv: list[str]) -> int:
             return _record(args)
         if args.command == "build":
             result = build(args)
-            for warning in result["warnings"]:  # type: ignore[attr-defined]
+            warnings = result["warnings"]
+            assert isinstance(warnings, list)
+            for warning in warnings:
                 print(f"warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(result, indent=2))
