@@ -25,6 +25,8 @@ import os
 import signal
 import sys
 import threading
+import warnings
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -312,6 +314,15 @@ class Client:
         t = self._transport
         if t is None:
             return
+        if self._loop is not None and self._loop.is_closed():
+            # connected under an event loop that has ended: that loop can no longer close its transport
+            # ("Event loop is closed"), so close the socket itself, or its fd stays open
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                getattr(sock, "_sock", sock).close()
+            if self._closed_error is None:
+                self._closed_error = ConnectionClosed("closed", {"socket": self.socket_path})
+            return
         self._flush()
         if not t.is_closing():
             t.close()
@@ -450,6 +461,25 @@ class Client:
             raise self._closed_error
         if self._transport is None:
             raise ConnectionClosed("not connected; use 'async with Client(...)' or await connect()")
+        loop = self._loop
+        if loop is not None and loop.is_closed():
+            # asyncio would say only "Event loop is closed", from deep inside a write
+            raise ConnectionClosed(
+                "this Client was connected in an event loop that has ended (asyncio.run returned); a Client "
+                "belongs to the loop it connected in: create and connect a new one in this loop",
+                {"socket": self.socket_path})
+
+    def _refuse_oversize(self, size: int, what: str) -> None:
+        """Refuse a frame over the server's limit here: sent, it would make the server close the whole
+        connection (FRAME_TOO_LARGE), failing every subscription and call of this client with it."""
+        limit = self.server_limits.get("max_frame")
+        if not isinstance(limit, int) or limit <= 0:
+            limit = self.max_frame
+        if size > limit:
+            raise InvalidArguments(
+                f"{what}: the frame would be {size} bytes, over the nucleus's frame limit of {limit} bytes "
+                "(limits.max_frame); send less per message (split it, or publish a file's path instead); "
+                "nothing was sent and the connection stays open", {"size": size, "limit": limit})
 
     def _write(self, frame: bytes) -> None:
         if self._run_n:
@@ -495,8 +525,9 @@ class Client:
             data = codec.encode(payload)
             rid = next(self._ids)
             fut = self._loop.create_future() if self._loop else asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
             head, body = P.publish_parts(rid, topic, data)
+            self._refuse_oversize(len(head) - P.HEADER.size + len(body), f"publish to {topic!r}")
+            self._pending[rid] = fut
             self._write(head)
             self._write(body)
             await fut
@@ -576,9 +607,10 @@ class Client:
 
     def _append_publish(self, topic: str, data: bytes, size: int, more: bytes | None) -> None:
         """An unconfirmed PUBLISH whose data is ``data`` (+ ``more``), ``size`` bytes in all."""
+        head = self._topic_head(topic) + P.bin_header(size)
+        self._refuse_oversize(len(head) + size, f"publish to {topic!r}")
         if self._run_n:
             self._close_run()
-        head = self._topic_head(topic) + P.bin_header(size)
         out = self._out
         out.append(_HDR(len(head) + size) + head + data)
         if more is not None:
@@ -590,6 +622,9 @@ class Client:
                         policy: Literal["drop_oldest", "block"] = "drop_oldest",
                         ) -> AsyncIterator[AsyncIterator[Message]]:
         """``async with c.subscribe("sensors/#") as messages: async for m in messages: ...``"""
+        if type(queue_size) is not int or queue_size < 1:  # else the server names "credit", which we set
+            raise InvalidArguments(f"subscribe {topic_filter!r}: queue_size must be a positive integer, "
+                                   f"not {queue_size!r}", {"queue_size": repr(queue_size)})
         self._check()
         rid = next(self._ids)
         feed = _Feed(self, queue_size, policy, rid)
@@ -599,7 +634,7 @@ class Client:
                                     "credit": queue_size}
             if self._batch:
                 args["batch"] = True
-            await self._roundtrip(rid, P.request(rid, "pubsub.subscribe", args), None)
+            await self._roundtrip(rid, P.request(rid, "pubsub.subscribe", args), None, "pubsub.subscribe")
         except BaseException:
             self._feeds.pop(rid, None)
             raise
@@ -618,13 +653,19 @@ class Client:
 
     async def request(self, topic: str, payload: Any, *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
         """Publish with a reply handle and return the first reply's payload (Timeout after ``timeout``)."""
-        data = await self.call("pubsub.request", {"topic": topic, "payload": codec.encode(payload),
-                                                  "timeout": timeout}, timeout=timeout + 5.0)
+        try:
+            data = await self.call("pubsub.request", {"topic": topic, "payload": codec.encode(payload),
+                                                      "timeout": timeout}, timeout=timeout + 5.0)
+        except Timeout as exc:  # the server's (after ``timeout``) or ours (server silent): say which request
+            raise Timeout(f"no reply to the request on {topic!r} within {timeout} s",
+                          {"topic": topic, "timeout": timeout}) from exc
         return codec.decode(data)
 
     # --- generic RPC ---------------------------------------------------------------------------------------
-    async def _roundtrip(self, rid: int, frame: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
+    async def _roundtrip(self, rid: int, frame: bytes, timeout: float | None,  # noqa: ASYNC109
+                         what: str = "call") -> Any:
         self._check()
+        self._refuse_oversize(len(frame) - P.HEADER.size, what)
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = fut
@@ -637,7 +678,7 @@ class Client:
         except TimeoutError:
             if self.connected:
                 self._write(P.cancel(rid))
-            raise Timeout(f"no answer within {timeout} s", {"timeout": timeout}) from None
+            raise Timeout(f"{what}: no answer within {timeout} s", {"op": what, "timeout": timeout}) from None
         finally:
             self._pending.pop(rid, None)
 
@@ -645,10 +686,7 @@ class Client:
                    timeout: float | None = 30.0) -> Any:  # noqa: ASYNC109 - part of the documented SDK API
         """Call any operation by wire name; raises the IpcError subclass for the server's code."""
         rid = next(self._ids)
-        try:
-            return await self._roundtrip(rid, P.request(rid, op, args or {}), timeout)
-        except Timeout as exc:
-            raise Timeout(f"{op}: no answer within {timeout} s", {"op": op, "timeout": timeout}) from exc
+        return await self._roundtrip(rid, P.request(rid, op, args or {}), timeout, op)
 
     @contextlib.asynccontextmanager
     async def stream(self, op: str, args: dict[str, Any] | None = None, *,
@@ -656,9 +694,11 @@ class Client:
         """Open a stream op; items arrive in order; leaving the block cancels it on the server."""
         self._check()
         rid = next(self._ids)
+        frame = P.request(rid, op, args or {})
+        self._refuse_oversize(len(frame) - P.HEADER.size, op)
         feed = _Feed(self, queue_size, "block")
         self._feeds[rid] = feed
-        self._write(P.request(rid, op, args or {}))
+        self._write(frame)
         try:
             yield feed
         finally:
@@ -854,9 +894,14 @@ class SyncClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ipc-sync-client", daemon=True)
         self._thread.start()
         self._client = Client(socket_path, token, name=name, max_frame=max_frame)
+        # Dropped without close(), the loop thread (and its socket) would live as long as the process:
+        # the finalizer closes both, and says so, as an unclosed file does.
+        self._finalizer = weakref.finalize(self, _shutdown_sync, self._loop, self._thread, self._client,
+                                           f"({self._client.socket_path})")
         try:
             self._run(self._client.connect())
         except BaseException:
+            self._finalizer.detach()
             self._stop_loop()
             raise
 
@@ -866,11 +911,18 @@ class SyncClient:
         return cls(c.socket_path, c._token, name=c.name)
 
     def _run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        if self._loop.is_closed():
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never run: no "coroutine was never awaited" warning on top of the error
+            raise ConnectionClosed(f"this SyncClient ({self._client.socket_path}) is closed; create a new one",
+                                   {"socket": self._client.socket_path})
         fut = asyncio.run_coroutine_threadsafe(_as_coro(coro), self._loop)
         try:
             return fut.result(timeout if timeout is not None else self._timeout)
-        except TimeoutError:
-            fut.cancel()  # e.g. a subscription get(): do not let it swallow the next message later
+        except BaseException:
+            # a timeout, or Ctrl-C in a subscription get(): the coroutine is still waiting, and left
+            # alone it would take (and lose) the next message
+            fut.cancel()
             raise
 
     def publish(self, topic: str, payload: Any, *, confirm: bool | None = None) -> None:
@@ -889,14 +941,15 @@ class SyncClient:
                              timestamp: float | None = None, component: str | None = None) -> None:
         self._run(self._client.update_configuration(key_path, value, timestamp=timestamp, component=component))
 
-    def update_state(self, state: Literal["RUNNING", "ERRORED"]) -> None:
-        self._run(self._client.update_state(state))
+    def update_state(self, state: Literal["RUNNING", "ERRORED"], *, message: str = "") -> None:
+        self._run(self._client.update_state(state, message=message))
 
     def subscribe(self, topic_filter: str, *, queue_size: int = 1024,
                   policy: Literal["drop_oldest", "block"] = "drop_oldest") -> SyncSubscription:
         return SyncSubscription(self, topic_filter, queue_size, policy)
 
     def close(self) -> None:
+        self._finalizer.detach()
         if self._loop.is_closed():
             return
         try:
@@ -920,6 +973,23 @@ class SyncClient:
 
 async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
+
+
+def _shutdown_sync(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: Client, what: str) -> None:
+    """A SyncClient collected (or left at exit) unclosed: close its connection, stop its thread."""
+    if loop.is_closed():
+        return
+    if not sys.is_finalizing():
+        warnings.warn(f"unclosed SyncClient {what}: use 'with SyncClient(...)' or call close()",
+                      ResourceWarning, stacklevel=2)
+    if thread.is_alive():
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(5.0)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not threading.current_thread():
+            thread.join(5.0)
+    if not thread.is_alive():
+        loop.close()
 
 
 class SyncSubscription:

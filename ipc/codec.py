@@ -38,6 +38,10 @@ def _default(obj: Any) -> Any:
             return obj.item()
     if isinstance(obj, (set, frozenset)):
         return list(obj)
+    if isinstance(obj, int):  # msgpack hands over only the integers it cannot hold
+        raise InvalidArguments(f"integer {obj} is out of range: payload integers are 64-bit "
+                               "(-2**63 to 2**64-1); send a larger one as a string",
+                               {"type": "int", "value": str(obj)[:40]})
     raise InvalidArguments(f"payload of type {type(obj).__name__} cannot be encoded",
                            {"type": type(obj).__name__})
 
