@@ -44,14 +44,9 @@ from cloud_sync.deployment_document import (
     to_request,
 )
 from cloud_sync.errors import LinkError, SyncError
+from cloud_sync.mqtt_session import closed_after_handshake, connect_failure, fail_connect_on_close
 from cloud_sync.settings import LinkNames, link_problem, parse_url
-from cloud_sync.uplink import (
-    closed_after_handshake,
-    connect_failure,
-    fail_connect_on_close,
-    ignore_closed_socket_watch,
-    tls_context,
-)
+from cloud_sync.uplink import ignore_closed_socket_watch, tls_context
 
 STATUS_FILTER = "nucleus/things/+/deployments/status"
 DEFAULT_MAX_BYTES = 128 * 1024  # the devices' default max_inbound_bytes

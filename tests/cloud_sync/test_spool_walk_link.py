@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cloud_sync.mqtt_session import ClosedBeforeConnack
 from cloud_sync.settings import BrokerAddress, SyncSettings, parse_url
 from cloud_sync.spool import Spool
-from cloud_sync.uplink import ClosedBeforeConnack, Uplink
+from cloud_sync.uplink import Uplink
 
 REFUSED = ("failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate "
            "required (_ssl.c:2427)")
