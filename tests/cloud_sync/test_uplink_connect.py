@@ -84,3 +84,15 @@ def test_the_closed_socket_handler_drops_only_that_and_keeps_the_loops_own_handl
 
     asyncio.run(main())
     assert len(seen) == 1 and "Exception in callback" in seen[0] and "other" in seen[0]
+
+
+def test_the_daemon_does_not_load_the_mqtt_client_until_a_broker_is_configured() -> None:
+    """A device without a broker keeps everything in its spool; aiomqtt and paho cost about 1 MB of the
+    daemon's idle RSS (README, 'daemon idle RSS'), so importing the daemon must not load them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import nucleus.daemon, nucleus.settings, cloud_sync.service; "
+             "print(sorted(m for m in ('aiomqtt', 'paho', 'cloud_sync.mqtt_session') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
