@@ -65,19 +65,25 @@ class InstallRequested:
     pass
 
 
+# ``leftovers``: the component still has process groups although nothing of it is meant to run (a
+# run step that exited 0 leaving a background process behind, so FINISHED or INSTALLED). Only the
+# runner can see them; told, the machine ends them through STOPPING before it starts again or
+# stops, instead of starting a second copy beside them or leaving them to outlive the daemon.
 @dataclass(frozen=True, slots=True)
 class StartRequested:
-    pass
+    leftovers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class StopRequested:
     reason: str = ""
+    leftovers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RestartRequested:
     force: bool = False
+    leftovers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,15 +280,15 @@ class Lifecycle:
         match event:
             case InstallRequested():
                 return self._on_install_requested()
-            case StartRequested():
-                return self._on_start_requested()
-            case StopRequested(reason=reason):
+            case StartRequested(leftovers=leftovers):
+                return self._on_start_requested(leftovers)
+            case StopRequested(reason=reason, leftovers=leftovers):
                 self._start_after_install = False
                 self._restart_after_stop = False
                 self._restart_pending = False
-                return self._begin_stop(reason or "stop requested")
-            case RestartRequested(force=force):
-                return self._on_restart_requested(force)
+                return self._begin_stop(reason or "stop requested", leftovers=leftovers)
+            case RestartRequested(force=force, leftovers=leftovers):
+                return self._on_restart_requested(force, leftovers)
             case ReportedState(state=state, now=now, message=message):
                 return self._on_reported(state, now, message)
             case BackoffElapsed(generation=gen):
@@ -319,9 +325,12 @@ class Lifecycle:
             return []  # broken, stopping, or an install (or its retry) is already under way
         return self._begin_install()
 
-    def _on_start_requested(self) -> list[Effect]:
+    def _on_start_requested(self, leftovers: bool = False) -> list[Effect]:
         if self.state in (State.STARTING, State.RUNNING, State.STOPPING, State.BROKEN):
             return []
+        if leftovers and self._idle_with_leftovers():
+            self._restart_after_stop = True
+            return self._begin_stop("ending what the last run left running", leftovers=True)
         if self.phase is not Phase.IDLE:
             if not self.installed:
                 self._start_after_install = True
@@ -331,11 +340,14 @@ class Lifecycle:
             return self._begin_install()
         return self._begin_start()
 
-    def _on_restart_requested(self, force: bool) -> list[Effect]:
+    def _on_restart_requested(self, force: bool, leftovers: bool = False) -> list[Effect]:
         if self.state is State.BROKEN and not force:
             return []
         if force:
             self._errors.clear()
+        if leftovers and self._idle_with_leftovers():
+            self._restart_after_stop = True
+            return self._begin_stop("restart requested", leftovers=True)
         if self.state is State.STOPPING:
             self._restart_after_stop = True
             return []
@@ -402,10 +414,13 @@ class Lifecycle:
             return self._begin_install()
         return self._begin_start()
 
-    def _begin_stop(self, reason: str) -> list[Effect]:
+    def _idle_with_leftovers(self) -> bool:
+        return self.phase is Phase.IDLE and self.installed and self.state in (State.INSTALLED, State.FINISHED)
+
+    def _begin_stop(self, reason: str, *, leftovers: bool = False) -> list[Effect]:
         if self.state in (State.STOPPING, State.BROKEN):
             return []
-        if self.phase is Phase.IDLE and self.state in (State.NEW, State.INSTALLED, State.FINISHED):
+        if self.phase is Phase.IDLE and self.state in (State.NEW, State.INSTALLED, State.FINISHED) and not leftovers:
             return []  # nothing runs
         was_active = self.state in (State.STARTING, State.RUNNING)
         effects: list[Effect] = []

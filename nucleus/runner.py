@@ -211,19 +211,24 @@ class ComponentRunner:
 
     async def start(self) -> None:
         """Request a start (installing first if needed); does not wait for RUNNING."""
-        self._feed(StartRequested())
+        self._feed(StartRequested(leftovers=self._has_leftovers()))
 
     async def stop(self, *, reason: str = "") -> None:
         """Shutdown step, then kill every process group; returns when FINISHED. Idempotent;
         cancels any pending restart."""
-        self._feed(StopRequested(reason))
+        self._feed(StopRequested(reason, leftovers=self._has_leftovers()))
         await self._until(lambda: self._state is not State.STOPPING)
 
     async def restart(self, *, force: bool = False) -> None:
         """Stop (if running) and start again; ``force`` also leaves BROKEN and clears the
         error budget. Returns once the stop part is over."""
-        self._feed(RestartRequested(force))
+        self._feed(RestartRequested(force, leftovers=self._has_leftovers()))
         await self._until(lambda: self._state is not State.STOPPING)
+
+    def _has_leftovers(self) -> bool:
+        """Process groups of a component that is not meant to run (FINISHED after a run step that left a
+        background process): the machine cannot see them, and must end them before a start or on a stop."""
+        return self._state in (State.INSTALLED, State.FINISHED) and bool(self._supervisor.pgids(self.name))
 
     def report_state(self, state: State, message: str = "") -> None:
         """A state the component reported over IPC: RUNNING or ERRORED (with its own reason, if given)."""

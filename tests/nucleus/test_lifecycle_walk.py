@@ -1,0 +1,127 @@
+"""Defects found walking component lifecycles as a user would, each pinned with real processes
+(``sh -c`` steps, a real supervisor, real component logs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from nucleus.clock import SystemClock
+from nucleus.component_logs import ComponentLog
+from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
+from nucleus.settings import RestartPolicy
+from nucleus.states import TRANSITIONS, State
+from nucleus.supervisor import Supervisor
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups via /proc")
+
+WAIT = 10.0  # bound for any single wait on a real process
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def eventually(cond: Callable[[], bool], within: float = WAIT) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.01)
+    return cond()
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.work = tmp_path / "work"
+        self.work.mkdir()
+        self.log_path = tmp_path / "logs" / "c.log"
+        self.changes: list[tuple[str, State, State, str]] = []
+        self.runners: list[ComponentRunner] = []
+
+    def runner(self, steps: dict[str, StepSpec]) -> ComponentRunner:
+        spec = ComponentSpec(name="c", version="1.0.0", steps=steps,
+                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, work_dir=self.work)
+        policy = RestartPolicy.model_validate({"backoff_initial_s": 0.05, "backoff_max_s": 0.1, "max_errors": 3})
+        r = ComponentRunner(spec, Supervisor(stop_grace_s=0.3), ComponentLog(self.log_path, 1 << 20, 1), policy,
+                            clock=SystemClock(), on_state=lambda *change: self.changes.append(change),
+                            rng=random.Random(0))
+        self.runners.append(r)
+        return r
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    for r in harness.runners:
+        await asyncio.wait_for(r.close(), WAIT)
+    for _, old, new, _ in harness.changes:
+        assert new in TRANSITIONS[old], (old, new)
+
+
+def pids_file(h: Harness) -> list[int]:
+    path = h.work / "bg.pids"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+# A run step that leaves a background process and exits 0: the component is FINISHED, and its
+# group (listed by `nucleus status NAME` under `processes`) still runs.
+LEAVES_A_CHILD = "sleep 60 & echo $! >> bg.pids; echo parent-exits"
+
+
+async def finished_with_a_leftover(h: Harness) -> tuple[ComponentRunner, int]:
+    r = h.runner({"run": StepSpec(script=LEAVES_A_CHILD)})
+    await r.start()
+    assert await r.wait_for({State.FINISHED, State.ERRORED}, WAIT) is State.FINISHED
+    assert await eventually(lambda: len(pids_file(h)) == 1)
+    child = pids_file(h)[0]
+    assert alive(child)
+    return r, child
+
+
+async def test_stop_of_a_finished_component_ends_what_its_run_left_running(h: Harness) -> None:
+    r, child = await finished_with_a_leftover(h)
+    await asyncio.wait_for(r.stop(), WAIT)
+    assert await eventually(lambda: not alive(child), 2.0), "stop left the run's background process running"
+    assert r.state is State.FINISHED
+    assert r._supervisor.pgids("c") == []
+
+
+async def test_restart_of_a_finished_component_does_not_start_a_second_copy_beside_the_first(h: Harness) -> None:
+    r, first = await finished_with_a_leftover(h)
+    await asyncio.wait_for(r.restart(), WAIT)
+    assert await r.wait_for({State.FINISHED, State.ERRORED}, WAIT) is State.FINISHED
+    assert await eventually(lambda: len(pids_file(h)) == 2)
+    second = pids_file(h)[1]
+    assert alive(second)
+    assert not alive(first), "restart started a new run beside the old run's background process"
+    assert "state FINISHED -> STOPPING: restart requested" in h.log_text()
+
+
+async def test_closing_the_runner_as_the_daemon_does_at_shutdown_leaves_no_orphan(h: Harness) -> None:
+    r, child = await finished_with_a_leftover(h)
+    await asyncio.wait_for(r.close(), WAIT)
+    assert await eventually(lambda: not alive(child), 2.0), "the daemon's shutdown left a FINISHED component's process"
+
+
+async def test_stop_and_restart_of_a_finished_component_without_leftovers_change_nothing(h: Harness) -> None:
+    r = h.runner({"run": StepSpec(script="echo done")})
+    await r.start()
+    assert await r.wait_for({State.FINISHED, State.ERRORED}, WAIT) is State.FINISHED
+    await asyncio.wait_for(r.stop(), WAIT)
+    assert [new for _, _, new, _ in h.changes] == [State.INSTALLED, State.STARTING, State.RUNNING, State.FINISHED]
