@@ -37,7 +37,15 @@ import structlog
 
 from ipc import codec
 from ipc import protocol as P
-from ipc.errors import ConnectionClosed, InvalidArguments, IpcError, ProtocolError, Timeout, from_wire
+from ipc.errors import (
+    ConnectionClosed,
+    InvalidArguments,
+    IpcError,
+    ProtocolError,
+    Timeout,
+    Unauthenticated,
+    from_wire,
+)
 
 log = structlog.get_logger("ipc.client")
 
@@ -291,6 +299,14 @@ class Client:
 
     # --- connection -----------------------------------------------------------------------------------
     async def connect(self) -> None:
+        if self._transport is not None:
+            # already connected (``await c.connect()`` then ``async with c``): nothing to do. A second
+            # connection would orphan the first (its socket and its session on the server); and after
+            # close() or a lost connection this client's state is the old connection's: it would not work.
+            if self.connected:
+                return
+            raise ConnectionClosed(f"this Client ({self.socket_path}) is closed: create a new Client to connect "
+                                   "again", {"socket": self.socket_path})
         loop = self._loop = asyncio.get_running_loop()
         self._welcome = loop.create_future()
         self._lost = loop.create_future()
@@ -306,6 +322,13 @@ class Client:
         except TimeoutError:
             await self.close()
             raise Timeout(f"no WELCOME from {self.socket_path} within {self.connect_timeout} s") from None
+        except Unauthenticated as exc:
+            await self.close()
+            raise Unauthenticated(
+                f"{exc.message} (connecting to {self.socket_path}"
+                + (f" as {self.name}" if self.name else "") + "): a component's SVCUID is new at every daemon "
+                "start (use the one its process was started with); a declared client's token is in "
+                "<root>/clients/NAME.token, and 'nucleus client add NAME' replaces it", exc.details) from None
         except BaseException:
             await self.close()
             raise

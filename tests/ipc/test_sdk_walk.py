@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ipc import Client, SyncClient, codec
-from ipc.errors import ConnectionClosed, InvalidArguments, Timeout
+from ipc.errors import ConnectionClosed, InvalidArguments, Timeout, Unauthenticated
 
 POLICY = {"aws.greengrass.ipc.pubsub": {"app:1": {"operations": ["aws.greengrass#PublishToTopic",
                                                                  "aws.greengrass#SubscribeToTopic"],
@@ -147,3 +147,24 @@ def test_sync_update_state_takes_the_documented_message(app: tuple[Path, str]) -
 def test_an_integer_out_of_range_is_named() -> None:
     with pytest.raises(InvalidArguments, match=r"integer 1000000000000000000000 is out of range.*string"):
         codec.encode({"n": [10 ** 21]})  # was: "payload of type int cannot be encoded"
+
+
+async def test_connect_twice_or_after_close_says_so(app: tuple[Path, str]) -> None:
+    sock, token = app
+    fds = _fds()
+    c = Client(sock, token, name="sdk-app")
+    await c.connect()
+    one = _fds()
+    async with c:  # connect() then ``async with``, as nucleus's CLI does: still one connection
+        assert _fds() == one  # was: a second connection, the first one orphaned
+        await c.publish("sdk/x", 1, confirm=True)
+    with pytest.raises(ConnectionClosed, match="create a new Client"):  # was: "connected", yet every call failed
+        await c.connect()
+    assert _fds() <= fds
+
+
+async def test_a_wrong_token_says_where_the_right_one_is(app: tuple[Path, str]) -> None:
+    sock, _ = app
+    with pytest.raises(Unauthenticated) as err:
+        await Client(sock, "not-the-token", name="sdk-app").connect()
+    assert "clients/NAME.token" in str(err.value) and "SVCUID" in str(err.value)  # was: "unknown token"
