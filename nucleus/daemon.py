@@ -357,6 +357,9 @@ def run_daemon(settings: Settings) -> int:
         print(f"nucleus: {exc}", file=sys.stderr)
         return 1
     if daemon.restart_requested:
-        # Bootstrap asked for a restart: replace this process with a fresh daemon.
-        os.execv(sys.executable, [sys.executable, "-m", "nucleus", "--root", str(settings.root), "run"])
+        # Bootstrap asked for a restart: replace this process with a fresh daemon. The thing name goes
+        # along: given as `run --thing-name`, it was lost, and the device came back as its host name
+        # ({iot:thingName}, AWS_IOT_THING_NAME, the cloud topics) in the middle of the deployment.
+        os.execv(sys.executable, [sys.executable, "-m", "nucleus", "--root", str(settings.root), "run",
+                                  "--thing-name", settings.thing_name])
     return 0

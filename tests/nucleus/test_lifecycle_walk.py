@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from test_daemon import write_recipe
 
 from nucleus.clock import SystemClock
 from nucleus.component_logs import ComponentLog
@@ -125,3 +129,32 @@ async def test_stop_and_restart_of_a_finished_component_without_leftovers_change
     assert await r.wait_for({State.FINISHED, State.ERRORED}, WAIT) is State.FINISHED
     await asyncio.wait_for(r.stop(), WAIT)
     assert [new for _, _, new, _ in h.changes] == [State.INSTALLED, State.STARTING, State.RUNNING, State.FINISHED]
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+def test_a_bootstrap_restart_keeps_the_thing_name_given_on_the_command_line(daemon_factory: Any,
+                                                                             short_tmp: Path) -> None:
+    """`nucleus run --thing-name walkthing`, then a bootstrap step's exit 100: the daemon re-executed
+    itself without the flag and came back as the host name, so the next run step saw another
+    {iot:thingName} and AWS_IOT_THING_NAME."""
+    d = daemon_factory(start=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUCLEUS_")}
+    with d.out.open("ab") as out:
+        d.proc = subprocess.Popen([sys.executable, "-m", "nucleus", "--root", str(d.root), "run",
+                                   "--thing-name", "walkthing"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (d.socket.exists() and d.cli("status", check=False, timeout=10).returncode == 0):
+        assert d.proc.poll() is None and time.monotonic() < deadline, d.log_text()
+        time.sleep(0.05)
+    marks = short_tmp / "marks"
+    marks.mkdir()
+    bootstrap = f"if [ -e {marks}/booted ]; then exit 0; fi; touch {marks}/booted; exit 100"
+    recipe = write_recipe(short_tmp / "r", "test.Boot", "1.0.0",
+                          run=f"echo thing={{iot:thingName}} env=$AWS_IOT_THING_NAME > {marks}/seen; sleep 60",
+                          extra_lifecycle={"Bootstrap": bootstrap})
+    out = d.cli("deploy", str(recipe), check=False, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr + d.log_text()
+    assert (marks / "booted").exists()
+    assert json.loads(d.cli("status").stdout)["thing_name"] == "walkthing"
+    assert (marks / "seen").read_text() == "thing=walkthing env=walkthing\n"
