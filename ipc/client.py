@@ -54,6 +54,8 @@ _FLUSH_AT = 64 * 1024
 _RUN_ITEM_MAX = 16 * 1024  # larger payloads leave as their own PUBLISH (no batching gain, bounded frames)
 _CONFIRMED_MAX = 10_000
 _NO_PAYLOAD: Any = object()
+_RECONNECT_HINT = ("; the nucleus stopped or restarted, or dropped this client: it cannot be used again, connect "
+                   "a new Client once the nucleus is back (a component is restarted by the nucleus instead)")
 _HDR = P.HEADER.pack
 _decode = codec.decode
 _ITEM_HEADS: dict[int, bytes] = {}
@@ -280,6 +282,7 @@ class Client:
         self._can_write.set()
         self._throttles = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"Client(socket_path={self.socket_path!r}, name={self.name!r})"  # never the token
@@ -337,6 +340,7 @@ class Client:
         t = self._transport
         if t is None:
             return
+        self._closing = True
         if self._loop is not None and self._loop.is_closed():
             # connected under an event loop that has ended: that loop can no longer close its transport
             # ("Event loop is closed"), so close the socket itself, or its fd stays open
@@ -425,6 +429,8 @@ class Client:
         _, rid, code, message, details = f
         err = from_wire(str(code), str(message), details if isinstance(details, dict) else None)
         if rid is None:  # connection-level: the server closes after this
+            if isinstance(err, ConnectionClosed):  # e.g. "the server is shutting down": and then what
+                err = ConnectionClosed(err.message + _RECONNECT_HINT, err.details)
             self._closed_error = err
             if self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(err)
@@ -444,8 +450,14 @@ class Client:
             feed.end(err)
 
     def _on_lost(self, exc: Exception | None) -> None:
-        err = self._closed_error or ConnectionClosed(
-            f"connection to {self.socket_path} closed" + (f": {exc}" if exc else ""))
+        if self._closed_error is not None:
+            err = self._closed_error
+        elif self._closing:
+            err = ConnectionClosed(f"this Client ({self.socket_path}) is closed (close() or the end of its "
+                                   "'async with'); create a new Client", {"socket": self.socket_path})
+        else:
+            err = ConnectionClosed(f"connection to {self.socket_path} lost" + (f" ({exc})" if exc else "")
+                                   + _RECONNECT_HINT, {"socket": self.socket_path})
         self._closed_error = err
         self._can_write.set()
         if self._flush_handle is not None:

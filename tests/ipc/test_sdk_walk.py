@@ -168,3 +168,25 @@ async def test_a_wrong_token_says_where_the_right_one_is(app: tuple[Path, str]) 
     with pytest.raises(Unauthenticated) as err:
         await Client(sock, "not-the-token", name="sdk-app").connect()
     assert "clients/NAME.token" in str(err.value) and "SVCUID" in str(err.value)  # was: "unknown token"
+
+
+async def test_a_closed_client_says_it_was_closed(app: tuple[Path, str]) -> None:
+    sock, token = app
+    async with Client(sock, token, name="sdk-app") as c:
+        await c.publish("sdk/x", 1, confirm=True)
+    with pytest.raises(ConnectionClosed, match=r"is closed .*create a new Client"):  # was: "connection ... closed"
+        await c.publish("sdk/x", 2)
+
+
+async def test_a_daemon_killed_under_a_client_ends_its_waits_with_what_to_do(daemon_factory: Any) -> None:
+    d = daemon_factory()
+    policy_file = d.root.parent / "sdk-app.json"
+    policy_file.write_text(json.dumps(POLICY))
+    token = d.cli("client", "add", "sdk-app", "--policy", str(policy_file)).stdout.strip().splitlines()[-1]
+    async with Client(d.socket, token, name="sdk-app") as c, c.subscribe("sdk/#") as messages:
+        d.proc.kill()  # no goodbye from the server
+        with pytest.raises(ConnectionClosed) as err:
+            await asyncio.wait_for(messages.__anext__(), 20)
+        assert "lost" in str(err.value) and "connect a new Client" in str(err.value)  # was: "... closed"
+        with pytest.raises(ConnectionClosed, match="connect a new Client"):
+            await c.call("components.list")
