@@ -219,6 +219,11 @@ class _Feed:
                 if self.error is not None:
                     raise self.error
                 raise StopAsyncIteration
+            if self._waiter is not None:
+                # a second consumer would replace the first one's waiter, which then never wakes (not even
+                # when the connection ends): refuse it instead of hanging
+                raise InvalidArguments("this subscription is already being iterated by another task or thread; "
+                                       "it has one consumer: subscribe again (same filter) for a second one")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

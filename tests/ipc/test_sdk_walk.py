@@ -190,3 +190,20 @@ async def test_a_daemon_killed_under_a_client_ends_its_waits_with_what_to_do(dae
         assert "lost" in str(err.value) and "connect a new Client" in str(err.value)  # was: "... closed"
         with pytest.raises(ConnectionClosed, match="connect a new Client"):
             await c.call("components.list")
+
+
+def test_a_second_consumer_of_one_subscription_is_refused_not_left_hanging(app: tuple[Path, str]) -> None:
+    sock, token = app
+    with SyncClient(sock, token, name="sdk-app") as c, c.subscribe("sdk/two") as sub:
+        first: list[Any] = []
+        reader = threading.Thread(target=lambda: first.append(sub.get(timeout=10).payload))
+        reader.start()
+        for _ in range(200):  # the first reader is waiting (bounded: 2 s)
+            if sub._it._waiter is not None:  # type: ignore[attr-defined]
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(InvalidArguments, match="one consumer"):  # was: it took the message, and ...
+            sub.get(timeout=5)
+        c.publish("sdk/two", "only")
+        reader.join(15)
+        assert first == ["only"]  # ... the first reader never woke (TimeoutError after 10 s)
