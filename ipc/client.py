@@ -321,8 +321,10 @@ class Client:
         try:
             await loop.create_unix_connection(lambda: _Protocol(self), self.socket_path)
         except OSError as exc:
-            raise ConnectionClosed(f"cannot connect to {self.socket_path}: {exc.strerror or exc}",
-                                   {"socket": self.socket_path}) from exc
+            raise ConnectionClosed(
+                f"cannot connect to {self.socket_path}: {exc.strerror or exc}; is a nucleus running there "
+                "('nucleus status --root DIR'; its socket is <root>/ipc.sock) and may this user open it?",
+                {"socket": self.socket_path}) from exc
         self._write(P.hello(self._token, self.name))
         try:
             async with asyncio.timeout(self.connect_timeout):

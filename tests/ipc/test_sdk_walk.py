@@ -207,3 +207,9 @@ def test_a_second_consumer_of_one_subscription_is_refused_not_left_hanging(app: 
         c.publish("sdk/two", "only")
         reader.join(15)
         assert first == ["only"]  # ... the first reader never woke (TimeoutError after 10 s)
+
+
+async def test_a_socket_nobody_serves_says_what_to_check(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionClosed) as err:
+        await Client(tmp_path / "ipc.sock", "t").connect()
+    assert "No such file" in str(err.value) and "nucleus status" in str(err.value)  # was: only the OS error
