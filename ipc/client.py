@@ -974,7 +974,8 @@ class SyncClient:
         return self._run(self._client.request(topic, payload, timeout=timeout), timeout + 10.0)
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = 30.0) -> Any:
-        return self._run(self._client.call(op, args, timeout=timeout))
+        # the call's own timeout governs (an ipc.Timeout), not the SyncClient's default wait
+        return self._run(self._client.call(op, args, timeout=timeout), 10 ** 9 if timeout is None else timeout + 10.0)
 
     def get_configuration(self, key_path: Sequence[str] = (), *, component: str | None = None) -> Any:
         return self._run(self._client.get_configuration(key_path, component=component))

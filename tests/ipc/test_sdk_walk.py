@@ -213,3 +213,11 @@ async def test_a_socket_nobody_serves_says_what_to_check(tmp_path: Path) -> None
     with pytest.raises(ConnectionClosed) as err:
         await Client(tmp_path / "ipc.sock", "t").connect()
     assert "No such file" in str(err.value) and "nucleus status" in str(err.value)  # was: only the OS error
+
+
+def test_a_sync_call_waits_for_its_own_timeout(app: tuple[Path, str]) -> None:
+    sock, token = app
+    # a request the server times out after 1.5 s: longer than the SyncClient's default wait (0.5 s);
+    # was: a bare TimeoutError at 0.5 s, the call's timeout=5 ignored
+    with SyncClient(sock, token, name="sdk-app", timeout=0.5) as c, c.subscribe("sdk/slow"), pytest.raises(Timeout):
+        c.call("pubsub.request", {"topic": "sdk/slow", "payload": codec.encode(1), "timeout": 1.5}, timeout=5)
