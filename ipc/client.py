@@ -1063,6 +1063,8 @@ class SyncSubscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._owner._loop.is_closed():  # the SyncClient closed first: that ended this subscription
+                return
             self._owner._run(self._cm.__aexit__(None, None, None))
 
     def __enter__(self) -> SyncSubscription:

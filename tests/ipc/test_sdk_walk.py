@@ -104,6 +104,16 @@ def test_a_closed_sync_client_raises_connection_closed(app: tuple[Path, str]) ->
     c.close()  # twice is fine
 
 
+def test_a_subscription_closed_after_its_sync_client_is_a_no_op(app: tuple[Path, str]) -> None:
+    sock, token = app
+    c = SyncClient(sock, token, name="sdk-app")
+    sub = c.subscribe("sdk/#")
+    c.close()
+    sub.close()  # was: ConnectionClosed (RuntimeError before), from a cleanup that has nothing left to do
+    with pytest.raises(StopIteration):
+        next(sub)
+
+
 def test_an_unclosed_sync_client_is_closed_when_collected(app: tuple[Path, str]) -> None:
     sock, token = app
     before_threads = len(_client_threads())
