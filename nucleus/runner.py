@@ -162,6 +162,7 @@ class ComponentRunner:
         self._since = time.time()
         self._last_error: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._step_tasks: set[asyncio.Task[None]] = set()  # the steps' own, a subset of _tasks
         self._backoff: asyncio.Task[None] | None = None
         self._pending: deque[Event] = deque()
         self._feeding = False
@@ -299,7 +300,10 @@ class ComponentRunner:
                 if self._skipped(step):
                     self._feed(StepSkipped(step, gen))  # queued: handled right after this batch
                 else:
-                    self._own(self._run_step(step, gen), f"{step}")
+                    task = self._own(self._run_step(step, gen), f"{step}")
+                    if task is not None:
+                        self._step_tasks.add(task)
+                        task.add_done_callback(self._step_tasks.discard)
             case KillAll(generation=gen):
                 self._own(self._kill_all(gen), "kill")
             case ScheduleBackoff(delay=delay, generation=gen):
@@ -333,13 +337,14 @@ class ComponentRunner:
         for sub in list(self._subscriptions):
             sub._put((old, new, reason))
 
-    def _own(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+    def _own(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None] | None:
         if self._closed:
             coro.close()
-            return
+            return None
         task = asyncio.create_task(self._guarded(coro, what), name=f"{self.name}:{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _guarded(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         try:
@@ -363,6 +368,12 @@ class ComponentRunner:
     async def _kill_all(self, gen: int) -> None:
         try:
             survivors = await self._supervisor.kill_all(self.name)
+            # The killed steps' tasks still have to log their exit: let them (bounded: drain is) before
+            # the machine goes on, or a restart's log read "run starting", then the old run's
+            # "exited with code -15", as if the new run had died.
+            ending = [t for t in self._step_tasks if not t.done()]
+            if ending:
+                await asyncio.wait(ending, timeout=1.0)
             if survivors:  # said where the operator looks: the state will read FINISHED or ERRORED anyway
                 listed = ", ".join(f"{pid} ({process_user(pid)})" for pid in survivors)
                 self._clog.write(f"processes left running, which the nucleus may not signal: {listed}",

@@ -58,7 +58,7 @@ class Harness:
         spec = ComponentSpec(name="c", version="1.0.0", steps=steps,
                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, work_dir=self.work)
         policy = RestartPolicy.model_validate({"backoff_initial_s": 0.05, "backoff_max_s": 0.1, "max_errors": 3})
-        r = ComponentRunner(spec, Supervisor(stop_grace_s=0.3), ComponentLog(self.log_path, 1 << 20, 1), policy,
+        r = ComponentRunner(spec, Supervisor(stop_grace_s=0.3), ComponentLog(self.log_path, 1 << 26, 1), policy,
                             clock=SystemClock(), on_state=lambda *change: self.changes.append(change),
                             rng=random.Random(0))
         self.runners.append(r)
@@ -158,3 +158,16 @@ def test_a_bootstrap_restart_keeps_the_thing_name_given_on_the_command_line(daem
     assert (marks / "booted").exists()
     assert json.loads(d.cli("status").stdout)["thing_name"] == "walkthing"
     assert (marks / "seen").read_text() == "thing=walkthing env=walkthing\n"
+
+
+async def test_after_a_restart_the_old_runs_exit_is_logged_before_the_new_run_starts(h: Harness) -> None:
+    """The log read `step run starting` and then the old run's `step run exited with code -15`, as if the
+    new run had been killed."""
+    r = h.runner({"run": StepSpec(script="echo up; while :; do echo tick; seq 1 3000; done")})
+    for n in range(3):
+        await r.start() if r.state is State.NEW else await asyncio.wait_for(r.restart(), WAIT)
+        assert await r.wait_for({State.RUNNING}, WAIT) is State.RUNNING
+        assert await eventually(lambda up=n + 1: h.log_text().count("] up\n") == up)
+        await asyncio.sleep(0.2)  # its output fills the pipe while it is killed
+    lines = [line.split("] ", 2)[-1] for line in h.log_text().splitlines() if "[nucleus] [run]" in line]
+    assert lines == ["step run starting", "step run exited with code -15"] * 2 + ["step run starting"], lines
