@@ -1041,6 +1041,7 @@ class SyncSubscription:
     def __init__(self, owner: SyncClient, topic_filter: str, queue_size: int,
                  policy: Literal["drop_oldest", "block"]) -> None:
         self._owner = owner
+        self._filter = topic_filter
         self._cm = owner._client.subscribe(topic_filter, queue_size=queue_size, policy=policy)
         self._it: AsyncIterator[Message] = owner._run(self._cm.__aenter__())
         self._closed = False
@@ -1059,6 +1060,10 @@ class SyncSubscription:
             return self._owner._run(self._it.__anext__(), timeout if timeout is not None else 10 ** 9)
         except StopAsyncIteration:
             raise StopIteration from None
+        except TimeoutError as exc:
+            if isinstance(exc, IpcError):
+                raise
+            raise TimeoutError(f"no message on {self._filter!r} within {timeout} s") from None
 
     def close(self) -> None:
         if not self._closed:

@@ -231,3 +231,10 @@ def test_a_sync_call_waits_for_its_own_timeout(app: tuple[Path, str]) -> None:
     # was: a bare TimeoutError at 0.5 s, the call's timeout=5 ignored
     with SyncClient(sock, token, name="sdk-app", timeout=0.5) as c, c.subscribe("sdk/slow"), pytest.raises(Timeout):
         c.call("pubsub.request", {"topic": "sdk/slow", "payload": codec.encode(1), "timeout": 1.5}, timeout=5)
+
+
+def test_a_sync_get_timeout_says_what_it_waited_for(app: tuple[Path, str]) -> None:
+    sock, token = app
+    with SyncClient(sock, token, name="sdk-app") as c, c.subscribe("sdk/quiet") as sub, \
+            pytest.raises(TimeoutError, match=r"no message on 'sdk/quiet' within 0.2 s"):  # was: an empty message
+        sub.get(timeout=0.2)
