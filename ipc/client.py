@@ -510,6 +510,12 @@ class Client:
                 "this Client was connected in an event loop that has ended (asyncio.run returned); a Client "
                 "belongs to the loop it connected in: create and connect a new one in this loop",
                 {"socket": self.socket_path})
+        if loop is not None and asyncio.get_running_loop() is not loop:
+            # its futures belong to its own loop: awaited here they fail deep in asyncio, or never resolve
+            raise InvalidArguments(
+                "this Client is used from another event loop (thread) than the one it connected in; a Client "
+                "belongs to one loop: connect one per loop, or share a SyncClient between threads",
+                {"socket": self.socket_path})
 
     def _refuse_oversize(self, size: int, what: str) -> None:
         """Refuse a frame over the server's limit here: sent, it would make the server close the whole

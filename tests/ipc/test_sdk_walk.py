@@ -238,3 +238,23 @@ def test_a_sync_get_timeout_says_what_it_waited_for(app: tuple[Path, str]) -> No
     with SyncClient(sock, token, name="sdk-app") as c, c.subscribe("sdk/quiet") as sub, \
             pytest.raises(TimeoutError, match=r"no message on 'sdk/quiet' within 0.2 s"):  # was: an empty message
         sub.get(timeout=0.2)
+
+
+async def test_a_client_used_from_another_running_loop_says_so(app: tuple[Path, str]) -> None:
+    sock, token = app
+    async with Client(sock, token, name="sdk-app") as c:
+        errors: list[BaseException] = []
+
+        def other_thread() -> None:
+            try:
+                asyncio.run(asyncio.wait_for(c.call("pubsub.request", {"topic": "sdk/none", "payload": None,
+                                                                       "timeout": 1}), 5))
+            except BaseException as exc:  # the test looks at what it was
+                errors.append(exc)
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        await asyncio.to_thread(t.join, 15)
+        assert len(errors) == 1 and isinstance(errors[0], InvalidArguments), errors  # was: RuntimeError
+        assert "another event loop" in str(errors[0])
+        await c.publish("sdk/x", 1, confirm=True)  # its own loop still works
