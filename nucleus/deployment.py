@@ -33,7 +33,7 @@ from nucleus.errors import ConfigurationError, DeploymentError, NucleusError, Un
 from nucleus.journal import ActiveSet, DeploymentRecord, DeploymentStatus, Journal, Stage
 from nucleus.orchestrator import Orchestrator, truthy
 from nucleus.recipe import Recipe, parse_recipe
-from nucleus.resolver import resolve
+from nucleus.resolver import dependency_order, resolve
 from nucleus.settings import Settings
 from nucleus.states import State
 from nucleus.store import ComponentStore
@@ -245,8 +245,22 @@ class DeploymentEngine:
         for name, recipe in recipes.items():
             self._apply_policies(name, self._config_or_none(name) or recipe.default_configuration)
         self._orch.set_run_with(active.run_with)
-        self._orch.load(recipes)
-        await self._orch.install_and_start(list(recipes))
+        # One component that cannot be made ready (a Timeout whose configuration reads "abc", left
+        # deployed by a failed deployment without rollback) stopped the engine, and so `nucleus run`,
+        # at every start. It is left out, with what it needs HARD, and said; the rest starts.
+        left_out: dict[str, str] = {}
+        for name in dependency_order(recipes):
+            missing = [d for d, spec in recipes[name].dependencies.items() if spec.type == "HARD" and d in left_out]
+            why = f"{name}: its HARD dependency {missing[0]} was not started" if missing else ""
+            if not missing:
+                try:
+                    self._orch.load({name: recipes[name]})
+                except NucleusError as exc:
+                    why = str(exc)
+            if why:
+                left_out[name] = why
+                log.error("component.not_started", component=name, error=why)
+        await self._orch.install_and_start([n for n in recipes if n not in left_out])
         return resume
 
     async def run(self) -> None:

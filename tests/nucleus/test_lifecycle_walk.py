@@ -171,3 +171,26 @@ async def test_after_a_restart_the_old_runs_exit_is_logged_before_the_new_run_st
         await asyncio.sleep(0.2)  # its output fills the pipe while it is killed
     lines = [line.split("] ", 2)[-1] for line in h.log_text().splitlines() if "[nucleus] [run]" in line]
     assert lines == ["step run starting", "step run exited with code -15"] * 2 + ["step run starting"], lines
+
+
+def test_a_component_that_cannot_be_started_does_not_stop_the_daemon_from_starting(daemon: Any,
+                                                                                   short_tmp: Path) -> None:
+    """A deployment without rollback left a component whose Timeout reads its configuration ("abc"):
+    the deployment failed, as it should, but at the next `nucleus run` the engine died on that
+    component and the daemon stopped, every time."""
+    d = short_tmp / "r"
+    good = write_recipe(d, "test.Good", "1.0.0", run="sleep 60")
+    bad = write_recipe(d, "test.Bad", "1.0.0", config={"t": "abc"},
+                       extra_lifecycle={"Run": {"Script": "sleep 60", "Timeout": "{configuration:/t}"}})
+    needs_bad = write_recipe(d, "test.NeedsBad", "1.0.0", run="sleep 60",
+                             deps={"test.Bad": {"DependencyType": "HARD"}})
+    daemon.cli("deploy", str(good))
+    out = daemon.cli("deploy", "--failure-policy", "do-nothing", str(bad), str(needs_bad), check=False)
+    assert out.returncode != 0 and "Timeout 'abc' is not a number" in out.stdout + out.stderr
+    assert daemon.stop() == 0
+    daemon.start()  # raised "daemon exited with 0" before
+    assert daemon.wait_state("test.Good", {"RUNNING"})["state"] == "RUNNING"
+    log = daemon.log_text()
+    assert "component.not_started" in log and "Timeout 'abc' is not a number" in log
+    assert "its HARD dependency test.Bad was not started" in log
+    assert "NeedsBad" not in {c for c, e in daemon.components().items() if e["state"] == "RUNNING"}
