@@ -1092,7 +1092,13 @@ def run_component(main: Callable[[Client], Awaitable[None]]) -> None:
     An exception in ``main`` is reported as ERRORED and the process exits with status 1 so the
     nucleus applies its restart policy; SIGTERM/SIGINT cancel ``main`` and exit 0.
     """
-    sys.exit(asyncio.run(_run_component(main)))
+    try:
+        code = asyncio.run(_run_component(main))
+    except IpcError as exc:  # connecting or the RUNNING report failed: main never ran
+        # one line, not a traceback through asyncio and the SDK: the error already says what to do
+        print(f"{Path(sys.argv[0]).name}: cannot start the component: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    sys.exit(code)
 
 
 async def _run_component(main: Callable[[Client], Awaitable[None]]) -> int:

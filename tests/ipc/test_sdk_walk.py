@@ -12,6 +12,8 @@ import gc
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -258,3 +260,15 @@ async def test_a_client_used_from_another_running_loop_says_so(app: tuple[Path, 
         assert len(errors) == 1 and isinstance(errors[0], InvalidArguments), errors  # was: RuntimeError
         assert "another event loop" in str(errors[0])
         await c.publish("sdk/x", 1, confirm=True)  # its own loop still works
+
+
+def test_run_component_outside_the_nucleus_says_so_in_one_line(app: tuple[Path, str]) -> None:
+    sock, _ = app
+    echo = Path(__file__).parents[2] / "examples/echo_component/artifacts/com.example.Echo/1.0.0/echo.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("SVCUID", "NUCLEUS_IPC_SOCKET", "NUCLEUS_IPC_TOKEN")}
+    for extra, said in (({}, "not running under nucleus"),
+                        ({"NUCLEUS_IPC_SOCKET": str(sock), "SVCUID": "stale"}, "SVCUID is new at every daemon")):
+        proc = subprocess.run([sys.executable, str(echo)], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 1
+        assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr  # was: a traceback
