@@ -323,13 +323,41 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _logs(args: argparse.Namespace) -> int:
+    from ipc.errors import ConnectionClosed
+
     client = await _connect(_root(args))
-    async with client, client.stream(
-        "logs.tail", {"name": args.name, "lines": args.lines, "follow": args.follow}
-    ) as lines:
-        async for line in lines:
-            print(line, flush=True)
+    last: str | None = None
+    try:
+        async with client, client.stream(
+            "logs.tail", {"name": args.name, "lines": args.lines, "follow": args.follow}
+        ) as lines:
+            async for line in lines:
+                print(line, flush=True)
+                last = line
+    except ConnectionClosed:
+        if not args.follow:
+            raise
+        # `logs -f` ended with the daemon (a stop, a restart, a bootstrap's exit 100) while the component's
+        # log goes on when it is back: keep following the file, as `tail -F` would.
+        await _follow_file(_root(args), args.name, last)
     return EXIT_OK
+
+
+async def _follow_file(root: Path, name: str, last: str | None) -> None:
+    from nucleus.component_logs import follow, tail
+
+    paths = Paths.at(root)
+    path = paths.nucleus_log if name == "nucleus" else paths.component_log(name)
+    print(f"(the nucleus closed the connection; following {path})", file=sys.stderr, flush=True)
+    seen = tail(path, 100_000) if path.exists() else []
+    skip = 0
+    if last is not None and last in seen:
+        skip = len(seen) - seen[::-1].index(last)  # the lines after the last one printed
+    async for line in follow(path, from_end=False):
+        if skip:
+            skip -= 1
+            continue
+        print(line, flush=True)
 
 
 async def _restart(args: argparse.Namespace) -> int:

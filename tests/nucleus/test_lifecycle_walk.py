@@ -194,3 +194,35 @@ def test_a_component_that_cannot_be_started_does_not_stop_the_daemon_from_starti
     assert "component.not_started" in log and "Timeout 'abc' is not a number" in log
     assert "its HARD dependency test.Bad was not started" in log
     assert "NeedsBad" not in {c for c, e in daemon.components().items() if e["state"] == "RUNNING"}
+
+
+def test_logs_follow_goes_on_across_a_daemon_restart(daemon: Any, short_tmp: Path) -> None:
+    """`nucleus logs NAME -f` ended with CONNECTION_CLOSED (exit 1) when the daemon stopped, though the
+    component's log went on as soon as the daemon was back."""
+    recipe = write_recipe(short_tmp / "r", "test.Chat", "1.0.0",
+                          run="echo up; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.02; done")
+    daemon.cli("deploy", str(recipe))
+    out_path = short_tmp / "follow.out"
+    with out_path.open("wb") as out:
+        follower = subprocess.Popen([sys.executable, "-m", "nucleus", "--root", str(daemon.root), "logs",
+                                     "test.Chat", "-f", "-n", "1"], stdout=out, stderr=subprocess.PIPE)
+
+    def after_restart() -> str:
+        return out_path.read_text().partition("nucleus shutting down")[2]
+
+    try:
+        deadline = time.monotonic() + 30
+        while "tick" not in out_path.read_text():
+            assert time.monotonic() < deadline and follower.poll() is None, out_path.read_text()
+            time.sleep(0.05)
+        assert daemon.stop() == 0
+        daemon.start()
+        while "tick 2\n" not in after_restart():
+            assert time.monotonic() < deadline and follower.poll() is None, out_path.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        follower.kill()
+        follower.wait(timeout=10)
+    assert "] up\n" in after_restart() and "state INSTALLED -> STARTING" in after_restart()
+    lines = out_path.read_text().splitlines()
+    assert len(lines) == len(set(lines)), "a line was printed twice"
