@@ -581,15 +581,17 @@ class DeploymentEngine:
             spec, _ = built
             self._progress(did, "running bootstrap", name)
             oom_before = self._orch.oom_kills(name)
+            clog = self._orch.get(name).log  # type: ignore[union-attr]
+            timeout = float(step.timeout) if isinstance(step.timeout, int | float) else 120.0
+            clog.write("step bootstrap starting", stream="nucleus", step="bootstrap")  # as the other steps say
             result = await self._orch.supervisor.run_step(
                 name, "bootstrap", step.script,
                 {**spec.env, **{k: str(v) for k, v in step.setenv.items()}},
-                spec.work_dir,
-                float(step.timeout) if isinstance(step.timeout, int | float) else 120.0,
-                log_sink=self._orch.get(name).log,  # type: ignore[union-attr]
-                requires_privilege=truthy(step.requires_privilege),
+                spec.work_dir, timeout, log_sink=clog, requires_privilege=truthy(step.requires_privilege),
             )
             code = result.exit_code
+            clog.write(f"step bootstrap timed out after {timeout:g} s" if result.timed_out
+                       else f"step bootstrap exited with code {code}", stream="nucleus", step="bootstrap")
             if result.timed_out:
                 raise _Failed(f"{name}: bootstrap timed out")
             if code == RESTART_NUCLEUS:

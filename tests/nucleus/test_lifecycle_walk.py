@@ -226,3 +226,16 @@ def test_logs_follow_goes_on_across_a_daemon_restart(daemon: Any, short_tmp: Pat
     assert "] up\n" in after_restart() and "state INSTALLED -> STARTING" in after_restart()
     lines = out_path.read_text().splitlines()
     assert len(lines) == len(set(lines)), "a line was printed twice"
+
+
+def test_the_component_log_says_how_its_bootstrap_step_ended(daemon: Any, short_tmp: Path) -> None:
+    """Every step's start and end are in `nucleus logs NAME` except bootstrap's: a failed bootstrap showed
+    only its own output there, and its exit code only in the deployment."""
+    recipe = write_recipe(short_tmp / "r", "test.BadBoot", "1.0.0", run="sleep 60",
+                          extra_lifecycle={"Bootstrap": "echo booting; exit 7"})
+    out = daemon.cli("deploy", str(recipe), check=False)
+    assert out.returncode == 1 and "bootstrap exited with 7" in out.stderr
+    log = daemon.cli("logs", "test.BadBoot").stdout
+    assert "[nucleus] [bootstrap] step bootstrap starting" in log
+    assert "[stdout] [bootstrap] booting" in log
+    assert "[nucleus] [bootstrap] step bootstrap exited with code 7" in log
