@@ -343,6 +343,16 @@ async def _logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _line_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of lines, 0 or more, got {text!r}")
+    return count
+
+
 async def _follow_file(root: Path, name: str, last: str | None) -> None:
     from nucleus.component_logs import follow, tail
 
@@ -595,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("logs", "a component's log ('nucleus' for the daemon's)")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("-n", "--lines", type=_line_count, default=50, help="the last N lines (default 50; 0: none)")
     p.set_defaults(func=_logs, is_async=True)
 
     p = add("restart", "restart a component")

@@ -330,7 +330,10 @@ class Control:
         path = self._paths.nucleus_log if name == "nucleus" else self._paths.component_log(name)
         if not path.exists() and self._orch.get(name) is None:
             raise ResourceNotFound(f"no component named {name} and no log at {path}")
-        lines = int(args.get("lines") or 50)
+        asked = args.get("lines")
+        lines = 50 if asked is None else int(asked)  # 0 is "none", as `tail -n 0`: `logs -n 0 -f` shows new lines only
+        if lines < 0:
+            raise InvalidArguments(f"lines must be 0 or more, got {lines}")
         if args.get("follow"):
             async for line in follow(path, lines=lines):
                 yield line

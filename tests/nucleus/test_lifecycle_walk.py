@@ -239,3 +239,19 @@ def test_the_component_log_says_how_its_bootstrap_step_ended(daemon: Any, short_
     assert "[nucleus] [bootstrap] step bootstrap starting" in log
     assert "[stdout] [bootstrap] booting" in log
     assert "[nucleus] [bootstrap] step bootstrap exited with code 7" in log
+
+
+def test_logs_lines_0_prints_none_and_a_negative_count_is_refused(daemon: Any, short_tmp: Path) -> None:
+    """`nucleus logs NAME -n 0` printed the last 50 lines (0 read as "not given"), so `-n 0 -f` could not
+    show only new lines; `-n -3` printed nothing and said nothing."""
+    recipe = write_recipe(short_tmp / "r", "test.Lines", "1.0.0", run="seq 1 80; sleep 60")
+    daemon.cli("deploy", str(recipe))
+    deadline = time.monotonic() + 20
+    while "] 80\n" not in daemon.cli("logs", "test.Lines").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.cli("logs", "test.Lines", "-n", "0").stdout == ""
+    assert daemon.cli("logs", "test.Lines", "-n", "3").stdout.splitlines()[-1].endswith("] 80")
+    assert len(daemon.cli("logs", "test.Lines").stdout.splitlines()) == 50
+    bad = daemon.cli("logs", "test.Lines", "-n", "-3", check=False)
+    assert bad.returncode != 0 and "-n/--lines" in bad.stderr and "0 or more" in bad.stderr
