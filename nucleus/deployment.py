@@ -241,7 +241,7 @@ class DeploymentEngine:
             resumed = self._journal.get(resume[0])
             assert resumed is not None and resumed.target is not None
             active = ActiveSet.from_json(resumed.target["active"])
-        recipes = self._recipes_for(active)
+        recipes = self._recipes_for(active, skip_unreadable=True)
         for name, recipe in recipes.items():
             self._apply_policies(name, self._config_or_none(name) or recipe.default_configuration)
         self._orch.set_run_with(active.run_with)
@@ -250,7 +250,8 @@ class DeploymentEngine:
         # at every start. It is left out, with what it needs HARD, and said; the rest starts.
         left_out: dict[str, str] = {}
         for name in dependency_order(recipes):
-            missing = [d for d, spec in recipes[name].dependencies.items() if spec.type == "HARD" and d in left_out]
+            missing = [d for d, spec in recipes[name].dependencies.items()
+                       if spec.type == "HARD" and (d in left_out or d not in recipes)]
             why = f"{name}: its HARD dependency {missing[0]} was not started" if missing else ""
             if not missing:
                 try:
@@ -299,14 +300,20 @@ class DeploymentEngine:
     def _config_or_none(self, name: str) -> dict[str, Any] | None:
         return self._config.document(name) if name in self._config.components() else None
 
-    def _recipes_for(self, active: ActiveSet) -> dict[str, Recipe]:
+    def _recipes_for(self, active: ActiveSet, *, skip_unreadable: bool = False) -> dict[str, Recipe]:
         recipes: dict[str, Recipe] = {}
         for name, version in active.components.items():
             versions = {str(v): v for v in self._store.versions(name)}
             if version not in versions:
                 log.error("deployment.recipe_missing", component=name, version=version)
                 continue
-            recipes[name] = self._store.recipe(name, versions[version])
+            try:
+                recipes[name] = self._store.recipe(name, versions[version])
+            except NucleusError as exc:  # a damaged stored recipe at start: this component, not the whole engine
+                if not skip_unreadable:
+                    raise
+                log.error("deployment.recipe_unreadable", component=name, version=version,  # noqa: TRY400
+                          error=str(exc))  # the file and what is wrong with it say it all; no traceback
         return recipes
 
     async def _execute(self, deployment_id: str, *, resumed: bool = False) -> None:

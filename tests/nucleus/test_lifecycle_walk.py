@@ -255,3 +255,21 @@ def test_logs_lines_0_prints_none_and_a_negative_count_is_refused(daemon: Any, s
     assert len(daemon.cli("logs", "test.Lines").stdout.splitlines()) == 50
     bad = daemon.cli("logs", "test.Lines", "-n", "-3", check=False)
     assert bad.returncode != 0 and "-n/--lines" in bad.stderr and "0 or more" in bad.stderr
+
+
+def test_a_damaged_stored_recipe_does_not_stop_the_daemon_from_starting(daemon: Any, short_tmp: Path) -> None:
+    """A stored recipe that no longer parses (a disk error, an edit by hand) stopped the engine at the
+    next `nucleus run` (nucleus.engine_crashed, and the daemon exited 0): nothing ran on the device."""
+    d = short_tmp / "r"
+    daemon.cli("deploy", str(write_recipe(d, "test.Good", "1.0.0", run="sleep 60")),
+               str(write_recipe(d, "test.Damaged", "1.0.0", run="sleep 60")),
+               str(write_recipe(d, "test.NeedsDamaged", "1.0.0", run="sleep 60",
+                                deps={"test.Damaged": {"DependencyType": "HARD"}})))
+    assert daemon.stop() == 0
+    (daemon.root / "packages" / "recipes" / "test.Damaged@1.0.0.json").write_text("{not json")
+    daemon.start()  # raised "daemon exited with 0" before
+    assert daemon.wait_state("test.Good", {"RUNNING"})["state"] == "RUNNING"
+    log = daemon.log_text()
+    assert "deployment.recipe_unreadable" in log and "test.Damaged" in log and "JSON syntax error" in log
+    assert "its HARD dependency test.Damaged was not started" in log
+    assert daemon.components().get("test.NeedsDamaged", {}).get("state") != "RUNNING"
