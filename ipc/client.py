@@ -355,7 +355,8 @@ class Client:
             if sock is not None:
                 getattr(sock, "_sock", sock).close()
             if self._closed_error is None:
-                self._closed_error = ConnectionClosed("closed", {"socket": self.socket_path})
+                self._closed_error = ConnectionClosed(f"this Client ({self.socket_path}) is closed; create a new "
+                                                      "Client", {"socket": self.socket_path})
             return
         self._flush()
         if not t.is_closing():
