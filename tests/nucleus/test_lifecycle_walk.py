@@ -10,12 +10,13 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_daemon import write_recipe
+from test_runner import WAIT, alive, eventually
 
 from nucleus.clock import SystemClock
 from nucleus.component_logs import ComponentLog
@@ -25,26 +26,6 @@ from nucleus.states import TRANSITIONS, State
 from nucleus.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups via /proc")
-
-WAIT = 10.0  # bound for any single wait on a real process
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-async def eventually(cond: Callable[[], bool], within: float = WAIT) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
-
 
 class Harness:
     def __init__(self, tmp_path: Path) -> None:
