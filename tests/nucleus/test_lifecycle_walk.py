@@ -6,58 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from runner_harness import WAIT, Harness, alive, eventually
 from test_daemon import write_recipe
-from test_runner import WAIT, alive, eventually
 
-from nucleus.clock import SystemClock
-from nucleus.component_logs import ComponentLog
-from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec
-from nucleus.settings import RestartPolicy
-from nucleus.states import TRANSITIONS, State
-from nucleus.supervisor import Supervisor
+from nucleus.runner import ComponentRunner, StepSpec
+from nucleus.states import State
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups via /proc")
-
-class Harness:
-    def __init__(self, tmp_path: Path) -> None:
-        self.work = tmp_path / "work"
-        self.work.mkdir()
-        self.log_path = tmp_path / "logs" / "c.log"
-        self.changes: list[tuple[str, State, State, str]] = []
-        self.runners: list[ComponentRunner] = []
-
-    def runner(self, steps: dict[str, StepSpec]) -> ComponentRunner:
-        spec = ComponentSpec(name="c", version="1.0.0", steps=steps,
-                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, work_dir=self.work)
-        policy = RestartPolicy.model_validate({"backoff_initial_s": 0.05, "backoff_max_s": 0.1, "max_errors": 3})
-        r = ComponentRunner(spec, Supervisor(stop_grace_s=0.3), ComponentLog(self.log_path, 1 << 26, 1), policy,
-                            clock=SystemClock(), on_state=lambda *change: self.changes.append(change),
-                            rng=random.Random(0))
-        self.runners.append(r)
-        return r
-
-    def log_text(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    for r in harness.runners:
-        await asyncio.wait_for(r.close(), WAIT)
-    for _, old, new, _ in harness.changes:
-        assert new in TRANSITIONS[old], (old, new)
-
 
 def pids_file(h: Harness) -> list[int]:
     path = h.work / "bg.pids"
@@ -144,7 +106,8 @@ def test_a_bootstrap_restart_keeps_the_thing_name_given_on_the_command_line(daem
 async def test_after_a_restart_the_old_runs_exit_is_logged_before_the_new_run_starts(h: Harness) -> None:
     """The log read `step run starting` and then the old run's `step run exited with code -15`, as if the
     new run had been killed."""
-    r = h.runner({"run": StepSpec(script="echo up; while :; do echo tick; seq 1 3000; done")})
+    r = h.runner({"run": StepSpec(script="echo up; while :; do echo tick; seq 1 3000; done")},
+                 max_bytes=1 << 26)  # no rotation while it chatters
     for n in range(3):
         await r.start() if r.state is State.NEW else await asyncio.wait_for(r.restart(), WAIT)
         assert await r.wait_for({State.RUNNING}, WAIT) is State.RUNNING

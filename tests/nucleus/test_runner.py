@@ -4,104 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from runner_harness import WAIT, Harness, alive, eventually, policy
 
-from nucleus.clock import Clock, FakeClock, SystemClock
-from nucleus.component_logs import ComponentLog, tail
-from nucleus.runner import ComponentRunner, ComponentSpec, StepSpec, skip_condition_holds
-from nucleus.settings import RestartPolicy
-from nucleus.states import TRANSITIONS, State
-from nucleus.supervisor import Supervisor
+from nucleus.clock import FakeClock
+from nucleus.component_logs import tail
+from nucleus.runner import StepSpec, skip_condition_holds
+from nucleus.states import State
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups via /proc")
-
-WAIT = 10.0  # generous bound for any single wait on a real process
-
-
-def policy(**fields: float) -> RestartPolicy:
-    base: dict[str, float] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.1, "backoff_jitter": 0.1,
-                              "max_errors": 3}
-    return RestartPolicy.model_validate(base | fields)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-async def eventually(cond: Callable[[], bool], within: float = WAIT) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
-
-
-class Harness:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.work = tmp_path / "work"
-        self.work.mkdir()
-        self.log_path = tmp_path / "logs" / "c.log"
-        self.changes: list[tuple[str, State, State, str]] = []
-        self.runners: list[ComponentRunner] = []
-
-    def runner(
-        self,
-        steps: dict[str, StepSpec],
-        *,
-        restart: RestartPolicy | None = None,
-        clock: Clock | None = None,
-        env: dict[str, str] | None = None,
-        max_bytes: int = 1 << 20,
-        backup_count: int = 1,
-    ) -> ComponentRunner:
-        spec = ComponentSpec(
-            name="c",
-            version="1.0.0",
-            steps=steps,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
-            work_dir=self.work,
-        )
-        r = ComponentRunner(
-            spec,
-            Supervisor(stop_grace_s=0.3),
-            ComponentLog(self.log_path, max_bytes=max_bytes, backup_count=backup_count),
-            restart or policy(),
-            clock=clock or SystemClock(),
-            on_state=lambda *change: self.changes.append(change),
-            rng=random.Random(0),
-        )
-        self.runners.append(r)
-        return r
-
-    def states(self) -> list[State]:
-        return [new for _, _, new, _ in self.changes]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    for r in harness.runners:
-        await asyncio.wait_for(r.close(), WAIT)
-    # every change any runner made was an allowed edge
-    for _, old, new, _ in harness.changes:
-        assert new in TRANSITIONS[old], (old, new)
-
 
 def step(script: str, **kw: object) -> StepSpec:
     return StepSpec(script=script, **kw)  # type: ignore[arg-type]
