@@ -137,6 +137,18 @@ def test_an_action_listed_twice_is_refused_naming_the_field(key: str) -> None:
         load_config({"policy": {key: ["engage_brake", "pitch_to_feather", "engage_brake"]}})
 
 
+async def unaudited_safe_state(output: Path, *, assets: int) -> None:
+    """Until the component's output shows the audit log unavailable and the brake engaged for ``assets``
+    assets (exactly that many times). Bounded: the safe state is taken within a second of the start."""
+    text = ""
+    for _ in range(400):
+        text = output.read_text(errors="replace") if output.exists() else ""
+        if "action.audit_unavailable" in text and text.count("ACTUATOR engage_brake") == assets:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no unaudited safe state for {assets} asset(s):\n{text[-3000:]}")
+
+
 async def test_an_audit_log_that_cannot_be_opened_sends_every_asset_to_its_safe_state(short_tmp: Path) -> None:
     """auditPath under a regular file (as on a read-only or broken disk, the log cannot be opened): the
     component exited at start with a traceback, was restarted until BROKEN, and no asset was moved to
@@ -149,13 +161,8 @@ async def test_an_audit_log_that_cannot_be_opened_sends_every_asset_to_its_safe_
     output = short_tmp / "action.log"
 
     async def unblock_once_safe() -> None:
-        for _ in range(400):  # bounded: the safe state is taken within a second of the start
-            text = output.read_text(errors="replace") if output.exists() else ""
-            if "action.audit_unavailable" in text and text.count("ACTUATOR engage_brake") == 2:
-                blocker.unlink()
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no unaudited safe state for both assets:\n{text[-3000:]}")
+        await unaudited_safe_state(output, assets=2)
+        blocker.unlink()
 
     async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
             tc.subscribe("actions/+") as actions:
@@ -322,13 +329,8 @@ async def test_a_malformed_audit_log_is_reported_and_the_assets_go_to_their_safe
     output = short_tmp / "action.log"
 
     async def replace_once_safe() -> None:
-        for _ in range(400):  # bounded: the safe state is taken within a second of the start
-            text = output.read_text(errors="replace") if output.exists() else ""
-            if "action.audit_unavailable" in text and "ACTUATOR engage_brake" in text:
-                db.rename(short_tmp / "audit.db.malformed")  # what the operator does
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no unaudited safe state:\n{text[-3000:]}")
+        await unaudited_safe_state(output, assets=1)
+        db.rename(short_tmp / "audit.db.malformed")  # what the operator does
 
     async with bus_server(short_tmp) as server, client(server.socket_path) as tc, \
             tc.subscribe("actions/t1") as actions:
