@@ -27,6 +27,7 @@ def policy(**fields: float) -> RestartPolicy:
 
 
 def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (PID 1 may be slow to reap orphans)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runner_harness import alive
 
 from nucleus.supervisor import (
     _PDEATHSIG_WRAPPER,
@@ -34,15 +35,6 @@ class ListSink:
 
     def lines(self, stream: str = "stdout") -> list[str]:
         return [ln for s, _, ln in self.records if s == stream]
-
-
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (PID 1 may be slow to reap orphans)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 async def gone(pid: int, within: float = 5.0) -> bool:
